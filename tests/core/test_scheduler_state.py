@@ -1,0 +1,349 @@
+"""The scheduler state machine, events in and exact messages out (no I/O)."""
+
+import pytest
+
+from tests.core.conftest import sid
+from trioflow.core import Cancelled, DataLost, TaskState, UserError, WorkerDeaths
+from trioflow.core.scheduler_events import (
+    ClientConnected,
+    ClientDisconnected,
+    ComputeTask,
+    DataScattered,
+    FreeKeys,
+    KeysCancelled,
+    KeysReleased,
+    ReplicaAdded,
+    ReplicaMissing,
+    ReportErred,
+    ReportFinished,
+    ReportLost,
+    TaskErred,
+    TaskFinished,
+    TaskSpec,
+    TasksSubmitted,
+    TaskStarted,
+    WorkerConnected,
+    WorkerDisconnected,
+)
+from trioflow.core.scheduler_invariants import check_invariants
+from trioflow.core.scheduler_state import InvalidTransition, SchedulerState
+
+A, B, C = "tcp://a", "tcp://b", "tcp://c"
+BOOM = UserError(exception=b"pickled", type_name="ZeroDivisionError", message="division by zero", traceback="tb")
+
+
+def spec(key, *deps, retries=0, workers=None):
+    return TaskSpec(key, f"run-{key}", tuple(deps), retries, workers)
+
+
+def submit(s, *specs, client="c1", wanted=None):
+    wanted = tuple(t.key for t in specs) if wanted is None else tuple(wanted)
+    return s.handle(TasksSubmitted(sid(), client, tuple(specs), wanted))
+
+
+def computes(msgs):
+    return [(m.worker, m.key) for m in msgs if isinstance(m, ComputeTask)]
+
+
+def finish(s, worker, key, nbytes=8):
+    s.handle(TaskStarted(sid(), worker, key))
+    return s.handle(TaskFinished(sid(), worker, key, nbytes))
+
+
+def state_of(s, key):
+    return s.tasks[key].state if key in s.tasks else TaskState.FORGOTTEN
+
+
+def join(s, *workers, nthreads=1):
+    out = []
+    for w in workers:
+        out += s.handle(WorkerConnected(sid(), w, nthreads))
+    return out
+
+
+def test_submit_runs_on_a_worker_and_reports_to_the_client(sched):
+    """A task goes waiting -> processing -> memory and the client hears of it."""
+    join(sched, A)
+    msgs = submit(sched, spec("x"))
+    assert computes(msgs) == [(A, "x")]
+    assert state_of(sched, "x") is TaskState.PROCESSING
+    msgs = finish(sched, A, "x")
+    assert msgs == [ReportFinished(msgs[0].stimulus_id, "c1", "x", (A,))]
+    assert state_of(sched, "x") is TaskState.MEMORY
+
+
+def test_a_released_key_is_forgotten_and_its_data_freed(sched):
+    """A key no client holds and no task needs is forgotten; holders free it."""
+    join(sched, A)
+    submit(sched, spec("x"))
+    finish(sched, A, "x")
+    msgs = sched.handle(KeysReleased(sid(), "c1", ("x",)))
+    assert [(m.worker, m.keys) for m in msgs if isinstance(m, FreeKeys)] == [(A, ("x",))]
+    assert "x" not in sched.tasks
+    assert sched.workers[A].has_what == {}
+
+
+def test_dependencies_wait_then_run_where_the_data_is(sched):
+    """A dependent waits for its inputs and is sent to the worker holding them."""
+    join(sched, A, B)
+    msgs = submit(sched, spec("x"), spec("y", "x"), wanted=["y"])
+    assert computes(msgs) == [(A, "x")]
+    assert state_of(sched, "y") is TaskState.WAITING
+    msgs = finish(sched, A, "x")
+    [compute] = [m for m in msgs if isinstance(m, ComputeTask)]
+    assert (compute.worker, compute.key, dict(compute.who_has)) == (A, "y", {"x": (A,)})
+    finish(sched, A, "y")
+    # x was only an input: once y has its value, x's value is freed but its
+    # record stays, because it is y's lineage.
+    assert state_of(sched, "x") is TaskState.RELEASED
+    sched.handle(KeysReleased(sid(), "c1", ("y",)))
+    assert sched.tasks == {}
+
+
+def test_inputs_on_different_workers_go_to_the_larger_holder(sched):
+    """Placement follows input bytes, so the bigger input does not move."""
+    join(sched, A, B)
+    submit(sched, spec("small"), spec("big"), wanted=["small", "big"])
+    finish(sched, A, "small", nbytes=10)
+    finish(sched, B, "big", nbytes=10_000)
+    msgs = submit(sched, spec("sum", "small", "big"))
+    [compute] = [m for m in msgs if isinstance(m, ComputeTask)]
+    assert compute.worker == B
+    assert dict(compute.who_has) == {"small": (A,), "big": (B,)}
+
+
+def test_user_error_errs_dependents_with_the_same_failure(sched):
+    """x raises: x and every dependent report the same failure, origin x."""
+    join(sched, A)
+    submit(sched, spec("x"), spec("y", "x"), spec("z", "y"), wanted=["x", "z"])
+    sched.handle(TaskStarted(sid(), A, "x"))
+    msgs = sched.handle(TaskErred(sid(), A, "x", BOOM))
+    reports = [(m.key, m.failure, m.origin) for m in msgs if isinstance(m, ReportErred)]
+    assert reports == [("x", BOOM, "x"), ("z", BOOM, "x")]
+    assert state_of(sched, "y") is TaskState.ERRED
+    # A dependent submitted later errs at once, with the same failure.
+    msgs = submit(sched, spec("w", "x"))
+    assert [(m.key, m.failure) for m in msgs if isinstance(m, ReportErred)] == [("w", BOOM)]
+
+
+def test_retries_run_a_raising_task_again(sched):
+    """retries=1: the first error reschedules, the second is reported."""
+    join(sched, A)
+    submit(sched, spec("x", retries=1))
+    msgs = sched.handle(TaskErred(sid(), A, "x", BOOM))
+    assert computes(msgs) == [(A, "x")]
+    assert not [m for m in msgs if isinstance(m, ReportErred)]
+    msgs = sched.handle(TaskErred(sid(), A, "x", BOOM))
+    assert [m.key for m in msgs if isinstance(m, ReportErred)] == ["x"]
+
+
+def test_worker_death_reroutes_pending_work(sched):
+    """Tasks assigned to a dead worker (not running) go to a survivor, unsuspected."""
+    join(sched, A, B)
+    submit(sched, spec("x"), spec("y"))
+    assert (sched.tasks["x"].processing_on, sched.tasks["y"].processing_on) == (A, B)
+    msgs = sched.handle(WorkerDisconnected(sid(), A))
+    # B is saturated (saturation 1.0, one thread), so x queues for it.
+    assert not computes(msgs)
+    assert state_of(sched, "x") is TaskState.QUEUED
+    msgs = finish(sched, B, "y")
+    assert computes(msgs) == [(B, "x")]
+    assert sched.tasks["x"].suspicious == 0
+
+
+def test_lost_value_is_recomputed_from_lineage(sched):
+    """x lived only on the dead worker and y still needs it: x runs again."""
+    join(sched, A, B)
+    submit(sched, spec("x"), spec("y", "x"), spec("other"), wanted=["y", "other"])
+    assert sched.tasks["x"].processing_on == A
+    finish(sched, A, "x")
+    assert sched.tasks["y"].processing_on == A
+    finish(sched, B, "other")
+    msgs = sched.handle(WorkerDisconnected(sid(), A))
+    assert computes(msgs) == [(B, "x")]
+    assert state_of(sched, "y") is TaskState.WAITING
+    msgs = finish(sched, B, "x")
+    assert computes(msgs) == [(B, "y")]
+
+
+def test_finished_futures_hear_that_their_value_is_being_recomputed(sched):
+    """A held value lost with its worker is reported lost and then finished again."""
+    join(sched, A, B)
+    submit(sched, spec("x"))
+    finish(sched, A, "x")
+    msgs = sched.handle(WorkerDisconnected(sid(), A))
+    assert [m.key for m in msgs if isinstance(m, ReportLost)] == ["x"]
+    assert computes(msgs) == [(B, "x")]
+    msgs = finish(sched, B, "x")
+    assert [m.who_has for m in msgs if isinstance(m, ReportFinished)] == [(B,)]
+
+
+def test_poison_task_is_marked_bad_after_allowed_failures_deaths(sched):
+    """Three deaths while running -> KilledWorker for it and its dependents."""
+    join(sched, A, B, C)
+    submit(sched, spec("bad"), spec("after", "bad"), wanted=["bad", "after"])
+    for n in range(1, 4):
+        worker = sched.tasks["bad"].processing_on
+        sched.handle(TaskStarted(sid(), worker, "bad"))
+        msgs = sched.handle(WorkerDisconnected(sid(), worker))
+        assert sched.tasks["bad"].suspicious == n
+        if n < 3:
+            assert computes(msgs) and computes(msgs)[0][1] == "bad"
+            sched.handle(WorkerConnected(sid(), worker, 1))  # the nanny restarts it
+    failure = WorkerDeaths("bad", 3, worker)
+    assert [(m.key, m.failure) for m in msgs if isinstance(m, ReportErred)] == [
+        ("bad", failure),
+        ("after", failure),
+    ]
+    assert not computes(msgs)
+
+
+def test_innocent_bystanders_are_not_suspected(sched):
+    """Only a task that had started counts a death; assigned-only tasks do not."""
+    sched2 = SchedulerState(allowed_failures=1, worker_saturation=2.0)
+    join(sched2, A, B)
+    submit(sched2, spec("runs"), spec("queued-there"))
+    sched2.handle(WorkerConnected(sid(), C, 1))
+    on_a = [k for k in sched2.tasks if sched2.tasks[k].processing_on == A]
+    sched2.handle(TaskStarted(sid(), A, on_a[0]))
+    sched2.handle(WorkerDisconnected(sid(), A))
+    assert state_of(sched2, on_a[0]) is TaskState.ERRED
+    for key in on_a[1:]:
+        assert state_of(sched2, key) is TaskState.PROCESSING
+    check_invariants(sched2)
+
+
+def test_expected_departure_suspects_nobody(sched):
+    """A worker retired on purpose (restart) does not count against its tasks."""
+    join(sched, A, B)
+    submit(sched, spec("x"))
+    worker = sched.tasks["x"].processing_on
+    sched.handle(TaskStarted(sid(), worker, "x"))
+    sched.handle(WorkerDisconnected(sid(), worker, expected=True))
+    assert sched.tasks["x"].suspicious == 0
+
+
+def test_scattered_data_is_lost_with_its_last_holder(sched):
+    """Scattered data has no lineage: losing it errs it and its dependents."""
+    join(sched, A, B)
+    msgs = sched.handle(DataScattered(sid(), "c1", {"data": (100, (A,))}))
+    assert [m.key for m in msgs if isinstance(m, ReportFinished)] == ["data"]
+    submit(sched, spec("use", "data"))
+    msgs = sched.handle(WorkerDisconnected(sid(), A))
+    reports = {m.key: m.failure for m in msgs if isinstance(m, ReportErred)}
+    assert reports == {"data": DataLost("data"), "use": DataLost("data")}
+    assert not computes(msgs)
+
+
+def test_a_second_replica_survives_the_first(sched):
+    """With two copies, losing one holder loses nothing."""
+    join(sched, A, B)
+    sched.handle(DataScattered(sid(), "c1", {"data": (100, (A,))}))
+    sched.handle(ReplicaAdded(sid(), B, "data", 100))
+    msgs = sched.handle(WorkerDisconnected(sid(), A))
+    assert not [m for m in msgs if isinstance(m, ReportErred)]
+    assert list(sched.tasks["data"].who_has) == [B]
+
+
+def test_scattered_data_outlives_its_client_while_referenced(sched):
+    """Scattered data is kept while a dependent's lineage refers to it."""
+    join(sched, A)
+    sched.handle(DataScattered(sid(), "c1", {"data": (100, (A,))}))
+    submit(sched, spec("use", "data"), client="c2")
+    finish(sched, A, "use")
+    sched.handle(KeysReleased(sid(), "c1", ("data",)))
+    assert state_of(sched, "data") is TaskState.MEMORY
+    sched.handle(KeysReleased(sid(), "c2", ("use",)))
+    assert sched.tasks == {}
+
+
+def test_cancel_reports_the_key_and_its_dependents(sched):
+    """cancel(x) cancels x and the dependents the same client holds."""
+    join(sched, A)
+    submit(sched, spec("x"), spec("y", "x"), wanted=["x", "y"])
+    msgs = sched.handle(KeysCancelled(sid(), "c1", ("x",)))
+    reports = [(m.key, m.failure) for m in msgs if isinstance(m, ReportErred)]
+    assert sorted(reports) == [("x", Cancelled("cancelled by the client")), ("y", Cancelled("cancelled by the client"))]
+    assert [(m.worker, m.keys) for m in msgs if isinstance(m, FreeKeys)] == [(A, ("x",))]
+    assert sched.tasks == {}
+
+
+def test_cancel_leaves_other_clients_work_alone(sched):
+    """A key another client holds keeps running when one client cancels it."""
+    join(sched, A)
+    submit(sched, spec("x"), client="c1")
+    submit(sched, spec("x"), client="c2")
+    msgs = sched.handle(KeysCancelled(sid(), "c1", ("x",)))
+    assert [m.client for m in msgs if isinstance(m, ReportErred)] == ["c1"]
+    assert state_of(sched, "x") is TaskState.PROCESSING
+    msgs = finish(sched, A, "x")
+    assert [m.client for m in msgs if isinstance(m, ReportFinished)] == ["c2"]
+
+
+def test_client_disconnect_releases_its_keys(sched):
+    """A client that goes away releases everything it held."""
+    join(sched, A)
+    sched.handle(ClientConnected(sid(), "c1"))
+    submit(sched, spec("x"), spec("y", "x"), wanted=["y"])
+    sched.handle(ClientDisconnected(sid(), "c1"))
+    assert sched.tasks == {}
+
+
+def test_root_tasks_queue_beyond_saturation_and_fill_on_completion(sched):
+    """With saturation 1, a 1-thread worker holds one task; the rest queue."""
+    join(sched, A)
+    msgs = submit(sched, *(spec(f"t{i}") for i in range(5)))
+    assert computes(msgs) == [(A, "t0")]
+    assert [state_of(sched, f"t{i}") for i in range(1, 5)] == [TaskState.QUEUED] * 4
+    msgs = finish(sched, A, "t0")
+    assert computes(msgs) == [(A, "t1")]
+    msgs = join(sched, B)
+    assert computes(msgs) == [(B, "t2")]
+
+
+def test_no_worker_then_worker_joins(sched):
+    """A task restricted to an absent worker waits in no-worker until it joins."""
+    join(sched, A)
+    submit(sched, spec("x", workers=(B,)))
+    assert state_of(sched, "x") is TaskState.NO_WORKER
+    msgs = join(sched, B)
+    assert computes(msgs) == [(B, "x")]
+
+
+def test_missing_replica_sends_the_dependent_elsewhere(sched):
+    """A worker that cannot fetch an input reports it; the input is recomputed."""
+    join(sched, A, B)
+    submit(sched, spec("x"), spec("y", "x", workers=(B,)), wanted=["y"])
+    finish(sched, A, "x")
+    assert sched.tasks["y"].processing_on == B
+    msgs = sched.handle(ReplicaMissing(sid(), B, "x", (A,), "y"))
+    assert (A, ("x",)) in [(m.worker, m.keys) for m in msgs if isinstance(m, FreeKeys)]
+    assert (A, "x") in computes(msgs) or (B, "x") in computes(msgs)
+    assert state_of(sched, "y") is TaskState.WAITING
+
+
+def test_stale_finish_from_a_released_task_is_freed(sched):
+    """A result nobody wants any more is freed on the worker that made it."""
+    join(sched, A)
+    submit(sched, spec("x"))
+    sched.handle(KeysReleased(sid(), "c1", ("x",)))
+    msgs = sched.handle(TaskFinished(sid(), A, "x", 8))
+    assert [(m.worker, m.keys) for m in msgs if isinstance(m, FreeKeys)] == [(A, ("x",))]
+
+
+def test_unknown_dependency_errs_with_lost_data(sched):
+    """A task naming a key the scheduler never had errs with DataLost(key)."""
+    join(sched, A)
+    msgs = submit(sched, spec("y", "ghost"))
+    assert [(m.key, m.failure) for m in msgs if isinstance(m, ReportErred)] == [("y", DataLost("ghost"))]
+
+
+def test_a_transition_outside_the_table_raises_and_changes_nothing(sched):
+    """The transition table is closed: memory -> processing is refused."""
+    join(sched, A)
+    submit(sched, spec("x"))
+    finish(sched, A, "x")
+    ts = sched.tasks["x"]
+    with pytest.raises(InvalidTransition):
+        sched._transition(ts, TaskState.PROCESSING, {})
+    assert ts.state is TaskState.MEMORY

@@ -1,0 +1,57 @@
+"""trioflow: a distributed task scheduler for Python, built on Trio.
+
+The public surface lives here and nowhere else (tests/test_exports.py pins
+it). Start with `Client`::
+
+    import trioflow
+    with trioflow.Client() as client:          # a local cluster of its own
+        future = client.submit(pow, 2, 10)
+        assert future.result() == 1024
+"""
+
+from trioflow.client import AsyncClient
+from trioflow.cluster import AsyncLocalCluster, LocalCluster
+from trioflow.config import Config, ConfigError
+from trioflow.errors import (
+    AuthenticationError,
+    CancelledError,
+    CommClosedError,
+    KilledWorker,
+    LostData,
+    ProtocolError,
+    RemoteTraceback,
+    SerializationError,
+)
+from trioflow.future import Future
+from trioflow.scheduler import Scheduler
+from trioflow.sync_client import Client
+from trioflow.waiting import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, as_completed, wait
+from trioflow.worker import Worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALL_COMPLETED",
+    "FIRST_COMPLETED",
+    "FIRST_EXCEPTION",
+    "AsyncClient",
+    "AsyncLocalCluster",
+    "AuthenticationError",
+    "CancelledError",
+    "Client",
+    "CommClosedError",
+    "Config",
+    "ConfigError",
+    "Future",
+    "KilledWorker",
+    "LocalCluster",
+    "LostData",
+    "ProtocolError",
+    "RemoteTraceback",
+    "Scheduler",
+    "SerializationError",
+    "Worker",
+    "__version__",
+    "as_completed",
+    "wait",
+]

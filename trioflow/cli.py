@@ -1,0 +1,158 @@
+"""The `trioflow` command: scheduler, worker, demo.
+
+Every server subcommand runs until SIGINT (Ctrl-C) or SIGTERM, logs one
+line when it is ready and one when it stops, and exits with status 0 after
+a clean shutdown. Every `Config` field is also a flag (``--worker-ttl 5``),
+over ``TRIOFLOW_*`` variables, over the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+
+import trio
+
+from trioflow.config import Config, ConfigError
+
+logger = logging.getLogger("trioflow.cli")
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is outside 0..65535")
+    return value
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("configuration (overrides TRIOFLOW_* variables)")
+    for field in dataclasses.fields(Config):
+        kind = int if field.type == "int" else float
+        group.add_argument(
+            "--" + field.name.replace("_", "-"),
+            dest=f"config_{field.name}",
+            type=kind,
+            default=None,
+            metavar="N" if kind is int else "X",
+        )
+
+
+def _add_server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to bind (default 127.0.0.1: anyone who can reach the port can run code)",
+    )
+    parser.add_argument("--port", type=_port, default=default_port, help=f"port (default {default_port})")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    _add_config_flags(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trioflow", description="A resilient task scheduler built on Trio.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    scheduler = commands.add_parser("scheduler", help="run a scheduler")
+    _add_server_flags(scheduler, default_port=8786)
+
+    worker = commands.add_parser("worker", help="run a worker connected to a scheduler")
+    worker.add_argument("scheduler_address", metavar="ADDRESS", help="the scheduler, e.g. tcp://127.0.0.1:8786")
+    worker.add_argument("--nthreads", type=_positive_int, default=1, help="threads running tasks (default 1)")
+    worker.add_argument(
+        "--no-nanny",
+        action="store_true",
+        help="run the worker in this process instead of under a nanny",
+    )
+    _add_server_flags(worker, default_port=0)
+
+    commands.add_parser("demo", help="a guided tour on a local cluster")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = {
+        name[len("config_") :]: value
+        for name, value in vars(args).items()
+        if name.startswith("config_") and value is not None
+    }
+    return Config.from_env(**overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from trioflow.demo import run_demo
+
+        return run_demo()
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "scheduler":
+        from trioflow.scheduler import Scheduler
+
+        server = Scheduler(host=args.host, port=args.port, config=config)
+        return trio.run(run_until_signalled, server.serve, "scheduler")
+    if args.command == "worker":
+        from trioflow.worker import Worker
+
+        server = Worker(
+            args.scheduler_address, nthreads=args.nthreads, host=args.host, port=args.port, config=config
+        )
+        return trio.run(run_until_signalled, server.serve, "worker")
+    parser.error(f"unknown command {args.command!r}")  # pragma: no cover
+    return 2
+
+
+async def run_until_signalled(serve: Callable[..., Awaitable[object]], name: str) -> int:
+    """Run `serve` until it returns or SIGINT/SIGTERM arrives; return an exit code."""
+    exit_code = 0
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def serve_then_stop() -> None:
+                nonlocal exit_code
+                try:
+                    await serve()
+                except Exception as exc:
+                    logger.error("%s failed: %s", name, exc)
+                    exit_code = 1
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(serve_then_stop)
+            async for signum in signals:
+                logger.info("%s received %s; shutting down", name, signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+    logger.info("%s stopped", name)
+    return exit_code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,641 @@
+"""`AsyncClient`: submit Python functions to a trioflow cluster, from Trio.
+
+This is the client itself; `trioflow.Client` is a thin blocking wrapper that
+runs one of these in a background Trio thread.
+
+The path of a task, as seen from here:
+
+1. `submit` pickles the function once (cached) and the arguments once,
+   swapping every `Future` found in them for a `TaskRef`; those keys are the
+   task's dependencies. The key is a digest of function and arguments
+   (``pure=True``), so the same call gives the same key.
+2. The task goes to the scheduler in a ``submit`` message; the future is
+   pending.
+3. The scheduler reports ``key_finished`` (with the workers holding the
+   value), ``key_erred`` (with a failure record) or ``key_lost`` (being
+   recomputed). The reader task updates the `FutureState`.
+4. `result` waits for that, then fetches the value straight from a worker
+   that holds it (``get_data``); never through the scheduler.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import itertools
+import logging
+import random
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AsyncExitStack
+from typing import Any
+
+import trio
+
+from trioflow.comm import (
+    Connection,
+    FrameLimits,
+    Network,
+    RequestFailed,
+    Requests,
+    TCPNetwork,
+    connect_with_timeout,
+    dumps,
+    dumps_function,
+    loads,
+    open_connection,
+    open_connection_pool,
+    say_hello,
+)
+from trioflow.comm.serialize import Serialized, SerializedFunction
+from trioflow.config import Config
+from trioflow.core.failures import Cancelled
+from trioflow.errors import CommClosedError, ProtocolError, SerializationError
+from trioflow.future import FINISHED, Future, FutureState
+from trioflow.nurseries import background_tasks
+from trioflow.protocol import (
+    failure_from_wire,
+    failure_to_exception,
+    raise_serialization_error,
+    replace_futures,
+    str_list,
+    str_map,
+    substitute,
+)
+
+logger = logging.getLogger("trioflow.client")
+
+
+def _is_future(obj: Any) -> bool:
+    return type(obj) is Future
+
+
+class AsyncClient:
+    """A Trio-native client of a trioflow scheduler.
+
+    Use it as an async context manager::
+
+        async with trioflow.AsyncClient("tcp://127.0.0.1:8786") as client:
+            future = client.submit(inc, 1)
+            assert await future == 2
+
+    Args:
+        address: the scheduler's ``tcp://host:port``, or an object with a
+            ``scheduler_address`` attribute (a cluster).
+        config: tunables; defaults plus ``TRIOFLOW_*`` variables if omitted.
+        network: how to connect (the simulator passes its own).
+        rng: source of the random parts of keys and ids (seeded in the
+            simulator; design.md §3 rule 5).
+    """
+
+    def __init__(
+        self,
+        address: Any,
+        *,
+        config: Config | None = None,
+        network: Network | None = None,
+        rng: random.Random | None = None,
+    ):
+        address = getattr(address, "scheduler_address", address)
+        if not isinstance(address, str):
+            raise TypeError(f"expected a scheduler address like 'tcp://127.0.0.1:8786', got {address!r}")
+        self.scheduler_address = address
+        self.config = config or Config.from_env()
+        self.network = network or TCPNetwork()
+        self._rng = rng or random.Random()
+        self.id = f"client-{self._random_hex()}"
+        self.limits = FrameLimits.from_config(self.config)
+        self.futures: dict[str, FutureState] = {}
+        self.status = "new"
+        self._conn: Connection | None = None
+        self._requests: Requests | None = None
+        self._pool = None
+        # Function ids sent on the current connection, and ones to send next.
+        self._functions_sent: set[str] = set()
+        self._pending_functions: dict[str, bytes] = {}
+        self._closed = trio.Event()
+        self._stack: AsyncExitStack | None = None
+        # Set by the blocking `Client`: runs an async method in our thread.
+        self._blocking: Callable[..., Any] | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        # Keys whose handles were collected, from any thread; drained in ours.
+        self._released: collections.deque[str] = collections.deque()
+        self._release_lock = threading.Lock()
+        self._release_scheduled = False
+        self._scatter_ids = itertools.count()
+
+    def _random_hex(self) -> str:
+        return uuid.UUID(int=self._rng.getrandbits(128), version=4).hex
+
+    # ------------------------------------------------------------ lifetime --
+
+    async def __aenter__(self) -> AsyncClient:
+        self._stack = AsyncExitStack()
+        nursery = await self._stack.enter_async_context(background_tasks())
+        await nursery.start(self._run)
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+        assert self._stack is not None
+        await self._stack.__aexit__(*exc_info)
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, then serve reports until closed or the scheduler is lost.
+
+        Cancellation: closing the client (or cancelling this task) closes the
+        connections; futures that were pending fail with `CommClosedError`.
+        """
+        self._token = trio.lowlevel.current_trio_token()
+        async with open_connection_pool(
+            self.network, self.limits, role="client", connect_timeout=self.config.connect_timeout
+        ) as self._pool:
+            stream = await connect_with_timeout(
+                self.network, self.scheduler_address, self.config.connect_timeout
+            )
+            async with open_connection(stream, self.limits, peer=self.scheduler_address) as conn:
+                say_hello(conn, "client", client_id=self.id)
+                with trio.fail_after(self.config.connect_timeout):
+                    welcome = await conn.receive()
+                if welcome[0]["op"] != "welcome":
+                    raise ProtocolError(f"expected a welcome, got {welcome[0]['op']!r}")
+                self._conn, self._requests = conn, Requests(conn)
+                self.status = "running"
+                task_status.started()
+                self._on_messages(welcome[1:])
+                with trio.CancelScope() as self._reader_scope:
+                    reason = await self._listen(conn)
+                    self._lost_scheduler(reason)
+                    await self._closed.wait()
+        self.status = "closed"
+
+    async def _listen(self, conn: Connection) -> str:
+        try:
+            while True:
+                self._on_messages(await conn.receive())
+        except CommClosedError as exc:
+            return str(exc)
+        except ProtocolError as exc:
+            logger.warning("bad message from the scheduler: %s", exc)
+            return f"protocol error: {exc}"
+        finally:
+            assert self._requests is not None
+            self._requests.fail_all("the scheduler connection closed")
+
+    def _lost_scheduler(self, reason: str) -> None:
+        if self.status == "closing":
+            return
+        logger.warning("client %s lost the scheduler %s: %s", self.id, self.scheduler_address, reason)
+        self.status = "disconnected"
+        error = CommClosedError(f"lost the connection to the scheduler: {reason}")
+        for state in self.futures.values():
+            if not state.done():
+                state.fail_locally(error)
+
+    async def close(self) -> None:
+        """Release every key and disconnect. Idempotent."""
+        if self.status in ("closing", "closed"):
+            return
+        self.status = "closing"
+        if self._conn is not None:
+            try:
+                self._conn.send({"op": "release_keys", "keys": list(self.futures)})
+            except CommClosedError:
+                pass
+        self._closed.set()
+        if getattr(self, "_reader_scope", None) is not None:
+            self._reader_scope.cancel()
+
+    # ---------------------------------------------------- calling conventions --
+
+    def _call(self, async_fn: Callable[..., Any], *args: Any) -> Any:
+        """Blocking (`Client`) or awaitable (`AsyncClient`), as the owner wants."""
+        if self._blocking is None:
+            return async_fn(*args)
+        return self._blocking(async_fn, *args)
+
+    def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run `fn` in our Trio thread (now, if we are in it)."""
+        if self._blocking is None:
+            fn(*args)
+        else:
+            assert self._token is not None
+            trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+
+    # ------------------------------------------------------------ reports --
+
+    def _on_messages(self, messages: list[dict]) -> None:
+        for m in messages:
+            op = m["op"]
+            if op == "reply":
+                assert self._requests is not None
+                self._requests.deliver(m)
+                continue
+            state = self.futures.get(m.get("key"))  # type: ignore[arg-type]
+            if op == "key_finished":
+                if state is not None:
+                    state.finish(tuple(str_list(m, "who_has")))
+            elif op == "key_erred":
+                failure = failure_from_wire(m["failure"])
+                if state is not None and not (isinstance(failure, Cancelled) and state.done()):
+                    state.fail(failure)
+            elif op == "key_lost":
+                if state is not None:
+                    state.lose()
+            elif op in ("welcome", "heartbeat_ack"):
+                pass
+            else:
+                logger.warning("ignoring unknown op %r from the scheduler", op)
+
+    # -------------------------------------------------- futures bookkeeping --
+
+    def _future(self, key: str) -> Future:
+        state = self.futures.get(key)
+        if state is None:
+            state = self.futures[key] = FutureState(key)
+        elif state.status == "cancelled":
+            state.reset()
+        return Future(key, self, state)
+
+    def _release_ref(self, key: str) -> None:
+        """A handle on `key` went away (any thread, possibly during GC)."""
+        self._released.append(key)
+        with self._release_lock:
+            if self._release_scheduled or self._token is None:
+                return
+            self._release_scheduled = True
+        try:
+            self._token.run_sync_soon(self._flush_releases)
+        except trio.RunFinishedError:
+            pass
+
+    def _flush_releases(self) -> None:
+        with self._release_lock:
+            self._release_scheduled = False
+        released = []
+        while self._released:
+            key = self._released.popleft()
+            state = self.futures.get(key)
+            if state is None:
+                continue
+            state.refs -= 1
+            if state.refs <= 0:
+                del self.futures[key]
+                released.append(key)
+        if released and self._conn is not None and self.status == "running":
+            try:
+                self._conn.send({"op": "release_keys", "keys": released})
+            except CommClosedError:
+                pass
+
+    # ------------------------------------------------------------- submit --
+
+    def submit(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        key: str | None = None,
+        pure: bool = True,
+        retries: int = 0,
+        workers: str | Iterable[str] | None = None,
+        **kwargs: Any,
+    ) -> Future:
+        """Run ``fn(*args, **kwargs)`` on the cluster; return its `Future`.
+
+        Futures inside `args`/`kwargs` (also inside lists, tuples, dicts and
+        sets) become dependencies: the task runs after them, with their values.
+
+        Args:
+            key: the task's name; by default derived from `fn` and the
+                arguments (``pure=True``) or random (``pure=False``).
+            pure: whether equal calls may share one key (and one result).
+            retries: how many times to rerun the task if `fn` raises.
+            workers: worker address(es) allowed to run it.
+        """
+        if not callable(fn):
+            raise TypeError(f"submit() expects a callable, got {type(fn).__name__}")
+        [(task, future)] = self._prepare(fn, [(args, kwargs)], [key], pure, retries, workers)
+        self._send_tasks([task], [future.key])
+        return future
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        key: str | list[str] | None = None,
+        pure: bool = True,
+        retries: int = 0,
+        workers: str | Iterable[str] | None = None,
+        **kwargs: Any,
+    ) -> list[Future]:
+        """`submit` `fn` once per element of the zipped `iterables`.
+
+        `key` may be a list of keys, or a prefix for generated ones.
+        """
+        if not callable(fn):
+            raise TypeError(f"map() expects a callable, got {type(fn).__name__}")
+        calls = [(args, kwargs) for args in zip(*iterables, strict=False)]
+        if isinstance(key, list):
+            if len(key) != len(calls):
+                raise ValueError(f"map() got {len(key)} keys for {len(calls)} calls")
+            keys: list[str | None] = list(key)
+        else:
+            keys = [None] * len(calls)
+        prepared = self._prepare(fn, calls, keys, pure, retries, workers, prefix=key if isinstance(key, str) else None)
+        self._send_tasks([t for t, _ in prepared], [f.key for _, f in prepared])
+        return [f for _, f in prepared]
+
+    def _prepare(
+        self,
+        fn: Callable[..., Any],
+        calls: list[tuple[tuple, dict]],
+        keys: list[str | None],
+        pure: bool,
+        retries: int,
+        workers: str | Iterable[str] | None,
+        prefix: str | None = None,
+    ) -> list[tuple[dict, Future]]:
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a non-negative int, got {retries!r}")
+        if isinstance(workers, str):
+            workers = [workers]
+        restrictions = None if workers is None else [str(w) for w in workers]
+        function = dumps_function(fn)
+        name = prefix or _function_name(fn)
+        prepared = []
+        for (args, kwargs), key in zip(calls, keys, strict=True):
+            dependencies: dict[str, None] = {}
+            call = replace_futures((args, kwargs), _is_future, dependencies)
+            used = function
+            try:
+                payload = dumps(call)
+            except SerializationError as exc:
+                # Fail the task, not the call: it errs on a worker like any
+                # user error, and so does every task that depends on it.
+                message = f"could not serialize the arguments of {name}: {exc}"
+                used = dumps_function(raise_serialization_error)
+                payload = dumps(((message,), {}))
+                key = key or f"{name}-{self._random_hex()}"
+            if key is None:
+                if pure:
+                    digest = hashlib.blake2b(digest_size=16)
+                    digest.update(function.function_id.encode())
+                    digest.update(payload.header)
+                    for buffer in payload.buffers:
+                        digest.update(buffer)
+                    key = f"{name}-{digest.hexdigest()}"
+                else:
+                    key = f"{name}-{self._random_hex()}"
+            self._register_function(used)
+            task = {
+                "key": key,
+                "function_id": used.function_id,
+                "args": payload,
+                "dependencies": list(dependencies),
+                "retries": retries,
+                "workers": restrictions,
+            }
+            prepared.append((task, self._future(key)))
+        return prepared
+
+    def _register_function(self, function: SerializedFunction) -> None:
+        """Queue `function` to go with the next submit, unless already sent."""
+        if function.function_id not in self._functions_sent:
+            self._pending_functions[function.function_id] = function.payload
+
+    def _send_tasks(self, tasks: list[dict], wanted: list[str]) -> None:
+        conn = self._require_connection()
+        functions = dict(self._pending_functions)
+        self._pending_functions.clear()
+        self._functions_sent.update(functions)
+        conn.send({"op": "submit", "tasks": tasks, "functions": functions, "wanted": wanted})
+
+    def _require_connection(self) -> Connection:
+        if self._conn is None or self.status != "running":
+            raise CommClosedError(f"client {self.id} is {self.status}, not connected to a scheduler")
+        return self._conn
+
+    # ------------------------------------------------------------ results --
+
+    async def _result(self, future: Future, timeout: float | None) -> Any:
+        values = await self._gather_states([future._state], timeout)
+        return values[future.key]
+
+    async def _exception(self, future: Future, timeout: float | None) -> BaseException | None:
+        with _timeout(timeout):
+            await future._state.wait()
+        state = future._state
+        return None if state.status == FINISHED else state.exception()
+
+    async def gather(self, futures: Any, timeout: float | None = None) -> Any:
+        """The values of `futures` (a future, or a list/tuple/dict nesting them).
+
+        Raises the failure of the first failed future, in order.
+        """
+        found: dict[str, None] = {}
+        structure = replace_futures(futures, _is_future, found)
+        states = [self.futures[key] for key in found if key in self.futures]
+        if len(states) != len(found):
+            raise ValueError("gather() was given a future of another (or closed) client")
+        values = await self._gather_states(states, timeout)
+        return substitute(structure, values)
+
+    async def _gather_states(self, states: list[FutureState], timeout: float | None) -> dict[str, Any]:
+        """Wait for every state, then fetch the values straight from workers."""
+        values: dict[str, Any] = {}
+        with _timeout(timeout):
+            todo = states
+            while todo:
+                for state in todo:
+                    await state.wait()
+                for state in todo:
+                    if state.status != FINISHED:
+                        raise state.exception()
+                todo = await self._fetch(todo, values)
+        return values
+
+    async def _fetch(self, states: list[FutureState], values: dict[str, Any]) -> list[FutureState]:
+        """Fetch what the holders have; return the states to wait on again."""
+        by_worker: dict[str, list[FutureState]] = {}
+        retry: list[FutureState] = []
+        for state in states:
+            if state.who_has:
+                by_worker.setdefault(state.who_has[0], []).append(state)
+            else:
+                retry.append(state)
+
+        unsendable: list[str] = []
+
+        async def fetch_from(worker: str, group: list[FutureState]) -> None:
+            try:
+                answer = await self._pool.call(worker, {"op": "get_data", "keys": [s.key for s in group]})
+                data = str_map(answer, "data", Serialized)
+                errors = str_map(answer, "errors", str)
+            except (CommClosedError, RequestFailed, ProtocolError):
+                data, errors = {}, {}
+            for state in group:
+                if state.key in errors:
+                    unsendable.append(errors[state.key])
+                elif state.key in data:
+                    values[state.key] = data[state.key]
+                else:
+                    retry.append(state)
+
+        async with trio.open_nursery() as nursery:
+            for worker, group in by_worker.items():
+                nursery.start_soon(fetch_from, worker, group)
+        if unsendable:
+            raise SerializationError(unsendable[0])
+        for key, value in values.items():
+            if isinstance(value, Serialized):
+                values[key] = loads(value)
+        if retry:
+            await self._refresh_holders(retry)
+        return retry
+
+    async def _refresh_holders(self, states: list[FutureState]) -> None:
+        """Tell the scheduler which holders failed us and learn the current ones."""
+        conn = self._require_connection()
+        for state in states:
+            if state.who_has:
+                conn.send({"op": "missing_data", "key": state.key, "holders": [state.who_has[0]]})
+        assert self._requests is not None
+        answer = await self._requests.call({"op": "who_has", "keys": [s.key for s in states]})
+        who_has = answer.get("who_has", {})
+        for state in states:
+            holders = tuple(who_has.get(state.key) or ())
+            if state.status == FINISHED and holders:
+                state.who_has = holders
+            elif state.status == FINISHED:
+                state.lose()  # being recomputed: wait for key_finished
+
+    # ------------------------------------------------------- other requests --
+
+    async def _request(self, message: dict[str, Any]) -> dict[str, Any]:
+        self._require_connection()
+        assert self._requests is not None
+        try:
+            return await self._requests.call(message)
+        except RequestFailed as exc:
+            raise RuntimeError(f"the scheduler refused {message['op']!r}: {exc}") from None
+
+    async def scatter(self, data: Any, broadcast: bool = False, timeout: float | None = None) -> Any:
+        """Put local data on the cluster; return futures for it.
+
+        A list gives a list of futures, a dict a dict (its keys become the
+        task keys), anything else a single future. Scattered data has no
+        lineage: if every worker holding it dies it is lost (`LostData`);
+        `replicate` keeps copies.
+        """
+        if isinstance(data, Mapping):
+            items = [(str(k), v) for k, v in data.items()]
+        elif isinstance(data, (list, tuple)):
+            items = [(None, v) for v in data]
+        else:
+            items = [(None, data)]
+        payloads: dict[str, Serialized] = {}
+        keys = []
+        for key, value in items:
+            serialized = dumps(value)
+            if key is None:
+                digest = hashlib.blake2b(serialized.header, digest_size=16)
+                for buffer in serialized.buffers:
+                    digest.update(buffer)
+                key = f"{type(value).__name__}-{digest.hexdigest()}"
+            payloads[key] = serialized
+            keys.append(key)
+        futures = {key: self._future(key) for key in keys}
+        with _timeout(timeout):
+            await self._request({"op": "scatter", "data": payloads, "broadcast": broadcast})
+        if isinstance(data, Mapping):
+            return {key: futures[key] for key in keys}
+        if isinstance(data, (list, tuple)):
+            return [futures[key] for key in keys]
+        return futures[keys[0]]
+
+    async def cancel(self, futures: Any, reason: str = "cancelled by the client") -> None:
+        """Cancel the tasks of `futures` and every dependent this client holds.
+
+        Their futures raise `trioflow.CancelledError`. Other clients'
+        futures for the same keys are not affected.
+        """
+        found: dict[str, None] = {}
+        replace_futures(futures, _is_future, found)
+        keys = [k for k in found if k in self.futures]
+        for key in keys:
+            state = self.futures[key]
+            if not state.done():
+                state.fail(Cancelled(reason))
+        if keys:
+            self._require_connection().send({"op": "cancel_keys", "keys": keys, "reason": reason})
+
+    async def run(self, function: Callable[[], Any]) -> dict[str, Any]:
+        """Call ``function()`` on every worker; return ``{worker_address: result}``.
+
+        Raises:
+            Exception: the first exception a worker's call raised.
+        """
+        answer = await self._request({"op": "run", "function": dumps(function)})
+        results = {}
+        for address, outcome in sorted(answer.get("results", {}).items()):
+            if "result" in outcome:
+                results[address] = loads(outcome["result"])
+            elif "failure" in outcome:
+                raise failure_to_exception(failure_from_wire(outcome["failure"]))
+            else:
+                raise CommClosedError(f"worker {address}: {outcome.get('error')}")
+        return results
+
+    async def who_has(self, futures: Any = None) -> dict[str, list[str]]:
+        """``{key: [worker addresses]}`` for `futures` (all keys if None)."""
+        keys = None
+        if futures is not None:
+            found: dict[str, None] = {}
+            replace_futures(futures, _is_future, found)
+            keys = list(found)
+        return (await self._request({"op": "who_has", "keys": keys}))["who_has"]
+
+    async def has_what(self) -> dict[str, list[str]]:
+        """``{worker address: [keys it holds]}``."""
+        return (await self._request({"op": "has_what"}))["has_what"]
+
+    async def nthreads(self) -> dict[str, int]:
+        """``{worker address: number of threads}``."""
+        return (await self._request({"op": "nthreads"}))["nthreads"]
+
+    async def scheduler_info(self) -> dict[str, Any]:
+        """The scheduler's address, its workers and its task counts."""
+        return (await self._request({"op": "scheduler_info"}))["info"]
+
+    async def wait_for_workers(self, n: int, timeout: float | None = None) -> None:
+        """Return once at least `n` workers are connected."""
+        with _timeout(timeout):
+            await self._request({"op": "wait_for_workers", "n": n})
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id} {self.scheduler_address} {self.status}>"
+
+
+class _timeout:
+    """``with _timeout(seconds)``: raise the builtin TimeoutError, or no limit."""
+
+    def __init__(self, seconds: float | None):
+        self.scope = trio.CancelScope(
+            deadline=trio.current_time() + seconds if seconds is not None else float("inf")
+        )
+        self.seconds = seconds
+
+    def __enter__(self) -> trio.CancelScope:
+        return self.scope.__enter__()
+
+    def __exit__(self, *exc_info: Any) -> bool:
+        handled = self.scope.__exit__(*exc_info)
+        if self.scope.cancelled_caught:
+            raise TimeoutError(f"not done within {self.seconds:g} s")
+        return handled
+
+
+def _function_name(fn: Any) -> str:
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    return "lambda" if name == "<lambda>" else name

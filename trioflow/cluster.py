@@ -1,0 +1,265 @@
+"""Local clusters: a scheduler plus workers on this machine, in one call.
+
+`AsyncLocalCluster` is the Trio-native form (``async with``); `LocalCluster`
+runs one in a background thread for ordinary code, which is what
+``Client()`` with no address does.
+
+Worker processes are real subprocesses started with ``python -m trioflow
+worker``; the cluster ends them (SIGTERM, then SIGKILL after a grace
+period) when it closes, even if it is cancelled. If this process dies
+abruptly they still go: each loses its scheduler connection and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import trio
+
+from trioflow.config import Config
+from trioflow.loop_thread import LoopThread
+from trioflow.nurseries import background_tasks
+from trioflow.scheduler import Scheduler
+from trioflow.worker import Worker
+
+logger = logging.getLogger("trioflow.cluster")
+
+TERMINATE_GRACE_S = 5.0
+STARTUP_TIMEOUT_S = 60.0
+
+
+def default_n_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+class WorkerProcess:
+    """A worker subprocess of a local cluster."""
+
+    def __init__(self, name: int, command: list[str]):
+        self.name = name
+        self.command = command
+        self.process: trio.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    def __repr__(self) -> str:
+        return f"<WorkerProcess {self.name} pid={self.pid}>"
+
+
+class AsyncLocalCluster:
+    """A scheduler and `n_workers` workers, for the lifetime of an ``async with``.
+
+    Args:
+        n_workers: how many workers (default: CPU count, at most 4).
+        threads_per_worker: threads per worker.
+        processes: workers as subprocesses (True) or as Trio tasks in this
+            process (False: quick to start, handy in tests and notebooks).
+        host: interface every server binds; loopback by default.
+        scheduler_port: the scheduler's port, 0 for any free one.
+        config: tunables for the scheduler and workers.
+        worker_log_level: log level of worker subprocesses.
+    """
+
+    def __init__(
+        self,
+        n_workers: int | None = None,
+        threads_per_worker: int = 1,
+        *,
+        processes: bool = True,
+        host: str = "127.0.0.1",
+        scheduler_port: int = 0,
+        config: Config | None = None,
+        worker_log_level: str = "warning",
+    ):
+        self.n_workers = default_n_workers() if n_workers is None else n_workers
+        if self.n_workers < 0:
+            raise ValueError(f"n_workers must be >= 0, got {n_workers}")
+        if threads_per_worker < 1:
+            raise ValueError(f"threads_per_worker must be >= 1, got {threads_per_worker}")
+        self.threads_per_worker = threads_per_worker
+        self.processes = processes
+        self.host = host
+        self.config = config or Config.from_env()
+        self.worker_log_level = worker_log_level
+        self.scheduler = Scheduler(host=host, port=scheduler_port, config=self.config)
+        self.scheduler_address: str | None = None
+        self.workers: dict[int, Any] = {}
+        self._nursery: trio.Nursery | None = None
+        self._stack = None
+
+    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start everything; report the scheduler address once every worker
+        has registered; run until cancelled, then stop the workers.
+
+        Raises:
+            RuntimeError: a worker process exited or did not register in time.
+        """
+        async with background_tasks() as nursery:
+            self._nursery = nursery
+            self.scheduler_address = await nursery.start(self.scheduler.serve)
+            for _ in range(self.n_workers):
+                await self.add_worker()
+            try:
+                with trio.fail_after(STARTUP_TIMEOUT_S):
+                    await self.scheduler.wait_for_workers(self.n_workers)
+            except trio.TooSlowError:
+                raise RuntimeError(
+                    f"only {len(self.scheduler.state.workers)} of {self.n_workers} workers "
+                    f"registered within {STARTUP_TIMEOUT_S:g} s"
+                ) from None
+            task_status.started(self.scheduler_address)
+            try:
+                await trio.sleep_forever()
+            finally:
+                # Workers first, so none of them sees its scheduler vanish.
+                with trio.CancelScope(shield=True):
+                    await self._stop_workers()
+
+    async def _stop_workers(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for handle in self.workers.values():
+                if isinstance(handle, WorkerProcess) and handle.process is not None:
+                    nursery.start_soon(terminate, handle.process)
+
+    async def add_worker(self) -> Any:
+        """Start one more worker (it registers with the scheduler on its own)."""
+        assert self._nursery is not None and self.scheduler_address is not None
+        name = len(self.workers)
+        if self.processes:
+            command = [
+                sys.executable,
+                "-m",
+                "trioflow",
+                "worker",
+                self.scheduler_address,
+                "--no-nanny",
+                "--nthreads",
+                str(self.threads_per_worker),
+                "--host",
+                self.host,
+                "--log-level",
+                self.worker_log_level,
+            ]
+            handle = WorkerProcess(name, command)
+            self.workers[name] = handle
+            await self._nursery.start(self._supervise, handle)
+            return handle
+        worker = Worker(
+            self.scheduler_address, nthreads=self.threads_per_worker, host=self.host, config=self.config
+        )
+        self.workers[name] = worker
+        await self._nursery.start(worker.serve)
+        return worker
+
+    async def _supervise(self, handle: WorkerProcess, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run one worker process; end it when cancelled (no orphans)."""
+        env = {**os.environ, **_config_environment(self.config)}
+        handle.process = await trio.lowlevel.open_process(
+            handle.command, stdin=subprocess.DEVNULL, env=env
+        )
+        task_status.started()
+        try:
+            code = await handle.process.wait()
+            logger.warning("worker process %d (pid %d) exited with code %s", handle.name, handle.pid, code)
+        finally:
+            with trio.CancelScope(shield=True):
+                await terminate(handle.process)
+
+    async def __aenter__(self) -> AsyncLocalCluster:
+        from contextlib import AsyncExitStack
+
+        self._stack = AsyncExitStack()
+        nursery = await self._stack.enter_async_context(background_tasks())
+        await nursery.start(self.serve)
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        assert self._stack is not None
+        await self._stack.__aexit__(*exc_info)
+
+
+async def terminate(process: trio.Process, grace: float = TERMINATE_GRACE_S) -> None:
+    """SIGTERM `process`, wait up to `grace` seconds, then SIGKILL it."""
+    if process.returncode is not None:
+        return
+    try:
+        process.send_signal(signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    with trio.move_on_after(grace):
+        await process.wait()
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+
+
+def _config_environment(config: Config) -> dict[str, str]:
+    """``TRIOFLOW_*`` variables that carry `config` into a child process."""
+    import dataclasses
+
+    return {f"TRIOFLOW_{f.name.upper()}": repr(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+class LocalCluster:
+    """A local cluster for ordinary (blocking) code; see `AsyncLocalCluster`.
+
+    Example::
+
+        with trioflow.LocalCluster(n_workers=2) as cluster, trioflow.Client(cluster) as client:
+            client.submit(sum, [1, 2]).result()
+    """
+
+    def __init__(
+        self,
+        n_workers: int | None = None,
+        threads_per_worker: int = 1,
+        *,
+        processes: bool = True,
+        host: str = "127.0.0.1",
+        scheduler_port: int = 0,
+        config: Config | None = None,
+        worker_log_level: str = "warning",
+    ):
+        self._cluster = AsyncLocalCluster(
+            n_workers,
+            threads_per_worker,
+            processes=processes,
+            host=host,
+            scheduler_port=scheduler_port,
+            config=config,
+            worker_log_level=worker_log_level,
+        )
+        self._loop = LoopThread("trioflow-cluster")
+        try:
+            self.scheduler_address: str = self._loop.start(self._cluster.serve)
+        except BaseException:
+            self._loop.stop()
+            raise
+
+    @property
+    def workers(self) -> dict[int, Any]:
+        """``{name: WorkerProcess or Worker}`` of the workers started here."""
+        return dict(self._cluster.workers)
+
+    def add_worker(self) -> Any:
+        return self._loop.run(self._cluster.add_worker)
+
+    def close(self) -> None:
+        """Stop the workers (SIGTERM, then SIGKILL) and the scheduler."""
+        self._loop.stop()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<LocalCluster {self.scheduler_address} workers={len(self._cluster.workers)}>"

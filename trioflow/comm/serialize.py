@@ -1,0 +1,135 @@
+"""Turning Python objects into bytes and back: pickle protocol 5, zero copies.
+
+User objects (functions, arguments, results, exceptions) travel as a
+`Serialized`: one pickle stream plus the out-of-band buffers that pickle
+protocol 5 hands us (a NumPy array's memory, a bytes object's payload...).
+The buffers are sent as frames of their own (`trioflow.comm.frames`), so a
+256 MB array is never copied into a pickle stream and never copied out of
+one. Nobody but the process that needs the object unpickles it: the
+scheduler forwards a task's `Serialized` arguments without looking inside.
+
+Functions are the exception to "pickle each time": `client.map(f, ...)`
+sends one function to thousands of tasks, so `dumps_function` pickles each
+function once and `loads_function` unpickles each distinct payload once.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import pickle
+from collections.abc import Sequence
+from typing import Any
+
+import cloudpickle
+
+from trioflow.errors import SerializationError
+
+__all__ = ["Serialized", "dumps", "loads", "dumps_function", "loads_function"]
+
+PROTOCOL = 5
+
+
+class Serialized:
+    """A pickled object: its pickle stream and its out-of-band buffers."""
+
+    __slots__ = ("header", "buffers")
+
+    def __init__(self, header: bytes | memoryview, buffers: Sequence[Any] = ()):
+        self.header = header
+        self.buffers = list(buffers)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header) + sum(memoryview(b).nbytes for b in self.buffers)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Serialized):
+            return NotImplemented
+        return bytes(self.header) == bytes(other.header) and [bytes(b) for b in self.buffers] == [
+            bytes(b) for b in other.buffers
+        ]
+
+    def __repr__(self) -> str:
+        return f"<Serialized {len(self.header)} bytes + {len(self.buffers)} buffers>"
+
+
+def dumps(obj: Any) -> Serialized:
+    """Pickle `obj` with protocol 5, keeping large buffers out of band.
+
+    Raises:
+        SerializationError: `obj` cannot be pickled (the message says why).
+    """
+    buffers: list[memoryview] = []
+
+    def keep_out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            buffers.append(buffer.raw())
+        except BufferError:
+            return True  # not contiguous: let pickle copy it in band
+        return False
+
+    try:
+        header = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=keep_out_of_band)
+    except Exception as exc:
+        raise SerializationError(
+            f"could not serialize {type(obj).__name__} object: {type(exc).__name__}: {exc}"
+        ) from exc
+    return Serialized(header, buffers)
+
+
+def loads(serialized: Serialized) -> Any:
+    """Unpickle a `Serialized` (its buffers are used in place, not copied).
+
+    Raises:
+        SerializationError: the bytes do not unpickle here.
+    """
+    try:
+        return pickle.loads(serialized.header, buffers=serialized.buffers)
+    except Exception as exc:
+        raise SerializationError(
+            f"could not deserialize object: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+class SerializedFunction:
+    """A function pickled once, with a short id that names its bytes."""
+
+    __slots__ = ("function_id", "payload")
+
+    def __init__(self, function_id: str, payload: bytes):
+        self.function_id = function_id
+        self.payload = payload
+
+
+def dumps_function(fn: Any) -> SerializedFunction:
+    """Pickle `fn` once (cached while it is hashable); the id names its bytes."""
+    try:
+        return _dumps_function_cached(fn)
+    except TypeError:  # unhashable callable: pickle it every time
+        return _dumps_function(fn)
+
+
+@functools.lru_cache(maxsize=512)
+def _dumps_function_cached(fn: Any) -> SerializedFunction:
+    return _dumps_function(fn)
+
+
+def _dumps_function(fn: Any) -> SerializedFunction:
+    payload = dumps(fn)
+    if payload.buffers:
+        # Rare (a function closing over large arrays): fold the buffers in so
+        # the payload can be cached and sent as one value.
+        payload = Serialized(cloudpickle.dumps(fn, protocol=PROTOCOL))
+    header = bytes(payload.header)
+    return SerializedFunction(hashlib.blake2b(header, digest_size=12).hexdigest(), header)
+
+
+@functools.lru_cache(maxsize=512)
+def _loads_function_bytes(payload: bytes) -> Any:
+    return loads(Serialized(payload))
+
+
+def loads_function(payload: bytes | memoryview) -> Any:
+    """Unpickle a function payload, once per distinct payload."""
+    return _loads_function_bytes(bytes(payload))

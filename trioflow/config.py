@@ -1,0 +1,124 @@
+"""`Config`: every tunable of trioflow in one frozen dataclass.
+
+A process builds one `Config` when it starts and hands it down; nothing reads
+the environment after that. The precedence is the usual one, later wins:
+
+    field defaults  <  TRIOFLOW_* environment variables  <  CLI flags / keywords
+
+Each field's docstring-comment gives its unit. Times are seconds of
+`trio.current_time()`, so under a `MockClock` they are virtual seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["Config", "ConfigError"]
+
+ENV_PREFIX = "TRIOFLOW_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # -- liveness -------------------------------------------------------
+    heartbeat_interval: float = 0.5
+    """Seconds between a worker's heartbeats to the scheduler."""
+    worker_ttl: float = 3.0
+    """Seconds of silence after which the scheduler declares a worker dead."""
+    scheduler_ttl: float = 3.0
+    """Seconds of silence after which a worker declares its scheduler gone."""
+
+    # -- failure policy ---------------------------------------------------
+    allowed_failures: int = 3
+    """Worker deaths a running task may witness before it is marked bad."""
+
+    # -- connections ------------------------------------------------------
+    connect_timeout: float = 10.0
+    """Seconds to wait for one TCP connection (and handshake) to open."""
+    reconnect_backoff_min: float = 0.05
+    """First delay, in seconds, before reconnecting to a lost scheduler."""
+    reconnect_backoff_max: float = 2.0
+    """Cap, in seconds, of the exponential reconnect delay (before jitter)."""
+    scheduler_timeout: float = math.inf
+    """Seconds a worker keeps trying to reach a lost scheduler before exiting."""
+
+    # -- wire limits (checked before anything is allocated) ---------------
+    max_frame_bytes: int = 1 << 30
+    """Largest single frame accepted from a peer, in bytes."""
+    max_frames_per_batch: int = 65_536
+    """Most frames one batch may announce."""
+    max_messages_per_batch: int = 1_000_000
+    """Most messages (and msgpack array/map entries) one batch may hold."""
+
+    # -- scheduling --------------------------------------------------------
+    worker_saturation: float = 4.0
+    """Tasks sent ahead to a worker, per thread, before the rest queue on
+    the scheduler. Higher hides round trips; lower balances better when a
+    worker dies or tasks differ in length. ``inf`` sends everything at once."""
+
+    # -- cluster management -------------------------------------------------
+    restart_timeout: float = 30.0
+    """Seconds `Client.restart()` waits for the workers to come back."""
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"Config.{field.name} must be an int, got {value!r}")
+            if field.type == "float":
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ConfigError(f"Config.{field.name} must be a number, got {value!r}")
+                if math.isnan(value):
+                    raise ConfigError(f"Config.{field.name} must not be NaN")
+            if value <= 0:
+                raise ConfigError(f"Config.{field.name} must be positive, got {value!r}")
+        if self.reconnect_backoff_min > self.reconnect_backoff_max:
+            raise ConfigError(
+                "Config.reconnect_backoff_min must not exceed reconnect_backoff_max"
+            )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        """Defaults, then ``TRIOFLOW_<FIELD>`` variables, then `overrides`.
+
+        Raises:
+            ConfigError: a variable or override names no field or does not parse.
+        """
+        environ = os.environ if environ is None else environ
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for name, text in environ.items():
+            if not name.startswith(ENV_PREFIX):
+                continue
+            field_name = name[len(ENV_PREFIX) :].lower()
+            if field_name not in fields:
+                continue  # other TRIOFLOW_* variables belong to other parts
+            values[field_name] = _parse(name, text, fields[field_name].type)
+        for name, value in overrides.items():
+            if name not in fields:
+                raise ConfigError(f"Config has no field {name!r}")
+            if value is not None:
+                values[name] = value
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with `changes` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _parse(variable: str, text: str, type_name: str) -> int | float:
+    try:
+        if type_name == "int":
+            return int(text)
+        return float(text)
+    except ValueError:
+        kind = "an integer" if type_name == "int" else "a number"
+        raise ConfigError(f"{variable}={text!r} is not {kind}") from None

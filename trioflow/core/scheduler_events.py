@@ -1,0 +1,212 @@
+"""What goes into `SchedulerState.handle` and what comes out.
+
+Events are past-tense facts the shell observed (a message arrived, a
+connection closed, a heartbeat deadline passed). Messages are imperative
+orders the shell must carry out (send this to that worker or client).
+Both are frozen dataclasses carrying the `stimulus_id` of the event that
+caused them, so a task's whole story can be rebuilt from a log.
+
+Addresses are opaque strings to the core ("tcp://127.0.0.1:40123" for a
+worker, any unique id for a client). `run_spec` and failure payloads are
+opaque objects the core stores and passes on without looking inside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from trioflow.core.failures import TaskFailure, UserError
+
+frozen = dataclasses.dataclass(frozen=True, slots=True)
+
+
+# ---------------------------------------------------------------- events --
+
+
+@frozen
+class TaskSpec:
+    """One task as a client submits it.
+
+    Attributes:
+        key: the task's unique name.
+        run_spec: what a worker needs to run it (opaque here); None marks
+            data without lineage, which only `DataScattered` creates.
+        dependencies: keys whose values the task takes as arguments.
+        retries: how many times a raising function is run again.
+        workers: if given, the only worker addresses allowed to run it.
+    """
+
+    key: str
+    run_spec: Any
+    dependencies: tuple[str, ...] = ()
+    retries: int = 0
+    workers: tuple[str, ...] | None = None
+
+
+@frozen
+class SchedulerEvent:
+    stimulus_id: str
+
+
+@frozen
+class ClientConnected(SchedulerEvent):
+    client: str
+
+
+@frozen
+class ClientDisconnected(SchedulerEvent):
+    client: str
+
+
+@frozen
+class TasksSubmitted(SchedulerEvent):
+    """A client submitted `tasks` and holds futures for `wanted` keys."""
+
+    client: str
+    tasks: tuple[TaskSpec, ...]
+    wanted: tuple[str, ...]
+
+
+@frozen
+class KeysReleased(SchedulerEvent):
+    """A client dropped its last future for each of `keys`."""
+
+    client: str
+    keys: tuple[str, ...]
+
+
+@frozen
+class KeysCancelled(SchedulerEvent):
+    """A client cancelled `keys` (and so every dependent of them it wants)."""
+
+    client: str
+    keys: tuple[str, ...]
+    reason: str = "cancelled by the client"
+
+
+@frozen
+class DataScattered(SchedulerEvent):
+    """A client's data now lives on workers: ``{key: (nbytes, holders)}``."""
+
+    client: str
+    placed: Mapping[str, tuple[int, tuple[str, ...]]]
+
+
+@frozen
+class WorkerConnected(SchedulerEvent):
+    """A worker registered; `held` lists data it already has, ``{key: nbytes}``."""
+
+    worker: str
+    nthreads: int
+    held: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+
+@frozen
+class WorkerDisconnected(SchedulerEvent):
+    """A worker is gone: its connection closed or its heartbeats stopped.
+
+    `expected` is True when the scheduler itself retired the worker (a
+    restart, a clean shutdown): its running tasks are then not suspected of
+    having killed it.
+    """
+
+    worker: str
+    expected: bool = False
+
+
+@frozen
+class TaskStarted(SchedulerEvent):
+    """A worker began executing `key` (from now on a death counts against it)."""
+
+    worker: str
+    key: str
+
+
+@frozen
+class TaskFinished(SchedulerEvent):
+    worker: str
+    key: str
+    nbytes: int
+
+
+@frozen
+class TaskErred(SchedulerEvent):
+    worker: str
+    key: str
+    failure: UserError
+
+
+@frozen
+class ReplicaAdded(SchedulerEvent):
+    """A worker now holds a copy of `key` (it fetched it for a task or a replica)."""
+
+    worker: str
+    key: str
+    nbytes: int
+
+
+@frozen
+class ReplicaMissing(SchedulerEvent):
+    """`worker` could not get `key` from any of `holders` to run `dependent`."""
+
+    worker: str
+    key: str
+    holders: tuple[str, ...]
+    dependent: str | None = None
+
+
+# -------------------------------------------------------------- messages --
+
+
+@frozen
+class SchedulerMessage:
+    stimulus_id: str
+
+
+@frozen
+class ComputeTask(SchedulerMessage):
+    """Run `key` on `worker`; `who_has` says where each dependency lives."""
+
+    worker: str
+    key: str
+    run_spec: Any
+    priority: tuple[int, ...]
+    who_has: Mapping[str, tuple[str, ...]]
+    nbytes: Mapping[str, int]
+
+
+@frozen
+class FreeKeys(SchedulerMessage):
+    """`worker` should drop these keys: their data, or their pending run."""
+
+    worker: str
+    keys: tuple[str, ...]
+
+
+@frozen
+class ReportFinished(SchedulerMessage):
+    """Tell `client` that `key` has a value, held by `who_has`."""
+
+    client: str
+    key: str
+    who_has: tuple[str, ...]
+
+
+@frozen
+class ReportErred(SchedulerMessage):
+    """Tell `client` that `key` failed; `origin` is the key that failed first."""
+
+    client: str
+    key: str
+    failure: TaskFailure
+    origin: str
+
+
+@frozen
+class ReportLost(SchedulerMessage):
+    """Tell `client` that `key`'s value is gone and is being computed again."""
+
+    client: str
+    key: str

@@ -1,0 +1,120 @@
+"""The scheduler's invariants as code: one source, three users.
+
+Core tests call `check_invariants` at teardown, the property tests after
+every step, and the simulator at the end of every run. Each check names the
+invariant of spec/README.md it enforces (INV-*). They hold *between* events:
+`SchedulerState.handle` may break them while it works, never when it returns.
+"""
+
+from __future__ import annotations
+
+from trioflow.core.failures import WorkerDeaths
+from trioflow.core.scheduler_records import FAILED, IN_PROGRESS, TaskState
+from trioflow.core.scheduler_state import SchedulerState
+
+
+class InvariantViolation(AssertionError):
+    """The scheduler's state breaks an invariant of spec/README.md."""
+
+
+def check_invariants(state: SchedulerState) -> None:
+    """Raise `InvariantViolation` naming the first broken invariant, if any."""
+    problems = list(_violations(state))
+    if problems:
+        raise InvariantViolation("\n".join(problems[:20]))
+
+
+def _violations(state: SchedulerState):  # noqa: C901 - a flat list of checks
+    S = TaskState
+    queued_keys = {key for _, key in state.queued}
+    for key, ts in state.tasks.items():
+        where = f"task {key!r} ({ts.state.value})"
+        if ts.key != key or ts.state is S.FORGOTTEN:
+            yield f"{where}: stored under the wrong key or forgotten"
+        for dep_key, dep in ts.dependencies.items():
+            if state.tasks.get(dep_key) is not dep:
+                yield f"{where}: dependency {dep_key!r} is not a live record"
+            elif key not in dep.dependents:
+                yield f"{where}: not among the dependents of {dep_key!r}"
+        for dependent_key, dependent in ts.dependents.items():
+            if state.tasks.get(dependent_key) is not dependent or key not in dependent.dependencies:
+                yield f"{where}: dependent {dependent_key!r} does not link back"
+        expected_waiters = {
+            k for k, d in ts.dependents.items() if d.state in IN_PROGRESS
+        }
+        if set(ts.waiters) != expected_waiters:
+            yield f"{where}: INV-WAITERS waiters {sorted(ts.waiters)} != {sorted(expected_waiters)}"
+        # INV-PROCESSING: processing on exactly one live worker.
+        if (ts.state is S.PROCESSING) != (ts.processing_on is not None):
+            yield f"{where}: INV-PROCESSING processing_on={ts.processing_on!r}"
+        if ts.processing_on is not None:
+            ws = state.workers.get(ts.processing_on)
+            if ws is None or key not in ws.processing:
+                yield f"{where}: INV-PROCESSING not listed by live worker {ts.processing_on}"
+        # INV-MEMORY: a value has at least one live holder; only values do.
+        if (ts.state is S.MEMORY) != bool(ts.who_has):
+            yield f"{where}: INV-MEMORY who_has={list(ts.who_has)}"
+        for address in ts.who_has:
+            ws = state.workers.get(address)
+            if ws is None or key not in ws.has_what:
+                yield f"{where}: INV-MEMORY holder {address} is not live or does not list it"
+        # INV-READY: nothing runs (or is queued to run) before its inputs exist.
+        available = {k for k, d in ts.dependencies.items() if d.state is S.MEMORY and d.who_has}
+        if ts.state in (S.PROCESSING, S.QUEUED, S.NO_WORKER) and len(available) != len(ts.dependencies):
+            yield f"{where}: INV-READY inputs not all in memory"
+        if ts.state is S.WAITING:
+            missing = set(ts.dependencies) - available
+            if set(ts.waiting_on) != missing or not missing:
+                yield f"{where}: INV-WAITING waiting_on {sorted(ts.waiting_on)} != {sorted(missing)}"
+        elif ts.waiting_on:
+            yield f"{where}: waiting_on set outside WAITING"
+        # INV-FAILED: failed tasks keep their failure; dependents share it.
+        if (ts.state in FAILED) != (ts.failure is not None):
+            yield f"{where}: INV-FAILED failure={ts.failure!r}"
+        if ts.state is S.LOST and ts.has_lineage:
+            yield f"{where}: INV-LOST a task with lineage is never lost"
+        # INV-KILLED: marked bad exactly when it witnessed allowed_failures deaths.
+        killed = isinstance(ts.failure, WorkerDeaths) and ts.failure_origin == key
+        if killed != (ts.suspicious >= state.allowed_failures):
+            yield f"{where}: INV-KILLED suspicious={ts.suspicious} failure={ts.failure!r}"
+        # INV-HELD: a held key is never forgotten, and a needed one does not idle.
+        for client in ts.who_wants:
+            if key not in state.clients.get(client, {}):
+                yield f"{where}: wanted by {client!r}, which does not list it"
+        needed = bool(ts.who_wants or ts.waiters)
+        if ts.state is S.RELEASED and needed:
+            yield f"{where}: INV-NEEDED released although needed"
+        if ts.state in IN_PROGRESS and not needed:
+            yield f"{where}: INV-NEEDED in progress although nobody needs it"
+        # INV-FORGET: what no one refers to is forgotten.
+        if not needed and not ts.dependents and ts.state is not S.MEMORY:
+            yield f"{where}: INV-FORGET unreferenced but not forgotten"
+        if not needed and not ts.dependents and ts.state is S.MEMORY:
+            yield f"{where}: INV-FORGET unreferenced value kept"
+        if (ts.state is S.NO_WORKER) != (key in state.unrunnable):
+            yield f"{where}: no-worker <-> unrunnable mismatch"
+        if ts.state is S.QUEUED and key not in queued_keys:
+            yield f"{where}: queued but not in the queue"
+    for client, keys in state.clients.items():
+        for key in keys:
+            ts = state.tasks.get(key)
+            if ts is None or client not in ts.who_wants:
+                yield f"client {client!r}: holds {key!r}, which does not list it (INV-HELD)"
+    for address, ws in state.workers.items():
+        for key in ws.processing:
+            ts = state.tasks.get(key)
+            if ts is None or ts.processing_on != address:
+                yield f"worker {address}: lists {key!r} as processing"
+        for key in ws.has_what:
+            ts = state.tasks.get(key)
+            if ts is None or address not in ts.who_has:
+                yield f"worker {address}: lists {key!r} as held"
+        if (address in state.idle) == ws.saturated:
+            yield f"worker {address}: idle={address in state.idle} saturated={ws.saturated}"
+    for address in state.idle:
+        if address not in state.workers:
+            yield f"idle worker {address} is not live"
+    if state.idle and any(
+        state.tasks.get(k) is not None and state.tasks[k].state is S.QUEUED for k in queued_keys
+    ):
+        yield "a task is queued while a worker is idle"

@@ -1,0 +1,142 @@
+"""The scheduler's records: task states, one record per task, one per worker.
+
+These are plain mutable records; only `SchedulerState` changes them, and only
+inside a transition. Field comments mark the invariants that
+`trioflow.core.scheduler_invariants.check_invariants` enforces (spec/README.md
+names them INV-*).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any
+
+from trioflow.core.failures import TaskFailure
+
+
+class TaskState(enum.Enum):
+    """Where a task is in its life, spelled as in spec/README.md."""
+
+    RELEASED = "released"  # known (lineage kept), no value, nobody needs it now
+    WAITING = "waiting"  # needed; some dependency is not in memory yet
+    QUEUED = "queued"  # ready, no dependencies, every worker is saturated
+    NO_WORKER = "no-worker"  # ready, but no live worker satisfies its restrictions
+    PROCESSING = "processing"  # assigned to exactly one live worker
+    MEMORY = "memory"  # its value is held by at least one live worker
+    ERRED = "erred"  # it (or a dependency) failed; the failure is kept
+    LOST = "lost"  # scattered data whose every copy died; cannot be recomputed
+    FORGOTTEN = "forgotten"  # the record is gone (only seen in logs)
+
+
+# States in which a task is still on its way to a value: the tasks that count
+# as "waiters" of their dependencies.
+IN_PROGRESS = frozenset(
+    {TaskState.WAITING, TaskState.QUEUED, TaskState.NO_WORKER, TaskState.PROCESSING}
+)
+# States with a final outcome a client can be told about.
+FAILED = frozenset({TaskState.ERRED, TaskState.LOST})
+
+
+class SchedulerTask:
+    """What the scheduler knows about one key."""
+
+    __slots__ = (
+        "key",
+        "run_spec",
+        "priority",
+        "retries_left",
+        "restrictions",
+        "state",
+        "dependencies",
+        "dependents",
+        "waiting_on",
+        "waiters",
+        "who_wants",
+        "who_has",
+        "processing_on",
+        "running",
+        "nbytes",
+        "suspicious",
+        "last_worker",
+        "failure",
+        "failure_origin",
+    )
+
+    def __init__(
+        self,
+        key: str,
+        run_spec: Any,
+        priority: tuple[int, ...],
+        retries: int = 0,
+        restrictions: tuple[str, ...] | None = None,
+    ):
+        self.key = key
+        # What a worker runs; None for scattered data, which has no lineage.
+        self.run_spec = run_spec
+        # Lower runs first; submission order, so earlier work finishes first.
+        self.priority = priority
+        self.retries_left = retries
+        self.restrictions = restrictions
+        self.state = TaskState.RELEASED
+        # Ordered dicts used as sets: iteration order must not depend on
+        # hash() of strings (design.md §3 rule 6).
+        self.dependencies: dict[str, SchedulerTask] = {}
+        self.dependents: dict[str, SchedulerTask] = {}
+        # Invariant: only while WAITING; exactly the dependencies not available.
+        self.waiting_on: dict[str, None] = {}
+        # Invariant: the dependents in IN_PROGRESS states (they need our value).
+        self.waiters: dict[str, None] = {}
+        # Clients holding a future for this key. Invariant: never forgotten
+        # while non-empty.
+        self.who_wants: dict[str, None] = {}
+        # Invariant: non-empty iff MEMORY; every holder is a live worker.
+        self.who_has: dict[str, None] = {}
+        # Invariant: set iff PROCESSING, and that worker lists this task.
+        self.processing_on: str | None = None
+        # True once the worker said it started executing this assignment.
+        self.running = False
+        self.nbytes = 0
+        # Worker deaths while this task was running there. Only grows.
+        self.suspicious = 0
+        self.last_worker: str | None = None
+        # Set iff ERRED or LOST; dependents share the record and the origin.
+        self.failure: TaskFailure | None = None
+        self.failure_origin: str | None = None
+
+    @property
+    def has_lineage(self) -> bool:
+        return self.run_spec is not None
+
+    def __repr__(self) -> str:
+        return f"<SchedulerTask {self.key!r} {self.state.value}>"
+
+
+class SchedulerWorker:
+    """What the scheduler knows about one live worker."""
+
+    __slots__ = ("address", "nthreads", "capacity", "processing", "has_what")
+
+    def __init__(self, address: str, nthreads: int, saturation: float):
+        self.address = address
+        self.nthreads = nthreads
+        # How many tasks may be assigned here at once before root tasks queue
+        # on the scheduler instead (Config.worker_saturation).
+        self.capacity = (
+            math.inf if math.isinf(saturation) else max(1, math.ceil(nthreads * saturation))
+        )
+        # Invariant: exactly the PROCESSING tasks whose processing_on is us.
+        self.processing: dict[str, None] = {}
+        # Invariant: exactly the MEMORY tasks whose who_has lists us.
+        self.has_what: dict[str, None] = {}
+
+    @property
+    def occupancy(self) -> float:
+        return len(self.processing) / self.nthreads
+
+    @property
+    def saturated(self) -> bool:
+        return len(self.processing) >= self.capacity
+
+    def __repr__(self) -> str:
+        return f"<SchedulerWorker {self.address} {len(self.processing)}/{self.nthreads}>"

@@ -1,0 +1,157 @@
+"""What goes into `WorkerState.handle` and what comes out.
+
+Events are facts: the scheduler asked for something, a thread finished, a
+peer answered. Instructions are what the worker shell must do: execute a
+function, fetch data from a peer, drop data, tell the scheduler something.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from trioflow.core.failures import UserError
+
+frozen = dataclasses.dataclass(frozen=True, slots=True)
+
+
+# ---------------------------------------------------------------- events --
+
+
+@frozen
+class WorkerEvent:
+    stimulus_id: str
+
+
+@frozen
+class ComputeRequested(WorkerEvent):
+    """The scheduler assigned `key` here; `who_has` locates its inputs."""
+
+    key: str
+    run_spec: Any
+    priority: tuple[int, ...]
+    who_has: Mapping[str, tuple[str, ...]]
+    nbytes: Mapping[str, int]
+
+
+@frozen
+class FreeRequested(WorkerEvent):
+    """The scheduler no longer needs these keys here (value or pending run)."""
+
+    keys: tuple[str, ...]
+
+
+@frozen
+class ReplicasRequested(WorkerEvent):
+    """The scheduler wants copies of these keys here, from the given holders."""
+
+    who_has: Mapping[str, tuple[str, ...]]
+    nbytes: Mapping[str, int]
+
+
+@frozen
+class DataPut(WorkerEvent):
+    """The shell stored values handed to this worker directly (scatter)."""
+
+    nbytes: Mapping[str, int]
+
+
+@frozen
+class ExecutionSucceeded(WorkerEvent):
+    key: str
+    nbytes: int
+
+
+@frozen
+class ExecutionFailed(WorkerEvent):
+    key: str
+    failure: UserError
+
+
+@frozen
+class GatherSucceeded(WorkerEvent):
+    """`peer` sent the values in `nbytes` (the shell stored them), did not
+    have `missing`, and could not serialize the values in `errors`."""
+
+    peer: str
+    nbytes: Mapping[str, int]
+    missing: tuple[str, ...] = ()
+    errors: Mapping[str, UserError] = dataclasses.field(default_factory=dict)
+
+
+@frozen
+class GatherFailed(WorkerEvent):
+    """The request to `peer` for `keys` failed (connection refused or closed)."""
+
+    peer: str
+    keys: tuple[str, ...]
+
+
+# ---------------------------------------------------------- instructions --
+
+
+@frozen
+class WorkerInstruction:
+    stimulus_id: str
+
+
+@frozen
+class Execute(WorkerInstruction):
+    """Run `key`'s function in a thread, with `dependencies` read from the store."""
+
+    key: str
+    run_spec: Any
+    dependencies: tuple[str, ...]
+
+
+@frozen
+class Gather(WorkerInstruction):
+    """Fetch `keys` from `peer` into the store."""
+
+    peer: str
+    keys: tuple[str, ...]
+
+
+@frozen
+class DropData(WorkerInstruction):
+    keys: tuple[str, ...]
+
+
+@frozen
+class SendTaskStarted(WorkerInstruction):
+    """Tell the scheduler, *before* the function runs, that `key` is running.
+
+    The shell must have written this to the socket before starting the
+    thread: if the function kills the process, the scheduler still learns
+    that this task was running (design.md §1, "a task keeps killing workers").
+    """
+
+    key: str
+
+
+@frozen
+class SendTaskFinished(WorkerInstruction):
+    key: str
+    nbytes: int
+
+
+@frozen
+class SendTaskErred(WorkerInstruction):
+    key: str
+    failure: UserError
+
+
+@frozen
+class SendReplicaAdded(WorkerInstruction):
+    key: str
+    nbytes: int
+
+
+@frozen
+class SendReplicaMissing(WorkerInstruction):
+    """No holder of `key` could provide it (for `dependent`, if any)."""
+
+    key: str
+    holders: tuple[str, ...]
+    dependent: str | None

@@ -1,0 +1,402 @@
+"""A worker's brain: which tasks run, which inputs to fetch, what to drop.
+
+Rules: the same as `trioflow.core.scheduler_state` (pure; no I/O, clock,
+randomness or threads; ordered dicts only). The values themselves live in
+the shell's data store; this machine only tracks keys and sizes.
+
+Theory of operation
+-------------------
+The scheduler sends `ComputeRequested` with, for each input, the workers
+that hold it. Inputs held here are used at once; the others become FETCH
+records, and `_ensure_gathering` bundles them into one `Gather` per peer
+(at most one in flight per peer, `max_gathers` peers at a time). A task
+whose inputs are all here is READY; `_ensure_executing` starts the best
+READY tasks while threads are free.
+
+Two situations make this more than a queue:
+
+* The scheduler may release a task while its thread runs. A thread cannot
+  be interrupted, so the task becomes CANCELLED: if the scheduler asks for
+  it again it goes back to EXECUTING (it never runs twice at once);
+  otherwise its result is dropped when the thread ends.
+* A fetch can fail (the holder died or no longer has the value). The next
+  holder is tried; when none is left the worker reports the input missing
+  and forgets the task that needed it. The scheduler, which knows more,
+  decides what happens next.
+
+Values stay until the scheduler frees them: the scheduler's `who_has` is the
+single account of where data lives, so a fetched copy is reported
+(`SendReplicaAdded`) and then kept until `FreeRequested`.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from collections.abc import Callable
+from typing import Any
+
+from trioflow.core.worker_events import (
+    ComputeRequested,
+    DataPut,
+    DropData,
+    Execute,
+    ExecutionFailed,
+    ExecutionSucceeded,
+    FreeRequested,
+    Gather,
+    GatherFailed,
+    GatherSucceeded,
+    ReplicasRequested,
+    SendReplicaAdded,
+    SendReplicaMissing,
+    SendTaskErred,
+    SendTaskFinished,
+    SendTaskStarted,
+    WorkerEvent,
+    WorkerInstruction,
+)
+
+
+class WorkerTaskState(enum.Enum):
+    WAITING = "waiting"  # assigned here; some input is not here yet
+    READY = "ready"  # assigned here; every input is here; waits for a thread
+    EXECUTING = "executing"  # its function runs in a thread
+    CANCELLED = "cancelled"  # its thread runs, but the scheduler released it
+    FETCH = "fetch"  # a value to fetch from a peer; no request yet
+    FLIGHT = "flight"  # a request to a peer is on its way
+    MEMORY = "memory"  # the value is in the store
+
+
+WAITING = WorkerTaskState.WAITING
+READY = WorkerTaskState.READY
+EXECUTING = WorkerTaskState.EXECUTING
+CANCELLED = WorkerTaskState.CANCELLED
+FETCH = WorkerTaskState.FETCH
+FLIGHT = WorkerTaskState.FLIGHT
+MEMORY = WorkerTaskState.MEMORY
+
+
+class WorkerTask:
+    __slots__ = (
+        "key",
+        "state",
+        "run_spec",
+        "priority",
+        "assigned",
+        "dependencies",
+        "dependents",
+        "waiting_on",
+        "holders",
+        "tried",
+        "nbytes",
+        "freed",
+    )
+
+    def __init__(self, key: str, state: WorkerTaskState):
+        self.key = key
+        self.state = state
+        self.run_spec: Any = None
+        self.priority: tuple[int, ...] = ()
+        # True if the scheduler asked this worker to compute the key (as
+        # opposed to fetching or holding it for someone else).
+        self.assigned = False
+        self.dependencies: dict[str, WorkerTask] = {}
+        # Invariant: the assigned tasks here (not yet finished) that need us.
+        self.dependents: dict[str, WorkerTask] = {}
+        # Invariant: for WAITING tasks, the inputs not yet in MEMORY.
+        self.waiting_on: dict[str, None] = {}
+        # Peers said to hold the value (FETCH/FLIGHT), and those that failed.
+        self.holders: dict[str, None] = {}
+        self.tried: dict[str, None] = {}
+        self.nbytes = 0
+        # The scheduler freed this key while local work still needed it:
+        # forget it as soon as that work is done.
+        self.freed = False
+
+    def __repr__(self) -> str:
+        return f"<WorkerTask {self.key!r} {self.state.value}>"
+
+
+class WorkerState:
+    """The tasks and data of one worker.
+
+    Args:
+        address: this worker's own address (never fetch from ourselves).
+        nthreads: how many functions may run at once.
+        max_gathers: how many peers may be fetched from at once.
+    """
+
+    def __init__(self, address: str, nthreads: int, *, max_gathers: int = 4):
+        self.address = address
+        self.nthreads = nthreads
+        self.max_gathers = max_gathers
+        self.tasks: dict[str, WorkerTask] = {}
+        # Invariant: at most nthreads entries; EXECUTING or CANCELLED tasks.
+        self.executing: dict[str, None] = {}
+        self.ready: list[tuple[tuple[int, ...], str]] = []  # heap, lazily pruned
+        self.fetch: dict[str, None] = {}  # FETCH tasks, oldest first
+        self.in_flight: dict[str, tuple[str, ...]] = {}  # peer -> keys requested
+        self._stimulus_id = ""
+        self._out: list[WorkerInstruction] = []
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            ComputeRequested: self._on_compute,
+            FreeRequested: self._on_free,
+            ReplicasRequested: self._on_replicas,
+            DataPut: self._on_data_put,
+            ExecutionSucceeded: self._on_execution_succeeded,
+            ExecutionFailed: self._on_execution_failed,
+            GatherSucceeded: self._on_gather_succeeded,
+            GatherFailed: self._on_gather_failed,
+        }
+
+    def handle(self, event: WorkerEvent) -> list[WorkerInstruction]:
+        """Apply one event; return what the shell must do, in order."""
+        self._stimulus_id = event.stimulus_id
+        try:
+            self._handlers[type(event)](event)
+            self._ensure_executing()
+            self._ensure_gathering()
+        finally:
+            out, self._out = self._out, []
+        return out
+
+    def memory(self) -> dict[str, int]:
+        """``{key: nbytes}`` of every value held here."""
+        return {k: ts.nbytes for k, ts in self.tasks.items() if ts.state is MEMORY}
+
+    # ----------------------------------------------------------- events --
+
+    def _on_compute(self, ev: ComputeRequested) -> None:
+        ts = self.tasks.get(ev.key)
+        if ts is not None:
+            ts.assigned = True
+            if ts.state is CANCELLED:
+                ts.state = EXECUTING  # resumed: the thread already running serves
+            elif ts.state is MEMORY:
+                self._emit(SendTaskFinished(self._stimulus_id, ts.key, ts.nbytes))
+            # WAITING/READY/EXECUTING: a repeat; FETCH/FLIGHT: reported on arrival
+            return
+        ts = self.tasks[ev.key] = WorkerTask(ev.key, WAITING)
+        ts.assigned, ts.run_spec, ts.priority = True, ev.run_spec, ev.priority
+        fetching: list[WorkerTask] = []
+        for dep_key, holders in ev.who_has.items():
+            dep = self.tasks.get(dep_key)
+            if dep is None:
+                dep = self.tasks[dep_key] = WorkerTask(dep_key, FETCH)
+                dep.nbytes = ev.nbytes.get(dep_key, 0)
+                dep.priority = ev.priority
+                self.fetch[dep_key] = None
+            ts.dependencies[dep_key] = dep
+            dep.dependents[ts.key] = ts
+            if dep.state is not MEMORY:
+                ts.waiting_on[dep_key] = None
+            if dep.state in (FETCH, FLIGHT):
+                for peer in holders:
+                    if peer != self.address and peer not in dep.tried:
+                        dep.holders[peer] = None
+                fetching.append(dep)
+        # Only now, with every link in place, give up on inputs nobody can
+        # provide (that forgets `ts` and reports each missing input).
+        for dep in fetching:
+            if dep.state is FETCH and ts.key in self.tasks:
+                self._fail_fetch_if_hopeless(dep)
+        if ts.key in self.tasks and not ts.waiting_on:
+            self._make_ready(ts)
+
+    def _on_free(self, ev: FreeRequested) -> None:
+        for key in ev.keys:
+            ts = self.tasks.get(key)
+            if ts is None:
+                continue
+            ts.assigned = False
+            if ts.state is EXECUTING:
+                ts.state = CANCELLED
+            elif ts.state is CANCELLED:
+                pass
+            elif ts.dependents:
+                # Still an input of work assigned here (the free crossed that
+                # assignment on the wire): keep it until that work is done.
+                ts.freed = True
+            else:
+                self._forget(ts)
+
+    def _on_replicas(self, ev: ReplicasRequested) -> None:
+        for key, holders in ev.who_has.items():
+            if key in self.tasks:
+                continue
+            ts = self.tasks[key] = WorkerTask(key, FETCH)
+            ts.nbytes = ev.nbytes.get(key, 0)
+            ts.holders = {peer: None for peer in holders if peer != self.address}
+            self.fetch[key] = None
+            self._fail_fetch_if_hopeless(ts)
+
+    def _on_data_put(self, ev: DataPut) -> None:
+        for key, nbytes in ev.nbytes.items():
+            ts = self.tasks.get(key)
+            if ts is None:
+                ts = self.tasks[key] = WorkerTask(key, MEMORY)
+            elif ts.state in (FETCH, FLIGHT):
+                self.fetch.pop(key, None)
+                self._arrived(ts, nbytes)
+                continue
+            ts.state, ts.nbytes = MEMORY, nbytes
+
+    def _on_execution_succeeded(self, ev: ExecutionSucceeded) -> None:
+        ts = self._finish_execution(ev.key)
+        if ts is None:
+            return
+        if ts.state is CANCELLED:
+            self._forget(ts)
+            return
+        self._release_inputs(ts)
+        self._now_in_memory(ts, ev.nbytes)
+        self._emit(SendTaskFinished(self._stimulus_id, ts.key, ev.nbytes))
+
+    def _on_execution_failed(self, ev: ExecutionFailed) -> None:
+        ts = self._finish_execution(ev.key)
+        if ts is None:
+            return
+        if ts.state is EXECUTING:
+            self._emit(SendTaskErred(self._stimulus_id, ts.key, ev.failure))
+        self._forget(ts)
+
+    def _on_gather_succeeded(self, ev: GatherSucceeded) -> None:
+        requested = self.in_flight.pop(ev.peer, ())
+        for key, nbytes in ev.nbytes.items():
+            ts = self.tasks.get(key)
+            if ts is None or ts.state is not FLIGHT:
+                self._emit(DropData(self._stimulus_id, (key,)))  # released meanwhile
+                continue
+            self._arrived(ts, nbytes)
+        for key, failure in ev.errors.items():
+            ts = self.tasks.get(key)
+            if ts is not None and ts.state is FLIGHT:
+                self._unobtainable(ts, failure)
+        done = ev.nbytes.keys() | ev.errors.keys()
+        self._retry_elsewhere(ev.peer, [k for k in requested if k not in done])
+
+    def _on_gather_failed(self, ev: GatherFailed) -> None:
+        requested = self.in_flight.pop(ev.peer, ev.keys)
+        self._retry_elsewhere(ev.peer, requested)
+
+    # ----------------------------------------------------------- helpers --
+
+    def _make_ready(self, ts: WorkerTask) -> None:
+        ts.state = READY
+        heapq.heappush(self.ready, (ts.priority, ts.key))
+
+    def _ensure_executing(self) -> None:
+        while self.ready and len(self.executing) < self.nthreads:
+            _, key = heapq.heappop(self.ready)
+            ts = self.tasks.get(key)
+            if ts is None or ts.state is not READY:
+                continue
+            ts.state = EXECUTING
+            self.executing[key] = None
+            self._emit(SendTaskStarted(self._stimulus_id, key))
+            self._emit(Execute(self._stimulus_id, key, ts.run_spec, tuple(ts.dependencies)))
+
+    def _ensure_gathering(self) -> None:
+        """Bundle FETCH keys into one request per idle peer, oldest first."""
+        if not self.fetch or len(self.in_flight) >= self.max_gathers:
+            return
+        batches: dict[str, list[str]] = {}
+        for key in self.fetch:
+            ts = self.tasks[key]
+            peer = next((p for p in ts.holders if p not in self.in_flight), None)
+            if peer is None:
+                continue
+            if peer not in batches and len(self.in_flight) + len(batches) >= self.max_gathers:
+                continue
+            batches.setdefault(peer, []).append(key)
+        for peer, keys in batches.items():
+            for key in keys:
+                del self.fetch[key]
+                self.tasks[key].state = FLIGHT
+            self.in_flight[peer] = tuple(keys)
+            self._emit(Gather(self._stimulus_id, peer, tuple(keys)))
+
+    def _arrived(self, ts: WorkerTask, nbytes: int) -> None:
+        """A fetched (or put) value is in the store now."""
+        ts.holders.clear()
+        ts.tried.clear()
+        self._now_in_memory(ts, nbytes)
+        self._emit(SendReplicaAdded(self._stimulus_id, ts.key, nbytes))
+        if ts.assigned:
+            self._emit(SendTaskFinished(self._stimulus_id, ts.key, nbytes))
+
+    def _now_in_memory(self, ts: WorkerTask, nbytes: int) -> None:
+        ts.state, ts.nbytes = MEMORY, nbytes
+        for dependent in ts.dependents.values():
+            if dependent.state is WAITING:
+                dependent.waiting_on.pop(ts.key, None)
+                if not dependent.waiting_on:
+                    self._make_ready(dependent)
+
+    def _retry_elsewhere(self, peer: str, keys) -> None:
+        """`peer` failed to provide `keys`: try their other holders."""
+        for key in keys:
+            ts = self.tasks.get(key)
+            if ts is None or ts.state is not FLIGHT:
+                continue
+            ts.holders.pop(peer, None)
+            ts.tried[peer] = None
+            ts.state = FETCH
+            self.fetch[key] = None
+            self._fail_fetch_if_hopeless(ts)
+
+    def _fail_fetch_if_hopeless(self, ts: WorkerTask) -> None:
+        """No holder left to try: report the value missing, drop who needed it."""
+        if ts.holders:
+            return
+        self.fetch.pop(ts.key, None)
+        holders = tuple(ts.tried)
+        if not ts.dependents:
+            self._emit(SendReplicaMissing(self._stimulus_id, ts.key, holders, None))
+        for dependent in list(ts.dependents.values()):
+            self._emit(SendReplicaMissing(self._stimulus_id, ts.key, holders, dependent.key))
+            if dependent.state in (WAITING, READY):
+                self._forget(dependent)
+        self.tasks.pop(ts.key, None)
+
+    def _unobtainable(self, ts: WorkerTask, failure) -> None:
+        """The holder has the value but cannot send it (it does not pickle):
+        every task here that needs it fails with that error."""
+        for dependent in list(ts.dependents.values()):
+            if dependent.state in (WAITING, READY):
+                self._emit(SendTaskErred(self._stimulus_id, dependent.key, failure))
+                self._forget(dependent)
+        self._forget(ts)
+
+    def _finish_execution(self, key: str) -> WorkerTask | None:
+        if key not in self.executing:
+            return None
+        del self.executing[key]
+        return self.tasks[key]
+
+    def _release_inputs(self, ts: WorkerTask) -> None:
+        """`ts` is done with its inputs; forget those nobody here needs now."""
+        for dep in ts.dependencies.values():
+            dep.dependents.pop(ts.key, None)
+            if dep.dependents:
+                continue
+            if dep.state is FETCH and not dep.assigned:
+                self._forget(dep)
+            elif dep.state is MEMORY and dep.freed:
+                self._forget(dep)
+            # FLIGHT: the value is on its way; it is reported and kept when
+            # it lands, and the scheduler frees it like any other copy.
+        ts.dependencies.clear()
+        ts.waiting_on.clear()
+
+    def _forget(self, ts: WorkerTask) -> None:
+        """Drop `ts` (and its value, if any) from this worker."""
+        if ts.state in (MEMORY, CANCELLED):
+            self._emit(DropData(self._stimulus_id, (ts.key,)))
+        self._release_inputs(ts)
+        self.fetch.pop(ts.key, None)
+        self.tasks.pop(ts.key, None)
+
+    def _emit(self, instruction: WorkerInstruction) -> None:
+        self._out.append(instruction)

@@ -1,0 +1,36 @@
+"""Where task functions run: the executor interface (design.md §3 rule 3).
+
+The worker shell never calls a user function itself; it hands a
+zero-argument callable to an executor. `ThreadExecutor` runs it in Trio's
+thread pool, at most `nthreads` at a time. The simulator supplies an
+executor that runs the function inline and advances the virtual clock by a
+seeded duration instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import trio
+
+
+class Executor(Protocol):
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn()` and return its result (or raise its exception)."""
+
+
+class ThreadExecutor:
+    """Run functions in worker threads, `nthreads` at a time.
+
+    Cancellation: the thread cannot be interrupted. A cancelled `run`
+    returns at once and the thread finishes in the background (its result
+    is dropped); this is what lets a worker shut down promptly even while a
+    long task runs.
+    """
+
+    def __init__(self, nthreads: int):
+        self.limiter = trio.CapacityLimiter(nthreads)
+
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        return await trio.to_thread.run_sync(fn, limiter=self.limiter, abandon_on_cancel=True)

@@ -1,0 +1,199 @@
+"""`Future`: a handle on a task's eventual value, held by user code.
+
+Each key a client knows has one `FutureState` (its status, failure and
+holders), owned by the client's Trio thread. A `Future` is a cheap handle on
+it; a key may have many handles. When the last handle is garbage collected
+the client tells the scheduler it no longer wants the key, which is how
+results get freed (design.md §2: "keys that no client holds ... are
+forgotten").
+
+The same `Future` class serves both clients. With `AsyncClient`, blocking
+methods return awaitables (``await f``, ``await f.result()``); with `Client`
+they block the calling thread while the client's Trio thread does the work.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from trioflow.core.failures import Cancelled, DataLost, TaskFailure
+from trioflow.protocol import failure_to_exception
+
+if TYPE_CHECKING:
+    from trioflow.client import AsyncClient
+
+logger = logging.getLogger("trioflow.client")
+
+PENDING = "pending"
+FINISHED = "finished"
+ERROR = "error"
+CANCELLED = "cancelled"
+LOST = "lost"
+
+
+class FutureState:
+    """What the client knows about one key. Touched only in the Trio thread."""
+
+    __slots__ = ("key", "status", "failure", "local_error", "who_has", "refs", "callbacks", "_done")
+
+    def __init__(self, key: str):
+        self.key = key
+        self.status = PENDING
+        self.failure: TaskFailure | None = None
+        # An error of this client's own (its scheduler connection is gone).
+        self.local_error: BaseException | None = None
+        # Workers the scheduler last said hold the value.
+        self.who_has: tuple[str, ...] = ()
+        # Live `Future` handles for this key.
+        self.refs = 0
+        self.callbacks: list[Callable[[], None]] = []
+        self._done = trio.Event()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    async def wait(self) -> None:
+        await self._done.wait()
+
+    def finish(self, who_has: tuple[str, ...]) -> None:
+        self.status, self.failure, self.local_error, self.who_has = FINISHED, None, None, who_has
+        self._set_done()
+
+    def fail(self, failure: TaskFailure) -> None:
+        if isinstance(failure, Cancelled):
+            self.status = CANCELLED
+        elif isinstance(failure, DataLost):
+            self.status = LOST
+        else:
+            self.status = ERROR
+        self.failure = failure
+        self._set_done()
+
+    def fail_locally(self, error: BaseException) -> None:
+        self.status, self.local_error = ERROR, error
+        self._set_done()
+
+    def lose(self) -> None:
+        """The value is gone and is being recomputed: not done any more."""
+        self.status = LOST
+        self.who_has = ()
+        if self._done.is_set():
+            self._done = trio.Event()
+
+    def reset(self) -> None:
+        """Pending again (a cancelled key submitted anew)."""
+        self.status, self.failure, self.local_error, self.who_has = PENDING, None, None, ()
+        if self._done.is_set():
+            self._done = trio.Event()
+
+    def exception(self) -> BaseException:
+        if self.local_error is not None:
+            return self.local_error
+        assert self.failure is not None
+        return failure_to_exception(self.failure)
+
+    def _set_done(self) -> None:
+        was_done = self._done.is_set()
+        self._done.set()
+        if was_done:
+            return
+        callbacks, self.callbacks = self.callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                logger.exception("a done callback of %r raised", self.key)
+
+
+class Future:
+    """The eventual result of the task `key`, computed on the cluster.
+
+    Attributes:
+        key: the task's unique name.
+    """
+
+    __slots__ = ("key", "_client", "_state", "__weakref__")
+
+    def __init__(self, key: str, client: AsyncClient, state: FutureState):
+        self.key = key
+        self._client = client
+        self._state = state
+        state.refs += 1
+
+    # -- status -----------------------------------------------------------
+
+    @property
+    def status(self) -> str:
+        """'pending', 'finished', 'error', 'cancelled' or 'lost'."""
+        return self._state.status
+
+    @property
+    def client(self) -> AsyncClient:
+        return self._client
+
+    def done(self) -> bool:
+        """True once the task has a value or a final failure."""
+        return self._state.done()
+
+    # -- results ------------------------------------------------------------
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The value, or raise the task's failure.
+
+        Raises:
+            TimeoutError: not done within `timeout` seconds (the future
+                stays valid and may complete later).
+            Exception: the user's exception (with a `RemoteTraceback` cause),
+                `KilledWorker`, `LostData` or `CancelledError`.
+        """
+        return self._client._call(self._client._result, self, timeout)
+
+    def exception(self, timeout: float | None = None) -> Any:
+        """The task's exception once done, or None if it finished."""
+        return self._client._call(self._client._exception, self, timeout)
+
+    def __await__(self):
+        return self._client._result(self, None).__await__()
+
+    # -- callbacks and control ------------------------------------------------
+
+    def add_done_callback(self, fn: Callable[[Future], Any]) -> None:
+        """Call ``fn(self)`` when the future is done (at once if it is).
+
+        Callbacks run in the client's Trio thread and must not block.
+        """
+        self._client._call_soon(self._add_done_callback, fn)
+
+    def _add_done_callback(self, fn: Callable[[Future], Any]) -> None:
+        if self._state.done():
+            fn(self)
+        else:
+            self._state.callbacks.append(lambda: fn(self))
+
+    def cancel(self) -> Any:
+        """Cancel this future's task (see `Client.cancel`)."""
+        return self._client._call(self._client.cancel, [self])
+
+    def release(self) -> None:
+        """Drop this handle now rather than when it is garbage collected."""
+        client, self._client = self._client, None  # type: ignore[assignment]
+        if client is not None:
+            client._release_ref(self.key)
+
+    def __del__(self) -> None:
+        client = getattr(self, "_client", None)
+        if client is not None:
+            client._release_ref(self.key)
+
+    def __repr__(self) -> str:
+        return f"<Future {self.key!r} {self.status}>"
+
+    def __reduce__(self):
+        raise TypeError(
+            "a trioflow Future cannot be pickled; pass it as an argument to "
+            "submit() and the task receives its value"
+        )

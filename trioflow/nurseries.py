@@ -1,0 +1,36 @@
+"""`background_tasks`: a nursery for helpers that live exactly as long as a block.
+
+Trio wraps every exception that leaves a nursery in an `ExceptionGroup`
+(strict exception groups). That is right when several tasks can fail, but
+many of our nurseries only hold helpers that never raise (a connection's
+sender, a heartbeat loop, a pool's readers) next to a body that may: a
+`CommClosedError` from the body should come out as itself, so callers can
+catch it plainly. `background_tasks` does that and nothing else: a group
+holding one exception is unwrapped; a real group (two failures at once)
+is left alone. When the block ends, the helpers are cancelled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+
+
+@asynccontextmanager
+async def background_tasks() -> AsyncIterator[trio.Nursery]:
+    lone: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                yield nursery
+            finally:
+                nursery.cancel_scope.cancel(reason="the block they served ended")
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) != 1:
+            raise
+        lone = group.exceptions[0]
+    if lone is not None:
+        # Raised outside the except clause so the group is not chained on.
+        raise lone

@@ -1,0 +1,592 @@
+"""The scheduler process: a Trio shell around `trioflow.core.SchedulerState`.
+
+What this file does, and nothing more:
+
+* accepts connections (`Network.serve`), reads the hello, and runs one
+  reader task per connection;
+* keeps each worker alive with a `trio.CancelScope` whose deadline every
+  message from the worker pushes `worker_ttl` seconds ahead; when the
+  deadline passes, the reader is cancelled and the worker is declared gone
+  through the same path as a closed connection (design.md §1, "worker
+  hangs");
+* turns messages into core events and core messages into wire messages.
+
+One driver task (`_drive`) owns the core. Readers hand it what they receive
+through a memory channel, so the core is never touched from two places and
+needs no lock; exchanges that must wait on other peers (`scatter` puts data
+on workers, `run` calls every worker) run as their own tasks and come back
+to the driver through the same channel.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from trioflow.comm import (
+    Connection,
+    FrameLimits,
+    Network,
+    RequestFailed,
+    Requests,
+    TCPNetwork,
+    expect_hello,
+    open_connection,
+    reply,
+)
+from trioflow.config import Config
+from trioflow.core import SchedulerState
+from trioflow.core.scheduler_events import (
+    ClientConnected,
+    ClientDisconnected,
+    ComputeTask,
+    DataScattered,
+    FreeKeys,
+    KeysCancelled,
+    KeysReleased,
+    ReplicaAdded,
+    ReplicaMissing,
+    ReportErred,
+    ReportFinished,
+    ReportLost,
+    SchedulerEvent,
+    SchedulerMessage,
+    TaskErred,
+    TaskFinished,
+    TaskSpec,
+    TasksSubmitted,
+    TaskStarted,
+    WorkerConnected,
+    WorkerDisconnected,
+)
+from trioflow.errors import CommClosedError, ProtocolError
+from trioflow.protocol import (
+    RunSpec,
+    failure_to_wire,
+    field,
+    str_list,
+    str_map,
+    user_error_from_wire,
+)
+from trioflow.comm.serialize import Serialized
+
+logger = logging.getLogger("trioflow.scheduler")
+
+
+class _Link:
+    """One accepted connection and the reader task serving it."""
+
+    def __init__(self, conn: Connection, name: str):
+        self.conn = conn
+        self.name = name
+        self.requests = Requests(conn)
+        # Cancelling this ends the reader (and so the connection).
+        self.scope = trio.CancelScope()
+        self.close_reason: str | None = None
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Queue `message`; a closed link is ignored (its departure is on its way)."""
+        try:
+            self.conn.send(message)
+        except CommClosedError:
+            pass
+
+    def close(self, reason: str) -> None:
+        self.close_reason = self.close_reason or reason
+        self.scope.cancel()
+
+
+class WorkerLink(_Link):
+    def __init__(self, conn: Connection, address: str, nthreads: int):
+        super().__init__(conn, address)
+        self.address = address
+        self.nthreads = nthreads
+        # Function ids this worker has been sent (it caches them per connection).
+        self.functions_sent: set[str] = set()
+        self.last_heartbeat: dict[str, Any] = {}
+        # True when the scheduler itself asked it to leave (not a failure).
+        self.retiring = False
+
+
+class ClientLink(_Link):
+    def __init__(self, conn: Connection, client_id: str):
+        super().__init__(conn, client_id)
+        self.client_id = client_id
+
+
+class Scheduler:
+    """Serve a trioflow scheduler.
+
+    Args:
+        host: interface to bind; loopback unless told otherwise, because
+            anyone who can reach the port can run code on the workers.
+        port: TCP port, 0 for any free one.
+        config: tunables; defaults plus ``TRIOFLOW_*`` variables if omitted.
+        network: how to accept connections (the simulator passes its own).
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        config: Config | None = None,
+        network: Network | None = None,
+    ):
+        self.config = config or Config.from_env()
+        self.network = network or TCPNetwork()
+        self.host = host
+        self.port = port
+        self.limits = FrameLimits.from_config(self.config)
+        self.state = SchedulerState(
+            allowed_failures=self.config.allowed_failures,
+            worker_saturation=self.config.worker_saturation,
+        )
+        self.address: str | None = None
+        self.workers: dict[str, WorkerLink] = {}
+        self.clients: dict[str, ClientLink] = {}
+        # function_id -> pickled function, shared by every task that uses it.
+        self.functions: dict[str, bytes] = {}
+        self._inbox_send, self._inbox = trio.open_memory_channel[tuple[Callable, tuple]](math.inf)
+        self._stimulus_ids = itertools.count()
+        self._membership_changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._worker_ops: dict[str, Callable[[WorkerLink, dict], SchedulerEvent | None]] = {
+            "task_started": self._worker_task_started,
+            "task_finished": self._worker_task_finished,
+            "task_erred": self._worker_task_erred,
+            "replica_added": self._worker_replica_added,
+            "replica_missing": self._worker_replica_missing,
+            "heartbeat": self._worker_heartbeat,
+        }
+        self._client_ops: dict[str, Callable[[ClientLink, dict], None]] = {
+            "submit": self._client_submit,
+            "release_keys": self._client_release_keys,
+            "cancel_keys": self._client_cancel_keys,
+            "missing_data": self._client_missing_data,
+            "scatter": self._client_scatter,
+            "run": self._client_run,
+            "who_has": self._client_who_has,
+            "has_what": self._client_has_what,
+            "nthreads": self._client_nthreads,
+            "scheduler_info": self._client_scheduler_info,
+            "wait_for_workers": self._client_wait_for_workers,
+        }
+
+    # -------------------------------------------------------------- serve --
+
+    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept workers and clients until cancelled.
+
+        Reports the bound address through `task_status`. Shutdown is a
+        cancellation: every connection closes; workers keep their data and
+        running tasks and clients keep their futures (what they do next is
+        theirs to decide).
+        """
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._drive)
+            self.address = await nursery.start(
+                self.network.serve, self._serve_stream, self.host, self.port
+            )
+            logger.info("trioflow scheduler listening at %s", self.address)
+            task_status.started(self.address)
+
+    async def wait_for_workers(self, n: int) -> None:
+        """Return once at least `n` workers are registered."""
+        while len(self.state.workers) < n:
+            await self._membership_changed.wait()
+
+    # ------------------------------------------------------------ readers --
+
+    async def _serve_stream(self, stream: trio.abc.Stream) -> None:
+        async with open_connection(stream, self.limits, peer="new connection") as conn:
+            try:
+                hello, first = await expect_hello(
+                    conn, self.config.connect_timeout, frozenset({"worker", "client"})
+                )
+                if hello["role"] == "worker":
+                    link: _Link = WorkerLink(
+                        conn,
+                        field(hello, "address", str),
+                        field(hello, "nthreads", int),
+                    )
+                    if link.nthreads < 1:
+                        raise ProtocolError("a worker needs at least one thread")
+                    held = str_map(hello, "held", int)
+                else:
+                    link = ClientLink(conn, field(hello, "client_id", str))
+                    held = {}
+            except (ProtocolError, CommClosedError) as exc:
+                logger.warning("closing connection before hello completed: %s", exc)
+                return
+            conn.peer = link.name
+            self._post(self._joined, link, held, first)
+            reason = await self._read(link)
+            self._post(self._left, link, reason)
+
+    async def _read(self, link: _Link) -> str:
+        """Feed the driver until the connection ends; return why it ended."""
+        ttl = self.config.worker_ttl
+        is_worker = isinstance(link, WorkerLink)
+        try:
+            with link.scope:
+                # spec: the liveness deadline. Any message from a worker is a
+                # sign of life and pushes it forward; silence past worker_ttl
+                # cancels this scope, which is how a hung worker is declared dead.
+                with trio.CancelScope(deadline=trio.current_time() + ttl if is_worker else math.inf) as alive:
+                    while True:
+                        batch = await link.conn.receive()
+                        if is_worker:
+                            alive.deadline = trio.current_time() + ttl
+                        rest = [m for m in batch if not link.requests.deliver(m)]
+                        if rest:
+                            self._post(self._received, link, rest)
+                if alive.cancelled_caught:
+                    return f"no message for {ttl:g} s (worker_ttl)"
+            return link.close_reason or "closed by the scheduler"
+        except CommClosedError:
+            return "connection closed"
+        except ProtocolError as exc:
+            logger.warning("closing connection from %s: %s", link.name, exc)
+            return f"protocol error: {exc}"
+        finally:
+            link.requests.fail_all(f"{link.name} disconnected")
+
+    def _post(self, handler: Callable, *args: Any) -> None:
+        self._inbox_send.send_nowait((handler, args))
+
+    # ------------------------------------------------------------- driver --
+
+    async def _drive(self) -> None:
+        """The one task that touches `self.state`."""
+        async for handler, args in self._inbox:
+            try:
+                handler(*args)
+            except Exception:
+                # A bug, not bad input (that raises ProtocolError and closes
+                # one connection). Keep serving everyone else, loudly.
+                logger.exception("internal error in the scheduler while running %s", handler.__name__)
+
+    def _stimulus(self, what: str) -> str:
+        return f"{what}-{next(self._stimulus_ids)}"
+
+    def _apply(self, event: SchedulerEvent) -> None:
+        for message in self.state.handle(event):
+            self._dispatch(message)
+
+    def _joined(self, link: _Link, held: dict[str, int], first: list[dict]) -> None:
+        if isinstance(link, WorkerLink):
+            old = self.workers.get(link.address)
+            if old is not None:
+                old.close("replaced by a new connection from the same address")
+            self.workers[link.address] = link
+            self._apply(WorkerConnected(self._stimulus("worker-joined"), link.address, link.nthreads, held))
+            logger.info("worker %s joined (%d threads)", link.address, link.nthreads)
+            self._membership_changed.set()
+            self._membership_changed = trio.Event()
+        else:
+            assert isinstance(link, ClientLink)
+            old = self.clients.get(link.client_id)
+            if old is not None:
+                old.close("replaced by a new connection with the same client id")
+            self.clients[link.client_id] = link
+            self._apply(ClientConnected(self._stimulus("client-joined"), link.client_id))
+        link.send({"op": "welcome", "address": self.address})
+        if first:
+            self._received(link, first)
+
+    def _left(self, link: _Link, reason: str) -> None:
+        if isinstance(link, WorkerLink):
+            if self.workers.get(link.address) is not link:
+                return
+            del self.workers[link.address]
+            if link.retiring:
+                logger.info("worker %s retired: %s", link.address, reason)
+            else:
+                logger.warning("worker %s left: %s", link.address, reason)
+            self._apply(
+                WorkerDisconnected(self._stimulus("worker-left"), link.address, expected=link.retiring)
+            )
+            self._membership_changed.set()
+            self._membership_changed = trio.Event()
+        else:
+            assert isinstance(link, ClientLink)
+            if self.clients.get(link.client_id) is not link:
+                return
+            del self.clients[link.client_id]
+            self._apply(ClientDisconnected(self._stimulus("client-left"), link.client_id))
+
+    def _received(self, link: _Link, messages: list[dict]) -> None:
+        if link.scope.cancel_called:
+            return  # being closed: ignore whatever else it sent
+        try:
+            if isinstance(link, WorkerLink):
+                for message in messages:
+                    handler = self._worker_ops.get(message["op"])
+                    if handler is None:
+                        raise ProtocolError(f"unknown op {message['op']!r} from a worker")
+                    event = handler(link, message)
+                    if event is not None:
+                        self._apply(event)
+            else:
+                assert isinstance(link, ClientLink)
+                for message in messages:
+                    handler = self._client_ops.get(message["op"])
+                    if handler is None:
+                        raise ProtocolError(f"unknown op {message['op']!r} from a client")
+                    handler(link, message)
+        except ProtocolError as exc:
+            logger.warning("closing connection from %s: %s", link.name, exc)
+            link.close(f"protocol error: {exc}")
+
+    # ------------------------------------------------ core -> wire messages --
+
+    def _dispatch(self, message: SchedulerMessage) -> None:
+        if isinstance(message, ComputeTask):
+            worker = self.workers.get(message.worker)
+            if worker is None:
+                return
+            spec: RunSpec = message.run_spec
+            wire: dict[str, Any] = {
+                "op": "compute_task",
+                "key": message.key,
+                "function_id": spec.function_id,
+                "args": spec.args,
+                "priority": message.priority,
+                "who_has": message.who_has,
+                "nbytes": message.nbytes,
+            }
+            if spec.function_id not in worker.functions_sent:
+                worker.functions_sent.add(spec.function_id)
+                wire["function"] = spec.function
+            worker.send(wire)
+        elif isinstance(message, FreeKeys):
+            worker = self.workers.get(message.worker)
+            if worker is not None:
+                worker.send({"op": "free_keys", "keys": message.keys})
+        elif isinstance(message, ReportFinished):
+            self._to_client(message.client, {"op": "key_finished", "key": message.key, "who_has": message.who_has})
+        elif isinstance(message, ReportErred):
+            self._to_client(
+                message.client,
+                {
+                    "op": "key_erred",
+                    "key": message.key,
+                    "origin": message.origin,
+                    "failure": failure_to_wire(message.failure),
+                },
+            )
+        elif isinstance(message, ReportLost):
+            self._to_client(message.client, {"op": "key_lost", "key": message.key})
+        else:  # pragma: no cover - a new message type without a case here
+            raise TypeError(f"no dispatch for {message!r}")
+
+    def _to_client(self, client_id: str, message: dict[str, Any]) -> None:
+        link = self.clients.get(client_id)
+        if link is not None:
+            link.send(message)
+
+    # ------------------------------------------------------- worker ops --
+
+    def _worker_task_started(self, link: WorkerLink, m: dict) -> SchedulerEvent:
+        return TaskStarted(self._stimulus("task-started"), link.address, field(m, "key", str))
+
+    def _worker_task_finished(self, link: WorkerLink, m: dict) -> SchedulerEvent:
+        return TaskFinished(
+            self._stimulus("task-finished"), link.address, field(m, "key", str), field(m, "nbytes", int)
+        )
+
+    def _worker_task_erred(self, link: WorkerLink, m: dict) -> SchedulerEvent:
+        failure = user_error_from_wire(field(m, "failure", dict))
+        return TaskErred(self._stimulus("task-erred"), link.address, field(m, "key", str), failure)
+
+    def _worker_replica_added(self, link: WorkerLink, m: dict) -> SchedulerEvent:
+        return ReplicaAdded(
+            self._stimulus("replica-added"), link.address, field(m, "key", str), field(m, "nbytes", int)
+        )
+
+    def _worker_replica_missing(self, link: WorkerLink, m: dict) -> SchedulerEvent:
+        return ReplicaMissing(
+            self._stimulus("replica-missing"),
+            link.address,
+            field(m, "key", str),
+            tuple(str_list(m, "holders")),
+            field(m, "dependent", (str, type(None)), None),
+        )
+
+    def _worker_heartbeat(self, link: WorkerLink, m: dict) -> None:
+        link.last_heartbeat = field(m, "metrics", dict, {})
+        # The answer lets the worker notice a scheduler that went silent.
+        link.send({"op": "heartbeat_ack"})
+        return None
+
+    # ------------------------------------------------------- client ops --
+
+    def _client_submit(self, link: ClientLink, m: dict) -> None:
+        for function_id, payload in str_map(m, "functions", bytes).items():
+            self.functions.setdefault(function_id, payload)
+        specs = []
+        for task in field(m, "tasks", list):
+            if not isinstance(task, dict):
+                raise ProtocolError("'submit' message: each task must be a map")
+            function_id = field(task, "function_id", str)
+            function = self.functions.get(function_id)
+            if function is None:
+                raise ProtocolError(f"'submit' names unknown function id {function_id!r}")
+            args = field(task, "args", Serialized)
+            workers = task.get("workers")
+            if workers is not None:
+                workers = tuple(str_list(task, "workers"))
+            specs.append(
+                TaskSpec(
+                    field(task, "key", str),
+                    RunSpec(function_id, function, args),
+                    tuple(str_list(task, "dependencies")),
+                    field(task, "retries", int, 0),
+                    workers,
+                )
+            )
+        wanted = tuple(str_list(m, "wanted"))
+        self._apply(TasksSubmitted(self._stimulus("submit"), link.client_id, tuple(specs), wanted))
+
+    def _client_release_keys(self, link: ClientLink, m: dict) -> None:
+        keys = tuple(str_list(m, "keys"))
+        self._apply(KeysReleased(self._stimulus("release"), link.client_id, keys))
+
+    def _client_cancel_keys(self, link: ClientLink, m: dict) -> None:
+        keys = tuple(str_list(m, "keys"))
+        reason = field(m, "reason", str, "cancelled by the client")
+        self._apply(KeysCancelled(self._stimulus("cancel"), link.client_id, keys, reason))
+
+    def _client_missing_data(self, link: ClientLink, m: dict) -> None:
+        event = ReplicaMissing(
+            self._stimulus("client-missing"),
+            f"client:{link.client_id}",
+            field(m, "key", str),
+            tuple(str_list(m, "holders")),
+        )
+        self._apply(event)
+
+    def _client_who_has(self, link: ClientLink, m: dict) -> None:
+        keys = str_list(m, "keys") if m.get("keys") is not None else None
+        reply(link.conn, m, who_has=self.state.who_has(keys))
+
+    def _client_has_what(self, link: ClientLink, m: dict) -> None:
+        reply(link.conn, m, has_what=self.state.has_what())
+
+    def _client_nthreads(self, link: ClientLink, m: dict) -> None:
+        reply(link.conn, m, nthreads=self.state.nthreads())
+
+    def _client_scheduler_info(self, link: ClientLink, m: dict) -> None:
+        workers = {
+            address: {
+                "nthreads": ws.nthreads,
+                "processing": len(ws.processing),
+                "keys": len(ws.has_what),
+                "metrics": self.workers[address].last_heartbeat if address in self.workers else {},
+            }
+            for address, ws in self.state.workers.items()
+        }
+        reply(
+            link.conn,
+            m,
+            info={
+                "address": self.address,
+                "workers": workers,
+                "tasks": self.state.count_by_state(),
+                "clients": len(self.clients),
+            },
+        )
+
+    def _client_wait_for_workers(self, link: ClientLink, m: dict) -> None:
+        n = field(m, "n", int)
+
+        async def wait() -> None:
+            await self.wait_for_workers(n)
+            reply(link.conn, m, n=len(self.state.workers))
+
+        self._spawn(wait)
+
+    def _client_scatter(self, link: ClientLink, m: dict) -> None:
+        data = str_map(m, "data", Serialized)
+        broadcast = field(m, "broadcast", bool, False)
+        self._spawn(self._scatter, link, m, data, broadcast)
+
+    async def _scatter(
+        self, link: ClientLink, request: dict, data: dict[str, Serialized], broadcast: bool
+    ) -> None:
+        """Put scattered values on workers, then record where they landed.
+
+        The values go straight from here to the chosen workers; the core
+        learns of them (`DataScattered`) only once a worker has confirmed,
+        so `who_has` never names a worker that does not hold the value.
+        """
+        await self.wait_for_workers(1)
+        targets = self.state.scatter_targets(data, broadcast)
+        by_worker: dict[str, dict[str, Serialized]] = {}
+        for key, addresses in targets.items():
+            for address in addresses:
+                by_worker.setdefault(address, {})[key] = data[key]
+        placed: dict[str, tuple[int, list[str]]] = {}
+
+        async def put(address: str, values: dict[str, Serialized]) -> None:
+            worker = self.workers.get(address)
+            if worker is None:
+                return
+            try:
+                answer = await worker.requests.call({"op": "put_data", "data": values})
+            except (CommClosedError, RequestFailed) as exc:
+                logger.warning("could not scatter to %s: %s", address, exc)
+                return
+            for key, nbytes in answer.get("nbytes", {}).items():
+                entry = placed.setdefault(key, (int(nbytes), []))
+                entry[1].append(address)
+
+        async with trio.open_nursery() as nursery:
+            for address, values in by_worker.items():
+                nursery.start_soon(put, address, values)
+        failed = [key for key in data if key not in placed]
+        self._post(self._scattered, link, request, placed, failed)
+
+    def _scattered(self, link: ClientLink, request: dict, placed: dict, failed: list[str]) -> None:
+        if placed:
+            event = DataScattered(
+                self._stimulus("scatter"),
+                link.client_id,
+                {key: (nbytes, tuple(holders)) for key, (nbytes, holders) in placed.items()},
+            )
+            self._apply(event)
+        if failed:
+            reply(link.conn, request, error=f"could not place {len(failed)} keys on any worker: {failed[:5]}")
+        else:
+            reply(link.conn, request, keys=list(placed))
+
+    def _client_run(self, link: ClientLink, m: dict) -> None:
+        function = field(m, "function", Serialized)
+        self._spawn(self._run_everywhere, link, m, function)
+
+    async def _run_everywhere(self, link: ClientLink, request: dict, function: Serialized) -> None:
+        results: dict[str, dict[str, Any]] = {}
+
+        async def run_on(address: str, worker: WorkerLink) -> None:
+            try:
+                answer = await worker.requests.call({"op": "run", "function": function})
+            except (CommClosedError, RequestFailed) as exc:
+                results[address] = {"error": f"{type(exc).__name__}: {exc}"}
+                return
+            results[address] = {k: v for k, v in answer.items() if k in ("result", "failure")}
+
+        async with trio.open_nursery() as nursery:
+            for address, worker in list(self.workers.items()):
+                nursery.start_soon(run_on, address, worker)
+        reply(link.conn, request, results=results)
+
+    def _spawn(self, async_fn: Callable, *args: Any) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(async_fn, *args)

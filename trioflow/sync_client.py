@@ -1,0 +1,138 @@
+"""`Client`: the blocking client, for ordinary Python code.
+
+It runs an `AsyncClient` in a background Trio thread (`LoopThread`) and
+forwards each call there: the work and the state live in that one thread,
+the caller just waits. ``Client()`` with no address first starts a
+`LocalCluster` and closes it again with the client.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from trioflow.client import AsyncClient
+from trioflow.cluster import LocalCluster
+from trioflow.config import Config
+from trioflow.future import Future
+from trioflow.loop_thread import LoopThread
+
+
+class Client:
+    """Connect to a trioflow scheduler (or start a local cluster) and submit work.
+
+    Args:
+        address: ``"tcp://host:port"``, a cluster object, or None to start a
+            `LocalCluster` owned by this client.
+        n_workers, threads_per_worker, processes: for that local cluster.
+        config: tunables; defaults plus ``TRIOFLOW_*`` variables if omitted.
+    """
+
+    def __init__(
+        self,
+        address: Any = None,
+        *,
+        n_workers: int | None = None,
+        threads_per_worker: int = 1,
+        processes: bool = True,
+        config: Config | None = None,
+    ):
+        self.cluster: LocalCluster | None = None
+        if address is None:
+            self.cluster = LocalCluster(
+                n_workers, threads_per_worker, processes=processes, config=config
+            )
+            address = self.cluster
+        self._loop = LoopThread("trioflow-client")
+        self._client = AsyncClient(address, config=config)
+        self._client._blocking = self._loop.run
+        try:
+            self._loop.start(self._client._run)
+        except BaseException:
+            self._loop.stop()
+            if self.cluster is not None:
+                self.cluster.close()
+            raise
+
+    @property
+    def id(self) -> str:
+        return self._client.id
+
+    @property
+    def scheduler_address(self) -> str:
+        return self._client.scheduler_address
+
+    @property
+    def status(self) -> str:
+        return self._client.status
+
+    def _run(self, async_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return self._loop.run(functools.partial(async_fn, *args, **kwargs))
+
+    # -- submitting ---------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        """See `AsyncClient.submit`."""
+        return self._loop.run_sync(functools.partial(self._client.submit, fn, *args, **kwargs))
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], **kwargs: Any) -> list[Future]:
+        """See `AsyncClient.map`."""
+        iterables = tuple(list(it) for it in iterables)
+        return self._loop.run_sync(functools.partial(self._client.map, fn, *iterables, **kwargs))
+
+    def get(self, dsk: dict, keys: Any, **kwargs: Any) -> Any:
+        """Compute a dask-style graph; see `AsyncClient.get`."""
+        return self._run(self._client.get, dsk, keys, **kwargs)
+
+    # -- results ------------------------------------------------------------
+
+    def gather(self, futures: Any, timeout: float | None = None) -> Any:
+        return self._run(self._client.gather, futures, timeout)
+
+    def scatter(self, data: Any, broadcast: bool = False, timeout: float | None = None) -> Any:
+        return self._run(self._client.scatter, data, broadcast, timeout)
+
+    def cancel(self, futures: Any, reason: str = "cancelled by the client") -> None:
+        return self._run(self._client.cancel, futures, reason)
+
+    def run(self, function: Callable[[], Any]) -> dict[str, Any]:
+        return self._run(self._client.run, function)
+
+    # -- the cluster ----------------------------------------------------------
+
+    def who_has(self, futures: Any = None) -> dict[str, list[str]]:
+        return self._run(self._client.who_has, futures)
+
+    def has_what(self) -> dict[str, list[str]]:
+        return self._run(self._client.has_what)
+
+    def nthreads(self) -> dict[str, int]:
+        return self._run(self._client.nthreads)
+
+    def scheduler_info(self) -> dict[str, Any]:
+        return self._run(self._client.scheduler_info)
+
+    def wait_for_workers(self, n: int, timeout: float | None = None) -> None:
+        return self._run(self._client.wait_for_workers, n, timeout)
+
+    # -- lifetime ---------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release every future, disconnect, and stop an owned local cluster."""
+        if self._loop.alive:
+            try:
+                self._loop.run(self._client.close)
+            finally:
+                self._loop.stop()
+        if self.cluster is not None:
+            self.cluster.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Client {self.id} {self.scheduler_address} {self.status}>"

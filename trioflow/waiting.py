@@ -1,0 +1,142 @@
+"""`wait` and `as_completed`: waiting on many futures at once.
+
+Both work with either client: with `Client` they block the calling thread;
+with `AsyncClient` `wait` returns an awaitable and `as_completed` is an
+async iterator (``async for future in as_completed(futures)``).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import trio
+
+from trioflow.future import FINISHED, Future
+
+ALL_COMPLETED = "ALL_COMPLETED"
+FIRST_COMPLETED = "FIRST_COMPLETED"
+FIRST_EXCEPTION = "FIRST_EXCEPTION"
+
+
+class DoneAndNotDone(NamedTuple):
+    done: set[Future]
+    not_done: set[Future]
+
+
+def wait(
+    futures: Iterable[Future] | Future, timeout: float | None = None, return_when: str = ALL_COMPLETED
+) -> Any:
+    """Wait until `futures` are done (or the first one, or the first failure).
+
+    Returns ``DoneAndNotDone(done, not_done)``; nothing is raised for failed
+    futures (ask each one).
+
+    Raises:
+        TimeoutError: `return_when` was not met within `timeout` seconds.
+        ValueError: an unknown `return_when`.
+    """
+    fs = [futures] if isinstance(futures, Future) else list(futures)
+    if return_when not in (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION):
+        raise ValueError(f"return_when must be one of ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION; got {return_when!r}")
+    if not fs:
+        return DoneAndNotDone(set(), set())
+    return fs[0].client._call(_wait, fs, timeout, return_when)
+
+
+async def _wait(fs: list[Future], timeout: float | None, return_when: str) -> DoneAndNotDone:
+    def met() -> bool:
+        if return_when == ALL_COMPLETED:
+            return all(f.done() for f in fs)
+        if return_when == FIRST_COMPLETED:
+            return any(f.done() for f in fs)
+        return all(f.done() for f in fs) or any(f.done() and f.status != FINISHED for f in fs)
+
+    changed = trio.Event()
+
+    def on_done(_: Future) -> None:
+        changed.set()  # the event current when the future completes
+
+    for f in fs:
+        f._add_done_callback(on_done)
+    with trio.move_on_after(math.inf if timeout is None else timeout):
+        while not met():
+            await changed.wait()
+            changed = trio.Event()
+    if not met():
+        raise TimeoutError(f"{sum(not f.done() for f in fs)} of {len(fs)} futures not done within {timeout:g} s")
+    done = {f for f in fs if f.done()}
+    return DoneAndNotDone(done, set(fs) - done)
+
+
+class as_completed:
+    """Iterate over futures in the order they complete.
+
+    Args:
+        futures: the futures to watch (more can be `add`-ed while iterating).
+        with_results: yield ``(future, result)`` pairs instead of futures
+            (a failed future then raises its exception from the iteration).
+    """
+
+    def __init__(self, futures: Iterable[Future] = (), with_results: bool = False):
+        self.with_results = with_results
+        self._pending = 0
+        self._asynchronous: bool | None = None
+        self._queue: queue.SimpleQueue[Future] = queue.SimpleQueue()
+        self._send: trio.MemorySendChannel[Future] | None = None
+        self._receive: trio.MemoryReceiveChannel[Future] | None = None
+        for future in futures:
+            self.add(future)
+
+    def add(self, future: Future) -> None:
+        asynchronous = future.client._blocking is None
+        if self._asynchronous is None:
+            self._asynchronous = asynchronous
+            if asynchronous:
+                self._send, self._receive = trio.open_memory_channel(math.inf)
+        elif self._asynchronous != asynchronous:
+            raise ValueError("as_completed() cannot mix futures of blocking and async clients")
+        self._pending += 1
+        future.add_done_callback(self._on_done)
+
+    def _on_done(self, future: Future) -> None:
+        if self._send is not None:
+            self._send.send_nowait(future)
+        else:
+            self._queue.put(future)
+
+    def count(self) -> int:
+        """How many futures have not been yielded yet."""
+        return self._pending
+
+    def is_empty(self) -> bool:
+        return self._pending == 0
+
+    def __iter__(self) -> as_completed:
+        if self._asynchronous:
+            raise TypeError("futures of an AsyncClient: use 'async for'")
+        return self
+
+    def __next__(self) -> Any:
+        if self._pending == 0:
+            raise StopIteration
+        future = self._queue.get()
+        self._pending -= 1
+        return (future, future.result()) if self.with_results else future
+
+    def __aiter__(self) -> as_completed:
+        if self._asynchronous is False:
+            raise TypeError("futures of a blocking Client: use a plain 'for'")
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._pending == 0 or self._receive is None:
+            raise StopAsyncIteration
+        future = await self._receive.receive()
+        self._pending -= 1
+        return (future, await future.result()) if self.with_results else future
+
+
+__all__ = ["ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "DoneAndNotDone", "as_completed", "wait"]
