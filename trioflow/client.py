@@ -53,6 +53,7 @@ from trioflow.config import Config
 from trioflow.core.failures import Cancelled
 from trioflow.errors import CommClosedError, ProtocolError, SerializationError
 from trioflow.future import FINISHED, Future, FutureState
+from trioflow.graph import flatten_keys, graph_key, graph_nodes, needed_in_order, run_graph_node
 from trioflow.nurseries import background_tasks
 from trioflow.protocol import (
     failure_from_wire,
@@ -115,6 +116,7 @@ class AsyncClient:
         self._functions_sent: set[str] = set()
         self._pending_functions: dict[str, bytes] = {}
         self._closed = trio.Event()
+        self._finished = trio.Event()
         self._stack: AsyncExitStack | None = None
         # Set by the blocking `Client`: runs an async method in our thread.
         self._blocking: Callable[..., Any] | None = None
@@ -138,6 +140,8 @@ class AsyncClient:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.close()
+        with trio.move_on_after(self.config.connect_timeout):
+            await self._finished.wait()  # a graceful goodbye, not a cancellation
         assert self._stack is not None
         await self._stack.__aexit__(*exc_info)
 
@@ -148,27 +152,30 @@ class AsyncClient:
         connections; futures that were pending fail with `CommClosedError`.
         """
         self._token = trio.lowlevel.current_trio_token()
-        async with open_connection_pool(
-            self.network, self.limits, role="client", connect_timeout=self.config.connect_timeout
-        ) as self._pool:
-            stream = await connect_with_timeout(
-                self.network, self.scheduler_address, self.config.connect_timeout
-            )
-            async with open_connection(stream, self.limits, peer=self.scheduler_address) as conn:
-                say_hello(conn, "client", client_id=self.id)
-                with trio.fail_after(self.config.connect_timeout):
-                    welcome = await conn.receive()
-                if welcome[0]["op"] != "welcome":
-                    raise ProtocolError(f"expected a welcome, got {welcome[0]['op']!r}")
-                self._conn, self._requests = conn, Requests(conn)
-                self.status = "running"
-                task_status.started()
-                self._on_messages(welcome[1:])
-                with trio.CancelScope() as self._reader_scope:
-                    reason = await self._listen(conn)
-                    self._lost_scheduler(reason)
-                    await self._closed.wait()
-        self.status = "closed"
+        try:
+            async with open_connection_pool(
+                self.network, self.limits, role="client", connect_timeout=self.config.connect_timeout
+            ) as self._pool:
+                stream = await connect_with_timeout(
+                    self.network, self.scheduler_address, self.config.connect_timeout
+                )
+                async with open_connection(stream, self.limits, peer=self.scheduler_address) as conn:
+                    say_hello(conn, "client", client_id=self.id)
+                    with trio.fail_after(self.config.connect_timeout):
+                        welcome = await conn.receive()
+                    if welcome[0]["op"] != "welcome":
+                        raise ProtocolError(f"expected a welcome, got {welcome[0]['op']!r}")
+                    self._conn, self._requests = conn, Requests(conn)
+                    self.status = "running"
+                    task_status.started()
+                    self._on_messages(welcome[1:])
+                    with trio.CancelScope() as self._reader_scope:
+                        reason = await self._listen(conn)
+                        self._lost_scheduler(reason)
+                        await self._closed.wait()
+        finally:
+            self.status = "closed"
+            self._finished.set()
 
     async def _listen(self, conn: Connection) -> str:
         try:
@@ -415,6 +422,27 @@ class AsyncClient:
         if self._conn is None or self.status != "running":
             raise CommClosedError(f"client {self.id} is {self.status}, not connected to a scheduler")
         return self._conn
+
+    # ------------------------------------------------------------- graphs --
+
+    async def get(self, dsk: Mapping, keys: Any, *, retries: int = 0, workers: Any = None) -> Any:
+        """Compute the dask-style graph `dsk` and return the values of `keys`.
+
+        `keys` is a key or a (nested) list of keys, as dask passes them, so
+        ``dask.compute(x, scheduler=client.get)`` works (with `Client`).
+        """
+        nodes = graph_nodes(dsk)
+        futures: dict[Any, Future] = {}
+        for key in needed_in_order(nodes, flatten_keys(keys)):
+            inputs = {dep: futures[dep] for dep in nodes[key].dependencies}
+            futures[key] = self.submit(
+                run_graph_node, nodes[key], inputs, key=graph_key(key), retries=retries, workers=workers
+            )
+
+        def shape(k: Any) -> Any:
+            return [shape(sub) for sub in k] if isinstance(k, list) else futures[k]
+
+        return await self.gather(shape(keys))
 
     # ------------------------------------------------------------ results --
 

@@ -101,32 +101,45 @@ class AsyncLocalCluster:
         Raises:
             RuntimeError: a worker process exited or did not register in time.
         """
+        # The scheduler outlives the workers: its scope is shielded from our
+        # cancellation and cancelled by hand once every worker has stopped,
+        # so no worker sees its scheduler vanish during a clean shutdown.
+        scheduler_scope = trio.CancelScope(shield=True)
+
+        async def run_scheduler(*, task_status: trio.TaskStatus[str]) -> None:
+            with scheduler_scope:
+                await self.scheduler.serve(task_status=task_status)
+
         async with background_tasks() as nursery:
             self._nursery = nursery
-            self.scheduler_address = await nursery.start(self.scheduler.serve)
-            for _ in range(self.n_workers):
-                await self.add_worker()
+            self.scheduler_address = await nursery.start(run_scheduler)
             try:
-                with trio.fail_after(STARTUP_TIMEOUT_S):
-                    await self.scheduler.wait_for_workers(self.n_workers)
-            except trio.TooSlowError:
-                raise RuntimeError(
-                    f"only {len(self.scheduler.state.workers)} of {self.n_workers} workers "
-                    f"registered within {STARTUP_TIMEOUT_S:g} s"
-                ) from None
-            task_status.started(self.scheduler_address)
-            try:
+                for _ in range(self.n_workers):
+                    await self.add_worker()
+                try:
+                    with trio.fail_after(STARTUP_TIMEOUT_S):
+                        await self.scheduler.wait_for_workers(self.n_workers)
+                except trio.TooSlowError:
+                    raise RuntimeError(
+                        f"only {len(self.scheduler.state.workers)} of {self.n_workers} workers "
+                        f"registered within {STARTUP_TIMEOUT_S:g} s"
+                    ) from None
+                task_status.started(self.scheduler_address)
                 await trio.sleep_forever()
             finally:
-                # Workers first, so none of them sees its scheduler vanish.
                 with trio.CancelScope(shield=True):
                     await self._stop_workers()
+                scheduler_scope.cancel(reason="the cluster is closing")
 
     async def _stop_workers(self) -> None:
+        """Stop every worker: SIGTERM to processes, cancellation to in-process ones."""
         async with trio.open_nursery() as nursery:
             for handle in self.workers.values():
-                if isinstance(handle, WorkerProcess) and handle.process is not None:
-                    nursery.start_soon(terminate, handle.process)
+                if isinstance(handle, WorkerProcess):
+                    if handle.process is not None:
+                        nursery.start_soon(terminate, handle.process)
+                else:
+                    handle.stop()
 
     async def add_worker(self) -> Any:
         """Start one more worker (it registers with the scheduler on its own)."""

@@ -110,14 +110,23 @@ def raise_serialization_error(message: str) -> None:
 # -------------------------------------------------------------- failures --
 
 
-def user_error_from_exception(exc: BaseException) -> UserError:
-    """Capture an exception raised by user code, with its traceback text."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+def user_error_from_exception(exc: BaseException, skip_frames: int = 0) -> UserError:
+    """Capture an exception raised by user code, with its traceback text.
+
+    `skip_frames` drops the innermost-caller frames that belong to trioflow
+    (the frame that called the user's function), so the remote traceback
+    shows the user's code only.
+    """
+    tb = exc.__traceback__
+    for _ in range(skip_frames):
+        if tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
     try:
         payload: Serialized | None = dumps(exc)
     except SerializationError:
         payload = None
-    return UserError(payload, _qualname(type(exc)), str(exc), tb)
+    return UserError(payload, _qualname(type(exc)), str(exc), text)
 
 
 def _qualname(kind: type) -> str:
@@ -207,6 +216,11 @@ def sizeof(value: Any) -> int:
 # ------------------------------------------------- checking what arrives --
 
 
+def _where(message: Mapping[str, Any]) -> str:
+    op = message.get("op")
+    return f"{op!r} message" if op is not None else "a nested map"
+
+
 def field(message: Mapping[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
     """``message[name]``, checked to be a `kind`.
 
@@ -216,13 +230,12 @@ def field(message: Mapping[str, Any], name: str, kind: type | tuple[type, ...], 
     if name not in message:
         if default is not ...:
             return default
-        raise ProtocolError(f"{message.get('op')!r} message lacks field {name!r}")
+        raise ProtocolError(f"{_where(message)} lacks field {name!r}")
     value = message[name]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise ProtocolError(
-            f"{message.get('op')!r} message: field {name!r} must be {expected}, "
-            f"got {type(value).__name__}"
+            f"{_where(message)}: field {name!r} must be {expected}, got {type(value).__name__}"
         )
     return value
 
@@ -232,7 +245,7 @@ def str_list(message: Mapping[str, Any], name: str) -> list[str]:
     values = field(message, name, list)
     for value in values:
         if not isinstance(value, str):
-            raise ProtocolError(f"{message.get('op')!r} message: {name!r} must hold strings")
+            raise ProtocolError(f"{_where(message)}: {name!r} must hold strings")
     return values
 
 
@@ -241,5 +254,5 @@ def str_map(message: Mapping[str, Any], name: str, value_kind: type | tuple[type
     values = field(message, name, dict)
     for key, value in values.items():
         if not isinstance(key, str) or not isinstance(value, value_kind):
-            raise ProtocolError(f"{message.get('op')!r} message: {name!r} has a bad entry for {key!r}")
+            raise ProtocolError(f"{_where(message)}: {name!r} has a bad entry for {key!r}")
     return values

@@ -102,10 +102,12 @@ class _Link:
 
 
 class WorkerLink(_Link):
-    def __init__(self, conn: Connection, address: str, nthreads: int):
+    def __init__(self, conn: Connection, address: str, nthreads: int, pid: int | None):
         super().__init__(conn, address)
         self.address = address
         self.nthreads = nthreads
+        # The worker's process id, for operators (and tests that kill it).
+        self.pid = pid
         # Function ids this worker has been sent (it caches them per connection).
         self.functions_sent: set[str] = set()
         self.last_heartbeat: dict[str, Any] = {}
@@ -163,6 +165,7 @@ class Scheduler:
             "replica_added": self._worker_replica_added,
             "replica_missing": self._worker_replica_missing,
             "heartbeat": self._worker_heartbeat,
+            "goodbye": self._worker_goodbye,
         }
         self._client_ops: dict[str, Callable[[ClientLink, dict], None]] = {
             "submit": self._client_submit,
@@ -215,6 +218,7 @@ class Scheduler:
                         conn,
                         field(hello, "address", str),
                         field(hello, "nthreads", int),
+                        field(hello, "pid", int, None),
                     )
                     if link.nthreads < 1:
                         raise ProtocolError("a worker needs at least one thread")
@@ -307,7 +311,7 @@ class Scheduler:
                 return
             del self.workers[link.address]
             if link.retiring:
-                logger.info("worker %s retired: %s", link.address, reason)
+                logger.info("worker %s left on purpose", link.address)
             else:
                 logger.warning("worker %s left: %s", link.address, reason)
             self._apply(
@@ -426,6 +430,10 @@ class Scheduler:
         link.send({"op": "heartbeat_ack"})
         return None
 
+    def _worker_goodbye(self, link: WorkerLink, m: dict) -> None:
+        link.retiring = True
+        return None
+
     # ------------------------------------------------------- client ops --
 
     def _client_submit(self, link: ClientLink, m: dict) -> None:
@@ -435,6 +443,7 @@ class Scheduler:
         for task in field(m, "tasks", list):
             if not isinstance(task, dict):
                 raise ProtocolError("'submit' message: each task must be a map")
+            key = field(task, "key", str)
             function_id = field(task, "function_id", str)
             function = self.functions.get(function_id)
             if function is None:
@@ -445,7 +454,7 @@ class Scheduler:
                 workers = tuple(str_list(task, "workers"))
             specs.append(
                 TaskSpec(
-                    field(task, "key", str),
+                    key,
                     RunSpec(function_id, function, args),
                     tuple(str_list(task, "dependencies")),
                     field(task, "retries", int, 0),
@@ -489,6 +498,7 @@ class Scheduler:
                 "nthreads": ws.nthreads,
                 "processing": len(ws.processing),
                 "keys": len(ws.has_what),
+                "pid": self.workers[address].pid if address in self.workers else None,
                 "metrics": self.workers[address].last_heartbeat if address in self.workers else {},
             }
             for address, ws in self.state.workers.items()

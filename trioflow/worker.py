@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -165,6 +166,11 @@ class Worker:
         finally:
             self.closed.set()
 
+    def stop(self) -> None:
+        """Shut the worker down, exactly as cancelling `serve` would."""
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel(reason="worker stopped")
+
     async def _serve_scheduler(self, task_status: trio.TaskStatus[str]) -> str:
         """Register, then exchange messages until the link ends; return why."""
         stream = await connect_with_timeout(
@@ -173,7 +179,12 @@ class Worker:
         assert self.state is not None
         async with open_connection(stream, self.limits, peer=self.scheduler_address) as conn:
             say_hello(
-                conn, "worker", address=self.address, nthreads=self.nthreads, held=self.state.memory()
+                conn,
+                "worker",
+                address=self.address,
+                nthreads=self.nthreads,
+                held=self.state.memory(),
+                pid=os.getpid(),
             )
             self._scheduler = conn
             self._scheduler_requests = Requests(conn)
@@ -183,6 +194,10 @@ class Worker:
                     return await self._listen_to_scheduler(conn, task_status)
             finally:
                 self._scheduler_requests.fail_all("scheduler connection closed")
+                if not conn.closed:
+                    # Leaving on purpose (shutdown): say so, so the scheduler
+                    # reroutes our tasks without suspecting them of killing us.
+                    conn.send({"op": "goodbye"})
 
     async def _listen_to_scheduler(self, conn: Connection, task_status: trio.TaskStatus[str]) -> str:
         ttl = self.config.scheduler_ttl
@@ -377,21 +392,28 @@ class Worker:
             except CommClosedError:
                 pass
 
-        def run() -> Any:
-            if payload is None:
-                raise SerializationError(f"the scheduler never sent function {function_id}")
-            fn = loads_function(payload)
-            call_args, call_kwargs = loads(args)
-            if inputs:
-                call_args, call_kwargs = substitute((call_args, call_kwargs), inputs)
-            return fn(*call_args, **call_kwargs)
+        def run() -> tuple[bool, Any]:
+            """In the thread: unpack, call, and capture a failure right here,
+            so its traceback starts at the user's function, not in trioflow."""
+            try:
+                if payload is None:
+                    raise SerializationError(f"the scheduler never sent function {function_id}")
+                fn = loads_function(payload)
+                call_args, call_kwargs = loads(args)
+                if inputs:
+                    call_args, call_kwargs = substitute((call_args, call_kwargs), inputs)
+            except (Exception, SystemExit) as exc:
+                return False, user_error_from_exception(exc)
+            try:
+                return True, fn(*call_args, **call_kwargs)
+            except (Exception, SystemExit) as exc:
+                return False, user_error_from_exception(exc, skip_frames=1)
 
-        try:
-            result = await self.executor.run(run)
-        except (Exception, SystemExit) as exc:
-            self._post(self._executed, key, None, user_error_from_exception(exc))
+        ok, outcome = await self.executor.run(run)
+        if ok:
+            self._post(self._executed, key, outcome, None)
         else:
-            self._post(self._executed, key, result, None)
+            self._post(self._executed, key, None, outcome)
 
     def _executed(self, key: str, result: Any, failure: Any) -> None:
         self.executions += 1

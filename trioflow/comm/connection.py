@@ -70,6 +70,9 @@ class Connection:
         self._written = 0
         self._write_done = trio.Event()
         self._receive_buffer = bytearray()
+        # True while the sender is inside a write; False once `drain` takes over.
+        self._writing = False
+        self._sender_retired = False
         self.close_reason: str | None = None
 
     @property
@@ -122,22 +125,46 @@ class Connection:
         leaves the stream unusable, so the connection is then closed.
         """
         try:
-            while self.close_reason is None:
+            while self.close_reason is None and not self._sender_retired:
                 if not self._outbox:
                     await self._outbox_nonempty.wait()
                     self._outbox_nonempty = trio.Event()
                     continue
-                batch = self._take_batch()
-                await self._write(batch_frames(batch))
-                self._written += len(batch)
-                self._write_done.set()
-                self._write_done = trio.Event()
+                await self._write_batch()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._mark_closed(f"write failed: {exc!r}")
         finally:
             if self._outbox:
                 self._mark_closed(self.close_reason or "closed with unsent messages")
             self._write_done.set()  # wake flushers so they see the close
+
+    async def _write_batch(self) -> None:
+        batch = self._take_batch()
+        self._writing = True
+        try:
+            await self._write(batch_frames(batch))
+        finally:
+            self._writing = False
+        self._written += len(batch)
+        self._write_done.set()
+        self._write_done = trio.Event()
+
+    async def drain(self) -> None:
+        """Write whatever is still queued from *this* task, then stop the sender.
+
+        Used when the connection is about to close and its sender may
+        already be cancelled (a final reply, a goodbye). Call it shielded.
+        """
+        if self.closed:
+            return
+        self._sender_retired = True
+        try:
+            if self._writing:
+                await self.flush()
+            while self._outbox and not self.closed:
+                await self._write_batch()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError, CommClosedError) as exc:
+            self._mark_closed(f"final write failed: {exc!r}")
 
     def _take_batch(self) -> list[EncodedMessage]:
         """The oldest messages that fit one batch within the peer's limits."""
@@ -253,10 +280,6 @@ async def open_connection(
         try:
             yield conn
         finally:
-            if not conn.closed and conn._outbox:
-                with trio.move_on_after(FINAL_FLUSH_S, shield=True):
-                    try:
-                        await conn.flush()
-                    except CommClosedError:
-                        pass
+            with trio.move_on_after(FINAL_FLUSH_S, shield=True):
+                await conn.drain()
             await conn.aclose()

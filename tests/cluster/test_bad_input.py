@@ -1,0 +1,123 @@
+"""Bad input on any port closes that one connection; everyone else is served."""
+
+import logging
+import struct
+
+import pytest
+import trio
+
+import trioflow
+from trioflow.comm import FrameLimits, TCPNetwork, open_connection, parse_address, say_hello
+from trioflow.errors import CommClosedError
+
+
+def inc(x):
+    return x + 1
+
+
+async def raw_connection(address):
+    _, host, port = parse_address(address)
+    return await trio.open_tcp_stream(host, port)
+
+
+async def assert_closed_by_peer(stream, timeout=5.0):
+    """The peer closes the stream: reads end (EOF or reset) within `timeout`."""
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                data = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                return
+            if not data:
+                return
+
+
+BAD_BYTES = {
+    "garbage": b"\x00\x01hello, is this the scheduler?\r\n" * 4,
+    "zero frames": struct.pack("<I", 0),
+    "huge frame": struct.pack("<I", 1) + struct.pack("<Q", 1 << 40),
+    "not msgpack": struct.pack("<I", 1) + struct.pack("<Q", 4) + b"\xc1\xc1\xc1\xc1",
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_BYTES))
+async def test_malformed_bytes_close_that_connection_only(client, cluster, name, caplog):
+    """Garbage, a zero-frame batch, an oversized frame or bad msgpack: that
+    connection closes with a logged reason; a running client is unaffected."""
+    pending = client.submit(inc, 1)
+    stream = await raw_connection(cluster.scheduler_address)
+    with caplog.at_level(logging.WARNING, logger="trioflow"):
+        await stream.send_all(BAD_BYTES[name])
+        await assert_closed_by_peer(stream)
+    assert any("closing connection" in r.getMessage() for r in caplog.records)
+    assert await pending == 2
+    assert await client.submit(inc, 2) == 3
+
+
+async def hello_then(scheduler, role, messages, **hello):
+    stream = await TCPNetwork().connect(scheduler)
+    async with open_connection(stream, FrameLimits(), peer=scheduler) as conn:
+        say_hello(conn, role, **hello)
+        for message in messages:
+            conn.send(message)
+        with trio.fail_after(5):
+            try:
+                while True:
+                    await conn.receive()
+            except CommClosedError:
+                return
+
+
+@pytest.mark.parametrize(
+    "messages, reason",
+    [
+        ([{"op": "launch_missiles"}], "unknown op 'launch_missiles' from a client"),
+        ([{"op": "submit", "tasks": "nope", "functions": {}, "wanted": []}], "field 'tasks' must be list"),
+        ([{"op": "submit", "tasks": [{"key": 5}], "functions": {}, "wanted": []}], "field 'key' must be str"),
+        ([{"op": "release_keys"}], "lacks field 'keys'"),
+        ([{"op": "submit", "tasks": [{"key": "k", "function_id": "f", "args": None}], "functions": {}, "wanted": []}],
+         "unknown function id 'f'"),
+    ],
+)
+async def test_bad_client_messages_close_that_client_only(client, cluster, messages, reason, caplog):
+    """Unknown ops and mistyped fields from a client close it with a logged
+    reason naming the problem; other clients' work goes on."""
+    pending = client.submit(inc, 10)
+    with caplog.at_level(logging.WARNING, logger="trioflow"):
+        await hello_then(cluster.scheduler_address, "client", messages, client_id="rogue")
+    assert any(reason in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert "rogue" not in cluster.scheduler.clients
+    assert await pending == 11
+
+
+async def test_a_bad_hello_is_refused(client, cluster, caplog):
+    """A wrong protocol version or role is refused before anything else."""
+    with caplog.at_level(logging.WARNING, logger="trioflow"):
+        await hello_then(cluster.scheduler_address, "client", [], client_id="old", protocol=99)
+        await hello_then(cluster.scheduler_address, "nanny", [])
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("speaks protocol 99" in m for m in messages)
+    assert any("unexpected role 'nanny'" in m for m in messages)
+    assert await client.submit(inc, 1) == 2
+
+
+async def test_a_worker_sending_nonsense_is_dropped_and_its_work_rerouted(client, cluster, caplog):
+    """A worker that breaks the protocol is disconnected like a dead worker."""
+    rogue = "tcp://127.0.0.1:1"
+    with caplog.at_level(logging.WARNING, logger="trioflow"):
+        await hello_then(
+            cluster.scheduler_address, "worker", [{"op": "task_finished", "key": 3}],
+            address=rogue, nthreads=1, held={},
+        )
+    assert any("field 'key' must be str" in r.getMessage() for r in caplog.records)
+    assert rogue not in cluster.scheduler.state.workers
+    assert await client.submit(inc, 5) == 6
+
+
+async def test_bad_bytes_to_a_worker_port_do_not_hurt_the_worker(client, cluster):
+    """Garbage sent to a worker's peer port closes that connection only."""
+    worker = next(iter(cluster.workers.values()))
+    stream = await raw_connection(worker.address)
+    await stream.send_all(BAD_BYTES["garbage"])
+    await assert_closed_by_peer(stream)
+    assert sorted((await client.run(lambda: 1)).values()) == [1, 1]

@@ -1,0 +1,95 @@
+"""The trioflow command: real scheduler and worker processes, signals, bad flags."""
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import trioflow
+from tests.cluster.conftest import free_port
+
+pytestmark = pytest.mark.processes
+
+
+def inc(x):
+    return x + 1
+
+
+def test_scheduler_and_worker_processes_serve_a_client(spawn):
+    """`trioflow scheduler` + `trioflow worker --no-nanny` run tasks for a Client."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = spawn("scheduler", "--port", port)
+    scheduler.wait_for_line(f"listening at {address}")
+    worker = spawn("worker", address, "--nthreads", 2, "--no-nanny")
+    worker.wait_for_line("ready: 2 threads")
+    with trioflow.Client(address) as client:
+        assert client.submit(inc, 1).result(timeout=30) == 2
+        assert list(client.nthreads().values()) == [2]
+        [info] = client.scheduler_info()["workers"].values()
+        assert info["pid"] == worker.pid
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_servers_exit_cleanly_on_signals(spawn, signum):
+    """SIGINT and SIGTERM stop scheduler and worker with status 0 and a log line."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = spawn("scheduler", "--port", port)
+    scheduler.wait_for_line("listening at")
+    worker = spawn("worker", address, "--no-nanny")
+    worker.wait_for_line("ready")
+    worker.send_signal(signum)
+    assert worker.wait() == 0
+    assert f"received {signum.name}; shutting down" in worker.output()
+    scheduler.send_signal(signum)
+    assert scheduler.wait() == 0
+    assert "scheduler stopped" in scheduler.output()
+
+
+def test_servers_bind_loopback_by_default(spawn):
+    """Without --host the scheduler listens on 127.0.0.1 only."""
+    port = free_port()
+    scheduler = spawn("scheduler", "--port", port)
+    line = scheduler.wait_for_line("listening at")
+    assert f"tcp://127.0.0.1:{port}" in line
+
+
+def run_cli(*args, env=None):
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "trioflow", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["worker"], None, "the following arguments are required: ADDRESS"),
+        (["worker", "tcp://127.0.0.1:1", "--nthreads", "0"], None, "--nthreads: 0 is not at least 1"),
+        (["scheduler", "--port", "99999"], None, "port 99999 is outside 0..65535"),
+        (["scheduler", "--worker-ttl", "-1"], None, "worker_ttl must be positive"),
+        (["scheduler", "--allowed-failures", "two"], None, "invalid int value: 'two'"),
+        (["scheduler"], {"TRIOFLOW_WORKER_TTL": "soon"}, "TRIOFLOW_WORKER_TTL='soon' is not a number"),
+        (["bogus"], None, "invalid choice: 'bogus'"),
+    ],
+)
+def test_bad_flags_and_config_are_refused_clearly(args, env, message):
+    """A bad flag or variable exits with status 2 and names what was wrong."""
+    result = run_cli(*args, env=env)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_worker_with_unreachable_scheduler_exits_with_an_error():
+    """A worker whose scheduler cannot be reached says so and exits 1."""
+    port = free_port()
+    result = run_cli("worker", f"tcp://127.0.0.1:{port}", "--no-nanny", "--connect-timeout", "2")
+    assert result.returncode == 1
+    assert f"could not connect to tcp://127.0.0.1:{port}" in result.stderr

@@ -1,0 +1,37 @@
+"""Shared fixtures: an in-process cluster (real TCP, workers as Trio tasks)."""
+
+import gc
+
+import cloudpickle
+import pytest
+import trio
+
+import tests
+import trioflow
+
+# Task functions defined in test modules travel by value, so worker
+# subprocesses need not import the test package.
+cloudpickle.register_pickle_by_value(tests)
+
+
+@pytest.fixture
+async def cluster():
+    """A scheduler and two one-thread workers, in this process, over loopback TCP."""
+    async with trioflow.AsyncLocalCluster(2, threads_per_worker=1, processes=False) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+async def client(cluster):
+    async with trioflow.AsyncClient(cluster) as client:
+        yield client
+
+
+async def wait_until(predicate, timeout=10.0, interval=0.01, message="condition"):
+    """Poll `predicate` until it is true or `timeout` passes (then fail)."""
+    with trio.move_on_after(timeout):
+        while not predicate():
+            gc.collect()
+            await trio.sleep(interval)
+        return
+    raise AssertionError(f"timed out after {timeout} s waiting for {message}")
