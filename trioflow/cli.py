@@ -68,6 +68,27 @@ def _add_server_flags(parser: argparse.ArgumentParser, default_port: int) -> Non
     _add_config_flags(parser)
 
 
+def _memory(text: str) -> int | None:
+    from trioflow.nanny import parse_memory
+
+    try:
+        return parse_memory(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("scheduler_address", metavar="ADDRESS", help="the scheduler, e.g. tcp://127.0.0.1:8786")
+    parser.add_argument("--nthreads", type=_positive_int, default=1, help="threads running tasks (default 1)")
+    parser.add_argument(
+        "--memory-limit",
+        type=_memory,
+        default=None,
+        help="kill and restart the worker when its resident memory passes this (e.g. 4GB; needs a nanny)",
+    )
+    _add_server_flags(parser, default_port=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trioflow", description="A resilient task scheduler built on Trio.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -75,15 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     scheduler = commands.add_parser("scheduler", help="run a scheduler")
     _add_server_flags(scheduler, default_port=8786)
 
-    worker = commands.add_parser("worker", help="run a worker connected to a scheduler")
-    worker.add_argument("scheduler_address", metavar="ADDRESS", help="the scheduler, e.g. tcp://127.0.0.1:8786")
-    worker.add_argument("--nthreads", type=_positive_int, default=1, help="threads running tasks (default 1)")
+    worker = commands.add_parser("worker", help="run a worker (under a nanny unless --no-nanny)")
+    _add_worker_flags(worker)
     worker.add_argument(
         "--no-nanny",
         action="store_true",
-        help="run the worker in this process instead of under a nanny",
+        help="run the worker in this process, with nobody to restart it",
     )
-    _add_server_flags(worker, default_port=0)
+    # Set by a nanny for the worker it starts; not for people.
+    worker.add_argument("--nanny-address", help=argparse.SUPPRESS)
+    worker.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+
+    nanny = commands.add_parser("nanny", help="run a worker under a nanny (what 'worker' does by default)")
+    _add_worker_flags(nanny)
 
     commands.add_parser("demo", help="a guided tour on a local cluster")
     return parser
@@ -119,13 +144,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         server = Scheduler(host=args.host, port=args.port, config=config)
         return trio.run(run_until_signalled, server.serve, "scheduler")
-    if args.command == "worker":
+    if args.command == "worker" and args.no_nanny:
         from trioflow.worker import Worker
 
+        if args.memory_limit is not None:
+            parser.error("--memory-limit needs a nanny (drop --no-nanny)")
         server = Worker(
-            args.scheduler_address, nthreads=args.nthreads, host=args.host, port=args.port, config=config
+            args.scheduler_address,
+            nthreads=args.nthreads,
+            host=args.host,
+            port=args.port,
+            config=config,
+            nanny_address=args.nanny_address,
+            parent_pid=args.parent_pid,
         )
         return trio.run(run_until_signalled, server.serve, "worker")
+    if args.command in ("worker", "nanny"):
+        import os
+
+        from trioflow.nanny import Nanny, ProcessLauncher
+
+        worker_args = [
+            "--nthreads", str(args.nthreads),
+            "--host", args.host,
+            "--port", str(args.port),
+            "--log-level", args.log_level,
+        ]
+        launcher = ProcessLauncher(args.scheduler_address, worker_args, env={**os.environ, **config.to_env()})
+        nanny = Nanny(launcher, host=args.host, memory_limit=args.memory_limit, config=config)
+        return trio.run(run_until_signalled, nanny.serve, "nanny")
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
     return 2
 

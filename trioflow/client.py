@@ -154,7 +154,9 @@ class AsyncClient:
         self._token = trio.lowlevel.current_trio_token()
         try:
             async with open_connection_pool(
-                self.network, self.limits, role="client", connect_timeout=self.config.connect_timeout
+                self.network, self.limits, role="client",
+                    connect_timeout=self.config.connect_timeout,
+                    idle_timeout=self.config.peer_timeout
             ) as self._pool:
                 stream = await connect_with_timeout(
                     self.network, self.scheduler_address, self.config.connect_timeout
@@ -244,12 +246,14 @@ class AsyncClient:
                 if state is not None:
                     state.finish(tuple(str_list(m, "who_has")))
             elif op == "key_erred":
-                failure = failure_from_wire(m["failure"])
-                if state is not None and not (isinstance(failure, Cancelled) and state.done()):
-                    state.fail(failure)
+                if state is not None:
+                    state.fail(failure_from_wire(m["failure"]))
             elif op == "key_lost":
                 if state is not None:
                     state.lose()
+            elif op == "restarted":
+                for state in self.futures.values():
+                    state.fail(Cancelled("the cluster was restarted"))
             elif op in ("welcome", "heartbeat_ack"):
                 pass
             else:
@@ -614,6 +618,32 @@ class AsyncClient:
             else:
                 raise CommClosedError(f"worker {address}: {outcome.get('error')}")
         return results
+
+    async def replicate(self, futures: Any, n: int = 2) -> None:
+        """Keep `n` copies of each future's value, on different workers.
+
+        Returns once the copies exist (or every worker has one). The
+        scheduler restores the count when a holder dies, so data without
+        lineage (scattered) survives losing a worker.
+        """
+        found: dict[str, None] = {}
+        replace_futures(futures, _is_future, found)
+        await self._request({"op": "replicate", "keys": list(found), "n": n})
+
+    async def restart(self, timeout: float | None = None) -> None:
+        """Kill every worker and start it again through its nanny.
+
+        All task state is flushed: every future of every client fails with
+        `trioflow.CancelledError`. Returns once as many workers as had
+        nannies are back. Workers without a nanny leave for good.
+
+        Raises:
+            RuntimeError: the workers did not come back within `timeout`
+                (default `Config.restart_timeout`) seconds.
+        """
+        wait = self.config.restart_timeout if timeout is None else timeout
+        with _timeout(wait + self.config.connect_timeout):
+            await self._request({"op": "restart", "timeout": wait})
 
     async def who_has(self, futures: Any = None) -> dict[str, list[str]]:
         """``{key: [worker addresses]}`` for `futures` (all keys if None)."""

@@ -23,6 +23,7 @@ import trio
 
 from trioflow.config import Config
 from trioflow.loop_thread import LoopThread
+from trioflow.nanny import Nanny, ProcessLauncher
 from trioflow.nurseries import background_tasks
 from trioflow.scheduler import Scheduler
 from trioflow.worker import Worker
@@ -61,6 +62,11 @@ class AsyncLocalCluster:
         threads_per_worker: threads per worker.
         processes: workers as subprocesses (True) or as Trio tasks in this
             process (False: quick to start, handy in tests and notebooks).
+        nanny: supervise each worker process with a `Nanny` (running here,
+            in this process), which restarts it when it dies and makes
+            `Client.restart()` possible. Only with processes=True.
+        memory_limit: bytes of resident memory after which a nanny kills
+            and restarts its worker (None: no limit).
         host: interface every server binds; loopback by default.
         scheduler_port: the scheduler's port, 0 for any free one.
         config: tunables for the scheduler and workers.
@@ -73,11 +79,15 @@ class AsyncLocalCluster:
         threads_per_worker: int = 1,
         *,
         processes: bool = True,
+        nanny: bool = True,
+        memory_limit: int | None = None,
         host: str = "127.0.0.1",
         scheduler_port: int = 0,
         config: Config | None = None,
         worker_log_level: str = "warning",
     ):
+        self.nanny = nanny and processes
+        self.memory_limit = memory_limit
         self.n_workers = default_n_workers() if n_workers is None else n_workers
         if self.n_workers < 0:
             raise ValueError(f"n_workers must be >= 0, got {n_workers}")
@@ -138,13 +148,23 @@ class AsyncLocalCluster:
                 if isinstance(handle, WorkerProcess):
                     if handle.process is not None:
                         nursery.start_soon(terminate, handle.process)
-                else:
-                    handle.stop()
+                else:  # a Nanny (terminates its process) or an in-process Worker
+                    nursery.start_soon(handle.close)
 
     async def add_worker(self) -> Any:
         """Start one more worker (it registers with the scheduler on its own)."""
         assert self._nursery is not None and self.scheduler_address is not None
         name = len(self.workers)
+        if self.nanny:
+            launcher = ProcessLauncher(
+                self.scheduler_address,
+                ["--nthreads", str(self.threads_per_worker), "--host", self.host, "--log-level", self.worker_log_level],
+                env={**os.environ, **self.config.to_env()},
+            )
+            nanny = Nanny(launcher, host=self.host, memory_limit=self.memory_limit, config=self.config)
+            self.workers[name] = nanny
+            await self._nursery.start(nanny.serve)
+            return nanny
         if self.processes:
             command = [
                 sys.executable,
@@ -173,7 +193,7 @@ class AsyncLocalCluster:
 
     async def _supervise(self, handle: WorkerProcess, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run one worker process; end it when cancelled (no orphans)."""
-        env = {**os.environ, **_config_environment(self.config)}
+        env = {**os.environ, **self.config.to_env()}
         handle.process = await trio.lowlevel.open_process(
             handle.command, stdin=subprocess.DEVNULL, env=env
         )
@@ -213,13 +233,6 @@ async def terminate(process: trio.Process, grace: float = TERMINATE_GRACE_S) -> 
         await process.wait()
 
 
-def _config_environment(config: Config) -> dict[str, str]:
-    """``TRIOFLOW_*`` variables that carry `config` into a child process."""
-    import dataclasses
-
-    return {f"TRIOFLOW_{f.name.upper()}": repr(getattr(config, f.name)) for f in dataclasses.fields(config)}
-
-
 class LocalCluster:
     """A local cluster for ordinary (blocking) code; see `AsyncLocalCluster`.
 
@@ -235,6 +248,8 @@ class LocalCluster:
         threads_per_worker: int = 1,
         *,
         processes: bool = True,
+        nanny: bool = True,
+        memory_limit: int | None = None,
         host: str = "127.0.0.1",
         scheduler_port: int = 0,
         config: Config | None = None,
@@ -244,6 +259,8 @@ class LocalCluster:
             n_workers,
             threads_per_worker,
             processes=processes,
+            nanny=nanny,
+            memory_limit=memory_limit,
             host=host,
             scheduler_port=scheduler_port,
             config=config,

@@ -44,9 +44,13 @@ class Config:
     connect_timeout: float = 10.0
     """Seconds to wait for one TCP connection (and handshake) to open."""
     reconnect_backoff_min: float = 0.05
-    """First delay, in seconds, before reconnecting to a lost scheduler."""
+    """First delay, in seconds, before reconnecting to a lost scheduler (and
+    before a nanny restarts a worker that died young)."""
     reconnect_backoff_max: float = 2.0
-    """Cap, in seconds, of the exponential reconnect delay (before jitter)."""
+    """Cap, in seconds, of those exponential delays (before jitter)."""
+    peer_timeout: float = 6.0
+    """Seconds a worker or client waits for a peer that sends nothing back
+    while it owes an answer (a data fetch) before giving up on that peer."""
     scheduler_timeout: float = math.inf
     """Seconds a worker keeps trying to reach a lost scheduler before exiting."""
 
@@ -67,6 +71,8 @@ class Config:
     # -- cluster management -------------------------------------------------
     restart_timeout: float = 30.0
     """Seconds `Client.restart()` waits for the workers to come back."""
+    memory_check_interval: float = 0.1
+    """Seconds between a nanny's checks of its worker's memory."""
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -108,6 +114,12 @@ class Config:
             if value is not None:
                 values[name] = value
         return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """``TRIOFLOW_*`` variables that carry this config into a child process."""
+        return {
+            f"{ENV_PREFIX}{f.name.upper()}": repr(getattr(self, f.name)) for f in dataclasses.fields(self)
+        }
 
     def replace(self, **changes: Any) -> Config:
         """A copy with `changes` applied (and validated)."""

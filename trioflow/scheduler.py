@@ -30,6 +30,7 @@ import trio
 
 from trioflow.comm import (
     Connection,
+    ConnectionPool,
     FrameLimits,
     Network,
     RequestFailed,
@@ -37,12 +38,15 @@ from trioflow.comm import (
     TCPNetwork,
     expect_hello,
     open_connection,
+    open_connection_pool,
     reply,
 )
 from trioflow.config import Config
 from trioflow.core import SchedulerState
 from trioflow.core.scheduler_events import (
+    AcquireReplicas,
     ClientConnected,
+    ClusterRestarted,
     ClientDisconnected,
     ComputeTask,
     DataScattered,
@@ -51,6 +55,7 @@ from trioflow.core.scheduler_events import (
     KeysReleased,
     ReplicaAdded,
     ReplicaMissing,
+    ReplicationRequested,
     ReportErred,
     ReportFinished,
     ReportLost,
@@ -102,12 +107,16 @@ class _Link:
 
 
 class WorkerLink(_Link):
-    def __init__(self, conn: Connection, address: str, nthreads: int, pid: int | None):
+    def __init__(
+        self, conn: Connection, address: str, nthreads: int, pid: int | None, nanny: str | None
+    ):
         super().__init__(conn, address)
         self.address = address
         self.nthreads = nthreads
         # The worker's process id, for operators (and tests that kill it).
         self.pid = pid
+        # The control address of its nanny (None: no nanny, no restarts).
+        self.nanny = nanny
         # Function ids this worker has been sent (it caches them per connection).
         self.functions_sent: set[str] = set()
         self.last_heartbeat: dict[str, Any] = {}
@@ -157,7 +166,11 @@ class Scheduler:
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[Callable, tuple]](math.inf)
         self._stimulus_ids = itertools.count()
         self._membership_changed = trio.Event()
+        # Set after every state change for tasks waiting on a condition
+        # (replication, restarts); None while nobody waits.
+        self._state_changed: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
+        self._pool: ConnectionPool | None = None
         self._worker_ops: dict[str, Callable[[WorkerLink, dict], SchedulerEvent | None]] = {
             "task_started": self._worker_task_started,
             "task_finished": self._worker_task_finished,
@@ -179,6 +192,8 @@ class Scheduler:
             "nthreads": self._client_nthreads,
             "scheduler_info": self._client_scheduler_info,
             "wait_for_workers": self._client_wait_for_workers,
+            "replicate": self._client_replicate,
+            "restart": self._client_restart,
         }
 
     # -------------------------------------------------------------- serve --
@@ -191,7 +206,9 @@ class Scheduler:
         running tasks and clients keep their futures (what they do next is
         theirs to decide).
         """
-        async with trio.open_nursery() as nursery:
+        async with open_connection_pool(
+            self.network, self.limits, role="control", connect_timeout=self.config.connect_timeout
+        ) as self._pool, trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._drive)
             self.address = await nursery.start(
@@ -204,6 +221,13 @@ class Scheduler:
         """Return once at least `n` workers are registered."""
         while len(self.state.workers) < n:
             await self._membership_changed.wait()
+
+    async def _wait_for_state(self, condition: Callable[[], bool]) -> None:
+        """Return once `condition()` holds, re-checking after each state change."""
+        while not condition():
+            if self._state_changed is None:
+                self._state_changed = trio.Event()
+            await self._state_changed.wait()
 
     # ------------------------------------------------------------ readers --
 
@@ -218,7 +242,8 @@ class Scheduler:
                         conn,
                         field(hello, "address", str),
                         field(hello, "nthreads", int),
-                        field(hello, "pid", int, None),
+                        field(hello, "pid", (int, type(None)), None),
+                        field(hello, "nanny", (str, type(None)), None),
                     )
                     if link.nthreads < 1:
                         raise ProtocolError("a worker needs at least one thread")
@@ -283,8 +308,13 @@ class Scheduler:
     def _apply(self, event: SchedulerEvent) -> None:
         for message in self.state.handle(event):
             self._dispatch(message)
+        if self._state_changed is not None:
+            self._state_changed.set()
+            self._state_changed = None
 
     def _joined(self, link: _Link, held: dict[str, int], first: list[dict]) -> None:
+        # The welcome goes first: registering may already assign work.
+        link.send({"op": "welcome", "address": self.address})
         if isinstance(link, WorkerLink):
             old = self.workers.get(link.address)
             if old is not None:
@@ -301,7 +331,6 @@ class Scheduler:
                 old.close("replaced by a new connection with the same client id")
             self.clients[link.client_id] = link
             self._apply(ClientConnected(self._stimulus("client-joined"), link.client_id))
-        link.send({"op": "welcome", "address": self.address})
         if first:
             self._received(link, first)
 
@@ -374,6 +403,10 @@ class Scheduler:
             worker = self.workers.get(message.worker)
             if worker is not None:
                 worker.send({"op": "free_keys", "keys": message.keys})
+        elif isinstance(message, AcquireReplicas):
+            worker = self.workers.get(message.worker)
+            if worker is not None:
+                worker.send({"op": "acquire_replicas", "who_has": message.who_has, "nbytes": message.nbytes})
         elif isinstance(message, ReportFinished):
             self._to_client(message.client, {"op": "key_finished", "key": message.key, "who_has": message.who_has})
         elif isinstance(message, ReportErred):
@@ -596,6 +629,83 @@ class Scheduler:
             for address, worker in list(self.workers.items()):
                 nursery.start_soon(run_on, address, worker)
         reply(link.conn, request, results=results)
+
+    def _client_replicate(self, link: ClientLink, m: dict) -> None:
+        keys = tuple(str_list(m, "keys"))
+        n = field(m, "n", int)
+        if n < 1:
+            raise ProtocolError(f"'replicate' needs n >= 1, got {n}")
+        self._apply(ReplicationRequested(self._stimulus("replicate"), link.client_id, keys, n))
+        self._spawn(self._replicated, link, m, keys, n)
+
+    async def _replicated(self, link: ClientLink, request: dict, keys: tuple[str, ...], n: int) -> None:
+        """Answer a `replicate` request once every key has its copies."""
+        tasks = self.state.tasks
+
+        def settled() -> bool:
+            wanted = min(n, len(self.state.workers))
+            return all(k not in tasks or tasks[k].state.value != "memory" or len(tasks[k].who_has) >= wanted for k in keys)
+
+        with trio.move_on_after(self.config.restart_timeout):
+            await self._wait_for_state(settled)
+            bad = [k for k in keys if k not in tasks or tasks[k].state.value != "memory"]
+            if bad:
+                reply(link.conn, request, error=f"not in memory, cannot replicate: {bad[:5]}")
+            else:
+                reply(link.conn, request, who_has={k: list(tasks[k].who_has) for k in keys})
+            return
+        reply(link.conn, request, error=f"replication not done within {self.config.restart_timeout:g} s")
+
+    def _client_restart(self, link: ClientLink, m: dict) -> None:
+        timeout = float(field(m, "timeout", (int, float, type(None)), None) or self.config.restart_timeout)
+        self._spawn(self._restart, link, m, timeout)
+
+    async def _restart(self, link: ClientLink, request: dict, timeout: float) -> None:
+        """`Client.restart()`: flush every task, replace every worker.
+
+        Workers with a nanny are restarted by it; workers without one are
+        told to leave (they cannot come back by themselves) and a warning
+        says so. The reply comes once as many workers as had nannies have
+        registered anew, or with an error after `timeout` seconds.
+        """
+        old = dict(self.workers)
+        for worker in old.values():
+            worker.retiring = True
+        self._apply(ClusterRestarted(self._stimulus("restart"), "the cluster was restarted"))
+        for client in self.clients.values():
+            client.send({"op": "restarted"})
+        with_nanny = [w for w in old.values() if w.nanny]
+        for worker in old.values():
+            if not worker.nanny:
+                logger.warning(
+                    "worker %s has no nanny: it was told to leave and will not come back", worker.address
+                )
+                worker.send({"op": "close", "reason": "the cluster is restarting and this worker has no nanny"})
+
+        async def restart_one(worker: WorkerLink) -> None:
+            assert self._pool is not None and worker.nanny is not None
+            try:
+                await self._pool.call(worker.nanny, {"op": "restart_worker"})
+            except (CommClosedError, RequestFailed) as exc:
+                logger.warning("could not restart worker %s through its nanny: %s", worker.address, exc)
+
+        def back() -> bool:
+            fresh = [w for w in self.workers.values() if old.get(w.address) is not w]
+            return len(fresh) >= len(with_nanny)
+
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                for worker in with_nanny:
+                    nursery.start_soon(restart_one, worker)
+            await self._wait_for_state(back)
+            reply(link.conn, request, n_workers=len(self.workers))
+            return
+        fresh = sum(old.get(w.address) is not w for w in self.workers.values())
+        reply(
+            link.conn,
+            request,
+            error=f"only {fresh} of {len(with_nanny)} workers came back within {timeout:g} s",
+        )
 
     def _spawn(self, async_fn: Callable, *args: Any) -> None:
         assert self._nursery is not None

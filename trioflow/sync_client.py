@@ -99,6 +99,12 @@ class Client:
     def run(self, function: Callable[[], Any]) -> dict[str, Any]:
         return self._run(self._client.run, function)
 
+    def replicate(self, futures: Any, n: int = 2) -> None:
+        return self._run(self._client.replicate, futures, n)
+
+    def restart(self, timeout: float | None = None) -> None:
+        return self._run(self._client.restart, timeout)
+
     # -- the cluster ----------------------------------------------------------
 
     def who_has(self, futures: Any = None) -> dict[str, list[str]]:

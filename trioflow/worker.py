@@ -81,6 +81,9 @@ from trioflow.protocol import (
 
 logger = logging.getLogger("trioflow.worker")
 
+# How often a worker under a nanny checks that the nanny still lives.
+PARENT_CHECK_INTERVAL_S = 0.25
+
 
 class Worker:
     """Serve a trioflow worker connected to the scheduler at `scheduler_address`.
@@ -93,6 +96,10 @@ class Worker:
         config: tunables; defaults plus ``TRIOFLOW_*`` variables if omitted.
         network: how to connect and listen (the simulator passes its own).
         executor: where functions run (threads unless given).
+        nanny_address: the control address of this worker's nanny, if any;
+            the scheduler asks it for restarts.
+        parent_pid: exit when this process is no longer our parent (our
+            nanny was killed and cannot clean up after itself).
     """
 
     def __init__(
@@ -105,6 +112,8 @@ class Worker:
         config: Config | None = None,
         network: Network | None = None,
         executor: Executor | None = None,
+        nanny_address: str | None = None,
+        parent_pid: int | None = None,
     ):
         if nthreads < 1:
             raise ValueError(f"a worker needs at least one thread, got nthreads={nthreads}")
@@ -115,6 +124,8 @@ class Worker:
         self.config = config or Config.from_env()
         self.network = network or TCPNetwork()
         self.executor = executor or ThreadExecutor(nthreads)
+        self.nanny_address = nanny_address
+        self.parent_pid = parent_pid
         self.limits = FrameLimits.from_config(self.config)
         self.address: str | None = None
         self.state: WorkerState | None = None
@@ -152,8 +163,12 @@ class Worker:
                     self.network.serve, self._serve_peer, self.host, self.port
                 )
                 self.state = WorkerState(self.address, self.nthreads)
+                if self.parent_pid is not None:
+                    nursery.start_soon(self._watch_parent, self.parent_pid)
                 async with open_connection_pool(
-                    self.network, self.limits, role="peer", connect_timeout=self.config.connect_timeout
+                    self.network, self.limits, role="peer",
+                    connect_timeout=self.config.connect_timeout,
+                    idle_timeout=self.config.peer_timeout
                 ) as self._pool:
                     nursery.start_soon(self._drive)
                     reason = await self._serve_scheduler(task_status)
@@ -165,6 +180,18 @@ class Worker:
                     )
         finally:
             self.closed.set()
+
+    async def close(self) -> None:
+        """`stop`, and wait until the worker has shut down."""
+        self.stop()
+        await self.closed.wait()
+
+    async def _watch_parent(self, parent_pid: int) -> None:
+        """Exit when our nanny is gone (killed without a chance to stop us)."""
+        while os.getppid() == parent_pid:
+            await trio.sleep(PARENT_CHECK_INTERVAL_S)
+        logger.warning("worker %s: its nanny (pid %d) is gone; exiting", self.address, parent_pid)
+        self.stop()
 
     def stop(self) -> None:
         """Shut the worker down, exactly as cancelling `serve` would."""
@@ -185,6 +212,7 @@ class Worker:
                 nthreads=self.nthreads,
                 held=self.state.memory(),
                 pid=os.getpid(),
+                nanny=self.nanny_address,
             )
             self._scheduler = conn
             self._scheduler_requests = Requests(conn)
@@ -345,6 +373,11 @@ class Worker:
             self._spawn(self._run_function, m)
         elif op in ("heartbeat_ack", "welcome"):
             pass
+        elif op == "close":
+            logger.warning(
+                "worker %s was told to leave by the scheduler: %s", self.address, m.get("reason", "")
+            )
+            self.stop()
         elif op == "reply":
             assert self._scheduler_requests is not None
             self._scheduler_requests.deliver(m)

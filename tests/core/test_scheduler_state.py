@@ -5,7 +5,9 @@ import pytest
 from tests.core.conftest import sid
 from trioflow.core import Cancelled, DataLost, TaskState, UserError, WorkerDeaths
 from trioflow.core.scheduler_events import (
+    AcquireReplicas,
     ClientConnected,
+    ClusterRestarted,
     ClientDisconnected,
     ComputeTask,
     DataScattered,
@@ -14,6 +16,7 @@ from trioflow.core.scheduler_events import (
     KeysReleased,
     ReplicaAdded,
     ReplicaMissing,
+    ReplicationRequested,
     ReportErred,
     ReportFinished,
     ReportLost,
@@ -347,3 +350,45 @@ def test_a_transition_outside_the_table_raises_and_changes_nothing(sched):
     with pytest.raises(InvalidTransition):
         sched._transition(ts, TaskState.PROCESSING, {})
     assert ts.state is TaskState.MEMORY
+
+
+def test_replicate_asks_workers_for_copies_and_restores_them(sched):
+    """replicate(n=2) fetches a second copy; when a holder dies, a new one is made."""
+    join(sched, A, B, C)
+    sched.handle(DataScattered(sid(), "c1", {"data": (100, (A,))}))
+    msgs = sched.handle(ReplicationRequested(sid(), "c1", ("data",), 2))
+    [acquire] = [m for m in msgs if isinstance(m, AcquireReplicas)]
+    assert dict(acquire.who_has) == {"data": (A,)}
+    target = acquire.worker
+    assert sched.tasks["data"].replicas_pending == {target: None}
+    sched.handle(ReplicaAdded(sid(), target, "data", 100))
+    assert list(sched.tasks["data"].who_has) == [A, target]
+    msgs = sched.handle(WorkerDisconnected(sid(), A))
+    assert not [m for m in msgs if isinstance(m, ReportErred)]
+    [acquire] = [m for m in msgs if isinstance(m, AcquireReplicas)]
+    assert acquire.worker not in (A, target)
+    assert dict(acquire.who_has) == {"data": (target,)}
+
+
+def test_a_pending_copy_lost_with_its_worker_is_asked_elsewhere(sched):
+    """If the worker fetching a copy dies, another worker is asked."""
+    join(sched, A, B, C)
+    sched.handle(DataScattered(sid(), "c1", {"data": (100, (A,))}))
+    [acquire] = [m for m in sched.handle(ReplicationRequested(sid(), "c1", ("data",), 2)) if isinstance(m, AcquireReplicas)]
+    msgs = sched.handle(WorkerDisconnected(sid(), acquire.worker))
+    [again] = [m for m in msgs if isinstance(m, AcquireReplicas)]
+    assert again.worker not in (A, acquire.worker)
+
+
+def test_restart_cancels_every_held_future_and_flushes_state(sched):
+    """ClusterRestarted: each client hears 'cancelled' for each key; nothing remains."""
+    join(sched, A, B)
+    submit(sched, spec("x"), spec("y", "x"), wanted=["x", "y"])
+    finish(sched, A, "x")
+    msgs = sched.handle(ClusterRestarted(sid(), "the cluster was restarted"))
+    reports = sorted((m.key, m.failure) for m in msgs if isinstance(m, ReportErred))
+    assert reports == [("x", Cancelled("the cluster was restarted")), ("y", Cancelled("the cluster was restarted"))]
+    assert sched.tasks == {} and sched.clients["c1"] == {}
+    assert all(not ws.processing and not ws.has_what for ws in sched.workers.values())
+    # The cluster takes new work at once.
+    assert computes(submit(sched, spec("z")))

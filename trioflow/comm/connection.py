@@ -46,6 +46,8 @@ RECEIVE_CHUNK_BYTES = 256 * 1024
 # from the caller's buffer, instead of being joined into one bytes object.
 LARGE_FRAME_BYTES = 64 * 1024
 MAX_MESSAGES_PER_WRITE = 50_000
+# The msgpack array header `batch_frames` puts before a batch of one message.
+LONE_MESSAGE_ARRAY_HEADER_BYTES = 1
 # How long a closing connection may spend writing what is still queued.
 FINAL_FLUSH_S = 1.0
 
@@ -73,6 +75,8 @@ class Connection:
         # True while the sender is inside a write; False once `drain` takes over.
         self._writing = False
         self._sender_retired = False
+        # trio.current_time() when bytes last arrived (for hung-peer checks).
+        self.last_received = trio.current_time()
         self.close_reason: str | None = None
 
     @property
@@ -92,11 +96,21 @@ class Connection:
         if self.close_reason is not None:
             raise CommClosedError(f"connection to {self.peer} is closed: {self.close_reason}")
         encoded = encode_message(message)
+        # Check against what the peer will accept, so a message that cannot
+        # travel fails here rather than closing the connection at the peer.
+        # A message sent alone is wrapped in a one-byte msgpack array header
+        # (`batch_frames`); bigger batches keep to half the limit (`_take_batch`).
         limit = self.limits.max_frame_bytes
-        if len(encoded.body) > limit or any(memoryview(f).nbytes > limit for f in encoded.frames):
+        body_bytes = len(encoded.body) + LONE_MESSAGE_ARRAY_HEADER_BYTES
+        if body_bytes > limit or any(memoryview(f).nbytes > limit for f in encoded.frames):
             raise ProtocolError(
                 f"a {message.get('op')!r} message has a frame larger than "
                 f"max_frame_bytes={self.limits.max_frame_bytes}"
+            )
+        if 1 + len(encoded.frames) > self.limits.max_frames:
+            raise ProtocolError(
+                f"a {message.get('op')!r} message needs {1 + len(encoded.frames)} frames, "
+                f"more than max_frames={self.limits.max_frames}"
             )
         self._outbox.append(encoded)
         self._queued += 1
@@ -124,19 +138,25 @@ class Connection:
         Cancellation: safe at any await; a batch cut short by cancellation
         leaves the stream unusable, so the connection is then closed.
         """
+        mid_write = False
         try:
             while self.close_reason is None and not self._sender_retired:
                 if not self._outbox:
                     await self._outbox_nonempty.wait()
                     self._outbox_nonempty = trio.Event()
                     continue
+                mid_write = True
                 await self._write_batch()
+                mid_write = False
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._mark_closed(f"write failed: {exc!r}")
         finally:
-            if self._outbox:
-                self._mark_closed(self.close_reason or "closed with unsent messages")
-            self._write_done.set()  # wake flushers so they see the close
+            # A batch cut short mid-write leaves the stream unusable. Stopped
+            # between batches (cancelled, or retired by `drain`), the stream
+            # is clean: what is still queued is left for `drain`, which
+            # `open_connection` always runs before closing.
+            if mid_write:
+                self._mark_closed(self.close_reason or "a write was cut short")
 
     async def _write_batch(self) -> None:
         batch = self._take_batch()
@@ -159,8 +179,10 @@ class Connection:
             return
         self._sender_retired = True
         try:
-            if self._writing:
-                await self.flush()
+            # Let the sender finish the batch it is writing (only that one:
+            # it stops after it, and the rest is ours to write).
+            while self._writing and not self.closed:
+                await self._write_done.wait()
             while self._outbox and not self.closed:
                 await self._write_batch()
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError, CommClosedError) as exc:
@@ -224,6 +246,7 @@ class Connection:
             if not chunk:
                 self._mark_closed("closed by the peer")
                 raise CommClosedError(f"{self.peer} closed the connection")
+            self.last_received = trio.current_time()
             buffer += chunk
         with memoryview(buffer) as view:
             out = view[:n].tobytes()
@@ -244,6 +267,7 @@ class Connection:
                     raise CommClosedError(f"{self.peer} closed the connection mid-frame")
                 view[have : have + len(chunk)] = chunk
                 have += len(chunk)
+                self.last_received = trio.current_time()
         return out
 
     # ------------------------------------------------------------ closing --

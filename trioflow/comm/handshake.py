@@ -37,6 +37,8 @@ async def expect_hello(
     """
     with trio.move_on_after(timeout):
         batch = await conn.receive()
+        if not batch:  # a valid but empty batch: still not a hello
+            raise ProtocolError("expected a hello message first, got an empty batch")
         hello, rest = batch[0], batch[1:]
         if hello["op"] != "hello":
             raise ProtocolError(f"expected a hello message first, got op {hello['op']!r}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -49,6 +50,14 @@ class Requests:
         self.conn = conn
         self._ids = itertools.count()
         self._pending: dict[int, _Pending] = {}
+        # When the oldest unanswered request was sent (None: nothing owed).
+        self.waiting_since: float | None = None
+        self._now_waiting = trio.Event()
+
+    async def wait_until_waiting(self) -> None:
+        """Return once at least one request awaits its reply."""
+        while self.waiting_since is None:
+            await self._now_waiting.wait()
 
     async def call(self, message: dict[str, Any]) -> dict[str, Any]:
         """Send `message` and wait for its reply.
@@ -61,11 +70,17 @@ class Requests:
         """
         request_id = next(self._ids)
         pending = self._pending[request_id] = _Pending()
+        if self.waiting_since is None:
+            self.waiting_since = trio.current_time()
+            self._now_waiting.set()
+            self._now_waiting = trio.Event()
         try:
             self.conn.send({**message, "request_id": request_id})
             await pending.event.wait()
         finally:
             self._pending.pop(request_id, None)
+            if not self._pending:
+                self.waiting_since = None
         if pending.error is not None:
             raise pending.error
         assert pending.reply is not None
@@ -117,12 +132,15 @@ class ConnectionPool:
 
     def __init__(
         self, network: Network, limits: FrameLimits, role: str, connect_timeout: float,
-        nursery: trio.Nursery,
+        nursery: trio.Nursery, idle_timeout: float = math.inf,
     ):
         self.network = network
         self.limits = limits
         self.role = role
         self.connect_timeout = connect_timeout
+        # A peer that owes us an answer and sends no byte for this long is
+        # hung: the link is closed and its callers get CommClosedError.
+        self.idle_timeout = idle_timeout
         self._nursery = nursery
         self._links: dict[str, _PeerLink] = {}
 
@@ -130,7 +148,8 @@ class ConnectionPool:
         """Send a request to the peer at `address` and wait for the reply.
 
         Raises:
-            CommClosedError: the peer cannot be reached or the link broke.
+            CommClosedError: the peer cannot be reached (or `address` is
+                malformed) or the link broke.
             RequestFailed: the peer answered with an error.
         """
         link = self._links.get(address)
@@ -145,7 +164,7 @@ class ConnectionPool:
     async def _run_link(self, address: str, link: _PeerLink) -> None:
         try:
             stream = await connect_with_timeout(self.network, address, self.connect_timeout)
-        except CommClosedError as exc:
+        except (CommClosedError, ValueError) as exc:  # ValueError: a malformed address
             link.error = str(exc)
             self._links.pop(address, None)
             link.ready.set()
@@ -155,9 +174,11 @@ class ConnectionPool:
                 say_hello(conn, self.role)
                 link.requests = Requests(conn)
                 link.ready.set()
-                while True:
-                    for message in await conn.receive():
-                        link.requests.deliver(message)
+                async with background_tasks() as helpers:
+                    helpers.start_soon(self._watch, conn, link.requests)
+                    while True:
+                        for message in await conn.receive():
+                            link.requests.deliver(message)
         except (CommClosedError, ProtocolError) as exc:
             link.error = f"connection to {address} lost: {exc}"
         finally:
@@ -167,6 +188,19 @@ class ConnectionPool:
                 link.requests.fail_all(link.error or f"connection to {address} closed")
             link.ready.set()
 
+    async def _watch(self, conn: Connection, requests: Requests) -> None:
+        """Close the link when the peer owes an answer and has gone silent."""
+        if self.idle_timeout == math.inf:
+            return
+        while True:
+            await requests.wait_until_waiting()
+            assert requests.waiting_since is not None
+            deadline = max(conn.last_received, requests.waiting_since) + self.idle_timeout
+            if trio.current_time() >= deadline:
+                await conn.aclose(f"no answer for {self.idle_timeout:g} s (peer_timeout)")
+                return
+            await trio.sleep_until(deadline)
+
     def forget(self, address: str) -> None:
         """Drop the link to `address` (its reader ends when the peer closes)."""
         self._links.pop(address, None)
@@ -174,7 +208,12 @@ class ConnectionPool:
 
 @asynccontextmanager
 async def open_connection_pool(
-    network: Network, limits: FrameLimits, *, role: str, connect_timeout: float
+    network: Network,
+    limits: FrameLimits,
+    *,
+    role: str,
+    connect_timeout: float,
+    idle_timeout: float = math.inf,
 ) -> AsyncIterator[ConnectionPool]:
     async with background_tasks() as nursery:
-        yield ConnectionPool(network, limits, role, connect_timeout, nursery)
+        yield ConnectionPool(network, limits, role, connect_timeout, nursery, idle_timeout)

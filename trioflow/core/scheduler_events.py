@@ -157,6 +157,22 @@ class ReplicaMissing(SchedulerEvent):
     dependent: str | None = None
 
 
+@frozen
+class ReplicationRequested(SchedulerEvent):
+    """A client wants `n` copies of each of `keys`, kept through worker deaths."""
+
+    client: str
+    keys: tuple[str, ...]
+    n: int
+
+
+@frozen
+class ClusterRestarted(SchedulerEvent):
+    """Every worker is being restarted: all task state is flushed."""
+
+    reason: str = "the cluster was restarted"
+
+
 # -------------------------------------------------------------- messages --
 
 
@@ -183,6 +199,15 @@ class FreeKeys(SchedulerMessage):
 
     worker: str
     keys: tuple[str, ...]
+
+
+@frozen
+class AcquireReplicas(SchedulerMessage):
+    """`worker` should fetch copies of these keys from the holders named."""
+
+    worker: str
+    who_has: Mapping[str, tuple[str, ...]]
+    nbytes: Mapping[str, int]
 
 
 @frozen

@@ -91,6 +91,16 @@ def _violations(state: SchedulerState):  # noqa: C901 - a flat list of checks
             yield f"{where}: INV-FORGET unreferenced but not forgotten"
         if not needed and not ts.dependents and ts.state is S.MEMORY:
             yield f"{where}: INV-FORGET unreferenced value kept"
+        # INV-REPLICAS: copies on their way go to live workers that do not
+        # hold one yet, and only for values.
+        for address in ts.replicas_pending:
+            ws = state.workers.get(address)
+            if ws is None or key not in ws.replicating or address in ts.who_has:
+                yield f"{where}: INV-REPLICAS pending copy at {address} is not a live, distinct worker"
+        if ts.replicas_pending and ts.state is not S.MEMORY:
+            yield f"{where}: INV-REPLICAS copies pending outside memory"
+        if (ts.replicas_wanted > 1) != (key in state.replicated):
+            yield f"{where}: replicas_wanted={ts.replicas_wanted} <-> replicated mismatch"
         if (ts.state is S.NO_WORKER) != (key in state.unrunnable):
             yield f"{where}: no-worker <-> unrunnable mismatch"
         if ts.state is S.QUEUED and key not in queued_keys:
@@ -109,6 +119,10 @@ def _violations(state: SchedulerState):  # noqa: C901 - a flat list of checks
             ts = state.tasks.get(key)
             if ts is None or address not in ts.who_has:
                 yield f"worker {address}: lists {key!r} as held"
+        for key in ws.replicating:
+            ts = state.tasks.get(key)
+            if ts is None or address not in ts.replicas_pending:
+                yield f"worker {address}: lists {key!r} as replicating"
         if (address in state.idle) == ws.saturated:
             yield f"worker {address}: idle={address in state.idle} saturated={ws.saturated}"
     for address in state.idle:

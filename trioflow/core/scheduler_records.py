@@ -61,6 +61,8 @@ class SchedulerTask:
         "last_worker",
         "failure",
         "failure_origin",
+        "replicas_wanted",
+        "replicas_pending",
     )
 
     def __init__(
@@ -103,6 +105,11 @@ class SchedulerTask:
         # Set iff ERRED or LOST; dependents share the record and the origin.
         self.failure: TaskFailure | None = None
         self.failure_origin: str | None = None
+        # Copies a client asked to keep (Client.replicate); 1 unless asked.
+        self.replicas_wanted = 1
+        # Workers asked to fetch a copy that has not arrived yet.
+        # Invariant: disjoint from who_has; every entry is a live worker.
+        self.replicas_pending: dict[str, None] = {}
 
     @property
     def has_lineage(self) -> bool:
@@ -115,7 +122,7 @@ class SchedulerTask:
 class SchedulerWorker:
     """What the scheduler knows about one live worker."""
 
-    __slots__ = ("address", "nthreads", "capacity", "processing", "has_what")
+    __slots__ = ("address", "nthreads", "capacity", "processing", "has_what", "replicating")
 
     def __init__(self, address: str, nthreads: int, saturation: float):
         self.address = address
@@ -129,6 +136,8 @@ class SchedulerWorker:
         self.processing: dict[str, None] = {}
         # Invariant: exactly the MEMORY tasks whose who_has lists us.
         self.has_what: dict[str, None] = {}
+        # Keys we were asked to fetch a copy of (their replicas_pending lists us).
+        self.replicating: dict[str, None] = {}
 
     @property
     def occupancy(self) -> float:

@@ -43,7 +43,9 @@ from collections.abc import Callable, Iterable
 
 from trioflow.core.failures import Cancelled, DataLost, WorkerDeaths
 from trioflow.core.scheduler_events import (
+    AcquireReplicas,
     ClientConnected,
+    ClusterRestarted,
     ClientDisconnected,
     ComputeTask,
     DataScattered,
@@ -52,6 +54,7 @@ from trioflow.core.scheduler_events import (
     KeysReleased,
     ReplicaAdded,
     ReplicaMissing,
+    ReplicationRequested,
     ReportErred,
     ReportFinished,
     ReportLost,
@@ -121,6 +124,8 @@ class SchedulerState:
         self.queued: list[tuple[tuple[int, ...], str]] = []
         # Tasks whose restrictions name no live worker.
         self.unrunnable: dict[str, None] = {}
+        # Keys a client asked to keep more than one copy of.
+        self.replicated: dict[str, None] = {}
         # (key, from, to, stimulus_id) of recent transitions, for debugging.
         self.story: collections.deque[tuple[str, str, str, str]] = collections.deque(
             maxlen=story_length
@@ -142,6 +147,8 @@ class SchedulerState:
             TaskErred: self._on_task_erred,
             ReplicaAdded: self._on_replica_added,
             ReplicaMissing: self._on_replica_missing,
+            ReplicationRequested: self._on_replication_requested,
+            ClusterRestarted: self._on_cluster_restarted,
         }
 
     # ------------------------------------------------------------ entry --
@@ -341,12 +348,16 @@ class SchedulerState:
             if ts.restrictions is None or ev.worker in ts.restrictions:
                 recs[key] = PROCESSING
         self._transitions(recs)
+        for key in self.replicated:
+            self._replicate(self.tasks[key])
 
     def _on_worker_disconnected(self, ev: WorkerDisconnected) -> None:
         ws = self.workers.pop(ev.worker, None)
         if ws is None:
             return  # already removed (a close after a missed heartbeat)
         self.idle.pop(ev.worker, None)
+        for key in ws.replicating:
+            del self.tasks[key].replicas_pending[ev.worker]
         recs: Recommendations = {}
         # First the data: drop this replica everywhere. Values with no copy
         # left are recommended first, so that by the time the rescheduled
@@ -372,9 +383,15 @@ class SchedulerState:
                     recs[key] = ERRED
                     continue
             recs.setdefault(key, WAITING)
+        self._transitions(recs)
+        # Copies a client asked for are restored on the survivors.
+        for key in (*ws.has_what, *ws.replicating):
+            ts = self.tasks.get(key)
+            if ts is not None and key in self.replicated:
+                self._replicate(ts)
         ws.processing.clear()
         ws.has_what.clear()
-        self._transitions(recs)
+        ws.replicating.clear()
 
     def _on_task_started(self, ev: TaskStarted) -> None:
         ts = self.tasks.get(ev.key)
@@ -437,7 +454,72 @@ class SchedulerState:
         dependent = self.tasks.get(ev.dependent) if ev.dependent else None
         if dependent is not None and dependent.processing_on == ev.worker:
             recs.setdefault(dependent.key, WAITING)
+        if ts is not None and ev.worker in ts.replicas_pending:
+            del ts.replicas_pending[ev.worker]
+            del self.workers[ev.worker].replicating[ts.key]
         self._transitions(recs)
+        if ts is not None and ts.key in self.replicated and ts.key in self.tasks:
+            self._replicate(ts)
+
+    def _on_replication_requested(self, ev: ReplicationRequested) -> None:
+        for key in ev.keys:
+            ts = self.tasks.get(key)
+            if ts is None:
+                continue
+            ts.replicas_wanted = ev.n
+            if ev.n > 1:
+                self.replicated[key] = None
+            else:
+                self.replicated.pop(key, None)
+            self._replicate(ts)
+
+    def _on_cluster_restarted(self, ev: ClusterRestarted) -> None:
+        """Flush every task: each held future hears that it was cancelled.
+
+        Workers stay registered until they disconnect (the shell restarts
+        them); they are emptied here, so nothing is rerouted to them.
+        """
+        failure = Cancelled(ev.reason)
+        for key, ts in self.tasks.items():
+            for client in ts.who_wants:
+                self._emit(ReportErred(self._stimulus_id, client, key, failure, key))
+            self.story.append((key, ts.state.value, FORGOTTEN.value, self._stimulus_id))
+        self.tasks.clear()
+        for wanted in self.clients.values():
+            wanted.clear()
+        for ws in self.workers.values():
+            ws.processing.clear()
+            ws.has_what.clear()
+            ws.replicating.clear()
+        self.idle = dict.fromkeys(self.workers)
+        self.queued.clear()
+        self.unrunnable.clear()
+        self.replicated.clear()
+
+    def _replicate(self, ts: SchedulerTask) -> None:
+        """Ask workers for copies of `ts` until `replicas_wanted` exist or are coming.
+
+        Copies go to the workers holding the fewest values. Scanning the
+        workers is fine here: replication is rare and explicit, unlike
+        placement, which never scans.
+        """
+        if ts.state is not MEMORY or not ts.who_has:
+            return
+        missing = min(ts.replicas_wanted, len(self.workers)) - len(ts.who_has) - len(ts.replicas_pending)
+        if missing <= 0:
+            return
+        candidates = [
+            ws
+            for address, ws in self.workers.items()
+            if address not in ts.who_has and address not in ts.replicas_pending
+        ]
+        candidates.sort(key=lambda ws: len(ws.has_what))
+        for ws in candidates[:missing]:
+            ts.replicas_pending[ws.address] = None
+            ws.replicating[ts.key] = None
+            self._emit(
+                AcquireReplicas(self._stimulus_id, ws.address, {ts.key: tuple(ts.who_has)}, {ts.key: ts.nbytes})
+            )
 
     # ------------------------------------------------ the transition engine --
 
@@ -561,6 +643,7 @@ class SchedulerState:
     def _memory_to_waiting(self, ts: SchedulerTask, recs: Recommendations) -> None:
         """The value's last copy is gone and it is still needed: recompute it."""
         assert not ts.who_has
+        self._drop_pending_replicas(ts)
         for client in ts.who_wants:
             self._emit(ReportLost(self._stimulus_id, client, ts.key))
         self._invalidate_dependents(ts, recs)
@@ -569,6 +652,7 @@ class SchedulerState:
 
     def _memory_to_lost(self, ts: SchedulerTask, recs: Recommendations) -> None:
         """Scattered data lost its last copy: it cannot come back."""
+        self._drop_pending_replicas(ts)
         ts.state = LOST
         ts.failure, ts.failure_origin = DataLost(ts.key), ts.key
         for client in ts.who_wants:
@@ -609,6 +693,7 @@ class SchedulerState:
             self._drop_all_replicas(ts)
         ts.state = FORGOTTEN
         del self.tasks[ts.key]
+        self.replicated.pop(ts.key, None)
         for dep in ts.dependencies.values():
             dep.dependents.pop(ts.key, None)
             dep.waiters.pop(ts.key, None)
@@ -742,8 +827,19 @@ class SchedulerState:
     def _add_replica(self, ts: SchedulerTask, ws: SchedulerWorker) -> None:
         ts.who_has[ws.address] = None
         ws.has_what[ts.key] = None
+        if ts.replicas_pending.pop(ws.address, 0) is None:
+            del ws.replicating[ts.key]
+        if ts.key in self.replicated:
+            self._replicate(ts)
+
+    def _drop_pending_replicas(self, ts: SchedulerTask) -> None:
+        """`ts` left memory: copies still on their way will be freed on arrival."""
+        for address in ts.replicas_pending:
+            del self.workers[address].replicating[ts.key]
+        ts.replicas_pending.clear()
 
     def _drop_all_replicas(self, ts: SchedulerTask) -> None:
+        self._drop_pending_replicas(ts)
         for address in ts.who_has:
             del self.workers[address].has_what[ts.key]
             self._emit(FreeKeys(self._stimulus_id, address, (ts.key,)))

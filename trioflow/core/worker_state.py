@@ -91,6 +91,7 @@ class WorkerTask:
         "tried",
         "nbytes",
         "freed",
+        "compute_request",
     )
 
     def __init__(self, key: str, state: WorkerTaskState):
@@ -113,6 +114,9 @@ class WorkerTask:
         # The scheduler freed this key while local work still needed it:
         # forget it as soon as that work is done.
         self.freed = False
+        # A FLIGHT value the scheduler also asked us to compute: if the
+        # fetch fails, this request starts the computation.
+        self.compute_request: ComputeRequested | None = None
 
     def __repr__(self) -> str:
         return f"<WorkerTask {self.key!r} {self.state.value}>"
@@ -169,15 +173,35 @@ class WorkerState:
 
     def _on_compute(self, ev: ComputeRequested) -> None:
         ts = self.tasks.get(ev.key)
-        if ts is not None:
+        if ts is None:
+            ts = self.tasks[ev.key] = WorkerTask(ev.key, WAITING)
+        elif ts.state is CANCELLED:
             ts.assigned = True
-            if ts.state is CANCELLED:
-                ts.state = EXECUTING  # resumed: the thread already running serves
-            elif ts.state is MEMORY:
-                self._emit(SendTaskFinished(self._stimulus_id, ts.key, ts.nbytes))
-            # WAITING/READY/EXECUTING: a repeat; FETCH/FLIGHT: reported on arrival
+            ts.state = EXECUTING  # resumed: the thread already running serves
             return
-        ts = self.tasks[ev.key] = WorkerTask(ev.key, WAITING)
+        elif ts.state is MEMORY:
+            ts.assigned = True
+            self._emit(SendTaskFinished(self._stimulus_id, ts.key, ts.nbytes))
+            return
+        elif ts.state is FLIGHT:
+            # Its value is on its way from a peer: report it when it lands,
+            # or compute it here if that fetch fails.
+            ts.assigned = True
+            ts.compute_request = ev
+            return
+        elif ts.state is FETCH:
+            # A copy was wanted but not yet requested: compute it instead.
+            del self.fetch[ts.key]
+            ts.holders.clear()
+            ts.tried.clear()
+            ts.state = WAITING
+        else:
+            ts.assigned = True  # WAITING, READY or EXECUTING: a repeat
+            return
+        self._start_compute(ts, ev)
+
+    def _start_compute(self, ts: WorkerTask, ev: ComputeRequested) -> None:
+        """Set `ts` (WAITING, no inputs linked yet) up to run here."""
         ts.assigned, ts.run_spec, ts.priority = True, ev.run_spec, ev.priority
         fetching: list[WorkerTask] = []
         for dep_key, holders in ev.who_has.items():
@@ -321,6 +345,7 @@ class WorkerState:
         """A fetched (or put) value is in the store now."""
         ts.holders.clear()
         ts.tried.clear()
+        ts.compute_request = None
         self._now_in_memory(ts, nbytes)
         self._emit(SendReplicaAdded(self._stimulus_id, ts.key, nbytes))
         if ts.assigned:
@@ -339,6 +364,13 @@ class WorkerState:
         for key in keys:
             ts = self.tasks.get(key)
             if ts is None or ts.state is not FLIGHT:
+                continue
+            if ts.compute_request is not None:
+                request, ts.compute_request = ts.compute_request, None
+                ts.holders.clear()
+                ts.tried.clear()
+                ts.state = WAITING
+                self._start_compute(ts, request)
                 continue
             ts.holders.pop(peer, None)
             ts.tried[peer] = None

@@ -1,0 +1,339 @@
+"""The nanny: a small supervisor that keeps one worker process alive.
+
+A worker runs arbitrary user code, so it may segfault, call `os._exit`,
+leak memory or hang. The nanny is the part that stays simple and survives
+all of that:
+
+* it starts the worker as a child process through a `Launcher`
+  (design.md §3 rule 4: the simulator launches workers as cancellable Trio
+  tasks instead);
+* when the worker dies it starts a new one, after a capped, jittered,
+  exponential backoff if the worker keeps dying young;
+* with a `memory_limit`, it checks the worker's resident memory (psutil)
+  every `Config.memory_check_interval` and kills a worker that passes it;
+* it serves a small control port on which the scheduler asks for restarts
+  (`Client.restart()` goes scheduler -> nanny, so a worker too busy or too
+  hung to read messages is still restarted);
+* when it is cancelled (SIGTERM or SIGINT to the nanny process) it stops
+  the worker (SIGTERM, then SIGKILL after a grace period) and returns.
+
+If the nanny itself is killed with SIGKILL it cannot clean up, so the worker
+watches its parent (`--parent-pid`) and exits when the nanny is gone: no
+orphans either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Protocol
+
+import trio
+
+from trioflow.comm import (
+    FrameLimits,
+    Network,
+    TCPNetwork,
+    expect_hello,
+    open_connection,
+    reply,
+)
+from trioflow.config import Config
+from trioflow.errors import CommClosedError, ProtocolError
+from trioflow.nurseries import background_tasks
+
+logger = logging.getLogger("trioflow.nanny")
+
+# A worker that lived at least this long was healthy: its death resets backoff.
+HEALTHY_LIFETIME_S = 10.0
+# How long a worker may take to exit after SIGTERM before it gets SIGKILL.
+TERMINATE_GRACE_S = 3.0
+
+
+class WorkerHandle(Protocol):
+    """A running worker, as a launcher hands it to the nanny."""
+
+    pid: int | None
+
+    async def wait(self) -> int | None:
+        """Wait for the worker to exit; return its exit code."""
+
+    def kill(self) -> None:
+        """End it at once (SIGKILL)."""
+
+    async def terminate(self, grace: float) -> None:
+        """End it politely (SIGTERM), then at once after `grace` seconds."""
+
+
+class Launcher(Protocol):
+    async def launch(self, nanny_address: str) -> WorkerHandle:
+        """Start a worker whose nanny listens at `nanny_address`."""
+
+
+class ProcessHandle:
+    """A worker running as a child process."""
+
+    def __init__(self, process: trio.Process):
+        self.process = process
+        self.pid: int | None = process.pid
+
+    async def wait(self) -> int | None:
+        return await self.process.wait()
+
+    def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+
+    async def terminate(self, grace: float) -> None:
+        if self.process.returncode is not None:
+            return
+        try:
+            self.process.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        with trio.move_on_after(grace):
+            await self.process.wait()
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+class ProcessLauncher:
+    """Starts ``python -m trioflow worker ... --no-nanny`` child processes.
+
+    Args:
+        scheduler_address: the worker's scheduler.
+        worker_args: further command-line arguments for the worker.
+        env: the environment for the worker (this process's if omitted).
+    """
+
+    def __init__(
+        self,
+        scheduler_address: str,
+        worker_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ):
+        self.scheduler_address = scheduler_address
+        self.worker_args = list(worker_args)
+        self.env = env
+
+    async def launch(self, nanny_address: str) -> ProcessHandle:
+        command = [
+            sys.executable,
+            "-m",
+            "trioflow",
+            "worker",
+            self.scheduler_address,
+            "--no-nanny",
+            "--nanny-address",
+            nanny_address,
+            "--parent-pid",
+            str(os.getpid()),
+            *self.worker_args,
+        ]
+        process = await trio.lowlevel.open_process(command, stdin=subprocess.DEVNULL, env=self.env)
+        return ProcessHandle(process)
+
+
+class Nanny:
+    """Supervise one worker: start, restart, memory limit, clean shutdown.
+
+    Args:
+        launcher: how to start a worker (`ProcessLauncher` in production).
+        host: interface for the nanny's control port (loopback by default).
+        memory_limit: bytes of resident memory after which the worker is
+            killed (None: no limit). Needs a launcher whose handles have a
+            real ``pid``.
+        config: tunables (backoff, memory check interval).
+        network: how to serve the control port.
+        rng: for backoff jitter (seeded in the simulator).
+    """
+
+    def __init__(
+        self,
+        launcher: Launcher,
+        *,
+        host: str = "127.0.0.1",
+        memory_limit: int | None = None,
+        config: Config | None = None,
+        network: Network | None = None,
+        rng: random.Random | None = None,
+    ):
+        if memory_limit is not None and memory_limit <= 0:
+            raise ValueError(f"memory_limit must be positive bytes or None, got {memory_limit!r}")
+        self.launcher = launcher
+        self.host = host
+        self.memory_limit = memory_limit
+        self.config = config or Config.from_env()
+        self.network = network or TCPNetwork()
+        self.rng = rng or random.Random()
+        self.address: str | None = None
+        self.worker: WorkerHandle | None = None
+        # How many workers this nanny has started (1 + restarts).
+        self.launches = 0
+        self._restart_now = trio.Event()
+        # Set (and replaced) each time a new worker has been launched.
+        self._launched = trio.Event()
+        self._scope: trio.CancelScope | None = None
+        self.closed = trio.Event()
+
+    @property
+    def worker_pid(self) -> int | None:
+        return None if self.worker is None else self.worker.pid
+
+    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a worker running until cancelled; report the control address.
+
+        Cancellation: the current worker is terminated (SIGTERM, then
+        SIGKILL after a grace period) before this returns, even though the
+        nanny is being cancelled.
+        """
+        try:
+            await self._serve(task_status)
+        finally:
+            self.closed.set()
+
+    async def _serve(self, task_status: trio.TaskStatus[str]) -> None:
+        async with background_tasks() as nursery:
+            self._scope = nursery.cancel_scope
+            self.address = await nursery.start(self.network.serve, self._serve_control, self.host, 0)
+            delay = self.config.reconnect_backoff_min
+            while True:
+                self.worker = await self.launcher.launch(self.address)
+                self.launches += 1
+                self._launched.set()
+                self._launched = trio.Event()
+                logger.info("nanny %s started worker pid %s", self.address, self.worker.pid)
+                if self.launches == 1:
+                    task_status.started(self.address)
+                born = trio.current_time()
+                reason = await self._supervise(self.worker)
+                if reason == "restart requested":
+                    delay = self.config.reconnect_backoff_min
+                    continue
+                if trio.current_time() - born >= HEALTHY_LIFETIME_S:
+                    delay = self.config.reconnect_backoff_min
+                pause = delay * self.rng.uniform(0.5, 1.0)
+                logger.warning(
+                    "worker pid %s %s; restarting it in %.2f s", self.worker.pid, reason, pause
+                )
+                await trio.sleep(pause)
+                delay = min(delay * 2, self.config.reconnect_backoff_max)
+
+    async def _supervise(self, worker: WorkerHandle) -> str:
+        """Wait until the worker exits, is over its memory limit, or must restart."""
+        reason = "exited"
+        try:
+            async with background_tasks() as nursery:
+                done = trio.Event()
+
+                async def wait_exit() -> None:
+                    nonlocal reason
+                    code = await worker.wait()
+                    reason = f"exited with code {code}"
+                    done.set()
+
+                async def wait_restart() -> None:
+                    nonlocal reason
+                    await self._restart_now.wait()
+                    self._restart_now = trio.Event()
+                    reason = "restart requested"
+                    await worker.terminate(TERMINATE_GRACE_S)
+                    done.set()
+
+                nursery.start_soon(wait_exit)
+                nursery.start_soon(wait_restart)
+                if self.memory_limit is not None and worker.pid is not None:
+                    nursery.start_soon(self._watch_memory, worker, done)
+                await done.wait()
+        finally:
+            with trio.CancelScope(shield=True):
+                await worker.terminate(TERMINATE_GRACE_S)
+        return reason
+
+    async def _watch_memory(self, worker: WorkerHandle, done: trio.Event) -> None:
+        import psutil
+
+        try:
+            process = psutil.Process(worker.pid)
+            while True:
+                rss = process.memory_info().rss
+                if rss > self.memory_limit:  # type: ignore[operator]
+                    logger.warning(
+                        "worker pid %s uses %d bytes of memory, over its limit of %d bytes; killing it",
+                        worker.pid,
+                        rss,
+                        self.memory_limit,
+                    )
+                    worker.kill()
+                    return
+                await trio.sleep(self.config.memory_check_interval)
+        except psutil.NoSuchProcess:
+            return
+
+    def stop(self) -> None:
+        """Stop supervising: terminate the worker and return from `serve`."""
+        if self._scope is not None:
+            self._scope.cancel(reason="nanny stopped")
+
+    async def close(self) -> None:
+        """`stop`, and wait until the worker process has exited."""
+        self.stop()
+        await self.closed.wait()
+
+    def request_restart(self) -> None:
+        """Replace the worker now (no backoff)."""
+        self._restart_now.set()
+
+    async def _serve_control(self, stream: trio.abc.Stream) -> None:
+        """The control port: the scheduler asks for a restart here."""
+        async with open_connection(stream, FrameLimits.from_config(self.config), peer="control") as conn:
+            try:
+                _, batch = await expect_hello(conn, self.config.connect_timeout, frozenset({"control"}))
+                while True:
+                    for message in batch:
+                        if message["op"] != "restart_worker":
+                            raise ProtocolError(f"unknown op {message['op']!r} on a nanny's control port")
+                        launched = self._launched
+                        self.request_restart()
+                        await launched.wait()
+                        reply(conn, message, pid=self.worker_pid)
+                    batch = await conn.receive()
+            except CommClosedError:
+                pass
+            except ProtocolError as exc:
+                logger.warning("closing control connection: %s", exc)
+
+
+def parse_memory(text: str) -> int | None:
+    """Bytes from ``"4GB"``, ``"512MiB"``, ``"1e9"``; None for ``"0"``/``"none"``.
+
+    Raises:
+        ValueError: the text is not a size.
+    """
+    units = {
+        "": 1, "b": 1,
+        "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+        "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+        "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    }
+    cleaned = text.strip().lower().replace(" ", "")
+    if cleaned in ("0", "none", ""):
+        return None
+    number = cleaned.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = cleaned[len(number):]
+    if unit not in units:
+        raise ValueError(f"{text!r} is not a memory size (try 4GB, 512MiB or a number of bytes)")
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a memory size (try 4GB, 512MiB or a number of bytes)") from None
+    if value <= 0:
+        raise ValueError(f"memory size {text!r} must be positive")
+    return int(value * units[unit])
+
