@@ -298,3 +298,29 @@ async def test_get_runs_dask_collections(client):
     x = (da.arange(100, chunks=10) ** 2).sum()
     keys = x.__dask_keys__()
     assert await client.get(dict(x.__dask_graph__()), keys) == x.compute(scheduler="sync")
+
+
+def flaky(path, failures):
+    """Raise the first `failures` times it is called (counting in a file)."""
+    import pathlib
+
+    counter = pathlib.Path(path)
+    calls = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(calls))
+    if calls <= failures:
+        raise RuntimeError(f"failure {calls}")
+    return calls
+
+
+async def test_retries_rerun_a_raising_task(client, tmp_path):
+    """retries=2: two failures are retried, the third call's value is returned."""
+    future = client.submit(flaky, str(tmp_path / "a"), 2, retries=2)
+    assert await future == 3
+
+
+async def test_retries_exhausted_report_the_last_error(client, tmp_path):
+    """retries=1 with three failures: the second failure is reported."""
+    future = client.submit(flaky, str(tmp_path / "b"), 3, retries=1)
+    with pytest.raises(RuntimeError, match="failure 2"):
+        await future
+    assert (tmp_path / "b").read_text() == "2"
