@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -157,11 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             config=config,
             nanny_address=args.nanny_address,
             parent_pid=args.parent_pid,
+            pid=os.getpid(),
         )
         return trio.run(run_until_signalled, server.serve, "worker")
     if args.command in ("worker", "nanny"):
-        import os
-
         from trioflow.nanny import Nanny, ProcessLauncher
 
         worker_args = [

@@ -24,6 +24,7 @@ import collections
 import hashlib
 import itertools
 import logging
+import math
 import random
 import threading
 import uuid
@@ -66,6 +67,9 @@ from trioflow.protocol import (
 )
 
 logger = logging.getLogger("trioflow.client")
+
+# Tasks a client keeps for a scheduler that is away before submit() refuses more.
+MAX_QUEUED_WHILE_AWAY = 100_000
 
 
 def _is_future(obj: Any) -> bool:
@@ -117,6 +121,16 @@ class AsyncClient:
         self._pending_functions: dict[str, bytes] = {}
         self._closed = trio.Event()
         self._finished = trio.Event()
+        # Set while a scheduler connection is up (replaced when it drops).
+        self._connected = trio.Event()
+        self._registered = False
+        self._reader_scope: trio.CancelScope | None = None
+        # Lineage kept for resubmission after a scheduler restart.
+        self._lineage: dict[str, dict[str, Any]] = {}
+        self._lineage_refs: dict[str, int] = {}
+        self._function_payloads: dict[str, bytes] = {}
+        self._function_refs: dict[str, int] = {}
+        self._queued_while_away = 0
         self._stack: AsyncExitStack | None = None
         # Set by the blocking `Client`: runs an async method in our thread.
         self._blocking: Callable[..., Any] | None = None
@@ -146,38 +160,96 @@ class AsyncClient:
         await self._stack.__aexit__(*exc_info)
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Connect, then serve reports until closed or the scheduler is lost.
+        """Connect, serve reports, and reconnect whenever the scheduler is lost.
 
-        Cancellation: closing the client (or cancelling this task) closes the
-        connections; futures that were pending fail with `CommClosedError`.
+        The first connection must succeed (or this raises `CommClosedError`).
+        After that a lost scheduler is retried with capped, jittered
+        exponential backoff; on reconnecting, the client resubmits the
+        lineage of every future it holds (`_resubmit`). Pending futures wait
+        through the outage. Only after `scheduler_timeout` seconds without a
+        scheduler do they fail, with `CommClosedError`.
+
+        Cancellation: closing the client ends this; nothing is resubmitted.
         """
         self._token = trio.lowlevel.current_trio_token()
         try:
             async with open_connection_pool(
-                self.network, self.limits, role="client",
-                    connect_timeout=self.config.connect_timeout,
-                    idle_timeout=self.config.peer_timeout
+                self.network,
+                self.limits,
+                role="client",
+                connect_timeout=self.config.connect_timeout,
+                idle_timeout=self.config.peer_timeout,
             ) as self._pool:
+                await self._stay_connected(task_status)
+        finally:
+            self.status = "closed"
+            self._conn = None
+            self._finished.set()
+
+    async def _stay_connected(self, task_status: trio.TaskStatus[None]) -> None:
+        delay = self.config.reconnect_backoff_min
+        unreachable_since = trio.current_time()
+        first = True
+        while self.status != "closing":
+            try:
                 stream = await connect_with_timeout(
                     self.network, self.scheduler_address, self.config.connect_timeout
                 )
-                async with open_connection(stream, self.limits, peer=self.scheduler_address) as conn:
-                    say_hello(conn, "client", client_id=self.id)
-                    with trio.fail_after(self.config.connect_timeout):
-                        welcome = await conn.receive()
-                    if welcome[0]["op"] != "welcome":
-                        raise ProtocolError(f"expected a welcome, got {welcome[0]['op']!r}")
-                    self._conn, self._requests = conn, Requests(conn)
-                    self.status = "running"
-                    task_status.started()
-                    self._on_messages(welcome[1:])
-                    with trio.CancelScope() as self._reader_scope:
-                        reason = await self._listen(conn)
-                        self._lost_scheduler(reason)
-                        await self._closed.wait()
-        finally:
-            self.status = "closed"
-            self._finished.set()
+            except CommClosedError as exc:
+                if first:
+                    raise
+                reason = str(exc)
+            else:
+                reason, registered = await self._session(stream, task_status, recovering=not first)
+                if registered:
+                    first = False
+                    delay = self.config.reconnect_backoff_min
+                    unreachable_since = trio.current_time()
+            if self.status == "closing":
+                return
+            if self.status != "reconnecting":
+                self.status = "reconnecting"
+                logger.warning(
+                    "client %s lost the scheduler %s (%s); reconnecting", self.id, self.scheduler_address, reason
+                )
+            if trio.current_time() - unreachable_since >= self.config.scheduler_timeout:
+                self._give_up(reason)
+                return
+            with trio.move_on_after(delay * self._rng.uniform(0.5, 1.0)):
+                await self._closed.wait()
+            delay = min(delay * 2, self.config.reconnect_backoff_max)
+
+    async def _session(
+        self, stream: trio.abc.Stream, task_status: trio.TaskStatus[None], recovering: bool
+    ) -> tuple[str, bool]:
+        """One connection's lifetime; returns why it ended and whether we registered."""
+        async with open_connection(stream, self.limits, peer=self.scheduler_address) as conn:
+            say_hello(conn, "client", client_id=self.id, recovering=recovering and bool(self._lineage))
+            try:
+                with trio.fail_after(self.config.connect_timeout):
+                    welcome = await conn.receive()
+                if welcome[0]["op"] != "welcome":
+                    raise ProtocolError(f"expected a welcome, got {welcome[0]['op']!r}")
+            except (CommClosedError, ProtocolError, trio.TooSlowError) as exc:
+                return f"registration failed: {exc!r}", False
+            self._conn, self._requests = conn, Requests(conn)
+            self._functions_sent = set()
+            self.status = "running"
+            if recovering:
+                logger.info("client %s reconnected to %s; resubmitting its lineage", self.id, self.scheduler_address)
+                self._resubmit()
+            self._connected.set()
+            if not self._registered:
+                self._registered = True
+                task_status.started()
+            self._on_messages(welcome[1:])
+            try:
+                with trio.CancelScope() as self._reader_scope:
+                    return await self._listen(conn), True
+                return "closed", True
+            finally:
+                self._conn = None
+                self._connected = trio.Event()
 
     async def _listen(self, conn: Connection) -> str:
         try:
@@ -192,12 +264,15 @@ class AsyncClient:
             assert self._requests is not None
             self._requests.fail_all("the scheduler connection closed")
 
-    def _lost_scheduler(self, reason: str) -> None:
-        if self.status == "closing":
-            return
-        logger.warning("client %s lost the scheduler %s: %s", self.id, self.scheduler_address, reason)
-        self.status = "disconnected"
-        error = CommClosedError(f"lost the connection to the scheduler: {reason}")
+    def _give_up(self, reason: str) -> None:
+        logger.error(
+            "client %s gives up: no scheduler at %s for %g s (scheduler_timeout)",
+            self.id,
+            self.scheduler_address,
+            self.config.scheduler_timeout,
+        )
+        self.status = "closing"
+        error = CommClosedError(f"lost the connection to the scheduler for good: {reason}")
         for state in self.futures.values():
             if not state.done():
                 state.fail_locally(error)
@@ -213,8 +288,61 @@ class AsyncClient:
             except CommClosedError:
                 pass
         self._closed.set()
-        if getattr(self, "_reader_scope", None) is not None:
+        if self._reader_scope is not None:
             self._reader_scope.cancel()
+
+    # ------------------------------------------------------------ lineage --
+    #
+    # To survive a scheduler restart without losing work, the client keeps
+    # what it would need to submit everything again: the task message of
+    # every key it holds a future for, and of every key those depend on
+    # (transitively), plus the functions they use. A key's record goes when
+    # no future and no kept record needs it any more.
+
+    def _remember(self, task: dict[str, Any], function: SerializedFunction | None) -> None:
+        key = task["key"]
+        if key in self._lineage:
+            return
+        self._lineage[key] = task
+        for dep in task.get("dependencies", ()):
+            self._lineage_refs[dep] = self._lineage_refs.get(dep, 0) + 1
+        if function is not None:
+            self._function_payloads[function.function_id] = function.payload
+            self._function_refs[function.function_id] = self._function_refs.get(function.function_id, 0) + 1
+
+    def _forget_lineage(self, key: str) -> None:
+        stack = [key]
+        while stack:
+            key = stack.pop()
+            if key in self.futures or self._lineage_refs.get(key, 0) or key not in self._lineage:
+                continue
+            task = self._lineage.pop(key)
+            self._lineage_refs.pop(key, None)
+            function_id = task.get("function_id")
+            if function_id is not None:
+                self._function_refs[function_id] -= 1
+                if not self._function_refs[function_id]:
+                    del self._function_refs[function_id]
+                    del self._function_payloads[function_id]
+            for dep in task.get("dependencies", ()):
+                self._lineage_refs[dep] -= 1
+                stack.append(dep)
+
+    def _resubmit(self) -> None:
+        """Send the kept lineage to a new scheduler (after a reconnect)."""
+        assert self._conn is not None
+        wanted = [k for k, st in self.futures.items() if not st.done() or st.status == FINISHED]
+        self._functions_sent = set(self._function_payloads)
+        self._pending_functions.clear()
+        self._queued_while_away = 0
+        self._conn.send(
+            {
+                "op": "submit",
+                "tasks": list(self._lineage.values()),
+                "functions": dict(self._function_payloads),
+                "wanted": wanted,
+            }
+        )
 
     # ---------------------------------------------------- calling conventions --
 
@@ -294,6 +422,7 @@ class AsyncClient:
             if state.refs <= 0:
                 del self.futures[key]
                 released.append(key)
+                self._forget_lineage(key)
         if released and self._conn is not None and self.status == "running":
             try:
                 self._conn.send({"op": "release_keys", "keys": released})
@@ -407,7 +536,9 @@ class AsyncClient:
                 "retries": retries,
                 "workers": restrictions,
             }
-            prepared.append((task, self._future(key)))
+            future = self._future(key)
+            self._remember(task, used)
+            prepared.append((task, future))
         return prepared
 
     def _register_function(self, function: SerializedFunction) -> None:
@@ -416,6 +547,20 @@ class AsyncClient:
             self._pending_functions[function.function_id] = function.payload
 
     def _send_tasks(self, tasks: list[dict], wanted: list[str]) -> None:
+        """Send new tasks, or, while the scheduler is away, keep them for later.
+
+        While reconnecting, submitted tasks wait in the lineage and go with
+        the resubmission; at most `MAX_QUEUED_WHILE_AWAY` of them, after
+        which `submit` raises rather than hold back unbounded work.
+        """
+        if self.status == "reconnecting":
+            self._queued_while_away += len(tasks)
+            if self._queued_while_away > MAX_QUEUED_WHILE_AWAY:
+                raise CommClosedError(
+                    f"the scheduler at {self.scheduler_address} is unreachable and "
+                    f"{MAX_QUEUED_WHILE_AWAY} tasks are already waiting for it"
+                )
+            return
         conn = self._require_connection()
         functions = dict(self._pending_functions)
         self._pending_functions.clear()
@@ -426,6 +571,18 @@ class AsyncClient:
         if self._conn is None or self.status != "running":
             raise CommClosedError(f"client {self.id} is {self.status}, not connected to a scheduler")
         return self._conn
+
+    async def _connection(self, timeout: float | None) -> Connection:
+        """The scheduler connection, waiting up to `timeout` s for a reconnect."""
+        if self.status in ("closing", "closed", "new"):
+            return self._require_connection()
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            while self._conn is None or self.status != "running":
+                await self._connected.wait()
+            return self._conn
+        raise CommClosedError(
+            f"no connection to the scheduler at {self.scheduler_address} within {timeout:g} s"
+        )
 
     # ------------------------------------------------------------- graphs --
 
@@ -527,13 +684,21 @@ class AsyncClient:
         return retry
 
     async def _refresh_holders(self, states: list[FutureState]) -> None:
-        """Tell the scheduler which holders failed us and learn the current ones."""
-        conn = self._require_connection()
-        for state in states:
-            if state.who_has:
-                conn.send({"op": "missing_data", "key": state.key, "holders": [state.who_has[0]]})
-        assert self._requests is not None
-        answer = await self._requests.call({"op": "who_has", "keys": [s.key for s in states]})
+        """Tell the scheduler which holders failed us and learn the current ones.
+
+        Waits through a scheduler outage (the caller's timeout still applies).
+        """
+        while True:
+            conn = await self._connection(None)
+            for state in states:
+                if state.who_has:
+                    conn.send({"op": "missing_data", "key": state.key, "holders": [state.who_has[0]]})
+            assert self._requests is not None
+            try:
+                answer = await self._requests.call({"op": "who_has", "keys": [s.key for s in states]})
+                break
+            except CommClosedError:
+                continue  # the scheduler went away meanwhile: wait for the next one
         who_has = answer.get("who_has", {})
         for state in states:
             holders = tuple(who_has.get(state.key) or ())
@@ -545,7 +710,8 @@ class AsyncClient:
     # ------------------------------------------------------- other requests --
 
     async def _request(self, message: dict[str, Any]) -> dict[str, Any]:
-        self._require_connection()
+        """Ask the scheduler; waits up to connect_timeout for a reconnect first."""
+        await self._connection(self.config.connect_timeout)
         assert self._requests is not None
         try:
             return await self._requests.call(message)
@@ -567,7 +733,7 @@ class AsyncClient:
         else:
             items = [(None, data)]
         payloads: dict[str, Serialized] = {}
-        keys = []
+        keys: list[str] = []
         for key, value in items:
             serialized = dumps(value)
             if key is None:
@@ -578,6 +744,8 @@ class AsyncClient:
             payloads[key] = serialized
             keys.append(key)
         futures = {key: self._future(key) for key in keys}
+        for key in keys:
+            self._remember({"key": key, "scattered": True}, None)
         with _timeout(timeout):
             await self._request({"op": "scatter", "data": payloads, "broadcast": broadcast})
         if isinstance(data, Mapping):
@@ -599,8 +767,10 @@ class AsyncClient:
             state = self.futures[key]
             if not state.done():
                 state.fail(Cancelled(reason))
-        if keys:
-            self._require_connection().send({"op": "cancel_keys", "keys": keys, "reason": reason})
+        if keys and self._conn is not None:
+            # (While reconnecting there is nothing to send: cancelled keys are
+            # left out of the resubmission.)
+            self._conn.send({"op": "cancel_keys", "keys": keys, "reason": reason})
 
     async def run(self, function: Callable[[], Any]) -> dict[str, Any]:
         """Call ``function()`` on every worker; return ``{worker_address: result}``.

@@ -53,6 +53,14 @@ class Config:
     while it owes an answer (a data fetch) before giving up on that peer."""
     scheduler_timeout: float = math.inf
     """Seconds a worker keeps trying to reach a lost scheduler before exiting."""
+    recovery_grace: float = 2.5
+    """Seconds a newly started scheduler holds back lineage that reconnecting
+    clients resubmit, so that surviving workers can re-register first and
+    their values are reused rather than recomputed. Exceed
+    reconnect_backoff_max."""
+    orphan_timeout: float = 60.0
+    """Seconds a scheduler keeps values re-registered by workers that no
+    client has claimed (after a restart) before freeing them."""
 
     # -- wire limits (checked before anything is allocated) ---------------
     max_frame_bytes: int = 1 << 30

@@ -17,7 +17,10 @@ import trio
 
 class Executor(Protocol):
     async def run(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn()` and return its result (or raise its exception)."""
+        """Run the task function `fn()`; return its result or raise its exception."""
+
+    async def run_now(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn()` without waiting for a task thread (for `Client.run`)."""
 
 
 class ThreadExecutor:
@@ -34,3 +37,6 @@ class ThreadExecutor:
 
     async def run(self, fn: Callable[[], Any]) -> Any:
         return await trio.to_thread.run_sync(fn, limiter=self.limiter, abandon_on_cancel=True)
+
+    async def run_now(self, fn: Callable[[], Any]) -> Any:
+        return await trio.to_thread.run_sync(fn, abandon_on_cancel=True)

@@ -53,6 +53,7 @@ from trioflow.core.scheduler_events import (
     FreeKeys,
     KeysCancelled,
     KeysReleased,
+    OrphansExpired,
     ReplicaAdded,
     ReplicaMissing,
     ReplicationRequested,
@@ -128,6 +129,10 @@ class ClientLink(_Link):
     def __init__(self, conn: Connection, client_id: str):
         super().__init__(conn, client_id)
         self.client_id = client_id
+        # A reconnecting client's messages wait here until this time (the
+        # recovery grace); -inf when they are handled at once.
+        self.held_until = -math.inf
+        self.backlog: list[dict] = []
 
 
 class Scheduler:
@@ -171,6 +176,7 @@ class Scheduler:
         self._state_changed: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
         self._pool: ConnectionPool | None = None
+        self._started_at = -math.inf
         self._worker_ops: dict[str, Callable[[WorkerLink, dict], SchedulerEvent | None]] = {
             "task_started": self._worker_task_started,
             "task_finished": self._worker_task_finished,
@@ -210,6 +216,7 @@ class Scheduler:
             self.network, self.limits, role="control", connect_timeout=self.config.connect_timeout
         ) as self._pool, trio.open_nursery() as nursery:
             self._nursery = nursery
+            self._started_at = trio.current_time()
             nursery.start_soon(self._drive)
             self.address = await nursery.start(
                 self.network.serve, self._serve_stream, self.host, self.port
@@ -248,14 +255,19 @@ class Scheduler:
                     if link.nthreads < 1:
                         raise ProtocolError("a worker needs at least one thread")
                     held = str_map(hello, "held", int)
+                    running = tuple(str_list(hello, "running")) if "running" in hello else ()
                 else:
                     link = ClientLink(conn, field(hello, "client_id", str))
-                    held = {}
+                    held, running = {}, ()
+                    if field(hello, "recovering", bool, False):
+                        # Lineage from before a scheduler restart: hold it back
+                        # until surviving workers have had time to re-register.
+                        link.held_until = self._started_at + self.config.recovery_grace
             except (ProtocolError, CommClosedError) as exc:
                 logger.warning("closing connection before hello completed: %s", exc)
                 return
             conn.peer = link.name
-            self._post(self._joined, link, held, first)
+            self._post(self._joined, link, held, running, first)
             reason = await self._read(link)
             self._post(self._left, link, reason)
 
@@ -312,7 +324,7 @@ class Scheduler:
             self._state_changed.set()
             self._state_changed = None
 
-    def _joined(self, link: _Link, held: dict[str, int], first: list[dict]) -> None:
+    def _joined(self, link: _Link, held: dict[str, int], running: tuple[str, ...], first: list[dict]) -> None:
         # The welcome goes first: registering may already assign work.
         link.send({"op": "welcome", "address": self.address})
         if isinstance(link, WorkerLink):
@@ -320,7 +332,15 @@ class Scheduler:
             if old is not None:
                 old.close("replaced by a new connection from the same address")
             self.workers[link.address] = link
-            self._apply(WorkerConnected(self._stimulus("worker-joined"), link.address, link.nthreads, held))
+            self._apply(
+                WorkerConnected(self._stimulus("worker-joined"), link.address, link.nthreads, held, running)
+            )
+            orphans = tuple(k for k in (*held, *running) if k in self.state.orphans)
+            if orphans:
+                logger.info(
+                    "worker %s re-registered %d values or runs nobody has claimed yet", link.address, len(orphans)
+                )
+                self._spawn(self._expire_orphans, orphans)
             logger.info("worker %s joined (%d threads)", link.address, link.nthreads)
             self._membership_changed.set()
             self._membership_changed = trio.Event()
@@ -331,6 +351,8 @@ class Scheduler:
                 old.close("replaced by a new connection with the same client id")
             self.clients[link.client_id] = link
             self._apply(ClientConnected(self._stimulus("client-joined"), link.client_id))
+            if link.held_until > trio.current_time():
+                self._spawn(self._release_held_client, link)
         if first:
             self._received(link, first)
 
@@ -355,9 +377,26 @@ class Scheduler:
             del self.clients[link.client_id]
             self._apply(ClientDisconnected(self._stimulus("client-left"), link.client_id))
 
+    async def _expire_orphans(self, keys: tuple[str, ...]) -> None:
+        await trio.sleep(self.config.orphan_timeout)
+        self._post(self._apply, OrphansExpired(self._stimulus("orphans-expired"), keys))
+
+    async def _release_held_client(self, link: ClientLink) -> None:
+        await trio.sleep_until(link.held_until)
+        self._post(self._flush_held_client, link)
+
+    def _flush_held_client(self, link: ClientLink) -> None:
+        link.held_until = -math.inf
+        backlog, link.backlog = link.backlog, []
+        if backlog:
+            self._received(link, backlog)
+
     def _received(self, link: _Link, messages: list[dict]) -> None:
         if link.scope.cancel_called:
             return  # being closed: ignore whatever else it sent
+        if isinstance(link, ClientLink) and link.held_until > -math.inf:
+            link.backlog.extend(messages)
+            return
         try:
             if isinstance(link, WorkerLink):
                 for message in messages:
@@ -477,6 +516,10 @@ class Scheduler:
             if not isinstance(task, dict):
                 raise ProtocolError("'submit' message: each task must be a map")
             key = field(task, "key", str)
+            if field(task, "scattered", bool, False):
+                # Data without lineage, re-registered by a reconnecting client.
+                specs.append(TaskSpec(key, None))
+                continue
             function_id = field(task, "function_id", str)
             function = self.functions.get(function_id)
             if function is None:

@@ -20,6 +20,7 @@ import itertools
 import logging
 import math
 import os
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +58,7 @@ from trioflow.core.worker_events import (
     GatherFailed,
     GatherSucceeded,
     ReplicasRequested,
+    SchedulerLost,
     SendReplicaAdded,
     SendReplicaMissing,
     SendTaskErred,
@@ -100,6 +102,10 @@ class Worker:
             the scheduler asks it for restarts.
         parent_pid: exit when this process is no longer our parent (our
             nanny was killed and cannot clean up after itself).
+        pid: the process id to report to the scheduler, when this worker is
+            a process of its own (the CLI passes its pid; in-process and
+            simulated workers report none).
+        rng: for reconnect jitter (seeded in the simulator).
     """
 
     def __init__(
@@ -114,6 +120,8 @@ class Worker:
         executor: Executor | None = None,
         nanny_address: str | None = None,
         parent_pid: int | None = None,
+        pid: int | None = None,
+        rng: random.Random | None = None,
     ):
         if nthreads < 1:
             raise ValueError(f"a worker needs at least one thread, got nthreads={nthreads}")
@@ -126,6 +134,7 @@ class Worker:
         self.executor = executor or ThreadExecutor(nthreads)
         self.nanny_address = nanny_address
         self.parent_pid = parent_pid
+        self.pid = pid
         self.limits = FrameLimits.from_config(self.config)
         self.address: str | None = None
         self.state: WorkerState | None = None
@@ -142,19 +151,21 @@ class Worker:
         self._nursery: trio.Nursery | None = None
         self._pool = None
         self.closed = trio.Event()
+        self._registered = False
+        self._link_registered = False
+        self._rng = rng or random.Random()
 
     # -------------------------------------------------------------- serve --
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the worker until cancelled or until the scheduler is gone.
+        """Run the worker until cancelled, or until its scheduler has been
+        unreachable for `Config.scheduler_timeout` seconds.
 
         Reports the worker's own address through `task_status` once it is
-        registered with the scheduler. Shutdown: running threads are
-        abandoned (their results dropped), held data is dropped with the
-        process.
-
-        Raises:
-            CommClosedError: the scheduler could not be reached at start.
+        registered with the scheduler. When the scheduler link is lost the
+        worker keeps its data and running tasks and registers again (see
+        `_stay_connected`). Shutdown: running threads are abandoned (their
+        results dropped), held data is dropped with the process.
         """
         try:
             async with background_tasks() as nursery:
@@ -171,15 +182,48 @@ class Worker:
                     idle_timeout=self.config.peer_timeout
                 ) as self._pool:
                     nursery.start_soon(self._drive)
-                    reason = await self._serve_scheduler(task_status)
-                    logger.warning(
-                        "worker %s lost its scheduler %s (%s); shutting down",
-                        self.address,
-                        self.scheduler_address,
-                        reason,
-                    )
+                    await self._stay_connected(task_status)
         finally:
             self.closed.set()
+
+    async def _stay_connected(self, task_status: trio.TaskStatus[str]) -> None:
+        """Register with the scheduler, and register again whenever the link is lost.
+
+        Between attempts the worker waits a capped, jittered exponential
+        backoff (`reconnect_backoff_min` doubling up to `reconnect_backoff_max`,
+        each wait drawn from its upper half) so that many workers do not
+        reconnect in lockstep. It gives up after `scheduler_timeout` seconds
+        without a scheduler (by default it never does).
+        """
+        delay = self.config.reconnect_backoff_min
+        unreachable_since = trio.current_time()
+        last_reason = None
+        while True:
+            self._link_registered = False
+            try:
+                reason = await self._serve_scheduler(task_status)
+            except CommClosedError as exc:
+                reason = str(exc)
+            if self._link_registered:
+                delay = self.config.reconnect_backoff_min
+                unreachable_since = trio.current_time()
+                self._post(self._apply, SchedulerLost(self._stimulus("scheduler-lost")))
+            if reason != last_reason:
+                logger.warning(
+                    "worker %s cannot reach its scheduler %s (%s); retrying",
+                    self.address,
+                    self.scheduler_address,
+                    reason,
+                )
+                last_reason = reason
+            waited = trio.current_time() - unreachable_since
+            if waited >= self.config.scheduler_timeout:
+                raise CommClosedError(
+                    f"worker {self.address} gives up: no scheduler at {self.scheduler_address} "
+                    f"for {waited:.1f} s (scheduler_timeout; last error: {reason})"
+                )
+            await trio.sleep(delay * self._rng.uniform(0.5, 1.0))
+            delay = min(delay * 2, self.config.reconnect_backoff_max)
 
     async def close(self) -> None:
         """`stop`, and wait until the worker has shut down."""
@@ -211,19 +255,24 @@ class Worker:
                 address=self.address,
                 nthreads=self.nthreads,
                 held=self.state.memory(),
-                pid=os.getpid(),
+                running=self.state.running(),
+                pid=self.pid,
                 nanny=self.nanny_address,
             )
             self._scheduler = conn
             self._scheduler_requests = Requests(conn)
+            leaving = True
             try:
                 async with background_tasks() as nursery:
                     nursery.start_soon(self._heartbeats, conn)
-                    return await self._listen_to_scheduler(conn, task_status)
+                    reason = await self._listen_to_scheduler(conn, task_status)
+                leaving = False
+                return reason
             finally:
+                self._scheduler = None
                 self._scheduler_requests.fail_all("scheduler connection closed")
-                if not conn.closed:
-                    # Leaving on purpose (shutdown): say so, so the scheduler
+                if leaving and not conn.closed:
+                    # Shutting down on purpose: say so, so the scheduler
                     # reroutes our tasks without suspecting them of killing us.
                     conn.send({"op": "goodbye"})
 
@@ -240,14 +289,17 @@ class Worker:
                 self.nthreads,
                 self.scheduler_address,
             )
-            task_status.started(self.address)
-            self._post(self._from_scheduler, welcome[1:])
+            self._link_registered = True
+            if not self._registered:
+                self._registered = True
+                task_status.started(self.address)
+            self._post(self._from_scheduler, conn, welcome[1:])
             # The scheduler answers every heartbeat, so silence past
             # scheduler_ttl means it hangs (or the network does).
             with trio.CancelScope() as alive:
                 while True:
                     alive.deadline = trio.current_time() + ttl
-                    self._post(self._from_scheduler, await conn.receive())
+                    self._post(self._from_scheduler, conn, await conn.receive())
             return f"no message for {ttl:g} s (scheduler_ttl)"
         except trio.TooSlowError:
             return "the scheduler did not answer the registration"
@@ -337,15 +389,14 @@ class Worker:
 
     # ------------------------------------------------- scheduler messages --
 
-    def _from_scheduler(self, messages: list[dict]) -> None:
-        assert self._scheduler_requests is not None
+    def _from_scheduler(self, conn: Connection, messages: list[dict]) -> None:
         for message in messages:
             try:
-                self._scheduler_op(message)
+                self._scheduler_op(conn, message)
             except ProtocolError as exc:
                 logger.warning("ignoring bad message from the scheduler: %s", exc)
 
-    def _scheduler_op(self, m: dict) -> None:
+    def _scheduler_op(self, conn: Connection, m: dict) -> None:
         op = m["op"]
         if op == "compute_task":
             function_id = field(m, "function_id", str)
@@ -368,9 +419,9 @@ class Worker:
             who_has = {k: tuple(v) for k, v in str_map(m, "who_has", list).items()}
             self._apply(ReplicasRequested(self._stimulus("replicate"), who_has, str_map(m, "nbytes", int)))
         elif op == "put_data":
-            self._put_data(m)
+            self._put_data(conn, m)
         elif op == "run":
-            self._spawn(self._run_function, m)
+            self._spawn(self._run_function, conn, m)
         elif op in ("heartbeat_ack", "welcome"):
             pass
         elif op == "close":
@@ -379,30 +430,32 @@ class Worker:
             )
             self.stop()
         elif op == "reply":
-            assert self._scheduler_requests is not None
-            self._scheduler_requests.deliver(m)
+            if self._scheduler_requests is not None and self._scheduler is conn:
+                self._scheduler_requests.deliver(m)
         else:
             raise ProtocolError(f"unknown op {op!r} from the scheduler")
 
-    def _put_data(self, m: dict) -> None:
-        assert self._scheduler is not None
+    def _put_data(self, conn: Connection, m: dict) -> None:
         try:
             values = {key: loads(value) for key, value in str_map(m, "data", Serialized).items()}
         except SerializationError as exc:
-            reply(self._scheduler, m, error=str(exc))
+            reply(conn, m, error=str(exc))
             return
         self.data.update(values)
         nbytes = {key: sizeof(value) for key, value in values.items()}
         self._apply(DataPut(self._stimulus("put-data"), nbytes))
-        reply(self._scheduler, m, nbytes=nbytes)
+        reply(conn, m, nbytes=nbytes)
 
-    async def _run_function(self, m: dict) -> None:
-        """`client.run`: call a function here, outside the task threads."""
-        conn = self._scheduler
-        assert conn is not None
+    async def _run_function(self, conn: Connection, m: dict) -> None:
+        """`client.run`: call a function right here, in the worker's Trio thread.
+
+        Like a task it goes through the executor, but it does not wait for a
+        free task thread: `run` is for inspecting and preparing workers,
+        and must work even while every thread is busy.
+        """
         try:
             function = loads(field(m, "function", Serialized))
-            result = await trio.to_thread.run_sync(function, abandon_on_cancel=True)
+            result = await self.executor.run_now(function)
             payload = dumps(result)
         except (Exception, SystemExit) as exc:
             reply(conn, m, failure=failure_to_wire(user_error_from_exception(exc)))

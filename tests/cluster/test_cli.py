@@ -87,9 +87,11 @@ def test_bad_flags_and_config_are_refused_clearly(args, env, message):
     assert message in result.stderr
 
 
-def test_worker_with_unreachable_scheduler_exits_with_an_error():
-    """A worker whose scheduler cannot be reached says so and exits 1."""
+def test_worker_gives_up_after_scheduler_timeout():
+    """A worker whose scheduler stays unreachable retries, then after
+    scheduler_timeout says why in one line and exits 1."""
     port = free_port()
-    result = run_cli("worker", f"tcp://127.0.0.1:{port}", "--no-nanny", "--connect-timeout", "2")
+    result = run_cli("worker", f"tcp://127.0.0.1:{port}", "--no-nanny", "--scheduler-timeout", "1.5")
     assert result.returncode == 1
+    assert f"gives up: no scheduler at tcp://127.0.0.1:{port}" in result.stderr
     assert f"could not connect to tcp://127.0.0.1:{port}" in result.stderr

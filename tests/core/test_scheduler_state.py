@@ -14,6 +14,7 @@ from trioflow.core.scheduler_events import (
     FreeKeys,
     KeysCancelled,
     KeysReleased,
+    OrphansExpired,
     ReplicaAdded,
     ReplicaMissing,
     ReplicationRequested,
@@ -392,3 +393,73 @@ def test_restart_cancels_every_held_future_and_flushes_state(sched):
     assert all(not ws.processing and not ws.has_what for ws in sched.workers.values())
     # The cluster takes new work at once.
     assert computes(submit(sched, spec("z")))
+
+
+# --- a restarted scheduler: workers re-register, clients resubmit lineage ---
+
+
+def test_a_value_a_worker_still_holds_is_not_recomputed(sched):
+    """After a restart: the worker re-registers holding x, the client resubmits
+    x and y=f(x): x is in memory at once and only y runs."""
+    sched.handle(WorkerConnected(sid(), A, 1, held={"x": 8}))
+    assert "x" in sched.orphans
+    msgs = submit(sched, spec("x"), spec("y", "x"))
+    assert [m.key for m in msgs if isinstance(m, ReportFinished)] == ["x"]
+    assert computes(msgs) == [(A, "y")]
+    assert sched.orphans == {}
+
+
+def test_a_task_still_running_is_not_started_twice(sched):
+    """A worker re-registers running x: the resubmitted x is assigned to it, suspected if it dies."""
+    join(sched, B)
+    sched.handle(WorkerConnected(sid(), A, 1, running=("x",)))
+    msgs = submit(sched, spec("x"))
+    assert computes(msgs) == [(A, "x")]
+    assert sched.tasks["x"].running
+    msgs = sched.handle(TaskFinished(sid(), A, "x", 8))
+    assert [m.key for m in msgs if isinstance(m, ReportFinished)] == ["x"]
+
+
+def test_a_run_that_finishes_before_its_lineage_returns_is_kept(sched):
+    """x finishes on a re-registered worker before any client resubmits it:
+    the value is kept as an orphan and the resubmission takes it."""
+    sched.handle(WorkerConnected(sid(), A, 1, running=("x",)))
+    assert sched.handle(TaskFinished(sid(), A, "x", 8)) == []
+    msgs = submit(sched, spec("x"))
+    assert [m.key for m in msgs if isinstance(m, ReportFinished)] == ["x"]
+    assert not computes(msgs)
+
+
+def test_resubmitted_scattered_data_is_found_or_lost(sched):
+    """Lineage-less keys resubmitted after a restart: held -> memory, else LostData."""
+    sched.handle(WorkerConnected(sid(), A, 1, held={"kept": 8}))
+    msgs = submit(sched, TaskSpec("kept", None), TaskSpec("gone", None))
+    assert [m.key for m in msgs if isinstance(m, ReportFinished)] == ["kept"]
+    assert [(m.key, m.failure) for m in msgs if isinstance(m, ReportErred)] == [("gone", DataLost("gone"))]
+
+
+def test_unclaimed_orphans_expire_and_are_freed(sched):
+    """Orphans no client claims are freed on their holders when they expire."""
+    sched.handle(WorkerConnected(sid(), A, 1, held={"stale": 8}))
+    msgs = sched.handle(OrphansExpired(sid(), ("stale",)))
+    assert [(m.worker, m.keys) for m in msgs if isinstance(m, FreeKeys)] == [(A, ("stale",))]
+    assert sched.orphans == {}
+
+
+def test_a_late_worker_brings_a_value_being_recomputed(sched):
+    """A worker re-registering with the value of a task being recomputed ends the recomputation."""
+    join(sched, B)
+    submit(sched, spec("x"))
+    assert sched.tasks["x"].processing_on == B
+    msgs = sched.handle(WorkerConnected(sid(), A, 1, held={"x": 8}))
+    assert [m.key for m in msgs if isinstance(m, ReportFinished)] == ["x"]
+    assert (B, ("x",)) in [(m.worker, m.keys) for m in msgs if isinstance(m, FreeKeys)]
+
+
+def test_orphans_of_a_dead_worker_are_dropped(sched):
+    """An orphan whose only holder dies is forgotten (its lineage will recompute it)."""
+    sched.handle(WorkerConnected(sid(), A, 1, held={"x": 8}))
+    sched.handle(WorkerDisconnected(sid(), A))
+    assert sched.orphans == {}
+    join(sched, B)
+    assert computes(submit(sched, spec("x"))) == [(B, "x")]

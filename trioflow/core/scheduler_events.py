@@ -96,11 +96,25 @@ class DataScattered(SchedulerEvent):
 
 @frozen
 class WorkerConnected(SchedulerEvent):
-    """A worker registered; `held` lists data it already has, ``{key: nbytes}``."""
+    """A worker registered.
+
+    After a scheduler restart a surviving worker re-registers with the values
+    it holds (`held`, ``{key: nbytes}``) and the tasks still running in its
+    threads (`running`); keys this scheduler does not know yet are kept as
+    orphans until a client resubmits their lineage (`OrphansExpired`).
+    """
 
     worker: str
     nthreads: int
     held: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    running: tuple[str, ...] = ()
+
+
+@frozen
+class OrphansExpired(SchedulerEvent):
+    """No client claimed these orphaned keys in time: free them."""
+
+    keys: tuple[str, ...]
 
 
 @frozen

@@ -128,6 +128,19 @@ def _violations(state: SchedulerState):  # noqa: C901 - a flat list of checks
     for address in state.idle:
         if address not in state.workers:
             yield f"idle worker {address} is not live"
+    # INV-ORPHANS: what workers reported and no task claimed yet.
+    for key, orphan in state.orphans.items():
+        if key in state.tasks:
+            yield f"orphan {key!r} has a task record"
+        if not orphan.holders and orphan.running_on is None:
+            yield f"orphan {key!r} is held and run by nobody"
+        for address in [*orphan.holders, orphan.running_on]:
+            if address is not None and address not in state.workers:
+                yield f"orphan {key!r} names dead worker {address}"
+    for key, address in state.recovering_runs.items():
+        ts = state.tasks.get(key)
+        if ts is None or ts.state not in (S.WAITING, S.QUEUED, S.NO_WORKER) or address not in state.workers:
+            yield f"recovering run of {key!r} on {address} is stale ({ts!r})"
     if state.idle and any(
         state.tasks.get(k) is not None and state.tasks[k].state is S.QUEUED for k in queued_keys
     ):

@@ -149,3 +149,24 @@ class SchedulerWorker:
 
     def __repr__(self) -> str:
         return f"<SchedulerWorker {self.address} {len(self.processing)}/{self.nthreads}>"
+
+
+class Orphan:
+    """A key a worker holds or runs that this scheduler has no task for (yet).
+
+    After a scheduler restart, workers re-register before clients resubmit
+    their lineage; the orphan keeps what the workers said so that the
+    resubmitted task can take the value (or the running thread) instead of
+    computing it again.
+    """
+
+    __slots__ = ("nbytes", "holders", "running_on")
+
+    def __init__(self) -> None:
+        self.nbytes = 0
+        # Invariant: live workers only.
+        self.holders: dict[str, None] = {}
+        self.running_on: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<Orphan holders={list(self.holders)} running_on={self.running_on}>"

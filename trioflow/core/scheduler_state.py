@@ -52,6 +52,7 @@ from trioflow.core.scheduler_events import (
     FreeKeys,
     KeysCancelled,
     KeysReleased,
+    OrphansExpired,
     ReplicaAdded,
     ReplicaMissing,
     ReplicationRequested,
@@ -70,6 +71,7 @@ from trioflow.core.scheduler_events import (
 from trioflow.core.scheduler_records import (
     FAILED,
     IN_PROGRESS,
+    Orphan,
     SchedulerTask,
     SchedulerWorker,
     TaskState,
@@ -126,6 +128,12 @@ class SchedulerState:
         self.unrunnable: dict[str, None] = {}
         # Keys a client asked to keep more than one copy of.
         self.replicated: dict[str, None] = {}
+        # Keys workers hold or run that no task record names (after a
+        # scheduler restart, until clients resubmit their lineage).
+        self.orphans: dict[str, Orphan] = {}
+        # Tasks a worker said it is already running: when ready, they are
+        # assigned there rather than started a second time elsewhere.
+        self.recovering_runs: dict[str, str] = {}
         # (key, from, to, stimulus_id) of recent transitions, for debugging.
         self.story: collections.deque[tuple[str, str, str, str]] = collections.deque(
             maxlen=story_length
@@ -149,6 +157,7 @@ class SchedulerState:
             ReplicaMissing: self._on_replica_missing,
             ReplicationRequested: self._on_replication_requested,
             ClusterRestarted: self._on_cluster_restarted,
+            OrphansExpired: self._on_orphans_expired,
         }
 
     # ------------------------------------------------------------ entry --
@@ -243,6 +252,10 @@ class SchedulerState:
                     continue
                 ts.dependencies[dep_key] = dep
                 dep.dependents[ts.key] = ts
+        for ts in new:
+            orphan = self.orphans.pop(ts.key, None)
+            if orphan is not None:
+                self._claim_orphan(ts, orphan)
         for key in ev.wanted:
             ts = self.tasks.get(key)
             if ts is None:
@@ -257,9 +270,17 @@ class SchedulerState:
         # effects, so that earlier work is placed first.
         for ts in new:
             if ts.key not in self.tasks:
-                continue
-            if ts.failure is not None:
+                continue  # forgotten meanwhile
+            if ts.state is MEMORY:  # took an orphaned value above
+                recs = {}
+                self._recommend_release_if_unneeded(ts, recs)
+                self._transitions(recs)
+            elif ts.failure is not None:
                 self._transitions({ts.key: ERRED})
+            elif not ts.has_lineage:
+                # Scattered data resubmitted after a scheduler restart that
+                # no surviving worker holds: it cannot be recomputed.
+                self._transitions({ts.key: LOST})
             elif self._is_needed(ts):
                 self._transitions({ts.key: WAITING})
             elif ts.state is RELEASED and not ts.dependents:
@@ -338,14 +359,31 @@ class SchedulerState:
         self.idle[ev.worker] = None
         for key, nbytes in ev.held.items():
             ts = self.tasks.get(key)
-            if ts is not None and ts.state is MEMORY:
+            if ts is None:
+                orphan = self.orphans.setdefault(key, Orphan())
+                orphan.holders[ev.worker] = None
+                orphan.nbytes = nbytes
+            elif ts.state is MEMORY:
                 self._add_replica(ts, ws)
+            elif ts.state in IN_PROGRESS or ts.state is LOST:
+                # The value we were waiting for already exists: take it.
+                self._transitions({}, first=(ts, MEMORY, {"worker": ws, "nbytes": nbytes}))
             else:
                 self._emit(FreeKeys(self._stimulus_id, ev.worker, (key,)))
+        for key in ev.running:
+            ts = self.tasks.get(key)
+            if ts is None:
+                self.orphans.setdefault(key, Orphan()).running_on = ev.worker
+            elif ts.state in (WAITING, QUEUED, NO_WORKER):
+                self.recovering_runs[key] = ev.worker
         recs: Recommendations = {}
         for key in self.unrunnable:
             ts = self.tasks[key]
             if ts.restrictions is None or ev.worker in ts.restrictions:
+                recs[key] = PROCESSING
+        for key in ev.running:
+            ts = self.tasks.get(key)
+            if ts is not None and ts.state is QUEUED:
                 recs[key] = PROCESSING
         self._transitions(recs)
         for key in self.replicated:
@@ -358,6 +396,7 @@ class SchedulerState:
         self.idle.pop(ev.worker, None)
         for key in ws.replicating:
             del self.tasks[key].replicas_pending[ev.worker]
+        self._forget_worker_orphans(ev.worker)
         recs: Recommendations = {}
         # First the data: drop this replica everywhere. Values with no copy
         # left are recommended first, so that by the time the rescheduled
@@ -403,14 +442,26 @@ class SchedulerState:
         ws = self.workers.get(ev.worker)
         if ws is None:
             return  # a message from a worker we already declared dead
-        if ts is None or ts.state not in (PROCESSING, MEMORY):
-            # Nobody needs this value any more (released, rerouted, erred).
-            self._emit(FreeKeys(self._stimulus_id, ev.worker, (ev.key,)))
-            return
-        if ts.state is MEMORY:
+        if ts is None:
+            orphan = self.orphans.get(ev.key)
+            if orphan is not None and orphan.running_on == ev.worker:
+                # A run that outlived the old scheduler: keep its value for
+                # the client that will resubmit it.
+                orphan.running_on = None
+                orphan.holders[ev.worker] = None
+                orphan.nbytes = ev.nbytes
+            else:
+                self._emit(FreeKeys(self._stimulus_id, ev.worker, (ev.key,)))
+        elif ts.state is MEMORY:
             self._add_replica(ts, ws)
-            return
-        self._transitions({}, first=(ts, MEMORY, {"worker": ws, "nbytes": ev.nbytes}))
+        elif ts.state in IN_PROGRESS:
+            # Usually PROCESSING here; a value finished by a worker the task
+            # was taken from (rerouted, or re-registered after a restart) is
+            # just as good, so it is taken rather than computed again.
+            self._transitions({}, first=(ts, MEMORY, {"worker": ws, "nbytes": ev.nbytes}))
+        else:
+            # Nobody needs this value any more (released, erred).
+            self._emit(FreeKeys(self._stimulus_id, ev.worker, (ev.key,)))
 
     def _on_task_erred(self, ev: TaskErred) -> None:
         ts = self.tasks.get(ev.key)
@@ -495,6 +546,40 @@ class SchedulerState:
         self.queued.clear()
         self.unrunnable.clear()
         self.replicated.clear()
+        for key, orphan in self.orphans.items():
+            for address in orphan.holders:
+                self._emit(FreeKeys(self._stimulus_id, address, (key,)))
+        self.orphans.clear()
+        self.recovering_runs.clear()
+
+    def _on_orphans_expired(self, ev: OrphansExpired) -> None:
+        for key in ev.keys:
+            orphan = self.orphans.pop(key, None)
+            if orphan is None:
+                continue
+            for address in orphan.holders:
+                self._emit(FreeKeys(self._stimulus_id, address, (key,)))
+
+    def _claim_orphan(self, ts: SchedulerTask, orphan: Orphan) -> None:
+        """A resubmitted task takes what workers said they hold or run for it."""
+        if orphan.holders:
+            ts.state, ts.nbytes = MEMORY, orphan.nbytes
+            for address in orphan.holders:
+                self._add_replica(ts, self.workers[address])
+            self.story.append((ts.key, RELEASED.value, MEMORY.value, self._stimulus_id))
+        elif orphan.running_on is not None:
+            self.recovering_runs[ts.key] = orphan.running_on
+
+    def _forget_worker_orphans(self, address: str) -> None:
+        for key in [k for k, o in self.orphans.items() if address in o.holders or o.running_on == address]:
+            orphan = self.orphans[key]
+            orphan.holders.pop(address, None)
+            if orphan.running_on == address:
+                orphan.running_on = None
+            if not orphan.holders and orphan.running_on is None:
+                del self.orphans[key]
+        for key in [k for k, w in self.recovering_runs.items() if w == address]:
+            del self.recovering_runs[key]
 
     def _replicate(self, ts: SchedulerTask) -> None:
         """Ask workers for copies of `ts` until `replicas_wanted` exist or are coming.
@@ -599,6 +684,13 @@ class SchedulerState:
         previous = ts.state
         if previous is NO_WORKER:
             del self.unrunnable[ts.key]
+        running_on = self.recovering_runs.pop(ts.key, None)
+        if running_on is not None:
+            # The worker is already running it (it said so when it
+            # re-registered): assign it there, never start a second run.
+            self._assign(ts, self.workers[running_on])
+            ts.running = True
+            return
         ws = self._choose_worker(ts)
         if ws is not None:
             self._assign(ts, ws)
@@ -609,16 +701,20 @@ class SchedulerState:
             ts.state = QUEUED
             heapq.heappush(self.queued, (ts.priority, ts.key))
 
-    def _processing_to_memory(
+    def _to_memory(
         self, ts: SchedulerTask, recs: Recommendations, *, worker: SchedulerWorker, nbytes: int
     ) -> None:
-        if ts.processing_on != worker.address:
-            # Finished by a worker it was no longer assigned to (it had been
-            # rerouted): the value is just as good; cancel the other run.
-            self._unassign(ts, cancel=True)
-        else:
-            self._unassign(ts, cancel=False)
+        """`worker` holds the value now (it computed it, or re-registered with it)."""
+        if ts.state is PROCESSING:
+            # Finished by the worker it was assigned to, or by one it had
+            # been taken from: either way, cancel any other run.
+            self._unassign(ts, cancel=ts.processing_on != worker.address)
+        elif ts.state is NO_WORKER:
+            del self.unrunnable[ts.key]
+        self.recovering_runs.pop(ts.key, None)
         ts.state, ts.nbytes = MEMORY, nbytes
+        ts.failure = ts.failure_origin = None
+        ts.waiting_on.clear()
         self._add_replica(ts, worker)
         for client in ts.who_wants:
             self._report_finished(client, ts)
@@ -650,7 +746,7 @@ class SchedulerState:
         ts.state = WAITING
         self._wait_for_dependencies(ts, recs)
 
-    def _memory_to_lost(self, ts: SchedulerTask, recs: Recommendations) -> None:
+    def _to_lost(self, ts: SchedulerTask, recs: Recommendations) -> None:
         """Scattered data lost its last copy: it cannot come back."""
         self._drop_pending_replicas(ts)
         ts.state = LOST
@@ -658,6 +754,7 @@ class SchedulerState:
         for client in ts.who_wants:
             self._report_failure(client, ts)
         self._err_dependents(ts, recs)
+        self._recommend_release_if_unneeded(ts, recs)
 
     def _to_erred(self, ts: SchedulerTask, recs: Recommendations) -> None:
         """`ts.failure` is set: keep it, tell clients, and err the dependents."""
@@ -667,6 +764,7 @@ class SchedulerState:
             del self.unrunnable[ts.key]
         ts.state = ERRED
         ts.waiting_on.clear()
+        self.recovering_runs.pop(ts.key, None)
         for client in ts.who_wants:
             self._report_failure(client, ts)
         self._stop_waiting(ts, recs)
@@ -683,6 +781,7 @@ class SchedulerState:
             self._drop_all_replicas(ts)
         ts.state = RELEASED
         ts.waiting_on.clear()
+        self.recovering_runs.pop(ts.key, None)
         self._stop_waiting(ts, recs)
         if not ts.dependents and not ts.who_wants:
             recs[ts.key] = FORGOTTEN
@@ -864,28 +963,33 @@ class SchedulerState:
 _S = SchedulerState
 TRANSITIONS: dict[tuple[TaskState, TaskState], Callable[..., None]] = {
     (RELEASED, WAITING): _S._released_to_waiting,
+    (RELEASED, LOST): _S._to_lost,
     (RELEASED, ERRED): _S._to_erred,
     (RELEASED, FORGOTTEN): _S._to_forgotten,
     (WAITING, PROCESSING): _S._to_processing,  # may end QUEUED or NO_WORKER
+    (WAITING, MEMORY): _S._to_memory,  # a value re-registered or finished elsewhere
     (WAITING, ERRED): _S._to_erred,
     (WAITING, RELEASED): _S._to_released,
     (QUEUED, PROCESSING): _S._to_processing,
     (QUEUED, ERRED): _S._to_erred,
     (QUEUED, RELEASED): _S._to_released,
     (QUEUED, WAITING): _S._to_waiting_again,
+    (QUEUED, MEMORY): _S._to_memory,
     (NO_WORKER, PROCESSING): _S._to_processing,
     (NO_WORKER, ERRED): _S._to_erred,
     (NO_WORKER, RELEASED): _S._to_released,
     (NO_WORKER, WAITING): _S._to_waiting_again,
-    (PROCESSING, MEMORY): _S._processing_to_memory,
+    (NO_WORKER, MEMORY): _S._to_memory,
+    (PROCESSING, MEMORY): _S._to_memory,
     (PROCESSING, WAITING): _S._to_waiting_again,
     (PROCESSING, ERRED): _S._to_erred,
     (PROCESSING, RELEASED): _S._to_released,
     (MEMORY, WAITING): _S._memory_to_waiting,
-    (MEMORY, LOST): _S._memory_to_lost,
+    (MEMORY, LOST): _S._to_lost,
     (MEMORY, RELEASED): _S._to_released,
     (MEMORY, FORGOTTEN): _S._to_forgotten,
     (ERRED, FORGOTTEN): _S._to_forgotten,
     (LOST, FORGOTTEN): _S._to_forgotten,
+    (LOST, MEMORY): _S._to_memory,  # a copy turned up again (re-registration)
 }
 del _S

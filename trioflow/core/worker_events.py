@@ -58,6 +58,15 @@ class DataPut(WorkerEvent):
 
 
 @frozen
+class SchedulerLost(WorkerEvent):
+    """The scheduler connection is gone; the worker will register again.
+
+    Values and running threads are kept (the next scheduler is told about
+    them); work that had not started is dropped (it will be sent again).
+    """
+
+
+@frozen
 class ExecutionSucceeded(WorkerEvent):
     key: str
     nbytes: int

@@ -48,6 +48,7 @@ from trioflow.core.worker_events import (
     GatherFailed,
     GatherSucceeded,
     ReplicasRequested,
+    SchedulerLost,
     SendReplicaAdded,
     SendReplicaMissing,
     SendTaskErred,
@@ -152,6 +153,7 @@ class WorkerState:
             ExecutionFailed: self._on_execution_failed,
             GatherSucceeded: self._on_gather_succeeded,
             GatherFailed: self._on_gather_failed,
+            SchedulerLost: self._on_scheduler_lost,
         }
 
     def handle(self, event: WorkerEvent) -> list[WorkerInstruction]:
@@ -168,6 +170,10 @@ class WorkerState:
     def memory(self) -> dict[str, int]:
         """``{key: nbytes}`` of every value held here."""
         return {k: ts.nbytes for k, ts in self.tasks.items() if ts.state is MEMORY}
+
+    def running(self) -> list[str]:
+        """Keys whose functions are running here for the scheduler."""
+        return [k for k in self.executing if self.tasks[k].state is EXECUTING]
 
     # ----------------------------------------------------------- events --
 
@@ -254,6 +260,18 @@ class WorkerState:
             ts.holders = {peer: None for peer in holders if peer != self.address}
             self.fetch[key] = None
             self._fail_fetch_if_hopeless(ts)
+
+    def _on_scheduler_lost(self, ev: SchedulerLost) -> None:
+        """Keep values and running threads; drop what has not started."""
+        for ts in list(self.tasks.values()):
+            if ts.key in self.tasks and ts.state in (WAITING, READY):
+                self._forget(ts)
+        for ts in list(self.tasks.values()):
+            if ts.state is FETCH and not ts.dependents:
+                self._forget(ts)
+            elif ts.state is FLIGHT and not ts.dependents:
+                ts.assigned = False
+                ts.compute_request = None
 
     def _on_data_put(self, ev: DataPut) -> None:
         for key, nbytes in ev.nbytes.items():
