@@ -31,7 +31,6 @@ from trioflow.comm import (
     FrameLimits,
     Network,
     RequestFailed,
-    Requests,
     TCPNetwork,
     connect_with_timeout,
     dumps,
@@ -145,7 +144,6 @@ class Worker:
         self.functions: dict[str, bytes] = {}
         self.executions = 0  # functions run to completion or error, for tests
         self._scheduler: Connection | None = None
-        self._scheduler_requests: Requests | None = None
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[Callable, tuple]](math.inf)
         self._stimulus_ids = itertools.count()
         self._nursery: trio.Nursery | None = None
@@ -260,7 +258,6 @@ class Worker:
                 nanny=self.nanny_address,
             )
             self._scheduler = conn
-            self._scheduler_requests = Requests(conn)
             leaving = True
             try:
                 async with background_tasks() as nursery:
@@ -270,7 +267,6 @@ class Worker:
                 return reason
             finally:
                 self._scheduler = None
-                self._scheduler_requests.fail_all("scheduler connection closed")
                 if leaving and not conn.closed:
                     # Shutting down on purpose: say so, so the scheduler
                     # reroutes our tasks without suspecting them of killing us.
@@ -429,9 +425,6 @@ class Worker:
                 "worker %s was told to leave by the scheduler: %s", self.address, m.get("reason", "")
             )
             self.stop()
-        elif op == "reply":
-            if self._scheduler_requests is not None and self._scheduler is conn:
-                self._scheduler_requests.deliver(m)
         else:
             raise ProtocolError(f"unknown op {op!r} from the scheduler")
 
