@@ -54,6 +54,7 @@ from trioflow.config import Config
 from trioflow.core.failures import Cancelled
 from trioflow.errors import CommClosedError, ProtocolError, SerializationError
 from trioflow.future import FINISHED, Future, FutureState
+from trioflow.lineage import Lineage
 from trioflow.graph import flatten_keys, graph_key, graph_nodes, needed_in_order, run_graph_node
 from trioflow.nurseries import background_tasks
 from trioflow.protocol import (
@@ -125,11 +126,8 @@ class AsyncClient:
         self._connected = trio.Event()
         self._registered = False
         self._reader_scope: trio.CancelScope | None = None
-        # Lineage kept for resubmission after a scheduler restart.
-        self._lineage: dict[str, dict[str, Any]] = {}
-        self._lineage_refs: dict[str, int] = {}
-        self._function_payloads: dict[str, bytes] = {}
-        self._function_refs: dict[str, int] = {}
+        # What to resubmit after a scheduler restart.
+        self._lineage = Lineage()
         self._queued_while_away = 0
         self._stack: AsyncExitStack | None = None
         # Set by the blocking `Client`: runs an async method in our thread.
@@ -291,55 +289,18 @@ class AsyncClient:
         if self._reader_scope is not None:
             self._reader_scope.cancel()
 
-    # ------------------------------------------------------------ lineage --
-    #
-    # To survive a scheduler restart without losing work, the client keeps
-    # what it would need to submit everything again: the task message of
-    # every key it holds a future for, and of every key those depend on
-    # (transitively), plus the functions they use. A key's record goes when
-    # no future and no kept record needs it any more.
-
-    def _remember(self, task: dict[str, Any], function: SerializedFunction | None) -> None:
-        key = task["key"]
-        if key in self._lineage:
-            return
-        self._lineage[key] = task
-        for dep in task.get("dependencies", ()):
-            self._lineage_refs[dep] = self._lineage_refs.get(dep, 0) + 1
-        if function is not None:
-            self._function_payloads[function.function_id] = function.payload
-            self._function_refs[function.function_id] = self._function_refs.get(function.function_id, 0) + 1
-
-    def _forget_lineage(self, key: str) -> None:
-        stack = [key]
-        while stack:
-            key = stack.pop()
-            if key in self.futures or self._lineage_refs.get(key, 0) or key not in self._lineage:
-                continue
-            task = self._lineage.pop(key)
-            self._lineage_refs.pop(key, None)
-            function_id = task.get("function_id")
-            if function_id is not None:
-                self._function_refs[function_id] -= 1
-                if not self._function_refs[function_id]:
-                    del self._function_refs[function_id]
-                    del self._function_payloads[function_id]
-            for dep in task.get("dependencies", ()):
-                self._lineage_refs[dep] -= 1
-                stack.append(dep)
-
     def _resubmit(self) -> None:
         """Send the kept lineage to a new scheduler (after a reconnect)."""
         assert self._conn is not None
         wanted = [k for k, st in self.futures.items() if not st.done() or st.status == FINISHED]
-        self._functions_sent = set(self._function_payloads)
+        self._functions_sent = set(self._lineage.functions)
         self._pending_functions.clear()
         self._queued_while_away = 0
         self._conn.send(
             {
                 "op": "submit",
-                "tasks": list(self._lineage.values()),
-                "functions": dict(self._function_payloads),
+                "tasks": list(self._lineage.tasks.values()),
+                "functions": dict(self._lineage.functions),
                 "wanted": wanted,
             }
         )
@@ -422,7 +383,7 @@ class AsyncClient:
             if state.refs <= 0:
                 del self.futures[key]
                 released.append(key)
-                self._forget_lineage(key)
+                self._lineage.forget(key, self.futures.__contains__)
         if released and self._conn is not None and self.status == "running":
             try:
                 self._conn.send({"op": "release_keys", "keys": released})
@@ -537,7 +498,7 @@ class AsyncClient:
                 "workers": restrictions,
             }
             future = self._future(key)
-            self._remember(task, used)
+            self._lineage.remember(task, used)
             prepared.append((task, future))
         return prepared
 
@@ -745,7 +706,7 @@ class AsyncClient:
             keys.append(key)
         futures = {key: self._future(key) for key in keys}
         for key in keys:
-            self._remember({"key": key, "scattered": True}, None)
+            self._lineage.remember({"key": key, "scattered": True}, None)
         with _timeout(timeout):
             await self._request({"op": "scatter", "data": payloads, "broadcast": broadcast})
         if isinstance(data, Mapping):

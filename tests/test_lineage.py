@@ -1,0 +1,44 @@
+"""The client's lineage: kept while needed for a resubmission, dropped after."""
+
+from trioflow.comm.serialize import SerializedFunction
+from trioflow.lineage import Lineage
+
+F = SerializedFunction("f-id", b"pickled f")
+
+
+def task(key, *deps):
+    return {"key": key, "function_id": F.function_id, "dependencies": list(deps)}
+
+
+def test_inputs_are_kept_while_a_held_dependent_needs_them():
+    """x's record stays while y (held) depends on it, and goes with y."""
+    lineage, held = Lineage(), {"y"}
+    lineage.remember(task("x"), F)
+    lineage.remember(task("y", "x"), F)
+    lineage.forget("x", held.__contains__)
+    assert list(lineage.tasks) == ["x", "y"]
+    held.clear()
+    lineage.forget("y", held.__contains__)
+    assert not lineage and lineage.functions == {}
+
+
+def test_functions_stay_while_any_task_uses_them():
+    """A function payload is dropped only with the last task that uses it."""
+    lineage, held = Lineage(), {"a", "b"}
+    lineage.remember(task("a"), F)
+    lineage.remember(task("b"), F)
+    held.discard("a")
+    lineage.forget("a", held.__contains__)
+    assert lineage.functions == {"f-id": b"pickled f"}
+    held.discard("b")
+    lineage.forget("b", held.__contains__)
+    assert lineage.functions == {}
+
+
+def test_scattered_keys_are_remembered_without_a_function():
+    """Scattered data is kept as a lineage-less marker."""
+    lineage = Lineage()
+    lineage.remember({"key": "data", "scattered": True}, None)
+    assert lineage.tasks == {"data": {"key": "data", "scattered": True}}
+    lineage.forget("data", lambda key: False)
+    assert not lineage

@@ -1,0 +1,74 @@
+"""`Lineage`: what a client keeps to submit its work again after a scheduler restart.
+
+A scheduler that dies forgets every task. Its workers survive with their
+values, but only the clients know *how* each value was made. So each client
+keeps the task message of every key it holds a future for, and of every key
+those depend on (transitively: recomputing a lost value may need its
+inputs' recipes too), together with the pickled functions they use. On
+reconnecting it sends them all again in one `submit` (design.md §1,
+"scheduler dies").
+
+A record goes as soon as nothing needs it: no future for the key and no
+kept record that depends on it. That is reference counting, done by hand
+because the references are keys, not objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from trioflow.comm.serialize import SerializedFunction
+
+
+class Lineage:
+    """The task messages (and functions) needed to rebuild held keys."""
+
+    def __init__(self) -> None:
+        # key -> the task message as first submitted, in submission order
+        # (inputs before dependents, which is the order a resubmission needs).
+        self.tasks: dict[str, dict[str, Any]] = {}
+        # key -> how many kept tasks list it as a dependency
+        self._dependents: dict[str, int] = {}
+        self.functions: dict[str, bytes] = {}
+        self._function_users: dict[str, int] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.tasks)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def remember(self, task: dict[str, Any], function: SerializedFunction | None) -> None:
+        """Keep `task` (a `submit` task message, or ``{key, scattered: True}``)."""
+        key = task["key"]
+        if key in self.tasks:
+            return
+        self.tasks[key] = task
+        for dep in task.get("dependencies", ()):
+            self._dependents[dep] = self._dependents.get(dep, 0) + 1
+        if function is not None:
+            self.functions[function.function_id] = function.payload
+            self._function_users[function.function_id] = self._function_users.get(function.function_id, 0) + 1
+
+    def forget(self, key: str, held: Callable[[str], bool]) -> None:
+        """Drop `key`'s record if nothing needs it, then its inputs' likewise.
+
+        `held(key)` says whether the client still holds a future for a key.
+        """
+        stack = [key]
+        while stack:
+            key = stack.pop()
+            if key not in self.tasks or held(key) or self._dependents.get(key, 0):
+                continue
+            task = self.tasks.pop(key)
+            self._dependents.pop(key, None)
+            function_id = task.get("function_id")
+            if function_id is not None:
+                self._function_users[function_id] -= 1
+                if not self._function_users[function_id]:
+                    del self._function_users[function_id]
+                    del self.functions[function_id]
+            for dep in task.get("dependencies", ()):
+                self._dependents[dep] -= 1
+                stack.append(dep)
