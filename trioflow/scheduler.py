@@ -177,6 +177,8 @@ class Scheduler:
         self._nursery: trio.Nursery | None = None
         self._pool: ConnectionPool | None = None
         self._started_at = -math.inf
+        # free_keys messages held back per worker until `_apply` ends.
+        self._frees: dict[str, list[str]] = {}
         self._worker_ops: dict[str, Callable[[WorkerLink, dict], SchedulerEvent | None]] = {
             "task_started": self._worker_task_started,
             "task_finished": self._worker_task_finished,
@@ -320,6 +322,7 @@ class Scheduler:
     def _apply(self, event: SchedulerEvent) -> None:
         for message in self.state.handle(event):
             self._dispatch(message)
+        self._flush_frees()
         if self._state_changed is not None:
             self._state_changed.set()
             self._state_changed = None
@@ -419,7 +422,25 @@ class Scheduler:
 
     # ------------------------------------------------ core -> wire messages --
 
+    def _flush_frees(self, address: str | None = None) -> None:
+        """Send the `free_keys` held back for one worker (or for all)."""
+        addresses = list(self._frees) if address is None else [address]
+        for address in addresses:
+            keys = self._frees.pop(address, None)
+            worker = self.workers.get(address)
+            if keys and worker is not None:
+                worker.send({"op": "free_keys", "keys": keys})
+
     def _dispatch(self, message: SchedulerMessage) -> None:
+        if isinstance(message, FreeKeys):
+            # Releasing many keys frees them one by one; they travel as one
+            # message per worker. Anything else for that worker flushes them
+            # first, so its order of messages is kept.
+            self._frees.setdefault(message.worker, []).extend(message.keys)
+            return
+        worker_address = getattr(message, "worker", None)
+        if worker_address in self._frees:
+            self._flush_frees(worker_address)
         if isinstance(message, ComputeTask):
             worker = self.workers.get(message.worker)
             if worker is None:
@@ -438,10 +459,6 @@ class Scheduler:
                 worker.functions_sent.add(spec.function_id)
                 wire["function"] = spec.function
             worker.send(wire)
-        elif isinstance(message, FreeKeys):
-            worker = self.workers.get(message.worker)
-            if worker is not None:
-                worker.send({"op": "free_keys", "keys": message.keys})
         elif isinstance(message, AcquireReplicas):
             worker = self.workers.get(message.worker)
             if worker is not None:
