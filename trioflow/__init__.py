@@ -25,7 +25,13 @@ from trioflow.errors import (
 from trioflow.future import Future
 from trioflow.scheduler import Scheduler
 from trioflow.sync_client import Client
-from trioflow.waiting import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, as_completed, wait
+from trioflow.waiting import (
+    ALL_COMPLETED,
+    FIRST_COMPLETED,
+    FIRST_EXCEPTION,
+    as_completed,
+    wait,
+)
 from trioflow.worker import Worker
 
 __version__ = "0.1.0"

@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker_flags(nanny)
 
     commands.add_parser("demo", help="a guided tour on a local cluster")
+    from trioflow.sim.cli import add_chaos_parser
+
+    add_chaos_parser(commands)
     return parser
 
 
@@ -131,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from trioflow.demo import run_demo
 
         return run_demo()
+    if args.command == "chaos":
+        from trioflow.sim.cli import run_chaos
+
+        return run_chaos(args)
     try:
         config = config_from_args(args)
     except ConfigError as exc:

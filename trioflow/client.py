@@ -54,8 +54,14 @@ from trioflow.config import Config
 from trioflow.core.failures import Cancelled
 from trioflow.errors import CommClosedError, ProtocolError, SerializationError
 from trioflow.future import FINISHED, Future, FutureState
+from trioflow.graph import (
+    flatten_keys,
+    graph_key,
+    graph_nodes,
+    needed_in_order,
+    run_graph_node,
+)
 from trioflow.lineage import Lineage
-from trioflow.graph import flatten_keys, graph_key, graph_nodes, needed_in_order, run_graph_node
 from trioflow.nurseries import background_tasks
 from trioflow.protocol import (
     failure_from_wire,

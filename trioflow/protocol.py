@@ -16,7 +16,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from trioflow.comm.serialize import Serialized, dumps, loads
-from trioflow.core.failures import Cancelled, DataLost, TaskFailure, UserError, WorkerDeaths
+from trioflow.core.failures import (
+    Cancelled,
+    DataLost,
+    TaskFailure,
+    UserError,
+    WorkerDeaths,
+)
 from trioflow.errors import (
     CancelledError,
     KilledWorker,

@@ -28,12 +28,12 @@ from typing import Any
 
 import trio
 
+from trioflow import scheduler_exchanges as exchanges
 from trioflow.comm import (
     Connection,
     ConnectionPool,
     FrameLimits,
     Network,
-    RequestFailed,
     Requests,
     TCPNetwork,
     expect_hello,
@@ -41,13 +41,14 @@ from trioflow.comm import (
     open_connection_pool,
     reply,
 )
+from trioflow.comm.serialize import Serialized
 from trioflow.config import Config
 from trioflow.core import SchedulerState
 from trioflow.core.scheduler_events import (
     AcquireReplicas,
     ClientConnected,
-    ClusterRestarted,
     ClientDisconnected,
+    ClusterRestarted,
     ComputeTask,
     DataScattered,
     FreeKeys,
@@ -79,7 +80,6 @@ from trioflow.protocol import (
     str_map,
     user_error_from_wire,
 )
-from trioflow.comm.serialize import Serialized
 
 logger = logging.getLogger("trioflow.scheduler")
 
@@ -619,45 +619,10 @@ class Scheduler:
     def _client_scatter(self, link: ClientLink, m: dict) -> None:
         data = str_map(m, "data", Serialized)
         broadcast = field(m, "broadcast", bool, False)
-        self._spawn(self._scatter, link, m, data, broadcast)
-
-    async def _scatter(
-        self, link: ClientLink, request: dict, data: dict[str, Serialized], broadcast: bool
-    ) -> None:
-        """Put scattered values on workers, then record where they landed.
-
-        The values go straight from here to the chosen workers; the core
-        learns of them (`DataScattered`) only once a worker has confirmed,
-        so `who_has` never names a worker that does not hold the value.
-        """
-        await self.wait_for_workers(1)
-        targets = self.state.scatter_targets(data, broadcast)
-        by_worker: dict[str, dict[str, Serialized]] = {}
-        for key, addresses in targets.items():
-            for address in addresses:
-                by_worker.setdefault(address, {})[key] = data[key]
-        placed: dict[str, tuple[int, list[str]]] = {}
-
-        async def put(address: str, values: dict[str, Serialized]) -> None:
-            worker = self.workers.get(address)
-            if worker is None:
-                return
-            try:
-                answer = await worker.requests.call({"op": "put_data", "data": values})
-            except (CommClosedError, RequestFailed) as exc:
-                logger.warning("could not scatter to %s: %s", address, exc)
-                return
-            for key, nbytes in answer.get("nbytes", {}).items():
-                entry = placed.setdefault(key, (int(nbytes), []))
-                entry[1].append(address)
-
-        async with trio.open_nursery() as nursery:
-            for address, values in by_worker.items():
-                nursery.start_soon(put, address, values)
-        failed = [key for key in data if key not in placed]
-        self._post(self._scattered, link, request, placed, failed)
+        self._spawn(exchanges.scatter, self, link, m, data, broadcast)
 
     def _scattered(self, link: ClientLink, request: dict, placed: dict, failed: list[str]) -> None:
+        """The end of a scatter, back in the driver: record where data landed."""
         if placed:
             event = DataScattered(
                 self._stimulus("scatter"),
@@ -672,23 +637,7 @@ class Scheduler:
 
     def _client_run(self, link: ClientLink, m: dict) -> None:
         function = field(m, "function", Serialized)
-        self._spawn(self._run_everywhere, link, m, function)
-
-    async def _run_everywhere(self, link: ClientLink, request: dict, function: Serialized) -> None:
-        results: dict[str, dict[str, Any]] = {}
-
-        async def run_on(address: str, worker: WorkerLink) -> None:
-            try:
-                answer = await worker.requests.call({"op": "run", "function": function})
-            except (CommClosedError, RequestFailed) as exc:
-                results[address] = {"error": f"{type(exc).__name__}: {exc}"}
-                return
-            results[address] = {k: v for k, v in answer.items() if k in ("result", "failure")}
-
-        async with trio.open_nursery() as nursery:
-            for address, worker in list(self.workers.items()):
-                nursery.start_soon(run_on, address, worker)
-        reply(link.conn, request, results=results)
+        self._spawn(exchanges.run_everywhere, self, link, m, function)
 
     def _client_replicate(self, link: ClientLink, m: dict) -> None:
         keys = tuple(str_list(m, "keys"))
@@ -696,76 +645,30 @@ class Scheduler:
         if n < 1:
             raise ProtocolError(f"'replicate' needs n >= 1, got {n}")
         self._apply(ReplicationRequested(self._stimulus("replicate"), link.client_id, keys, n))
-        self._spawn(self._replicated, link, m, keys, n)
-
-    async def _replicated(self, link: ClientLink, request: dict, keys: tuple[str, ...], n: int) -> None:
-        """Answer a `replicate` request once every key has its copies."""
-        tasks = self.state.tasks
-
-        def settled() -> bool:
-            wanted = min(n, len(self.state.workers))
-            return all(k not in tasks or tasks[k].state.value != "memory" or len(tasks[k].who_has) >= wanted for k in keys)
-
-        with trio.move_on_after(self.config.restart_timeout):
-            await self._wait_for_state(settled)
-            bad = [k for k in keys if k not in tasks or tasks[k].state.value != "memory"]
-            if bad:
-                reply(link.conn, request, error=f"not in memory, cannot replicate: {bad[:5]}")
-            else:
-                reply(link.conn, request, who_has={k: list(tasks[k].who_has) for k in keys})
-            return
-        reply(link.conn, request, error=f"replication not done within {self.config.restart_timeout:g} s")
+        self._spawn(exchanges.answer_when_replicated, self, link, m, keys, n)
 
     def _client_restart(self, link: ClientLink, m: dict) -> None:
-        timeout = float(field(m, "timeout", (int, float, type(None)), None) or self.config.restart_timeout)
-        self._spawn(self._restart, link, m, timeout)
-
-    async def _restart(self, link: ClientLink, request: dict, timeout: float) -> None:
-        """`Client.restart()`: flush every task, replace every worker.
+        """`Client.restart()`: flush every task now; replace the workers next.
 
         Workers with a nanny are restarted by it; workers without one are
         told to leave (they cannot come back by themselves) and a warning
-        says so. The reply comes once as many workers as had nannies have
-        registered anew, or with an error after `timeout` seconds.
+        says so. `exchanges.restart_workers` replies once as many workers as
+        had nannies have registered anew, or with an error after the timeout.
         """
+        timeout = float(field(m, "timeout", (int, float, type(None)), None) or self.config.restart_timeout)
         old = dict(self.workers)
         for worker in old.values():
             worker.retiring = True
         self._apply(ClusterRestarted(self._stimulus("restart"), "the cluster was restarted"))
         for client in self.clients.values():
             client.send({"op": "restarted"})
-        with_nanny = [w for w in old.values() if w.nanny]
         for worker in old.values():
             if not worker.nanny:
                 logger.warning(
                     "worker %s has no nanny: it was told to leave and will not come back", worker.address
                 )
                 worker.send({"op": "close", "reason": "the cluster is restarting and this worker has no nanny"})
-
-        async def restart_one(worker: WorkerLink) -> None:
-            assert self._pool is not None and worker.nanny is not None
-            try:
-                await self._pool.call(worker.nanny, {"op": "restart_worker"})
-            except (CommClosedError, RequestFailed) as exc:
-                logger.warning("could not restart worker %s through its nanny: %s", worker.address, exc)
-
-        def back() -> bool:
-            fresh = [w for w in self.workers.values() if old.get(w.address) is not w]
-            return len(fresh) >= len(with_nanny)
-
-        with trio.move_on_after(timeout):
-            async with trio.open_nursery() as nursery:
-                for worker in with_nanny:
-                    nursery.start_soon(restart_one, worker)
-            await self._wait_for_state(back)
-            reply(link.conn, request, n_workers=len(self.workers))
-            return
-        fresh = sum(old.get(w.address) is not w for w in self.workers.values())
-        reply(
-            link.conn,
-            request,
-            error=f"only {fresh} of {len(with_nanny)} workers came back within {timeout:g} s",
-        )
+        self._spawn(exchanges.restart_workers, self, link, m, old, timeout)
 
     def _spawn(self, async_fn: Callable, *args: Any) -> None:
         assert self._nursery is not None

@@ -70,14 +70,13 @@ from trioflow.errors import CommClosedError, ProtocolError, SerializationError
 from trioflow.executor import Executor, ThreadExecutor
 from trioflow.nurseries import background_tasks
 from trioflow.protocol import (
+    failure_to_wire,
     field,
+    sizeof,
     str_list,
     str_map,
     substitute,
     user_error_from_exception,
-    user_error_from_wire,
-    failure_to_wire,
-    sizeof,
 )
 
 logger = logging.getLogger("trioflow.worker")

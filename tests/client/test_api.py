@@ -5,7 +5,6 @@ import operator
 import pickle
 
 import pytest
-import trio
 
 import trioflow
 from tests.conftest import wait_until

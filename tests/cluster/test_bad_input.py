@@ -6,8 +6,13 @@ import struct
 import pytest
 import trio
 
-import trioflow
-from trioflow.comm import FrameLimits, TCPNetwork, open_connection, parse_address, say_hello
+from trioflow.comm import (
+    FrameLimits,
+    TCPNetwork,
+    open_connection,
+    parse_address,
+    say_hello,
+)
 from trioflow.errors import CommClosedError
 
 

@@ -7,8 +7,8 @@ from trioflow.core import Cancelled, DataLost, TaskState, UserError, WorkerDeath
 from trioflow.core.scheduler_events import (
     AcquireReplicas,
     ClientConnected,
-    ClusterRestarted,
     ClientDisconnected,
+    ClusterRestarted,
     ComputeTask,
     DataScattered,
     FreeKeys,

@@ -6,7 +6,13 @@ the imports of every module here and fails on anything but the standard
 library, other `trioflow.core` modules and `trioflow.errors`.
 """
 
-from trioflow.core.failures import Cancelled, DataLost, TaskFailure, UserError, WorkerDeaths
+from trioflow.core.failures import (
+    Cancelled,
+    DataLost,
+    TaskFailure,
+    UserError,
+    WorkerDeaths,
+)
 from trioflow.core.scheduler_records import SchedulerTask, SchedulerWorker, TaskState
 from trioflow.core.scheduler_state import TRANSITIONS, InvalidTransition, SchedulerState
 from trioflow.core.worker_state import WorkerState, WorkerTask, WorkerTaskState
