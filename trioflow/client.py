@@ -77,6 +77,8 @@ logger = logging.getLogger("trioflow.client")
 
 # Tasks a client keeps for a scheduler that is away before submit() refuses more.
 MAX_QUEUED_WHILE_AWAY = 100_000
+# Tasks per `submit` message.
+SUBMIT_SLICE = 1_000
 
 
 def _is_future(obj: Any) -> bool:
@@ -157,9 +159,7 @@ class AsyncClient:
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        await self.close()
-        with trio.move_on_after(self.config.connect_timeout):
-            await self._finished.wait()  # a graceful goodbye, not a cancellation
+        await self.close_and_wait()  # a graceful goodbye, not a cancellation
         assert self._stack is not None
         await self._stack.__aexit__(*exc_info)
 
@@ -302,14 +302,14 @@ class AsyncClient:
         self._functions_sent = set(self._lineage.functions)
         self._pending_functions.clear()
         self._queued_while_away = 0
-        self._conn.send(
-            {
-                "op": "submit",
-                "tasks": list(self._lineage.tasks.values()),
-                "functions": dict(self._lineage.functions),
-                "wanted": wanted,
-            }
-        )
+        for message in submit_messages(list(self._lineage.tasks.values()), dict(self._lineage.functions), wanted):
+            self._conn.send(message)
+
+    async def close_and_wait(self) -> None:
+        """`close`, then wait (briefly) until the connection has said goodbye."""
+        await self.close()
+        with trio.move_on_after(self.config.connect_timeout):
+            await self._finished.wait()
 
     # ---------------------------------------------------- calling conventions --
 
@@ -339,7 +339,8 @@ class AsyncClient:
             state = self.futures.get(m.get("key"))  # type: ignore[arg-type]
             if op == "key_finished":
                 if state is not None:
-                    state.finish(tuple(str_list(m, "who_has")))
+                    value = m.get("value")
+                    state.finish(tuple(str_list(m, "who_has")), value if isinstance(value, Serialized) else None)
             elif op == "key_erred":
                 if state is not None:
                     state.fail(failure_from_wire(m["failure"]))
@@ -532,7 +533,8 @@ class AsyncClient:
         functions = dict(self._pending_functions)
         self._pending_functions.clear()
         self._functions_sent.update(functions)
-        conn.send({"op": "submit", "tasks": tasks, "functions": functions, "wanted": wanted})
+        for message in submit_messages(tasks, functions, wanted):
+            conn.send(message)
 
     def _require_connection(self) -> Connection:
         if self._conn is None or self.status != "running":
@@ -616,7 +618,9 @@ class AsyncClient:
         by_worker: dict[str, list[FutureState]] = {}
         retry: list[FutureState] = []
         for state in states:
-            if state.who_has:
+            if state.value is not None:
+                values[state.key] = state.value  # came with the report
+            elif state.who_has:
                 by_worker.setdefault(state.who_has[0], []).append(state)
             else:
                 retry.append(state)
@@ -829,6 +833,24 @@ class _timeout:
         if self.scope.cancelled_caught:
             raise TimeoutError(f"not done within {self.seconds:g} s")
         return handled
+
+
+def submit_messages(tasks: list[dict], functions: dict[str, bytes], wanted: Iterable[str]):
+    """`submit` messages for `tasks`, at most `SUBMIT_SLICE` tasks each.
+
+    The scheduler handles one message at a time, so slices keep each of
+    those steps short. A wanted key travels with its own task (the
+    scheduler ignores wants of keys it has not seen yet).
+    """
+    wanted_keys = set(wanted)
+    for start in range(0, max(len(tasks), 1), SUBMIT_SLICE):
+        part = tasks[start : start + SUBMIT_SLICE]
+        yield {
+            "op": "submit",
+            "tasks": part,
+            "functions": functions if start == 0 else {},
+            "wanted": [t["key"] for t in part if t["key"] in wanted_keys],
+        }
 
 
 def _function_name(fn: Any) -> str:

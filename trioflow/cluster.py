@@ -274,6 +274,11 @@ class LocalCluster:
             raise
 
     @property
+    def loop(self) -> LoopThread:
+        """The Trio thread the cluster runs in (a `Client` of it shares it)."""
+        return self._loop
+
+    @property
     def workers(self) -> dict[int, Any]:
         """``{name: WorkerProcess or Worker}`` of the workers started here."""
         return dict(self._cluster.workers)

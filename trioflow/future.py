@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from trioflow.comm.serialize import Serialized
 from trioflow.core.failures import Cancelled, DataLost, TaskFailure
 from trioflow.protocol import failure_to_exception
 
@@ -38,7 +39,7 @@ LOST = "lost"
 class FutureState:
     """What the client knows about one key. Touched only in the Trio thread."""
 
-    __slots__ = ("key", "status", "failure", "local_error", "who_has", "refs", "callbacks", "_done")
+    __slots__ = ("key", "status", "failure", "local_error", "who_has", "value", "refs", "callbacks", "_done")
 
     def __init__(self, key: str):
         self.key = key
@@ -48,6 +49,9 @@ class FutureState:
         self.local_error: BaseException | None = None
         # Workers the scheduler last said hold the value.
         self.who_has: tuple[str, ...] = ()
+        # The pickled value itself, when it was small enough to come with
+        # the report (no need to fetch it from a worker).
+        self.value: Serialized | None = None
         # Live `Future` handles for this key.
         self.refs = 0
         self.callbacks: list[Callable[[], None]] = []
@@ -59,8 +63,9 @@ class FutureState:
     async def wait(self) -> None:
         await self._done.wait()
 
-    def finish(self, who_has: tuple[str, ...]) -> None:
+    def finish(self, who_has: tuple[str, ...], value: Serialized | None = None) -> None:
         self.status, self.failure, self.local_error, self.who_has = FINISHED, None, None, who_has
+        self.value = value
         self._set_done()
 
     def fail(self, failure: TaskFailure) -> None:
@@ -81,6 +86,7 @@ class FutureState:
         """The value is gone and is being recomputed: not done any more."""
         self.status = LOST
         self.who_has = ()
+        self.value = None
         if self._done.is_set():
             self._done = trio.Event()
 

@@ -33,6 +33,11 @@ from trioflow.errors import (
 )
 
 
+# Results this small (pickled) travel with the "finished" reports, so a
+# client gets them without a round trip to the worker.
+INLINE_VALUE_BYTES = 1024
+
+
 class TaskRef:
     """Stands for "the value of `key`" inside a task's pickled arguments."""
 

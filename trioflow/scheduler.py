@@ -83,6 +83,9 @@ from trioflow.protocol import (
 
 logger = logging.getLogger("trioflow.scheduler")
 
+# Most messages of one batch the driver handles before yielding to other tasks.
+DRIVER_SLICE = 64
+
 
 class _Link:
     """One accepted connection and the reader task serving it."""
@@ -179,6 +182,8 @@ class Scheduler:
         self._started_at = -math.inf
         # free_keys messages held back per worker until `_apply` ends.
         self._frees: dict[str, list[str]] = {}
+        # Small results that came with the task_finished being applied.
+        self._inline_values: dict[str, Serialized] = {}
         self._worker_ops: dict[str, Callable[[WorkerLink, dict], SchedulerEvent | None]] = {
             "task_started": self._worker_task_started,
             "task_finished": self._worker_task_finished,
@@ -288,8 +293,11 @@ class Scheduler:
                         if is_worker:
                             alive.deadline = trio.current_time() + ttl
                         rest = [m for m in batch if not link.requests.deliver(m)]
-                        if rest:
-                            self._post(self._received, link, rest)
+                        # In slices, so the driver yields between them and one
+                        # huge batch cannot starve other connections (whose
+                        # heartbeats would then look late).
+                        for start in range(0, len(rest), DRIVER_SLICE):
+                            self._post(self._received, link, rest[start : start + DRIVER_SLICE])
                 if alive.cancelled_caught:
                     return f"no message for {ttl:g} s (worker_ttl)"
             return link.close_reason or "closed by the scheduler"
@@ -320,8 +328,11 @@ class Scheduler:
         return f"{what}-{next(self._stimulus_ids)}"
 
     def _apply(self, event: SchedulerEvent) -> None:
-        for message in self.state.handle(event):
-            self._dispatch(message)
+        try:
+            for message in self.state.handle(event):
+                self._dispatch(message)
+        finally:
+            self._inline_values.clear()
         self._flush_frees()
         if self._state_changed is not None:
             self._state_changed.set()
@@ -464,7 +475,11 @@ class Scheduler:
             if worker is not None:
                 worker.send({"op": "acquire_replicas", "who_has": message.who_has, "nbytes": message.nbytes})
         elif isinstance(message, ReportFinished):
-            self._to_client(message.client, {"op": "key_finished", "key": message.key, "who_has": message.who_has})
+            report = {"op": "key_finished", "key": message.key, "who_has": message.who_has}
+            value = self._inline_values.get(message.key)
+            if value is not None:
+                report["value"] = value
+            self._to_client(message.client, report)
         elif isinstance(message, ReportErred):
             self._to_client(
                 message.client,
@@ -491,9 +506,13 @@ class Scheduler:
         return TaskStarted(self._stimulus("task-started"), link.address, field(m, "key", str))
 
     def _worker_task_finished(self, link: WorkerLink, m: dict) -> SchedulerEvent:
-        return TaskFinished(
-            self._stimulus("task-finished"), link.address, field(m, "key", str), field(m, "nbytes", int)
-        )
+        key = field(m, "key", str)
+        value = field(m, "value", Serialized, None)
+        if value is not None:
+            # Passed on to clients told of this key during this event only;
+            # the scheduler keeps no values.
+            self._inline_values[key] = value
+        return TaskFinished(self._stimulus("task-finished"), link.address, key, field(m, "nbytes", int))
 
     def _worker_task_erred(self, link: WorkerLink, m: dict) -> SchedulerEvent:
         failure = user_error_from_wire(field(m, "failure", dict))

@@ -44,13 +44,19 @@ class Client:
                 n_workers, threads_per_worker, processes=processes, config=config
             )
             address = self.cluster
-        self._loop = LoopThread("trioflow-client")
+        if isinstance(address, LocalCluster) and address.loop.alive:
+            # Share the cluster's Trio thread: client and scheduler then talk
+            # without handing the GIL back and forth between two threads.
+            self._loop, self._owns_loop = address.loop, False
+        else:
+            self._loop, self._owns_loop = LoopThread("trioflow-client"), True
         self._client = AsyncClient(address, config=config)
         self._client._blocking = self._loop.run
         try:
             self._loop.start(self._client._run)
         except BaseException:
-            self._loop.stop()
+            if self._owns_loop:
+                self._loop.stop()
             if self.cluster is not None:
                 self.cluster.close()
             raise
@@ -128,9 +134,10 @@ class Client:
         """Release every future, disconnect, and stop an owned local cluster."""
         if self._loop.alive:
             try:
-                self._loop.run(self._client.close)
+                self._loop.run(self._client.close_and_wait)
             finally:
-                self._loop.stop()
+                if self._owns_loop:
+                    self._loop.stop()
         if self.cluster is not None:
             self.cluster.close()
 

@@ -70,6 +70,7 @@ from trioflow.errors import CommClosedError, ProtocolError, SerializationError
 from trioflow.executor import Executor, ThreadExecutor
 from trioflow.nurseries import background_tasks
 from trioflow.protocol import (
+    INLINE_VALUE_BYTES,
     failure_to_wire,
     field,
     sizeof,
@@ -142,6 +143,8 @@ class Worker:
         # function_id -> pickled function, as the scheduler sent them.
         self.functions: dict[str, bytes] = {}
         self.executions = 0  # functions run to completion or error, for tests
+        # Small results of the execution being reported, sent with task_finished.
+        self._inline: dict[str, Serialized] = {}
         self._scheduler: Connection | None = None
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[Callable, tuple]](math.inf)
         self._stimulus_ids = itertools.count()
@@ -351,7 +354,11 @@ class Worker:
         elif isinstance(instruction, SendTaskStarted):
             self._send({"op": "task_started", "key": instruction.key})
         elif isinstance(instruction, SendTaskFinished):
-            self._send({"op": "task_finished", "key": instruction.key, "nbytes": instruction.nbytes})
+            message = {"op": "task_finished", "key": instruction.key, "nbytes": instruction.nbytes}
+            inline = self._inline.get(instruction.key)
+            if inline is not None:
+                message["value"] = inline
+            self._send(message)
         elif isinstance(instruction, SendTaskErred):
             self._send(
                 {"op": "task_erred", "key": instruction.key, "failure": failure_to_wire(instruction.failure)}
@@ -499,7 +506,20 @@ class Worker:
             self._apply(ExecutionFailed(self._stimulus("execute-failed"), key, failure))
             return
         self.data[key] = result
-        self._apply(ExecutionSucceeded(self._stimulus("executed"), key, sizeof(result)))
+        nbytes = sizeof(result)
+        if nbytes <= INLINE_VALUE_BYTES:
+            # Small enough to ride along with task_finished: the client then
+            # has the value without asking this worker for it.
+            try:
+                inline = dumps(result)
+            except SerializationError:
+                inline = None
+            if inline is not None and inline.nbytes <= INLINE_VALUE_BYTES:
+                self._inline[key] = inline
+        try:
+            self._apply(ExecutionSucceeded(self._stimulus("executed"), key, nbytes))
+        finally:
+            self._inline.clear()
 
     # ---------------------------------------------------------- fetching --
 
