@@ -616,6 +616,7 @@ class AsyncClient:
     async def _fetch(self, states: list[FutureState], values: dict[str, Any]) -> list[FutureState]:
         """Fetch what the holders have; return the states to wait on again."""
         by_worker: dict[str, list[FutureState]] = {}
+        failed: dict[str, str | None] = {}  # key -> the holder that failed us
         retry: list[FutureState] = []
         for state in states:
             if state.value is not None:
@@ -624,6 +625,7 @@ class AsyncClient:
                 by_worker.setdefault(state.who_has[0], []).append(state)
             else:
                 retry.append(state)
+                failed[state.key] = None
 
         unsendable: list[str] = []
 
@@ -641,6 +643,7 @@ class AsyncClient:
                     values[state.key] = data[state.key]
                 else:
                     retry.append(state)
+                    failed[state.key] = worker
 
         async with trio.open_nursery() as nursery:
             for worker, group in by_worker.items():
@@ -651,31 +654,39 @@ class AsyncClient:
             if isinstance(value, Serialized):
                 values[key] = loads(value)
         if retry:
-            await self._refresh_holders(retry)
+            await self._refresh_holders(retry, failed)
         return retry
 
-    async def _refresh_holders(self, states: list[FutureState]) -> None:
+    async def _refresh_holders(self, states: list[FutureState], failed: dict[str, str | None]) -> None:
         """Tell the scheduler which holders failed us and learn the current ones.
 
-        Waits through a scheduler outage (the caller's timeout still applies).
+        A report can overtake the answer: the reader may handle a
+        `key_finished` that came right behind the `who_has` reply before this
+        task resumes. So an answer is applied only to states that did not
+        change since the question was asked. Waits through a scheduler
+        outage (the caller's timeout still applies).
         """
         while True:
             conn = await self._connection(None)
+            asked = {state.key: state.version for state in states}
             for state in states:
-                if state.who_has:
-                    conn.send({"op": "missing_data", "key": state.key, "holders": [state.who_has[0]]})
+                holder = failed.get(state.key)
+                if holder is not None:
+                    conn.send({"op": "missing_data", "key": state.key, "holders": [holder]})
             assert self._requests is not None
             try:
-                answer = await self._requests.call({"op": "who_has", "keys": [s.key for s in states]})
+                answer = await self._requests.call({"op": "who_has", "keys": list(asked)})
                 break
             except CommClosedError:
                 continue  # the scheduler went away meanwhile: wait for the next one
         who_has = answer.get("who_has", {})
         for state in states:
+            if state.version != asked[state.key] or state.status != FINISHED:
+                continue  # newer news arrived meanwhile
             holders = tuple(who_has.get(state.key) or ())
-            if state.status == FINISHED and holders:
+            if holders:
                 state.who_has = holders
-            elif state.status == FINISHED:
+            else:
                 state.lose()  # being recomputed: wait for key_finished
 
     # ------------------------------------------------------- other requests --

@@ -39,7 +39,9 @@ LOST = "lost"
 class FutureState:
     """What the client knows about one key. Touched only in the Trio thread."""
 
-    __slots__ = ("key", "status", "failure", "local_error", "who_has", "value", "refs", "callbacks", "_done")
+    __slots__ = (
+        "key", "status", "failure", "local_error", "who_has", "value", "version", "refs", "callbacks", "_done"
+    )
 
     def __init__(self, key: str):
         self.key = key
@@ -52,6 +54,9 @@ class FutureState:
         # The pickled value itself, when it was small enough to come with
         # the report (no need to fetch it from a worker).
         self.value: Serialized | None = None
+        # Bumped by every change, so an answer computed before a change can
+        # be recognised as stale.
+        self.version = 0
         # Live `Future` handles for this key.
         self.refs = 0
         self.callbacks: list[Callable[[], None]] = []
@@ -64,11 +69,13 @@ class FutureState:
         await self._done.wait()
 
     def finish(self, who_has: tuple[str, ...], value: Serialized | None = None) -> None:
+        self.version += 1
         self.status, self.failure, self.local_error, self.who_has = FINISHED, None, None, who_has
         self.value = value
         self._set_done()
 
     def fail(self, failure: TaskFailure) -> None:
+        self.version += 1
         if isinstance(failure, Cancelled):
             self.status = CANCELLED
         elif isinstance(failure, DataLost):
@@ -79,11 +86,13 @@ class FutureState:
         self._set_done()
 
     def fail_locally(self, error: BaseException) -> None:
+        self.version += 1
         self.status, self.local_error = ERROR, error
         self._set_done()
 
     def lose(self) -> None:
         """The value is gone and is being recomputed: not done any more."""
+        self.version += 1
         self.status = LOST
         self.who_has = ()
         self.value = None
@@ -92,6 +101,7 @@ class FutureState:
 
     def reset(self) -> None:
         """Pending again (a cancelled key submitted anew)."""
+        self.version += 1
         self.status, self.failure, self.local_error, self.who_has = PENDING, None, None, ()
         if self._done.is_set():
             self._done = trio.Event()

@@ -7,7 +7,8 @@ sender, a heartbeat loop, a pool's readers) next to a body that may: a
 `CommClosedError` from the body should come out as itself, so callers can
 catch it plainly. `background_tasks` does that and nothing else: a group
 holding one exception is unwrapped; a real group (two failures at once)
-is left alone. When the block ends, the helpers are cancelled.
+is left alone (a `trio.Cancelled` beside one error does not count). When
+the block ends, the helpers are cancelled.
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ async def background_tasks() -> AsyncIterator[trio.Nursery]:
             finally:
                 nursery.cancel_scope.cancel(reason="the block they served ended")
     except BaseExceptionGroup as group:
-        if len(group.exceptions) != 1:
+        # A Cancelled beside a real error adds nothing: if an outer scope is
+        # cancelled, Trio cancels again at the next checkpoint anyway.
+        errors = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+        if len(errors) != 1:
             raise
-        lone = group.exceptions[0]
+        lone = errors[0]
     if lone is not None:
         # Raised outside the except clause so the group is not chained on.
         raise lone

@@ -50,6 +50,7 @@ from trioflow.core.scheduler_events import (
     ClientDisconnected,
     ClusterRestarted,
     ComputeTask,
+    DataDropped,
     DataScattered,
     FreeKeys,
     KeysCancelled,
@@ -192,6 +193,7 @@ class Scheduler:
             "replica_missing": self._worker_replica_missing,
             "heartbeat": self._worker_heartbeat,
             "goodbye": self._worker_goodbye,
+            "data_dropped": self._worker_data_dropped,
         }
         self._client_ops: dict[str, Callable[[ClientLink, dict], None]] = {
             "submit": self._client_submit,
@@ -531,6 +533,9 @@ class Scheduler:
             tuple(str_list(m, "holders")),
             field(m, "dependent", (str, type(None)), None),
         )
+
+    def _worker_data_dropped(self, link: WorkerLink, m: dict) -> SchedulerEvent:
+        return DataDropped(self._stimulus("data-dropped"), link.address, tuple(str_list(m, "keys")))
 
     def _worker_heartbeat(self, link: WorkerLink, m: dict) -> None:
         link.last_heartbeat = field(m, "metrics", dict, {})

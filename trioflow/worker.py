@@ -58,6 +58,7 @@ from trioflow.core.worker_events import (
     GatherSucceeded,
     ReplicasRequested,
     SchedulerLost,
+    SendDataDropped,
     SendReplicaAdded,
     SendReplicaMissing,
     SendTaskErred,
@@ -365,6 +366,8 @@ class Worker:
             )
         elif isinstance(instruction, SendReplicaAdded):
             self._send({"op": "replica_added", "key": instruction.key, "nbytes": instruction.nbytes})
+        elif isinstance(instruction, SendDataDropped):
+            self._send({"op": "data_dropped", "keys": instruction.keys})
         elif isinstance(instruction, SendReplicaMissing):
             self._send(
                 {

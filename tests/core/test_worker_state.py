@@ -15,6 +15,7 @@ from trioflow.core.worker_events import (
     GatherSucceeded,
     ReplicasRequested,
     SendReplicaAdded,
+    SendDataDropped,
     SendReplicaMissing,
     SendTaskErred,
     SendTaskFinished,
@@ -123,7 +124,7 @@ def test_values_stay_until_the_scheduler_frees_them(worker):
     # The drop is reported too: the free may have crossed a report of "a"
     # (seeds 5 and 56 of the chaos lab, tests/sim/test_regressions.py).
     sid_ = out[0].stimulus_id
-    assert out == [DropData(sid_, ("a",)), SendReplicaMissing(sid_, "a", (), None)]
+    assert out == [DropData(sid_, ("a",)), SendDataDropped(sid_, ("a",))]
 
 
 def test_a_free_crossing_an_assignment_keeps_the_input_until_done(worker):
@@ -131,7 +132,7 @@ def test_a_free_crossing_an_assignment_keeps_the_input_until_done(worker):
     worker.handle(DataPut(sid(), {"a": 10}))
     worker.handle(compute("z", {"a": (ME,)}))
     out = worker.handle(FreeRequested(sid(), ("a",)))
-    assert out == [SendReplicaMissing(out[0].stimulus_id, "a", (), None)]  # no longer offered
+    assert out == [SendDataDropped(out[0].stimulus_id, ("a",))]  # no longer offered
     out = worker.handle(ExecutionSucceeded(sid(), "z", 1))
     assert DropData(out[0].stimulus_id, ("a",)) in out
     assert "a" not in worker.tasks

@@ -172,6 +172,14 @@ class ReplicaMissing(SchedulerEvent):
 
 
 @frozen
+class DataDropped(SchedulerEvent):
+    """`worker` no longer holds (or offers) these values: it freed them."""
+
+    worker: str
+    keys: tuple[str, ...]
+
+
+@frozen
 class ReplicationRequested(SchedulerEvent):
     """A client wants `n` copies of each of `keys`, kept through worker deaths."""
 

@@ -45,9 +45,10 @@ from trioflow.core.failures import Cancelled, DataLost, WorkerDeaths
 from trioflow.core.scheduler_events import (
     AcquireReplicas,
     ClientConnected,
-    ClusterRestarted,
     ClientDisconnected,
+    ClusterRestarted,
     ComputeTask,
+    DataDropped,
     DataScattered,
     FreeKeys,
     KeysCancelled,
@@ -63,8 +64,8 @@ from trioflow.core.scheduler_events import (
     SchedulerMessage,
     TaskErred,
     TaskFinished,
-    TaskStarted,
     TasksSubmitted,
+    TaskStarted,
     WorkerConnected,
     WorkerDisconnected,
 )
@@ -155,6 +156,7 @@ class SchedulerState:
             TaskErred: self._on_task_erred,
             ReplicaAdded: self._on_replica_added,
             ReplicaMissing: self._on_replica_missing,
+            DataDropped: self._on_data_dropped,
             ReplicationRequested: self._on_replication_requested,
             ClusterRestarted: self._on_cluster_restarted,
             OrphansExpired: self._on_orphans_expired,
@@ -453,7 +455,15 @@ class SchedulerState:
             else:
                 self._emit(FreeKeys(self._stimulus_id, ev.worker, (ev.key,)))
         elif ts.state is MEMORY:
-            self._add_replica(ts, ws)
+            if ev.worker not in ts.who_has:
+                # A second run of a task whose value already came from
+                # another worker (it had been rerouted; both runs ended).
+                # That first result cancelled this run with a FreeKeys
+                # which may be crossing this message on the wire, so the
+                # worker may be dropping its value right now: do not count
+                # it as a copy, free it (again). Found by seed 2 of the
+                # chaos lab (tests/sim/test_regressions.py).
+                self._emit(FreeKeys(self._stimulus_id, ev.worker, (ev.key,)))
         elif ts.state in IN_PROGRESS:
             # Usually PROCESSING here; a value finished by a worker the task
             # was taken from (rerouted, or re-registered after a restart) is
@@ -481,6 +491,11 @@ class SchedulerState:
             return
         if ts is not None and ts.state is MEMORY:
             self._add_replica(ts, ws)
+        elif ts is not None and ts.processing_on == ev.worker:
+            # A copy fetched before the task was assigned there: the worker
+            # answers the assignment with TaskFinished, which counts it. A
+            # free now would cross that answer (seed 5 of the chaos lab).
+            pass
         else:
             self._emit(FreeKeys(self._stimulus_id, ev.worker, (ev.key,)))
 
@@ -494,7 +509,11 @@ class SchedulerState:
         recs: Recommendations = {}
         ts = self.tasks.get(ev.key)
         if ts is not None and ts.state is MEMORY:
-            for address in ev.holders:
+            # The reporter itself is no holder either, whatever we believed:
+            # a worker only reports inputs it does not have. Without this, a
+            # stale `who_has` naming the reporter sends the dependent back
+            # to it forever (seed 2 of the chaos lab).
+            for address in (*ev.holders, ev.worker):
                 ws = self.workers.get(address)
                 if ws is not None and address in ts.who_has:
                     del ts.who_has[address]
@@ -511,6 +530,25 @@ class SchedulerState:
         self._transitions(recs)
         if ts is not None and ts.key in self.replicated and ts.key in self.tasks:
             self._replicate(ts)
+
+    def _on_data_dropped(self, ev: DataDropped) -> None:
+        """The worker dropped these values (it was told to; the message may
+        have crossed a report that made us count it again)."""
+        ws = self.workers.get(ev.worker)
+        if ws is None:
+            return
+        recs: Recommendations = {}
+        for key in ev.keys:
+            ts = self.tasks.get(key)
+            if ts is None or ts.state is not MEMORY or ev.worker not in ts.who_has:
+                continue
+            del ts.who_has[ev.worker]
+            del ws.has_what[key]
+            if not ts.who_has:
+                recs[key] = self._target_for_lost_value(ts)
+            elif key in self.replicated:
+                self._replicate(ts)
+        self._transitions(recs)
 
     def _on_replication_requested(self, ev: ReplicationRequested) -> None:
         for key in ev.keys:
@@ -814,7 +852,11 @@ class SchedulerState:
             return
         unreferenced = not ts.dependents
         if ts.state in IN_PROGRESS:
-            recs[ts.key] = RELEASED
+            # Unless it is doomed in this same step (its failure is set and
+            # ERRED recommended): releasing it instead would keep a failure
+            # outside ERRED (INV-FAILED; seed 314 of the chaos lab).
+            if ts.failure is None:
+                recs[ts.key] = RELEASED
         elif ts.state is MEMORY:
             if ts.has_lineage:
                 recs[ts.key] = FORGOTTEN if unreferenced else RELEASED
@@ -848,7 +890,11 @@ class SchedulerState:
 
     def _err_dependents(self, ts: SchedulerTask, recs: Recommendations) -> None:
         for dependent in ts.dependents.values():
-            if dependent.state in IN_PROGRESS:
+            # A dependent already doomed in this same step keeps its own
+            # failure: one that just witnessed its allowed_failures-th death
+            # is KilledWorker (INV-KILLED), not the LostData of its input
+            # lost with the same worker (seed 163 of the chaos lab).
+            if dependent.state in IN_PROGRESS and dependent.failure is None:
                 dependent.failure = ts.failure
                 dependent.failure_origin = ts.failure_origin
                 recs[dependent.key] = ERRED

@@ -164,3 +164,15 @@ class SendReplicaMissing(WorkerInstruction):
     key: str
     holders: tuple[str, ...]
     dependent: str | None
+
+
+@frozen
+class SendDataDropped(WorkerInstruction):
+    """Tell the scheduler these values are no longer offered from here.
+
+    Sent for every value a free drops (or keeps only for local work): the
+    free may have crossed a report of the same value on the wire, after
+    which the scheduler would count a copy that is going away.
+    """
+
+    keys: tuple[str, ...]

@@ -50,6 +50,7 @@ from trioflow.core.worker_events import (
     ReplicasRequested,
     SchedulerLost,
     SendReplicaAdded,
+    SendDataDropped,
     SendReplicaMissing,
     SendTaskErred,
     SendTaskFinished,
@@ -169,7 +170,9 @@ class WorkerState:
 
     def memory(self) -> dict[str, int]:
         """``{key: nbytes}`` of every value held here."""
-        return {k: ts.nbytes for k, ts in self.tasks.items() if ts.state is MEMORY}
+        # A freed value is no longer ours to offer: it stays only until the
+        # local work that needs it is done.
+        return {k: ts.nbytes for k, ts in self.tasks.items() if ts.state is MEMORY and not ts.freed}
 
     def running(self) -> list[str]:
         """Keys whose functions are running here for the scheduler."""
@@ -179,6 +182,8 @@ class WorkerState:
 
     def _on_compute(self, ev: ComputeRequested) -> None:
         ts = self.tasks.get(ev.key)
+        if ts is not None:
+            ts.freed = False  # assigned here again: the scheduler counts it
         if ts is None:
             ts = self.tasks[ev.key] = WorkerTask(ev.key, WAITING)
         elif ts.state is CANCELLED:
@@ -226,6 +231,13 @@ class WorkerState:
                     if peer != self.address and peer not in dep.tried:
                         dep.holders[peer] = None
                 fetching.append(dep)
+            elif dep.state is CANCELLED:
+                # Released while its function runs here: if that run
+                # succeeds its value serves `ts`; if it fails, the value is
+                # fetched from these holders instead (seed 21 of the chaos lab).
+                for peer in holders:
+                    if peer != self.address:
+                        dep.holders[peer] = None
         # Only now, with every link in place, give up on inputs nobody can
         # provide (that forgets `ts` and reports each missing input).
         for dep in fetching:
@@ -235,11 +247,13 @@ class WorkerState:
             self._make_ready(ts)
 
     def _on_free(self, ev: FreeRequested) -> None:
+        dropped: list[str] = []
         for key in ev.keys:
             ts = self.tasks.get(key)
             if ts is None:
                 continue
             ts.assigned = False
+            held = ts.state is MEMORY
             if ts.state is EXECUTING:
                 ts.state = CANCELLED
             elif ts.state is CANCELLED:
@@ -250,6 +264,14 @@ class WorkerState:
                 ts.freed = True
             else:
                 self._forget(ts)
+            if held:
+                dropped.append(key)
+        if dropped:
+            # Say so: the free may have crossed a report of these values
+            # (TaskFinished, ReplicaAdded) on the wire, and then the
+            # scheduler counts copies that are going away. Found by seeds 5
+            # and 56 of the chaos lab (tests/sim/test_regressions.py).
+            self._emit(SendDataDropped(self._stimulus_id, tuple(dropped)))
 
     def _on_replicas(self, ev: ReplicasRequested) -> None:
         for key, holders in ev.who_has.items():
@@ -289,9 +311,20 @@ class WorkerState:
         if ts is None:
             return
         if ts.state is CANCELLED:
-            self._forget(ts)
+            if not ts.dependents:
+                self._forget(ts)
+                return
+            # Released while it ran, but meanwhile an input of work assigned
+            # here: keep the value for that work only (the scheduler does
+            # not count this copy), instead of leaving it waiting forever.
+            # Found by seed 21 of the chaos lab (tests/sim/test_regressions.py).
+            ts.freed = True
+            ts.holders.clear()
+            self._release_inputs(ts)
+            self._now_in_memory(ts, ev.nbytes)
             return
         self._release_inputs(ts)
+        ts.freed = False  # reported as a result: the scheduler decides
         self._now_in_memory(ts, ev.nbytes)
         self._emit(SendTaskFinished(self._stimulus_id, ts.key, ev.nbytes))
 
@@ -301,6 +334,14 @@ class WorkerState:
             return
         if ts.state is EXECUTING:
             self._emit(SendTaskErred(self._stimulus_id, ts.key, ev.failure))
+        elif ts.dependents:
+            # A released run that failed, but an input of work assigned
+            # here: fetch the value from the holders the scheduler named.
+            self._release_inputs(ts)
+            ts.state = FETCH
+            self.fetch[ts.key] = None
+            self._fail_fetch_if_hopeless(ts)
+            return
         self._forget(ts)
 
     def _on_gather_succeeded(self, ev: GatherSucceeded) -> None:
@@ -365,7 +406,8 @@ class WorkerState:
         ts.tried.clear()
         ts.compute_request = None
         self._now_in_memory(ts, nbytes)
-        self._emit(SendReplicaAdded(self._stimulus_id, ts.key, nbytes))
+        if not ts.freed:  # a freed copy is only for local work: not offered
+            self._emit(SendReplicaAdded(self._stimulus_id, ts.key, nbytes))
         if ts.assigned:
             self._emit(SendTaskFinished(self._stimulus_id, ts.key, nbytes))
 

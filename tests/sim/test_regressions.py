@@ -1,0 +1,292 @@
+"""Bugs the chaos lab found, each pinned by its seed.
+
+For every bug: the core events that reproduce it, in the order the seed's
+run produced them (a fast, exact test of the fix), and the seed's whole
+run, which must now pass every oracle. A seed names a run only with its
+fault plan, so each plan is pinned here as it was drawn when the bug was
+found; replay one with ``trioflow chaos --seed N --plan '<plan>' --print-trace``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.core.conftest import sid
+from trioflow.core import SchedulerState, WorkerState, WorkerTaskState
+from trioflow.core.scheduler_events import (
+    ComputeTask,
+    DataDropped,
+    DataScattered,
+    TaskErred,
+    FreeKeys,
+    ReplicaAdded,
+    ReplicaMissing,
+    TaskFinished,
+    TasksSubmitted,
+    TaskSpec,
+    TaskStarted,
+    WorkerConnected,
+    WorkerDisconnected,
+)
+from trioflow.core.scheduler_invariants import check_invariants
+from trioflow.core.scheduler_records import TaskState
+from trioflow.core.worker_events import (
+    ComputeRequested,
+    DropData,
+    Execute,
+    ExecutionFailed,
+    ExecutionSucceeded,
+    FreeRequested,
+    Gather,
+    GatherSucceeded,
+    SendDataDropped,
+    SendReplicaAdded,
+    SendTaskFinished,
+)
+from trioflow.core.worker_invariants import check_worker_invariants
+from trioflow.core import UserError, WorkerDeaths
+from trioflow.sim.faults import parse_plan
+from trioflow.sim.lab import LabSettings, run_seed
+
+A, B = "sim://worker-0:8800", "sim://worker-1:8801"
+ME, PEER = "sim://worker-2:8802", "sim://worker-3:8803"
+
+
+def scheduler(*workers: str) -> SchedulerState:
+    state = SchedulerState(allowed_failures=3, worker_saturation=1.0)
+    for worker in workers:
+        state.handle(WorkerConnected(sid(), worker, 1))
+    return state
+
+
+def submit(state: SchedulerState, key: str, *deps: str) -> list:
+    return state.handle(TasksSubmitted(sid(), "c1", (TaskSpec(key, f"run-{key}", deps),), (key,)))
+
+
+def compute(key: str, who_has=None) -> ComputeRequested:
+    who_has = who_has or {}
+    return ComputeRequested(sid(), key, f"run-{key}", (1,), who_has, {k: 8 for k in who_has})
+
+
+def frees(messages, worker: str) -> list[str]:
+    return [k for m in messages if isinstance(m, FreeKeys) and m.worker == worker for k in m.keys]
+
+
+# The plans the seeds drew (2, 5, 21 and 56 with the default mix before
+# scheduler_restart joined it).
+PLANS = {
+    2: "reset@3.456:worker-1,crash@4.106:worker-1,restart@5.252:worker-1,crash@6.641:worker-1,"
+    "restart@7.916:worker-1",
+    5: "crash@1.011:worker-1,partition@2.031:worker-0+worker-2/3.553,restart@2.32:worker-3,"
+    "crash@4.449:worker-1,crash@5.892:worker-2",
+    21: "reset@2.329:worker-2,partition@3.134:worker-0+worker-2/4.815,crash@3.237:worker-2,"
+    "crash@3.768:worker-2,hang@7.638:worker-1/4.942",
+    56: "crash@0.64:worker-3,hang@1.375:worker-3/4.539,crash@2.256:worker-1,"
+    "partition@2.975:worker-1+worker-2/4.644,crash@3.612:worker-3",
+    163: "reset@0.436:worker-1,partition@2.078:worker-2/0.575,crash@2.973:worker-0,"
+    "hang@3.052:worker-2/3.453,hang@4.925:worker-3/1.901",
+    314: "scheduler_restart@1.539:scheduler/3.083,crash@3.279:worker-1,restart@4.951:worker-3,"
+    "crash@5.688:worker-3,crash@7.548:worker-2",
+    121: "hang@2.247:worker-1/5.083,partition@2.915:worker-2/2.294,restart@4.495:worker-0,"
+    "reset@6.402:worker-2,partition@7.2:worker-1/0.874",
+}
+
+
+def run_pinned(seed: int, settings: LabSettings | None = None):
+    return run_seed(seed, settings, plan=parse_plan(PLANS[seed]))
+
+
+def assert_clean(report) -> None:
+    __tracebackhide__ = True
+    assert report.ok, f"seed {report.seed}:\n" + "\n".join(report.violations)
+
+
+# ------------------------------------------------------------- seed 2 --
+
+
+def test_seed_2_a_second_finish_is_not_counted_as_a_copy():
+    """Seed 2: a rerouted task finished on both workers; the second finish crossed the
+    FreeKeys that the first result sent it, and was counted as a copy the worker dropped."""
+    state = scheduler(A, B)
+    submit(state, "x")
+    assert state.tasks["x"].processing_on == A
+    state.handle(TaskStarted(sid(), A, "x"))
+    # The run it had been taken from (on B) finishes first: that value is
+    # taken, and A's run is cancelled with a FreeKeys...
+    assert frees(state.handle(TaskFinished(sid(), B, "x", 8)), A) == ["x"]
+    # ...which A's own TaskFinished crosses: not a copy, free it again.
+    out = state.handle(TaskFinished(sid(), A, "x", 8))
+    assert list(state.tasks["x"].who_has) == [B]
+    assert frees(out, A) == ["x"]
+    check_invariants(state)
+
+
+def test_seed_2_a_worker_missing_an_input_it_was_said_to_hold_stops_counting_as_holder():
+    """Seed 2: the scheduler believed A held x, so it sent x's dependent to A again and
+    again (a livelock); A's missing-input report now removes A as a holder."""
+    state = scheduler(A, B)
+    submit(state, "x")
+    state.handle(TaskStarted(sid(), A, "x"))
+    state.handle(TaskFinished(sid(), A, "x", 8))
+    submit(state, "y", "x")
+    assert state.tasks["y"].processing_on == A  # where its input is
+    out = state.handle(ReplicaMissing(sid(), A, "x", (), "y"))
+    assert A not in state.tasks["x"].who_has
+    assert state.tasks["x"].state is not TaskState.MEMORY  # recomputed, not fetched from A
+    assert not [m for m in out if isinstance(m, ComputeTask) and m.key == "y"]
+    check_invariants(state)
+
+
+def test_seed_2_run_passes():
+    """Seed 2's whole run (reset, crashes, polite restarts of one worker, poison) passes."""
+    assert_clean(run_pinned(2))
+
+
+# ------------------------------------------------------------ seed 21 --
+
+
+def test_seed_21_a_released_run_serves_the_local_task_that_needs_its_value():
+    """Seed 21: a task released while running here became the input of a new task here;
+    its result was dropped and the new task waited for it forever."""
+    worker = WorkerState(ME, nthreads=2)
+    worker.handle(compute("d"))
+    worker.handle(FreeRequested(sid(), ("d",)))
+    assert worker.tasks["d"].state is WorkerTaskState.CANCELLED
+    worker.handle(compute("t", {"d": (PEER,)}))  # d's value is said to be on PEER
+    out = worker.handle(ExecutionSucceeded(sid(), "d", 8))
+    assert [i.key for i in out if isinstance(i, Execute)] == ["t"]
+    assert not [i for i in out if isinstance(i, (SendTaskFinished, SendReplicaAdded))]
+    assert "d" not in worker.memory()  # kept for t only, not offered to anyone
+    check_worker_invariants(worker)
+    out = worker.handle(ExecutionSucceeded(sid(), "t", 8))
+    assert DropData(out[0].stimulus_id, ("d",)) in out
+    check_worker_invariants(worker)
+
+
+def test_seed_21_a_released_run_that_fails_is_fetched_instead():
+    """Seed 21, the other way: if the released run fails, the local task's input is
+    fetched from the holders the scheduler named."""
+    worker = WorkerState(ME, nthreads=2)
+    worker.handle(compute("d"))
+    worker.handle(FreeRequested(sid(), ("d",)))
+    worker.handle(compute("t", {"d": (PEER,)}))
+    out = worker.handle(ExecutionFailed(sid(), "d", UserError(None, "ValueError", "no", "tb")))
+    assert [(i.peer, i.keys) for i in out if isinstance(i, Gather)] == [(PEER, ("d",))]
+    check_worker_invariants(worker)
+
+
+# --------------------------------------------------------- seeds 5, 56 --
+
+
+def test_seeds_5_and_56_a_worker_reports_dropping_a_value_it_may_still_be_counted_for():
+    """Seeds 5 and 56: a FreeKeys crossed the worker's report of the same value, so the
+    scheduler counted a copy the worker then dropped. The worker now says it dropped it."""
+    worker = WorkerState(ME, nthreads=1)
+    worker.handle(compute("z", {"a": (PEER,)}))
+    worker.handle(GatherSucceeded(sid(), PEER, {"a": 8}))
+    out = worker.handle(FreeRequested(sid(), ("a",)))  # z still runs: a is kept for it
+    assert out == [SendDataDropped(out[0].stimulus_id, ("a",))]
+    assert "a" not in worker.memory()
+    # And the scheduler, hearing it, stops counting that copy.
+    state = scheduler(ME, PEER)
+    submit(state, "a")
+    state.handle(TaskStarted(sid(), ME, "a"))
+    state.handle(TaskFinished(sid(), ME, "a", 8))
+    state.handle(ReplicaAdded(sid(), PEER, "a", 8))
+    state.handle(DataDropped(sid(), PEER, ("a",)))
+    assert list(state.tasks["a"].who_has) == [ME]
+    check_invariants(state)
+
+
+def test_seed_5_a_copy_fetched_by_the_worker_now_assigned_the_task_is_not_freed():
+    """Seed 5: a value fetched by a worker just as the task was assigned to it was freed
+    by the scheduler while its TaskFinished was on the way (then counted)."""
+    state = scheduler(A)
+    submit(state, "x")
+    assert state.tasks["x"].processing_on == A
+    out = state.handle(ReplicaAdded(sid(), A, "x", 8))  # fetched before the assignment arrived
+    assert frees(out, A) == []
+    state.handle(TaskFinished(sid(), A, "x", 8))
+    assert list(state.tasks["x"].who_has) == [A]
+    check_invariants(state)
+
+
+def test_seed_5_a_freed_value_in_flight_is_not_offered_when_it_lands():
+    """Seed 5: a value freed while being fetched for local work was reported as a copy
+    when it landed, then dropped after that work."""
+    worker = WorkerState(ME, nthreads=1)
+    worker.handle(compute("z", {"a": (PEER,)}))
+    worker.handle(FreeRequested(sid(), ("a",)))  # in flight, needed by z: kept, freed
+    out = worker.handle(GatherSucceeded(sid(), PEER, {"a": 8}))
+    assert not [i for i in out if isinstance(i, SendReplicaAdded)]
+    check_worker_invariants(worker)
+
+
+@pytest.mark.parametrize("seed", [5, 56])
+def test_seeds_5_and_56_runs_pass(seed):
+    """The whole runs of seeds 5 and 56 (partitions, crashes, a hang) pass every oracle."""
+    assert_clean(run_pinned(seed))
+
+
+# ----------------------------------------------------------- seed 163 --
+
+
+def test_seed_163_a_task_killed_with_its_input_holder_is_killed_worker():
+    """Seed 163: the poison task died with the only worker holding its scattered input;
+    the input's LostData overwrote its KilledWorker (breaking INV-KILLED)."""
+    state = SchedulerState(allowed_failures=1, worker_saturation=1.0)
+    state.handle(WorkerConnected(sid(), A, 1))
+    state.handle(DataScattered(sid(), "c1", {"data-0": (8, (A,))}))
+    submit(state, "m", "data-0")
+    state.handle(TaskStarted(sid(), A, "m"))
+    state.handle(WorkerDisconnected(sid(), A))
+    assert state.tasks["data-0"].state is TaskState.LOST
+    assert state.tasks["m"].failure == WorkerDeaths("m", 1, A)
+    check_invariants(state)
+
+
+def test_seed_163_run_passes():
+    """Seed 163's whole run (a reset, a partition, a crash, two hangs, poison) passes."""
+    report = run_pinned(163)
+    assert_clean(report)
+    assert report.outcomes.get("KilledWorker") == 1
+
+
+# ----------------------------------------------------------- seed 314 --
+
+
+def test_seed_314_a_doomed_task_nobody_wants_ends_erred_not_released():
+    """Seed 314: after a scheduler restart the client resubmitted lineage it no longer
+    wanted; when a failure swept through it, a task doomed to ERRED was released
+    instead, keeping its failure outside ERRED (INV-FAILED)."""
+    state = scheduler(A)
+    specs = (
+        TaskSpec("x", "run-x"),
+        TaskSpec("p", "run-p", ("x",)),
+        TaskSpec("m", "run-m", ("x",)),
+        TaskSpec("q", "run-q", ("m",)),
+        TaskSpec("r", "run-r", ("p", "q")),
+    )
+    state.handle(TasksSubmitted(sid(), "c1", specs, ("r",)))  # only r is wanted
+    state.handle(TaskStarted(sid(), A, "x"))
+    state.handle(TaskErred(sid(), A, "x", UserError(None, "ValueError", "boom", "tb")))
+    assert {k: t.state for k, t in state.tasks.items()} == dict.fromkeys("xpmqr", TaskState.ERRED)
+    check_invariants(state)
+
+
+def test_seed_314_run_passes():
+    """Seed 314's whole run (the scheduler restarts, then three crashes and a restart) passes."""
+    assert_clean(run_pinned(314))
+
+
+# --------------------------------------------- seed 121: a bug in the client --
+
+
+def test_seed_121_every_future_completes():
+    """Seed 121 (and, before results could ride inline, 21, 124, 147, 148, 214, 259,
+    272, 295): a future stayed 'lost' at the client while the scheduler held its value.
+    AsyncClient._refresh_holders applied a stale who_has answer: a key_finished handled
+    right behind the reply was undone by state.lose(). Answers now apply only to
+    futures that did not change since the question was asked."""
+    report = run_pinned(121, LabSettings(liveness_bound=15.0))
+    assert_clean(report)

@@ -1,0 +1,283 @@
+"""`SimCluster`: a real scheduler and real nannies and workers on a simulated network.
+
+Every node is the production shell (`Scheduler`, `Nanny`, `Worker`), built
+with ``host=<node name>`` and handed ``network.for_node(<node name>)``;
+the simulation supplies only the launcher and executor (`trioflow.sim.nodes`)
+and the faults. The nodes of a cluster of n workers:
+
+    scheduler            sim://scheduler:8786
+    nanny-i              sim://nanny-i:<first free port from 40000>
+    worker-i             sim://worker-i:<8800 + i> (the same for every incarnation)
+    client-0             (the lab's client; it only connects)
+
+Each node lives in the cluster's nursery inside a cancel scope of its own:
+crashing a node is `SimNetwork.crash` (its peers see resets) followed by
+cancelling that scope. `inject` applies one `Fault`; the methods it calls
+are the fault kinds of `trioflow.sim.faults`.
+
+The cluster also *observes* the scheduler, for the oracles: after every
+membership event it notes how many worker deaths each task has witnessed
+(`witnessed_deaths`), which is what makes a `KilledWorker` legitimate.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import trio
+
+from trioflow.config import Config
+from trioflow.core.scheduler_events import WorkerConnected, WorkerDisconnected
+from trioflow.nanny import Nanny
+from trioflow.scheduler import Scheduler
+from trioflow.sim.determinism import derive_rng
+from trioflow.sim.faults import Fault
+from trioflow.sim.nodes import SimLauncher
+
+if TYPE_CHECKING:
+    from trioflow.sim.network import SimNetwork
+    from trioflow.sim.trace import Trace
+
+SCHEDULER_NODE = "scheduler"
+SCHEDULER_PORT = 8786
+FIRST_WORKER_PORT = 8800
+# How long the cluster may take to come up (virtual seconds).
+STARTUP_TIMEOUT_S = 60.0
+
+
+class SimCluster:
+    """A scheduler and `n_workers` nanny-supervised workers in one nursery.
+
+    Args:
+        seed: the run's seed (every random choice of every node derives from it).
+        network: the simulated network.
+        trace: the run's trace.
+        config: tunables for every node.
+        n_workers: how many nanny + worker pairs.
+        nthreads: threads per worker.
+        durations: (min, max) simulated seconds a task takes.
+    """
+
+    def __init__(
+        self,
+        *,
+        seed: int,
+        network: SimNetwork,
+        trace: Trace,
+        config: Config,
+        n_workers: int,
+        nthreads: int,
+        durations: tuple[float, float],
+    ):
+        self.seed = seed
+        self.network = network
+        self.trace = trace
+        self.config = config
+        self.n_workers = n_workers
+        self.nthreads = nthreads
+        self.durations = durations
+        self.scheduler_address = f"sim://{SCHEDULER_NODE}:{SCHEDULER_PORT}"
+        self.scheduler: Scheduler | None = None
+        self.schedulers: list[Scheduler] = []
+        self._scheduler_scope: trio.CancelScope | None = None
+        # When a crashed scheduler comes back (None: it is up).
+        self._scheduler_back_at: float | None = None
+        self.nannies: list[Nanny] = []
+        self.launchers: list[SimLauncher] = []
+        # key -> the most worker deaths the scheduler saw it running through.
+        self.witnessed_deaths: dict[str, int] = {}
+        # Exceptions that escaped a node's serve (bugs), as messages.
+        self.errors: list[str] = []
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def nodes(self) -> list[str]:
+        """Every node that may exist, in a fixed order."""
+        names = [SCHEDULER_NODE]
+        for i in range(self.n_workers):
+            names += [f"nanny-{i}", f"worker-{i}"]
+        return names + ["client-0"]
+
+    def live_workers(self) -> list:
+        """The `Worker` objects of the current, running incarnations."""
+        workers = []
+        for launcher in self.launchers:
+            handle = launcher.current
+            if handle is not None and handle.alive and handle.worker is not None:
+                workers.append(handle.worker)
+        return workers
+
+    # ------------------------------------------------------------ lifetime --
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start the scheduler and the nannies; return once every worker registered.
+
+        Raises:
+            RuntimeError: the cluster did not come up within STARTUP_TIMEOUT_S.
+        """
+        self._nursery = nursery
+        await self.start_scheduler()
+        for i in range(self.n_workers):
+            await self._start_nanny(i)
+        assert self.scheduler is not None
+        with trio.move_on_after(STARTUP_TIMEOUT_S):
+            await self.scheduler.wait_for_workers(self.n_workers)
+            return
+        raise RuntimeError(f"the simulated cluster did not start within {STARTUP_TIMEOUT_S:g} s")
+
+    async def start_scheduler(self) -> None:
+        assert self._nursery is not None
+        scheduler = Scheduler(
+            host=SCHEDULER_NODE,
+            port=SCHEDULER_PORT,
+            config=self.config,
+            network=self.network.for_node(SCHEDULER_NODE),
+        )
+        self._observe(scheduler)
+        scope = trio.CancelScope()
+
+        async def run(*, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                with scope:
+                    await scheduler.serve(task_status=task_status)
+            except Exception as exc:
+                self.errors.append(f"Scheduler.serve raised {type(exc).__name__}: {exc}")
+                self.trace.add(SCHEDULER_NODE, f"exit: unexpected {type(exc).__name__}: {exc}")
+
+        incarnation = len(self.schedulers) + 1
+        address = await self._nursery.start(run, name=f"scheduler#{incarnation}")
+        self.scheduler, self._scheduler_scope = scheduler, scope
+        self.schedulers.append(scheduler)
+        self.trace.add(SCHEDULER_NODE, f"serving at {address} incarnation={incarnation}")
+
+    async def _start_nanny(self, i: int) -> None:
+        assert self._nursery is not None
+        launcher = SimLauncher(
+            i,
+            scheduler_address=self.scheduler_address,
+            port=FIRST_WORKER_PORT + i,
+            network=self.network,
+            nursery=self._nursery,
+            config=self.config,
+            nthreads=self.nthreads,
+            seed=self.seed,
+            durations=self.durations,
+            trace=self.trace,
+        )
+        node = f"nanny-{i}"
+        nanny = Nanny(
+            launcher,
+            host=node,
+            config=self.config,
+            network=self.network.for_node(node),
+            rng=derive_rng(self.seed, node),
+        )
+        self.launchers.append(launcher)
+        self.nannies.append(nanny)
+
+        async def run(*, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                await nanny.serve(task_status=task_status)
+            except Exception as exc:
+                self.errors.append(f"{node}: Nanny.serve raised {type(exc).__name__}: {exc}")
+                self.trace.add(node, f"exit: unexpected {type(exc).__name__}: {exc}")
+
+        await self._nursery.start(run, name=node)
+
+    def _observe(self, scheduler: Scheduler) -> None:
+        """Note the deaths each task witnesses, after every membership event.
+
+        Reads the scheduler core's own count (`suspicious`), which only
+        grows; only the oracle uses it, to accept a `KilledWorker` for a
+        task that really was running on `allowed_failures` dying workers.
+        """
+        state = scheduler.state
+        handle = state.handle
+        deaths = self.witnessed_deaths
+
+        def observed_handle(event):
+            out = handle(event)
+            if isinstance(event, (WorkerConnected, WorkerDisconnected)):
+                for key, ts in state.tasks.items():
+                    if ts.suspicious > deaths.get(key, 0):
+                        deaths[key] = ts.suspicious
+            return out
+
+        state.handle = observed_handle  # type: ignore[method-assign]
+
+    # -------------------------------------------------------------- faults --
+
+    async def inject(self, fault: Fault) -> None:
+        """Apply `fault` now; heal it `fault.duration` seconds later."""
+        self.trace.add(fault.target, f"fault {fault}")
+        await getattr(self, f"_inject_{fault.kind}")(fault)
+
+    def _launcher(self, node: str) -> SimLauncher:
+        prefix = "worker-"
+        if not node.startswith(prefix) or not node[len(prefix) :].isdigit():
+            raise ValueError(f"fault target {node!r} is not a worker")
+        index = int(node[len(prefix) :])
+        if index >= self.n_workers:
+            raise ValueError(f"fault target {node!r}: the cluster has {self.n_workers} workers")
+        return self.launchers[index]
+
+    async def _inject_crash(self, fault: Fault) -> None:
+        handle = self._launcher(fault.target).current
+        if handle is not None:
+            handle.kill(reason="crash fault")
+
+    async def _inject_restart(self, fault: Fault) -> None:
+        self._launcher(fault.target)  # validate
+        self.nannies[int(fault.target.split("-")[1])].request_restart()
+
+    async def _inject_reset(self, fault: Fault) -> None:
+        self._launcher(fault.target)
+        self.network.reset(fault.target)
+
+    async def _inject_hang(self, fault: Fault) -> None:
+        self._launcher(fault.target)
+        self.network.black_hole(fault.target)
+        self._heal_later(fault, lambda: self.network.heal_black_hole(fault.target))
+
+    async def _inject_partition(self, fault: Fault) -> None:
+        cut = fault.targets
+        for node in cut:
+            self._launcher(node)
+        # A worker's nanny is on the same machine: it is cut off with it.
+        group = [n for node in cut for n in (node, node.replace("worker-", "nanny-"))]
+        rest = [n for n in self.nodes if n not in group]
+        self.network.partition(group, rest)
+        self._heal_later(fault, self.network.heal_partition)
+
+    async def _inject_scheduler_restart(self, fault: Fault) -> None:
+        if fault.target != SCHEDULER_NODE:
+            raise ValueError(f"a scheduler_restart targets {SCHEDULER_NODE!r}, not {fault.target!r}")
+        back_at = trio.current_time() + fault.duration
+        if self._scheduler_back_at is not None:
+            # Already down: the second fault only keeps it down longer.
+            self._scheduler_back_at = max(self._scheduler_back_at, back_at)
+            return
+        assert self._scheduler_scope is not None and self._nursery is not None
+        self.network.crash(SCHEDULER_NODE)
+        self._scheduler_scope.cancel(reason="simulated scheduler crash")
+        self._scheduler_back_at = back_at
+        self._nursery.start_soon(self._restart_scheduler, trio.current_time())
+
+    async def _restart_scheduler(self, down_since: float) -> None:
+        """Serve a new scheduler at the same address once its downtime is over."""
+        while self._scheduler_back_at is not None and trio.current_time() < self._scheduler_back_at:
+            await trio.sleep_until(self._scheduler_back_at)
+        self._scheduler_back_at = None
+        await self.start_scheduler()
+        self.trace.span(SCHEDULER_NODE, "scheduler down", down_since, trio.current_time() - down_since)
+
+    def _heal_later(self, fault: Fault, heal) -> None:
+        start = trio.current_time()
+
+        async def later() -> None:
+            await trio.sleep(fault.duration)
+            heal()
+            self.trace.span(fault.target, fault.kind, start, fault.duration)
+
+        assert self._nursery is not None
+        self._nursery.start_soon(later)
