@@ -14,7 +14,8 @@ from trioflow.core.failures import (
     WorkerDeaths,
 )
 from trioflow.core.scheduler_records import SchedulerTask, SchedulerWorker, TaskState
-from trioflow.core.scheduler_state import TRANSITIONS, InvalidTransition, SchedulerState
+from trioflow.core.scheduler_state import SchedulerState
+from trioflow.core.scheduler_transitions import TRANSITIONS, InvalidTransition
 from trioflow.core.worker_state import WorkerState, WorkerTask, WorkerTaskState
 
 __all__ = [

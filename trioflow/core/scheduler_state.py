@@ -12,21 +12,11 @@ Rules of this module (and of everything in `trioflow.core`):
 
 Theory of operation
 -------------------
-`handle(event)` applies one fact and returns the messages it implies. Most
-facts change one task's state, and a change to one task can make others
-change (a value arriving makes dependents ready; a failure errs dependents;
-a task finishing makes its inputs unneeded). Those knock-on changes are
-*recommendations*, ``{key: target_state}``, which `_transitions` works off
-until none are left. Every state change goes through `TRANSITIONS`, the
-table below; a (from, to) pair not in it raises `InvalidTransition` and
-leaves the task as it was.
-
-A task is *needed* while a client holds a future for it (`who_wants`) or a
-dependent in progress still needs its value (`waiters`). A task that is no
-longer needed drops its value (RELEASED) but keeps its record, because a
-dependent's lineage may need it again; the record itself is FORGOTTEN once
-no dependent record and no client refers to it. Scattered data has no
-lineage, so its value is kept as long as its record is.
+`handle(event)` applies one fact and returns the messages it implies. Each
+event has a handler here (`_on_<event>`) that updates what the fact changes
+and asks for the task moves it implies; the moves themselves, and the rules
+that make one move lead to others, live in `scheduler_transitions.py`
+(`TaskTransitions`, which this class inherits, and the `TRANSITIONS` table).
 
 Worker death is the interesting case (design.md §1, spec/README.md
 "WorkerDies"): each task that was *running* there is suspected once more
@@ -38,16 +28,13 @@ recomputed from lineage if needed, or LOST if they were scattered.
 from __future__ import annotations
 
 import collections
-import heapq
 from collections.abc import Callable, Iterable
 
 from trioflow.core.failures import Cancelled, DataLost, WorkerDeaths
 from trioflow.core.scheduler_events import (
-    AcquireReplicas,
     ClientConnected,
     ClientDisconnected,
     ClusterRestarted,
-    ComputeTask,
     DataDropped,
     DataScattered,
     FreeKeys,
@@ -58,8 +45,6 @@ from trioflow.core.scheduler_events import (
     ReplicaMissing,
     ReplicationRequested,
     ReportErred,
-    ReportFinished,
-    ReportLost,
     SchedulerEvent,
     SchedulerMessage,
     TaskErred,
@@ -75,27 +60,27 @@ from trioflow.core.scheduler_records import (
     Orphan,
     SchedulerTask,
     SchedulerWorker,
-    TaskState,
+)
+from trioflow.core.scheduler_transitions import (
+    ERRED,
+    FORGOTTEN,
+    LOST,
+    MEMORY,
+    NO_WORKER,
+    PROCESSING,
+    QUEUED,
+    RELEASED,
+    TRANSITIONS,
+    WAITING,
+    InvalidTransition,
+    Recommendations,
+    TaskTransitions,
 )
 
-RELEASED = TaskState.RELEASED
-WAITING = TaskState.WAITING
-QUEUED = TaskState.QUEUED
-NO_WORKER = TaskState.NO_WORKER
-PROCESSING = TaskState.PROCESSING
-MEMORY = TaskState.MEMORY
-ERRED = TaskState.ERRED
-LOST = TaskState.LOST
-FORGOTTEN = TaskState.FORGOTTEN
-
-Recommendations = dict[str, TaskState]
+__all__ = ["TRANSITIONS", "InvalidTransition", "SchedulerState"]
 
 
-class InvalidTransition(RuntimeError):
-    """A transition that `TRANSITIONS` does not allow was attempted (a bug)."""
-
-
-class SchedulerState:
+class SchedulerState(TaskTransitions):
     """Tasks, workers and clients, and the rules that move tasks between states.
 
     Args:
@@ -618,424 +603,3 @@ class SchedulerState:
                 del self.orphans[key]
         for key in [k for k, w in self.recovering_runs.items() if w == address]:
             del self.recovering_runs[key]
-
-    def _replicate(self, ts: SchedulerTask) -> None:
-        """Ask workers for copies of `ts` until `replicas_wanted` exist or are coming.
-
-        Copies go to the workers holding the fewest values. Scanning the
-        workers is fine here: replication is rare and explicit, unlike
-        placement, which never scans.
-        """
-        if ts.state is not MEMORY or not ts.who_has:
-            return
-        missing = min(ts.replicas_wanted, len(self.workers)) - len(ts.who_has) - len(ts.replicas_pending)
-        if missing <= 0:
-            return
-        candidates = [
-            ws
-            for address, ws in self.workers.items()
-            if address not in ts.who_has and address not in ts.replicas_pending
-        ]
-        candidates.sort(key=lambda ws: len(ws.has_what))
-        for ws in candidates[:missing]:
-            ts.replicas_pending[ws.address] = None
-            ws.replicating[ts.key] = None
-            self._emit(
-                AcquireReplicas(self._stimulus_id, ws.address, {ts.key: tuple(ts.who_has)}, {ts.key: ts.nbytes})
-            )
-
-    # ------------------------------------------------ the transition engine --
-
-    def _transitions(
-        self,
-        recs: Recommendations,
-        first: tuple[SchedulerTask, TaskState, dict] | None = None,
-    ) -> None:
-        """Apply `first` (a transition with arguments), then every recommendation.
-
-        Recommendations are processed oldest first; each transition may add
-        more. A recommendation can go stale while it waits its turn (a later
-        transition made the task needed again, or forgotten); it is checked
-        against the task as it is *now*.
-        """
-        if first is not None:
-            ts, target, kwargs = first
-            self._transition(ts, target, recs, **kwargs)
-        while recs:
-            key = next(iter(recs))
-            target = recs.pop(key)
-            ts = self.tasks.get(key)
-            if ts is None:
-                continue
-            if ts.state is MEMORY and not ts.who_has:
-                # Its last copy vanished: where it goes depends on whether it
-                # is needed now, not when the recommendation was made.
-                target = self._target_for_lost_value(ts)
-            elif target in (RELEASED, FORGOTTEN) and self._is_needed(ts):
-                continue
-            elif target is FORGOTTEN and (ts.dependents or ts.who_wants):
-                continue
-            elif target is WAITING and ts.state is RELEASED and not self._is_needed(ts):
-                continue
-            if ts.state is target:
-                continue
-            self._transition(ts, target, recs)
-
-    def _transition(
-        self, ts: SchedulerTask, target: TaskState, recs: Recommendations, **kwargs
-    ) -> None:
-        method = TRANSITIONS.get((ts.state, target))
-        if method is None:
-            raise InvalidTransition(
-                f"{ts.key!r}: no transition {ts.state.value} -> {target.value} "
-                f"(stimulus {self._stimulus_id!r})"
-            )
-        before = ts.state
-        method(self, ts, recs, **kwargs)
-        self.story.append((ts.key, before.value, ts.state.value, self._stimulus_id))
-
-    # ------------------------------------------------------ transitions --
-
-    def _released_to_waiting(self, ts: SchedulerTask, recs: Recommendations) -> None:
-        ts.state = WAITING
-        self._wait_for_dependencies(ts, recs)
-
-    def _wait_for_dependencies(self, ts: SchedulerTask, recs: Recommendations) -> None:
-        """Register `ts` as a waiter of each input; recommend what it needs."""
-        ts.waiting_on.clear()
-        for dep in ts.dependencies.values():
-            if dep.state in FAILED:
-                ts.failure, ts.failure_origin = dep.failure, dep.failure_origin
-                recs[ts.key] = ERRED
-                return
-        for dep in ts.dependencies.values():
-            dep.waiters[ts.key] = None
-            if not self._is_available(dep):
-                ts.waiting_on[dep.key] = None
-                if dep.state is RELEASED:
-                    recs.setdefault(dep.key, WAITING)
-        if not ts.waiting_on:
-            recs[ts.key] = PROCESSING
-
-    def _to_processing(self, ts: SchedulerTask, recs: Recommendations) -> None:
-        """Ready: every input is in memory. Assign, queue, or park it."""
-        previous = ts.state
-        if previous is NO_WORKER:
-            del self.unrunnable[ts.key]
-        running_on = self.recovering_runs.pop(ts.key, None)
-        if running_on is not None:
-            # The worker is already running it (it said so when it
-            # re-registered): assign it there, never start a second run.
-            self._assign(ts, self.workers[running_on])
-            ts.running = True
-            return
-        ws = self._choose_worker(ts)
-        if ws is not None:
-            self._assign(ts, ws)
-        elif ts.restrictions is not None:
-            ts.state = NO_WORKER
-            self.unrunnable[ts.key] = None
-        else:
-            ts.state = QUEUED
-            heapq.heappush(self.queued, (ts.priority, ts.key))
-
-    def _to_memory(
-        self, ts: SchedulerTask, recs: Recommendations, *, worker: SchedulerWorker, nbytes: int
-    ) -> None:
-        """`worker` holds the value now (it computed it, or re-registered with it)."""
-        if ts.state is PROCESSING:
-            # Finished by the worker it was assigned to, or by one it had
-            # been taken from: either way, cancel any other run.
-            self._unassign(ts, cancel=ts.processing_on != worker.address)
-        elif ts.state is NO_WORKER:
-            del self.unrunnable[ts.key]
-        self.recovering_runs.pop(ts.key, None)
-        ts.state, ts.nbytes = MEMORY, nbytes
-        ts.failure = ts.failure_origin = None
-        ts.waiting_on.clear()
-        self._add_replica(ts, worker)
-        for client in ts.who_wants:
-            self._report_finished(client, ts)
-        for key in ts.waiters:
-            dependent = self.tasks[key]
-            if dependent.state is WAITING:
-                dependent.waiting_on.pop(ts.key, None)
-                if not dependent.waiting_on:
-                    recs[key] = PROCESSING
-        self._stop_waiting(ts, recs)
-        self._recommend_release_if_unneeded(ts, recs)
-
-    def _to_waiting_again(self, ts: SchedulerTask, recs: Recommendations) -> None:
-        """Rerouted (worker died, input lost, retry): wait and run again."""
-        if ts.state is PROCESSING:
-            self._unassign(ts, cancel=True)
-        elif ts.state is NO_WORKER:
-            del self.unrunnable[ts.key]
-        ts.state = WAITING
-        self._wait_for_dependencies(ts, recs)
-
-    def _memory_to_waiting(self, ts: SchedulerTask, recs: Recommendations) -> None:
-        """The value's last copy is gone and it is still needed: recompute it."""
-        assert not ts.who_has
-        self._drop_pending_replicas(ts)
-        for client in ts.who_wants:
-            self._emit(ReportLost(self._stimulus_id, client, ts.key))
-        self._invalidate_dependents(ts, recs)
-        ts.state = WAITING
-        self._wait_for_dependencies(ts, recs)
-
-    def _to_lost(self, ts: SchedulerTask, recs: Recommendations) -> None:
-        """Scattered data lost its last copy: it cannot come back."""
-        self._drop_pending_replicas(ts)
-        ts.state = LOST
-        ts.failure, ts.failure_origin = DataLost(ts.key), ts.key
-        for client in ts.who_wants:
-            self._report_failure(client, ts)
-        self._err_dependents(ts, recs)
-        self._recommend_release_if_unneeded(ts, recs)
-
-    def _to_erred(self, ts: SchedulerTask, recs: Recommendations) -> None:
-        """`ts.failure` is set: keep it, tell clients, and err the dependents."""
-        if ts.state is PROCESSING:
-            self._unassign(ts, cancel=True)
-        elif ts.state is NO_WORKER:
-            del self.unrunnable[ts.key]
-        ts.state = ERRED
-        ts.waiting_on.clear()
-        self.recovering_runs.pop(ts.key, None)
-        for client in ts.who_wants:
-            self._report_failure(client, ts)
-        self._stop_waiting(ts, recs)
-        self._err_dependents(ts, recs)
-        self._recommend_release_if_unneeded(ts, recs)
-
-    def _to_released(self, ts: SchedulerTask, recs: Recommendations) -> None:
-        """Nobody needs it any more: drop the run or the value, keep lineage."""
-        if ts.state is PROCESSING:
-            self._unassign(ts, cancel=True)
-        elif ts.state is NO_WORKER:
-            del self.unrunnable[ts.key]
-        elif ts.state is MEMORY:
-            self._drop_all_replicas(ts)
-        ts.state = RELEASED
-        ts.waiting_on.clear()
-        self.recovering_runs.pop(ts.key, None)
-        self._stop_waiting(ts, recs)
-        if not ts.dependents and not ts.who_wants:
-            recs[ts.key] = FORGOTTEN
-
-    def _to_forgotten(self, ts: SchedulerTask, recs: Recommendations) -> None:
-        assert not ts.who_wants and not ts.dependents, ts
-        if ts.state is MEMORY:
-            self._drop_all_replicas(ts)
-        ts.state = FORGOTTEN
-        del self.tasks[ts.key]
-        self.replicated.pop(ts.key, None)
-        for dep in ts.dependencies.values():
-            dep.dependents.pop(ts.key, None)
-            dep.waiters.pop(ts.key, None)
-            self._recommend_release_if_unneeded(dep, recs)
-
-    # ------------------------------------------------------------ helpers --
-
-    def _is_needed(self, ts: SchedulerTask) -> bool:
-        return bool(ts.who_wants or ts.waiters)
-
-    @staticmethod
-    def _is_available(ts: SchedulerTask) -> bool:
-        # A MEMORY task with no holder is about to be recomputed (its
-        # recommendation is pending): it is not available.
-        return ts.state is MEMORY and bool(ts.who_has)
-
-    def _recommend_release_if_unneeded(self, ts: SchedulerTask, recs: Recommendations) -> None:
-        if self._is_needed(ts):
-            return
-        unreferenced = not ts.dependents
-        if ts.state in IN_PROGRESS:
-            # Unless it is doomed in this same step (its failure is set and
-            # ERRED recommended): releasing it instead would keep a failure
-            # outside ERRED (INV-FAILED; seed 314 of the chaos lab).
-            if ts.failure is None:
-                recs[ts.key] = RELEASED
-        elif ts.state is MEMORY:
-            if ts.has_lineage:
-                recs[ts.key] = FORGOTTEN if unreferenced else RELEASED
-            elif unreferenced:
-                recs[ts.key] = FORGOTTEN  # scattered: kept while referenced
-        elif unreferenced:  # RELEASED, ERRED, LOST
-            recs[ts.key] = FORGOTTEN
-
-    def _target_for_lost_value(self, ts: SchedulerTask) -> TaskState:
-        """Where a MEMORY task goes when its last copy disappears."""
-        if not ts.has_lineage:
-            return LOST if (self._is_needed(ts) or ts.dependents) else FORGOTTEN
-        if self._is_needed(ts):
-            return WAITING
-        return FORGOTTEN if not ts.dependents else RELEASED
-
-    def _stop_waiting(self, ts: SchedulerTask, recs: Recommendations) -> None:
-        """`ts` no longer needs its inputs' values: they may be released."""
-        for dep in ts.dependencies.values():
-            if dep.waiters.pop(ts.key, 0) is None:
-                self._recommend_release_if_unneeded(dep, recs)
-
-    def _invalidate_dependents(self, ts: SchedulerTask, recs: Recommendations) -> None:
-        """`ts` lost its value: dependents that were about to use it wait again."""
-        for key in ts.waiters:
-            dependent = self.tasks[key]
-            if dependent.state is WAITING:
-                dependent.waiting_on[ts.key] = None
-            elif dependent.state in IN_PROGRESS:
-                recs.setdefault(key, WAITING)
-
-    def _err_dependents(self, ts: SchedulerTask, recs: Recommendations) -> None:
-        for dependent in ts.dependents.values():
-            # A dependent already doomed in this same step keeps its own
-            # failure: one that just witnessed its allowed_failures-th death
-            # is KilledWorker (INV-KILLED), not the LostData of its input
-            # lost with the same worker (seed 163 of the chaos lab).
-            if dependent.state in IN_PROGRESS and dependent.failure is None:
-                dependent.failure = ts.failure
-                dependent.failure_origin = ts.failure_origin
-                recs[dependent.key] = ERRED
-
-    def _choose_worker(self, ts: SchedulerTask) -> SchedulerWorker | None:
-        """Pick the worker for a ready task, or None to queue/park it.
-
-        Restricted tasks go to the least busy allowed worker. Tasks with
-        inputs go where most of their input bytes already are (ties: least
-        busy), so data moves as little as possible. Root tasks take the
-        next worker below capacity, round-robin; when all are saturated
-        they queue here, which keeps work movable if a worker dies.
-        Costs are bounded by the task's own inputs, never by cluster size.
-        """
-        if ts.restrictions is not None:
-            allowed = [self.workers[a] for a in ts.restrictions if a in self.workers]
-            return min(allowed, key=lambda ws: ws.occupancy, default=None)
-        if ts.dependencies:
-            held: dict[str, int] = {}
-            for dep in ts.dependencies.values():
-                for address in dep.who_has:
-                    held[address] = held.get(address, 0) + dep.nbytes + 1
-            if held:
-                best = max(held, key=lambda a: (held[a], -self.workers[a].occupancy))
-                return self.workers[best]
-        if not self.idle:
-            return None
-        address = next(iter(self.idle))
-        return self.workers[address]
-
-    def _assign(self, ts: SchedulerTask, ws: SchedulerWorker) -> None:
-        ts.state = PROCESSING
-        ts.processing_on = ws.address
-        ts.running = False
-        ws.processing[ts.key] = None
-        if ws.address in self.idle:
-            # Round-robin: the next root task goes to the next idle worker.
-            del self.idle[ws.address]
-            if not ws.saturated:
-                self.idle[ws.address] = None
-        deps = ts.dependencies.values()
-        self._emit(
-            ComputeTask(
-                self._stimulus_id,
-                ws.address,
-                ts.key,
-                ts.run_spec,
-                ts.priority,
-                who_has={d.key: tuple(d.who_has) for d in deps},
-                nbytes={d.key: d.nbytes for d in deps},
-            )
-        )
-
-    def _unassign(self, ts: SchedulerTask, *, cancel: bool) -> None:
-        """Take `ts` off its worker (telling the worker to drop it if `cancel`)."""
-        address, ts.processing_on, ts.running = ts.processing_on, None, False
-        ws = self.workers.get(address) if address is not None else None
-        if ws is None:
-            return
-        del ws.processing[ts.key]
-        if not ws.saturated:
-            self.idle.setdefault(ws.address, None)
-        if cancel:
-            self._emit(FreeKeys(self._stimulus_id, ws.address, (ts.key,)))
-
-    def _fill_idle_workers(self) -> None:
-        """Hand queued root tasks to workers below capacity, best priority first."""
-        while self.idle and self.queued:
-            _, key = heapq.heappop(self.queued)
-            ts = self.tasks.get(key)
-            if ts is None or ts.state is not QUEUED:
-                continue  # released while queued
-            self._transitions({key: PROCESSING})
-
-    def _add_replica(self, ts: SchedulerTask, ws: SchedulerWorker) -> None:
-        ts.who_has[ws.address] = None
-        ws.has_what[ts.key] = None
-        if ts.replicas_pending.pop(ws.address, 0) is None:
-            del ws.replicating[ts.key]
-        if ts.key in self.replicated:
-            self._replicate(ts)
-
-    def _drop_pending_replicas(self, ts: SchedulerTask) -> None:
-        """`ts` left memory: copies still on their way will be freed on arrival."""
-        for address in ts.replicas_pending:
-            del self.workers[address].replicating[ts.key]
-        ts.replicas_pending.clear()
-
-    def _drop_all_replicas(self, ts: SchedulerTask) -> None:
-        self._drop_pending_replicas(ts)
-        for address in ts.who_has:
-            del self.workers[address].has_what[ts.key]
-            self._emit(FreeKeys(self._stimulus_id, address, (ts.key,)))
-        ts.who_has.clear()
-
-    def _report_finished(self, client: str, ts: SchedulerTask) -> None:
-        self._emit(ReportFinished(self._stimulus_id, client, ts.key, tuple(ts.who_has)))
-
-    def _report_failure(self, client: str, ts: SchedulerTask) -> None:
-        assert ts.failure is not None and ts.failure_origin is not None
-        self._emit(ReportErred(self._stimulus_id, client, ts.key, ts.failure, ts.failure_origin))
-
-    def _emit(self, message: SchedulerMessage) -> None:
-        self._out.append(message)
-
-    def _log(self, ts: SchedulerTask, target: TaskState) -> None:
-        self.story.append((ts.key, ts.state.value, target.value, self._stimulus_id))
-
-
-# The transition table: every allowed (from, to) pair and the method doing it.
-# spec/README.md draws the same table as a diagram.
-_S = SchedulerState
-TRANSITIONS: dict[tuple[TaskState, TaskState], Callable[..., None]] = {
-    (RELEASED, WAITING): _S._released_to_waiting,
-    (RELEASED, LOST): _S._to_lost,
-    (RELEASED, ERRED): _S._to_erred,
-    (RELEASED, FORGOTTEN): _S._to_forgotten,
-    (WAITING, PROCESSING): _S._to_processing,  # may end QUEUED or NO_WORKER
-    (WAITING, MEMORY): _S._to_memory,  # a value re-registered or finished elsewhere
-    (WAITING, ERRED): _S._to_erred,
-    (WAITING, RELEASED): _S._to_released,
-    (QUEUED, PROCESSING): _S._to_processing,
-    (QUEUED, ERRED): _S._to_erred,
-    (QUEUED, RELEASED): _S._to_released,
-    (QUEUED, WAITING): _S._to_waiting_again,
-    (QUEUED, MEMORY): _S._to_memory,
-    (NO_WORKER, PROCESSING): _S._to_processing,
-    (NO_WORKER, ERRED): _S._to_erred,
-    (NO_WORKER, RELEASED): _S._to_released,
-    (NO_WORKER, WAITING): _S._to_waiting_again,
-    (NO_WORKER, MEMORY): _S._to_memory,
-    (PROCESSING, MEMORY): _S._to_memory,
-    (PROCESSING, WAITING): _S._to_waiting_again,
-    (PROCESSING, ERRED): _S._to_erred,
-    (PROCESSING, RELEASED): _S._to_released,
-    (MEMORY, WAITING): _S._memory_to_waiting,
-    (MEMORY, LOST): _S._to_lost,
-    (MEMORY, RELEASED): _S._to_released,
-    (MEMORY, FORGOTTEN): _S._to_forgotten,
-    (ERRED, FORGOTTEN): _S._to_forgotten,
-    (LOST, FORGOTTEN): _S._to_forgotten,
-    (LOST, MEMORY): _S._to_memory,  # a copy turned up again (re-registration)
-}
-del _S
