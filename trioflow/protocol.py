@@ -10,6 +10,7 @@ docs/protocol.md describes every message that carries these.
 
 from __future__ import annotations
 
+import pickle
 import sys
 import traceback
 from collections.abc import Callable, Mapping
@@ -133,11 +134,36 @@ def user_error_from_exception(exc: BaseException, skip_frames: int = 0) -> UserE
         if tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
     text = "".join(traceback.format_exception(type(exc), exc, tb))
+    return UserError(_pickle_exception(exc), _qualname(type(exc)), str(exc), text)
+
+
+def _pickle_exception(exc: BaseException) -> Serialized | None:
+    """The exception's own reduction, pickled; None if it does not pickle.
+
+    `__reduce_ex__` is called directly rather than letting pickle consult
+    `copyreg`: libraries may register reducers for every exception class
+    (tblib, which dask installs, adds the traceback), and what travels — and
+    the chaos lab's byte-exact traces — must not depend on what else this
+    process happens to have imported. The traceback travels as text.
+    """
     try:
-        payload: Serialized | None = dumps(exc)
-    except SerializationError:
-        payload = None
-    return UserError(payload, _qualname(type(exc)), str(exc), text)
+        return dumps(exc.__reduce_ex__(pickle.HIGHEST_PROTOCOL))
+    except (SerializationError, TypeError):
+        return None
+
+
+def _unpickle_exception(payload: Serialized) -> BaseException | None:
+    reduced = loads(payload)
+    if not isinstance(reduced, tuple) or len(reduced) < 2 or not callable(reduced[0]):
+        return None
+    exc = reduced[0](*reduced[1])
+    state = reduced[2] if len(reduced) > 2 else None
+    if state:
+        if hasattr(exc, "__setstate__"):
+            exc.__setstate__(state)
+        else:
+            exc.__dict__.update(state)
+    return exc if isinstance(exc, BaseException) else None
 
 
 def _qualname(kind: type) -> str:
@@ -201,8 +227,8 @@ def failure_to_exception(failure: TaskFailure) -> BaseException:
     exc: BaseException | None = None
     if failure.exception is not None:
         try:
-            exc = loads(failure.exception)
-        except SerializationError:
+            exc = _unpickle_exception(failure.exception)
+        except Exception:  # whatever rebuilding the user's class raises
             exc = None
     if not isinstance(exc, BaseException):
         exc = RuntimeError(f"{failure.type_name}: {failure.message}")

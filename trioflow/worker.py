@@ -154,6 +154,8 @@ class Worker:
         self.closed = trio.Event()
         self._registered = False
         self._link_registered = False
+        # trio.current_time() of our last message to the scheduler.
+        self._last_sent = -math.inf
         self._rng = rng or random.Random()
 
     # -------------------------------------------------------------- serve --
@@ -309,19 +311,30 @@ class Worker:
             return f"protocol error: {exc}"
 
     async def _heartbeats(self, conn: Connection) -> None:
+        """Keep both liveness deadlines fed, with as few messages as possible.
+
+        Any message counts as a sign of life in both directions, so a
+        heartbeat is only sent when the link has been quiet one way or the
+        other for `heartbeat_interval`: the scheduler hears from us, and its
+        `heartbeat_ack` lets us hear from it. A busy link carries none.
+        """
+        interval = self.config.heartbeat_interval
         while True:
             assert self.state is not None
-            conn.send(
-                {
-                    "op": "heartbeat",
-                    "metrics": {
-                        "executing": len(self.state.executing),
-                        "keys": len(self.data),
-                        "tasks": len(self.state.tasks),
-                    },
-                }
-            )
-            await trio.sleep(self.config.heartbeat_interval)
+            due = min(self._last_sent, conn.last_received) + interval
+            if trio.current_time() >= due:
+                self._send(
+                    {
+                        "op": "heartbeat",
+                        "metrics": {
+                            "executing": len(self.state.executing),
+                            "keys": len(self.data),
+                            "tasks": len(self.state.tasks),
+                        },
+                    }
+                )
+                due = trio.current_time() + interval
+            await trio.sleep_until(due)
 
     # ------------------------------------------------------------- driver --
 
@@ -386,7 +399,8 @@ class Worker:
         try:
             self._scheduler.send(message)
         except CommClosedError:
-            pass  # the reader notices and ends the link
+            return  # the reader notices and ends the link
+        self._last_sent = trio.current_time()
 
     def _spawn(self, async_fn: Callable, *args: Any) -> None:
         assert self._nursery is not None

@@ -323,3 +323,32 @@ async def test_retries_exhausted_report_the_last_error(client, tmp_path):
     with pytest.raises(RuntimeError, match="failure 2"):
         await future
     assert (tmp_path / "b").read_text() == "2"
+
+
+class Oddity(Exception):
+    """An exception whose constructor takes keywords and keeps extra state."""
+
+    def __init__(self, code, *, detail="none"):
+        super().__init__(code)
+        self.code, self.detail = code, detail
+
+    def __reduce__(self):
+        return (_make_oddity, (self.code, self.detail))
+
+
+def _make_oddity(code, detail):
+    return Oddity(code, detail=detail)
+
+
+def raise_oddity():
+    raise Oddity(7, detail="seven")
+
+
+async def test_exceptions_travel_by_their_own_reduction(client):
+    """A user exception with a custom __reduce__ arrives with its state intact,
+    and without a pickled traceback (that travels as text)."""
+    with pytest.raises(Oddity) as info:
+        await client.submit(raise_oddity)
+    assert (info.value.code, info.value.detail) == (7, "seven")
+    assert info.value.__traceback__ is not None  # the local raise, not the remote one
+    assert "raise_oddity" in info.value.__cause__.text

@@ -463,3 +463,16 @@ def test_orphans_of_a_dead_worker_are_dropped(sched):
     assert sched.orphans == {}
     join(sched, B)
     assert computes(submit(sched, spec("x"))) == [(B, "x")]
+
+
+def test_a_saturated_worker_is_topped_up_in_batches():
+    """Capacity 4 (one thread, saturation 4): a worker takes queued root tasks
+    again only when down to 2, and then gets 2 at once (one batch, not one
+    message per finished task)."""
+    state = SchedulerState(allowed_failures=3, worker_saturation=4.0)
+    join(state, A)
+    msgs = submit(state, *(spec(f"t{i}") for i in range(10)))
+    assert [k for _, k in computes(msgs)] == ["t0", "t1", "t2", "t3"]
+    assert not computes(finish(state, A, "t0"))
+    assert [k for _, k in computes(finish(state, A, "t1"))] == ["t4", "t5"]
+    check_invariants(state)

@@ -123,8 +123,9 @@ def _violations(state: SchedulerState):  # noqa: C901 - a flat list of checks
             ts = state.tasks.get(key)
             if ts is None or address not in ts.replicas_pending:
                 yield f"worker {address}: lists {key!r} as replicating"
-        if (address in state.idle) == ws.saturated:
-            yield f"worker {address}: idle={address in state.idle} saturated={ws.saturated}"
+        # Idle workers take root tasks: never saturated ones, always hungry ones.
+        if (address in state.idle and ws.saturated) or (ws.hungry and address not in state.idle):
+            yield f"worker {address}: idle={address in state.idle} saturated={ws.saturated} hungry={ws.hungry}"
     for address in state.idle:
         if address not in state.workers:
             yield f"idle worker {address} is not live"

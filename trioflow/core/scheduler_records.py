@@ -122,7 +122,7 @@ class SchedulerTask:
 class SchedulerWorker:
     """What the scheduler knows about one live worker."""
 
-    __slots__ = ("address", "nthreads", "capacity", "processing", "has_what", "replicating")
+    __slots__ = ("address", "nthreads", "capacity", "refill_at", "processing", "has_what", "replicating")
 
     def __init__(self, address: str, nthreads: int, saturation: float):
         self.address = address
@@ -132,6 +132,10 @@ class SchedulerWorker:
         self.capacity = (
             math.inf if math.isinf(saturation) else max(1, math.ceil(nthreads * saturation))
         )
+        # A saturated worker takes root tasks again only once it is down to
+        # this many, and is then topped up to capacity in one go: the queued
+        # tasks travel as a batch instead of one message per finished task.
+        self.refill_at = self.capacity if math.isinf(self.capacity) else self.capacity // 2
         # Invariant: exactly the PROCESSING tasks whose processing_on is us.
         self.processing: dict[str, None] = {}
         # Invariant: exactly the MEMORY tasks whose who_has lists us.
@@ -146,6 +150,11 @@ class SchedulerWorker:
     @property
     def saturated(self) -> bool:
         return len(self.processing) >= self.capacity
+
+    @property
+    def hungry(self) -> bool:
+        """Low enough on work to be topped up with queued root tasks."""
+        return len(self.processing) <= self.refill_at and not self.saturated
 
     def __repr__(self) -> str:
         return f"<SchedulerWorker {self.address} {len(self.processing)}/{self.nthreads}>"

@@ -396,7 +396,7 @@ class TaskTransitions:
         if ws is None:
             return
         del ws.processing[ts.key]
-        if not ws.saturated:
+        if ws.hungry:
             self.idle.setdefault(ws.address, None)
         if cancel:
             self._emit(FreeKeys(self._stimulus_id, ws.address, (ts.key,)))
