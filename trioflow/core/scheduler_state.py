@@ -255,13 +255,12 @@ class SchedulerState(TaskTransitions):
                 self._report_failure(ev.client, ts)
         # One task at a time, in submission order, each with its knock-on
         # effects, so that earlier work is placed first.
+        adopted: list[SchedulerTask] = []
         for ts in new:
             if ts.key not in self.tasks:
                 continue  # forgotten meanwhile
             if ts.state is MEMORY:  # took an orphaned value above
-                recs = {}
-                self._recommend_release_if_unneeded(ts, recs)
-                self._transitions(recs)
+                adopted.append(ts)
             elif ts.failure is not None:
                 self._transitions({ts.key: ERRED})
             elif not ts.has_lineage:
@@ -273,6 +272,18 @@ class SchedulerState(TaskTransitions):
             elif ts.state is RELEASED and not ts.dependents:
                 # Submitted, never wanted, needed by nothing: nothing to do.
                 self._transitions({ts.key: FORGOTTEN})
+        # Known keys kept only as lineage (released) that are wanted again.
+        for key in ev.wanted:
+            ts = self.tasks.get(key)
+            if ts is not None and ts.state is RELEASED and ts.has_lineage:
+                self._transitions({key: WAITING})
+        # A value taken from an orphan may be an input of a task submitted
+        # after it in this same batch: judge whether it is needed only now.
+        for ts in adopted:
+            if ts.key in self.tasks and ts.state is MEMORY:
+                recs = {}
+                self._recommend_release_if_unneeded(ts, recs)
+                self._transitions(recs)
 
     def _on_keys_released(self, ev: KeysReleased) -> None:
         wanted = self.clients.get(ev.client, {})
@@ -311,28 +322,40 @@ class SchedulerState(TaskTransitions):
     def _on_data_scattered(self, ev: DataScattered) -> None:
         wanted = self.clients.setdefault(ev.client, {})
         for key, (nbytes, holders) in ev.placed.items():
-            live = [a for a in holders if a in self.workers]
+            live = [self.workers[a] for a in holders if a in self.workers]
             ts = self.tasks.get(key)
             if ts is None:
                 self._submitted += 1
                 ts = self.tasks[key] = SchedulerTask(key, None, priority=(self._submitted,))
-            if ts.state is RELEASED or ts.state is LOST:
-                if not live:
-                    continue
-                self._log(ts, MEMORY)
-                ts.state, ts.nbytes = MEMORY, nbytes
-                ts.failure = ts.failure_origin = None
-            if ts.state is MEMORY:
-                for address in live:
-                    self._add_replica(ts, self.workers[address])
-            else:
-                # The key is already being computed; keep that, drop the copies.
-                for address in live:
-                    self._emit(FreeKeys(self._stimulus_id, address, (key,)))
             ts.who_wants[ev.client] = None
             wanted[key] = None
             if ts.state is MEMORY:
+                for ws in live:
+                    self._add_replica(ts, ws)
                 self._report_finished(ev.client, ts)
+            elif ts.state is RELEASED and live:
+                # New (or only lineage): the scattered value is its value.
+                self._log(ts, MEMORY)
+                ts.state, ts.nbytes = MEMORY, nbytes
+                for ws in live:
+                    self._add_replica(ts, ws)
+                for client in ts.who_wants:
+                    self._report_finished(client, ts)
+            elif ts.state is LOST and live:
+                # Lost data placed again: everyone who holds it hears it is back.
+                self._transitions({}, first=(ts, MEMORY, {"worker": live[0], "nbytes": nbytes}))
+                for ws in live[1:]:
+                    self._add_replica(ts, ws)
+            elif ts.state is RELEASED or ts.state is LOST:
+                # Every worker it was placed on died before we heard of it.
+                if ts.state is RELEASED:
+                    self._transitions({key: LOST})
+                else:
+                    self._report_failure(ev.client, ts)
+            else:
+                # The key is already being computed; keep that, drop the copies.
+                for ws in live:
+                    self._emit(FreeKeys(self._stimulus_id, ws.address, (key,)))
 
     # -------------------------------------------------- worker events --
 

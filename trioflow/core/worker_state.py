@@ -253,6 +253,7 @@ class WorkerState:
             if ts is None:
                 continue
             ts.assigned = False
+            ts.compute_request = None  # withdrawn: never acted upon later
             held = ts.state is MEMORY
             if ts.state is EXECUTING:
                 ts.state = CANCELLED
@@ -349,7 +350,8 @@ class WorkerState:
         for key, nbytes in ev.nbytes.items():
             ts = self.tasks.get(key)
             if ts is None or ts.state is not FLIGHT:
-                self._emit(DropData(self._stimulus_id, (key,)))  # released meanwhile
+                # Released meanwhile, or already here by another way (put,
+                # another peer): the shell stored nothing for it.
                 continue
             self._arrived(ts, nbytes)
         for key, failure in ev.errors.items():

@@ -1,0 +1,359 @@
+"""What must be true of the scheduler-side lifecycle: in every state, across
+every step, and eventually.
+
+Each invariant has an id (INV-*, STEP-*, LIVE-*), one sentence, and the row
+of the failure table (design.md §1) it protects. The same ids appear in
+`trioflow.core.scheduler_invariants` where the core checks its own version.
+
+* State invariants are predicates on one `World`: `state_violations`.
+* Step invariants relate the world before an event to each world after it:
+  `step_violations`.
+* Liveness properties ("eventually") are checked by `spec.explore` by
+  running the model forward from each reachable state: `liveness_violations`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+from spec.model import (
+    FAILED,
+    IN_PROGRESS,
+    KILLED,
+    LOST,
+    MEMORY,
+    NO_WORKER,
+    PROCESSING,
+    QUEUED,
+    RELEASED,
+    WAITING,
+    ClientLeaves,
+    Event,
+    Outcome,
+    Release,
+    Restart,
+    SchedulerRestarts,
+    Scope,
+    TaskFinishes,
+    TaskStarts,
+    World,
+    apply,
+)
+
+
+class Invariant(NamedTuple):
+    id: str
+    sentence: str
+    row: str  # the failure-table row (design.md §1) it protects
+
+
+def _needed(w: World, key: str) -> bool:
+    if any(k == key for _, k in w.holds):
+        return True
+    return any(key in t.deps and t.state in IN_PROGRESS for _, t in w.tasks)
+
+
+def _available(tasks: dict, key: str) -> bool:
+    t = tasks.get(key)
+    return t is not None and t.state is MEMORY and bool(t.who_has)
+
+
+# ------------------------------------------------------- state invariants --
+
+STATE_INVARIANTS: tuple[Invariant, ...] = (
+    Invariant(
+        "INV-PROCESSING",
+        "A task in processing is assigned to exactly one live worker, and only a "
+        "processing task is assigned or marked running.",
+        "worker connection closes",
+    ),
+    Invariant(
+        "INV-MEMORY",
+        "A task in memory has at least one live holder, and only tasks in memory have holders.",
+        "worker connection closes",
+    ),
+    Invariant(
+        "INV-READY",
+        "No task is processing, queued or in no-worker before all its inputs are in memory.",
+        "worker connection closes",
+    ),
+    Invariant(
+        "INV-WAITING",
+        "A waiting task waits only on inputs that are not in memory, and on at least one.",
+        "worker connection closes",
+    ),
+    Invariant(
+        "INV-PROGRESS",
+        "Every input a waiting task waits on is itself in progress, so nothing waits forever.",
+        "worker connection closes",
+    ),
+    Invariant(
+        "INV-NEEDED",
+        "A task is in progress only while it is needed, and released only while it is not.",
+        "Client.restart() / cancel (no work for nobody)",
+    ),
+    Invariant(
+        "INV-KILLED",
+        "A task's suspicious count never exceeds allowed_failures, and it is erred with "
+        "KilledWorker (its own) iff that count reached allowed_failures.",
+        "a task keeps killing workers",
+    ),
+    Invariant(
+        "INV-FAILED",
+        "A task carries a failure iff it is erred or lost.",
+        "user function raises",
+    ),
+    Invariant(
+        "INV-ERR-DEPENDENTS",
+        "No task in progress has a failed input: an erred task's dependents are erred too.",
+        "user function raises",
+    ),
+    Invariant(
+        "INV-ORIGIN",
+        "A failed task's failure originates at the task itself or at one of its transitive inputs.",
+        "user function raises",
+    ),
+    Invariant(
+        "INV-LOST",
+        "Scattered data is only ever in memory or lost (never recomputed), and only "
+        "scattered data is ever lost.",
+        "scattered data lost",
+    ),
+    Invariant(
+        "INV-HELD",
+        "No key a client holds is ever forgotten.",
+        "worker connection closes / scheduler dies (futures stay answerable)",
+    ),
+    Invariant(
+        "INV-FORGET",
+        "Every record is held by a client or is in the lineage of a held key; nothing else is kept.",
+        "Client.restart() / release (no leak)",
+    ),
+    Invariant(
+        "INV-QUEUED",
+        "A task is queued only if it is an unrestricted root task and every live worker is saturated.",
+        "worker connection closes (queued work stays movable)",
+    ),
+    Invariant(
+        "INV-NO-WORKER",
+        "A task is in no-worker iff it is restricted and none of its allowed workers is alive.",
+        "worker connection closes",
+    ),
+    Invariant(
+        "INV-REPLICAS",
+        "A value with a replication request has, counting copies already requested from live "
+        "workers, min(n, live workers) copies.",
+        "scattered data lost (Client.replicate)",
+    ),
+)
+
+
+def state_violations(scope: Scope, w: World) -> Iterator[str]:  # noqa: C901 - flat checks
+    """Yield "INV-ID: explanation" for every state invariant `w` breaks."""
+    tasks = dict(w.tasks)
+    held = {k for _, k in w.holds}
+    saturated = {
+        wk: sum(1 for t in tasks.values() if t.processing_on == wk) >= scope.capacity
+        for wk in w.live
+    }
+    for key, t in tasks.items():
+        spec = scope.keys[key]
+        at = f"{key} ({t.state.value})"
+        if (t.state is PROCESSING) != (t.processing_on is not None):
+            yield f"INV-PROCESSING: {at} processing_on={t.processing_on}"
+        if t.processing_on is not None and t.processing_on not in w.live:
+            yield f"INV-PROCESSING: {at} assigned to dead worker {t.processing_on}"
+        if t.running and t.state is not PROCESSING:
+            yield f"INV-PROCESSING: {at} marked running"
+        if (t.state is MEMORY) != bool(t.who_has):
+            yield f"INV-MEMORY: {at} who_has={sorted(t.who_has)}"
+        if not t.who_has <= w.live:
+            yield f"INV-MEMORY: {at} held by dead {sorted(t.who_has - w.live)}"
+        missing = [x for x in t.deps if not _available(tasks, x)]
+        if t.state in (PROCESSING, QUEUED, NO_WORKER) and missing:
+            yield f"INV-READY: {at} inputs {missing} not in memory"
+        if t.state is WAITING:
+            if not missing:
+                yield f"INV-WAITING: {at} has every input yet waits"
+            for x in missing:
+                if x in tasks and tasks[x].state not in IN_PROGRESS:
+                    yield f"INV-PROGRESS: {at} waits on {x} ({tasks[x].state.value})"
+        needed = _needed(w, key)
+        if t.state in IN_PROGRESS and not needed:
+            yield f"INV-NEEDED: {at} in progress although nobody needs it"
+        if t.state is RELEASED and needed:
+            yield f"INV-NEEDED: {at} released although needed"
+        killed_here = t.failure is not None and t.failure.kind == KILLED and t.failure.origin == key
+        if t.suspicious > scope.allowed_failures:
+            yield f"INV-KILLED: {at} suspicious={t.suspicious}"
+        if killed_here != (t.suspicious >= scope.allowed_failures):
+            yield f"INV-KILLED: {at} suspicious={t.suspicious} failure={t.failure}"
+        if (t.state in FAILED) != (t.failure is not None):
+            yield f"INV-FAILED: {at} failure={t.failure}"
+        if t.state in IN_PROGRESS:
+            for x in t.deps:
+                if x in tasks and tasks[x].state in FAILED:
+                    yield f"INV-ERR-DEPENDENTS: {at} has failed input {x}"
+        if t.failure is not None and t.failure.origin != key and t.failure.origin not in scope.ancestors(key):
+            yield f"INV-ORIGIN: {at} failure {t.failure} from outside its lineage"
+        if spec.scattered and t.state not in (MEMORY, LOST):
+            yield f"INV-LOST: scattered {at}"
+        if t.state is LOST and not spec.scattered:
+            yield f"INV-LOST: computed {at} is lost"
+        if t.state is QUEUED and (spec.deps or spec.restrict is not None):
+            yield f"INV-QUEUED: {at} is not an unrestricted root task"
+        if t.state is QUEUED and not all(saturated.values()):
+            yield f"INV-QUEUED: {at} queued while a worker is below capacity"
+        no_allowed = spec.restrict is not None and not (set(spec.restrict) & w.live)
+        if (t.state is NO_WORKER) and not no_allowed:
+            yield f"INV-NO-WORKER: {at} although an allowed worker is alive"
+        if t.state is MEMORY and t.replicas:
+            copies = len(t.who_has) + len(t.pending)
+            if copies < min(t.replicas, len(w.live)) or not t.pending <= w.live - t.who_has:
+                yield f"INV-REPLICAS: {at} holders {sorted(t.who_has)} pending {sorted(t.pending)}"
+    for key in held:
+        if key not in tasks:
+            yield f"INV-HELD: held key {key} was forgotten"
+    kept: set[str] = set()
+    stack = list(held)
+    while stack:
+        k = stack.pop()
+        if k in kept or k not in tasks:
+            continue
+        kept.add(k)
+        stack.extend(tasks[k].deps)
+    for key in tasks:
+        if key not in kept:
+            yield f"INV-FORGET: {key} ({tasks[key].state.value}) is neither held nor lineage of a held key"
+
+
+# -------------------------------------------------------- step invariants --
+
+STEP_INVARIANTS: tuple[Invariant, ...] = (
+    Invariant(
+        "STEP-SUSPICIOUS",
+        "A task's suspicious count only grows while its record lives (a restart starts afresh).",
+        "a task keeps killing workers",
+    ),
+    Invariant(
+        "STEP-FINAL",
+        "An erred task stays erred, with the same failure, until it is forgotten: "
+        "a task marked bad is never retried.",
+        "a task keeps killing workers / user function raises",
+    ),
+    Invariant(
+        "STEP-SAME-ERROR",
+        "A task that fails because of an input fails with exactly that input's failure.",
+        "user function raises",
+    ),
+    Invariant(
+        "STEP-REPORTED",
+        "Every key a client holds that fails, is lost, or is cancelled is reported to that client.",
+        "user function raises / scattered data lost / Client.restart()",
+    ),
+)
+
+
+def step_violations(scope: Scope, pre: World, event: Event, out: Outcome) -> Iterator[str]:
+    """Yield "STEP-ID: explanation" for every step invariant this step breaks."""
+    post = out.world
+    fresh = isinstance(event, (Restart, SchedulerRestarts))
+    after = dict(post.tasks)
+    for key, b in pre.tasks:
+        a = after.get(key)
+        if a is None or fresh:
+            continue
+        if a.suspicious < b.suspicious:
+            yield f"STEP-SUSPICIOUS: {key} {b.suspicious} -> {a.suspicious}"
+        if b.state.value == "erred" and (a.state is not b.state or a.failure != b.failure):
+            yield f"STEP-FINAL: {key} erred {b.failure} -> {a.state.value} {a.failure}"
+    for key, a in post.tasks:
+        b = pre.task(key)
+        if a.state in FAILED and a.failure.origin != key and (b is None or b.failure != a.failure):
+            inputs = [after[x].failure for x in a.deps if x in after and after[x].state in FAILED]
+            ghost = b is None and a.failure.kind == "lost-data" and a.failure.origin not in a.deps
+            if a.failure not in inputs and not ghost:
+                yield f"STEP-SAME-ERROR: {key} got {a.failure}, inputs have {inputs}"
+    told = {(r.client, r.key) for r in out.reports if r.kind in ("erred", "cancelled")}
+    voluntary = isinstance(event, (Release, ClientLeaves))
+    for client, key in pre.holds:
+        if (client, key) not in post.holds and not voluntary and (client, key) not in told:
+            yield f"STEP-REPORTED: {client} lost its future for {key} without being told"
+    for client, key in post.holds:
+        a, b = after[key], pre.task(key)
+        if a.state in FAILED and (b is None or b.failure != a.failure or (client, key) not in pre.holds):
+            if (client, key) not in told:
+                yield f"STEP-REPORTED: {client} not told that {key} failed ({a.failure})"
+        if a.state is MEMORY and (b is None or b.state is not MEMORY or (client, key) not in pre.holds):
+            if not any(r.kind == "finished" and (r.client, r.key) == (client, key) for r in out.reports):
+                yield f"STEP-REPORTED: {client} not told that {key} finished"
+
+
+# -------------------------------------------------------------- liveness --
+
+LIVENESS: tuple[Invariant, ...] = (
+    Invariant(
+        "LIVE-FORGET",
+        "Every key no one holds is eventually forgotten: once clients release everything, "
+        "no record is left.",
+        "Client.restart() / release (no leak)",
+    ),
+    Invariant(
+        "LIVE-PROGRESS",
+        "If faults stop and a worker is alive, every held key ends in memory, erred or lost, "
+        "unless it needs a task restricted to absent workers.",
+        "worker connection closes / a task keeps killing workers",
+    ),
+)
+
+
+def _run(scope: Scope, w: World, pick: Callable[[World], Event | None], limit: int) -> World:
+    for _ in range(limit):
+        ev = pick(w)
+        if ev is None:
+            return w
+        outcomes = apply(scope, w, ev)
+        assert outcomes, f"{ev} not enabled"
+        w = outcomes[0].world
+    raise AssertionError(f"did not settle in {limit} steps from {w.describe()}")
+
+
+def _blocked(tasks: dict, key: str) -> bool:
+    """`key` cannot finish without a worker that is not there (no-worker)."""
+    t = tasks.get(key)
+    if t is None:
+        return False
+    if t.state is NO_WORKER:
+        return True
+    return t.state is WAITING and any(
+        _blocked(tasks, x) for x in t.deps if not _available(tasks, x)
+    )
+
+
+def liveness_violations(scope: Scope, w: World) -> Iterator[str]:
+    """Run the model forward from `w` and check the LIVE-* properties."""
+
+    def release_one(cur: World) -> Release | None:
+        return Release(*min(cur.holds)) if cur.holds else None
+
+    end = _run(scope, w, release_one, 2 * len(w.holds) + 1)
+    if end.tasks:
+        yield f"LIVE-FORGET: after releasing everything, still kept: {end.describe()}"
+    if not w.live:
+        return
+
+    def work(cur: World) -> TaskStarts | TaskFinishes | None:
+        for key, t in cur.tasks:
+            if t.state is PROCESSING:
+                return TaskFinishes(key, t.processing_on) if t.running else TaskStarts(key)
+        return None
+
+    end = _run(scope, w, work, 4 * len(scope.keys) + 4)
+    tasks = dict(end.tasks)
+    for _, key in sorted(end.holds):
+        t = tasks[key]
+        if t.state not in (MEMORY, *FAILED) and not _blocked(tasks, key):
+            yield f"LIVE-PROGRESS: held {key} stuck in {t.state.value}: {end.describe()}"
+    if any(t.state is LOST and not scope.keys[k].scattered for k, t in tasks.items()):
+        yield "LIVE-PROGRESS: computed data lost"

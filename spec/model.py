@@ -1,0 +1,750 @@
+"""The scheduler-side task lifecycle and the worker set, as a state machine.
+
+Rules of this module:
+
+* A `World` is an immutable value: the records the scheduler keeps (one
+  `Task` per key), the live workers, the keys clients hold, and how many
+  faults have happened. Worlds are hashable, so `spec.explore` can visit
+  each one once.
+* `apply(scope, world, event)` returns every world the event may lead to.
+  The model is deliberately *nondeterministic* where trioflow's policy is
+  not part of the contract: which worker runs a ready task, which of two
+  failed inputs a dependent inherits its failure from, which workers get
+  replicas. The core must pick one of the allowed outcomes; the model does
+  not care which.
+* Every change of a task's state goes through `TRANSITIONS` (in
+  `spec.world`, with the states, records and events this module moves).
+  Each entry names the rules that may take it; a rule is a guard (when it
+  may fire) plus an effect (what it changes).
+
+Theory of operation
+-------------------
+An event (`Submit`, `WorkerDies`, `TaskFinishes`, ...) applies its direct
+effect: a record is created, a worker leaves, a value arrives. Then the
+world *settles*: the internal rules of `RULES` fire, in table order, until
+none is enabled. They are the knock-on effects a careful reader would
+expect: a needed task waits; a task whose input failed fails the same way;
+a value whose last copy vanished is recomputed, or lost if it was scattered;
+what nobody needs is released; what nothing refers to is forgotten. Last,
+every task that is ready (all inputs in memory) is *placed*: on a live
+worker, in the queue (root tasks, when every worker is saturated), or in
+no-worker (when no allowed worker is alive).
+
+A key is *needed* while a client holds it or while a dependent record is in
+progress (waiting, queued, no-worker, processing). A record is kept while it
+is needed or while a dependent record refers to it (lineage).
+
+What the model leaves out, on purpose: priorities and queue order, byte
+sizes and placement by data volume, retries of raising tasks (the model
+runs every task with ``retries=0``), worker threads, stimulus ids.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from spec.world import (  # noqa: F401 - re-exported: `spec.model` is the one import
+    State,
+    RELEASED,
+    WAITING,
+    QUEUED,
+    NO_WORKER,
+    PROCESSING,
+    MEMORY,
+    ERRED,
+    LOST,
+    FORGOTTEN,
+    IN_PROGRESS,
+    FAILED,
+    ERROR,
+    KILLED,
+    LOST_DATA,
+    CANCELLED,
+    Failure,
+    KeySpec,
+    ALL_FEATURES,
+    Scope,
+    Task,
+    World,
+    EMPTY,
+    Report,
+    Outcome,
+    Submit,
+    Release,
+    Cancel,
+    ClientLeaves,
+    Scatter,
+    WorkerJoins,
+    WorkerDies,
+    WorkerRetires,
+    TaskStarts,
+    TaskFinishes,
+    TaskRaises,
+    ReplicaAdded,
+    ReplicaLost,
+    CopyDropped,
+    Replicate,
+    Restart,
+    SchedulerRestarts,
+    Event,
+    show,
+    TRANSITIONS,
+    InvalidTransition,
+)
+
+
+# -------------------------------------------------------------- the draft --
+
+
+class _Draft:
+    """A mutable copy of a world while one event is applied to it."""
+
+    __slots__ = ("scope", "tasks", "live", "holds", "faults", "cancelled", "moves", "recovering")
+
+    def __init__(self, scope: Scope, world: World):
+        self.scope = scope
+        self.tasks: dict[str, Task] = dict(world.tasks)
+        self.live: set[str] = set(world.live)
+        self.holds: set[tuple[str, str]] = set(world.holds)
+        self.faults = world.faults
+        self.cancelled: list[tuple[str, str]] = []  # holds dropped by cancellation
+        self.moves: set[tuple[State, State]] = set()  # transitions taken (coverage)
+        # After a scheduler restart: runs a worker said it still has, {key: worker}.
+        self.recovering: dict[str, str] = {}
+
+    def copy(self) -> _Draft:
+        other = _Draft.__new__(_Draft)
+        other.scope, other.faults = self.scope, self.faults
+        other.tasks, other.live, other.holds = dict(self.tasks), set(self.live), set(self.holds)
+        other.cancelled, other.moves = list(self.cancelled), set(self.moves)
+        other.recovering = dict(self.recovering)
+        return other
+
+    def freeze(self) -> World:
+        return World(
+            tuple(sorted(self.tasks.items())), frozenset(self.live), frozenset(self.holds), self.faults
+        )
+
+    # -- queries --
+
+    def held_keys(self) -> set[str]:
+        return {k for _, k in self.holds}
+
+    def dependents(self, key: str) -> list[str]:
+        return [k for k, t in self.tasks.items() if key in t.deps]
+
+    def needed(self, key: str) -> bool:
+        """Held by a client, or an input of a dependent in progress."""
+        if any(k == key for _, k in self.holds):
+            return True
+        return any(key in t.deps and t.state in IN_PROGRESS for t in self.tasks.values())
+
+    def available(self, key: str) -> bool:
+        t = self.tasks.get(key)
+        return t is not None and t.state is MEMORY and bool(t.who_has)
+
+    # -- the one way a state changes --
+
+    def move(self, key: str, target: State, **changes) -> None:
+        before = self.tasks[key].state if key in self.tasks else FORGOTTEN
+        if (before, target) not in TRANSITIONS:
+            raise InvalidTransition(f"{key}: {before.value} -> {target.value}")
+        self.moves.add((before, target))
+        if target is FORGOTTEN:
+            del self.tasks[key]
+            return
+        t = self.tasks.get(key) or Task(target)
+        fields = dict(state=target, **changes)
+        if target is not PROCESSING:
+            fields.setdefault("processing_on", None)
+            fields.setdefault("running", False)
+        if target is not MEMORY:
+            fields.setdefault("who_has", frozenset())
+            fields.setdefault("pending", frozenset())
+        if target not in FAILED:
+            fields.setdefault("failure", None)
+        self.tasks[key] = t._replace(**fields)
+
+    def update(self, key: str, **changes) -> None:
+        self.tasks[key] = self.tasks[key]._replace(**changes)
+
+
+# ------------------------------------------------------ the event rules --
+#
+# Each event rule is a guard (may this event happen in this world?) and an
+# effect (its direct consequences). `apply` settles the world afterwards.
+
+
+def _guard(scope: Scope, w: World, ev: Event) -> bool:  # noqa: C901 - one case per event
+    t = w.task(getattr(ev, "key", "")) if hasattr(ev, "key") else None
+    match ev:
+        case Submit(client, key):
+            return client in scope.clients and key in scope.keys and not scope.keys[key].scattered
+        case Release(client, key) | Cancel(client, key):
+            return (client, key) in w.holds
+        case Replicate(client, key, n):
+            return (client, key) in w.holds and n > 0
+        case ClientLeaves(client):
+            return client in scope.clients
+        case Scatter(client, key, worker):
+            return (
+                client in scope.clients
+                and key in scope.keys
+                and scope.keys[key].scattered
+                and worker in scope.workers
+            )
+        case WorkerJoins(worker, held):
+            return worker in scope.workers and all(k in scope.keys for k in held)
+        case WorkerDies(worker) | WorkerRetires(worker):
+            return worker in w.live
+        case TaskStarts(key):
+            return t is not None and t.state is PROCESSING and not t.running
+        case TaskFinishes(key, worker):
+            return t is not None and t.state in IN_PROGRESS and worker in w.live
+        case TaskRaises(key):
+            return t is not None and t.state is PROCESSING
+        case ReplicaAdded(key, worker):
+            return t is not None and t.state is MEMORY and worker in w.live
+        case ReplicaLost(key, holder, dependent, reporter):
+            if t is None or t.state is not MEMORY or holder not in t.who_has:
+                return False
+            if reporter is not None and (dependent is not None or reporter not in t.pending):
+                return False
+            if dependent is None:
+                return True
+            d = w.task(dependent)
+            return d is not None and d.state is PROCESSING and key in d.deps
+        case CopyDropped(key, worker):
+            return t is not None and t.state is MEMORY and worker in t.who_has
+        case Restart() | SchedulerRestarts():
+            return True
+    return False
+
+
+def _effect(d: _Draft, ev: Event) -> None:  # noqa: C901 - one case per event
+    scope = d.scope
+    match ev:
+        case Submit(client, key):
+            # The lineage goes with the submission; keys the scheduler
+            # already has are kept as they are ("same key, same lineage").
+            for k in scope.lineage(key):
+                if k in d.tasks or scope.keys[k].scattered:
+                    continue
+                linked = tuple(x for x in scope.keys[k].deps if x in d.tasks)
+                d.move(k, RELEASED, deps=linked)
+                unknown = [x for x in scope.keys[k].deps if x not in d.tasks]
+                if unknown:
+                    # Scattered data the scheduler never had (or forgot).
+                    d.move(k, ERRED, failure=Failure(LOST_DATA, unknown[0]))
+            d.holds.add((client, key))
+        case Release(client, key):
+            d.holds.discard((client, key))
+        case Cancel(client, key):
+            stack, seen = [key], set()
+            while stack:
+                k = stack.pop()
+                if k in seen or k not in d.tasks:
+                    continue
+                seen.add(k)
+                stack.extend(d.dependents(k))
+                if (client, k) in d.holds:
+                    d.holds.discard((client, k))
+                    d.cancelled.append((client, k))
+        case ClientLeaves(client):
+            d.holds = {(c, k) for c, k in d.holds if c != client}
+        case Scatter(client, key, worker):
+            t = d.tasks.get(key)
+            if worker in d.live:
+                if t is None or t.state is LOST:
+                    d.move(key, MEMORY, who_has=frozenset({worker}))
+                else:
+                    d.update(key, who_has=t.who_has | {worker}, pending=t.pending - {worker})
+            elif t is None:
+                # Its only copy died before the scheduler recorded it: the
+                # data is lost, exactly as if it had died a moment later.
+                d.move(key, LOST, failure=Failure(LOST_DATA, key))
+            d.holds.add((client, key))
+        case WorkerJoins(worker, held):
+            if worker in d.live:
+                # A new connection from an address thought alive: the old
+                # incarnation died.
+                _worker_leaves(d, worker, suspect=True)
+                d.faults += 1
+            d.live.add(worker)
+            for k in held:
+                t = d.tasks.get(k)
+                if t is None:
+                    continue  # (the core keeps it as an orphan for a while)
+                if t.state is MEMORY:
+                    d.update(k, who_has=t.who_has | {worker}, pending=t.pending - {worker})
+                elif t.state in IN_PROGRESS or t.state is LOST:
+                    # The value we were waiting for (or had lost) exists: take it.
+                    d.move(k, MEMORY, who_has=frozenset({worker}))
+                # released or erred: nobody needs that copy; it is freed
+        case WorkerDies(worker):
+            _worker_leaves(d, worker, suspect=True)
+            d.faults += 1
+        case WorkerRetires(worker):
+            _worker_leaves(d, worker, suspect=False)
+        case TaskStarts(key):
+            d.update(key, running=True)
+        case TaskFinishes(key, worker):
+            # Usually from the worker it is assigned to; a value finished by
+            # a worker it was taken from is just as good. (A second finish of
+            # a value already in memory is not counted as a copy: that run
+            # was cancelled and its value may be being dropped. The guard
+            # makes it a no-op.)
+            d.move(key, MEMORY, who_has=frozenset({worker}))
+        case TaskRaises(key):
+            d.move(key, ERRED, failure=Failure(ERROR, key))
+        case ReplicaAdded(key, worker):
+            t = d.tasks[key]
+            d.update(key, who_has=t.who_has | {worker}, pending=t.pending - {worker})
+        case ReplicaLost(key, holder, dependent, reporter):
+            t = d.tasks[key]
+            if dependent is not None:
+                reporter = d.tasks[dependent].processing_on
+            # The reporter is no holder either: a worker only reports inputs
+            # it does not have.
+            d.update(key, who_has=t.who_has - {holder, reporter}, pending=t.pending - {reporter})
+            if dependent is not None:
+                d.move(dependent, WAITING)
+            d.faults += 1
+        case CopyDropped(key, worker):
+            t = d.tasks[key]
+            d.update(key, who_has=t.who_has - {worker})
+        case Replicate(client, key, n):
+            d.update(key, replicas=n if n > 1 else 0)
+        case Restart():
+            for client, key in sorted(d.holds):
+                d.cancelled.append((client, key))
+            d.holds.clear()
+            for key in list(d.tasks):
+                d.move(key, FORGOTTEN)
+        case SchedulerRestarts():
+            _scheduler_restarts(d)
+            d.faults += 1
+
+
+def _worker_leaves(d: _Draft, worker: str, *, suspect: bool) -> None:
+    """Take `worker` out: reroute its tasks, drop its copies.
+
+    A task that was *running* there is suspected once more (unless the
+    departure was expected); at allowed_failures suspicions it is erred with
+    KilledWorker and never runs again. A task only assigned there is simply
+    rerouted.
+    """
+    d.live.discard(worker)
+    for key, t in list(d.tasks.items()):
+        if t.state is PROCESSING and t.processing_on == worker:
+            if t.running and suspect:
+                n = t.suspicious + 1
+                if n >= d.scope.allowed_failures:
+                    d.move(key, ERRED, suspicious=n, failure=Failure(KILLED, key))
+                    continue
+                d.update(key, suspicious=n)
+            d.move(key, WAITING)
+        elif worker in t.who_has or worker in t.pending:
+            d.update(key, who_has=t.who_has - {worker}, pending=t.pending - {worker})
+
+
+def _scheduler_restarts(d: _Draft) -> None:
+    """A fresh scheduler rebuilds from what workers and clients still have.
+
+    Workers re-register the values they hold; clients re-submit the lineage
+    of every key they hold (keys already held by a live worker go straight
+    to memory; computed keys nobody holds are recomputed; scattered keys
+    nobody holds are lost). A run a worker still has in a thread may be
+    taken up where it is (`_place`), never started a second time. What only
+    the old scheduler knew is gone: suspicion counts, replication requests,
+    assignments not yet started.
+    """
+    old = d.tasks
+    d.tasks = {}
+    wanted: set[str] = set()
+    for _, key in d.holds:
+        wanted.update(d.scope.lineage(key))
+    for key in d.scope.keys:
+        if key not in wanted:
+            continue
+        t = old.get(key)
+        holders = t.who_has if t is not None and t.state is MEMORY else frozenset()
+        deps = d.scope.keys[key].deps
+        if holders:
+            d.move(key, MEMORY, deps=deps, who_has=holders)
+            continue
+        d.move(key, RELEASED, deps=deps)
+        if d.scope.keys[key].scattered:
+            d.move(key, LOST, failure=Failure(LOST_DATA, key))
+        elif t is not None and t.state is PROCESSING and t.running:
+            d.recovering[key] = t.processing_on
+
+
+# --------------------------------------------------- the internal rules --
+#
+# Settling: each rule is (name, source states, guard, effect). `_settle`
+# fires the first enabled rule (in this order, keys in sorted order) until
+# none is; an effect may return several alternatives (a nondeterministic
+# choice), and then the world splits.
+
+
+class _Context:
+    """Who is needed and who is referenced, computed once per settling pass
+    (every rule that fires ends the pass, so it is never stale)."""
+
+    __slots__ = ("needed", "referenced")
+
+    def __init__(self, d: _Draft):
+        self.needed = {k for _, k in d.holds}  # held by a client ...
+        self.referenced: set[str] = set()
+        for t in d.tasks.values():
+            self.referenced.update(t.deps)
+            if t.state in IN_PROGRESS:
+                self.needed.update(t.deps)  # ... or an input of work in progress
+
+
+def _failed_inputs(d: _Draft, t: Task) -> list[Failure]:
+    out: list[Failure] = []
+    for x in t.deps:
+        f = d.tasks[x].failure if x in d.tasks and d.tasks[x].state in FAILED else None
+        if f is not None and f not in out:
+            out.append(f)
+    return out
+
+
+def _rule_last_copy(d: _Draft, key: str, t: Task, ctx: _Context) -> list[_Draft] | None:
+    """memory, no copy left: recompute, release, forget, or lose it."""
+    if t.who_has:
+        return None
+    scattered = d.scope.keys[key].scattered
+    needed, referenced = key in ctx.needed, key in ctx.referenced
+    if scattered and (needed or referenced):
+        d.move(key, LOST, failure=Failure(LOST_DATA, key))  # last-copy-lost
+    elif not needed and not referenced:
+        d.move(key, FORGOTTEN)  # unreferenced
+    elif scattered:
+        raise AssertionError("unreachable")
+    elif needed:
+        d.move(key, WAITING)  # recompute
+    else:
+        d.move(key, RELEASED)  # not-needed (lineage kept)
+    return [d]
+
+
+def _rule_input_failed(d: _Draft, key: str, t: Task, ctx: _Context) -> list[_Draft] | None:
+    """in progress, an input failed: fail with the input's failure (same error)."""
+    failures = _failed_inputs(d, t)
+    if not failures:
+        return None
+    out = []
+    for f in failures:
+        alt = d.copy() if len(failures) > 1 else d
+        alt.move(key, ERRED, failure=f)
+        out.append(alt)
+    return out
+
+
+def _rule_not_needed(d: _Draft, key: str, t: Task, ctx: _Context) -> list[_Draft] | None:
+    """in progress or memory, nobody needs it: drop the run or the value."""
+    if key in ctx.needed:
+        return None
+    referenced = key in ctx.referenced
+    if t.state is MEMORY:
+        if d.scope.keys[key].scattered:
+            if referenced:
+                return None  # scattered data is kept while referenced
+            d.move(key, FORGOTTEN)
+        elif referenced:
+            d.move(key, RELEASED)
+        else:
+            d.move(key, FORGOTTEN)
+        return [d]
+    d.move(key, RELEASED)
+    return [d]
+
+
+def _rule_needed(d: _Draft, key: str, t: Task, ctx: _Context) -> list[_Draft] | None:
+    """released, needed again: wait for (and recompute) its inputs."""
+    if key not in ctx.needed:
+        return None
+    d.move(key, WAITING)
+    return [d]
+
+
+def _rule_input_gone(d: _Draft, key: str, t: Task, ctx: _Context) -> list[_Draft] | None:
+    """queued/no-worker/processing, an input is no longer in memory: wait again."""
+    if all(d.available(x) for x in t.deps):
+        return None
+    d.move(key, WAITING)
+    return [d]
+
+
+def _rule_unreferenced(d: _Draft, key: str, t: Task, ctx: _Context) -> list[_Draft] | None:
+    """released/erred/lost, not needed, no dependent record: forget it."""
+    if key in ctx.needed or key in ctx.referenced:
+        return None
+    d.move(key, FORGOTTEN)
+    return [d]
+
+
+class Rule(NamedTuple):
+    name: str
+    sources: tuple[State, ...]
+    fire: object  # (draft, key, task, context) -> list[_Draft] | None
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("last-copy-lost / recompute", (MEMORY,), _rule_last_copy),
+    Rule("input-failed", IN_PROGRESS, _rule_input_failed),
+    # "needed" before "not-needed": a dependent about to wait makes its
+    # inputs needed, so a value it will use is not dropped in between.
+    Rule("needed", (RELEASED,), _rule_needed),
+    Rule("not-needed", (*IN_PROGRESS, MEMORY), _rule_not_needed),
+    Rule("input-gone", (NO_WORKER, PROCESSING), _rule_input_gone),
+    Rule("unreferenced", (RELEASED, ERRED, LOST), _rule_unreferenced),
+)
+
+
+def _settle(d: _Draft) -> list[_Draft]:
+    """Fire internal rules until none is enabled, then place ready tasks."""
+    done: list[_Draft] = []
+    todo = [d]
+    while todo:
+        cur = todo.pop()
+        fired = None
+        keys = sorted(cur.tasks)
+        ctx = _Context(cur)
+        for rule in RULES:
+            for key in keys:
+                t = cur.tasks[key]
+                if t.state in rule.sources:
+                    fired = rule.fire(cur, key, t, ctx)
+                    if fired is not None:
+                        break
+            if fired is not None:
+                break
+        if fired is None:
+            for alt in _keep_replicas(cur):
+                done.extend(_place(alt))
+        else:
+            todo.extend(fired)
+    return done
+
+
+def _keep_replicas(d: _Draft) -> list[_Draft]:
+    """Replicated values: ask enough live non-holders for a copy (Replicate).
+
+    Which workers are asked is policy (the core picks those holding the
+    fewest values); the model allows any.
+    """
+    drafts = [d]
+    for key in sorted(d.tasks):
+        t = d.tasks[key]
+        if t.state is not MEMORY or not t.replicas:
+            continue
+        pending = frozenset(w for w in t.pending if w in d.live and w not in t.who_has)
+        short = min(t.replicas, len(d.live)) - len(t.who_has) - len(pending)
+        candidates = sorted(d.live - t.who_has - pending)
+        choices = list(itertools.combinations(candidates, short)) if short > 0 else [()]
+        out = []
+        for cur in drafts:
+            for chosen in choices:
+                alt = cur.copy() if len(choices) > 1 else cur
+                alt.update(key, pending=pending | set(chosen))
+                out.append(alt)
+        drafts = out
+    return drafts
+
+
+def _place(d: _Draft) -> list[_Draft]:
+    """Every ready task goes to a worker, the queue, or no-worker (rule "ready").
+
+    Ready: waiting with every input in memory, or already queued/no-worker.
+    A restricted task goes to an allowed live worker, else no-worker. A task
+    with inputs goes to a worker holding one of them. A root task goes to a
+    live worker below capacity, or queues; it may stay queued only while
+    every live worker is saturated. Which worker is not the model's concern.
+    """
+    ready = [
+        k
+        for k, t in sorted(d.tasks.items())
+        if (t.state is WAITING and all(d.available(x) for x in t.deps))
+        or t.state in (QUEUED, NO_WORKER)
+    ]
+    if not ready:
+        return [d]
+    load = {w: 0 for w in d.live}
+    for t in d.tasks.values():
+        if t.state is PROCESSING:
+            load[t.processing_on] += 1
+    choices: list[list[tuple[State, str | None, bool]]] = []
+    roots: list[bool] = []
+    for k in ready:
+        spec, t = d.scope.keys[k], d.tasks[k]
+        if spec.restrict is not None:
+            allowed = [w for w in spec.restrict if w in d.live]
+            opts = [(PROCESSING, w, False) for w in allowed] or [(NO_WORKER, None, False)]
+            root = False
+        elif t.deps:
+            holders = sorted(set().union(*(d.tasks[x].who_has for x in t.deps)))
+            opts, root = [(PROCESSING, w, False) for w in holders], False
+        else:
+            opts = [(PROCESSING, w, False) for w in sorted(d.live)] + [(QUEUED, None, False)]
+            root = True
+        if d.recovering.get(k) in d.live:
+            # After a scheduler restart: the run its worker still has is
+            # taken up there (already running), unless it was placed before
+            # that worker re-registered.
+            opts = [(PROCESSING, d.recovering[k], True), *opts]
+        choices.append(opts)
+        roots.append(root)
+    out = []
+    for combo in itertools.product(*choices):
+        new_roots = {w: 0 for w in d.live}
+        for (state, w, recovered), root in zip(combo, roots):
+            if state is PROCESSING and root and not recovered:
+                new_roots[w] += 1
+        if any(load[w] + new_roots[w] > d.scope.capacity for w in d.live if new_roots[w]):
+            continue
+        total = dict(load)
+        for state, w, _ in combo:
+            if state is PROCESSING:
+                total[w] += 1
+        if any(s is QUEUED for s, _, _ in combo) and any(
+            total[w] < d.scope.capacity for w in d.live
+        ):
+            continue  # a root task may not queue while a worker is below capacity
+        alt = d.copy() if len(choices) > 1 or len(choices[0]) > 1 else d
+        for k, (state, w, recovered) in zip(ready, combo):
+            if alt.tasks[k].state is not state or alt.tasks[k].processing_on != w:
+                if w is None:
+                    alt.move(k, state)
+                else:
+                    alt.move(k, state, processing_on=w, running=recovered)
+        out.append(alt)
+    assert out, f"no placement for {ready}"
+    return out
+
+
+# -------------------------------------------------------------- the API --
+
+
+def apply(scope: Scope, world: World, event: Event) -> list[Outcome]:
+    """Every outcome `event` may have in `world`; [] if its guard is false."""
+    if not _guard(scope, world, event):
+        return []
+    draft = _Draft(scope, world)
+    _effect(draft, event)
+    outcomes = []
+    seen = set()
+    for d in _settle(draft):
+        post = d.freeze()
+        if post in seen:
+            continue
+        seen.add(post)
+        outcomes.append(
+            Outcome(post, _reports(world, post, d.cancelled), _computes(world, post), frozenset(d.moves))
+        )
+    return outcomes
+
+
+def _reports(pre: World, post: World, cancelled: list[tuple[str, str]]) -> frozenset[Report]:
+    """What each client must be told about the keys it holds after a step."""
+    out = {Report("cancelled", c, k) for c, k in cancelled}
+    for client, key in post.holds:
+        before, after = pre.task(key), post.task(key)
+        assert after is not None
+        newly_held = (client, key) not in pre.holds
+        if after.state is MEMORY and (newly_held or before is None or before.state is not MEMORY):
+            out.add(Report("finished", client, key))
+        if after.state in FAILED and (
+            newly_held or before is None or before.failure != after.failure
+        ):
+            out.add(Report("erred", client, key, after.failure))
+        if (
+            not newly_held
+            and before is not None
+            and before.state is MEMORY
+            and after.state in IN_PROGRESS
+        ):
+            out.add(Report("lost", client, key))
+    return frozenset(out)
+
+
+def _computes(pre: World, post: World) -> frozenset[tuple[str, str]]:
+    out = set()
+    for key, t in post.tasks:
+        if t.state is PROCESSING:
+            b = pre.task(key)
+            if b is None or b.state is not PROCESSING or b.processing_on != t.processing_on:
+                out.add((t.processing_on, key))
+    return frozenset(out)
+
+
+def enabled_events(scope: Scope, w: World) -> Iterator[Event]:
+    """The events the explorer tries in `w` (each still passes its guard)."""
+    f = scope.features
+    can_fault = w.faults < scope.max_faults
+    tasks = dict(w.tasks)
+    for c in scope.clients:
+        for k in scope.computed():
+            if (c, k) not in w.holds:
+                yield Submit(c, k)
+        for k in scope.scattered():
+            if (c, k) not in w.holds:
+                for wk in scope.workers:
+                    if wk in w.live or "scatter-to-dead" in f:
+                        yield Scatter(c, k, wk)
+    for c, k in sorted(w.holds):
+        yield Release(c, k)
+        if "cancel" in f:
+            yield Cancel(c, k)
+        t = tasks[k]
+        if "replicate" in f and t.state is MEMORY and not t.replicas:
+            yield Replicate(c, k, 2)
+        if "replicate" in f and t.state is MEMORY and can_fault:
+            for h in sorted(t.who_has):
+                for r in sorted(t.pending):
+                    yield ReplicaLost(k, h, None, r)
+    if "client-leaves" in f:
+        for c in sorted({c for c, _ in w.holds}):
+            yield ClientLeaves(c)
+    for wk in scope.workers:
+        if wk not in w.live:
+            yield WorkerJoins(wk)
+            if "rejoin-with-data" in f:
+                for k, t in w.tasks:
+                    if t.state is MEMORY or t.state in IN_PROGRESS or t.state is LOST:
+                        yield WorkerJoins(wk, (k,))
+        else:
+            if can_fault:
+                yield WorkerDies(wk)
+                if "reconnect" in f:
+                    yield WorkerJoins(wk)
+            if "retire" in f:
+                yield WorkerRetires(wk)
+    for k, t in w.tasks:
+        if t.state is PROCESSING:
+            if not t.running:
+                yield TaskStarts(k)
+            yield TaskFinishes(k, t.processing_on)
+            yield TaskRaises(k)
+        if t.state in IN_PROGRESS and "stale-finish" in f:
+            # A run it was taken from (rerouted, released) finished after all.
+            for wk in sorted(w.live - {t.processing_on}):
+                yield TaskFinishes(k, wk)
+        elif t.state is MEMORY:
+            for wk in sorted(w.live - t.who_has):
+                yield ReplicaAdded(k, wk)
+            if can_fault:
+                for h in sorted(t.who_has):
+                    yield ReplicaLost(k, h)
+                    for dk, dt in w.tasks:
+                        if dt.state is PROCESSING and k in dt.deps:
+                            yield ReplicaLost(k, h, dk)
+    if "restart" in f and (w.tasks or w.holds):
+        yield Restart()
+    if "scheduler-restart" in f and can_fault:
+        yield SchedulerRestarts()

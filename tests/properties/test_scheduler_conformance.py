@@ -1,0 +1,377 @@
+"""The core scheduler conforms to `spec.model`: same events, same lifecycle.
+
+A Hypothesis state machine sends the same random events (faults included)
+to `trioflow.core.SchedulerState` and to the model, and after every step
+checks that the core's state is one the model allows and that every
+invariant holds on the core (see `tests/properties/lockstep.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import strategies as st
+from hypothesis import assume
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from spec import model as m
+from tests.properties.conftest import profile_settings
+from tests.properties.lockstep import Lockstep, to_core
+from trioflow.core import TRANSITIONS as CORE_TRANSITIONS
+from trioflow.core.scheduler_events import TaskErred, TaskStarted
+
+# Six keys exercise every kind of task: roots (a, b), a restricted task
+# needing scattered data (c), a join (d), and a task with a computed and a
+# scattered input (e).
+# Three one-thread workers; two deaths while running make a task bad.
+SCOPE = m.Scope(
+    {
+        "s": m.KeySpec(scattered=True),
+        "a": m.KeySpec(),
+        "b": m.KeySpec(),
+        "c": m.KeySpec(("s",), restrict=("w3",)),
+        "d": m.KeySpec(("a", "b")),
+        "e": m.KeySpec(("a", "s")),
+    },
+    workers=("w1", "w2", "w3"),
+    clients=("c1", "c2"),
+    allowed_failures=2,
+)
+COMPUTED = SCOPE.computed()
+
+
+def known_core_gap(world: m.World, event: m.Event, *, clients_first: bool = False) -> str | None:
+    """The xfail test below that documents where the core parts from the
+    model on this event, if any (the state machine skips such events)."""
+    match event:
+        case m.SchedulerRestarts() if clients_first and any(
+            t.who_has and SCOPE.keys[k].scattered for k, t in world.tasks
+        ):
+            return "test_scattered_data_survives_a_scheduler_restart_whoever_reconnects_first"
+    return None
+
+
+class SchedulerConformance(RuleBasedStateMachine):
+    """Random events to core and model in lockstep.
+
+    Each rule draws an event that makes sense in the current world (the
+    model's guard holds), except `stale_message`, which sends the core a
+    message that is out of date and checks that the core ignores it.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.ls = Lockstep(SCOPE)
+
+    @property
+    def world(self) -> m.World:
+        return self.ls.world
+
+    def step(self, event: m.Event) -> None:
+        assume(known_core_gap(self.world, event) is None)
+        self.ls.step(event)
+
+    def keys_in(self, *states: m.State) -> list[str]:
+        return [k for k, t in self.world.tasks if t.state in states]
+
+
+    @initialize(n=st.integers(0, 3))
+    def workers_join(self, n):
+        for worker in SCOPE.workers[:n]:
+            self.ls.step(m.WorkerJoins(worker))
+
+    # Hypothesis draws the enabled rules about equally often, so related
+    # events share one rule (with a `how` argument) and the rules that move
+    # tasks forward are the most numerous: otherwise churn (joins, deaths,
+    # restarts) would drown the task events.
+
+    # -- clients --
+
+    @rule(client=st.sampled_from(SCOPE.clients), key=st.sampled_from([*COMPUTED, "s"]), data=st.data())
+    def client_submits(self, client, key, data):
+        """A client submits a task with its lineage, or scatters data (key s)."""
+        if key != "s":
+            self.step(m.Submit(client, key))
+        elif self.world.live:
+            self.step(m.Scatter(client, key, data.draw(st.sampled_from(sorted(self.world.live)))))
+
+    @precondition(lambda self: self.world.holds)
+    @rule(data=st.data(), how=st.sampled_from(["release", "cancel", "leave", "replicate"]))
+    def client_drops(self, data, how):
+        """A client releases or cancels a future, goes away, or asks for copies."""
+        client, key = data.draw(st.sampled_from(sorted(self.world.holds)))
+        if how == "release":
+            self.step(m.Release(client, key))
+        elif how == "cancel":
+            self.step(m.Cancel(client, key))
+        elif how == "leave":
+            self.step(m.ClientLeaves(client))
+        else:
+            self.step(m.Replicate(client, key, data.draw(st.integers(1, 3))))
+
+    # -- workers --
+
+    @precondition(lambda self: len(self.world.live) < len(SCOPE.workers))
+    @rule(data=st.data())
+    def worker_joins(self, data):
+        """A worker joins, perhaps holding values (a reconnect keeps its data)."""
+        worker = data.draw(st.sampled_from([w for w in SCOPE.workers if w not in self.world.live]))
+        known = [k for k, _ in self.world.tasks]
+        held = data.draw(st.lists(st.sampled_from(known), unique=True, max_size=2)) if known else []
+        self.step(m.WorkerJoins(worker, tuple(held)))
+
+    @precondition(lambda self: self.world.live)
+    @rule(data=st.data(), how=st.sampled_from(["dies", "retires", "reconnects"]))
+    def worker_leaves(self, data, how):
+        """A worker dies (or times out), is retired, or reconnects as a new incarnation."""
+        worker = data.draw(st.sampled_from(sorted(self.world.live)))
+        if how == "dies":
+            self.step(m.WorkerDies(worker))
+        elif how == "retires":
+            self.step(m.WorkerRetires(worker))
+        else:
+            self.step(m.WorkerJoins(worker))
+
+    # -- tasks --
+
+    @precondition(lambda self: any(t.state is m.PROCESSING and not t.running for _, t in self.world.tasks))
+    @rule(data=st.data())
+    def task_starts(self, data):
+        idle = [k for k, t in self.world.tasks if t.state is m.PROCESSING and not t.running]
+        key = data.draw(st.sampled_from(idle))
+        self.step(m.TaskStarts(key))
+
+    @precondition(lambda self: any(t.state is m.PROCESSING for _, t in self.world.tasks))
+    @rule(data=st.data(), elsewhere=st.booleans())
+    def task_finishes(self, data, elsewhere):
+        key = data.draw(st.sampled_from(self.keys_in(m.PROCESSING)))
+        worker = self.world.task(key).processing_on
+        others = sorted(self.world.live - {worker})
+        if elsewhere and others:
+            # A run it was taken away from finished after all (crossed messages).
+            worker = data.draw(st.sampled_from(others))
+        self.step(m.TaskFinishes(key, worker))
+
+    @precondition(lambda self: any(t.state is m.PROCESSING for _, t in self.world.tasks))
+    @rule(data=st.data(), dies=st.booleans())
+    def task_runs(self, data, dies):
+        """Two steps: a task starts, then finishes or kills its worker."""
+        key = data.draw(st.sampled_from(self.keys_in(m.PROCESSING)))
+        if not self.world.task(key).running:
+            self.step(m.TaskStarts(key))
+        worker = self.world.task(key).processing_on
+        self.step(m.WorkerDies(worker) if dies else m.TaskFinishes(key, worker))
+
+    @precondition(lambda self: any(t.state is m.PROCESSING for _, t in self.world.tasks))
+    @rule(data=st.data())
+    def poison_task(self, data):
+        """A task kills every worker it starts on (each restarted by its nanny)."""
+        key = data.draw(st.sampled_from(self.keys_in(m.PROCESSING)))
+        for _ in range(SCOPE.allowed_failures):
+            t = self.world.task(key)
+            if t is None or t.state is not m.PROCESSING:
+                break  # marked bad, or not placed again
+            if not t.running:
+                self.step(m.TaskStarts(key))
+            worker = self.world.task(key).processing_on
+            self.step(m.WorkerDies(worker))
+            self.step(m.WorkerJoins(worker))
+
+    @precondition(lambda self: any(t.state is m.PROCESSING for _, t in self.world.tasks))
+    @rule(data=st.data())
+    def task_raises(self, data):
+        key = data.draw(st.sampled_from(self.keys_in(m.PROCESSING)))
+        self.step(m.TaskRaises(key))
+
+    # -- data --
+
+    @precondition(lambda self: self.keys_in(m.MEMORY))
+    @rule(data=st.data(), how=st.sampled_from(["added", "missing", "dropped", "copy-failed"]))
+    def copies(self, data, how):
+        """A copy arrives, is reported missing, is dropped, or a requested copy fails."""
+        key = data.draw(st.sampled_from(self.keys_in(m.MEMORY)))
+        t = self.world.task(key)
+        holder = data.draw(st.sampled_from(sorted(t.who_has)))
+        if how == "added" and t.who_has != self.world.live:
+            self.step(m.ReplicaAdded(key, data.draw(st.sampled_from(sorted(self.world.live - t.who_has)))))
+        elif how == "missing":
+            users = [k for k, u in self.world.tasks if u.state is m.PROCESSING and key in u.deps]
+            self.step(m.ReplicaLost(key, holder, data.draw(st.sampled_from([None, *users]))))
+        elif how == "dropped":
+            self.step(m.CopyDropped(key, holder))
+        elif how == "copy-failed" and t.pending:
+            self.step(m.ReplicaLost(key, holder, None, data.draw(st.sampled_from(sorted(t.pending)))))
+
+    @precondition(lambda self: self.world.tasks)
+    @rule(how=st.sampled_from(["client-restart", "scheduler-workers-first", "scheduler-clients-first"]))
+    def restarts(self, how):
+        """Client.restart() flushes everything; or the scheduler dies and a fresh
+        one hears from workers and clients (in either order)."""
+        if how == "client-restart":
+            self.step(m.Restart())
+            return
+        event, clients_first = m.SchedulerRestarts(), how == "scheduler-clients-first"
+        assume(known_core_gap(self.world, event, clients_first=clients_first) is None)
+        self.ls.step(event, clients_first=clients_first)
+
+    # -- out-of-date messages the core must ignore --
+
+    @precondition(lambda self: self.world.tasks)
+    @rule(
+        kind=st.sampled_from(["started", "finished", "erred", "added"]),
+        key=st.sampled_from(list(SCOPE.keys)),
+        worker=st.sampled_from(SCOPE.workers),
+    )
+    def stale_message(self, kind, key, worker):
+        t = self.world.task(key)
+        assigned = t is not None and t.state is m.PROCESSING and t.processing_on == worker
+        if kind == "finished":
+            self.step(m.TaskFinishes(key, worker))  # the model's guard decides
+        elif kind == "added":
+            self.step(m.ReplicaAdded(key, worker))
+        elif kind == "started":
+            if assigned and not t.running:
+                self.step(m.TaskStarts(key))
+            else:
+                self.ls.step(None, TaskStarted("stale", worker, key))
+        elif not assigned:
+            from tests.properties.lockstep import BOOM
+
+            self.ls.step(None, TaskErred("stale", worker, key, BOOM))
+
+    @invariant()
+    def model_and_core_agree(self):
+        """Checked inside every step; here only that the last one matched."""
+        assert self.ls.world.tasks == tuple(sorted(self.ls.world.tasks))
+
+
+SchedulerConformance.TestCase.settings = profile_settings()
+TestSchedulerConformance = SchedulerConformance.TestCase
+TestSchedulerConformance.__doc__ = (
+    "Random event sequences keep the core inside the model, every invariant true."
+)
+
+
+# --------------------------------------------------------- the table --
+
+# The core's table names a single "-> processing" target for a ready task;
+# `_to_processing` may end in processing, queued or no-worker. The model
+# spells those three out.
+_READY_ENDS = (m.PROCESSING, m.QUEUED, m.NO_WORKER)
+
+
+def test_core_transition_table_is_within_the_model():
+    """Every (from, to) the core's TRANSITIONS allows is a transition of the model."""
+    outside = []
+    for before, after in CORE_TRANSITIONS:
+        b, a = m.State(before.value), m.State(after.value)
+        ends = _READY_ENDS if a is m.PROCESSING else (a,)
+        if not any((b, end) in m.TRANSITIONS for end in ends):
+            outside.append(f"{b.value}->{a.value}")
+    # Two entries are unreachable: a queued task is a root task and has no
+    # input that could fail or vanish. They are harmless; see spec/README.md.
+    assert sorted(outside) == ["queued->erred", "queued->waiting"]
+
+
+# --------------------------------------------- discrepancies, as sequences --
+
+
+def run(*events):
+    ls = Lockstep(SCOPE)
+    for event in events:
+        ls.step(event)
+    return ls
+
+
+def test_lockstep_smoke():
+    """A plain run (submit, compute, finish, release) is followed step by step."""
+    ls = run(
+        m.WorkerJoins("w1"),
+        m.Submit("c1", "d"),
+        m.TaskStarts("a"),
+        m.TaskFinishes("a", "w1"),
+    )
+    assert ls.world.state_of("a") is m.MEMORY
+    assert to_core(SCOPE, ls.world, m.Release("c1", "d")).keys == ("d",)
+
+
+# Each test below is a minimal event sequence on which the core and the model
+# once disagreed, design.md siding with the model; the core has been fixed
+# since and they are regression tests now. The one still xfail (strict) is a
+# disagreement the shell settles instead (see its reason).
+
+
+def test_resubmitting_a_released_key_computes_it():
+    """Submitting a key kept only as lineage (released) makes it run again."""
+    run(
+        m.WorkerJoins("w1"),
+        m.Submit("c1", "d"),
+        m.TaskFinishes("a", "w1"),
+        m.TaskFinishes("b", "w1"),
+        m.TaskFinishes("d", "w1"),  # a and b are now released: d's lineage
+        m.Submit("c1", "a"),  # the core records the want but never runs a
+    )
+
+
+def test_scatter_to_a_worker_that_died_is_lost_data():
+    """Data placed only on a worker that died before DataScattered is LostData."""
+    run(m.WorkerJoins("w1"), m.WorkerDies("w1"), m.Scatter("c1", "s", "w1"))
+
+
+def test_rescattered_data_is_reported_to_every_holder():
+    """When lost scattered data is scattered again, every holder is told it finished."""
+    run(
+        m.WorkerJoins("w1"),
+        m.Scatter("c1", "s", "w1"),
+        m.WorkerDies("w1"),  # c1 is told LostData
+        m.WorkerJoins("w1"),
+        m.Scatter("c2", "s", "w1"),  # back in memory: c1 should hear it
+    )
+
+
+def test_killed_worker_wins_over_lost_input():
+    """A task that kills its last allowed worker is KilledWorker even if an input dies with it.
+
+    Found here first (the core let the input's LostData overwrite it), and
+    fixed in the core meanwhile (chaos lab seed 163); kept as a regression.
+    """
+    scope = dataclasses.replace(SCOPE, allowed_failures=1)
+    ls = Lockstep(scope)
+    for event in (
+        m.WorkerJoins("w3"),
+        m.Scatter("c1", "s", "w3"),  # s lives only on w3
+        m.Submit("c1", "c"),  # c (needs s, restricted to w3) runs on w3
+        m.TaskStarts("c"),
+        m.WorkerDies("w3"),  # c's first death (allowed 1) and s's last copy
+    ):
+        ls.step(event)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "by design, not in the core: the scheduler shell holds a reconnecting client's "
+        "lineage back for recovery_grace so that surviving workers re-register first; "
+        "a worker later than that finds its scattered data already declared lost"
+    ),
+)
+def test_scattered_data_survives_a_scheduler_restart_whoever_reconnects_first():
+    """After a scheduler restart, scattered data a live worker holds is never reported lost."""
+    ls = run(m.WorkerJoins("w1"), m.Scatter("c1", "s", "w1"))
+    # The client reconnects first: s, which nobody has re-registered yet, is
+    # declared lost (c1 hears LostData) and only then does w1 bring it back.
+    ls.step(m.SchedulerRestarts(), clients_first=True)
+
+
+def test_a_value_re_registered_after_a_scheduler_restart_is_kept():
+    """After a scheduler restart, an input a live worker still holds is kept, not recomputed."""
+    ls = run(
+        m.WorkerJoins("w1"),
+        m.Submit("c1", "d"),  # d needs a and b; a runs on w1, b queues
+        m.TaskFinishes("a", "w1"),  # a is in memory on w1 (an input of d only)
+    )
+    # w1 re-registers a before c1 re-submits d's lineage: the new task a
+    # claims the value, but is released (nobody needs it *yet*) and its value
+    # freed, then recomputed once d waits for it.
+    ls.step(m.SchedulerRestarts(), clients_first=False)
