@@ -23,6 +23,8 @@ from trioflow.config import Config, ConfigError
 logger = logging.getLogger("trioflow.cli")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# How long a shutting-down server may spend on its last words.
+BEFORE_STOP_TIMEOUT_S = 2.0
 
 
 def _positive_int(text: str) -> int:
@@ -167,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parent_pid=args.parent_pid,
             pid=os.getpid(),
         )
-        return trio.run(run_until_signalled, server.serve, "worker")
+        return trio.run(run_until_signalled, server.serve, "worker", server.say_goodbye)
     if args.command in ("worker", "nanny"):
         from trioflow.nanny import Nanny, ProcessLauncher
 
@@ -184,8 +186,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
-async def run_until_signalled(serve: Callable[..., Awaitable[object]], name: str) -> int:
-    """Run `serve` until it returns or SIGINT/SIGTERM arrives; return an exit code."""
+async def run_until_signalled(
+    serve: Callable[..., Awaitable[object]],
+    name: str,
+    before_stop: Callable[[], Awaitable[object]] | None = None,
+) -> int:
+    """Run `serve` until it returns or SIGINT/SIGTERM arrives; return an exit code.
+
+    On a signal, `before_stop` (if any) runs first, bounded to a few seconds,
+    while everything still works (a worker says goodbye); then `serve` is
+    cancelled.
+    """
     exit_code = 0
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -202,6 +213,9 @@ async def run_until_signalled(serve: Callable[..., Awaitable[object]], name: str
             nursery.start_soon(serve_then_stop)
             async for signum in signals:
                 logger.info("%s received %s; shutting down", name, signal.Signals(signum).name)
+                if before_stop is not None:
+                    with trio.move_on_after(BEFORE_STOP_TIMEOUT_S):
+                        await before_stop()
                 nursery.cancel_scope.cancel()
                 break
     logger.info("%s stopped", name)

@@ -71,7 +71,7 @@ class Config:
     """Most messages (and msgpack array/map entries) one batch may hold."""
 
     # -- scheduling --------------------------------------------------------
-    worker_saturation: float = 4.0
+    worker_saturation: float = 64.0
     """Tasks sent ahead to a worker, per thread, before the rest queue on
     the scheduler. Higher hides round trips; lower balances better when a
     worker dies or tasks differ in length. ``inf`` sends everything at once."""

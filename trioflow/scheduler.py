@@ -98,6 +98,8 @@ class _Link:
         # Cancelling this ends the reader (and so the connection).
         self.scope = trio.CancelScope()
         self.close_reason: str | None = None
+        # Set once the driver has sent the welcome (nothing may precede it).
+        self.welcomed = False
 
     def send(self, message: dict[str, Any]) -> None:
         """Queue `message`; a closed link is ignored (its departure is on its way)."""
@@ -191,8 +193,10 @@ class Scheduler:
             "task_erred": self._worker_task_erred,
             "replica_added": self._worker_replica_added,
             "replica_missing": self._worker_replica_missing,
-            "heartbeat": self._worker_heartbeat,
             "goodbye": self._worker_goodbye,
+            # Heartbeats are answered by the reader; this is for one that came
+            # with the hello, answered by the driver after the welcome.
+            "heartbeat": self._worker_heartbeat,
             "data_dropped": self._worker_data_dropped,
         }
         self._client_ops: dict[str, Callable[[ClientLink, dict], None]] = {
@@ -294,7 +298,7 @@ class Scheduler:
                         batch = await link.conn.receive()
                         if is_worker:
                             alive.deadline = trio.current_time() + ttl
-                        rest = [m for m in batch if not link.requests.deliver(m)]
+                        rest = [m for m in batch if not self._answered_by_reader(link, m)]
                         # In slices, so the driver yields between them and one
                         # huge batch cannot starve other connections (whose
                         # heartbeats would then look late).
@@ -310,6 +314,23 @@ class Scheduler:
             return f"protocol error: {exc}"
         finally:
             link.requests.fail_all(f"{link.name} disconnected")
+
+    def _answered_by_reader(self, link: _Link, message: dict) -> bool:
+        """Handle replies and heartbeats right here, not in the driver.
+
+        A heartbeat is answered by the reader so that a busy driver (a long
+        queue of work in its inbox) never makes a healthy scheduler look
+        silent to its workers.
+        """
+        if link.requests.deliver(message):
+            return True
+        if message["op"] == "heartbeat" and isinstance(link, WorkerLink) and link.welcomed:
+            metrics = message.get("metrics")
+            if isinstance(metrics, dict):
+                link.last_heartbeat = metrics
+            link.send({"op": "heartbeat_ack"})
+            return True
+        return False
 
     def _post(self, handler: Callable, *args: Any) -> None:
         self._inbox_send.send_nowait((handler, args))
@@ -343,6 +364,7 @@ class Scheduler:
     def _joined(self, link: _Link, held: dict[str, int], running: tuple[str, ...], first: list[dict]) -> None:
         # The welcome goes first: registering may already assign work.
         link.send({"op": "welcome", "address": self.address})
+        link.welcomed = True
         if isinstance(link, WorkerLink):
             old = self.workers.get(link.address)
             if old is not None:
@@ -538,9 +560,7 @@ class Scheduler:
         return DataDropped(self._stimulus("data-dropped"), link.address, tuple(str_list(m, "keys")))
 
     def _worker_heartbeat(self, link: WorkerLink, m: dict) -> None:
-        link.last_heartbeat = field(m, "metrics", dict, {})
-        # The answer lets the worker notice a scheduler that went silent.
-        link.send({"op": "heartbeat_ack"})
+        self._answered_by_reader(link, m)
         return None
 
     def _worker_goodbye(self, link: WorkerLink, m: dict) -> None:

@@ -85,6 +85,8 @@ logger = logging.getLogger("trioflow.worker")
 
 # How often a worker under a nanny checks that the nanny still lives.
 PARENT_CHECK_INTERVAL_S = 0.25
+# How long a worker shutting down waits for its goodbye to be written.
+GOODBYE_TIMEOUT_S = 1.0
 
 
 class Worker:
@@ -156,6 +158,7 @@ class Worker:
         self._link_registered = False
         # trio.current_time() of our last message to the scheduler.
         self._last_sent = -math.inf
+        self._said_goodbye = False
         self._rng = rng or random.Random()
 
     # -------------------------------------------------------------- serve --
@@ -229,9 +232,28 @@ class Worker:
             delay = min(delay * 2, self.config.reconnect_backoff_max)
 
     async def close(self) -> None:
-        """`stop`, and wait until the worker has shut down."""
+        """Say goodbye, `stop`, and wait until the worker has shut down."""
+        await self.say_goodbye()
         self.stop()
         await self.closed.wait()
+
+    async def say_goodbye(self) -> None:
+        """Tell the scheduler we are leaving on purpose; wait until it is written.
+
+        Called before shutting down (SIGTERM, `close`), while the connection
+        still works: a goodbye queued only once cancellation has begun can be
+        lost with a write it interrupts. Bounded by `GOODBYE_TIMEOUT_S`.
+        """
+        conn = self._scheduler
+        if conn is None or self._said_goodbye:
+            return
+        self._send({"op": "goodbye"})
+        self._said_goodbye = True
+        with trio.move_on_after(GOODBYE_TIMEOUT_S):
+            try:
+                await conn.flush()
+            except CommClosedError:
+                pass
 
     async def _watch_parent(self, parent_pid: int) -> None:
         """Exit when our nanny is gone (killed without a chance to stop us)."""
@@ -272,7 +294,7 @@ class Worker:
                 return reason
             finally:
                 self._scheduler = None
-                if leaving and not conn.closed:
+                if leaving and not conn.closed and not self._said_goodbye:
                     # Shutting down on purpose: say so, so the scheduler
                     # reroutes our tasks without suspecting them of killing us.
                     conn.send({"op": "goodbye"})
