@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import trio
@@ -25,6 +26,16 @@ logger = logging.getLogger("trioflow.cli")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # How long a shutting-down server may spend on its last words.
 BEFORE_STOP_TIMEOUT_S = 2.0
+
+
+def wall_seconds() -> float:
+    """Seconds on the wall clock, for telling a person how long a command took.
+
+    The one place outside the simulator's own clock where trioflow reads real
+    time: commands report durations with it; nothing decides anything by it
+    (design.md §3 rule 2).
+    """
+    return time.perf_counter()
 
 
 def _positive_int(text: str) -> int:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from typing import Any
+
+from trioflow.cli import wall_seconds
 
 DEFAULT_SEEDS = 100
 
@@ -117,9 +118,9 @@ def _replay(args: argparse.Namespace, settings: Any) -> int:
     from trioflow.sim.faults import format_plan
     from trioflow.sim.lab import run_seed
 
-    started = time.perf_counter()
+    started = wall_seconds()
     report = run_seed(args.seed, settings, plan=args.plan)
-    wall = time.perf_counter() - started
+    wall = wall_seconds() - started
     if args.trace:
         report.trace.write_chrome_trace(args.trace)
     if args.json:
@@ -146,12 +147,12 @@ def _sweep(args: argparse.Namespace, settings: Any, seeds: range) -> int:
 
     reports = []
     progress = _Progress(len(seeds))
-    started = time.perf_counter()
+    started = wall_seconds()
     for seed in seeds:
         report = run_seed(seed, settings)
         reports.append(report)
         progress.step(failed=sum(not r.ok for r in reports))
-    wall = time.perf_counter() - started
+    wall = wall_seconds() - started
     progress.close()
     summary = _summary(reports, wall, settings)
     if args.json:
