@@ -248,6 +248,12 @@ STEP_INVARIANTS: tuple[Invariant, ...] = (
         "user function raises",
     ),
     Invariant(
+        "STEP-RESTART-KEEPS",
+        "A scheduler restart loses nothing a survivor can give back: every key in the "
+        "lineage of a held key that a live worker holds is in memory again right after it.",
+        "the scheduler dies",
+    ),
+    Invariant(
         "STEP-REPORTED",
         "Every key a client holds that fails, is lost, or is cancelled is reported to that client.",
         "user function raises / scattered data lost / Client.restart()",
@@ -275,6 +281,13 @@ def step_violations(scope: Scope, pre: World, event: Event, out: Outcome) -> Ite
             ghost = b is None and a.failure.kind == "lost-data" and a.failure.origin not in a.deps
             if a.failure not in inputs and not ghost:
                 yield f"STEP-SAME-ERROR: {key} got {a.failure}, inputs have {inputs}"
+    if isinstance(event, SchedulerRestarts):
+        wanted = {k for _, key in pre.holds for k in scope.lineage(key)}
+        for key in sorted(wanted):
+            b, a = pre.task(key), after.get(key)
+            if b is not None and b.state is MEMORY and b.who_has and (a is None or a.state is not MEMORY):
+                state = "forgotten" if a is None else a.state.value
+                yield f"STEP-RESTART-KEEPS: {key} held by {sorted(b.who_has)} came back {state}"
     told = {(r.client, r.key) for r in out.reports if r.kind in ("erred", "cancelled")}
     voluntary = isinstance(event, (Release, ClientLeaves))
     for client, key in pre.holds:

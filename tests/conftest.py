@@ -5,6 +5,7 @@ import gc
 import cloudpickle
 import pytest
 import trio
+from hypothesis import HealthCheck, settings
 
 import tests
 import trioflow
@@ -12,6 +13,26 @@ import trioflow
 # Task functions defined in test modules travel by value, so worker
 # subprocesses need not import the test package.
 cloudpickle.register_pickle_by_value(tests)
+
+# Hypothesis profiles of the property tests against spec/ (applied by
+# tests/properties/conftest.py:profile_settings). Registered here, in the
+# conftest pytest loads first, so that ``--hypothesis-profile=thorough``
+# works from any directory.
+settings.register_profile(
+    "fast",
+    max_examples=200,
+    stateful_step_count=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+settings.register_profile(
+    "thorough",
+    max_examples=3000,
+    stateful_step_count=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 
 
 @pytest.fixture

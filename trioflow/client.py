@@ -423,6 +423,7 @@ class AsyncClient:
         """
         if not callable(fn):
             raise TypeError(f"submit() expects a callable, got {type(fn).__name__}")
+        self._admit(1)
         [(task, future)] = self._prepare(fn, [(args, kwargs)], [key], pure, retries, workers)
         self._send_tasks([task], [future.key])
         return future
@@ -450,6 +451,7 @@ class AsyncClient:
             keys: list[str | None] = list(key)
         else:
             keys = [None] * len(calls)
+        self._admit(len(calls))
         prepared = self._prepare(fn, calls, keys, pure, retries, workers, prefix=key if isinstance(key, str) else None)
         self._send_tasks([t for t, _ in prepared], [f.key for _, f in prepared])
         return [f for _, f in prepared]
@@ -514,20 +516,29 @@ class AsyncClient:
         if function.function_id not in self._functions_sent:
             self._pending_functions[function.function_id] = function.payload
 
-    def _send_tasks(self, tasks: list[dict], wanted: list[str]) -> None:
-        """Send new tasks, or, while the scheduler is away, keep them for later.
+    def _admit(self, n_tasks: int) -> None:
+        """Refuse `n_tasks` new tasks now, before any future or lineage
+        exists for them, if they could be neither sent nor kept.
 
         While reconnecting, submitted tasks wait in the lineage and go with
         the resubmission; at most `MAX_QUEUED_WHILE_AWAY` of them, after
         which `submit` raises rather than hold back unbounded work.
         """
         if self.status == "reconnecting":
-            self._queued_while_away += len(tasks)
-            if self._queued_while_away > MAX_QUEUED_WHILE_AWAY:
+            if self._queued_while_away + n_tasks > MAX_QUEUED_WHILE_AWAY:
                 raise CommClosedError(
                     f"the scheduler at {self.scheduler_address} is unreachable and "
-                    f"{MAX_QUEUED_WHILE_AWAY} tasks are already waiting for it"
+                    f"{self._queued_while_away} tasks are already waiting for it "
+                    f"(at most {MAX_QUEUED_WHILE_AWAY})"
                 )
+        else:
+            self._require_connection()
+
+    def _send_tasks(self, tasks: list[dict], wanted: list[str]) -> None:
+        """Send new tasks (admitted by `_admit`), or, while the scheduler is
+        away, keep them in the lineage for the resubmission."""
+        if self.status == "reconnecting":
+            self._queued_while_away += len(tasks)
             return
         conn = self._require_connection()
         functions = dict(self._pending_functions)

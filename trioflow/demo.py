@@ -2,12 +2,15 @@
 
 Each step prints what it is about to show, does it, and prints what
 happened. Later steps show failures: a task that raises, a worker killed
-mid-computation, a task that kills its workers.
+mid-computation (its nanny starts another), a task that kills its workers.
 """
 
 from __future__ import annotations
 
 import operator
+import os
+import signal
+import time
 
 import trioflow
 from trioflow.cli import wall_seconds
@@ -27,6 +30,16 @@ def add(a: int, b: int) -> int:
 
 def square_sum(values: list[int]) -> int:
     return sum(v * v for v in values)
+
+
+def slow_inc(x: int) -> int:
+    time.sleep(0.05)
+    return x + 1
+
+
+def crash_worker() -> None:
+    """Ends the worker process that runs it, as a segfault or OOM kill would."""
+    os._exit(1)
 
 
 def say(text: str = "") -> None:
@@ -84,6 +97,33 @@ def run_demo() -> int:
                 say(f"y.result() raised the same {type(exc).__name__}: {exc}")
             say(f"and the cluster carries on: client.submit(inc, 41).result() = {client.submit(inc, 41).result()}")
             say(f"statuses: x={x.status}, y={y.status}")
+
+            step(4, "A worker process is killed in the middle of a map")
+            futures = client.map(slow_inc, range(40))
+            say("client.map(slow_inc, range(40)): forty tasks of 50 ms each.")
+            while sum(f.done() for f in futures) < 10:
+                time.sleep(0.005)
+            victim, info = sorted(client.scheduler_info()["workers"].items())[0]
+            os.kill(info["pid"], signal.SIGKILL)
+            say(f"after 10 results, SIGKILL to the process of {victim} (pid {info['pid']}).")
+            results = client.gather(futures, timeout=60)
+            say(f"gather -> all 40 results correct: {results == [i + 1 for i in range(40)]}")
+            say("its tasks were rerouted, and the results that lived only on it were")
+            say("computed again on the survivor from their lineage.")
+            client.wait_for_workers(2, timeout=60)
+            say(f"its nanny started a new worker: {', '.join(sorted(client.nthreads()))}.")
+            del futures  # released: the workers drop those results
+
+            step(5, "A task that kills every worker that runs it")
+            poison = client.submit(crash_worker)
+            say("poison = client.submit(crash_worker)  # calls os._exit(1)")
+            try:
+                poison.result(timeout=60)
+            except trioflow.KilledWorker as exc:
+                say(f"after {exc.deaths} worker deaths the scheduler marked it bad:")
+                say(f"  KilledWorker: {exc}")
+            client.wait_for_workers(2, timeout=60)
+            say(f"the nannies restarted the workers; client.submit(inc, 1).result() = {client.submit(inc, 1).result()}")
 
     say()
     say(f"Cluster closed; every worker process ended. Demo took {wall_seconds() - started:.1f} s.")

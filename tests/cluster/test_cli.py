@@ -1,5 +1,6 @@
 """The trioflow command: real scheduler and worker processes, signals, bad flags."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -49,11 +50,40 @@ def test_servers_exit_cleanly_on_signals(spawn, signum):
 
 
 def test_servers_bind_loopback_by_default(spawn):
-    """Without --host the scheduler listens on 127.0.0.1 only."""
+    """Without --host the scheduler and the worker listen on 127.0.0.1 only."""
     port = free_port()
     scheduler = spawn("scheduler", "--port", port)
     line = scheduler.wait_for_line("listening at")
     assert f"tcp://127.0.0.1:{port}" in line
+    worker = spawn("worker", f"tcp://127.0.0.1:{port}", "--no-nanny")
+    assert "trioflow worker tcp://127.0.0.1:" in worker.wait_for_line("ready")
+
+
+def test_host_flag_chooses_the_interface(spawn):
+    """--host binds the servers elsewhere (here another loopback address)."""
+    port = free_port()
+    address = f"tcp://127.0.0.2:{port}"
+    scheduler = spawn("scheduler", "--host", "127.0.0.2", "--port", port)
+    assert address in scheduler.wait_for_line("listening at")
+    worker = spawn("worker", address, "--host", "127.0.0.2", "--no-nanny")
+    assert "trioflow worker tcp://127.0.0.2:" in worker.wait_for_line("ready")
+    with trioflow.Client(address) as client:
+        assert client.submit(inc, 1).result(timeout=30) == 2
+        assert [a.startswith("tcp://127.0.0.2:") for a in client.nthreads()] == [True]
+
+
+def test_client_without_an_address_starts_and_ends_its_own_cluster():
+    """Client() with no address runs an embedded local cluster of worker
+    processes, and closing the client ends them."""
+    import psutil
+
+    with trioflow.Client(n_workers=2, threads_per_worker=1) as client:
+        assert client.submit(inc, 1).result(timeout=30) == 2
+        pids = [info["pid"] for info in client.scheduler_info()["workers"].values()]
+        assert len(pids) == 2 and os.getpid() not in pids
+        workers = [psutil.Process(pid) for pid in pids]
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert alive == []
 
 
 def run_cli(*args, env=None):
@@ -95,3 +125,19 @@ def test_worker_gives_up_after_scheduler_timeout():
     assert result.returncode == 1
     assert f"gives up: no scheduler at tcp://127.0.0.1:{port}" in result.stderr
     assert f"could not connect to tcp://127.0.0.1:{port}" in result.stderr
+
+
+def test_demo_runs_every_step_and_says_what_happened():
+    """`trioflow demo` (the README's first command) ends with status 0 and
+    shows each behaviour it promises, checked by its own output."""
+    result = run_cli("demo")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "gather -> [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]" in out
+    assert f"sum of squares of 0..999 = {sum(i * i for i in range(1000))}" in out
+    assert "x.result() raised ZeroDivisionError" in out
+    assert "y.result() raised the same ZeroDivisionError" in out
+    assert "gather -> all 40 results correct: True" in out
+    assert "after 3 worker deaths the scheduler marked it bad" in out
+    assert "client.submit(inc, 1).result() = 2" in out
+    assert "every worker process ended" in out

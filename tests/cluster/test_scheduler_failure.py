@@ -87,6 +87,25 @@ def test_result_timeout_during_the_outage_then_completion(cluster, tmp_path):
         assert executions(log) == collections.Counter([1, 2])
 
 
+def test_submit_while_the_scheduler_is_away_is_bounded(cluster, tmp_path, monkeypatch):
+    """While reconnecting, a client keeps at most MAX_QUEUED_WHILE_AWAY tasks
+    for the scheduler; past that, submit raises CommClosedError and the
+    refused task never runs, while the kept ones do once it is back."""
+    monkeypatch.setattr(trioflow.client, "MAX_QUEUED_WHILE_AWAY", 2)
+    log = str(tmp_path / "executions")
+    with trioflow.Client(cluster.address) as client:
+        client.wait_for_workers(2, timeout=30)
+        cluster.kill_scheduler()
+        poll(lambda: client.status == "reconnecting", message="the client to notice")
+        kept = [client.submit(record, log, 1), client.submit(record, log, 2)]
+        with pytest.raises(trioflow.CommClosedError, match="2 tasks are already waiting"):
+            client.submit(record, log, 3)
+        cluster.scheduler = cluster.start_scheduler()
+        assert client.gather(kept, timeout=60) == [2, 3]
+        assert client.submit(record, log, 4).result(timeout=30) == 5
+        assert executions(log) == collections.Counter([1, 2, 4])
+
+
 def test_scattered_data_survives_a_scheduler_restart(cluster):
     """Scattered data held by a worker is found again by the new scheduler."""
     with trioflow.Client(cluster.address) as client:

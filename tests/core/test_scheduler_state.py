@@ -202,19 +202,41 @@ def test_poison_task_is_marked_bad_after_allowed_failures_deaths(sched):
     assert not computes(msgs)
 
 
-def test_innocent_bystanders_are_not_suspected(sched):
-    """Only a task that had started counts a death; assigned-only tasks do not."""
-    sched2 = SchedulerState(allowed_failures=1, worker_saturation=2.0)
-    join(sched2, A, B)
-    submit(sched2, spec("runs"), spec("queued-there"))
-    sched2.handle(WorkerConnected(sid(), C, 1))
-    on_a = [k for k in sched2.tasks if sched2.tasks[k].processing_on == A]
-    sched2.handle(TaskStarted(sid(), A, on_a[0]))
-    sched2.handle(WorkerDisconnected(sid(), A))
-    assert state_of(sched2, on_a[0]) is TaskState.ERRED
-    for key in on_a[1:]:
-        assert state_of(sched2, key) is TaskState.PROCESSING
-    check_invariants(sched2)
+def test_innocent_bystanders_are_not_suspected():
+    """Only a task that had started counts a death; a task merely assigned to
+    the dying worker is rerouted with a clean record."""
+    sched = SchedulerState(allowed_failures=1, worker_saturation=2.0)
+    join(sched, A)  # alone, so both tasks land on A
+    submit(sched, spec("runs"), spec("queued-there"))
+    assert {sched.tasks[k].processing_on for k in ("runs", "queued-there")} == {A}
+    join(sched, B)
+    sched.handle(TaskStarted(sid(), A, "runs"))
+    msgs = sched.handle(WorkerDisconnected(sid(), A))
+    assert state_of(sched, "runs") is TaskState.ERRED
+    assert sched.tasks["queued-there"].suspicious == 0
+    assert state_of(sched, "queued-there") is TaskState.PROCESSING
+    assert sched.tasks["queued-there"].processing_on == B
+    assert computes(msgs) == [(B, "queued-there")]
+    check_invariants(sched)
+
+
+def test_retries_do_not_spare_a_task_that_kills_workers():
+    """`retries` counts user exceptions only: a task with retries left is
+    still marked bad on its allowed_failures-th worker death, and those
+    deaths leave its retries untouched."""
+    sched = SchedulerState(allowed_failures=2)
+    join(sched, A, B, C)
+    submit(sched, spec("poison", retries=5))
+    for _ in range(2):
+        worker = sched.tasks["poison"].processing_on
+        sched.handle(TaskStarted(sid(), worker, "poison"))
+        sched.handle(WorkerDisconnected(sid(), worker))
+    ts = sched.tasks["poison"]
+    assert ts.state is TaskState.ERRED
+    assert isinstance(ts.failure, WorkerDeaths)
+    assert ts.failure.deaths == 2
+    assert ts.retries_left == 5
+    check_invariants(sched)
 
 
 def test_expected_departure_suspects_nobody(sched):

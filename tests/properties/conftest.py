@@ -11,23 +11,10 @@ The profiles are applied to these tests only (`profile_settings`), so that
 loading this directory does not change the settings of other suites.
 """
 
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 
-settings.register_profile(
-    "fast",
-    max_examples=200,
-    stateful_step_count=40,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
-settings.register_profile(
-    "thorough",
-    max_examples=3000,
-    stateful_step_count=100,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+# The profiles themselves are registered in tests/conftest.py, which pytest
+# loads before it applies --hypothesis-profile.
 
 
 def profile_settings() -> settings:

@@ -160,9 +160,9 @@ class SimWorkerHandle:
             code = EXIT_ERROR
             if self.scope.cancel_called and _only_comm_errors(exc):
                 # Being killed or stopped while a connection broke: the
-                # error escapes wrapped in an ExceptionGroup (a known
-                # problem of trioflow.nurseries.background_tasks, see
-                # docs/chaos.md). Harmless here: the process is ending.
+                # connection's error may come out instead of the
+                # cancellation (alone or in a group, depending on which
+                # nursery saw it first). Harmless: the process is ending.
                 self.notes.append(f"{self.node}: {_summary(exc)} escaped Worker.serve while it was stopped")
                 self.trace.add(self.node, f"exit while stopping: {_summary(exc)}")
             else:  # a bug in the worker shell
