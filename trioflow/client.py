@@ -50,6 +50,7 @@ from trioflow.comm import (
     say_hello,
 )
 from trioflow.comm.serialize import Serialized, SerializedFunction
+from trioflow.backoff import Backoff
 from trioflow.config import Config
 from trioflow.core.failures import Cancelled
 from trioflow.errors import CommClosedError, ProtocolError, SerializationError
@@ -191,7 +192,7 @@ class AsyncClient:
             self._finished.set()
 
     async def _stay_connected(self, task_status: trio.TaskStatus[None]) -> None:
-        delay = self.config.reconnect_backoff_min
+        backoff = Backoff(self.config.reconnect_backoff_min, self.config.reconnect_backoff_max, self._rng)
         unreachable_since = trio.current_time()
         first = True
         while self.status != "closing":
@@ -207,7 +208,7 @@ class AsyncClient:
                 reason, registered = await self._session(stream, task_status, recovering=not first)
                 if registered:
                     first = False
-                    delay = self.config.reconnect_backoff_min
+                    backoff.reset()
                     unreachable_since = trio.current_time()
             if self.status == "closing":
                 return
@@ -219,9 +220,8 @@ class AsyncClient:
             if trio.current_time() - unreachable_since >= self.config.scheduler_timeout:
                 self._give_up(reason)
                 return
-            with trio.move_on_after(delay * self._rng.uniform(0.5, 1.0)):
+            with trio.move_on_after(backoff.next()):
                 await self._closed.wait()
-            delay = min(delay * 2, self.config.reconnect_backoff_max)
 
     async def _session(
         self, stream: trio.abc.Stream, task_status: trio.TaskStatus[None], recovering: bool

@@ -43,6 +43,7 @@ from trioflow.comm import (
     open_connection,
     reply,
 )
+from trioflow.backoff import Backoff
 from trioflow.config import Config
 from trioflow.errors import CommClosedError, ProtocolError
 from trioflow.nurseries import background_tasks
@@ -202,7 +203,7 @@ class Nanny:
         async with background_tasks() as nursery:
             self._scope = nursery.cancel_scope
             self.address = await nursery.start(self.network.serve, self._serve_control, self.host, 0)
-            delay = self.config.reconnect_backoff_min
+            backoff = Backoff(self.config.reconnect_backoff_min, self.config.reconnect_backoff_max, self.rng)
             while True:
                 self.worker = await self.launcher.launch(self.address)
                 self.launches += 1
@@ -214,16 +215,15 @@ class Nanny:
                 born = trio.current_time()
                 reason = await self._supervise(self.worker)
                 if reason == "restart requested":
-                    delay = self.config.reconnect_backoff_min
+                    backoff.reset()
                     continue
                 if trio.current_time() - born >= HEALTHY_LIFETIME_S:
-                    delay = self.config.reconnect_backoff_min
-                pause = delay * self.rng.uniform(0.5, 1.0)
+                    backoff.reset()
+                pause = backoff.next()
                 logger.warning(
                     "worker pid %s %s; restarting it in %.2f s", self.worker.pid, reason, pause
                 )
                 await trio.sleep(pause)
-                delay = min(delay * 2, self.config.reconnect_backoff_max)
 
     async def _supervise(self, worker: WorkerHandle) -> str:
         """Wait until the worker exits, is over its memory limit, or must restart."""

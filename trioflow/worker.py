@@ -43,6 +43,7 @@ from trioflow.comm import (
     say_hello,
 )
 from trioflow.comm.serialize import Serialized
+from trioflow.backoff import Backoff
 from trioflow.config import Config
 from trioflow.core import WorkerState
 from trioflow.core.worker_events import (
@@ -201,7 +202,7 @@ class Worker:
         reconnect in lockstep. It gives up after `scheduler_timeout` seconds
         without a scheduler (by default it never does).
         """
-        delay = self.config.reconnect_backoff_min
+        backoff = Backoff(self.config.reconnect_backoff_min, self.config.reconnect_backoff_max, self._rng)
         unreachable_since = trio.current_time()
         last_reason = None
         while True:
@@ -211,7 +212,7 @@ class Worker:
             except CommClosedError as exc:
                 reason = str(exc)
             if self._link_registered:
-                delay = self.config.reconnect_backoff_min
+                backoff.reset()
                 unreachable_since = trio.current_time()
                 self._post(self._apply, SchedulerLost(self._stimulus("scheduler-lost")))
             if reason != last_reason:
@@ -228,8 +229,7 @@ class Worker:
                     f"worker {self.address} gives up: no scheduler at {self.scheduler_address} "
                     f"for {waited:.1f} s (scheduler_timeout; last error: {reason})"
                 )
-            await trio.sleep(delay * self._rng.uniform(0.5, 1.0))
-            delay = min(delay * 2, self.config.reconnect_backoff_max)
+            await trio.sleep(backoff.next())
 
     async def close(self) -> None:
         """Say goodbye, `stop`, and wait until the worker has shut down."""

@@ -50,13 +50,15 @@ def test_worker_runs_under_a_nanny_that_restarts_it(spawn, scheduler, command):
         assert client.submit(inc, 1).result(timeout=30) == 2
 
 
-def test_sigterm_to_the_nanny_stops_its_worker_and_exits_cleanly(spawn, scheduler):
-    """SIGTERM to the nanny is forwarded: the worker stops, the nanny exits 0."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_nanny_stops_its_worker_and_exits_cleanly(spawn, scheduler, signum):
+    """SIGTERM or SIGINT (Ctrl-C) to the nanny is forwarded: the worker
+    stops, the nanny exits 0."""
     nanny = spawn("worker", scheduler)
     with trioflow.Client(scheduler) as client:
         client.wait_for_workers(1, timeout=30)
         [worker] = worker_pids(client).values()
-        nanny.send_signal(signal.SIGTERM)
+        nanny.send_signal(signum)
         assert nanny.wait() == 0
         poll(lambda: gone(worker), timeout=10, message="worker stopped")
         poll(lambda: not worker_pids(client), timeout=10, message="scheduler saw it leave")

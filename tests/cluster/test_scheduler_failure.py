@@ -106,6 +106,22 @@ def test_submit_while_the_scheduler_is_away_is_bounded(cluster, tmp_path, monkey
         assert executions(log) == collections.Counter([1, 2, 4])
 
 
+def test_a_client_gives_up_after_scheduler_timeout(cluster, tmp_path):
+    """With scheduler_timeout set, a client whose scheduler stays away that
+    long fails its pending futures with a clear CommClosedError and stops
+    accepting work."""
+    log = str(tmp_path / "executions")
+    config = trioflow.Config(scheduler_timeout=1.0)
+    with trioflow.Client(cluster.address, config=config) as client:
+        client.wait_for_workers(2, timeout=30)
+        pending = client.submit(record, log, 1, delay=30)
+        cluster.kill_scheduler()
+        with pytest.raises(trioflow.CommClosedError, match="lost the connection to the scheduler for good"):
+            pending.result(timeout=30)
+        with pytest.raises(trioflow.CommClosedError):
+            client.submit(record, log, 2)
+
+
 def test_scattered_data_survives_a_scheduler_restart(cluster):
     """Scattered data held by a worker is found again by the new scheduler."""
     with trioflow.Client(cluster.address) as client:

@@ -4,7 +4,9 @@ Each test runs a LocalCluster whose workers are real subprocesses under
 in-process nannies, and kills or freezes those processes with signals.
 """
 
+import logging
 import os
+import re
 import signal
 import time
 
@@ -181,9 +183,11 @@ def test_innocent_tasks_on_a_poisoned_worker_are_rerouted_not_marked():
             assert client.gather(innocent, timeout=60) == [i + 1 for i in range(30)]
 
 
-def test_memory_hog_is_killed_by_its_nanny_and_the_cluster_recovers():
-    """A worker past memory_limit is killed by the nanny (logged), the task
-    counts as having killed it, and the restarted workers serve new work."""
+def test_memory_hog_is_killed_by_its_nanny_and_the_cluster_recovers(caplog):
+    """A worker past memory_limit is killed by the nanny (logged with the
+    figure), the task counts as having killed it, and the restarted workers
+    serve new work."""
+    caplog.set_level(logging.WARNING, logger="trioflow.nanny")
     limit = 400 * 2**20
     config = trioflow.Config(allowed_failures=1)
     with trioflow.LocalCluster(n_workers=2, memory_limit=limit, config=config) as cluster:
@@ -193,6 +197,11 @@ def test_memory_hog_is_killed_by_its_nanny_and_the_cluster_recovers():
                 hog.result(timeout=120)
             poll(lambda: len(worker_pids(client)) == 2, message="workers back")
             assert client.submit(slow_inc, 1).result(timeout=30) == 2
+    kills = [r.getMessage() for r in caplog.records if "over its limit" in r.getMessage()]
+    assert kills, "the nanny did not log the kill"
+    used = int(re.search(r"uses (\d+) bytes of memory", kills[0]).group(1))
+    assert used > limit
+    assert f"over its limit of {limit} bytes" in kills[0]
 
 
 def test_scattered_data_is_lost_with_its_only_holder(cluster2):
@@ -250,6 +259,17 @@ def test_restart_cancels_futures_and_returns_with_fresh_workers(cluster2):
     for pid in before.values():
         poll(lambda pid=pid: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE,
              message=f"old worker {pid} gone")
+
+
+def test_restart_that_outlasts_its_timeout_says_so_and_the_workers_still_return(cluster2):
+    """Workers not back within restart's timeout: a clear error naming how
+    many came back; the nannies go on, and the cluster serves again later.
+    (A new worker process needs far more than 10 ms to start and register.)"""
+    cluster, client = cluster2
+    with pytest.raises(RuntimeError, match=r"only [01] of 2 workers came back within 0.01 s"):
+        client.restart(timeout=0.01)
+    poll(lambda: len(worker_pids(client)) == 2, message="workers back after all")
+    assert client.submit(slow_inc, 1).result(timeout=30) == 2
 
 
 def test_restart_without_nannies_sends_workers_away_with_a_warning(caplog):
