@@ -153,7 +153,7 @@ _CI = frozenset(
 
 SCOPES: dict[str, Scope] = {
     # Small enough for CI (tests/properties/test_model_exhaustive.py).
-    "ci-chain": Scope({"x": KeySpec(), "y": KeySpec(("x",))}, max_faults=1, features=_CI),
+    "ci-chain": Scope({"x": KeySpec(small=True), "y": KeySpec(("x",))}, max_faults=1, features=_CI),
     "ci-scatter": Scope(
         {"s": KeySpec(scattered=True), "y": KeySpec(("s",))}, max_faults=1, features=_CI
     ),
@@ -161,11 +161,11 @@ SCOPES: dict[str, Scope] = {
         {"x": KeySpec(), "y": KeySpec(("x",), restrict=("w1",))}, max_faults=1, features=_CI
     ),
     # The script's default: every event, two faults.
-    "chain": Scope({"x": KeySpec(), "y": KeySpec(("x",))}, max_faults=2),
+    "chain": Scope({"x": KeySpec(small=True), "y": KeySpec(("x",))}, max_faults=2),
     "scatter": Scope({"s": KeySpec(scattered=True), "y": KeySpec(("s",))}, max_faults=2),
     "restricted": Scope({"x": KeySpec(), "y": KeySpec(("x",), restrict=("w1",))}, max_faults=2),
     "two-clients": Scope(
-        {"x": KeySpec(), "y": KeySpec(("x",))}, clients=("c1", "c2"), max_faults=1,
+        {"x": KeySpec(small=True), "y": KeySpec(("x",))}, clients=("c1", "c2"), max_faults=1,
         features=_NO_EXTRAS,
     ),
     # Bigger (--all): minutes each.

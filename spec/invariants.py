@@ -54,6 +54,13 @@ def _needed(w: World, key: str) -> bool:
     return any(key in t.deps and t.state in IN_PROGRESS for _, t in w.tasks)
 
 
+def _must_compute(w: World, key: str) -> bool:
+    """Needed by a holder that lacks the value, or by work in progress."""
+    if any(k == key and (c, k) not in w.delivered for c, k in w.holds):
+        return True
+    return any(key in t.deps and t.state in IN_PROGRESS for _, t in w.tasks)
+
+
 def _available(tasks: dict, key: str) -> bool:
     t = tasks.get(key)
     return t is not None and t.state is MEMORY and bool(t.who_has)
@@ -90,7 +97,8 @@ STATE_INVARIANTS: tuple[Invariant, ...] = (
     ),
     Invariant(
         "INV-NEEDED",
-        "A task is in progress only while it is needed, and released only while it is not.",
+        "A task is in progress only while it is needed, and released only while no one "
+        "needs its value (every client holding it has the value, and no work in progress needs it).",
         "Client.restart() / cancel (no work for nobody)",
     ),
     Invariant(
@@ -182,8 +190,8 @@ def state_violations(scope: Scope, w: World) -> Iterator[str]:  # noqa: C901 - f
         needed = _needed(w, key)
         if t.state in IN_PROGRESS and not needed:
             yield f"INV-NEEDED: {at} in progress although nobody needs it"
-        if t.state is RELEASED and needed:
-            yield f"INV-NEEDED: {at} released although needed"
+        if t.state is RELEASED and _must_compute(w, key):
+            yield f"INV-NEEDED: {at} released although its value is needed"
         killed_here = t.failure is not None and t.failure.kind == KILLED and t.failure.origin == key
         if t.suspicious > scope.allowed_failures:
             yield f"INV-KILLED: {at} suspicious={t.suspicious}"
@@ -314,8 +322,8 @@ LIVENESS: tuple[Invariant, ...] = (
     ),
     Invariant(
         "LIVE-PROGRESS",
-        "If faults stop and a worker is alive, every held key ends in memory, erred or lost, "
-        "unless it needs a task restricted to absent workers.",
+        "If faults stop and a worker is alive, every held key ends in memory, erred or lost "
+        "(or released, its value at the client), unless it needs a task restricted to absent workers.",
         "worker connection closes / a task keeps killing workers",
     ),
 )
@@ -364,8 +372,10 @@ def liveness_violations(scope: Scope, w: World) -> Iterator[str]:
 
     end = _run(scope, w, work, 4 * len(scope.keys) + 4)
     tasks = dict(end.tasks)
-    for _, key in sorted(end.holds):
+    for client, key in sorted(end.holds):
         t = tasks[key]
+        if t.state is RELEASED and (client, key) in end.delivered:
+            continue  # the client has the value
         if t.state not in (MEMORY, *FAILED) and not _blocked(tasks, key):
             yield f"LIVE-PROGRESS: held {key} stuck in {t.state.value}: {end.describe()}"
     if any(t.state is LOST and not scope.keys[k].scattered for k, t in tasks.items()):

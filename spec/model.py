@@ -32,7 +32,11 @@ no-worker (when no allowed worker is alive).
 
 A key is *needed* while a client holds it or while a dependent record is in
 progress (waiting, queued, no-worker, processing). A record is kept while it
-is needed or while a dependent record refers to it (lineage).
+is needed or while a dependent record refers to it (lineage). A needed key
+*must be computed* unless every client holding it already has its value
+(a small value travels with the report) and no work in progress needs it:
+such a key whose last copy is lost is released, and computed again only
+when something needs the value.
 
 What the model leaves out, on purpose: priorities and queue order, byte
 sizes and placement by data volume, retries of raising tasks (the model
@@ -101,13 +105,14 @@ from spec.world import (  # noqa: F401 - re-exported: `spec.model` is the one im
 class _Draft:
     """A mutable copy of a world while one event is applied to it."""
 
-    __slots__ = ("scope", "tasks", "live", "holds", "faults", "cancelled", "moves", "recovering")
+    __slots__ = ("scope", "tasks", "live", "holds", "delivered", "faults", "cancelled", "moves", "recovering")
 
     def __init__(self, scope: Scope, world: World):
         self.scope = scope
         self.tasks: dict[str, Task] = dict(world.tasks)
         self.live: set[str] = set(world.live)
         self.holds: set[tuple[str, str]] = set(world.holds)
+        self.delivered: set[tuple[str, str]] = set(world.delivered)
         self.faults = world.faults
         self.cancelled: list[tuple[str, str]] = []  # holds dropped by cancellation
         self.moves: set[tuple[State, State]] = set()  # transitions taken (coverage)
@@ -118,13 +123,19 @@ class _Draft:
         other = _Draft.__new__(_Draft)
         other.scope, other.faults = self.scope, self.faults
         other.tasks, other.live, other.holds = dict(self.tasks), set(self.live), set(self.holds)
+        other.delivered = set(self.delivered)
         other.cancelled, other.moves = list(self.cancelled), set(self.moves)
         other.recovering = dict(self.recovering)
         return other
 
     def freeze(self) -> World:
         return World(
-            tuple(sorted(self.tasks.items())), frozenset(self.live), frozenset(self.holds), self.faults
+            tuple(sorted(self.tasks.items())),
+            frozenset(self.live),
+            frozenset(self.holds),
+            self.faults,
+            # A released (or cancelled) hold takes its delivered value with it.
+            frozenset(self.delivered & self.holds),
         )
 
     # -- queries --
@@ -152,6 +163,10 @@ class _Draft:
         if (before, target) not in TRANSITIONS:
             raise InvalidTransition(f"{key}: {before.value} -> {target.value}")
         self.moves.add((before, target))
+        if target in FAILED or target is FORGOTTEN or (before is MEMORY and target in IN_PROGRESS):
+            # Its clients are told it failed, or lost (being recomputed):
+            # they drop any value they had.
+            self.forget_values(key)
         if target is FORGOTTEN:
             del self.tasks[key]
             return
@@ -169,6 +184,11 @@ class _Draft:
 
     def update(self, key: str, **changes) -> None:
         self.tasks[key] = self.tasks[key]._replace(**changes)
+
+    def forget_values(self, key: str, client: str | None = None) -> None:
+        """`client` (every client if None) was told about `key` without its
+        value: a client keeps the value of the latest report only."""
+        self.delivered = {(c, k) for c, k in self.delivered if k != key or (client is not None and c != client)}
 
 
 # ------------------------------------------------------ the event rules --
@@ -238,6 +258,7 @@ def _effect(d: _Draft, ev: Event) -> None:  # noqa: C901 - one case per event
                 if unknown:
                     # Scattered data the scheduler never had (or forgot).
                     d.move(k, ERRED, failure=Failure(LOST_DATA, unknown[0]))
+            d.forget_values(key, client)  # a value in memory is reported again, without it
             d.holds.add((client, key))
         case Release(client, key):
             d.holds.discard((client, key))
@@ -265,6 +286,7 @@ def _effect(d: _Draft, ev: Event) -> None:  # noqa: C901 - one case per event
                 # Its only copy died before the scheduler recorded it: the
                 # data is lost, exactly as if it had died a moment later.
                 d.move(key, LOST, failure=Failure(LOST_DATA, key))
+            d.forget_values(key, client)
             d.holds.add((client, key))
         case WorkerJoins(worker, held):
             if worker in d.live:
@@ -282,6 +304,7 @@ def _effect(d: _Draft, ev: Event) -> None:  # noqa: C901 - one case per event
                 elif t.state in IN_PROGRESS or t.state is LOST:
                     # The value we were waiting for (or had lost) exists: take it.
                     d.move(k, MEMORY, who_has=frozenset({worker}))
+                    d.forget_values(k)  # reported without the value
                 # released or erred: nobody needs that copy; it is freed
         case WorkerDies(worker):
             _worker_leaves(d, worker, suspect=True)
@@ -297,6 +320,10 @@ def _effect(d: _Draft, ev: Event) -> None:  # noqa: C901 - one case per event
             # was cancelled and its value may be being dropped. The guard
             # makes it a no-op.)
             d.move(key, MEMORY, who_has=frozenset({worker}))
+            d.forget_values(key)
+            if scope.keys[key].small:
+                # The value rides with the report to every client holding it.
+                d.delivered |= {(c, k) for c, k in d.holds if k == key}
         case TaskRaises(key):
             d.move(key, ERRED, failure=Failure(ERROR, key))
         case ReplicaAdded(key, worker):
@@ -363,6 +390,7 @@ def _scheduler_restarts(d: _Draft) -> None:
     """
     old = d.tasks
     d.tasks = {}
+    d.delivered = set()  # the new scheduler knows of no value sent to a client
     wanted: set[str] = set()
     for _, key in d.holds:
         wanted.update(d.scope.lineage(key))
@@ -394,15 +422,18 @@ class _Context:
     """Who is needed and who is referenced, computed once per settling pass
     (every rule that fires ends the pass, so it is never stale)."""
 
-    __slots__ = ("needed", "referenced")
+    __slots__ = ("must_compute", "needed", "referenced")
 
     def __init__(self, d: _Draft):
         self.needed = {k for _, k in d.holds}  # held by a client ...
+        # ... that lacks the value, or (below) an input of work in progress.
+        self.must_compute = {k for c, k in d.holds if (c, k) not in d.delivered}
         self.referenced: set[str] = set()
         for t in d.tasks.values():
             self.referenced.update(t.deps)
             if t.state in IN_PROGRESS:
                 self.needed.update(t.deps)  # ... or an input of work in progress
+                self.must_compute.update(t.deps)
 
 
 def _failed_inputs(d: _Draft, t: Task) -> list[Failure]:
@@ -426,10 +457,10 @@ def _rule_last_copy(d: _Draft, key: str, t: Task, ctx: _Context) -> list[_Draft]
         d.move(key, FORGOTTEN)  # unreferenced
     elif scattered:
         raise AssertionError("unreachable")
-    elif needed:
+    elif key in ctx.must_compute:
         d.move(key, WAITING)  # recompute
     else:
-        d.move(key, RELEASED)  # not-needed (lineage kept)
+        d.move(key, RELEASED)  # not-needed, or its holders have the value (lineage kept)
     return [d]
 
 
@@ -466,8 +497,8 @@ def _rule_not_needed(d: _Draft, key: str, t: Task, ctx: _Context) -> list[_Draft
 
 
 def _rule_needed(d: _Draft, key: str, t: Task, ctx: _Context) -> list[_Draft] | None:
-    """released, needed again: wait for (and recompute) its inputs."""
-    if key not in ctx.needed:
+    """released, its value needed again: wait for (and recompute) its inputs."""
+    if key not in ctx.must_compute:
         return None
     d.move(key, WAITING)
     return [d]

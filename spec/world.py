@@ -66,11 +66,14 @@ class KeySpec:
         deps: the keys whose values it takes (listed earlier in the scope).
         scattered: data put on workers by a client; it has no lineage.
         restrict: if given, the only workers allowed to run it.
+        small: its value is small enough to travel with the report of its
+            completion, so the clients holding it then have the value.
     """
 
     deps: tuple[str, ...] = ()
     scattered: bool = False
     restrict: tuple[str, ...] | None = None
+    small: bool = False
 
 
 # Events the explorer may try; a scope can switch some off to stay small.
@@ -173,6 +176,8 @@ class World(NamedTuple):
     live: frozenset[str]
     holds: frozenset[tuple[str, str]]  # (client, key)
     faults: int
+    # Holds whose client got the value itself with the report (small values).
+    delivered: frozenset[tuple[str, str]] = frozenset()
 
     def task(self, key: str) -> Task | None:
         for k, t in self.tasks:
@@ -199,7 +204,7 @@ class World(NamedTuple):
             if t.replicas or t.pending:
                 extra.append(f"n={t.replicas} pending={sorted(t.pending)}")
             parts.append(f"{k}:{t.state.value}" + (f"[{' '.join(extra)}]" if extra else ""))
-        holds = ",".join(f"{c}>{k}" for c, k in sorted(self.holds))
+        holds = ",".join(f"{c}>{k}" + ("(has value)" if (c, k) in self.delivered else "") for c, k in sorted(self.holds))
         return (
             f"tasks {{{'; '.join(parts)}}} live {sorted(self.live)} "
             f"holds {{{holds}}} faults {self.faults}"

@@ -500,9 +500,8 @@ class Scheduler:
                 worker.send({"op": "acquire_replicas", "who_has": message.who_has, "nbytes": message.nbytes})
         elif isinstance(message, ReportFinished):
             report = {"op": "key_finished", "key": message.key, "who_has": message.who_has}
-            value = self._inline_values.get(message.key)
-            if value is not None:
-                report["value"] = value
+            if message.with_value:
+                report["value"] = self._inline_values[message.key]
             self._to_client(message.client, report)
         elif isinstance(message, ReportErred):
             self._to_client(
@@ -533,10 +532,13 @@ class Scheduler:
         key = field(m, "key", str)
         value = field(m, "value", Serialized, None)
         if value is not None:
-            # Passed on to clients told of this key during this event only;
-            # the scheduler keeps no values.
+            # Passed on to clients told of this key during this event only
+            # (the core says which: `ReportFinished.with_value`); the
+            # scheduler keeps no values.
             self._inline_values[key] = value
-        return TaskFinished(self._stimulus("task-finished"), link.address, key, field(m, "nbytes", int))
+        return TaskFinished(
+            self._stimulus("task-finished"), link.address, key, field(m, "nbytes", int), inline=value is not None
+        )
 
     def _worker_task_erred(self, link: WorkerLink, m: dict) -> SchedulerEvent:
         failure = user_error_from_wire(field(m, "failure", dict))

@@ -124,6 +124,30 @@ def test_held_results_lost_with_their_worker_are_recomputed(cluster2):
         assert holders and victim not in holders
 
 
+def test_small_results_their_client_already_has_are_not_recomputed(cluster2, tmp_path):
+    """Small results travel to the client with their reports. When their only
+    holder dies, nothing is computed again (the client has the values);
+    only once a new task needs one is it computed, on the survivor."""
+    from tests.cluster.test_scheduler_failure import executions, record
+
+    cluster, client = cluster2
+    log = str(tmp_path / "executions")
+    futures = client.map(record, [log] * 20, range(20))
+    assert client.gather(futures, timeout=30) == [i + 1 for i in range(20)]
+    pids = worker_pids(client)
+    victim, pid = next(iter(pids.items()))
+    on_victim = [i for i, f in enumerate(futures) if client.who_has([f])[f.key] == [victim]]
+    assert on_victim, "some results lived only on the victim"
+    os.kill(pid, signal.SIGKILL)
+    poll(lambda: victim not in worker_pids(client), message="the victim dropped")
+    assert client.gather(futures, timeout=30) == [i + 1 for i in range(20)]
+    assert executions(log) == {i: 1 for i in range(20)}
+    assert all(client.who_has([futures[i]])[futures[i].key] == [] for i in on_victim)
+    total = client.submit(sum, [futures[i] for i in on_victim])
+    assert total.result(timeout=30) == sum(i + 1 for i in on_victim)
+    assert executions(log) == {i: (2 if i in on_victim else 1) for i in range(20)}
+
+
 def test_sigstopped_worker_is_dropped_within_ttl_plus_one_second(cluster2):
     """A frozen worker (socket open, nothing sent) is declared dead within
     worker_ttl + 1 s by its heartbeat deadline, and its work is rerouted."""

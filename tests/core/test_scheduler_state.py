@@ -239,6 +239,54 @@ def test_retries_do_not_spare_a_task_that_kills_workers():
     check_invariants(sched)
 
 
+def test_a_value_its_clients_already_have_is_not_recomputed_until_needed(sched):
+    """A small value went to its client with the report; when its only copy
+    dies, nothing is computed (the client has it): the key is released,
+    lineage kept, and computed again only once a dependent needs it."""
+    join(sched, A, B)
+    submit(sched, spec("x"))
+    worker = sched.tasks["x"].processing_on
+    sched.handle(TaskStarted(sid(), worker, "x"))
+    sched.handle(TaskFinished(sid(), worker, "x", 8, inline=True))
+    assert list(sched.tasks["x"].delivered) == ["c1"]
+    msgs = sched.handle(WorkerDisconnected(sid(), worker))
+    assert state_of(sched, "x") is TaskState.RELEASED
+    assert not computes(msgs)
+    assert not [m for m in msgs if isinstance(m, ReportLost)]
+    check_invariants(sched)
+    msgs = submit(sched, spec("y", "x"))
+    assert [key for _, key in computes(msgs)] == ["x"]
+    check_invariants(sched)
+
+
+def test_a_value_sent_without_its_payload_is_recomputed_at_once(sched):
+    """Without the value at the client (a large value), losing the only copy
+    of a held key recomputes it, and the client hears that it was lost."""
+    join(sched, A, B)
+    submit(sched, spec("x"))
+    worker = sched.tasks["x"].processing_on
+    finish(sched, worker, "x")
+    msgs = sched.handle(WorkerDisconnected(sid(), worker))
+    assert [key for _, key in computes(msgs)] == ["x"]
+    assert [m.key for m in msgs if isinstance(m, ReportLost)] == ["x"]
+
+
+def test_a_client_that_did_not_get_the_value_makes_it_computed_again(sched):
+    """Two clients hold a small value; only one got it with the report (the
+    other asked later): losing its copy recomputes it for the other."""
+    join(sched, A, B)
+    submit(sched, spec("x"), client="c1")
+    worker = sched.tasks["x"].processing_on
+    sched.handle(TaskStarted(sid(), worker, "x"))
+    sched.handle(TaskFinished(sid(), worker, "x", 8, inline=True))
+    submit(sched, spec("x"), client="c2")
+    assert list(sched.tasks["x"].delivered) == ["c1"]
+    msgs = sched.handle(WorkerDisconnected(sid(), worker))
+    assert [key for _, key in computes(msgs)] == ["x"]
+    sched.handle(KeysReleased(sid(), "c2", ("x",)))
+    check_invariants(sched)
+
+
 def test_expected_departure_suspects_nobody(sched):
     """A worker retired on purpose (restart) does not count against its tasks."""
     join(sched, A, B)

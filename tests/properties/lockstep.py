@@ -134,7 +134,7 @@ def to_core(scope: m.Scope, world: m.World, event: m.Event) -> SchedulerEvent:
         case m.TaskStarts(key):
             return TaskStarted(sid(), world.task(key).processing_on, key)
         case m.TaskFinishes(key, worker):
-            return TaskFinished(sid(), worker, key, NBYTES)
+            return TaskFinished(sid(), worker, key, NBYTES, inline=scope.keys[key].small)
         case m.TaskRaises(key):
             return TaskErred(sid(), world.task(key).processing_on, key, BOOM)
         case m.ReplicaAdded(key, worker):
@@ -189,7 +189,8 @@ def abstract(core: SchedulerState, faults: int) -> m.World:
             )
         )
     holds = frozenset((c, k) for c, keys in core.clients.items() for k in keys)
-    return m.World(tuple(sorted(tasks)), frozenset(core.workers), holds, faults)
+    delivered = frozenset((c, k) for k, ts in core.tasks.items() for c in ts.delivered)
+    return m.World(tuple(sorted(tasks)), frozenset(core.workers), holds, faults, delivered)
 
 
 def reports_of(messages) -> set[m.Report]:

@@ -28,7 +28,7 @@ from trioflow.core.scheduler_events import TaskErred, TaskStarted
 SCOPE = m.Scope(
     {
         "s": m.KeySpec(scattered=True),
-        "a": m.KeySpec(),
+        "a": m.KeySpec(small=True),  # its value travels with its report
         "b": m.KeySpec(),
         "c": m.KeySpec(("s",), restrict=("w3",)),
         "d": m.KeySpec(("a", "b")),

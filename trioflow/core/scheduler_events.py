@@ -143,6 +143,9 @@ class TaskFinished(SchedulerEvent):
     worker: str
     key: str
     nbytes: int
+    # The value came along, small enough to go on with the report to the
+    # clients holding the key: they will have the value itself.
+    inline: bool = False
 
 
 @frozen
@@ -234,11 +237,14 @@ class AcquireReplicas(SchedulerMessage):
 
 @frozen
 class ReportFinished(SchedulerMessage):
-    """Tell `client` that `key` has a value, held by `who_has`."""
+    """Tell `client` that `key` has a value, held by `who_has`; with
+    `with_value`, the value itself goes along (it came with the worker's
+    report and is small)."""
 
     client: str
     key: str
     who_has: tuple[str, ...]
+    with_value: bool = False
 
 
 @frozen

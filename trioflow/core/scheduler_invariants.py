@@ -82,8 +82,11 @@ def _violations(state: SchedulerState):  # noqa: C901 - a flat list of checks
             if key not in state.clients.get(client, {}):
                 yield f"{where}: wanted by {client!r}, which does not list it"
         needed = bool(ts.who_wants or ts.waiters)
-        if ts.state is S.RELEASED and needed:
-            yield f"{where}: INV-NEEDED released although needed"
+        value_needed = bool(ts.waiters) or any(c not in ts.delivered for c in ts.who_wants)
+        if ts.state is S.RELEASED and value_needed:
+            yield f"{where}: INV-NEEDED released although its value is needed"
+        if not set(ts.delivered) <= set(ts.who_wants):
+            yield f"{where}: delivered to {sorted(ts.delivered)}, not all of whom hold it"
         if ts.state in IN_PROGRESS and not needed:
             yield f"{where}: INV-NEEDED in progress although nobody needs it"
         # INV-FORGET: what no one refers to is forgotten.

@@ -53,6 +53,7 @@ class SchedulerTask:
         "waiting_on",
         "waiters",
         "who_wants",
+        "delivered",
         "who_has",
         "processing_on",
         "running",
@@ -92,6 +93,10 @@ class SchedulerTask:
         # Clients holding a future for this key. Invariant: never forgotten
         # while non-empty.
         self.who_wants: dict[str, None] = {}
+        # The clients of `who_wants` that got the value itself with the
+        # report of its completion (small values): losing every copy in the
+        # cluster loses nothing they need. Invariant: a subset of who_wants.
+        self.delivered: dict[str, None] = {}
         # Invariant: non-empty iff MEMORY; every holder is a live worker.
         self.who_has: dict[str, None] = {}
         # Invariant: set iff PROCESSING, and that worker lists this task.

@@ -206,6 +206,7 @@ class SchedulerState(TaskTransitions):
             ts = self.tasks.get(key)
             if ts is not None:
                 ts.who_wants.pop(ev.client, None)
+                ts.delivered.pop(ev.client, None)
                 self._recommend_release_if_unneeded(ts, recs)
         self._transitions(recs)
 
@@ -293,6 +294,7 @@ class SchedulerState(TaskTransitions):
             ts = self.tasks.get(key)
             if ts is not None and ev.client in ts.who_wants:
                 del ts.who_wants[ev.client]
+                ts.delivered.pop(ev.client, None)
                 self._recommend_release_if_unneeded(ts, recs)
         self._transitions(recs)
 
@@ -314,6 +316,7 @@ class SchedulerState(TaskTransitions):
             stack.extend(ts.dependents.values())
             if ev.client in ts.who_wants:
                 del ts.who_wants[ev.client]
+                ts.delivered.pop(ev.client, None)
                 wanted.pop(ts.key, None)
                 self._emit(ReportErred(self._stimulus_id, ev.client, ts.key, Cancelled(ev.reason), ts.key))
                 self._recommend_release_if_unneeded(ts, recs)
@@ -476,7 +479,7 @@ class SchedulerState(TaskTransitions):
             # Usually PROCESSING here; a value finished by a worker the task
             # was taken from (rerouted, or re-registered after a restart) is
             # just as good, so it is taken rather than computed again.
-            self._transitions({}, first=(ts, MEMORY, {"worker": ws, "nbytes": ev.nbytes}))
+            self._transitions({}, first=(ts, MEMORY, {"worker": ws, "nbytes": ev.nbytes, "inline": ev.inline}))
         else:
             # Nobody needs this value any more (released, erred).
             self._emit(FreeKeys(self._stimulus_id, ev.worker, (ev.key,)))

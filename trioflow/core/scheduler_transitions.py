@@ -23,6 +23,12 @@ longer needed drops its value (RELEASED) but keeps its record, because a
 dependent's lineage may need it again; the record itself is FORGOTTEN once
 no dependent record and no client refers to it. Scattered data has no
 lineage, so its value is kept as long as its record is.
+
+A needed task whose last copy is lost is computed again only if its *value*
+is needed: by a dependent in progress, or by a client that does not have
+it. Small values travel to the clients with the report of their completion
+(`delivered`); if those clients are all that need it, the task is RELEASED
+instead, and computed again only once something needs the value.
 """
 
 from __future__ import annotations
@@ -116,7 +122,7 @@ class TaskTransitions:
                 continue
             elif target is FORGOTTEN and (ts.dependents or ts.who_wants):
                 continue
-            elif target is WAITING and ts.state is RELEASED and not self._is_needed(ts):
+            elif target is WAITING and ts.state is RELEASED and not self._value_needed(ts):
                 continue
             if ts.state is target:
                 continue
@@ -181,9 +187,16 @@ class TaskTransitions:
             heapq.heappush(self.queued, (ts.priority, ts.key))
 
     def _to_memory(
-        self, ts: SchedulerTask, recs: Recommendations, *, worker: SchedulerWorker, nbytes: int
+        self,
+        ts: SchedulerTask,
+        recs: Recommendations,
+        *,
+        worker: SchedulerWorker,
+        nbytes: int,
+        inline: bool = False,
     ) -> None:
-        """`worker` holds the value now (it computed it, or re-registered with it)."""
+        """`worker` holds the value now (it computed it, or re-registered with
+        it); with `inline`, the value itself goes with the reports."""
         if ts.state is PROCESSING:
             # Finished by the worker it was assigned to, or by one it had
             # been taken from: either way, cancel any other run.
@@ -196,7 +209,7 @@ class TaskTransitions:
         ts.waiting_on.clear()
         self._add_replica(ts, worker)
         for client in ts.who_wants:
-            self._report_finished(client, ts)
+            self._report_finished(client, ts, with_value=inline)
         for key in ts.waiters:
             dependent = self.tasks[key]
             if dependent.state is WAITING:
@@ -221,6 +234,7 @@ class TaskTransitions:
         self._drop_pending_replicas(ts)
         for client in ts.who_wants:
             self._emit(ReportLost(self._stimulus_id, client, ts.key))
+        ts.delivered.clear()  # a client told the value is lost drops it
         self._invalidate_dependents(ts, recs)
         ts.state = WAITING
         self._wait_for_dependencies(ts, recs)
@@ -282,6 +296,10 @@ class TaskTransitions:
     def _is_needed(self, ts: SchedulerTask) -> bool:
         return bool(ts.who_wants or ts.waiters)
 
+    def _value_needed(self, ts: SchedulerTask) -> bool:
+        """Needed by work in progress or by a client that lacks the value."""
+        return bool(ts.waiters) or any(client not in ts.delivered for client in ts.who_wants)
+
     @staticmethod
     def _is_available(ts: SchedulerTask) -> bool:
         # A MEMORY task with no holder is about to be recomputed (its
@@ -310,9 +328,11 @@ class TaskTransitions:
         """Where a MEMORY task goes when its last copy disappears."""
         if not ts.has_lineage:
             return LOST if (self._is_needed(ts) or ts.dependents) else FORGOTTEN
-        if self._is_needed(ts):
+        if self._value_needed(ts):
             return WAITING
-        return FORGOTTEN if not ts.dependents else RELEASED
+        if ts.who_wants or ts.dependents:
+            return RELEASED  # its clients have the value; lineage kept
+        return FORGOTTEN
 
     def _stop_waiting(self, ts: SchedulerTask, recs: Recommendations) -> None:
         """`ts` no longer needs its inputs' values: they may be released."""
@@ -431,11 +451,18 @@ class TaskTransitions:
             self._emit(FreeKeys(self._stimulus_id, address, (ts.key,)))
         ts.who_has.clear()
 
-    def _report_finished(self, client: str, ts: SchedulerTask) -> None:
-        self._emit(ReportFinished(self._stimulus_id, client, ts.key, tuple(ts.who_has)))
+    def _report_finished(self, client: str, ts: SchedulerTask, with_value: bool = False) -> None:
+        # A client keeps the value of the latest report only: `delivered`
+        # follows what it was last told.
+        if with_value:
+            ts.delivered[client] = None
+        else:
+            ts.delivered.pop(client, None)
+        self._emit(ReportFinished(self._stimulus_id, client, ts.key, tuple(ts.who_has), with_value))
 
     def _report_failure(self, client: str, ts: SchedulerTask) -> None:
         assert ts.failure is not None and ts.failure_origin is not None
+        ts.delivered.pop(client, None)
         self._emit(ReportErred(self._stimulus_id, client, ts.key, ts.failure, ts.failure_origin))
 
     def _emit(self, message: SchedulerMessage) -> None:
