@@ -258,7 +258,8 @@ def _effect(d: _Draft, ev: Event) -> None:  # noqa: C901 - one case per event
                 if unknown:
                     # Scattered data the scheduler never had (or forgot).
                     d.move(k, ERRED, failure=Failure(LOST_DATA, unknown[0]))
-            d.forget_values(key, client)  # a value in memory is reported again, without it
+            if key in d.tasks and d.tasks[key].state is MEMORY:
+                d.forget_values(key, client)  # reported again, without the value
             d.holds.add((client, key))
         case Release(client, key):
             d.holds.discard((client, key))
