@@ -56,6 +56,7 @@ from trioflow.core.scheduler_events import (
     KeysCancelled,
     KeysReleased,
     OrphansExpired,
+    RecoveryEnded,
     ReplicaAdded,
     ReplicaMissing,
     ReplicationRequested,
@@ -183,6 +184,9 @@ class Scheduler:
         self._nursery: trio.Nursery | None = None
         self._pool: ConnectionPool | None = None
         self._started_at = -math.inf
+        # Set `recovery_grace` after the start: from then on a reconnecting
+        # client's lineage is handled at once.
+        self._recovery_over = False
         # free_keys messages held back per worker until `_apply` ends.
         self._frees: dict[str, list[str]] = {}
         # Small results that came with the task_finished being applied.
@@ -231,6 +235,7 @@ class Scheduler:
             self._nursery = nursery
             self._started_at = trio.current_time()
             nursery.start_soon(self._drive)
+            nursery.start_soon(self._close_recovery_window)
             self.address = await nursery.start(
                 self.network.serve, self._serve_stream, self.host, self.port
             )
@@ -272,7 +277,7 @@ class Scheduler:
                 else:
                     link = ClientLink(conn, field(hello, "client_id", str))
                     held, running = {}, ()
-                    if field(hello, "recovering", bool, False):
+                    if field(hello, "recovering", bool, False) and not self._recovery_over:
                         # Lineage from before a scheduler restart: hold it back
                         # until surviving workers have had time to re-register.
                         link.held_until = self._started_at + self.config.recovery_grace
@@ -389,8 +394,6 @@ class Scheduler:
                 old.close("replaced by a new connection with the same client id")
             self.clients[link.client_id] = link
             self._apply(ClientConnected(self._stimulus("client-joined"), link.client_id))
-            if link.held_until > trio.current_time():
-                self._spawn(self._release_held_client, link)
         if first:
             self._received(link, first)
 
@@ -419,9 +422,20 @@ class Scheduler:
         await trio.sleep(self.config.orphan_timeout)
         self._post(self._apply, OrphansExpired(self._stimulus("orphans-expired"), keys))
 
-    async def _release_held_client(self, link: ClientLink) -> None:
-        await trio.sleep_until(link.held_until)
-        self._post(self._flush_held_client, link)
+    async def _close_recovery_window(self) -> None:
+        await trio.sleep_until(self._started_at + self.config.recovery_grace)
+        self._post(self._end_recovery)
+
+    def _end_recovery(self) -> None:
+        """Every client that reconnected within `recovery_grace` resubmits
+        now, all in one go (so that a value one client's lineage brings back
+        is still there when another client that holds it resubmits); then the
+        core judges which of the values workers brought back are needed."""
+        self._recovery_over = True
+        for link in list(self.clients.values()):
+            if link.held_until > -math.inf:
+                self._flush_held_client(link)
+        self._apply(RecoveryEnded(self._stimulus("recovery-ended")))
 
     def _flush_held_client(self, link: ClientLink) -> None:
         link.held_until = -math.inf

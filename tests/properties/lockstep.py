@@ -38,6 +38,7 @@ from trioflow.core.scheduler_events import (
     ReplicationRequested,
     ReportErred,
     ReportFinished,
+    RecoveryEnded,
     ReportLost,
     SchedulerEvent,
     TaskErred,
@@ -69,6 +70,14 @@ def make_core(scope: m.Scope) -> SchedulerState:
     # what `scope.capacity` says.
     assert scope.capacity == 1
     return SchedulerState(allowed_failures=scope.allowed_failures, worker_saturation=1.0)
+
+
+def started_core(scope: m.Scope) -> SchedulerState:
+    """A core past its recovery window, as a scheduler is `recovery_grace`
+    after it starts (a restart replays its window: `restart_events`)."""
+    core = make_core(scope)
+    core.handle(RecoveryEnded(sid()))
+    return core
 
 
 def restart_events(scope: m.Scope, world: m.World, *, clients_first: bool) -> list[SchedulerEvent]:
@@ -104,7 +113,8 @@ def restart_events(scope: m.Scope, world: m.World, *, clients_first: bool) -> li
             for k in lineage
         )
         clients.append(TasksSubmitted(sid(), client, specs, tuple(held)))
-    return clients + workers if clients_first else workers + clients
+    # The window closes once everyone who reconnected in time has spoken.
+    return [*(clients + workers if clients_first else workers + clients), RecoveryEnded(sid())]
 
 
 def to_core(scope: m.Scope, world: m.World, event: m.Event) -> SchedulerEvent:
@@ -219,7 +229,7 @@ class Lockstep:
 
     def __init__(self, scope: m.Scope):
         self.scope = scope
-        self.core = make_core(scope)
+        self.core = started_core(scope)
         self.world = m.EMPTY
         self.trace: list[str] = []
 

@@ -118,6 +118,13 @@ class OrphansExpired(SchedulerEvent):
 
 
 @frozen
+class RecoveryEnded(SchedulerEvent):
+    """The clients that reconnected in time have all resubmitted their
+    lineage (the shell sends this `recovery_grace` after it starts): values
+    workers brought back that none of those lineages needs may go now."""
+
+
+@frozen
 class WorkerDisconnected(SchedulerEvent):
     """A worker is gone: its connection closed or its heartbeats stopped.
 

@@ -92,7 +92,7 @@ def _violations(state: SchedulerState):  # noqa: C901 - a flat list of checks
         # INV-FORGET: what no one refers to is forgotten.
         if not needed and not ts.dependents and ts.state is not S.MEMORY:
             yield f"{where}: INV-FORGET unreferenced but not forgotten"
-        if not needed and not ts.dependents and ts.state is S.MEMORY:
+        if not needed and not ts.dependents and ts.state is S.MEMORY and key not in state.unjudged:
             yield f"{where}: INV-FORGET unreferenced value kept"
         # INV-REPLICAS: copies on their way go to live workers that do not
         # hold one yet, and only for values.

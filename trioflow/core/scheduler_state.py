@@ -41,6 +41,7 @@ from trioflow.core.scheduler_events import (
     KeysCancelled,
     KeysReleased,
     OrphansExpired,
+    RecoveryEnded,
     ReplicaAdded,
     ReplicaMissing,
     ReplicationRequested,
@@ -120,6 +121,11 @@ class SchedulerState(TaskTransitions):
         # Tasks a worker said it is already running: when ready, they are
         # assigned there rather than started a second time elsewhere.
         self.recovering_runs: dict[str, str] = {}
+        # Until RecoveryEnded: re-registered values claimed by one client's
+        # resubmitted lineage are judged (kept or released) only once every
+        # reconnecting client has resubmitted, since another may hold them.
+        self.recovery_open = True
+        self.unjudged: dict[str, None] = {}
         # (key, from, to, stimulus_id) of recent transitions, for debugging.
         self.story: collections.deque[tuple[str, str, str, str]] = collections.deque(
             maxlen=story_length
@@ -145,6 +151,7 @@ class SchedulerState(TaskTransitions):
             ReplicationRequested: self._on_replication_requested,
             ClusterRestarted: self._on_cluster_restarted,
             OrphansExpired: self._on_orphans_expired,
+            RecoveryEnded: self._on_recovery_ended,
         }
 
     # ------------------------------------------------------------ entry --
@@ -279,12 +286,27 @@ class SchedulerState(TaskTransitions):
             if ts is not None and ts.state is RELEASED and ts.has_lineage:
                 self._transitions({key: WAITING})
         # A value taken from an orphan may be an input of a task submitted
-        # after it in this same batch: judge whether it is needed only now.
+        # after it in this same batch, or, while the recovery is open, of
+        # another client's resubmission still to come: judge whether it is
+        # needed only then.
         for ts in adopted:
-            if ts.key in self.tasks and ts.state is MEMORY:
-                recs = {}
-                self._recommend_release_if_unneeded(ts, recs)
-                self._transitions(recs)
+            if self.recovery_open:
+                self.unjudged[ts.key] = None
+            else:
+                self._judge_adopted(ts.key)
+
+    def _judge_adopted(self, key: str) -> None:
+        ts = self.tasks.get(key)
+        if ts is not None and ts.state is MEMORY:
+            recs: Recommendations = {}
+            self._recommend_release_if_unneeded(ts, recs)
+            self._transitions(recs)
+
+    def _on_recovery_ended(self, ev: RecoveryEnded) -> None:
+        self.recovery_open = False
+        unjudged, self.unjudged = self.unjudged, {}
+        for key in unjudged:
+            self._judge_adopted(key)
 
     def _on_keys_released(self, ev: KeysReleased) -> None:
         wanted = self.clients.get(ev.client, {})
@@ -600,6 +622,7 @@ class SchedulerState(TaskTransitions):
                 self._emit(FreeKeys(self._stimulus_id, address, (key,)))
         self.orphans.clear()
         self.recovering_runs.clear()
+        self.unjudged.clear()
 
     def _on_orphans_expired(self, ev: OrphansExpired) -> None:
         for key in ev.keys:
