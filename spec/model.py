@@ -163,10 +163,8 @@ class _Draft:
         if (before, target) not in TRANSITIONS:
             raise InvalidTransition(f"{key}: {before.value} -> {target.value}")
         self.moves.add((before, target))
-        if target in FAILED or target is FORGOTTEN or (before is MEMORY and target in IN_PROGRESS):
-            # Its clients are told it failed, or lost (being recomputed):
-            # they drop any value they had.
-            self.forget_values(key)
+        if target in FAILED or target is FORGOTTEN:
+            self.forget_values(key)  # its clients are told it failed
         if target is FORGOTTEN:
             del self.tasks[key]
             return
@@ -673,13 +671,24 @@ def apply(scope: Scope, world: World, event: Event) -> list[Outcome]:
     seen = set()
     for d in _settle(draft):
         post = d.freeze()
+        reports = _reports(world, post, d.cancelled)
+        post = _keep_delivered(post, reports, event)
         if post in seen:
             continue
         seen.add(post)
-        outcomes.append(
-            Outcome(post, _reports(world, post, d.cancelled), _computes(world, post), frozenset(d.moves))
-        )
+        outcomes.append(Outcome(post, reports, _computes(world, post), frozenset(d.moves)))
     return outcomes
+
+
+def _keep_delivered(post: World, reports: frozenset[Report], event: Event) -> World:
+    """A client keeps the value of its latest report only: every report of
+    this step but the one of a small value finishing takes it back. (No
+    client that has the value is told it was lost.)"""
+    brought = event.key if isinstance(event, TaskFinishes) else None
+    taken = {(r.client, r.key) for r in reports if r.key != brought or r.kind != "finished"}
+    if not taken & post.delivered:
+        return post
+    return post._replace(delivered=post.delivered - taken)
 
 
 def _reports(pre: World, post: World, cancelled: list[tuple[str, str]]) -> frozenset[Report]:
@@ -700,6 +709,7 @@ def _reports(pre: World, post: World, cancelled: list[tuple[str, str]]) -> froze
             and before is not None
             and before.state is MEMORY
             and after.state in IN_PROGRESS
+            and (client, key) not in pre.delivered  # a client with the value keeps it
         ):
             out.add(Report("lost", client, key))
     return frozenset(out)

@@ -694,6 +694,8 @@ class AsyncClient:
         for state in states:
             if state.version != asked[state.key] or state.status != FINISHED:
                 continue  # newer news arrived meanwhile
+            if state.value is not None:
+                continue  # the value itself came meanwhile: no holder needed
             holders = tuple(who_has.get(state.key) or ())
             if holders:
                 state.who_has = holders

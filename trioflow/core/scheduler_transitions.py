@@ -233,8 +233,8 @@ class TaskTransitions:
         assert not ts.who_has
         self._drop_pending_replicas(ts)
         for client in ts.who_wants:
-            self._emit(ReportLost(self._stimulus_id, client, ts.key))
-        ts.delivered.clear()  # a client told the value is lost drops it
+            if client not in ts.delivered:  # one that has the value keeps it
+                self._emit(ReportLost(self._stimulus_id, client, ts.key))
         self._invalidate_dependents(ts, recs)
         ts.state = WAITING
         self._wait_for_dependencies(ts, recs)
