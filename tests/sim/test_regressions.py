@@ -89,6 +89,10 @@ PLANS = {
     "crash@5.688:worker-3,crash@7.548:worker-2",
     121: "hang@2.247:worker-1/5.083,partition@2.915:worker-2/2.294,restart@4.495:worker-0,"
     "reset@6.402:worker-2,partition@7.2:worker-1/0.874",
+    463: "hang@1.251:worker-1/1.974,partition@3.849:worker-0+worker-1+worker-2/4.855,"
+    "restart@4.433:worker-1,partition@7.006:worker-1/4.718,crash@7.387:worker-3",
+    474: "scheduler_restart@1.224:scheduler/0.92,hang@1.444:worker-1/2.853,hang@3.839:worker-3/4.599,"
+    "restart@7.554:worker-3,crash@7.916:worker-2",
 }
 
 
@@ -290,3 +294,17 @@ def test_seed_121_every_future_completes():
     futures that did not change since the question was asked."""
     report = run_pinned(121, LabSettings(liveness_bound=15.0))
     assert_clean(report)
+
+
+# ------------------------ seeds 463 and 474: small values the client has --
+
+
+@pytest.mark.parametrize("seed", [463, 474])
+def test_seeds_463_and_474_a_value_the_client_has_is_not_dropped(seed):
+    """Seeds 463 and 474, found when small values stopped being recomputed for
+    clients that have them: a gather whose fetch had failed asked who holds
+    the key, and the answer "nobody" (right: the client has the value) made
+    the client drop the value that had arrived meanwhile and wait for a
+    report that would never come. AsyncClient._refresh_holders now keeps a
+    value that arrived while it asked."""
+    assert_clean(run_pinned(seed))
