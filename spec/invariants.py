@@ -48,12 +48,6 @@ class Invariant(NamedTuple):
     row: str  # the failure-table row (design.md §1) it protects
 
 
-def _needed(w: World, key: str) -> bool:
-    if any(k == key for _, k in w.holds):
-        return True
-    return any(key in t.deps and t.state in IN_PROGRESS for _, t in w.tasks)
-
-
 def _must_compute(w: World, key: str) -> bool:
     """Needed by a holder that lacks the value, or by work in progress."""
     if any(k == key and (c, k) not in w.delivered for c, k in w.holds):
@@ -97,8 +91,8 @@ STATE_INVARIANTS: tuple[Invariant, ...] = (
     ),
     Invariant(
         "INV-NEEDED",
-        "A task is in progress only while it is needed, and released only while no one "
-        "needs its value (every client holding it has the value, and no work in progress needs it).",
+        "A task is in progress only while its value is needed, and released only while it is "
+        "not: by work in progress, or by a client holding it that does not have the value.",
         "Client.restart() / cancel (no work for nobody)",
     ),
     Invariant(
@@ -187,9 +181,8 @@ def state_violations(scope: Scope, w: World) -> Iterator[str]:  # noqa: C901 - f
             for x in missing:
                 if x in tasks and tasks[x].state not in IN_PROGRESS:
                     yield f"INV-PROGRESS: {at} waits on {x} ({tasks[x].state.value})"
-        needed = _needed(w, key)
-        if t.state in IN_PROGRESS and not needed:
-            yield f"INV-NEEDED: {at} in progress although nobody needs it"
+        if t.state in IN_PROGRESS and not _must_compute(w, key):
+            yield f"INV-NEEDED: {at} in progress although nobody needs its value"
         if t.state is RELEASED and _must_compute(w, key):
             yield f"INV-NEEDED: {at} released although its value is needed"
         killed_here = t.failure is not None and t.failure.kind == KILLED and t.failure.origin == key

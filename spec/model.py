@@ -477,8 +477,9 @@ def _rule_input_failed(d: _Draft, key: str, t: Task, ctx: _Context) -> list[_Dra
 
 
 def _rule_not_needed(d: _Draft, key: str, t: Task, ctx: _Context) -> list[_Draft] | None:
-    """in progress or memory, nobody needs it: drop the run or the value."""
-    if key in ctx.needed:
+    """memory, nobody needs it: drop the value; in progress, nobody needs its
+    value (a client that has it does not need it computed): drop the run."""
+    if key in (ctx.needed if t.state is MEMORY else ctx.must_compute):
         return None
     referenced = key in ctx.referenced
     if t.state is MEMORY:

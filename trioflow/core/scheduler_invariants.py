@@ -87,8 +87,8 @@ def _violations(state: SchedulerState):  # noqa: C901 - a flat list of checks
             yield f"{where}: INV-NEEDED released although its value is needed"
         if not set(ts.delivered) <= set(ts.who_wants):
             yield f"{where}: delivered to {sorted(ts.delivered)}, not all of whom hold it"
-        if ts.state in IN_PROGRESS and not needed:
-            yield f"{where}: INV-NEEDED in progress although nobody needs it"
+        if ts.state in IN_PROGRESS and not value_needed:
+            yield f"{where}: INV-NEEDED in progress although nobody needs its value"
         # INV-FORGET: what no one refers to is forgotten.
         if not needed and not ts.dependents and ts.state is not S.MEMORY:
             yield f"{where}: INV-FORGET unreferenced but not forgotten"

@@ -24,11 +24,12 @@ dependent's lineage may need it again; the record itself is FORGOTTEN once
 no dependent record and no client refers to it. Scattered data has no
 lineage, so its value is kept as long as its record is.
 
-A needed task whose last copy is lost is computed again only if its *value*
-is needed: by a dependent in progress, or by a client that does not have
-it. Small values travel to the clients with the report of their completion
-(`delivered`); if those clients are all that need it, the task is RELEASED
-instead, and computed again only once something needs the value.
+Its *value* is needed by a dependent in progress, or by a client holding it
+that does not have the value: small values travel to the clients with the
+report of their completion (`delivered`). A task is computed (kept in
+progress) only while its value is needed; a needed task whose last copy is
+lost, with every holder having the value, is RELEASED instead of computed
+again, until something needs the value.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class TaskTransitions:
                 # Its last copy vanished: where it goes depends on whether it
                 # is needed now, not when the recommendation was made.
                 target = self._target_for_lost_value(ts)
-            elif target in (RELEASED, FORGOTTEN) and self._is_needed(ts):
+            elif target in (RELEASED, FORGOTTEN) and self._keeps(ts):
                 continue
             elif target is FORGOTTEN and (ts.dependents or ts.who_wants):
                 continue
@@ -296,6 +297,10 @@ class TaskTransitions:
     def _is_needed(self, ts: SchedulerTask) -> bool:
         return bool(ts.who_wants or ts.waiters)
 
+    def _keeps(self, ts: SchedulerTask) -> bool:
+        """Whether `ts` keeps its run (in progress) or its value and record."""
+        return self._value_needed(ts) if ts.state in IN_PROGRESS else self._is_needed(ts)
+
     def _value_needed(self, ts: SchedulerTask) -> bool:
         """Needed by work in progress or by a client that lacks the value."""
         return bool(ts.waiters) or any(client not in ts.delivered for client in ts.who_wants)
@@ -307,16 +312,19 @@ class TaskTransitions:
         return ts.state is MEMORY and bool(ts.who_has)
 
     def _recommend_release_if_unneeded(self, ts: SchedulerTask, recs: Recommendations) -> None:
+        if ts.state in IN_PROGRESS:
+            # Work goes on only while its value is needed (a client that has
+            # the value does not need it computed again). Unless it is
+            # doomed in this same step (its failure is set and ERRED
+            # recommended): releasing it instead would keep a failure
+            # outside ERRED (INV-FAILED; seed 314 of the chaos lab).
+            if not self._value_needed(ts) and ts.failure is None:
+                recs[ts.key] = RELEASED
+            return
         if self._is_needed(ts):
             return
         unreferenced = not ts.dependents
-        if ts.state in IN_PROGRESS:
-            # Unless it is doomed in this same step (its failure is set and
-            # ERRED recommended): releasing it instead would keep a failure
-            # outside ERRED (INV-FAILED; seed 314 of the chaos lab).
-            if ts.failure is None:
-                recs[ts.key] = RELEASED
-        elif ts.state is MEMORY:
+        if ts.state is MEMORY:
             if ts.has_lineage:
                 recs[ts.key] = FORGOTTEN if unreferenced else RELEASED
             elif unreferenced:
