@@ -46,8 +46,10 @@ def known_core_gap(world: m.World, event: m.Event, *, clients_first: bool = Fals
     model on this event, if any (the state machine skips such events)."""
     match event:
         case m.SchedulerRestarts() if clients_first and any(
-            t.who_has and SCOPE.keys[k].scattered for k, t in world.tasks
+            t.who_has and any(SCOPE.keys[x].scattered for x in SCOPE.lineage(k)) for k, t in world.tasks
         ):
+            # Scattered data a worker holds, or a value computed from
+            # scattered data: judged lost (or erred) before its worker is back.
             return "test_scattered_data_survives_a_scheduler_restart_whoever_reconnects_first"
     return None
 
@@ -353,7 +355,8 @@ def test_killed_worker_wins_over_lost_input():
     reason=(
         "by design, not in the core: the scheduler shell holds a reconnecting client's "
         "lineage back for recovery_grace so that surviving workers re-register first; "
-        "a worker later than that finds its scattered data already declared lost"
+        "a worker later than that finds its scattered data already declared lost (and "
+        "values computed from lost scattered data already erred)"
     ),
 )
 def test_scattered_data_survives_a_scheduler_restart_whoever_reconnects_first():

@@ -192,7 +192,13 @@ def scheduler_never_sends(world: wm.WWorld, event: wm.WEvent) -> bool:
         computing = t is not None and t.state in (wm.WAITING, wm.READY, wm.EXECUTING)
         if computing or (t is not None and t.assigned and t.state is not wm.MEMORY):
             return True  # that input is still being computed here for the scheduler
-    return any(event.key in t.deps and t.state in wm.USES_INPUTS for _, t in world.tasks)
+    # A task here that uses its inputs, or that the scheduler assigned here
+    # while its value was still on its way (a compute request pending).
+    return any(
+        (event.key in t.deps and t.state in wm.USES_INPUTS)
+        or (t.request is not None and event.key in dict(t.request))
+        for _, t in world.tasks
+    )
 
 
 def known_core_gap(world: wm.WWorld, event: wm.WEvent) -> str | None:

@@ -392,6 +392,10 @@ class SchedulerState(TaskTransitions):
         ws = SchedulerWorker(ev.worker, ev.nthreads, self.worker_saturation)
         self.workers[ev.worker] = ws
         self.idle[ev.worker] = None
+        # Every value the worker brings is taken first; only then do their
+        # knock-on effects run (one of them may be what made another
+        # needed).
+        recs: Recommendations = {}
         for key, nbytes in ev.held.items():
             ts = self.tasks.get(key)
             if ts is None:
@@ -402,9 +406,10 @@ class SchedulerState(TaskTransitions):
                 self._add_replica(ts, ws)
             elif ts.state in IN_PROGRESS or ts.state is LOST:
                 # The value we were waiting for already exists: take it.
-                self._transitions({}, first=(ts, MEMORY, {"worker": ws, "nbytes": nbytes}))
+                self._transition(ts, MEMORY, recs, worker=ws, nbytes=nbytes)
             else:
                 self._emit(FreeKeys(self._stimulus_id, ev.worker, (key,)))
+        self._transitions(recs)
         for key in ev.running:
             ts = self.tasks.get(key)
             if ts is None:

@@ -125,6 +125,8 @@ class TaskTransitions:
                 continue
             elif target is WAITING and ts.state is RELEASED and not self._value_needed(ts):
                 continue
+            elif target is PROCESSING and ts.state is MEMORY:
+                continue  # ready to run, but its value arrived meanwhile
             if ts.state is target:
                 continue
             self._transition(ts, target, recs)
