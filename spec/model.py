@@ -163,8 +163,6 @@ class _Draft:
         if (before, target) not in TRANSITIONS:
             raise InvalidTransition(f"{key}: {before.value} -> {target.value}")
         self.moves.add((before, target))
-        if target in FAILED or target is FORGOTTEN:
-            self.forget_values(key)  # its clients are told it failed
         if target is FORGOTTEN:
             del self.tasks[key]
             return
@@ -182,11 +180,6 @@ class _Draft:
 
     def update(self, key: str, **changes) -> None:
         self.tasks[key] = self.tasks[key]._replace(**changes)
-
-    def forget_values(self, key: str, client: str | None = None) -> None:
-        """`client` (every client if None) was told about `key` without its
-        value: a client keeps the value of the latest report only."""
-        self.delivered = {(c, k) for c, k in self.delivered if k != key or (client is not None and c != client)}
 
 
 # ------------------------------------------------------ the event rules --
@@ -257,7 +250,7 @@ def _effect(d: _Draft, ev: Event) -> None:  # noqa: C901 - one case per event
                     # Scattered data the scheduler never had (or forgot).
                     d.move(k, ERRED, failure=Failure(LOST_DATA, unknown[0]))
             if key in d.tasks and d.tasks[key].state is MEMORY:
-                d.forget_values(key, client)  # reported again, without the value
+                d.delivered.discard((client, key))  # reported again, without the value
             d.holds.add((client, key))
         case Release(client, key):
             d.holds.discard((client, key))
@@ -285,7 +278,6 @@ def _effect(d: _Draft, ev: Event) -> None:  # noqa: C901 - one case per event
                 # Its only copy died before the scheduler recorded it: the
                 # data is lost, exactly as if it had died a moment later.
                 d.move(key, LOST, failure=Failure(LOST_DATA, key))
-            d.forget_values(key, client)
             d.holds.add((client, key))
         case WorkerJoins(worker, held):
             if worker in d.live:
@@ -303,7 +295,6 @@ def _effect(d: _Draft, ev: Event) -> None:  # noqa: C901 - one case per event
                 elif t.state in IN_PROGRESS or t.state is LOST:
                     # The value we were waiting for (or had lost) exists: take it.
                     d.move(k, MEMORY, who_has=frozenset({worker}))
-                    d.forget_values(k)  # reported without the value
                 # released or erred: nobody needs that copy; it is freed
         case WorkerDies(worker):
             _worker_leaves(d, worker, suspect=True)
@@ -319,7 +310,6 @@ def _effect(d: _Draft, ev: Event) -> None:  # noqa: C901 - one case per event
             # was cancelled and its value may be being dropped. The guard
             # makes it a no-op.)
             d.move(key, MEMORY, who_has=frozenset({worker}))
-            d.forget_values(key)
             if scope.keys[key].small:
                 # The value rides with the report to every client holding it.
                 d.delivered |= {(c, k) for c, k in d.holds if k == key}
@@ -673,7 +663,7 @@ def apply(scope: Scope, world: World, event: Event) -> list[Outcome]:
     for d in _settle(draft):
         post = d.freeze()
         reports = _reports(world, post, d.cancelled)
-        post = _keep_delivered(post, reports, event)
+        post = _keep_delivered(scope, post, reports, event)
         if post in seen:
             continue
         seen.add(post)
@@ -681,11 +671,11 @@ def apply(scope: Scope, world: World, event: Event) -> list[Outcome]:
     return outcomes
 
 
-def _keep_delivered(post: World, reports: frozenset[Report], event: Event) -> World:
+def _keep_delivered(scope: Scope, post: World, reports: frozenset[Report], event: Event) -> World:
     """A client keeps the value of its latest report only: every report of
     this step but the one of a small value finishing takes it back. (No
     client that has the value is told it was lost.)"""
-    brought = event.key if isinstance(event, TaskFinishes) else None
+    brought = event.key if isinstance(event, TaskFinishes) and scope.keys[event.key].small else None
     taken = {(r.client, r.key) for r in reports if r.key != brought or r.kind != "finished"}
     if not taken & post.delivered:
         return post
