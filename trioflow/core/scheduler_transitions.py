@@ -200,12 +200,9 @@ class TaskTransitions:
     ) -> None:
         """`worker` holds the value now (it computed it, or re-registered with
         it); with `inline`, the value itself goes with the reports."""
-        if ts.state is PROCESSING:
-            # Finished by the worker it was assigned to, or by one it had
-            # been taken from: either way, cancel any other run.
-            self._unassign(ts, cancel=ts.processing_on != worker.address)
-        elif ts.state is NO_WORKER:
-            del self.unrunnable[ts.key]
+        # Finished by the worker it was assigned to, or by one it had been
+        # taken from: either way, cancel any other run.
+        self._leave_placement(ts, cancel=ts.processing_on != worker.address)
         self.recovering_runs.pop(ts.key, None)
         ts.state, ts.nbytes = MEMORY, nbytes
         ts.failure = ts.failure_origin = None
@@ -224,10 +221,7 @@ class TaskTransitions:
 
     def _to_waiting_again(self, ts: SchedulerTask, recs: Recommendations) -> None:
         """Rerouted (worker died, input lost, retry): wait and run again."""
-        if ts.state is PROCESSING:
-            self._unassign(ts, cancel=True)
-        elif ts.state is NO_WORKER:
-            del self.unrunnable[ts.key]
+        self._leave_placement(ts)
         ts.state = WAITING
         self._wait_for_dependencies(ts, recs)
 
@@ -254,10 +248,7 @@ class TaskTransitions:
 
     def _to_erred(self, ts: SchedulerTask, recs: Recommendations) -> None:
         """`ts.failure` is set: keep it, tell clients, and err the dependents."""
-        if ts.state is PROCESSING:
-            self._unassign(ts, cancel=True)
-        elif ts.state is NO_WORKER:
-            del self.unrunnable[ts.key]
+        self._leave_placement(ts)
         ts.state = ERRED
         ts.waiting_on.clear()
         self.recovering_runs.pop(ts.key, None)
@@ -269,12 +260,10 @@ class TaskTransitions:
 
     def _to_released(self, ts: SchedulerTask, recs: Recommendations) -> None:
         """Nobody needs it any more: drop the run or the value, keep lineage."""
-        if ts.state is PROCESSING:
-            self._unassign(ts, cancel=True)
-        elif ts.state is NO_WORKER:
-            del self.unrunnable[ts.key]
-        elif ts.state is MEMORY:
+        if ts.state is MEMORY:
             self._drop_all_replicas(ts)
+        else:
+            self._leave_placement(ts)
         ts.state = RELEASED
         ts.waiting_on.clear()
         self.recovering_runs.pop(ts.key, None)
@@ -295,6 +284,15 @@ class TaskTransitions:
             self._recommend_release_if_unneeded(dep, recs)
 
     # ------------------------------------------------------------ helpers --
+
+    def _leave_placement(self, ts: SchedulerTask, cancel: bool = True) -> None:
+        """Undo where an in-progress task was put: its assignment (the run
+        cancelled unless `cancel` is false) or its place among the tasks no
+        worker may run."""
+        if ts.state is PROCESSING:
+            self._unassign(ts, cancel=cancel)
+        elif ts.state is NO_WORKER:
+            del self.unrunnable[ts.key]
 
     def _is_needed(self, ts: SchedulerTask) -> bool:
         return bool(ts.who_wants or ts.waiters)
