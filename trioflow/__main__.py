@@ -1,4 +1,4 @@
-"""``python -m trioflow ...`` is the `trioflow` command."""
+"""``python -m trioflow ...`` is the `trioflow` command, exit status included."""
 
 import sys
 

@@ -104,7 +104,12 @@ def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from trioflow import __version__
+
+    # prog is spelled out so that `python -m trioflow` prints the same usage
+    # lines as the `trioflow` script (argparse would otherwise say __main__.py).
     parser = argparse.ArgumentParser(prog="trioflow", description="A resilient task scheduler built on Trio.")
+    parser.add_argument("--version", action="version", version=f"trioflow {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     scheduler = commands.add_parser("scheduler", help="run a scheduler")
