@@ -1,13 +1,14 @@
 """The client's lineage: kept while needed for a resubmission, dropped after."""
 
-from trioflow.comm.serialize import SerializedFunction
+from trioflow.comm.messages import TaskWire
+from trioflow.comm.serialize import Serialized, SerializedFunction
 from trioflow.lineage import Lineage
 
-F = SerializedFunction("f-id", b"pickled f")
+F = SerializedFunction("f" * 64, Serialized(b"pickled f"))
 
 
 def task(key, *deps):
-    return {"key": key, "function_id": F.function_id, "dependencies": list(deps)}
+    return TaskWire(key=key, function_id=F.function_id, args=Serialized(b"()"), dependencies=list(deps))
 
 
 def test_inputs_are_kept_while_a_held_dependent_needs_them():
@@ -29,7 +30,7 @@ def test_functions_stay_while_any_task_uses_them():
     lineage.remember(task("b"), F)
     held.discard("a")
     lineage.forget("a", held.__contains__)
-    assert lineage.functions == {"f-id": b"pickled f"}
+    assert lineage.functions == {F.function_id: F.payload}
     held.discard("b")
     lineage.forget("b", held.__contains__)
     assert lineage.functions == {}
@@ -38,7 +39,7 @@ def test_functions_stay_while_any_task_uses_them():
 def test_scattered_keys_are_remembered_without_a_function():
     """Scattered data is kept as a lineage-less marker."""
     lineage = Lineage()
-    lineage.remember({"key": "data", "scattered": True}, None)
-    assert lineage.tasks == {"data": {"key": "data", "scattered": True}}
+    lineage.remember(TaskWire(key="data", scattered=True), None)
+    assert lineage.tasks == {"data": TaskWire(key="data", scattered=True)}
     lineage.forget("data", lambda key: False)
     assert not lineage

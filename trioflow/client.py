@@ -37,10 +37,13 @@ import trio
 from trioflow.comm import (
     Connection,
     FrameLimits,
+    HandshakeRefused,
     Network,
     RequestFailed,
     Requests,
     TCPNetwork,
+    await_welcome,
+    clip,
     connect_with_timeout,
     dumps,
     dumps_function,
@@ -49,6 +52,7 @@ from trioflow.comm import (
     open_connection_pool,
     say_hello,
 )
+from trioflow.comm import messages as m
 from trioflow.comm.serialize import Serialized, SerializedFunction
 from trioflow.backoff import Backoff
 from trioflow.config import Config
@@ -65,12 +69,11 @@ from trioflow.graph import (
 from trioflow.lineage import Lineage
 from trioflow.nurseries import background_tasks
 from trioflow.protocol import (
+    clip_text,
     failure_from_wire,
     failure_to_exception,
     raise_serialization_error,
     replace_futures,
-    str_list,
-    str_map,
     substitute,
 )
 
@@ -80,6 +83,10 @@ logger = logging.getLogger("trioflow.client")
 MAX_QUEUED_WHILE_AWAY = 100_000
 # Tasks per `submit` message.
 SUBMIT_SLICE = 1_000
+# Keys per `release_keys`, `cancel_keys`, `who_has` and `get_data` message:
+# a message body must stay within `max_body_bytes`.
+KEYS_SLICE = 10_000
+GET_DATA_SLICE = 1_000
 
 
 def _is_future(obj: Any) -> bool:
@@ -126,9 +133,6 @@ class AsyncClient:
         self._conn: Connection | None = None
         self._requests: Requests | None = None
         self._pool = None
-        # Function ids sent on the current connection, and ones to send next.
-        self._functions_sent: set[str] = set()
-        self._pending_functions: dict[str, bytes] = {}
         self._closed = trio.Event()
         self._finished = trio.Event()
         # Set while a scheduler connection is up (replaced when it drops).
@@ -181,9 +185,10 @@ class AsyncClient:
             async with open_connection_pool(
                 self.network,
                 self.limits,
-                role="client",
+                role="peer",
                 connect_timeout=self.config.connect_timeout,
-                idle_timeout=self.config.peer_timeout,
+                peer_timeout=self.config.peer_timeout,
+                idle_timeout=self.config.idle_timeout,
             ) as self._pool:
                 await self._stay_connected(task_status)
         finally:
@@ -200,16 +205,18 @@ class AsyncClient:
                 stream = await connect_with_timeout(
                     self.network, self.scheduler_address, self.config.connect_timeout
                 )
+                reason, registered = await self._session(stream, task_status, recovering=not first)
             except CommClosedError as exc:
                 if first:
+                    # The first connection must work: a wrong address, a
+                    # server that is not a scheduler or does not answer, is
+                    # the user's to fix, not something to retry forever.
                     raise
-                reason = str(exc)
-            else:
-                reason, registered = await self._session(stream, task_status, recovering=not first)
-                if registered:
-                    first = False
-                    backoff.reset()
-                    unreachable_since = trio.current_time()
+                reason, registered = str(exc), False
+            if registered:
+                first = False
+                backoff.reset()
+                unreachable_since = trio.current_time()
             if self.status == "closing":
                 return
             if self.status != "reconnecting":
@@ -226,18 +233,31 @@ class AsyncClient:
     async def _session(
         self, stream: trio.abc.Stream, task_status: trio.TaskStatus[None], recovering: bool
     ) -> tuple[str, bool]:
-        """One connection's lifetime; returns why it ended and whether we registered."""
-        async with open_connection(stream, self.limits, peer=self.scheduler_address) as conn:
-            say_hello(conn, "client", client_id=self.id, recovering=recovering and bool(self._lineage))
+        """One connection's lifetime; returns why it ended and whether we registered.
+
+        Raises:
+            CommClosedError: registration failed (refused, not a scheduler,
+                no answer within `connect_timeout`).
+        """
+        async with open_connection(
+            stream, self.limits, peer=self.scheduler_address, inbound=m.SCHEDULER_TO_CLIENT
+        ) as conn:
+            hello = m.Hello(
+                role="client",
+                protocol=m.PROTOCOL_VERSION,
+                client_id=self.id,
+                recovering=recovering and bool(self._lineage),
+            )
             try:
-                with trio.fail_after(self.config.connect_timeout):
-                    welcome = await conn.receive()
-                if welcome[0]["op"] != "welcome":
-                    raise ProtocolError(f"expected a welcome, got {welcome[0]['op']!r}")
-            except (CommClosedError, ProtocolError, trio.TooSlowError) as exc:
-                return f"registration failed: {exc!r}", False
-            self._conn, self._requests = conn, Requests(conn)
-            self._functions_sent = set()
+                await say_hello(conn, hello)
+                _, first = await await_welcome(
+                    conn, self.config.connect_timeout, self.scheduler_address, "a trioflow scheduler"
+                )
+            except HandshakeRefused:
+                raise
+            except CommClosedError as exc:
+                raise CommClosedError(f"registration with {self.scheduler_address} failed: {exc}") from None
+            self._conn, self._requests = conn, Requests(conn, m.CLIENT_TO_SCHEDULER)
             self.status = "running"
             if recovering:
                 logger.info("client %s reconnected to %s; resubmitting its lineage", self.id, self.scheduler_address)
@@ -246,14 +266,29 @@ class AsyncClient:
             if not self._registered:
                 self._registered = True
                 task_status.started()
-            self._on_messages(welcome[1:])
+            self._on_messages(first)
             try:
-                with trio.CancelScope() as self._reader_scope:
-                    return await self._listen(conn), True
-                return "closed", True
+                async with background_tasks() as helpers:
+                    helpers.start_soon(self._heartbeats, conn)
+                    with trio.CancelScope() as self._reader_scope:
+                        return await self._listen(conn), True
+                    return "closed", True
             finally:
                 self._conn = None
                 self._connected = trio.Event()
+
+    async def _heartbeats(self, conn: Connection) -> None:
+        """Keep an idle connection from being closed as idle by the scheduler."""
+        interval = self.config.idle_timeout / 4
+        while True:
+            due = conn.last_sent + interval
+            if trio.current_time() >= due:
+                try:
+                    conn.send(m.ClientHeartbeat())
+                except CommClosedError:
+                    return
+                due = trio.current_time() + interval
+            await trio.sleep_until(due)
 
     async def _listen(self, conn: Connection) -> str:
         try:
@@ -262,8 +297,8 @@ class AsyncClient:
         except CommClosedError as exc:
             return str(exc)
         except ProtocolError as exc:
-            logger.warning("bad message from the scheduler: %s", exc)
-            return f"protocol error: {exc}"
+            logger.warning("bad message from the scheduler: %s", clip(str(exc), 300))
+            return f"protocol error: {clip(str(exc), 300)}"
         finally:
             assert self._requests is not None
             self._requests.fail_all("the scheduler connection closed")
@@ -287,8 +322,10 @@ class AsyncClient:
             return
         self.status = "closing"
         if self._conn is not None:
+            keys = list(self.futures)
             try:
-                self._conn.send({"op": "release_keys", "keys": list(self.futures)})
+                for start in range(0, len(keys), KEYS_SLICE):
+                    self._conn.send(m.ReleaseKeys(keys=keys[start : start + KEYS_SLICE]))
             except CommClosedError:
                 pass
         self._closed.set()
@@ -299,10 +336,8 @@ class AsyncClient:
         """Send the kept lineage to a new scheduler (after a reconnect)."""
         assert self._conn is not None
         wanted = [k for k, st in self.futures.items() if not st.done() or st.status == FINISHED]
-        self._functions_sent = set(self._lineage.functions)
-        self._pending_functions.clear()
         self._queued_while_away = 0
-        for message in submit_messages(list(self._lineage.tasks.values()), dict(self._lineage.functions), wanted):
+        for message in submit_messages(list(self._lineage.tasks.values()), self._lineage.functions, wanted):
             self._conn.send(message)
 
     async def close_and_wait(self) -> None:
@@ -329,31 +364,35 @@ class AsyncClient:
 
     # ------------------------------------------------------------ reports --
 
-    def _on_messages(self, messages: list[dict]) -> None:
-        for m in messages:
-            op = m["op"]
-            if op == "reply":
+    def _on_messages(self, messages: list[m.Message]) -> None:
+        for message in messages:
+            kind = type(message)
+            if kind is m.Reply:
                 assert self._requests is not None
-                self._requests.deliver(m)
-                continue
-            state = self.futures.get(m.get("key"))  # type: ignore[arg-type]
-            if op == "key_finished":
+                self._requests.deliver(message)
+            elif kind is m.KeyFinished:
+                state = self.futures.get(message.key)
                 if state is not None:
-                    value = m.get("value")
-                    state.finish(tuple(str_list(m, "who_has")), value if isinstance(value, Serialized) else None)
-            elif op == "key_erred":
+                    state.finish(tuple(message.who_has), message.value)
+            elif kind is m.KeyErred:
+                state = self.futures.get(message.key)
                 if state is not None:
-                    state.fail(failure_from_wire(m["failure"]))
-            elif op == "key_lost":
+                    state.fail(failure_from_wire(message.failure))
+            elif kind is m.KeyLost:
+                state = self.futures.get(message.key)
                 if state is not None:
                     state.lose()
-            elif op == "restarted":
+            elif kind is m.Restarted:
                 for state in self.futures.values():
                     state.fail(Cancelled("the cluster was restarted"))
-            elif op in ("welcome", "heartbeat_ack"):
-                pass
-            else:
-                logger.warning("ignoring unknown op %r from the scheduler", op)
+            elif kind is m.SubmitRefused:
+                logger.error("the scheduler refused %d tasks: %s", len(message.keys), clip(message.reason, 300))
+                error = ValueError(f"the scheduler refused the task: {message.reason}")
+                for key in message.keys:
+                    state = self.futures.get(key)
+                    if state is not None and not state.done():
+                        state.fail_locally(error)
+            # welcome (repeated) and anything else harmless are ignored
 
     # -------------------------------------------------- futures bookkeeping --
 
@@ -393,7 +432,8 @@ class AsyncClient:
                 self._lineage.forget(key, self.futures.__contains__)
         if released and self._conn is not None and self.status == "running":
             try:
-                self._conn.send({"op": "release_keys", "keys": released})
+                for start in range(0, len(released), KEYS_SLICE):
+                    self._conn.send(m.ReleaseKeys(keys=released[start : start + KEYS_SLICE]))
             except CommClosedError:
                 pass
 
@@ -465,9 +505,9 @@ class AsyncClient:
         retries: int,
         workers: str | Iterable[str] | None,
         prefix: str | None = None,
-    ) -> list[tuple[dict, Future]]:
-        if not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be a non-negative int, got {retries!r}")
+    ) -> list[tuple[m.TaskWire, Future]]:
+        if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= m.MAX_RETRIES:
+            raise ValueError(f"retries must be an int between 0 and {m.MAX_RETRIES}, got {retries!r}")
         if isinstance(workers, str):
             workers = [workers]
         restrictions = None if workers is None else [str(w) for w in workers]
@@ -497,24 +537,19 @@ class AsyncClient:
                     key = f"{name}-{digest.hexdigest()}"
                 else:
                     key = f"{name}-{self._random_hex()}"
-            self._register_function(used)
-            task = {
-                "key": key,
-                "function_id": used.function_id,
-                "args": payload,
-                "dependencies": list(dependencies),
-                "retries": retries,
-                "workers": restrictions,
-            }
+            task = m.TaskWire(
+                key=key,
+                function_id=used.function_id,
+                args=payload,
+                dependencies=list(dependencies),
+                retries=retries,
+                workers=restrictions,
+                scattered=False,
+            )
             future = self._future(key)
             self._lineage.remember(task, used)
             prepared.append((task, future))
         return prepared
-
-    def _register_function(self, function: SerializedFunction) -> None:
-        """Queue `function` to go with the next submit, unless already sent."""
-        if function.function_id not in self._functions_sent:
-            self._pending_functions[function.function_id] = function.payload
 
     def _admit(self, n_tasks: int) -> None:
         """Refuse `n_tasks` new tasks now, before any future or lineage
@@ -534,17 +569,14 @@ class AsyncClient:
         else:
             self._require_connection()
 
-    def _send_tasks(self, tasks: list[dict], wanted: list[str]) -> None:
+    def _send_tasks(self, tasks: list[m.TaskWire], wanted: list[str]) -> None:
         """Send new tasks (admitted by `_admit`), or, while the scheduler is
         away, keep them in the lineage for the resubmission."""
         if self.status == "reconnecting":
             self._queued_while_away += len(tasks)
             return
         conn = self._require_connection()
-        functions = dict(self._pending_functions)
-        self._pending_functions.clear()
-        self._functions_sent.update(functions)
-        for message in submit_messages(tasks, functions, wanted):
+        for message in submit_messages(tasks, self._lineage.functions, wanted):
             conn.send(message)
 
     def _require_connection(self) -> Connection:
@@ -641,12 +673,16 @@ class AsyncClient:
         unsendable: list[str] = []
 
         async def fetch_from(worker: str, group: list[FutureState]) -> None:
+            data: dict[str, Serialized] = {}
+            errors: dict[str, str] = {}
+            keys = [s.key for s in group]
             try:
-                answer = await self._pool.call(worker, {"op": "get_data", "keys": [s.key for s in group]})
-                data = str_map(answer, "data", Serialized)
-                errors = str_map(answer, "errors", str)
+                for start in range(0, len(keys), GET_DATA_SLICE):
+                    answer = await self._pool.call(worker, m.GetData(keys=keys[start : start + GET_DATA_SLICE]))
+                    data.update(answer.data)
+                    errors.update(answer.errors)
             except (CommClosedError, RequestFailed, ProtocolError):
-                data, errors = {}, {}
+                pass  # what did not come is asked for again below
             for state in group:
                 if state.key in errors:
                     unsendable.append(errors[state.key])
@@ -683,14 +719,17 @@ class AsyncClient:
             for state in states:
                 holder = failed.get(state.key)
                 if holder is not None:
-                    conn.send({"op": "missing_data", "key": state.key, "holders": [holder]})
+                    conn.send(m.MissingData(key=state.key, holders=[holder]))
             assert self._requests is not None
+            keys = list(asked)
+            who_has: dict[str, list[str]] = {}
             try:
-                answer = await self._requests.call({"op": "who_has", "keys": list(asked)})
+                for start in range(0, len(keys), KEYS_SLICE):
+                    answer = await self._requests.call(m.WhoHas(keys=keys[start : start + KEYS_SLICE]))
+                    who_has.update(answer.who_has)
                 break
             except CommClosedError:
                 continue  # the scheduler went away meanwhile: wait for the next one
-        who_has = answer.get("who_has", {})
         for state in states:
             if state.version != asked[state.key] or state.status != FINISHED:
                 continue  # newer news arrived meanwhile
@@ -704,14 +743,14 @@ class AsyncClient:
 
     # ------------------------------------------------------- other requests --
 
-    async def _request(self, message: dict[str, Any]) -> dict[str, Any]:
+    async def _request(self, message: m.Message) -> Any:
         """Ask the scheduler; waits up to connect_timeout for a reconnect first."""
         await self._connection(self.config.connect_timeout)
         assert self._requests is not None
         try:
             return await self._requests.call(message)
         except RequestFailed as exc:
-            raise RuntimeError(f"the scheduler refused {message['op']!r}: {exc}") from None
+            raise RuntimeError(f"the scheduler refused {message.OP!r}: {exc}") from None
 
     async def scatter(self, data: Any, broadcast: bool = False, timeout: float | None = None) -> Any:
         """Put local data on the cluster; return futures for it.
@@ -740,9 +779,9 @@ class AsyncClient:
             keys.append(key)
         futures = {key: self._future(key) for key in keys}
         for key in keys:
-            self._lineage.remember({"key": key, "scattered": True}, None)
+            self._lineage.remember(m.TaskWire(key=key, scattered=True), None)
         with _timeout(timeout):
-            await self._request({"op": "scatter", "data": payloads, "broadcast": broadcast})
+            await self._request(m.Scatter(data=payloads, broadcast=broadcast))
         if isinstance(data, Mapping):
             return {key: futures[key] for key in keys}
         if isinstance(data, (list, tuple)):
@@ -765,7 +804,9 @@ class AsyncClient:
         if keys and self._conn is not None:
             # (While reconnecting there is nothing to send: cancelled keys are
             # left out of the resubmission.)
-            self._conn.send({"op": "cancel_keys", "keys": keys, "reason": reason})
+            reason = clip_text(reason, m.MAX_REASON_CHARS)
+            for start in range(0, len(keys), KEYS_SLICE):
+                self._conn.send(m.CancelKeys(keys=keys[start : start + KEYS_SLICE], reason=reason))
 
     async def run(self, function: Callable[[], Any]) -> dict[str, Any]:
         """Call ``function()`` on every worker; return ``{worker_address: result}``.
@@ -773,15 +814,15 @@ class AsyncClient:
         Raises:
             Exception: the first exception a worker's call raised.
         """
-        answer = await self._request({"op": "run", "function": dumps(function)})
+        answer = await self._request(m.RunEverywhere(function=dumps(function)))
         results = {}
-        for address, outcome in sorted(answer.get("results", {}).items()):
-            if "result" in outcome:
-                results[address] = loads(outcome["result"])
-            elif "failure" in outcome:
-                raise failure_to_exception(failure_from_wire(outcome["failure"]))
+        for address, outcome in sorted(answer.results.items()):
+            if outcome.result is not None:
+                results[address] = loads(outcome.result)
+            elif outcome.failure is not None:
+                raise failure_to_exception(failure_from_wire(outcome.failure))
             else:
-                raise CommClosedError(f"worker {address}: {outcome.get('error')}")
+                raise CommClosedError(f"worker {address}: {outcome.error}")
         return results
 
     async def replicate(self, futures: Any, n: int = 2) -> None:
@@ -793,7 +834,9 @@ class AsyncClient:
         """
         found: dict[str, None] = {}
         replace_futures(futures, _is_future, found)
-        await self._request({"op": "replicate", "keys": list(found), "n": n})
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= m.MAX_WORKERS:
+            raise ValueError(f"n must be an int between 1 and {m.MAX_WORKERS}, got {n!r}")
+        await self._request(m.Replicate(keys=list(found), n=n))
 
     async def restart(self, timeout: float | None = None) -> None:
         """Kill every worker and start it again through its nanny.
@@ -807,8 +850,10 @@ class AsyncClient:
                 (default `Config.restart_timeout`) seconds.
         """
         wait = self.config.restart_timeout if timeout is None else timeout
+        if not 0 < wait <= m.MAX_TIMEOUT_S:
+            raise ValueError(f"timeout must be between 0 and {m.MAX_TIMEOUT_S:g} s, got {wait!r}")
         with _timeout(wait + self.config.connect_timeout):
-            await self._request({"op": "restart", "timeout": wait})
+            await self._request(m.Restart(timeout=wait))
 
     async def who_has(self, futures: Any = None) -> dict[str, list[str]]:
         """``{key: [worker addresses]}`` for `futures` (all keys if None)."""
@@ -817,24 +862,32 @@ class AsyncClient:
             found: dict[str, None] = {}
             replace_futures(futures, _is_future, found)
             keys = list(found)
-        return (await self._request({"op": "who_has", "keys": keys}))["who_has"]
+        return (await self._request(m.WhoHas(keys=keys))).who_has
 
     async def has_what(self) -> dict[str, list[str]]:
         """``{worker address: [keys it holds]}``."""
-        return (await self._request({"op": "has_what"}))["has_what"]
+        return (await self._request(m.HasWhat())).has_what
 
     async def nthreads(self) -> dict[str, int]:
         """``{worker address: number of threads}``."""
-        return (await self._request({"op": "nthreads"}))["nthreads"]
+        return (await self._request(m.NThreads())).nthreads
 
     async def scheduler_info(self) -> dict[str, Any]:
-        """The scheduler's address, its workers and its task counts."""
-        return (await self._request({"op": "scheduler_info"}))["info"]
+        """The scheduler's address, its workers and its task counts (a dict)."""
+        info = (await self._request(m.GetSchedulerInfo())).info
+        return {
+            "address": info.address,
+            "workers": {address: dict(w.__dict__) for address, w in info.workers.items()},
+            "tasks": info.tasks,
+            "clients": info.clients,
+        }
 
     async def wait_for_workers(self, n: int, timeout: float | None = None) -> None:
         """Return once at least `n` workers are connected."""
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= m.MAX_WORKERS:
+            raise ValueError(f"n must be an int between 1 and {m.MAX_WORKERS}, got {n!r}")
         with _timeout(timeout):
-            await self._request({"op": "wait_for_workers", "n": n})
+            await self._request(m.WaitForWorkers(n=n))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} {self.scheduler_address} {self.status}>"
@@ -859,22 +912,20 @@ class _timeout:
         return handled
 
 
-def submit_messages(tasks: list[dict], functions: dict[str, bytes], wanted: Iterable[str]):
+def submit_messages(tasks: list[m.TaskWire], functions: Mapping[str, Serialized], wanted: Iterable[str]):
     """`submit` messages for `tasks`, at most `SUBMIT_SLICE` tasks each.
 
     The scheduler handles one message at a time, so slices keep each of
     those steps short. A wanted key travels with its own task (the
-    scheduler ignores wants of keys it has not seen yet).
+    scheduler ignores wants of keys it has not seen yet). Each message
+    carries the functions its tasks call (the scheduler keeps a function
+    only while tasks refer to it, so it cannot be sent once for all time).
     """
     wanted_keys = set(wanted)
     for start in range(0, max(len(tasks), 1), SUBMIT_SLICE):
         part = tasks[start : start + SUBMIT_SLICE]
-        yield {
-            "op": "submit",
-            "tasks": part,
-            "functions": functions if start == 0 else {},
-            "wanted": [t["key"] for t in part if t["key"] in wanted_keys],
-        }
+        used = {t.function_id: functions[t.function_id] for t in part if t.function_id in functions}
+        yield m.Submit(tasks=part, functions=used, wanted=[t.key for t in part if t.key in wanted_keys])
 
 
 def _function_name(fn: Any) -> str:

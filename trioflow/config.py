@@ -62,13 +62,34 @@ class Config:
     """Seconds a scheduler keeps values re-registered by workers that no
     client has claimed (after a restart) before freeing them."""
 
+    handshake_timeout: float = 5.0
+    """Seconds a new connection has to say hello before it is closed."""
+    idle_timeout: float = 60.0
+    """Seconds a connection may stay silent after its hello before the
+    server closes it. Workers and clients send heartbeats, so only a peer
+    that has gone quiet (or stopped talking trioflow) is dropped."""
+    min_transfer_rate: float = 65_536.0
+    """Bytes per second a batch must keep up once it has begun; a peer that
+    trickles bytes slower than this loses its connection."""
+    max_connections: int = 1_024
+    """Connections one server process holds at once; more are closed on arrival."""
+
     # -- wire limits (checked before anything is allocated) ---------------
     max_frame_bytes: int = 1 << 30
-    """Largest single frame accepted from a peer, in bytes."""
+    """Largest single buffer frame (a value's bytes) accepted from a peer, in bytes."""
+    max_body_bytes: int = 4 << 20
+    """Largest msgpack body (frame 0: the messages of one batch), in bytes.
+    Kept small because decoding it holds the event loop: 4 MiB decode in
+    tens of milliseconds, whatever they hold."""
     max_frames_per_batch: int = 65_536
     """Most frames one batch may announce."""
     max_messages_per_batch: int = 1_000_000
     """Most messages (and msgpack array/map entries) one batch may hold."""
+    max_connection_bytes: int = 2 << 30
+    """Most bytes one batch may announce: a connection's budget of bytes in flight."""
+    max_process_bytes: int = 4 << 30
+    """Bytes in flight across all the connections of one process: a batch
+    waits for its share before its frames are read."""
 
     # -- scheduling --------------------------------------------------------
     worker_saturation: float = 64.0

@@ -16,21 +16,20 @@ because the references are keys, not objects.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
-
-from trioflow.comm.serialize import SerializedFunction
+from trioflow.comm.messages import TaskWire
+from trioflow.comm.serialize import Serialized, SerializedFunction
 
 
 class Lineage:
     """The task messages (and functions) needed to rebuild held keys."""
 
     def __init__(self) -> None:
-        # key -> the task message as first submitted, in submission order
-        # (inputs before dependents, which is the order a resubmission needs).
-        self.tasks: dict[str, dict[str, Any]] = {}
+        # key -> the task as first submitted, in submission order (inputs
+        # before dependents, which is the order a resubmission needs).
+        self.tasks: dict[str, TaskWire] = {}
         # key -> how many kept tasks list it as a dependency
         self._dependents: dict[str, int] = {}
-        self.functions: dict[str, bytes] = {}
+        self.functions: dict[str, Serialized] = {}
         self._function_users: dict[str, int] = {}
 
     def __bool__(self) -> bool:
@@ -39,13 +38,13 @@ class Lineage:
     def __len__(self) -> int:
         return len(self.tasks)
 
-    def remember(self, task: dict[str, Any], function: SerializedFunction | None) -> None:
-        """Keep `task` (a `submit` task message, or ``{key, scattered: True}``)."""
-        key = task["key"]
+    def remember(self, task: TaskWire, function: SerializedFunction | None) -> None:
+        """Keep `task` (a task of a `submit`, or scattered data)."""
+        key = task.key
         if key in self.tasks:
             return
         self.tasks[key] = task
-        for dep in task.get("dependencies", ()):
+        for dep in task.dependencies:
             self._dependents[dep] = self._dependents.get(dep, 0) + 1
         if function is not None:
             self.functions[function.function_id] = function.payload
@@ -63,12 +62,12 @@ class Lineage:
                 continue
             task = self.tasks.pop(key)
             self._dependents.pop(key, None)
-            function_id = task.get("function_id")
+            function_id = task.function_id
             if function_id is not None:
                 self._function_users[function_id] -= 1
                 if not self._function_users[function_id]:
                     del self._function_users[function_id]
                     del self.functions[function_id]
-            for dep in task.get("dependencies", ()):
+            for dep in task.dependencies:
                 self._dependents[dep] -= 1
                 stack.append(dep)

@@ -36,13 +36,16 @@ from typing import Protocol
 import trio
 
 from trioflow.comm import (
+    ConnectionGate,
     FrameLimits,
     Network,
     TCPNetwork,
+    clip,
     expect_hello,
     open_connection,
     reply,
 )
+from trioflow.comm import messages as m
 from trioflow.backoff import Backoff
 from trioflow.config import Config
 from trioflow.errors import CommClosedError, ProtocolError
@@ -182,6 +185,7 @@ class Nanny:
         self._launched = trio.Event()
         self._scope: trio.CancelScope | None = None
         self.closed = trio.Event()
+        self._gate = ConnectionGate(self.config.max_connections, "a nanny's control port")
 
     @property
     def worker_pid(self) -> int | None:
@@ -292,22 +296,42 @@ class Nanny:
 
     async def _serve_control(self, stream: trio.abc.Stream) -> None:
         """The control port: the scheduler asks for a restart here."""
-        async with open_connection(stream, FrameLimits.from_config(self.config), peer="control") as conn:
-            try:
-                _, batch = await expect_hello(conn, self.config.connect_timeout, frozenset({"control"}))
-                while True:
-                    for message in batch:
-                        if message["op"] != "restart_worker":
-                            raise ProtocolError(f"unknown op {message['op']!r} on a nanny's control port")
-                        launched = self._launched
-                        self.request_restart()
-                        await launched.wait()
-                        reply(conn, message, pid=self.worker_pid)
-                    batch = await conn.receive()
-            except CommClosedError:
-                pass
-            except ProtocolError as exc:
-                logger.warning("closing control connection: %s", exc)
+        if not self._gate.try_enter():
+            await stream.aclose()
+            return
+        try:
+            async with open_connection(
+                stream,
+                FrameLimits.before_hello(),
+                peer="control",
+                inbound=m.HELLO,
+                send_limits=FrameLimits.from_config(self.config),
+                min_transfer_rate=self.config.min_transfer_rate,
+            ) as conn:
+                try:
+                    await expect_hello(
+                        conn,
+                        self.config.handshake_timeout,
+                        {"control": m.SCHEDULER_TO_NANNY},
+                        "a trioflow nanny's control port",
+                        FrameLimits.from_config(self.config),
+                    )
+                    conn.idle_timeout = self.config.idle_timeout
+                    while True:
+                        for request in await conn.receive():
+                            if isinstance(request, m.Invalid):
+                                reply(conn, request, error=request.reason)
+                                continue
+                            launched = self._launched
+                            self.request_restart()
+                            await launched.wait()
+                            reply(conn, request, m.PidReply(pid=self.worker_pid))
+                except CommClosedError:
+                    pass
+                except ProtocolError as exc:
+                    logger.warning("closing control connection: %s", clip(str(exc), 300))
+        finally:
+            self._gate.leave()
 
 
 def parse_memory(text: str) -> int | None:

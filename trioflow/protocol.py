@@ -16,7 +16,18 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from trioflow.comm.serialize import Serialized, dumps, loads
+from trioflow.comm.messages import (
+    INLINE_VALUE_BYTES,
+    MAX_NAME_CHARS,
+    MAX_REASON_CHARS,
+    MAX_TEXT_CHARS,
+    CancelledFailure,
+    KilledWorkerFailure,
+    LostDataFailure,
+    UserFailure,
+)
+from trioflow.comm.schema import Record
+from trioflow.comm.serialize import Serialized, SerializedFunction, dumps, loads
 from trioflow.core.failures import (
     Cancelled,
     DataLost,
@@ -28,15 +39,10 @@ from trioflow.errors import (
     CancelledError,
     KilledWorker,
     LostData,
-    ProtocolError,
     RemoteTraceback,
     SerializationError,
 )
 
-
-# Results this small (pickled) travel with the "finished" reports, so a
-# client gets them without a round trip to the worker.
-INLINE_VALUE_BYTES = 1024
 
 
 class TaskRef:
@@ -55,19 +61,22 @@ class TaskRef:
 
 
 class RunSpec:
-    """A task as the scheduler stores it: a function id and pickled arguments.
+    """A task as the scheduler stores it: its function and pickled arguments.
 
-    `function` is the pickled function (shared by every task that uses it);
-    the scheduler sends it to a worker only the first time that worker needs
-    that `function_id`.
+    `function` is shared by every task that calls it (the scheduler keeps
+    one `SerializedFunction` per id while any task refers to it); the
+    scheduler sends it to a worker only while that worker lacks the id.
     """
 
-    __slots__ = ("function_id", "function", "args")
+    __slots__ = ("function", "args")
 
-    def __init__(self, function_id: str, function: Any, args: Serialized):
-        self.function_id = function_id
+    def __init__(self, function: SerializedFunction, args: Serialized):
         self.function = function
         self.args = args
+
+    @property
+    def function_id(self) -> str:
+        return self.function.function_id
 
 
 # ------------------------------------------------------------ arguments --
@@ -171,49 +180,44 @@ def _qualname(kind: type) -> str:
     return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
 
 
-def failure_to_wire(failure: TaskFailure) -> dict[str, Any]:
+def failure_to_wire(failure: TaskFailure) -> Record:
+    """The record a failure travels as (one of `messages.FAILURE`)."""
     if isinstance(failure, UserError):
-        return {
-            "kind": "user",
-            "exception": failure.exception,
-            "type_name": failure.type_name,
-            "message": failure.message,
-            "traceback": failure.traceback,
-        }
+        return UserFailure(
+            exception=failure.exception,
+            type_name=clip_text(failure.type_name, MAX_NAME_CHARS),
+            message=clip_text(failure.message, MAX_TEXT_CHARS),
+            traceback=clip_text(failure.traceback, MAX_TEXT_CHARS, keep="end"),
+        )
     if isinstance(failure, WorkerDeaths):
-        return {
-            "kind": "killed_worker",
-            "key": failure.key,
-            "deaths": failure.deaths,
-            "last_worker": failure.last_worker,
-        }
+        return KilledWorkerFailure(key=failure.key, deaths=failure.deaths, last_worker=failure.last_worker)
     if isinstance(failure, DataLost):
-        return {"kind": "lost_data", "key": failure.key}
+        return LostDataFailure(key=failure.key)
     if isinstance(failure, Cancelled):
-        return {"kind": "cancelled", "reason": failure.reason}
+        return CancelledFailure(reason=clip_text(failure.reason, MAX_REASON_CHARS))
     raise TypeError(f"not a task failure: {failure!r}")
 
 
-def user_error_from_wire(wire: Mapping[str, Any]) -> UserError:
-    return UserError(
-        wire.get("exception"),
-        str(wire.get("type_name", "Exception")),
-        str(wire.get("message", "")),
-        str(wire.get("traceback", "")),
-    )
+def failure_from_wire(wire: Record) -> TaskFailure:
+    """The core's failure for a record checked by `messages.FAILURE`."""
+    if isinstance(wire, UserFailure):
+        return UserError(wire.exception, wire.type_name, wire.message, wire.traceback)
+    if isinstance(wire, KilledWorkerFailure):
+        return WorkerDeaths(wire.key, wire.deaths, wire.last_worker)
+    if isinstance(wire, LostDataFailure):
+        return DataLost(wire.key)
+    if isinstance(wire, CancelledFailure):
+        return Cancelled(wire.reason)
+    raise TypeError(f"not a failure record: {wire!r}")
 
 
-def failure_from_wire(wire: Mapping[str, Any]) -> TaskFailure:
-    kind = wire.get("kind")
-    if kind == "user":
-        return user_error_from_wire(wire)
-    if kind == "killed_worker":
-        return WorkerDeaths(str(wire["key"]), int(wire["deaths"]), str(wire["last_worker"]))
-    if kind == "lost_data":
-        return DataLost(str(wire["key"]))
-    if kind == "cancelled":
-        return Cancelled(str(wire["reason"]))
-    raise ValueError(f"unknown failure kind {kind!r}")
+def clip_text(text: str, limit: int, keep: str = "start") -> str:
+    """`text` within `limit` characters (a traceback keeps its end, where the error is)."""
+    if len(text) <= limit:
+        return text
+    marker = f"...[{len(text) - limit + 40} characters cut]..."
+    room = limit - len(marker)
+    return marker + text[-room:] if keep == "end" else text[:room] + marker
 
 
 def failure_to_exception(failure: TaskFailure) -> BaseException:
@@ -248,48 +252,3 @@ def sizeof(value: Any) -> int:
         return sys.getsizeof(value)
     except Exception:
         return 64
-
-
-# ------------------------------------------------- checking what arrives --
-
-
-def _where(message: Mapping[str, Any]) -> str:
-    op = message.get("op")
-    return f"{op!r} message" if op is not None else "a nested map"
-
-
-def field(message: Mapping[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
-    """``message[name]``, checked to be a `kind`.
-
-    Peers are not trusted: a missing or mistyped field raises `ProtocolError`
-    naming the op and the field, and the caller closes that one connection.
-    """
-    if name not in message:
-        if default is not ...:
-            return default
-        raise ProtocolError(f"{_where(message)} lacks field {name!r}")
-    value = message[name]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ProtocolError(
-            f"{_where(message)}: field {name!r} must be {expected}, got {type(value).__name__}"
-        )
-    return value
-
-
-def str_list(message: Mapping[str, Any], name: str) -> list[str]:
-    """A field that must be a list of strings (keys, addresses)."""
-    values = field(message, name, list)
-    for value in values:
-        if not isinstance(value, str):
-            raise ProtocolError(f"{_where(message)}: {name!r} must hold strings")
-    return values
-
-
-def str_map(message: Mapping[str, Any], name: str, value_kind: type | tuple[type, ...]) -> dict[str, Any]:
-    """A field that must be a map from strings to `value_kind`."""
-    values = field(message, name, dict)
-    for key, value in values.items():
-        if not isinstance(key, str) or not isinstance(value, value_kind):
-            raise ProtocolError(f"{_where(message)}: {name!r} has a bad entry for {key!r}")
-    return values

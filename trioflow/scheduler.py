@@ -9,13 +9,24 @@ What this file does, and nothing more:
   deadline passes, the reader is cancelled and the worker is declared gone
   through the same path as a closed connection (design.md §1, "worker
   hangs");
-* turns messages into core events and core messages into wire messages.
+* turns typed messages into core events and core messages into typed
+  messages (`trioflow.comm.messages` declares them all), through one
+  dispatch table per role.
 
 One driver task (`_drive`) owns the core. Readers hand it what they receive
 through a memory channel, so the core is never touched from two places and
 needs no lock; exchanges that must wait on other peers (`scatter` puts data
-on workers, `run` calls every worker) run as their own tasks and come back
-to the driver through the same channel.
+on workers, `run` calls every worker) run as their own tasks
+(`scheduler_exchanges`) and come back to the driver through the same
+channel.
+
+A peer can hurt only its own connection (design.md §6 rule 5): whatever it
+sends is checked at the edge (`Connection.receive`), a message that breaks
+its declaration closes that connection (a request gets an error reply
+instead), a submission that cannot be run (a cycle, an unknown function)
+is refused with `submit_refused`, and a reader whose peer floods the
+driver waits for it to catch up (`MAX_UNHANDLED`) without that wait
+counting against the peer's liveness.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -30,18 +42,22 @@ import trio
 
 from trioflow import scheduler_exchanges as exchanges
 from trioflow.comm import (
+    ByteBudget,
     Connection,
+    ConnectionGate,
     ConnectionPool,
     FrameLimits,
     Network,
     Requests,
     TCPNetwork,
+    clip,
     expect_hello,
     open_connection,
     open_connection_pool,
     reply,
 )
-from trioflow.comm.serialize import Serialized
+from trioflow.comm import messages as m
+from trioflow.comm.serialize import Serialized, SerializedFunction, verify_function
 from trioflow.config import Config
 from trioflow.core import SchedulerState
 from trioflow.core.scheduler_events import (
@@ -73,36 +89,41 @@ from trioflow.core.scheduler_events import (
     WorkerConnected,
     WorkerDisconnected,
 )
-from trioflow.errors import CommClosedError, ProtocolError
-from trioflow.protocol import (
-    RunSpec,
-    failure_to_wire,
-    field,
-    str_list,
-    str_map,
-    user_error_from_wire,
-)
+from trioflow.errors import CommClosedError, ProtocolError, SerializationError
+from trioflow.protocol import RunSpec, failure_from_wire, failure_to_wire
 
 logger = logging.getLogger("trioflow.scheduler")
 
 # Most messages of one batch the driver handles before yielding to other tasks.
 DRIVER_SLICE = 64
+# Messages a connection may have waiting for the driver before its reader
+# stops reading (backpressure: a flood waits in the peer's socket, not in
+# our memory).
+MAX_UNHANDLED = 50_000
+# Keys a worker may list as held or running when it registers.
+MAX_REGISTERED_KEYS = 10_000_000
 
 
 class _Link:
     """One accepted connection and the reader task serving it."""
 
-    def __init__(self, conn: Connection, name: str):
+    def __init__(self, conn: Connection, name: str, outbound: str):
         self.conn = conn
         self.name = name
-        self.requests = Requests(conn)
+        self.requests = Requests(conn, outbound)
         # Cancelling this ends the reader (and so the connection).
         self.scope = trio.CancelScope()
         self.close_reason: str | None = None
         # Set once the driver has sent the welcome (nothing may precede it).
         self.welcomed = False
+        # Messages posted to the driver and not yet handled (backpressure).
+        self.unhandled = 0
+        self.caught_up = trio.Event()
+        # Exchanges this connection asked for (`run`, `wait_for_workers`...):
+        # they end with it.
+        self.exchanges: trio.Nursery | None = None
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: m.Message) -> None:
         """Queue `message`; a closed link is ignored (its departure is on its way)."""
         try:
             self.conn.send(message)
@@ -115,31 +136,52 @@ class _Link:
 
 
 class WorkerLink(_Link):
-    def __init__(
-        self, conn: Connection, address: str, nthreads: int, pid: int | None, nanny: str | None
-    ):
-        super().__init__(conn, address)
-        self.address = address
-        self.nthreads = nthreads
+    def __init__(self, conn: Connection, hello: m.Hello, serial: int):
+        super().__init__(conn, hello.address, m.SCHEDULER_TO_WORKER)
+        self.address: str = hello.address
+        self.nthreads: int = hello.nthreads
         # The worker's process id, for operators (and tests that kill it).
-        self.pid = pid
+        self.pid = hello.pid
         # The control address of its nanny (None: no nanny, no restarts).
-        self.nanny = nanny
-        # Function ids this worker has been sent (it caches them per connection).
-        self.functions_sent: set[str] = set()
-        self.last_heartbeat: dict[str, Any] = {}
-        # True when the scheduler itself asked it to leave (not a failure).
+        self.nanny = hello.nanny
+        # Registration number: later registrations have larger ones.
+        self.serial = serial
+        self.last_heartbeat: dict[str, float] = {}
+        # True when the worker said goodbye or was asked to leave.
         self.retiring = False
+        # The worker's function cache, mirrored: which function each task
+        # sent there calls, and how many such tasks there are per function.
+        # When the count drops to zero the worker is told to drop it, and
+        # the next task that needs it carries it again. Messages on one
+        # connection are ordered, so both sides always agree.
+        self.task_functions: dict[str, str] = {}
+        self.function_users: dict[str, int] = {}
+
+    def task_done(self, key: str) -> str | None:
+        """`key` left this worker; the function id it no longer needs, if any."""
+        function_id = self.task_functions.pop(key, None)
+        if function_id is None:
+            return None
+        left = self.function_users[function_id] - 1
+        if left:
+            self.function_users[function_id] = left
+            return None
+        del self.function_users[function_id]
+        return function_id
 
 
 class ClientLink(_Link):
     def __init__(self, conn: Connection, client_id: str):
-        super().__init__(conn, client_id)
+        super().__init__(conn, client_id, m.CLIENT_TO_SCHEDULER)
         self.client_id = client_id
         # A reconnecting client's messages wait here until this time (the
         # recovery grace); -inf when they are handled at once.
         self.held_until = -math.inf
-        self.backlog: list[dict] = []
+        self.held_back: list[m.Message] = []
+
+
+class _Refusal(Exception):
+    """A submission the scheduler will not take (the text says why)."""
 
 
 class Scheduler:
@@ -162,10 +204,13 @@ class Scheduler:
         network: Network | None = None,
     ):
         self.config = config or Config.from_env()
+        self.restart_timeout = self.config.restart_timeout
         self.network = network or TCPNetwork()
         self.host = host
         self.port = port
         self.limits = FrameLimits.from_config(self.config)
+        self.budget = ByteBudget(self.config.max_process_bytes)
+        self.gate = ConnectionGate(self.config.max_connections, "the scheduler")
         self.state = SchedulerState(
             allowed_failures=self.config.allowed_failures,
             worker_saturation=self.config.worker_saturation,
@@ -173,10 +218,12 @@ class Scheduler:
         self.address: str | None = None
         self.workers: dict[str, WorkerLink] = {}
         self.clients: dict[str, ClientLink] = {}
-        # function_id -> pickled function, shared by every task that uses it.
-        self.functions: dict[str, bytes] = {}
+        # function_id -> the function, while any task refers to it (tasks
+        # hold it through their RunSpec; this only finds it by id).
+        self.functions: weakref.WeakValueDictionary[str, SerializedFunction] = weakref.WeakValueDictionary()
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[Callable, tuple]](math.inf)
         self._stimulus_ids = itertools.count()
+        self._serials = itertools.count(1)
         self._membership_changed = trio.Event()
         # Set after every state change for tasks waiting on a condition
         # (replication, restarts); None while nobody waits.
@@ -187,36 +234,38 @@ class Scheduler:
         # Set `recovery_grace` after the start: from then on a reconnecting
         # client's lineage is handled at once.
         self._recovery_over = False
-        # free_keys messages held back per worker until `_apply` ends.
+        # free_keys and free_functions held back per worker until `_apply` ends.
         self._frees: dict[str, list[str]] = {}
+        self._function_frees: dict[str, list[str]] = {}
         # Small results that came with the task_finished being applied.
         self._inline_values: dict[str, Serialized] = {}
-        self._worker_ops: dict[str, Callable[[WorkerLink, dict], SchedulerEvent | None]] = {
-            "task_started": self._worker_task_started,
-            "task_finished": self._worker_task_finished,
-            "task_erred": self._worker_task_erred,
-            "replica_added": self._worker_replica_added,
-            "replica_missing": self._worker_replica_missing,
-            "goodbye": self._worker_goodbye,
-            # Heartbeats are answered by the reader; this is for one that came
-            # with the hello, answered by the driver after the welcome.
-            "heartbeat": self._worker_heartbeat,
-            "data_dropped": self._worker_data_dropped,
+        self._worker_handlers: dict[type, Callable[[WorkerLink, Any], SchedulerEvent | None]] = {
+            m.TaskStarted: self._on_task_started,
+            m.TaskFinished: self._on_task_finished,
+            m.TaskErred: self._on_task_erred,
+            m.ReplicaAdded: self._on_replica_added,
+            m.ReplicaMissing: self._on_replica_missing,
+            m.DataDropped: self._on_data_dropped,
+            m.Goodbye: self._on_goodbye,
+            # Heartbeats are answered by the reader; one that overtakes the
+            # welcome on its way to the driver is answered here.
+            m.Heartbeat: self._on_heartbeat,
         }
-        self._client_ops: dict[str, Callable[[ClientLink, dict], None]] = {
-            "submit": self._client_submit,
-            "release_keys": self._client_release_keys,
-            "cancel_keys": self._client_cancel_keys,
-            "missing_data": self._client_missing_data,
-            "scatter": self._client_scatter,
-            "run": self._client_run,
-            "who_has": self._client_who_has,
-            "has_what": self._client_has_what,
-            "nthreads": self._client_nthreads,
-            "scheduler_info": self._client_scheduler_info,
-            "wait_for_workers": self._client_wait_for_workers,
-            "replicate": self._client_replicate,
-            "restart": self._client_restart,
+        self._client_handlers: dict[type, Callable[[ClientLink, Any], None]] = {
+            m.Submit: self._on_submit,
+            m.ReleaseKeys: self._on_release_keys,
+            m.CancelKeys: self._on_cancel_keys,
+            m.MissingData: self._on_missing_data,
+            m.Scatter: self._on_scatter,
+            m.RunEverywhere: self._on_run,
+            m.WhoHas: self._on_who_has,
+            m.HasWhat: self._on_has_what,
+            m.NThreads: self._on_nthreads,
+            m.GetSchedulerInfo: self._on_scheduler_info,
+            m.WaitForWorkers: self._on_wait_for_workers,
+            m.Replicate: self._on_replicate,
+            m.Restart: self._on_restart,
+            m.Invalid: self._on_invalid,
         }
 
     # -------------------------------------------------------------- serve --
@@ -230,7 +279,13 @@ class Scheduler:
         theirs to decide).
         """
         async with open_connection_pool(
-            self.network, self.limits, role="control", connect_timeout=self.config.connect_timeout
+            self.network,
+            self.limits,
+            role="control",
+            connect_timeout=self.config.connect_timeout,
+            peer_timeout=self.config.restart_timeout,
+            idle_timeout=self.config.idle_timeout,
+            budget=self.budget,
         ) as self._pool, trio.open_nursery() as nursery:
             self._nursery = nursery
             self._started_at = trio.current_time()
@@ -247,47 +302,83 @@ class Scheduler:
         while len(self.state.workers) < n:
             await self._membership_changed.wait()
 
-    async def _wait_for_state(self, condition: Callable[[], bool]) -> None:
+    async def wait_for(self, condition: Callable[[], bool]) -> None:
         """Return once `condition()` holds, re-checking after each state change."""
         while not condition():
             if self._state_changed is None:
                 self._state_changed = trio.Event()
             await self._state_changed.wait()
 
-    # ------------------------------------------------------------ readers --
+    # --------------------------------------------------- connections: edge --
 
     async def _serve_stream(self, stream: trio.abc.Stream) -> None:
-        async with open_connection(stream, self.limits, peer="new connection") as conn:
-            try:
-                hello, first = await expect_hello(
-                    conn, self.config.connect_timeout, frozenset({"worker", "client"})
-                )
-                if hello["role"] == "worker":
-                    link: _Link = WorkerLink(
-                        conn,
-                        field(hello, "address", str),
-                        field(hello, "nthreads", int),
-                        field(hello, "pid", (int, type(None)), None),
-                        field(hello, "nanny", (str, type(None)), None),
-                    )
-                    if link.nthreads < 1:
-                        raise ProtocolError("a worker needs at least one thread")
-                    held = str_map(hello, "held", int)
-                    running = tuple(str_list(hello, "running")) if "running" in hello else ()
-                else:
-                    link = ClientLink(conn, field(hello, "client_id", str))
-                    held, running = {}, ()
-                    if field(hello, "recovering", bool, False) and not self._recovery_over:
-                        # Lineage from before a scheduler restart: hold it back
-                        # until surviving workers have had time to re-register.
-                        link.held_until = self._started_at + self.config.recovery_grace
-            except (ProtocolError, CommClosedError) as exc:
-                logger.warning("closing connection before hello completed: %s", exc)
-                return
-            conn.peer = link.name
-            self._post(self._joined, link, held, running, first)
-            reason = await self._read(link)
-            self._post(self._left, link, reason)
+        if not self.gate.try_enter():
+            await stream.aclose()
+            return
+        try:
+            async with open_connection(
+                stream,
+                FrameLimits.before_hello(),
+                peer="new connection",
+                inbound=m.HELLO,
+                budget=self.budget,
+                send_limits=self.limits,
+                min_transfer_rate=self.config.min_transfer_rate,
+            ) as conn:
+                try:
+                    link, held, running = await self._admit(conn)
+                except (ProtocolError, CommClosedError) as exc:
+                    logger.warning("closing connection before hello completed: %s", clip(str(exc), 300))
+                    return
+                conn.peer = link.name
+                async with trio.open_nursery() as link.exchanges:
+                    self._post(self._joined, link, held, running)
+                    reason = await self._read(link)
+                    link.exchanges.cancel_scope.cancel(reason="its connection closed")
+                link.exchanges = None
+                self._post(self._left, link, reason)
+        finally:
+            self.gate.leave()
+
+    async def _admit(self, conn: Connection) -> tuple[_Link, dict[str, int], tuple[str, ...]]:
+        """The hello (and a worker's registration): who is this, and may they?"""
+        hello = await expect_hello(
+            conn,
+            self.config.handshake_timeout,
+            {"client": m.CLIENT_TO_SCHEDULER, "worker": m.WORKER_TO_SCHEDULER},
+            "a trioflow scheduler",
+            self.limits,
+        )
+        if hello.role == "client":
+            conn.idle_timeout = self.config.idle_timeout
+            link = ClientLink(conn, hello.client_id)
+            if hello.recovering and not self._recovery_over:
+                # Lineage from before a scheduler restart: hold it back
+                # until surviving workers have had time to re-register.
+                link.held_until = self._started_at + self.config.recovery_grace
+            return link, {}, ()
+        held, running = await self._registration(conn)
+        return WorkerLink(conn, hello, next(self._serials)), held, tuple(running)
+
+    async def _registration(self, conn: Connection) -> tuple[dict[str, int], list[str]]:
+        """What a worker holds and runs, in `register` chunks up to `done`."""
+        held: dict[str, int] = {}
+        running: list[str] = []
+        with trio.move_on_after(self.config.connect_timeout):
+            while True:
+                batch = await conn.receive()
+                for i, message in enumerate(batch):
+                    if not isinstance(message, m.Register):
+                        raise ProtocolError(f"a worker must register before sending {message.OP!r}")
+                    held.update(message.held)
+                    running.extend(message.running)
+                    if len(held) + len(running) > MAX_REGISTERED_KEYS:
+                        raise ProtocolError(f"a worker may register at most {MAX_REGISTERED_KEYS} keys")
+                    if message.done:
+                        if i != len(batch) - 1:
+                            raise ProtocolError("a worker sent messages before its welcome")
+                        return held, running
+        raise ProtocolError(f"a worker did not finish registering within {self.config.connect_timeout:g} s")
 
     async def _read(self, link: _Link) -> str:
         """Feed the driver until the connection ends; return why it ended."""
@@ -303,39 +394,50 @@ class Scheduler:
                         batch = await link.conn.receive()
                         if is_worker:
                             alive.deadline = trio.current_time() + ttl
-                        rest = [m for m in batch if not self._answered_by_reader(link, m)]
+                        rest = [msg for msg in batch if not self._answered_by_reader(link, msg)]
                         # In slices, so the driver yields between them and one
                         # huge batch cannot starve other connections (whose
                         # heartbeats would then look late).
                         for start in range(0, len(rest), DRIVER_SLICE):
                             self._post(self._received, link, rest[start : start + DRIVER_SLICE])
+                        link.unhandled += len(rest)
+                        if link.unhandled > MAX_UNHANDLED:
+                            # We are the slow one: stop reading until the
+                            # driver catches up. The peer is not silent, so
+                            # this wait does not count against its liveness.
+                            alive.deadline = math.inf
+                            while link.unhandled > MAX_UNHANDLED // 2:
+                                link.caught_up = trio.Event()
+                                await link.caught_up.wait()
+                            if is_worker:
+                                alive.deadline = trio.current_time() + ttl
                 if alive.cancelled_caught:
                     return f"no message for {ttl:g} s (worker_ttl)"
             return link.close_reason or "closed by the scheduler"
-        except CommClosedError:
-            return "connection closed"
+        except CommClosedError as exc:
+            return f"connection closed ({clip(str(exc), 200)})"
         except ProtocolError as exc:
-            logger.warning("closing connection from %s: %s", link.name, exc)
-            return f"protocol error: {exc}"
+            logger.warning("closing connection from %s: %s", clip(link.name), clip(str(exc), 300))
+            return f"protocol error: {clip(str(exc), 300)}"
         finally:
             link.requests.fail_all(f"{link.name} disconnected")
 
-    def _answered_by_reader(self, link: _Link, message: dict) -> bool:
+    def _answered_by_reader(self, link: _Link, message: m.Message) -> bool:
         """Handle replies and heartbeats right here, not in the driver.
 
         A heartbeat is answered by the reader so that a busy driver (a long
         queue of work in its inbox) never makes a healthy scheduler look
         silent to its workers.
         """
-        if link.requests.deliver(message):
+        kind = type(message)
+        if kind is m.Reply:
+            return link.requests.deliver(message)
+        if kind is m.Heartbeat and link.welcomed:
+            assert isinstance(link, WorkerLink)
+            link.last_heartbeat = message.metrics
+            link.send(m.HeartbeatAck())
             return True
-        if message["op"] == "heartbeat" and isinstance(link, WorkerLink) and link.welcomed:
-            metrics = message.get("metrics")
-            if isinstance(metrics, dict):
-                link.last_heartbeat = metrics
-            link.send({"op": "heartbeat_ack"})
-            return True
-        return False
+        return kind is m.ClientHeartbeat
 
     def _post(self, handler: Callable, *args: Any) -> None:
         self._inbox_send.send_nowait((handler, args))
@@ -366,9 +468,9 @@ class Scheduler:
             self._state_changed.set()
             self._state_changed = None
 
-    def _joined(self, link: _Link, held: dict[str, int], running: tuple[str, ...], first: list[dict]) -> None:
+    def _joined(self, link: _Link, held: dict[str, int], running: tuple[str, ...]) -> None:
         # The welcome goes first: registering may already assign work.
-        link.send({"op": "welcome", "address": self.address})
+        link.send(m.Welcome(address=self.address))
         link.welcomed = True
         if isinstance(link, WorkerLink):
             old = self.workers.get(link.address)
@@ -394,8 +496,6 @@ class Scheduler:
                 old.close("replaced by a new connection with the same client id")
             self.clients[link.client_id] = link
             self._apply(ClientConnected(self._stimulus("client-joined"), link.client_id))
-        if first:
-            self._received(link, first)
 
     def _left(self, link: _Link, reason: str) -> None:
         if isinstance(link, WorkerLink):
@@ -439,46 +539,57 @@ class Scheduler:
 
     def _flush_held_client(self, link: ClientLink) -> None:
         link.held_until = -math.inf
-        backlog, link.backlog = link.backlog, []
-        if backlog:
-            self._received(link, backlog)
+        held_back, link.held_back = link.held_back, []
+        if held_back:
+            self._handle(link, held_back)
 
-    def _received(self, link: _Link, messages: list[dict]) -> None:
+    def _received(self, link: _Link, messages: list[m.Message]) -> None:
+        link.unhandled -= len(messages)
+        if link.unhandled <= MAX_UNHANDLED // 2:
+            link.caught_up.set()
         if link.scope.cancel_called:
             return  # being closed: ignore whatever else it sent
         if isinstance(link, ClientLink) and link.held_until > -math.inf:
-            link.backlog.extend(messages)
+            link.held_back.extend(messages)
             return
+        self._handle(link, messages)
+
+    def _handle(self, link: _Link, messages: list[m.Message]) -> None:
         try:
-            if isinstance(link, WorkerLink):
-                for message in messages:
-                    handler = self._worker_ops.get(message["op"])
-                    if handler is None:
-                        raise ProtocolError(f"unknown op {message['op']!r} from a worker")
-                    event = handler(link, message)
-                    if event is not None:
-                        self._apply(event)
-            else:
-                assert isinstance(link, ClientLink)
-                for message in messages:
-                    handler = self._client_ops.get(message["op"])
-                    if handler is None:
-                        raise ProtocolError(f"unknown op {message['op']!r} from a client")
-                    handler(link, message)
+            handlers = self._worker_handlers if isinstance(link, WorkerLink) else self._client_handlers
+            for message in messages:
+                handler = handlers.get(type(message))
+                if handler is None:
+                    raise ProtocolError(f"unexpected {message.OP!r} after registration")
+                event = handler(link, message)
+                if event is not None:
+                    self._apply(event)
         except ProtocolError as exc:
-            logger.warning("closing connection from %s: %s", link.name, exc)
+            logger.warning("closing connection from %s: %s", clip(link.name), clip(str(exc), 300))
             link.close(f"protocol error: {exc}")
 
     # ------------------------------------------------ core -> wire messages --
 
     def _flush_frees(self, address: str | None = None) -> None:
-        """Send the `free_keys` held back for one worker (or for all)."""
+        """Send the `free_keys` (and `free_functions`) held back for one worker (or all)."""
         addresses = list(self._frees) if address is None else [address]
         for address in addresses:
             keys = self._frees.pop(address, None)
             worker = self.workers.get(address)
             if keys and worker is not None:
-                worker.send({"op": "free_keys", "keys": keys})
+                worker.send(m.FreeKeys(keys=keys))
+                for key in keys:
+                    self._task_left(worker, key)
+        for address in list(self._function_frees) if address is None else [address]:
+            function_ids = self._function_frees.pop(address, None)
+            worker = self.workers.get(address)
+            if function_ids and worker is not None:
+                worker.send(m.FreeFunctions(function_ids=function_ids))
+
+    def _task_left(self, worker: WorkerLink, key: str) -> None:
+        function_id = worker.task_done(key)
+        if function_id is not None:
+            self._function_frees.setdefault(worker.address, []).append(function_id)
 
     def _dispatch(self, message: SchedulerMessage) -> None:
         if isinstance(message, FreeKeys):
@@ -488,201 +599,242 @@ class Scheduler:
             self._frees.setdefault(message.worker, []).extend(message.keys)
             return
         worker_address = getattr(message, "worker", None)
-        if worker_address in self._frees:
+        if worker_address in self._frees or worker_address in self._function_frees:
             self._flush_frees(worker_address)
         if isinstance(message, ComputeTask):
             worker = self.workers.get(message.worker)
             if worker is None:
                 return
             spec: RunSpec = message.run_spec
-            wire: dict[str, Any] = {
-                "op": "compute_task",
-                "key": message.key,
-                "function_id": spec.function_id,
-                "args": spec.args,
-                "priority": message.priority,
-                "who_has": message.who_has,
-                "nbytes": message.nbytes,
-            }
-            if spec.function_id not in worker.functions_sent:
-                worker.functions_sent.add(spec.function_id)
-                wire["function"] = spec.function
-            worker.send(wire)
+            function_id = spec.function_id
+            if message.key in worker.task_functions:
+                self._task_left(worker, message.key)  # sent again: count it once
+                self._flush_frees(worker.address)
+            first = function_id not in worker.function_users
+            worker.task_functions[message.key] = function_id
+            worker.function_users[function_id] = worker.function_users.get(function_id, 0) + 1
+            worker.send(
+                m.ComputeTask(
+                    key=message.key,
+                    function_id=function_id,
+                    function=spec.function.payload if first else None,
+                    args=spec.args,
+                    priority=list(message.priority),
+                    who_has={k: list(v) for k, v in message.who_has.items()},
+                    nbytes=dict(message.nbytes),
+                )
+            )
         elif isinstance(message, AcquireReplicas):
             worker = self.workers.get(message.worker)
             if worker is not None:
-                worker.send({"op": "acquire_replicas", "who_has": message.who_has, "nbytes": message.nbytes})
+                worker.send(
+                    m.AcquireReplicas(
+                        who_has={k: list(v) for k, v in message.who_has.items()}, nbytes=dict(message.nbytes)
+                    )
+                )
         elif isinstance(message, ReportFinished):
-            report = {"op": "key_finished", "key": message.key, "who_has": message.who_has}
-            if message.with_value:
-                report["value"] = self._inline_values[message.key]
-            self._to_client(message.client, report)
+            value = self._inline_values[message.key] if message.with_value else None
+            self._to_client(message.client, m.KeyFinished(key=message.key, who_has=list(message.who_has), value=value))
         elif isinstance(message, ReportErred):
             self._to_client(
                 message.client,
-                {
-                    "op": "key_erred",
-                    "key": message.key,
-                    "origin": message.origin,
-                    "failure": failure_to_wire(message.failure),
-                },
+                m.KeyErred(key=message.key, origin=message.origin, failure=failure_to_wire(message.failure)),
             )
         elif isinstance(message, ReportLost):
-            self._to_client(message.client, {"op": "key_lost", "key": message.key})
+            self._to_client(message.client, m.KeyLost(key=message.key))
         else:  # pragma: no cover - a new message type without a case here
             raise TypeError(f"no dispatch for {message!r}")
 
-    def _to_client(self, client_id: str, message: dict[str, Any]) -> None:
+    def _to_client(self, client_id: str, message: m.Message) -> None:
         link = self.clients.get(client_id)
         if link is not None:
             link.send(message)
 
     # ------------------------------------------------------- worker ops --
 
-    def _worker_task_started(self, link: WorkerLink, m: dict) -> SchedulerEvent:
-        return TaskStarted(self._stimulus("task-started"), link.address, field(m, "key", str))
+    def _on_task_started(self, link: WorkerLink, msg: m.TaskStarted) -> SchedulerEvent:
+        return TaskStarted(self._stimulus("task-started"), link.address, msg.key)
 
-    def _worker_task_finished(self, link: WorkerLink, m: dict) -> SchedulerEvent:
-        key = field(m, "key", str)
-        value = field(m, "value", Serialized, None)
-        if value is not None:
+    def _on_task_finished(self, link: WorkerLink, msg: m.TaskFinished) -> SchedulerEvent:
+        self._task_left(link, msg.key)  # its run there is over, counted or not
+        assigned = self.state.assigned_to(msg.key)
+        if assigned is not None and assigned != link.address:
+            logger.info(
+                "ignoring task_finished for %s from %s: the task is processing on %s",
+                clip(msg.key), link.address, assigned,
+            )
+        if msg.value is not None:
             # Passed on to clients told of this key during this event only
             # (the core says which: `ReportFinished.with_value`); the
             # scheduler keeps no values.
-            self._inline_values[key] = value
+            self._inline_values[msg.key] = msg.value
         return TaskFinished(
-            self._stimulus("task-finished"), link.address, key, field(m, "nbytes", int), inline=value is not None
+            self._stimulus("task-finished"), link.address, msg.key, msg.nbytes, inline=msg.value is not None
         )
 
-    def _worker_task_erred(self, link: WorkerLink, m: dict) -> SchedulerEvent:
-        failure = user_error_from_wire(field(m, "failure", dict))
-        return TaskErred(self._stimulus("task-erred"), link.address, field(m, "key", str), failure)
+    def _on_task_erred(self, link: WorkerLink, msg: m.TaskErred) -> SchedulerEvent:
+        self._task_left(link, msg.key)
+        return TaskErred(self._stimulus("task-erred"), link.address, msg.key, failure_from_wire(msg.failure))
 
-    def _worker_replica_added(self, link: WorkerLink, m: dict) -> SchedulerEvent:
-        return ReplicaAdded(
-            self._stimulus("replica-added"), link.address, field(m, "key", str), field(m, "nbytes", int)
-        )
+    def _on_replica_added(self, link: WorkerLink, msg: m.ReplicaAdded) -> SchedulerEvent:
+        return ReplicaAdded(self._stimulus("replica-added"), link.address, msg.key, msg.nbytes)
 
-    def _worker_replica_missing(self, link: WorkerLink, m: dict) -> SchedulerEvent:
+    def _on_replica_missing(self, link: WorkerLink, msg: m.ReplicaMissing) -> SchedulerEvent:
         return ReplicaMissing(
-            self._stimulus("replica-missing"),
-            link.address,
-            field(m, "key", str),
-            tuple(str_list(m, "holders")),
-            field(m, "dependent", (str, type(None)), None),
+            self._stimulus("replica-missing"), link.address, msg.key, tuple(msg.holders), msg.dependent
         )
 
-    def _worker_data_dropped(self, link: WorkerLink, m: dict) -> SchedulerEvent:
-        return DataDropped(self._stimulus("data-dropped"), link.address, tuple(str_list(m, "keys")))
+    def _on_data_dropped(self, link: WorkerLink, msg: m.DataDropped) -> SchedulerEvent:
+        return DataDropped(self._stimulus("data-dropped"), link.address, tuple(msg.keys))
 
-    def _worker_heartbeat(self, link: WorkerLink, m: dict) -> None:
-        self._answered_by_reader(link, m)
+    def _on_heartbeat(self, link: WorkerLink, msg: m.Heartbeat) -> None:
+        self._answered_by_reader(link, msg)
         return None
 
-    def _worker_goodbye(self, link: WorkerLink, m: dict) -> None:
+    def _on_goodbye(self, link: WorkerLink, msg: m.Goodbye) -> None:
         link.retiring = True
         return None
 
     # ------------------------------------------------------- client ops --
 
-    def _client_submit(self, link: ClientLink, m: dict) -> None:
-        for function_id, payload in str_map(m, "functions", bytes).items():
-            self.functions.setdefault(function_id, payload)
-        specs = []
-        for task in field(m, "tasks", list):
-            if not isinstance(task, dict):
-                raise ProtocolError("'submit' message: each task must be a map")
-            key = field(task, "key", str)
-            if field(task, "scattered", bool, False):
-                # Data without lineage, re-registered by a reconnecting client.
-                specs.append(TaskSpec(key, None))
-                continue
-            function_id = field(task, "function_id", str)
+    def _on_submit(self, link: ClientLink, msg: m.Submit) -> None:
+        try:
+            specs = self._task_specs(msg)
+        except _Refusal as exc:
+            keys = list(dict.fromkeys(task.key for task in msg.tasks))
+            logger.warning("refused %d tasks from client %s: %s", len(keys), clip(link.client_id), clip(str(exc), 300))
+            link.send(m.SubmitRefused(keys=keys, reason=str(exc)))
+            return
+        self._apply(TasksSubmitted(self._stimulus("submit"), link.client_id, tuple(specs), tuple(msg.wanted)))
+
+    def _task_specs(self, msg: m.Submit) -> list[TaskSpec]:
+        """The core's task specs for a submission, after the checks the
+        declarations cannot make: functions match their ids, and the new
+        tasks form no cycle.
+
+        Raises:
+            _Refusal: with a reason naming the task and the field.
+        """
+        functions: dict[str, SerializedFunction] = {}
+        for function_id, payload in msg.functions.items():
             function = self.functions.get(function_id)
             if function is None:
-                raise ProtocolError(f"'submit' names unknown function id {function_id!r}")
-            args = field(task, "args", Serialized)
-            workers = task.get("workers")
-            if workers is not None:
-                workers = tuple(str_list(task, "workers"))
+                try:
+                    function = verify_function(function_id, payload)
+                except SerializationError as exc:
+                    raise _Refusal(f"field 'functions': {exc}") from None
+                self.functions[function_id] = function
+            functions[function_id] = function
+        new: dict[str, m.TaskWire] = {}
+        for task in msg.tasks:
+            if task.key in task.dependencies:
+                raise _Refusal(f"task {clip(task.key)} depends on itself (field 'dependencies')")
+            if not self.state.knows(task.key):
+                new.setdefault(task.key, task)
+        cycle = _find_cycle(new)
+        if cycle:
+            path = " -> ".join(clip(k, 60) for k in cycle)
+            raise _Refusal(f"the tasks' dependencies form a cycle: {path} (field 'dependencies')")
+        specs = []
+        for task in msg.tasks:
+            if task.scattered:
+                # Data without lineage, re-registered by a reconnecting client.
+                specs.append(TaskSpec(task.key, None))
+                continue
+            function = functions.get(task.function_id) or self.functions.get(task.function_id)
+            if function is None:
+                raise _Refusal(
+                    f"task {clip(task.key)} calls function {task.function_id[:16]}..., which is neither in "
+                    f"this submission (field 'functions') nor known here"
+                )
             specs.append(
                 TaskSpec(
-                    key,
-                    RunSpec(function_id, function, args),
-                    tuple(str_list(task, "dependencies")),
-                    field(task, "retries", int, 0),
-                    workers,
+                    task.key,
+                    RunSpec(function, task.args),
+                    tuple(task.dependencies),
+                    task.retries,
+                    None if task.workers is None else tuple(task.workers),
                 )
             )
-        wanted = tuple(str_list(m, "wanted"))
-        self._apply(TasksSubmitted(self._stimulus("submit"), link.client_id, tuple(specs), wanted))
+        return specs
 
-    def _client_release_keys(self, link: ClientLink, m: dict) -> None:
-        keys = tuple(str_list(m, "keys"))
-        self._apply(KeysReleased(self._stimulus("release"), link.client_id, keys))
+    def _on_release_keys(self, link: ClientLink, msg: m.ReleaseKeys) -> None:
+        self._apply(KeysReleased(self._stimulus("release"), link.client_id, tuple(msg.keys)))
 
-    def _client_cancel_keys(self, link: ClientLink, m: dict) -> None:
-        keys = tuple(str_list(m, "keys"))
-        reason = field(m, "reason", str, "cancelled by the client")
-        self._apply(KeysCancelled(self._stimulus("cancel"), link.client_id, keys, reason))
+    def _on_cancel_keys(self, link: ClientLink, msg: m.CancelKeys) -> None:
+        self._apply(KeysCancelled(self._stimulus("cancel"), link.client_id, tuple(msg.keys), msg.reason))
 
-    def _client_missing_data(self, link: ClientLink, m: dict) -> None:
+    def _on_missing_data(self, link: ClientLink, msg: m.MissingData) -> None:
+        if not self.state.wants(link.client_id, msg.key):
+            # Only a client that holds the key may say its copy is missing:
+            # another client's word must not make that key lost.
+            logger.info(
+                "ignoring missing_data for %s from client %s, which holds no future for it",
+                clip(msg.key), clip(link.client_id),
+            )
+            return
         event = ReplicaMissing(
-            self._stimulus("client-missing"),
-            f"client:{link.client_id}",
-            field(m, "key", str),
-            tuple(str_list(m, "holders")),
+            self._stimulus("client-missing"), f"client:{link.client_id}", msg.key, tuple(msg.holders)
         )
         self._apply(event)
 
-    def _client_who_has(self, link: ClientLink, m: dict) -> None:
-        keys = str_list(m, "keys") if m.get("keys") is not None else None
-        reply(link.conn, m, who_has=self.state.who_has(keys))
+    def _on_who_has(self, link: ClientLink, msg: m.WhoHas) -> None:
+        reply(link.conn, msg, m.WhoHasReply(who_has=self.state.who_has(msg.keys)))
 
-    def _client_has_what(self, link: ClientLink, m: dict) -> None:
-        reply(link.conn, m, has_what=self.state.has_what())
+    def _on_has_what(self, link: ClientLink, msg: m.HasWhat) -> None:
+        reply(link.conn, msg, m.HasWhatReply(has_what=self.state.has_what()))
 
-    def _client_nthreads(self, link: ClientLink, m: dict) -> None:
-        reply(link.conn, m, nthreads=self.state.nthreads())
+    def _on_nthreads(self, link: ClientLink, msg: m.NThreads) -> None:
+        reply(link.conn, msg, m.NThreadsReply(nthreads=self.state.nthreads()))
 
-    def _client_scheduler_info(self, link: ClientLink, m: dict) -> None:
-        workers = {
-            address: {
-                "nthreads": ws.nthreads,
-                "processing": len(ws.processing),
-                "keys": len(ws.has_what),
-                "pid": self.workers[address].pid if address in self.workers else None,
-                "metrics": self.workers[address].last_heartbeat if address in self.workers else {},
-            }
-            for address, ws in self.state.workers.items()
-        }
-        reply(
-            link.conn,
-            m,
-            info={
-                "address": self.address,
-                "workers": workers,
-                "tasks": self.state.count_by_state(),
-                "clients": len(self.clients),
-            },
+    def _on_scheduler_info(self, link: ClientLink, msg: m.GetSchedulerInfo) -> None:
+        workers = {}
+        for address, ws in self.state.workers.items():
+            worker = self.workers.get(address)
+            workers[address] = m.WorkerInfo(
+                nthreads=ws.nthreads,
+                processing=len(ws.processing),
+                keys=len(ws.has_what),
+                pid=None if worker is None else worker.pid,
+                metrics={} if worker is None else worker.last_heartbeat,
+            )
+        info = m.SchedulerInfo(
+            address=self.address, workers=workers, tasks=self.state.count_by_state(), clients=len(self.clients)
         )
+        reply(link.conn, msg, m.InfoReply(info=info))
 
-    def _client_wait_for_workers(self, link: ClientLink, m: dict) -> None:
-        n = field(m, "n", int)
-
+    def _on_wait_for_workers(self, link: ClientLink, msg: m.WaitForWorkers) -> None:
         async def wait() -> None:
-            await self.wait_for_workers(n)
-            reply(link.conn, m, n=len(self.state.workers))
+            await self.wait_for_workers(msg.n)
+            reply(link.conn, msg, m.CountReply(n=len(self.state.workers)))
 
-        self._spawn(wait)
+        self._spawn(wait, link=link)
 
-    def _client_scatter(self, link: ClientLink, m: dict) -> None:
-        data = str_map(m, "data", Serialized)
-        broadcast = field(m, "broadcast", bool, False)
-        self._spawn(exchanges.scatter, self, link, m, data, broadcast)
+    def _on_invalid(self, link: ClientLink, msg: m.Invalid) -> None:
+        """A request (or submission) that broke its declaration: say which field."""
+        logger.warning("refused a %r from client %s: %s", msg.op, clip(link.client_id), clip(msg.reason, 300))
+        if msg.op == "submit":
+            link.send(m.SubmitRefused(keys=msg.keys, reason=msg.reason))
+        else:
+            reply(link.conn, msg, error=msg.reason)
 
-    def _scattered(self, link: ClientLink, request: dict, placed: dict, failed: list[str]) -> None:
+    def _on_scatter(self, link: ClientLink, msg: m.Scatter) -> None:
+        def done(placed: dict[str, tuple[int, list[str]]], failed: list[str]) -> None:
+            self._scattered(link, msg, placed, failed)
+
+        # Not tied to the client's connection: values already on workers
+        # must be recorded (or freed) even if the client leaves meanwhile.
+        self._spawn(exchanges.scatter, self, msg.data, msg.broadcast, done)
+
+    def _scattered(self, link: ClientLink, request: m.Scatter, placed: dict, failed: list[str]) -> None:
         """The end of a scatter, back in the driver: record where data landed."""
+        if self.clients.get(link.client_id) is not link:
+            # The client left: nobody wants these copies.
+            for key, (_, holders) in placed.items():
+                for address in holders:
+                    if address not in self.state.who_has([key])[key] and address in self.workers:
+                        self.workers[address].send(m.FreeKeys(keys=[key]))
+            return
         if placed:
             event = DataScattered(
                 self._stimulus("scatter"),
@@ -691,23 +843,29 @@ class Scheduler:
             )
             self._apply(event)
         if failed:
-            reply(link.conn, request, error=f"could not place {len(failed)} keys on any worker: {failed[:5]}")
+            reply(link.conn, request, error=f"could not place {len(failed)} keys on any worker: {clip(failed[:5])}")
         else:
-            reply(link.conn, request, keys=list(placed))
+            reply(link.conn, request, m.KeysReply(keys=list(placed)))
 
-    def _client_run(self, link: ClientLink, m: dict) -> None:
-        function = field(m, "function", Serialized)
-        self._spawn(exchanges.run_everywhere, self, link, m, function)
+    def _on_run(self, link: ClientLink, msg: m.RunEverywhere) -> None:
+        def done(results: dict[str, m.RunOutcome]) -> None:
+            reply(link.conn, msg, m.RunEverywhereReply(results=results))
 
-    def _client_replicate(self, link: ClientLink, m: dict) -> None:
-        keys = tuple(str_list(m, "keys"))
-        n = field(m, "n", int)
-        if n < 1:
-            raise ProtocolError(f"'replicate' needs n >= 1, got {n}")
-        self._apply(ReplicationRequested(self._stimulus("replicate"), link.client_id, keys, n))
-        self._spawn(exchanges.answer_when_replicated, self, link, m, keys, n)
+        self._spawn(exchanges.run_everywhere, self, msg.function, done, link=link)
 
-    def _client_restart(self, link: ClientLink, m: dict) -> None:
+    def _on_replicate(self, link: ClientLink, msg: m.Replicate) -> None:
+        keys = tuple(msg.keys)
+        self._apply(ReplicationRequested(self._stimulus("replicate"), link.client_id, keys, msg.n))
+
+        def done(settled: tuple[str, ...] | None, error: str | None) -> None:
+            if error is not None:
+                reply(link.conn, msg, error=error)
+            else:
+                reply(link.conn, msg, m.WhoHasReply(who_has=self.state.who_has(settled)))
+
+        self._spawn(exchanges.answer_when_replicated, self, keys, msg.n, done, link=link)
+
+    def _on_restart(self, link: ClientLink, msg: m.Restart) -> None:
         """`Client.restart()`: flush every task now; replace the workers next.
 
         Workers with a nanny are restarted by it; workers without one are
@@ -715,21 +873,108 @@ class Scheduler:
         says so. `exchanges.restart_workers` replies once as many workers as
         had nannies have registered anew, or with an error after the timeout.
         """
-        timeout = float(field(m, "timeout", (int, float, type(None)), None) or self.config.restart_timeout)
-        old = dict(self.workers)
-        for worker in old.values():
+        timeout = msg.timeout or self.config.restart_timeout
+        old = list(self.workers.values())
+        since = max((w.serial for w in old), default=0)
+        for worker in old:
             worker.retiring = True
+            worker.task_functions.clear()
+            worker.function_users.clear()
         self._apply(ClusterRestarted(self._stimulus("restart"), "the cluster was restarted"))
         for client in self.clients.values():
-            client.send({"op": "restarted"})
-        for worker in old.values():
+            client.send(m.Restarted())
+        for worker in old:
             if not worker.nanny:
                 logger.warning(
                     "worker %s has no nanny: it was told to leave and will not come back", worker.address
                 )
-                worker.send({"op": "close", "reason": "the cluster is restarting and this worker has no nanny"})
-        self._spawn(exchanges.restart_workers, self, link, m, old, timeout)
+                worker.send(m.Close(reason="the cluster is restarting and this worker has no nanny"))
 
-    def _spawn(self, async_fn: Callable, *args: Any) -> None:
-        assert self._nursery is not None
-        self._nursery.start_soon(async_fn, *args)
+        def done(n_workers: int | None, error: str | None) -> None:
+            if error is not None:
+                reply(link.conn, msg, error=error)
+            else:
+                reply(link.conn, msg, m.RestartReply(n_workers=n_workers))
+
+        nannies = [w.nanny for w in old if w.nanny]
+        # Not tied to the client's connection: the restart goes on without it.
+        self._spawn(exchanges.restart_workers, self, nannies, since, timeout, done)
+
+    def _spawn(self, async_fn: Callable, *args: Any, link: _Link | None = None) -> None:
+        """Run an exchange: in `link`'s nursery (it ends with the link) or the scheduler's.
+
+        An exchange that raises is a bug; it is logged, and only that
+        exchange ends.
+        """
+
+        async def guarded() -> None:
+            try:
+                await async_fn(*args)
+            except Exception:
+                logger.exception("internal error in the scheduler's exchange %s", async_fn.__name__)
+
+        if link is None:
+            assert self._nursery is not None
+            self._nursery.start_soon(guarded)
+        elif link.exchanges is not None:
+            link.exchanges.start_soon(guarded)
+        # else: the link is gone, and nobody waits for the answer.
+
+    # ------------------------------------------- what exchanges may ask --
+
+    def live_workers(self) -> list[str]:
+        return list(self.state.workers)
+
+    def registrations_since(self, serial: int) -> int:
+        return sum(link.serial > serial for link in self.workers.values() if link.address in self.state.workers)
+
+    def scatter_targets(self, keys: list[str], broadcast: bool) -> dict[str, tuple[str, ...]]:
+        return self.state.scatter_targets(keys, broadcast)
+
+    def copies(self, keys: tuple[str, ...]) -> dict[str, int | None]:
+        return self.state.copies(keys)
+
+    async def ask_worker(self, address: str, message: m.Message) -> Any:
+        link = self.workers.get(address)
+        if link is None:
+            raise CommClosedError(f"worker {address} is gone")
+        return await link.requests.call(message)
+
+    async def ask_nanny(self, address: str, message: m.Message) -> Any:
+        assert self._pool is not None
+        return await self._pool.call(address, message)
+
+    def post(self, handler: Callable[..., None], *args: Any) -> None:
+        self._post(handler, *args)
+
+
+def _find_cycle(tasks: dict[str, m.TaskWire]) -> list[str] | None:
+    """A cycle among the dependencies of `tasks` (only edges between them), or None.
+
+    Depth-first, iterative (a chain of a million tasks must not overflow the
+    stack), in the order the tasks came.
+    """
+    DONE, ACTIVE = 1, 2
+    mark: dict[str, int] = {}
+    for root in tasks:
+        if root in mark:
+            continue
+        mark[root] = ACTIVE
+        path = [root]
+        stack = [iter(tasks[root].dependencies)]
+        while stack:
+            for dep in stack[-1]:
+                if dep not in tasks:
+                    continue
+                seen = mark.get(dep)
+                if seen == ACTIVE:
+                    return path[path.index(dep) :] + [dep]
+                if seen is None:
+                    mark[dep] = ACTIVE
+                    path.append(dep)
+                    stack.append(iter(tasks[dep].dependencies))
+                    break
+            else:
+                mark[path.pop()] = DONE
+                stack.pop()
+    return None

@@ -27,11 +27,15 @@ from typing import Any
 import trio
 
 from trioflow.comm import (
+    ByteBudget,
     Connection,
+    ConnectionGate,
     FrameLimits,
     Network,
     RequestFailed,
     TCPNetwork,
+    await_welcome,
+    clip,
     connect_with_timeout,
     dumps,
     expect_hello,
@@ -42,7 +46,8 @@ from trioflow.comm import (
     reply,
     say_hello,
 )
-from trioflow.comm.serialize import Serialized
+from trioflow.comm import messages as m
+from trioflow.comm.serialize import Serialized, SerializedFunction, verify_function
 from trioflow.backoff import Backoff
 from trioflow.config import Config
 from trioflow.core import WorkerState
@@ -74,10 +79,7 @@ from trioflow.nurseries import background_tasks
 from trioflow.protocol import (
     INLINE_VALUE_BYTES,
     failure_to_wire,
-    field,
     sizeof,
-    str_list,
-    str_map,
     substitute,
     user_error_from_exception,
 )
@@ -88,6 +90,10 @@ logger = logging.getLogger("trioflow.worker")
 PARENT_CHECK_INTERVAL_S = 0.25
 # How long a worker shutting down waits for its goodbye to be written.
 GOODBYE_TIMEOUT_S = 1.0
+# Keys per `register` message (a worker may bring back millions after a
+# scheduler restart) and per `get_data` request.
+REGISTER_CHUNK = 10_000
+GET_DATA_CHUNK = 1_000
 
 
 class Worker:
@@ -139,13 +145,16 @@ class Worker:
         self.parent_pid = parent_pid
         self.pid = pid
         self.limits = FrameLimits.from_config(self.config)
+        self.budget = ByteBudget(self.config.max_process_bytes)
+        self.gate = ConnectionGate(self.config.max_connections, "a worker's data port")
         self.address: str | None = None
         self.state: WorkerState | None = None
         # key -> value. Invariant: exactly the keys the core holds in MEMORY
         # (plus, briefly, results of cancelled runs about to be dropped).
         self.data: dict[str, Any] = {}
-        # function_id -> pickled function, as the scheduler sent them.
-        self.functions: dict[str, bytes] = {}
+        # function_id -> function, as the scheduler sent them; dropped when
+        # the scheduler says no task here calls one any more (free_functions).
+        self.functions: dict[str, SerializedFunction] = {}
         self.executions = 0  # functions run to completion or error, for tests
         # Small results of the execution being reported, sent with task_finished.
         self._inline: dict[str, Serialized] = {}
@@ -157,10 +166,20 @@ class Worker:
         self.closed = trio.Event()
         self._registered = False
         self._link_registered = False
-        # trio.current_time() of our last message to the scheduler.
-        self._last_sent = -math.inf
         self._said_goodbye = False
         self._rng = rng or random.Random()
+        self._scheduler_handlers: dict[type, Callable[[Connection, Any], None]] = {
+            m.ComputeTask: self._on_compute_task,
+            m.FreeKeys: self._on_free_keys,
+            m.FreeFunctions: self._on_free_functions,
+            m.AcquireReplicas: self._on_acquire_replicas,
+            m.PutData: self._on_put_data,
+            m.RunEverywhere: self._on_run,
+            m.Close: self._on_close,
+            m.HeartbeatAck: self._on_nothing,
+            m.Welcome: self._on_nothing,
+            m.Invalid: self._on_invalid,
+        }
 
     # -------------------------------------------------------------- serve --
 
@@ -186,7 +205,9 @@ class Worker:
                 async with open_connection_pool(
                     self.network, self.limits, role="peer",
                     connect_timeout=self.config.connect_timeout,
-                    idle_timeout=self.config.peer_timeout
+                    peer_timeout=self.config.peer_timeout,
+                    idle_timeout=self.config.idle_timeout,
+                    budget=self.budget,
                 ) as self._pool:
                     nursery.start_soon(self._drive)
                     await self._stay_connected(task_status)
@@ -247,7 +268,7 @@ class Worker:
         conn = self._scheduler
         if conn is None or self._said_goodbye:
             return
-        self._send({"op": "goodbye"})
+        self._send(m.Goodbye())
         self._said_goodbye = True
         with trio.move_on_after(GOODBYE_TIMEOUT_S):
             try:
@@ -273,17 +294,30 @@ class Worker:
             self.network, self.scheduler_address, self.config.connect_timeout
         )
         assert self.state is not None
-        async with open_connection(stream, self.limits, peer=self.scheduler_address) as conn:
-            say_hello(
+        async with open_connection(
+            stream, self.limits, peer=self.scheduler_address, inbound=m.SCHEDULER_TO_WORKER, budget=self.budget
+        ) as conn:
+            await say_hello(
                 conn,
-                "worker",
-                address=self.address,
-                nthreads=self.nthreads,
-                held=self.state.memory(),
-                running=self.state.running(),
-                pid=self.pid,
-                nanny=self.nanny_address,
+                m.Hello(
+                    role="worker",
+                    protocol=m.PROTOCOL_VERSION,
+                    address=self.address,
+                    nthreads=self.nthreads,
+                    pid=self.pid,
+                    nanny=self.nanny_address,
+                ),
             )
+            # What we hold and run, in chunks (after a scheduler restart it
+            # can be a lot); the last chunk says `done`.
+            held, running = list(self.state.memory().items()), list(self.state.running())
+            while True:
+                chunk_held, held = held[:REGISTER_CHUNK], held[REGISTER_CHUNK:]
+                chunk_running, running = running[:REGISTER_CHUNK], running[REGISTER_CHUNK:]
+                done = not held and not running
+                conn.send(m.Register(held=dict(chunk_held), running=chunk_running, done=done))
+                if done:
+                    break
             self._scheduler = conn
             leaving = True
             try:
@@ -297,15 +331,14 @@ class Worker:
                 if leaving and not conn.closed and not self._said_goodbye:
                     # Shutting down on purpose: say so, so the scheduler
                     # reroutes our tasks without suspecting them of killing us.
-                    conn.send({"op": "goodbye"})
+                    conn.send(m.Goodbye())
 
     async def _listen_to_scheduler(self, conn: Connection, task_status: trio.TaskStatus[str]) -> str:
         ttl = self.config.scheduler_ttl
         try:
-            with trio.fail_after(self.config.connect_timeout):
-                welcome = await conn.receive()
-            if welcome[0]["op"] != "welcome":
-                raise ProtocolError(f"expected a welcome, got op {welcome[0]['op']!r}")
+            _, first = await await_welcome(
+                conn, self.config.connect_timeout, self.scheduler_address, "a trioflow scheduler"
+            )
             logger.info(
                 "trioflow worker %s ready: %d threads, scheduler %s",
                 self.address,
@@ -316,7 +349,7 @@ class Worker:
             if not self._registered:
                 self._registered = True
                 task_status.started(self.address)
-            self._post(self._from_scheduler, conn, welcome[1:])
+            self._post(self._from_scheduler, conn, first)
             # The scheduler answers every heartbeat, so silence past
             # scheduler_ttl means it hangs (or the network does).
             with trio.CancelScope() as alive:
@@ -324,13 +357,11 @@ class Worker:
                     alive.deadline = trio.current_time() + ttl
                     self._post(self._from_scheduler, conn, await conn.receive())
             return f"no message for {ttl:g} s (scheduler_ttl)"
-        except trio.TooSlowError:
-            return "the scheduler did not answer the registration"
         except CommClosedError as exc:
             return str(exc)
         except ProtocolError as exc:
-            logger.warning("bad message from the scheduler: %s", exc)
-            return f"protocol error: {exc}"
+            logger.warning("bad message from the scheduler: %s", clip(str(exc), 300))
+            return f"protocol error: {clip(str(exc), 300)}"
 
     async def _heartbeats(self, conn: Connection) -> None:
         """Keep both liveness deadlines fed, with as few messages as possible.
@@ -343,18 +374,10 @@ class Worker:
         interval = self.config.heartbeat_interval
         while True:
             assert self.state is not None
-            due = min(self._last_sent, conn.last_received) + interval
+            due = min(conn.last_sent, conn.last_received) + interval
             if trio.current_time() >= due:
-                self._send(
-                    {
-                        "op": "heartbeat",
-                        "metrics": {
-                            "executing": len(self.state.executing),
-                            "keys": len(self.data),
-                            "tasks": len(self.state.tasks),
-                        },
-                    }
-                )
+                metrics = {"executing": len(self.state.executing), "keys": len(self.data), "tasks": len(self.state.tasks)}
+                self._send(m.Heartbeat(metrics=metrics))
                 due = trio.current_time() + interval
             await trio.sleep_until(due)
 
@@ -381,48 +404,42 @@ class Worker:
 
     def _carry_out(self, instruction: WorkerInstruction) -> None:
         if isinstance(instruction, Execute):
-            self._spawn(self._execute, instruction)
+            # The function is looked up now, while the order that needs it
+            # is being handled: a later free_functions must not take it away
+            # from a run that is about to start.
+            self._spawn(self._execute, instruction, self.functions.get(instruction.run_spec[0]))
         elif isinstance(instruction, Gather):
             self._spawn(self._gather, instruction)
         elif isinstance(instruction, DropData):
             for key in instruction.keys:
                 self.data.pop(key, None)
         elif isinstance(instruction, SendTaskStarted):
-            self._send({"op": "task_started", "key": instruction.key})
+            self._send(m.TaskStarted(key=instruction.key))
         elif isinstance(instruction, SendTaskFinished):
-            message = {"op": "task_finished", "key": instruction.key, "nbytes": instruction.nbytes}
             inline = self._inline.get(instruction.key)
-            if inline is not None:
-                message["value"] = inline
-            self._send(message)
+            self._send(m.TaskFinished(key=instruction.key, nbytes=instruction.nbytes, value=inline))
         elif isinstance(instruction, SendTaskErred):
-            self._send(
-                {"op": "task_erred", "key": instruction.key, "failure": failure_to_wire(instruction.failure)}
-            )
+            self._send(m.TaskErred(key=instruction.key, failure=failure_to_wire(instruction.failure)))
         elif isinstance(instruction, SendReplicaAdded):
-            self._send({"op": "replica_added", "key": instruction.key, "nbytes": instruction.nbytes})
+            self._send(m.ReplicaAdded(key=instruction.key, nbytes=instruction.nbytes))
         elif isinstance(instruction, SendDataDropped):
-            self._send({"op": "data_dropped", "keys": instruction.keys})
+            self._send(m.DataDropped(keys=list(instruction.keys)))
         elif isinstance(instruction, SendReplicaMissing):
             self._send(
-                {
-                    "op": "replica_missing",
-                    "key": instruction.key,
-                    "holders": instruction.holders,
-                    "dependent": instruction.dependent,
-                }
+                m.ReplicaMissing(
+                    key=instruction.key, holders=list(instruction.holders), dependent=instruction.dependent
+                )
             )
         else:  # pragma: no cover - a new instruction without a case here
             raise TypeError(f"no handler for {instruction!r}")
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def _send(self, message: m.Message) -> None:
         if self._scheduler is None:
             return
         try:
             self._scheduler.send(message)
         except CommClosedError:
             return  # the reader notices and ends the link
-        self._last_sent = trio.current_time()
 
     def _spawn(self, async_fn: Callable, *args: Any) -> None:
         assert self._nursery is not None
@@ -430,61 +447,68 @@ class Worker:
 
     # ------------------------------------------------- scheduler messages --
 
-    def _from_scheduler(self, conn: Connection, messages: list[dict]) -> None:
+    def _from_scheduler(self, conn: Connection, messages: list[m.Message]) -> None:
         for message in messages:
+            handler = self._scheduler_handlers.get(type(message))
+            if handler is None:
+                logger.warning("ignoring an unexpected %r from the scheduler", message.OP)
+                continue
+            handler(conn, message)
+
+    def _on_compute_task(self, conn: Connection, msg: m.ComputeTask) -> None:
+        if msg.function is not None:
             try:
-                self._scheduler_op(conn, message)
-            except ProtocolError as exc:
-                logger.warning("ignoring bad message from the scheduler: %s", exc)
-
-    def _scheduler_op(self, conn: Connection, m: dict) -> None:
-        op = m["op"]
-        if op == "compute_task":
-            function_id = field(m, "function_id", str)
-            if "function" in m:
-                self.functions[function_id] = field(m, "function", bytes)
-            who_has = {k: tuple(v) for k, v in str_map(m, "who_has", list).items()}
-            self._apply(
-                ComputeRequested(
-                    self._stimulus("compute"),
-                    field(m, "key", str),
-                    (function_id, field(m, "args", Serialized)),
-                    tuple(field(m, "priority", list)),
-                    who_has,
-                    str_map(m, "nbytes", int),
-                )
+                self.functions[msg.function_id] = verify_function(msg.function_id, msg.function)
+            except SerializationError as exc:
+                logger.warning("the scheduler sent a function that does not match its id: %s", exc)
+        self._apply(
+            ComputeRequested(
+                self._stimulus("compute"),
+                msg.key,
+                (msg.function_id, msg.args),
+                tuple(msg.priority),
+                {k: tuple(v) for k, v in msg.who_has.items()},
+                msg.nbytes,
             )
-        elif op == "free_keys":
-            self._apply(FreeRequested(self._stimulus("free"), tuple(str_list(m, "keys"))))
-        elif op == "acquire_replicas":
-            who_has = {k: tuple(v) for k, v in str_map(m, "who_has", list).items()}
-            self._apply(ReplicasRequested(self._stimulus("replicate"), who_has, str_map(m, "nbytes", int)))
-        elif op == "put_data":
-            self._put_data(conn, m)
-        elif op == "run":
-            self._spawn(self._run_function, conn, m)
-        elif op in ("heartbeat_ack", "welcome"):
-            pass
-        elif op == "close":
-            logger.warning(
-                "worker %s was told to leave by the scheduler: %s", self.address, m.get("reason", "")
-            )
-            self.stop()
-        else:
-            raise ProtocolError(f"unknown op {op!r} from the scheduler")
+        )
 
-    def _put_data(self, conn: Connection, m: dict) -> None:
+    def _on_free_keys(self, conn: Connection, msg: m.FreeKeys) -> None:
+        self._apply(FreeRequested(self._stimulus("free"), tuple(msg.keys)))
+
+    def _on_free_functions(self, conn: Connection, msg: m.FreeFunctions) -> None:
+        for function_id in msg.function_ids:
+            self.functions.pop(function_id, None)
+
+    def _on_acquire_replicas(self, conn: Connection, msg: m.AcquireReplicas) -> None:
+        who_has = {k: tuple(v) for k, v in msg.who_has.items()}
+        self._apply(ReplicasRequested(self._stimulus("replicate"), who_has, msg.nbytes))
+
+    def _on_close(self, conn: Connection, msg: m.Close) -> None:
+        logger.warning("worker %s was told to leave by the scheduler: %s", self.address, clip(msg.reason, 300))
+        self.stop()
+
+    def _on_invalid(self, conn: Connection, msg: m.Invalid) -> None:
+        logger.warning("refused a %r from the scheduler: %s", msg.op, clip(msg.reason, 300))
+        reply(conn, msg, error=msg.reason)
+
+    def _on_nothing(self, conn: Connection, msg: m.Message) -> None:
+        """A heartbeat's answer (it kept the link alive by arriving)."""
+
+    def _on_put_data(self, conn: Connection, msg: m.PutData) -> None:
         try:
-            values = {key: loads(value) for key, value in str_map(m, "data", Serialized).items()}
+            values = {key: loads(value) for key, value in msg.data.items()}
         except SerializationError as exc:
-            reply(conn, m, error=str(exc))
+            reply(conn, msg, error=str(exc))
             return
         self.data.update(values)
         nbytes = {key: sizeof(value) for key, value in values.items()}
         self._apply(DataPut(self._stimulus("put-data"), nbytes))
-        reply(conn, m, nbytes=nbytes)
+        reply(conn, msg, m.PutDataReply(nbytes=nbytes))
 
-    async def _run_function(self, conn: Connection, m: dict) -> None:
+    def _on_run(self, conn: Connection, msg: m.RunEverywhere) -> None:
+        self._spawn(self._run_function, conn, msg)
+
+    async def _run_function(self, conn: Connection, msg: m.RunEverywhere) -> None:
         """`client.run`: call a function right here, in the worker's Trio thread.
 
         Like a task it goes through the executor, but it does not wait for a
@@ -492,21 +516,20 @@ class Worker:
         and must work even while every thread is busy.
         """
         try:
-            function = loads(field(m, "function", Serialized))
+            function = loads(msg.function)
             result = await self.executor.run_now(function)
             payload = dumps(result)
         except (Exception, SystemExit) as exc:
-            reply(conn, m, failure=failure_to_wire(user_error_from_exception(exc)))
+            reply(conn, msg, m.RunHereReply(failure=failure_to_wire(user_error_from_exception(exc))))
             return
-        reply(conn, m, result=payload)
+        reply(conn, msg, m.RunHereReply(result=payload))
 
     # ----------------------------------------------------------- execution --
 
-    async def _execute(self, instruction: Execute) -> None:
+    async def _execute(self, instruction: Execute, function: SerializedFunction | None) -> None:
         key = instruction.key
         function_id, args = instruction.run_spec
         inputs = {dep: self.data[dep] for dep in instruction.dependencies}
-        payload = self.functions.get(function_id)
         if self._scheduler is not None:
             try:
                 # The task_started message must be on the wire before the
@@ -520,9 +543,9 @@ class Worker:
             """In the thread: unpack, call, and capture a failure right here,
             so its traceback starts at the user's function, not in trioflow."""
             try:
-                if payload is None:
+                if function is None:
                     raise SerializationError(f"the scheduler never sent function {function_id}")
-                fn = loads_function(payload)
+                fn = loads_function(function.payload)
                 call_args, call_kwargs = loads(args)
                 if inputs:
                     call_args, call_kwargs = substitute((call_args, call_kwargs), inputs)
@@ -563,26 +586,34 @@ class Worker:
     # ---------------------------------------------------------- fetching --
 
     async def _gather(self, instruction: Gather) -> None:
-        peer, keys = instruction.peer, instruction.keys
+        peer, keys = instruction.peer, list(instruction.keys)
+        values: dict[str, Serialized] = {}
+        missing: list[str] = []
+        errors: dict[str, str] = {}
         try:
-            answer = await self._pool.call(peer, {"op": "get_data", "keys": list(keys)})
-            values = str_map(answer, "data", Serialized)
-            missing = str_list(answer, "missing")
-            errors = str_map(answer, "errors", str)
+            for start in range(0, len(keys), GET_DATA_CHUNK):
+                answer = await self._pool.call(peer, m.GetData(keys=keys[start : start + GET_DATA_CHUNK]))
+                values.update(answer.data)
+                missing.extend(answer.missing)
+                errors.update(answer.errors)
         except (CommClosedError, RequestFailed, ProtocolError) as exc:
-            logger.info("could not fetch %d keys from %s: %s", len(keys), peer, exc)
-            self._post(self._apply, GatherFailed(self._stimulus("gather-failed"), peer, keys))
+            logger.info("could not fetch %d keys from %s: %s", len(keys), peer, clip(str(exc), 300))
+            self._post(self._apply, GatherFailed(self._stimulus("gather-failed"), peer, instruction.keys))
             return
+        asked = set(keys)
         loaded: dict[str, Any] = {}
         failures = {}
         for key, serialized in values.items():
+            if key not in asked:
+                continue  # a peer cannot hand us keys we did not ask for
             try:
                 loaded[key] = loads(serialized)
             except SerializationError as exc:
                 failures[key] = user_error_from_exception(exc)
         for key, message in errors.items():
-            failures[key] = user_error_from_exception(SerializationError(message))
-        self._post(self._gathered, peer, loaded, tuple(missing), failures)
+            if key in asked:
+                failures[key] = user_error_from_exception(SerializationError(message))
+        self._post(self._gathered, peer, loaded, tuple(k for k in missing if k in asked), failures)
 
     def _gathered(self, peer: str, values: dict[str, Any], missing: tuple, failures: dict) -> None:
         assert self.state is not None
@@ -598,30 +629,51 @@ class Worker:
 
     async def _serve_peer(self, stream: trio.abc.Stream) -> None:
         """Answer `get_data` requests from other workers and from clients."""
-        async with open_connection(stream, self.limits, peer="peer") as conn:
-            try:
-                _, batch = await expect_hello(conn, self.config.connect_timeout, frozenset({"peer", "client"}))
-                while True:
-                    for m in batch:
-                        if m["op"] != "get_data":
-                            raise ProtocolError(f"unknown op {m['op']!r} from a peer")
-                        self._answer_get_data(conn, m)
-                    batch = await conn.receive()
-            except CommClosedError:
-                pass
-            except ProtocolError as exc:
-                logger.warning("closing peer connection: %s", exc)
+        if not self.gate.try_enter():
+            await stream.aclose()
+            return
+        try:
+            async with open_connection(
+                stream,
+                FrameLimits.before_hello(),
+                peer="peer",
+                inbound=m.HELLO,
+                budget=self.budget,
+                send_limits=self.limits,
+                min_transfer_rate=self.config.min_transfer_rate,
+            ) as conn:
+                try:
+                    await expect_hello(
+                        conn,
+                        self.config.handshake_timeout,
+                        {"peer": m.PEER_TO_WORKER},
+                        f"a trioflow worker's data port ({self.address}), not a scheduler",
+                        self.limits,
+                    )
+                    conn.idle_timeout = self.config.idle_timeout
+                    while True:
+                        for request in await conn.receive():
+                            if isinstance(request, m.Invalid):
+                                reply(conn, request, error=request.reason)
+                            else:
+                                self._answer_get_data(conn, request)
+                except CommClosedError:
+                    pass
+                except ProtocolError as exc:
+                    logger.warning("closing peer connection: %s", clip(str(exc), 300))
+        finally:
+            self.gate.leave()
 
-    def _answer_get_data(self, conn: Connection, m: dict) -> None:
+    def _answer_get_data(self, conn: Connection, request: m.GetData) -> None:
         data: dict[str, Serialized] = {}
         missing: list[str] = []
         errors: dict[str, str] = {}
-        for key in str_list(m, "keys"):
+        for key in request.keys:
             if key not in self.data:
                 missing.append(key)
                 continue
             try:
                 data[key] = dumps(self.data[key])
             except SerializationError as exc:
-                errors[key] = f"the result of {key!r} cannot be sent: {exc}"
-        reply(conn, m, data=data, missing=missing, errors=errors)
+                errors[key] = clip(f"the result of {key!r} cannot be sent: {exc}", m.MAX_REASON_CHARS - 20)
+        reply(conn, request, m.GetDataReply(data=data, missing=missing, errors=errors))

@@ -11,7 +11,6 @@ from trioflow.comm import (
     TCPNetwork,
     open_connection,
     parse_address,
-    say_hello,
 )
 from trioflow.errors import CommClosedError
 
@@ -59,10 +58,14 @@ async def test_malformed_bytes_close_that_connection_only(client, cluster, name,
     assert await client.submit(inc, 2) == 3
 
 
-async def hello_then(scheduler, role, messages, **hello):
+async def hello_then(scheduler, role, messages, protocol=1, **hello):
+    """Say hello as `role` (raw maps: no checks on our side), then send `messages`."""
     stream = await TCPNetwork().connect(scheduler)
     async with open_connection(stream, FrameLimits(), peer=scheduler) as conn:
-        say_hello(conn, role, **hello)
+        conn.send({"op": "hello", "role": role, "protocol": protocol, **hello})
+        await conn.flush()
+        if role == "worker":
+            conn.send({"op": "register", "held": {}, "running": [], "done": True})
         for message in messages:
             conn.send(message)
         with trio.fail_after(5):
@@ -76,17 +79,16 @@ async def hello_then(scheduler, role, messages, **hello):
 @pytest.mark.parametrize(
     "messages, reason",
     [
-        ([{"op": "launch_missiles"}], "unknown op 'launch_missiles' from a client"),
-        ([{"op": "submit", "tasks": "nope", "functions": {}, "wanted": []}], "field 'tasks' must be list"),
-        ([{"op": "submit", "tasks": [{"key": 5}], "functions": {}, "wanted": []}], "field 'key' must be str"),
-        ([{"op": "release_keys"}], "lacks field 'keys'"),
-        ([{"op": "submit", "tasks": [{"key": "k", "function_id": "f", "args": None}], "functions": {}, "wanted": []}],
-         "unknown function id 'f'"),
+        ([{"op": "launch_missiles"}], "unknown op 'launch_missiles'"),
+        ([{"op": "task_finished", "key": "k", "nbytes": 1}], "op 'task_finished' may not be sent client->scheduler"),
+        ([{"op": "release_keys"}], "'release_keys': lacks field 'keys'"),
+        ([{"op": "release_keys", "keys": [5]}], "'release_keys': field keys[0] must be a key of at most"),
     ],
 )
 async def test_bad_client_messages_close_that_client_only(client, cluster, messages, reason, caplog):
-    """Unknown ops and mistyped fields from a client close it with a logged
-    reason naming the problem; other clients' work goes on."""
+    """Unknown ops, ops of another role and mistyped fields of one-way
+    messages close that client with a logged reason naming the problem;
+    other clients' work goes on."""
     pending = client.submit(inc, 10)
     with caplog.at_level(logging.WARNING, logger="trioflow"):
         await hello_then(cluster.scheduler_address, "client", messages, client_id="rogue")
@@ -100,9 +102,11 @@ async def test_a_bad_hello_is_refused(client, cluster, caplog):
     with caplog.at_level(logging.WARNING, logger="trioflow"):
         await hello_then(cluster.scheduler_address, "client", [], client_id="old", protocol=99)
         await hello_then(cluster.scheduler_address, "nanny", [])
+        await hello_then(cluster.scheduler_address, "peer", [])
     messages = [r.getMessage() for r in caplog.records]
-    assert any("speaks protocol 99" in m for m in messages)
-    assert any("unexpected role 'nanny'" in m for m in messages)
+    assert any("speaks trioflow protocol 1, not 99" in m for m in messages)
+    assert any("field role must be one of 'client', 'worker', 'peer', 'control', got 'nanny'" in m for m in messages)
+    assert any("which serves client or worker connections, not peers" in m for m in messages)
     assert await client.submit(inc, 1) == 2
 
 
@@ -112,9 +116,9 @@ async def test_a_worker_sending_nonsense_is_dropped_and_its_work_rerouted(client
     with caplog.at_level(logging.WARNING, logger="trioflow"):
         await hello_then(
             cluster.scheduler_address, "worker", [{"op": "task_finished", "key": 3}],
-            address=rogue, nthreads=1, held={},
+            address=rogue, nthreads=1,
         )
-    assert any("field 'key' must be str" in r.getMessage() for r in caplog.records)
+    assert any("'task_finished': field key must be a key" in r.getMessage() for r in caplog.records)
     assert rogue not in cluster.scheduler.state.workers
     assert await client.submit(inc, 5) == 6
 

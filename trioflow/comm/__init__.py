@@ -1,11 +1,20 @@
-"""How trioflow processes talk: framing, serialization, networks, requests.
+"""How trioflow processes talk: framing, messages, serialization, networks, requests.
 
-See docs/protocol.md for the bytes and every message op.
+`messages` declares every op (the protocol); `schema` is the vocabulary it
+is declared in. See docs/protocol.md for the bytes and every op.
 """
 
-from trioflow.comm.connection import Connection, open_connection
+from trioflow.comm import messages
+from trioflow.comm.connection import ByteBudget, Connection, open_connection
 from trioflow.comm.frames import FrameLimits
-from trioflow.comm.handshake import PROTOCOL_VERSION, expect_hello, say_hello
+from trioflow.comm.handshake import (
+    PROTOCOL_VERSION,
+    ConnectionGate,
+    HandshakeRefused,
+    await_welcome,
+    expect_hello,
+    say_hello,
+)
 from trioflow.comm.network import (
     Network,
     TCPNetwork,
@@ -19,6 +28,7 @@ from trioflow.comm.rpc import (
     open_connection_pool,
     reply,
 )
+from trioflow.comm.schema import clip
 from trioflow.comm.serialize import (
     Serialized,
     dumps,
@@ -29,20 +39,26 @@ from trioflow.comm.serialize import (
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "ByteBudget",
     "Connection",
+    "ConnectionGate",
     "ConnectionPool",
     "FrameLimits",
+    "HandshakeRefused",
     "Network",
     "RequestFailed",
     "Requests",
     "Serialized",
     "TCPNetwork",
+    "await_welcome",
+    "clip",
     "connect_with_timeout",
     "dumps",
     "dumps_function",
     "expect_hello",
     "loads",
     "loads_function",
+    "messages",
     "open_connection",
     "open_connection_pool",
     "parse_address",

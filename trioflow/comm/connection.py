@@ -11,7 +11,25 @@ simulator). It has two halves with different owners:
   under load thousands share a write. No caller ever awaits the network to
   enqueue, and no lock is needed: Trio runs one task at a time.
 * Receiving belongs to one task that calls `receive()` in a loop; each call
-  returns the messages of one batch.
+  returns the messages of one batch, decoded and checked against their
+  declarations for the connection's inbound channel (`messages.decode`):
+  the edge of the connection is the one place where bytes become typed
+  messages.
+
+What a peer can make the receiver spend is bounded (design.md §6 rule 3):
+
+* Memory follows bytes. A frame's buffer grows as its bytes arrive, never
+  ahead of them: a header announcing 1 GiB costs nothing until a GiB has
+  come. Before the hello the limits are tiny (`FrameLimits.before_hello`).
+* Bytes in flight are budgeted. A batch may not announce more than the
+  connection's budget (`max_connection_bytes`); and all connections of a
+  process share a `ByteBudget` (`max_process_bytes`): a batch waits for
+  its share before its body is read, and gives it back once it has been
+  decoded.
+* Time. A batch must begin within `idle_timeout` of the last one, and once
+  begun must arrive at `min_transfer_rate` bytes per second or better, so
+  a peer that goes silent or trickles bytes loses its connection. Decoding
+  a big batch yields to other tasks every `DECODE_SLICE` messages.
 
 `open_connection` runs the sender in a nursery for the lifetime of an
 ``async with`` block and closes the stream when the block ends.
@@ -19,7 +37,9 @@ simulator). It has two halves with different owners:
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,6 +47,7 @@ from typing import Any
 
 import trio
 
+from trioflow.comm import messages
 from trioflow.comm.frames import (
     EncodedMessage,
     FrameLimits,
@@ -36,6 +57,7 @@ from trioflow.comm.frames import (
     decode_batch,
     encode_message,
 )
+from trioflow.comm.schema import clip
 from trioflow.errors import CommClosedError, ProtocolError
 from trioflow.nurseries import background_tasks
 
@@ -50,6 +72,51 @@ MAX_MESSAGES_PER_WRITE = 50_000
 LONE_MESSAGE_ARRAY_HEADER_BYTES = 1
 # How long a closing connection may spend writing what is still queued.
 FINAL_FLUSH_S = 1.0
+# Messages checked between two yields to other tasks while decoding a batch.
+DECODE_SLICE = 512
+
+
+class ByteBudget:
+    """Bytes in flight that a process allows across all its connections.
+
+    `acquire` waits, first come first served, until `n` bytes are free. A
+    connection takes its batch's announced size before reading the body,
+    and `release`s it once the batch is decoded, so a process never holds
+    more than `capacity` bytes of half-received batches, however many peers
+    send at once.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.in_use = 0
+        self._waiting: collections.deque[tuple[int, trio.Event]] = collections.deque()
+
+    async def acquire(self, n: int) -> None:
+        if n > self.capacity:
+            raise ProtocolError(
+                f"batch of {n} bytes exceeds the process's budget of {self.capacity} bytes (max_process_bytes)"
+            )
+        if not self._waiting and self.in_use + n <= self.capacity:
+            self.in_use += n
+            return
+        ready = trio.Event()
+        entry = (n, ready)
+        self._waiting.append(entry)
+        try:
+            await ready.wait()
+        except BaseException:
+            if ready.is_set():
+                self.release(n)  # granted as we were cancelled: give it back
+            else:
+                self._waiting.remove(entry)
+            raise
+
+    def release(self, n: int) -> None:
+        self.in_use -= n
+        while self._waiting and self.in_use + self._waiting[0][0] <= self.capacity:
+            n_next, ready = self._waiting.popleft()
+            self.in_use += n_next
+            ready.set()
 
 
 class Connection:
@@ -59,12 +126,38 @@ class Connection:
         stream: the byte stream; the connection owns and closes it.
         limits: what the peer may send us.
         peer: a name for the other end, used in logs and errors.
+        inbound: the channel messages arrive on (`trioflow.comm.messages`);
+            ``None`` returns the raw maps (the wire tests use that).
+        budget: the process's `ByteBudget`, if any.
+        idle_timeout: seconds a batch may take to begin (inf: no limit).
+        min_transfer_rate: bytes per second a begun batch must keep up.
+        send_limits: what the peer accepts from us (default: `limits`;
+            a server reading a hello under tiny limits still answers under
+            the normal ones).
     """
 
-    def __init__(self, stream: trio.abc.Stream, limits: FrameLimits, *, peer: str = "?"):
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        limits: FrameLimits,
+        *,
+        peer: str = "?",
+        inbound: str | None = None,
+        budget: ByteBudget | None = None,
+        idle_timeout: float = math.inf,
+        min_transfer_rate: float = 64 * 1024,
+        send_limits: FrameLimits | None = None,
+    ):
         self.stream = stream
         self.limits = limits
         self.peer = peer
+        self.inbound = inbound
+        self.budget = budget
+        self.idle_timeout = idle_timeout
+        self.min_transfer_rate = min_transfer_rate
+        # Limits the *peer* applies to what we send (assumed equal to ours:
+        # both ends run with the same Config).
+        self.send_limits = send_limits or limits
         self._outbox: list[EncodedMessage] = []
         self._outbox_nonempty = trio.Event()
         # Messages queued and written so far, for `flush`.
@@ -75,8 +168,11 @@ class Connection:
         # True while the sender is inside a write; False once `drain` takes over.
         self._writing = False
         self._sender_retired = False
+        self._batches_received = 0
         # trio.current_time() when bytes last arrived (for hung-peer checks).
         self.last_received = trio.current_time()
+        # trio.current_time() when we last queued a message (for heartbeats).
+        self.last_sent = -math.inf
         self.close_reason: str | None = None
 
     @property
@@ -85,35 +181,50 @@ class Connection:
 
     # ------------------------------------------------------------ sending --
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: messages.Message | dict[str, Any]) -> None:
         """Queue `message` for the sender task; returns at once.
 
         Raises:
             CommClosedError: the connection is closed.
             TypeError: the message holds a value msgpack cannot carry.
-            ProtocolError: one of its frames is larger than the peer accepts.
+            ProtocolError: it is larger than the peer accepts (the text
+                names the op, the size and the limit).
         """
         if self.close_reason is not None:
             raise CommClosedError(f"connection to {self.peer} is closed: {self.close_reason}")
-        encoded = encode_message(message)
+        wire = message.to_wire() if isinstance(message, messages.Message) else message
+        encoded = encode_message(wire)
         # Check against what the peer will accept, so a message that cannot
         # travel fails here rather than closing the connection at the peer.
         # A message sent alone is wrapped in a one-byte msgpack array header
-        # (`batch_frames`); bigger batches keep to half the limit (`_take_batch`).
-        limit = self.limits.max_frame_bytes
+        # (`batch_frames`).
+        limits = self.send_limits
         body_bytes = len(encoded.body) + LONE_MESSAGE_ARRAY_HEADER_BYTES
-        if body_bytes > limit or any(memoryview(f).nbytes > limit for f in encoded.frames):
+        op = wire.get("op")
+        if body_bytes > limits.max_body_bytes:
             raise ProtocolError(
-                f"a {message.get('op')!r} message has a frame larger than "
-                f"max_frame_bytes={self.limits.max_frame_bytes}"
+                f"a {op!r} message of {body_bytes} bytes is larger than the peer accepts "
+                f"(max_body_bytes={limits.max_body_bytes}); send fewer keys or tasks per call"
             )
-        if 1 + len(encoded.frames) > self.limits.max_frames:
+        for frame in encoded.frames:
+            if memoryview(frame).nbytes > limits.max_frame_bytes:
+                raise ProtocolError(
+                    f"a {op!r} message holds a value frame of {memoryview(frame).nbytes} bytes, larger "
+                    f"than the peer accepts (max_frame_bytes={limits.max_frame_bytes})"
+                )
+        if 1 + len(encoded.frames) > limits.max_frames:
             raise ProtocolError(
-                f"a {message.get('op')!r} message needs {1 + len(encoded.frames)} frames, "
-                f"more than max_frames={self.limits.max_frames}"
+                f"a {op!r} message needs {1 + len(encoded.frames)} frames, "
+                f"more than max_frames={limits.max_frames}"
+            )
+        if encoded.nbytes > limits.max_batch_bytes:
+            raise ProtocolError(
+                f"a {op!r} message of {encoded.nbytes} bytes is larger than the peer's budget "
+                f"(max_connection_bytes={limits.max_batch_bytes})"
             )
         self._outbox.append(encoded)
         self._queued += 1
+        self.last_sent = trio.current_time()
         self._outbox_nonempty.set()
 
     async def flush(self) -> None:
@@ -190,13 +301,16 @@ class Connection:
 
     def _take_batch(self) -> list[EncodedMessage]:
         """The oldest messages that fit one batch within the peer's limits."""
-        body_budget = self.limits.max_frame_bytes // 2
-        frame_budget = self.limits.max_frames - 1
+        limits = self.send_limits
+        body_budget = limits.max_body_bytes - 5  # less the array header
+        frame_budget = limits.max_frames - 1
+        byte_budget = limits.max_batch_bytes
         count = 0
         for message in self._outbox[:MAX_MESSAGES_PER_WRITE]:
             body_budget -= len(message.body)
             frame_budget -= len(message.frames)
-            if count and (body_budget < 0 or frame_budget < 0):
+            byte_budget -= message.nbytes
+            if count and (body_budget < 0 or frame_budget < 0 or byte_budget < 0):
                 break
             count += 1
         batch = self._outbox[:count]
@@ -218,29 +332,95 @@ class Connection:
 
     # ---------------------------------------------------------- receiving --
 
-    async def receive(self) -> list[dict[str, Any]]:
-        """The messages of the next batch from the peer.
+    async def receive(self) -> list[Any]:
+        """The messages of the next batch from the peer, checked.
 
         Raises:
-            CommClosedError: the peer closed the stream (or it broke).
+            CommClosedError: the peer closed the stream (or it broke), or
+                sent nothing for `idle_timeout` seconds.
             ProtocolError: the peer sent bytes that break the protocol; the
                 caller should close the connection and log the reason.
         """
         try:
-            (n_frames,) = struct.unpack("<I", await self._read_exactly(4))
+            with trio.move_on_after(self.idle_timeout) as idle:
+                await self._fill(4)
+            if idle.cancelled_caught:
+                reason = f"no message for {self.idle_timeout:g} s (idle_timeout)"
+                self._mark_closed(reason)
+                raise CommClosedError(f"{self.peer}: {reason}")
+            (n_frames,) = struct.unpack_from("<I", self._receive_buffer)
+            if n_frames == 0 or n_frames > self.limits.max_frames:
+                self._check_speaks_trioflow()
             check_frame_count(n_frames, self.limits)
-            lengths = struct.unpack(f"<{n_frames}Q", await self._read_exactly(8 * n_frames))
-            check_frame_lengths(lengths, self.limits)
-            frames = [await self._read_exactly(length) for length in lengths]
+            # From the first byte of a batch, the rest must keep coming.
+            with trio.move_on_after(self.idle_timeout) as slow_header:
+                await self._fill(4 + 8 * n_frames)
+            if slow_header.cancelled_caught:
+                raise ProtocolError(f"a batch header did not arrive within {self.idle_timeout:g} s")
+            lengths = struct.unpack_from(f"<{n_frames}Q", self._receive_buffer, 4)
+            total = check_frame_lengths(lengths, self.limits)
+            del self._receive_buffer[: 4 + 8 * n_frames]
+            if self.budget is not None:
+                await self.budget.acquire(total)
+            try:
+                allowed = self.idle_timeout + total / self.min_transfer_rate
+                with trio.move_on_after(allowed) as slow:
+                    frames = [await self._read_frame(length) for length in lengths]
+                if slow.cancelled_caught:
+                    raise ProtocolError(
+                        f"a batch of {total} bytes did not arrive within {allowed:g} s "
+                        f"(the peer sends slower than min_transfer_rate={self.min_transfer_rate:g} B/s)"
+                    )
+                self._batches_received += 1
+                raw = decode_batch(frames, self.limits)
+                del frames
+                if self.inbound is None:
+                    return raw
+                return await self._decode(raw)
+            finally:
+                if self.budget is not None:
+                    self.budget.release(total)
+        except CommClosedError:
+            raise
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._mark_closed(f"read failed: {exc!r}")
             raise CommClosedError(f"connection to {self.peer} broke: {exc!r}") from None
-        return decode_batch(frames, self.limits)
 
-    async def _read_exactly(self, n: int) -> bytes | bytearray:
+    async def _decode(self, raw: list[dict[str, Any]]) -> list[messages.Message]:
+        """Check each map against its declaration, yielding now and then.
+
+        A request or submission that breaks its declaration becomes an
+        `Invalid` (answered with the reason); anything else that does ends
+        the connection (`ProtocolError`).
+        """
+        channel = self.inbound
+        assert channel is not None
+        decode = messages.decode
+        out = []
+        for start in range(0, len(raw), DECODE_SLICE):
+            if start:
+                await trio.lowlevel.checkpoint()
+            for message in raw[start : start + DECODE_SLICE]:
+                try:
+                    out.append(decode(message, channel))
+                except ProtocolError as exc:
+                    refused = messages.invalid(message, channel, exc)
+                    if refused is None:
+                        raise
+                    out.append(refused)
+        return out
+
+    def _check_speaks_trioflow(self) -> None:
+        """Name what the peer is when its first bytes are not a batch at all."""
+        if self._batches_received:
+            return
+        head = bytes(self._receive_buffer[:40])
+        if head[:4].isascii() and head[:4].decode("ascii").isprintable():
+            raise ProtocolError(f"{self.peer} does not speak trioflow: it sent {clip(head, 60)}")
+
+    async def _fill(self, n: int) -> None:
+        """Read until the receive buffer holds at least `n` bytes."""
         buffer = self._receive_buffer
-        if n > RECEIVE_CHUNK_BYTES and len(buffer) < n:
-            return await self._read_large(n)
         while len(buffer) < n:
             chunk = await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
             if not chunk:
@@ -248,26 +428,28 @@ class Connection:
                 raise CommClosedError(f"{self.peer} closed the connection")
             self.last_received = trio.current_time()
             buffer += chunk
-        with memoryview(buffer) as view:
-            out = view[:n].tobytes()
-        del buffer[:n]
-        return out
 
-    async def _read_large(self, n: int) -> bytearray:
-        """Read a big frame straight into its own buffer (one copy per chunk)."""
-        out = bytearray(n)
-        have = len(self._receive_buffer)
-        out[:have] = self._receive_buffer
-        self._receive_buffer.clear()
-        with memoryview(out) as view:
-            while have < n:
-                chunk = await self.stream.receive_some(min(n - have, 4 * RECEIVE_CHUNK_BYTES))
-                if not chunk:
-                    self._mark_closed("closed by the peer")
-                    raise CommClosedError(f"{self.peer} closed the connection mid-frame")
-                view[have : have + len(chunk)] = chunk
-                have += len(chunk)
-                self.last_received = trio.current_time()
+    async def _read_frame(self, n: int) -> bytes | bytearray:
+        """One frame of `n` bytes, allocated as its bytes arrive."""
+        buffer = self._receive_buffer
+        if len(buffer) >= n or n <= RECEIVE_CHUNK_BYTES:
+            await self._fill(n)
+            with memoryview(buffer) as view:
+                out = view[:n].tobytes()
+            del buffer[:n]
+            return out
+        # A big frame: take what is buffered, then grow the frame's own
+        # buffer chunk by chunk. (bytearray grows in place where it can;
+        # large reallocations move pages rather than copying them.)
+        out = bytearray(buffer)
+        buffer.clear()
+        while len(out) < n:
+            chunk = await self.stream.receive_some(min(n - len(out), 4 * RECEIVE_CHUNK_BYTES))
+            if not chunk:
+                self._mark_closed("closed by the peer")
+                raise CommClosedError(f"{self.peer} closed the connection mid-frame")
+            out += chunk
+            self.last_received = trio.current_time()
         return out
 
     # ------------------------------------------------------------ closing --
@@ -291,14 +473,15 @@ class Connection:
 
 @asynccontextmanager
 async def open_connection(
-    stream: trio.abc.Stream, limits: FrameLimits, *, peer: str = "?"
+    stream: trio.abc.Stream, limits: FrameLimits, *, peer: str = "?", **options: Any
 ) -> AsyncIterator[Connection]:
     """Run a `Connection` over `stream` for the duration of the block.
 
+    `options` are those of `Connection` (inbound channel, budget, timeouts).
     On exit the sender gets a brief chance to write what is queued (a final
     reply, a goodbye), then the stream is closed.
     """
-    conn = Connection(stream, limits, peer=peer)
+    conn = Connection(stream, limits, peer=peer, **options)
     async with background_tasks() as nursery:
         nursery.start_soon(conn.run_sender)
         try:

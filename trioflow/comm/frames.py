@@ -14,8 +14,21 @@ appear, which is the order msgpack decodes them, so messages can be encoded
 one at a time (when they are sent) and concatenated into a batch later.
 
 Every length is checked against `FrameLimits` *before* anything is
-allocated, and msgpack's own size limits are applied while decoding; a
-violation raises `ProtocolError`, and the caller closes that one connection.
+allocated, and decoding is bounded in size, count and nesting (design.md §6
+rule 3):
+
+* size: frame 0, the msgpack body, has a small limit of its own
+  (`max_body_bytes`, a few MiB), apart from the buffer frames that carry
+  values (`max_frame_bytes`);
+* count: msgpack arrays and maps hold at most `max_items` entries, and a
+  body may create at most one container per `BODY_BYTES_PER_CONTAINER`
+  bytes. Without that bound, 12 MB of ``0x90`` bytes decode to twelve
+  million empty lists (about 870 MB, and seconds of a frozen event loop);
+* nesting: msgpack's own decoder refuses nesting deeper than its fixed
+  stack, and every message is checked against its declaration afterwards.
+
+A violation raises `ProtocolError`, and the caller closes that one
+connection.
 """
 
 from __future__ import annotations
@@ -27,25 +40,62 @@ from typing import Any
 
 import msgpack
 
+from trioflow.comm.schema import Record
 from trioflow.comm.serialize import Serialized
 from trioflow.errors import ProtocolError
 
 EXT_SERIALIZED = 1
 _U32 = struct.Struct("<I")
 _EXT_PAYLOAD = struct.Struct("<I")
+# A legitimate message spends at least this many body bytes per list or map
+# it holds (a map key alone takes more), so a body may hold at most one
+# container per this many bytes: 4 MiB then decode to at most half a million
+# containers (tens of MB, tens of milliseconds), whatever the bytes are.
+BODY_BYTES_PER_CONTAINER = 8
+# Before the hello nothing but a small hello may arrive: one frame of this
+# many bytes at most (design.md §6 rule 1).
+HELLO_BODY_BYTES = 16 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
 class FrameLimits:
-    """What a peer may send us (see `trioflow.Config`)."""
+    """What a peer may send us in one batch (see the `trioflow.Config` fields).
+
+    Args:
+        max_frame_bytes: largest buffer frame (a value's bytes).
+        max_body_bytes: largest frame 0 (the msgpack body of the messages).
+        max_frames: most frames in one batch.
+        max_items: most entries in one msgpack array or map.
+        max_batch_bytes: most bytes one batch may announce in all; also
+            the connection's budget of bytes in flight.
+    """
 
     max_frame_bytes: int = 1 << 30
+    max_body_bytes: int = 4 << 20
     max_frames: int = 65_536
     max_items: int = 1_000_000
+    max_batch_bytes: int = 2 << 30
 
     @classmethod
     def from_config(cls, config) -> FrameLimits:
-        return cls(config.max_frame_bytes, config.max_frames_per_batch, config.max_messages_per_batch)
+        return cls(
+            max_frame_bytes=config.max_frame_bytes,
+            max_body_bytes=config.max_body_bytes,
+            max_frames=config.max_frames_per_batch,
+            max_items=config.max_messages_per_batch,
+            max_batch_bytes=config.max_connection_bytes,
+        )
+
+    @classmethod
+    def before_hello(cls) -> FrameLimits:
+        """The tiny limits of a connection whose peer has not said hello."""
+        return cls(
+            max_frame_bytes=0,
+            max_body_bytes=HELLO_BODY_BYTES,
+            max_frames=1,
+            max_items=64,
+            max_batch_bytes=HELLO_BODY_BYTES,
+        )
 
 
 class EncodedMessage:
@@ -70,6 +120,8 @@ def encode_message(message: dict) -> EncodedMessage:
             return msgpack.ExtType(EXT_SERIALIZED, _EXT_PAYLOAD.pack(1 + len(obj.buffers)))
         if isinstance(obj, (set, frozenset)):
             return sorted(obj)
+        if isinstance(obj, Record):
+            return obj.wire_fields()
         raise TypeError(f"cannot send a {type(obj).__name__} in a message")
 
     return EncodedMessage(msgpack.packb(message, default=default, use_bin_type=True), frames)
@@ -99,12 +151,28 @@ def check_frame_count(n_frames: int, limits: FrameLimits) -> None:
         raise ProtocolError(f"batch announces {n_frames} frames (limit {limits.max_frames})")
 
 
-def check_frame_lengths(lengths: Sequence[int], limits: FrameLimits) -> None:
-    for length in lengths:
+def check_frame_lengths(lengths: Sequence[int], limits: FrameLimits) -> int:
+    """Check a batch's announced frame lengths; return their total.
+
+    Raises:
+        ProtocolError: a frame or the whole batch is larger than allowed.
+    """
+    if lengths[0] > limits.max_body_bytes:
+        raise ProtocolError(
+            f"message body of {lengths[0]} bytes exceeds max_body_bytes={limits.max_body_bytes}"
+        )
+    for length in lengths[1:]:
         if length > limits.max_frame_bytes:
             raise ProtocolError(
                 f"frame of {length} bytes exceeds max_frame_bytes={limits.max_frame_bytes}"
             )
+    total = sum(lengths)
+    if total > limits.max_batch_bytes:
+        raise ProtocolError(
+            f"batch of {total} bytes exceeds the connection's budget of {limits.max_batch_bytes} bytes "
+            f"(max_connection_bytes)"
+        )
+    return total
 
 
 def decode_batch(frames: Sequence[Any], limits: FrameLimits) -> list[dict]:
@@ -126,14 +194,28 @@ def decode_batch(frames: Sequence[Any], limits: FrameLimits) -> list[dict]:
         next_frame += count
         return value
 
+    containers_left = len(frames[0]) // BODY_BYTES_PER_CONTAINER + 64
+
+    def count_container(container: Any) -> Any:
+        nonlocal containers_left
+        containers_left -= 1
+        if containers_left < 0:
+            raise ProtocolError(
+                f"message body of {len(frames[0])} bytes holds more than one list or map per "
+                f"{BODY_BYTES_PER_CONTAINER} bytes (a decoding bomb?)"
+            )
+        return container
+
     try:
         messages = msgpack.unpackb(
             frames[0],
             ext_hook=ext_hook,
+            list_hook=count_container,
+            object_hook=count_container,
             raw=False,
             strict_map_key=True,
-            max_str_len=limits.max_frame_bytes,
-            max_bin_len=limits.max_frame_bytes,
+            max_str_len=limits.max_body_bytes,
+            max_bin_len=limits.max_body_bytes,
             max_array_len=limits.max_items,
             max_map_len=limits.max_items,
             max_ext_len=_EXT_PAYLOAD.size,

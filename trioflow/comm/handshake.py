@@ -1,52 +1,163 @@
-"""The first message on every connection: who is calling, speaking what.
+"""The first exchange on every connection: who is calling, and may they.
 
-The side that connects sends ``{"op": "hello", "role": ..., "protocol": N}``
-before anything else; the side that accepts reads it with `expect_hello`
-and closes the connection if it is missing, late, or of a protocol version
-it does not speak. (Authentication, when a shared secret is configured,
-will slot in here: a challenge and an HMAC before the hello is accepted.)
+The side that connects sends a `Hello` before anything else, alone in its
+batch (`say_hello` flushes it). The side that accepts reads it under tiny
+limits (`FrameLimits.before_hello`) within `handshake_timeout`, and then
+either accepts the role (the connection's inbound channel and limits are
+set for it) or answers `Refused` with a reason and closes. A connecting
+side that hears `Refused`, or bytes that are not trioflow at all, raises
+`HandshakeRefused` naming what answered, instead of retrying in the dark:
+a client pointed at a worker's port says so at once.
+
+(Authentication slots in here: a challenge and an HMAC before the hello.)
+
+`ConnectionGate` caps how many connections a server holds at once.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from collections.abc import Mapping
 
 import trio
 
 from trioflow.comm.connection import Connection
-from trioflow.errors import ProtocolError
+from trioflow.comm.frames import FrameLimits
+from trioflow.comm.messages import PROTOCOL_VERSION, Hello, Refused, Welcome
+from trioflow.comm.schema import clip
+from trioflow.errors import CommClosedError, ProtocolError
 
-PROTOCOL_VERSION = 1
-ROLES = frozenset({"client", "worker", "peer", "nanny", "control"})
+logger = logging.getLogger("trioflow.comm")
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "ConnectionGate",
+    "HandshakeRefused",
+    "await_welcome",
+    "expect_hello",
+    "say_hello",
+]
 
 
-def say_hello(conn: Connection, role: str, **fields: Any) -> None:
-    """Queue the hello message that must open every connection."""
-    conn.send({"op": "hello", "role": role, "protocol": PROTOCOL_VERSION, **fields})
+class HandshakeRefused(CommClosedError):
+    """The server refused us, or is not the kind of server we wanted."""
+
+
+async def say_hello(conn: Connection, hello: Hello) -> None:
+    """Send `hello` and wait until it is written, so it travels alone.
+
+    Raises:
+        CommClosedError: the connection closed first.
+    """
+    conn.send(hello)
+    await conn.flush()
 
 
 async def expect_hello(
-    conn: Connection, timeout: float, roles: frozenset[str] = ROLES
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Read the peer's hello; return it and any messages that came with it.
+    conn: Connection, timeout: float, roles: Mapping[str, str], server: str, limits: FrameLimits
+) -> Hello:
+    """Read the peer's hello and accept it for one of `roles`, or refuse it.
+
+    Args:
+        conn: a connection created with `FrameLimits.before_hello()` and the
+            ``hello`` inbound channel.
+        timeout: seconds the peer has to say hello (`handshake_timeout`).
+        roles: the roles this server serves -> the inbound channel of each.
+        server: what this server is, for refusals ("a trioflow worker's
+            data port").
+        limits: the limits that apply once the hello is accepted.
 
     Raises:
-        ProtocolError: no hello within `timeout`, a bad one, or a role not
-            in `roles`.
+        ProtocolError: no hello in time, a bad one, or a role this server
+            does not serve (a `Refused` is then on its way to the peer).
         CommClosedError: the peer hung up first.
     """
     with trio.move_on_after(timeout):
         batch = await conn.receive()
-        if not batch:  # a valid but empty batch: still not a hello
-            raise ProtocolError("expected a hello message first, got an empty batch")
-        hello, rest = batch[0], batch[1:]
-        if hello["op"] != "hello":
-            raise ProtocolError(f"expected a hello message first, got op {hello['op']!r}")
-        if hello.get("protocol") != PROTOCOL_VERSION:
-            raise ProtocolError(
-                f"peer speaks protocol {hello.get('protocol')!r}, this process speaks {PROTOCOL_VERSION}"
-            )
-        if hello.get("role") not in roles:
-            raise ProtocolError(f"unexpected role {hello.get('role')!r} (expected one of {sorted(roles)})")
-        return hello, rest
-    raise ProtocolError(f"no hello within {timeout:g} s")
+        if len(batch) != 1:
+            raise ProtocolError(f"a hello must come alone, got {len(batch)} messages")
+        [hello] = batch
+        if hello.protocol != PROTOCOL_VERSION:
+            refuse(conn, f"{server} speaks trioflow protocol {PROTOCOL_VERSION}, not {clip(hello.protocol)}")
+        if hello.role not in roles:
+            wanted = " or ".join(sorted(roles))
+            refuse(conn, f"this is {server}, which serves {wanted} connections, not {hello.role}s")
+        conn.inbound = roles[hello.role]
+        conn.limits = limits
+        return hello
+    raise ProtocolError(f"no hello within {timeout:g} s (handshake_timeout)")
+
+
+def refuse(conn: Connection, reason: str) -> None:
+    """Tell the peer why it is being turned away, then raise for the caller.
+
+    The refusal is written by `open_connection`'s final flush as the
+    connection closes.
+
+    Raises:
+        ProtocolError: always, with `reason`.
+    """
+    try:
+        conn.send(Refused(reason=reason))
+    except CommClosedError:
+        pass
+    raise ProtocolError(reason)
+
+
+async def await_welcome(conn: Connection, timeout: float, address: str, expected: str) -> tuple[Welcome, list]:
+    """Wait for a server's `Welcome`; return it and whatever came with it.
+
+    Args:
+        expected: what we meant to reach ("a trioflow scheduler"), for errors.
+
+    Raises:
+        HandshakeRefused: the server refused us, answered with something
+            other than a welcome, or does not speak trioflow at all.
+        CommClosedError: no answer within `timeout`, or the connection broke.
+    """
+    try:
+        with trio.move_on_after(timeout):
+            first, *rest = await conn.receive() or [None]
+            if isinstance(first, Welcome):
+                return first, rest
+            if isinstance(first, Refused):
+                raise HandshakeRefused(f"{address} refused the connection: {first.reason}")
+            raise HandshakeRefused(f"{address} is not {expected}: it answered with {clip(first)}")
+    except ProtocolError as exc:
+        raise HandshakeRefused(f"{address} is not {expected}: {exc}") from None
+    raise CommClosedError(f"{address} did not answer within {timeout:g} s; is it {expected}?")
+
+
+class ConnectionGate:
+    """At most `limit` connections at once; the rest are closed on arrival.
+
+    A refused connection costs its peer a closed socket and this process one
+    log line (a summary at most every `LOG_EVERY_S` seconds, so a flood does
+    not flood the log).
+    """
+
+    LOG_EVERY_S = 10.0
+
+    def __init__(self, limit: int, server: str):
+        self.limit = limit
+        self.server = server
+        self.open = 0
+        self._refused = 0
+        self._last_log = -float("inf")
+
+    def try_enter(self) -> bool:
+        if self.open >= self.limit:
+            self._refused += 1
+            now = trio.current_time()
+            if now - self._last_log >= self.LOG_EVERY_S:
+                logger.warning(
+                    "%s refused %d connection(s): already at max_connections=%d",
+                    self.server, self._refused, self.limit,
+                )
+                self._refused, self._last_log = 0, now
+            return False
+        self.open += 1
+        return True
+
+    def leave(self) -> None:
+        self.open -= 1

@@ -4,9 +4,12 @@ Most traffic in trioflow is one-way (the scheduler streams orders, workers
 stream reports). A few exchanges are questions that need an answer: a
 worker fetching data from a peer, a client gathering results, `run`,
 `scatter`. For those, a message carries a ``request_id`` and the answer
-comes back as ``{"op": "reply", "request_id": ..., ...}`` (or with an
-``"error"`` string). `Requests` matches the two on one connection;
-`ConnectionPool` keeps one long-lived connection per peer address.
+comes back as a `Reply` with the same id (or with an ``error`` text).
+`Requests` matches the two on one connection and checks each reply
+against what its request promises (`messages.reply_kind`): a reply that
+breaks its declaration is a protocol error of the peer, and closes the
+connection like any other. `ConnectionPool` keeps one long-lived
+connection per peer address.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from typing import Any
 
 import trio
 
-from trioflow.comm.connection import Connection, open_connection
+from trioflow.comm import messages
+from trioflow.comm.connection import ByteBudget, Connection, open_connection
 from trioflow.comm.frames import FrameLimits
 from trioflow.comm.handshake import say_hello
 from trioflow.comm.network import Network, connect_with_timeout
+from trioflow.comm.schema import Record
 from trioflow.errors import CommClosedError, ProtocolError
 from trioflow.nurseries import background_tasks
 
@@ -35,32 +40,46 @@ class RequestFailed(Exception):
 
 
 class _Pending:
-    __slots__ = ("event", "reply", "error")
+    __slots__ = ("event", "reply", "error", "expected", "op")
 
-    def __init__(self) -> None:
+    def __init__(self, expected: type[Record], op: str) -> None:
         self.event = trio.Event()
-        self.reply: dict[str, Any] | None = None
+        self.reply: Record | None = None
         self.error: BaseException | None = None
+        self.expected = expected
+        self.op = op
 
 
 class Requests:
-    """The requests sent on one connection that still await a reply."""
+    """The requests sent on one connection that still await a reply.
 
-    def __init__(self, conn: Connection):
+    Args:
+        conn: the connection.
+        channel: the channel requests travel on (it decides what a reply
+            to `run` holds).
+    """
+
+    def __init__(self, conn: Connection, channel: str):
         self.conn = conn
+        self.channel = channel
         self._ids = itertools.count()
         self._pending: dict[int, _Pending] = {}
         # When the oldest unanswered request was sent (None: nothing owed).
         self.waiting_since: float | None = None
-        self._now_waiting = trio.Event()
+        # Set (and replaced) whenever `waiting_since` turns on or off.
+        self._changed = trio.Event()
 
-    async def wait_until_waiting(self) -> None:
-        """Return once at least one request awaits its reply."""
-        while self.waiting_since is None:
-            await self._now_waiting.wait()
+    async def wait_for_change(self) -> None:
+        """Return once requests start or stop awaiting replies."""
+        await self._changed.wait()
 
-    async def call(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Send `message` and wait for its reply.
+    def _set_waiting(self, since: float | None) -> None:
+        self.waiting_since = since
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def call(self, message: messages.Message) -> Any:
+        """Send `message` and wait for its reply's checked fields.
 
         Raises:
             CommClosedError: the connection closed before the reply came.
@@ -68,34 +87,40 @@ class Requests:
 
         Cancellation: safe; a reply that arrives later is discarded.
         """
+        expected = messages.reply_kind(type(message), self.channel)
+        assert expected is not None, f"{message.OP!r} is not a request on {self.channel}"
         request_id = next(self._ids)
-        pending = self._pending[request_id] = _Pending()
+        pending = self._pending[request_id] = _Pending(expected, message.OP)
         if self.waiting_since is None:
-            self.waiting_since = trio.current_time()
-            self._now_waiting.set()
-            self._now_waiting = trio.Event()
+            self._set_waiting(trio.current_time())
         try:
-            self.conn.send({**message, "request_id": request_id})
+            message.request_id = request_id
+            self.conn.send(message)
             await pending.event.wait()
         finally:
             self._pending.pop(request_id, None)
             if not self._pending:
-                self.waiting_since = None
+                self._set_waiting(None)
         if pending.error is not None:
             raise pending.error
-        assert pending.reply is not None
-        if "error" in pending.reply:
-            raise RequestFailed(pending.reply["error"])
         return pending.reply
 
-    def deliver(self, message: dict[str, Any]) -> bool:
-        """Hand a received message to its waiting caller; False if not a reply."""
-        if message["op"] != "reply":
+    def deliver(self, message: messages.Message) -> bool:
+        """Hand a received reply to its waiting caller; False if not a reply.
+
+        Raises:
+            ProtocolError: the reply does not hold what its request promises.
+        """
+        if type(message) is not messages.Reply:
             return False
-        pending = self._pending.get(message.get("request_id"))  # type: ignore[arg-type]
-        if pending is not None:
-            pending.reply = message
-            pending.event.set()
+        pending = self._pending.get(message.request_id)
+        if pending is None:
+            return True  # its caller gave up (cancelled): nobody to tell
+        if message.error is not None:
+            pending.error = RequestFailed(message.error)
+        else:
+            pending.reply = message.checked(pending.expected, pending.op)
+        pending.event.set()
         return True
 
     def fail_all(self, reason: str) -> None:
@@ -105,10 +130,18 @@ class Requests:
         self._pending.clear()
 
 
-def reply(conn: Connection, request: dict[str, Any], **fields: Any) -> None:
-    """Answer `request` on `conn` (quietly, if the asker has gone)."""
+def reply(conn: Connection, request: messages.Message, fields: Record | None = None, *, error: str | None = None) -> None:
+    """Answer `request` on `conn` (quietly, if the asker has gone).
+
+    An answer too large to travel becomes an error reply that says so: an
+    exchange either succeeds or gets a clear error, never silence.
+    """
+    assert request.request_id is not None
     try:
-        conn.send({"op": "reply", "request_id": request.get("request_id"), **fields})
+        try:
+            conn.send(messages.Reply(request.request_id, fields, error))
+        except ProtocolError as exc:
+            conn.send(messages.Reply(request.request_id, None, f"the answer cannot travel: {exc}"))
     except CommClosedError:
         pass
 
@@ -127,24 +160,36 @@ class ConnectionPool:
 
     Each link has a reader task in the pool's nursery that delivers replies;
     when a link breaks, its waiting callers get `CommClosedError` and the
-    next call opens a fresh connection.
+    next call opens a fresh connection. A link unused for half the
+    servers' `idle_timeout` is closed by the pool itself, before the server
+    would close it under a request in flight.
+
+    Args:
+        role: the role of our hello: ``"peer"`` (to workers' ports) or
+            ``"control"`` (the scheduler to nannies).
+        idle_timeout: the servers' idle timeout (see above).
+        peer_timeout: a peer that owes an answer and sends no byte for this
+            long is hung: the link is closed and its callers get
+            `CommClosedError`.
     """
 
     def __init__(
         self, network: Network, limits: FrameLimits, role: str, connect_timeout: float,
-        nursery: trio.Nursery, idle_timeout: float = math.inf,
+        nursery: trio.Nursery, peer_timeout: float = math.inf, idle_timeout: float = math.inf,
+        budget: ByteBudget | None = None,
     ):
         self.network = network
         self.limits = limits
         self.role = role
+        self.outbound, self.inbound = messages.ROLE_CHANNELS[role]
         self.connect_timeout = connect_timeout
-        # A peer that owes us an answer and sends no byte for this long is
-        # hung: the link is closed and its callers get CommClosedError.
+        self.peer_timeout = peer_timeout
         self.idle_timeout = idle_timeout
+        self.budget = budget
         self._nursery = nursery
         self._links: dict[str, _PeerLink] = {}
 
-    async def call(self, address: str, message: dict[str, Any]) -> dict[str, Any]:
+    async def call(self, address: str, message: messages.Message) -> Any:
         """Send a request to the peer at `address` and wait for the reply.
 
         Raises:
@@ -152,14 +197,18 @@ class ConnectionPool:
                 malformed) or the link broke.
             RequestFailed: the peer answered with an error.
         """
-        link = self._links.get(address)
-        if link is None:
-            link = self._links[address] = _PeerLink()
-            self._nursery.start_soon(self._run_link, address, link)
-        await link.ready.wait()
-        if link.requests is None:
-            raise CommClosedError(link.error or f"no connection to {address}")
-        return await link.requests.call(message)
+        for _ in range(2):
+            link = self._links.get(address)
+            if link is None:
+                link = self._links[address] = _PeerLink()
+                self._nursery.start_soon(self._run_link, address, link)
+            await link.ready.wait()
+            if link.requests is None:
+                raise CommClosedError(link.error or f"no connection to {address}")
+            if link.requests.conn.closed and self._links.get(address) is not link:
+                continue  # closed for idleness as we got it: open a fresh one
+            return await link.requests.call(message)
+        raise CommClosedError(f"no connection to {address}")
 
     async def _run_link(self, address: str, link: _PeerLink) -> None:
         try:
@@ -170,15 +219,18 @@ class ConnectionPool:
             link.ready.set()
             return
         try:
-            async with open_connection(stream, self.limits, peer=address) as conn:
-                say_hello(conn, self.role)
-                link.requests = Requests(conn)
+            async with open_connection(
+                stream, self.limits, peer=address, inbound=self.inbound, budget=self.budget
+            ) as conn:
+                await say_hello(conn, messages.Hello(role=self.role, protocol=messages.PROTOCOL_VERSION))
+                link.requests = Requests(conn, self.outbound)
                 link.ready.set()
                 async with background_tasks() as helpers:
-                    helpers.start_soon(self._watch, conn, link.requests)
+                    helpers.start_soon(self._watch, conn, link.requests, address)
                     while True:
                         for message in await conn.receive():
-                            link.requests.deliver(message)
+                            if not link.requests.deliver(message):
+                                raise ProtocolError(f"unexpected {message.OP!r} from {address}")
         except (CommClosedError, ProtocolError) as exc:
             link.error = f"connection to {address} lost: {exc}"
         finally:
@@ -188,18 +240,25 @@ class ConnectionPool:
                 link.requests.fail_all(link.error or f"connection to {address} closed")
             link.ready.set()
 
-    async def _watch(self, conn: Connection, requests: Requests) -> None:
-        """Close the link when the peer owes an answer and has gone silent."""
-        if self.idle_timeout == math.inf:
-            return
+    async def _watch(self, conn: Connection, requests: Requests, address: str) -> None:
+        """Close the link when the peer owes an answer and has gone silent,
+        or when nobody has used it for half the servers' idle timeout."""
+        unused_after = self.idle_timeout / 2
         while True:
-            await requests.wait_until_waiting()
-            assert requests.waiting_since is not None
-            deadline = max(conn.last_received, requests.waiting_since) + self.idle_timeout
-            if trio.current_time() >= deadline:
-                await conn.aclose(f"no answer for {self.idle_timeout:g} s (peer_timeout)")
-                return
-            await trio.sleep_until(deadline)
+            if requests.waiting_since is not None:
+                deadline = max(conn.last_received, requests.waiting_since) + self.peer_timeout
+                if trio.current_time() >= deadline:
+                    await conn.aclose(f"no answer for {self.peer_timeout:g} s (peer_timeout)")
+                    return
+            else:
+                deadline = max(conn.last_received, conn.last_sent) + unused_after
+                if trio.current_time() >= deadline:
+                    self.forget(address)
+                    await conn.aclose("unused")
+                    return
+            # Look again at the deadline, or sooner if requests start or stop.
+            with trio.move_on_at(deadline):
+                await requests.wait_for_change()
 
     def forget(self, address: str) -> None:
         """Drop the link to `address` (its reader ends when the peer closes)."""
@@ -213,7 +272,9 @@ async def open_connection_pool(
     *,
     role: str,
     connect_timeout: float,
+    peer_timeout: float = math.inf,
     idle_timeout: float = math.inf,
+    budget: ByteBudget | None = None,
 ) -> AsyncIterator[ConnectionPool]:
     async with background_tasks() as nursery:
-        yield ConnectionPool(network, limits, role, connect_timeout, nursery, idle_timeout)
+        yield ConnectionPool(network, limits, role, connect_timeout, nursery, peer_timeout, idle_timeout, budget)

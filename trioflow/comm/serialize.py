@@ -11,6 +11,10 @@ scheduler forwards a task's `Serialized` arguments without looking inside.
 Functions are the exception to "pickle each time": `client.map(f, ...)`
 sends one function to thousands of tasks, so `dumps_function` pickles each
 function once and `loads_function` unpickles each distinct payload once.
+A function's id is the digest of its pickled bytes (`function_id`), and
+whoever receives a function checks the id against the bytes
+(`verify_function`): no peer can pass off its own bytes under the id of
+another client's function.
 """
 
 from __future__ import annotations
@@ -93,13 +97,39 @@ def loads(serialized: Serialized) -> Any:
 
 
 class SerializedFunction:
-    """A function pickled once, with a short id that names its bytes."""
+    """A function pickled once, with the id that names its bytes.
 
-    __slots__ = ("function_id", "payload")
+    `payload` is a `Serialized` with no out-of-band buffers (they are folded
+    in), so it travels as one frame and its digest is over one byte string.
+    """
 
-    def __init__(self, function_id: str, payload: bytes):
+    __slots__ = ("function_id", "payload", "__weakref__")
+
+    def __init__(self, function_id: str, payload: Serialized):
         self.function_id = function_id
         self.payload = payload
+
+
+def function_id(payload: bytes | bytearray | memoryview) -> str:
+    """The id of a pickled function: the hex BLAKE2b-256 digest of its bytes.
+
+    256 bits, so that finding two functions with one id is out of reach.
+    """
+    return hashlib.blake2b(payload, digest_size=32).hexdigest()
+
+
+def verify_function(claimed_id: str, payload: Serialized) -> SerializedFunction:
+    """The function `payload`, if `claimed_id` is the digest of its bytes.
+
+    Raises:
+        SerializationError: the id does not name these bytes, or the payload
+            has buffers of its own.
+    """
+    if payload.buffers:
+        raise SerializationError(f"function {claimed_id[:16]}... arrived with out-of-band buffers")
+    if function_id(payload.header) != claimed_id:
+        raise SerializationError(f"function id {claimed_id[:16]}... is not the digest of its bytes")
+    return SerializedFunction(claimed_id, payload)
 
 
 def dumps_function(fn: Any) -> SerializedFunction:
@@ -122,7 +152,7 @@ def _dumps_function(fn: Any) -> SerializedFunction:
         # the payload can be cached and sent as one value.
         payload = Serialized(cloudpickle.dumps(fn, protocol=PROTOCOL))
     header = bytes(payload.header)
-    return SerializedFunction(hashlib.blake2b(header, digest_size=12).hexdigest(), header)
+    return SerializedFunction(function_id(header), Serialized(header))
 
 
 @functools.lru_cache(maxsize=512)
@@ -130,6 +160,6 @@ def _loads_function_bytes(payload: bytes) -> Any:
     return loads(Serialized(payload))
 
 
-def loads_function(payload: bytes | memoryview) -> Any:
+def loads_function(payload: Serialized) -> Any:
     """Unpickle a function payload, once per distinct payload."""
-    return _loads_function_bytes(bytes(payload))
+    return _loads_function_bytes(bytes(payload.header))

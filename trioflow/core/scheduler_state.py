@@ -195,6 +195,27 @@ class SchedulerState(TaskTransitions):
         order = sorted(self.workers.values(), key=lambda ws: len(ws.has_what))
         return {key: (order[i % len(order)].address,) for i, key in enumerate(keys)}
 
+    def knows(self, key: str) -> bool:
+        """Whether a task record exists for `key`."""
+        return key in self.tasks
+
+    def wants(self, client: str, key: str) -> bool:
+        """Whether `client` holds a future for `key`."""
+        return key in self.clients.get(client, ())
+
+    def assigned_to(self, key: str) -> str | None:
+        """The worker `key` is processing on, if any."""
+        ts = self.tasks.get(key)
+        return None if ts is None else ts.processing_on
+
+    def copies(self, keys: Iterable[str]) -> dict[str, int | None]:
+        """How many workers hold each key's value (None: not in memory)."""
+        out: dict[str, int | None] = {}
+        for key in keys:
+            ts = self.tasks.get(key)
+            out[key] = len(ts.who_has) if ts is not None and ts.state is MEMORY else None
+        return out
+
     def count_by_state(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for ts in self.tasks.values():

@@ -1,0 +1,737 @@
+"""Every message trioflow processes exchange, declared once.
+
+This module is the protocol. Each op of docs/protocol.md is one class below:
+its fields with their types and bounds (`trioflow.comm.schema`), the
+*channels* it may travel on (who may send it to whom), and, for requests,
+the fields of the reply. A test checks docs/protocol.md against these
+declarations, so the two cannot drift apart.
+
+How it is used:
+
+* Receiving: a `Connection` knows its inbound channel (set by the
+  handshake) and turns every map that arrives into a typed, checked
+  message with `decode`. An op unknown, or not allowed on that channel, or
+  a field out of bounds, raises `ProtocolError`; the shell closes that one
+  connection and logs a clipped reason (design.md §6 rules 4 and 5). Shells
+  dispatch on the class, through one table per role.
+* Sending: shells build messages (``TaskStarted(key=k)``) and hand them to
+  `Connection.send`, which calls `to_wire`.
+
+Channels are named by the two ends of a connection and the direction; the
+*role* in a hello says which kind of connection it is:
+
+======================  ==========================================
+role in the hello       inbound channel of the accepting side
+======================  ==========================================
+``client``              CLIENT_TO_SCHEDULER
+``worker``              WORKER_TO_SCHEDULER
+``peer`` or ``client``  PEER_TO_WORKER (a worker's own port)
+``control``             SCHEDULER_TO_NANNY (a nanny's control port)
+======================  ==========================================
+
+Bounds are module constants, so a reader sees every limit in one place.
+The limits on bytes (frames, bodies, budgets) are `Config` fields instead:
+operators tune those; these are sanity bounds no honest peer comes near.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar
+
+from trioflow.comm.network import parse_address
+from trioflow.comm.schema import (
+    Bool,
+    Choice,
+    FieldError,
+    Float,
+    Int,
+    List,
+    Map,
+    Nested,
+    Nullable,
+    Optional,
+    Pickled,
+    Record,
+    Str,
+    Tagged,
+    clip,
+)
+from trioflow.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+
+# ------------------------------------------------------------------ channels --
+
+HELLO = "hello"  # the first message a connecting side sends, to any server
+CLIENT_TO_SCHEDULER = "client->scheduler"
+SCHEDULER_TO_CLIENT = "scheduler->client"
+WORKER_TO_SCHEDULER = "worker->scheduler"
+SCHEDULER_TO_WORKER = "scheduler->worker"
+PEER_TO_WORKER = "peer->worker"  # a worker's own port: other workers and clients ask for data
+WORKER_TO_PEER = "worker->peer"
+SCHEDULER_TO_NANNY = "scheduler->nanny"
+NANNY_TO_SCHEDULER = "nanny->scheduler"
+
+CHANNELS = (
+    HELLO,
+    CLIENT_TO_SCHEDULER,
+    SCHEDULER_TO_CLIENT,
+    WORKER_TO_SCHEDULER,
+    SCHEDULER_TO_WORKER,
+    PEER_TO_WORKER,
+    WORKER_TO_PEER,
+    SCHEDULER_TO_NANNY,
+    NANNY_TO_SCHEDULER,
+)
+# The role a connecting side says hello with -> (the channel it sends on,
+# the channel it hears back on).
+ROLE_CHANNELS = {
+    "client": (CLIENT_TO_SCHEDULER, SCHEDULER_TO_CLIENT),
+    "worker": (WORKER_TO_SCHEDULER, SCHEDULER_TO_WORKER),
+    "peer": (PEER_TO_WORKER, WORKER_TO_PEER),
+    "control": (SCHEDULER_TO_NANNY, NANNY_TO_SCHEDULER),
+}
+SERVER_TO_CONNECTOR = tuple(answer for _, answer in ROLE_CHANNELS.values())
+# The channel a request travels on -> the one its reply comes back on.
+REPLY_CHANNEL = {
+    CLIENT_TO_SCHEDULER: SCHEDULER_TO_CLIENT,
+    SCHEDULER_TO_WORKER: WORKER_TO_SCHEDULER,
+    PEER_TO_WORKER: WORKER_TO_PEER,
+    SCHEDULER_TO_NANNY: NANNY_TO_SCHEDULER,
+}
+
+# -------------------------------------------------------------------- bounds --
+
+MAX_KEY_CHARS = 1_024
+MAX_ADDRESS_CHARS = 256
+MAX_NAME_CHARS = 256
+FUNCTION_ID_CHARS = 64  # hex of a 32-byte BLAKE2b digest (serialize.dumps_function)
+MAX_REASON_CHARS = 4_096
+MAX_TEXT_CHARS = 64 * 1024  # error messages and tracebacks
+MAX_KEYS = 100_000  # keys in one message
+MAX_TASKS_PER_SUBMIT = 10_000
+MAX_DEPENDENCIES = 100_000
+MAX_RETRIES = 1_000
+MAX_THREADS = 1_024
+MAX_WORKERS = 100_000
+MAX_NBYTES = 1 << 62
+MAX_TIMEOUT_S = 86_400.0
+MAX_FUNCTIONS_PER_SUBMIT = 1_024
+MAX_METRICS = 64
+# Results this small (pickled) travel with the "finished" reports, so a
+# client gets them without a round trip to the worker.
+INLINE_VALUE_BYTES = 1024
+
+
+def _is_address(text: str) -> bool:
+    try:
+        scheme, host, _ = parse_address(text)
+    except ValueError:
+        return False
+    return scheme in ("tcp", "tls", "sim") and bool(host)
+
+
+_is_hex = re.compile("[0-9a-f]*").fullmatch
+
+
+KEY = Str(MAX_KEY_CHARS, min_chars=1, name="key")
+KEYS = List(KEY, MAX_KEYS)
+ADDRESS = Str(MAX_ADDRESS_CHARS, min_chars=1, name="address", test=_is_address)
+ADDRESSES = List(ADDRESS, MAX_WORKERS)
+NAME = Str(MAX_NAME_CHARS, min_chars=1, name="name")
+REASON = Str(MAX_REASON_CHARS, name="text")
+TEXT = Str(MAX_TEXT_CHARS, name="text")
+FUNCTION_ID = Str(FUNCTION_ID_CHARS, min_chars=FUNCTION_ID_CHARS, name="function id", test=_is_hex)
+NBYTES = Int(0, MAX_NBYTES)
+PID = Nullable(Int(0, 1 << 31))
+WHO_HAS = Map(KEY, ADDRESSES, MAX_KEYS)
+KEY_NBYTES = Map(KEY, NBYTES, MAX_KEYS)
+METRICS = Map(Str(64, name="metric"), Float(-1e18, 1e18), MAX_METRICS)
+
+
+# ------------------------------------------------------------ the base class --
+
+
+class Message(Record):
+    """One op: a `Record` with an op name, channels and (for requests) a reply.
+
+    Requests (ops with a ``reply``) carry a ``request_id`` chosen by the
+    sender (`trioflow.comm.rpc.Requests`); the receiver answers with a
+    `Reply` holding the same id.
+    """
+
+    OP: ClassVar[str] = ""
+    CHANNELS: ClassVar[tuple[str, ...]] = ()
+    REPLY: ClassVar[type[Record] | None] = None
+    _TRANSPORT_FIELDS = frozenset({"op", "request_id"})
+
+    request_id: int | None = None
+
+    def __init_subclass__(
+        cls, op: str = "", channels: tuple[str, ...] = (), reply: type[Record] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        if op:
+            if op in OPS:
+                raise TypeError(f"op {op!r} is declared twice")
+            cls.OP, cls.CHANNELS, cls.REPLY = op, channels, reply
+            OPS[op] = cls
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = {"op": self.OP, **self.wire_fields()}
+        if self.request_id is not None:
+            wire["request_id"] = self.request_id
+        return wire
+
+
+# op name -> its class, filled as the classes below are declared.
+OPS: dict[str, type[Message]] = {}
+
+REQUEST_ID = Int(0, (1 << 63) - 1)
+
+
+class Reply(Message, op="reply", channels=SERVER_TO_CONNECTOR + (WORKER_TO_SCHEDULER,)):
+    """The answer to a request: its fields, or an error text.
+
+    The fields are checked by the side that asked, against the `REPLY` of
+    the request it sent (`Requests.deliver`): only it knows which they are.
+    """
+
+    # `Reply` keeps the raw fields until the asker checks them.
+    def __init__(self, request_id: int, fields: Record | None = None, error: str | None = None):
+        self.request_id = request_id
+        self.fields = fields
+        self.error = error
+        self.raw: dict[str, Any] = {}
+
+    @classmethod
+    def from_wire(cls, raw: dict, where: str) -> Reply:
+        try:
+            reply = cls(REQUEST_ID.check(raw.get("request_id")))
+            if "error" in raw:
+                reply.error = REASON.check(raw["error"])
+        except FieldError as exc:
+            raise ProtocolError(exc.text(where)) from None
+        reply.raw = raw
+        return reply
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"op": "reply", "request_id": self.request_id}
+        if self.error is not None:
+            wire["error"] = self.error
+        elif self.fields is not None:
+            wire.update(self.fields.wire_fields())
+        return wire
+
+    def checked(self, expected: type[Record], op: str) -> Record:
+        """The reply's fields, checked against the reply an `op` request promises."""
+        fields = {k: v for k, v in self.raw.items() if k not in ("op", "request_id")}
+        return expected.from_wire(fields, f"reply to {op!r}")
+
+    def __repr__(self) -> str:
+        return f"Reply({self.request_id}, error={clip(self.error)})" if self.error else f"Reply({self.request_id})"
+
+
+def decode(raw: dict[str, Any], channel: str) -> Message:
+    """The typed message for a map that arrived on `channel`.
+
+    Raises:
+        ProtocolError: unknown op, an op not allowed on this channel, or a
+            field that breaks its declaration.
+    """
+    op = raw["op"]
+    cls = OPS.get(op)
+    if cls is None:
+        raise ProtocolError(f"unknown op {clip(op)}")
+    if channel not in cls.CHANNELS:
+        raise ProtocolError(f"op {op!r} may not be sent {channel}")
+    message = cls.from_wire(raw, repr(op))
+    if reply_kind(cls, channel) is not None:
+        request_id = raw.get("request_id")
+        if type(request_id) is not int or not 0 <= request_id < 1 << 63:
+            raise ProtocolError(f"{op!r}: a request needs an int 'request_id', got {clip(request_id, 40)}")
+        message.request_id = request_id
+    return message
+
+
+class Invalid(Message):
+    """Stands for a request (or a submission) that broke its declaration.
+
+    A one-way message that breaks its declaration closes the connection. A
+    request is answered instead, with an error naming the field and the
+    bound ("every exchange either succeeds or replies with a clear error"),
+    and a submission is refused with `SubmitRefused` for the keys it named,
+    so the client's futures fail with the reason rather than hang. Never
+    on the wire: `invalid` builds it from what arrived.
+    """
+
+    def __init__(self, op: str, request_id: int | None, reason: str, keys: list[str]):
+        self.op = op
+        self.request_id = request_id
+        self.reason = reason
+        self.keys = keys
+
+
+def invalid(raw: dict[str, Any], channel: str, error: ProtocolError) -> Invalid | None:
+    """An `Invalid` for `raw` if it is a request or a submission; else None."""
+    cls = OPS.get(raw["op"])
+    if cls is None or channel not in cls.CHANNELS:
+        return None
+    reason = clip(str(error), MAX_REASON_CHARS - 10).strip("'\"")
+    if cls is Submit:
+        tasks = raw.get("tasks")
+        found = [t.get("key") for t in tasks[:MAX_TASKS_PER_SUBMIT] if type(t) is dict] if type(tasks) is list else []
+        keys = [k for k in found if type(k) is str and 0 < len(k) <= MAX_KEY_CHARS]
+        return Invalid("submit", None, reason, list(dict.fromkeys(keys)))
+    request_id = raw.get("request_id")
+    if reply_kind(cls, channel) is None or type(request_id) is not int or not 0 <= request_id < 1 << 63:
+        return None
+    return Invalid(cls.OP, request_id, reason, [])
+
+
+# ---------------------------------------------------------------- the hello --
+
+
+class Hello(Message, op="hello", channels=(HELLO,)):
+    """Who is calling, speaking which protocol; the first message on every link.
+
+    Workers send their address and threads; clients their id. A worker's
+    held values follow in `Register` messages, after the hello: before the
+    hello a server reads at most a few KiB (design.md §6 rule 1).
+    """
+
+    role = Choice("client", "worker", "peer", "control")
+    protocol = Int(0, 1 << 31)
+    client_id = Optional(NAME)
+    recovering = Optional(Bool(), False)
+    address = Optional(ADDRESS)
+    nthreads = Optional(Int(1, MAX_THREADS))
+    pid = Optional(PID)
+    nanny = Optional(ADDRESS)
+
+    def check_fields(self) -> None:
+        needed = {"client": ("client_id",), "worker": ("address", "nthreads")}.get(self.role, ())
+        for name in needed:
+            if getattr(self, name) is None:
+                raise FieldError(f"a {self.role} hello needs field {name!r}")
+
+
+class Welcome(Message, op="welcome", channels=(SCHEDULER_TO_CLIENT, SCHEDULER_TO_WORKER)):
+    """Registration accepted; nothing else is sent before it."""
+
+    address = ADDRESS
+
+
+class Refused(Message, op="refused", channels=SERVER_TO_CONNECTOR):
+    """The server will not serve this connection, and says why, then closes.
+
+    Sent when the hello asks for something this port does not do (a client
+    knocking on a worker's port), or is out of bounds. The connecting side
+    raises with the reason instead of retrying blindly.
+    """
+
+    reason = REASON
+
+
+# ----------------------------------------------------------- nested records --
+
+
+class UserFailure(Record, tag=("kind", "user")):
+    exception = Nullable(Pickled())
+    type_name = NAME
+    message = TEXT
+    traceback = TEXT
+
+
+class KilledWorkerFailure(Record, tag=("kind", "killed_worker")):
+    key = KEY
+    deaths = Int(0, 1 << 31)
+    last_worker = ADDRESS
+
+
+class LostDataFailure(Record, tag=("kind", "lost_data")):
+    key = KEY
+
+
+class CancelledFailure(Record, tag=("kind", "cancelled")):
+    reason = REASON
+
+
+FAILURE = Tagged(
+    "kind",
+    {
+        "user": UserFailure,
+        "killed_worker": KilledWorkerFailure,
+        "lost_data": LostDataFailure,
+        "cancelled": CancelledFailure,
+    },
+)
+USER_FAILURE = Tagged("kind", {"user": UserFailure})
+
+
+class TaskWire(Record):
+    """One task of a `Submit`: a call to run, or scattered data to re-register."""
+
+    key = KEY
+    function_id = Optional(FUNCTION_ID)
+    args = Optional(Pickled())
+    dependencies = Optional(List(KEY, MAX_DEPENDENCIES), ())
+    retries = Optional(Int(0, MAX_RETRIES), 0)
+    workers = Optional(Nullable(ADDRESSES))
+    scattered = Optional(Bool(), False)
+
+    def check_fields(self) -> None:
+        if self.scattered:
+            if self.function_id is not None or self.args is not None or self.dependencies:
+                raise FieldError("scattered data has no function, arguments or dependencies")
+        elif self.function_id is None or self.args is None:
+            raise FieldError("a task needs 'function_id' and 'args' (or 'scattered': true)")
+
+
+class WorkerInfo(Record):
+    nthreads = Int(1, MAX_THREADS)
+    processing = Int(0, 1 << 62)
+    keys = Int(0, 1 << 62)
+    pid = PID
+    metrics = METRICS
+
+
+class SchedulerInfo(Record):
+    address = ADDRESS
+    workers = Map(ADDRESS, Nested(WorkerInfo), MAX_WORKERS)
+    tasks = Map(Str(32, name="state"), Int(0, 1 << 62), 16)
+    clients = Int(0, 1 << 31)
+
+
+class RunOutcome(Record):
+    """What one worker's call of a `run` function gave: exactly one field."""
+
+    result = Optional(Pickled())
+    failure = Optional(FAILURE)
+    error = Optional(REASON)
+
+    def check_fields(self) -> None:
+        if sum(x is not None for x in (self.result, self.failure, self.error)) != 1:
+            raise FieldError("exactly one of 'result', 'failure', 'error' is expected")
+
+
+# ---------------------------------------------------- replies (by request) --
+
+
+class KeysReply(Record):
+    keys = KEYS
+
+
+class WhoHasReply(Record):
+    who_has = WHO_HAS
+
+
+class HasWhatReply(Record):
+    has_what = Map(ADDRESS, KEYS, MAX_WORKERS)
+
+
+class NThreadsReply(Record):
+    nthreads = Map(ADDRESS, Int(1, MAX_THREADS), MAX_WORKERS)
+
+
+class InfoReply(Record):
+    info = Nested(SchedulerInfo)
+
+
+class CountReply(Record):
+    n = Int(0, MAX_WORKERS)
+
+
+class RestartReply(Record):
+    n_workers = Int(0, MAX_WORKERS)
+
+
+class RunEverywhereReply(Record):
+    results = Map(ADDRESS, Nested(RunOutcome), MAX_WORKERS)
+
+
+class RunHereReply(Record):
+    result = Optional(Pickled())
+    failure = Optional(FAILURE)
+
+    def check_fields(self) -> None:
+        if (self.result is None) == (self.failure is None):
+            raise FieldError("exactly one of 'result', 'failure' is expected")
+
+
+class PutDataReply(Record):
+    nbytes = KEY_NBYTES
+
+
+class GetDataReply(Record):
+    data = Map(KEY, Pickled(), MAX_KEYS)
+    missing = KEYS
+    errors = Map(KEY, REASON, MAX_KEYS)
+
+
+class PidReply(Record):
+    pid = PID
+
+
+# ---------------------------------------------------- client -> scheduler --
+
+
+class Submit(Message, op="submit", channels=(CLIENT_TO_SCHEDULER,)):
+    """Add tasks; keys among their dependencies must be known or in this batch.
+
+    `functions` carries, by id, every function these tasks call: the id is
+    the digest of the bytes, checked on arrival, so no client can register
+    bytes under another function's id.
+    """
+
+    tasks = List(Nested(TaskWire), MAX_TASKS_PER_SUBMIT)
+    functions = Map(FUNCTION_ID, Pickled(), MAX_FUNCTIONS_PER_SUBMIT)
+    wanted = KEYS
+
+
+class ReleaseKeys(Message, op="release_keys", channels=(CLIENT_TO_SCHEDULER,)):
+    """The client dropped its last future for each key."""
+
+    keys = KEYS
+
+
+class CancelKeys(Message, op="cancel_keys", channels=(CLIENT_TO_SCHEDULER,)):
+    """Cancel these and every dependent this client holds."""
+
+    keys = KEYS
+    reason = Optional(REASON, "cancelled by the client")
+
+
+class MissingData(Message, op="missing_data", channels=(CLIENT_TO_SCHEDULER,)):
+    """A worker the client fetched `key` from did not have it."""
+
+    key = KEY
+    holders = ADDRESSES
+
+
+class ClientHeartbeat(Message, op="client_heartbeat", channels=(CLIENT_TO_SCHEDULER,)):
+    """Sent by an idle client, so that its connection is not closed as idle."""
+
+
+class Scatter(Message, op="scatter", channels=(CLIENT_TO_SCHEDULER,), reply=KeysReply):
+    """Place these values on workers; the reply comes once they hold them."""
+
+    data = Map(KEY, Pickled(), MAX_KEYS)
+    broadcast = Optional(Bool(), False)
+
+
+class Replicate(Message, op="replicate", channels=(CLIENT_TO_SCHEDULER,), reply=WhoHasReply):
+    """Keep `n` copies of each key (at most one per worker)."""
+
+    keys = KEYS
+    n = Int(1, MAX_WORKERS)
+
+
+class RunEverywhere(Message, op="run", channels=(CLIENT_TO_SCHEDULER, SCHEDULER_TO_WORKER), reply=None):
+    """Call a function on every worker (client -> scheduler) or here (-> worker)."""
+
+    function = Pickled()
+
+
+class Restart(Message, op="restart", channels=(CLIENT_TO_SCHEDULER,), reply=RestartReply):
+    """Restart every worker through its nanny; flush all tasks."""
+
+    timeout = Optional(Nullable(Float(0.001, MAX_TIMEOUT_S)))
+
+
+class WhoHas(Message, op="who_has", channels=(CLIENT_TO_SCHEDULER,), reply=WhoHasReply):
+    keys = Optional(Nullable(KEYS))
+
+
+class HasWhat(Message, op="has_what", channels=(CLIENT_TO_SCHEDULER,), reply=HasWhatReply):
+    pass
+
+
+class NThreads(Message, op="nthreads", channels=(CLIENT_TO_SCHEDULER,), reply=NThreadsReply):
+    pass
+
+
+class GetSchedulerInfo(Message, op="scheduler_info", channels=(CLIENT_TO_SCHEDULER,), reply=InfoReply):
+    pass
+
+
+class WaitForWorkers(Message, op="wait_for_workers", channels=(CLIENT_TO_SCHEDULER,), reply=CountReply):
+    """Answered once `n` workers are registered (or never, if the asker leaves first)."""
+
+    n = Int(1, MAX_WORKERS)
+
+
+# ---------------------------------------------------- scheduler -> client --
+
+
+class KeyFinished(Message, op="key_finished", channels=(SCHEDULER_TO_CLIENT,)):
+    """The value exists on `who_has`; a small one travels along as `value`."""
+
+    key = KEY
+    who_has = ADDRESSES
+    value = Optional(Pickled(max_bytes=INLINE_VALUE_BYTES))
+
+
+class KeyErred(Message, op="key_erred", channels=(SCHEDULER_TO_CLIENT,)):
+    key = KEY
+    origin = KEY
+    failure = FAILURE
+
+
+class KeyLost(Message, op="key_lost", channels=(SCHEDULER_TO_CLIENT,)):
+    """The value was lost and is being recomputed."""
+
+    key = KEY
+
+
+class Restarted(Message, op="restarted", channels=(SCHEDULER_TO_CLIENT,)):
+    """The cluster was restarted: every future is cancelled."""
+
+
+class SubmitRefused(Message, op="submit_refused", channels=(SCHEDULER_TO_CLIENT,)):
+    """The tasks of one submit were refused (a cycle, an unknown function...)."""
+
+    keys = KEYS
+    reason = REASON
+
+
+# ---------------------------------------------------- worker -> scheduler --
+
+
+class Register(Message, op="register", channels=(WORKER_TO_SCHEDULER,)):
+    """After its hello, what a worker already holds and runs, in chunks.
+
+    Non-empty after a scheduler restart. The scheduler registers the worker
+    (and sends its welcome) once the chunk with `done` arrives.
+    """
+
+    held = KEY_NBYTES
+    running = KEYS
+    done = Bool()
+
+
+class Heartbeat(Message, op="heartbeat", channels=(WORKER_TO_SCHEDULER,)):
+    """Sent when the link has been quiet for `heartbeat_interval`."""
+
+    metrics = Optional(METRICS, {})
+
+
+class TaskStarted(Message, op="task_started", channels=(WORKER_TO_SCHEDULER,)):
+    """The function is about to run (on the wire before it does)."""
+
+    key = KEY
+
+
+class TaskFinished(Message, op="task_finished", channels=(WORKER_TO_SCHEDULER,)):
+    """The value is stored here; counts only from the worker the task is on."""
+
+    key = KEY
+    nbytes = NBYTES
+    value = Optional(Pickled(max_bytes=INLINE_VALUE_BYTES))
+
+
+class TaskErred(Message, op="task_erred", channels=(WORKER_TO_SCHEDULER,)):
+    key = KEY
+    failure = USER_FAILURE
+
+
+class ReplicaAdded(Message, op="replica_added", channels=(WORKER_TO_SCHEDULER,)):
+    key = KEY
+    nbytes = NBYTES
+
+
+class ReplicaMissing(Message, op="replica_missing", channels=(WORKER_TO_SCHEDULER,)):
+    """None of `holders` could provide `key` (for `dependent`, or a requested copy)."""
+
+    key = KEY
+    holders = ADDRESSES
+    dependent = Optional(Nullable(KEY))
+
+
+class DataDropped(Message, op="data_dropped", channels=(WORKER_TO_SCHEDULER,)):
+    keys = KEYS
+
+
+class Goodbye(Message, op="goodbye", channels=(WORKER_TO_SCHEDULER,)):
+    """Leaving on purpose: running tasks are not suspected."""
+
+
+# ---------------------------------------------------- scheduler -> worker --
+
+
+class HeartbeatAck(Message, op="heartbeat_ack", channels=(SCHEDULER_TO_WORKER,)):
+    """Answer to a heartbeat, sent by the reader (not queued behind work)."""
+
+
+class ComputeTask(Message, op="compute_task", channels=(SCHEDULER_TO_WORKER,)):
+    """Run it here. `function` comes only while this worker lacks that id."""
+
+    key = KEY
+    function_id = FUNCTION_ID
+    function = Optional(Pickled())
+    args = Pickled()
+    priority = List(Int(-(1 << 63), (1 << 63) - 1), 8)
+    who_has = WHO_HAS
+    nbytes = KEY_NBYTES
+
+
+class FreeKeys(Message, op="free_keys", channels=(SCHEDULER_TO_WORKER,)):
+    keys = KEYS
+
+
+class FreeFunctions(Message, op="free_functions", channels=(SCHEDULER_TO_WORKER,)):
+    """No task on this worker calls these any more: drop them."""
+
+    function_ids = List(FUNCTION_ID, MAX_KEYS)
+
+
+class AcquireReplicas(Message, op="acquire_replicas", channels=(SCHEDULER_TO_WORKER,)):
+    who_has = WHO_HAS
+    nbytes = KEY_NBYTES
+
+
+class PutData(Message, op="put_data", channels=(SCHEDULER_TO_WORKER,), reply=PutDataReply):
+    """Store scattered values here."""
+
+    data = Map(KEY, Pickled(), MAX_KEYS)
+
+
+class Close(Message, op="close", channels=(SCHEDULER_TO_WORKER,)):
+    """Leave (a restart of a worker without a nanny)."""
+
+    reason = REASON
+
+
+# --------------------------------------------------- anyone -> worker port --
+
+
+class GetData(Message, op="get_data", channels=(PEER_TO_WORKER,), reply=GetDataReply):
+    """Send these values; values never pass through the scheduler."""
+
+    keys = KEYS
+
+
+# ---------------------------------------------------- scheduler -> nanny --
+
+
+class RestartWorker(Message, op="restart_worker", channels=(SCHEDULER_TO_NANNY,), reply=PidReply):
+    """Replace the worker now; the reply carries the new process id."""
+
+
+# `run` answers differently by where it goes: every worker's outcome to a
+# client, one outcome from a worker. Its reply is chosen per channel.
+RUN_REPLIES = {CLIENT_TO_SCHEDULER: RunEverywhereReply, SCHEDULER_TO_WORKER: RunHereReply}
+
+
+def reply_kind(request: type[Message], channel: str) -> type[Record] | None:
+    """The reply record of `request` sent on `channel` (None: one-way)."""
+    if request is RunEverywhere:
+        return RUN_REPLIES[channel]
+    return request.REPLY
+
+
+def is_request(message: Message, channel: str) -> bool:
+    return reply_kind(type(message), channel) is not None
+
+
