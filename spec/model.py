@@ -213,7 +213,9 @@ def _guard(scope: Scope, w: World, ev: Event) -> bool:  # noqa: C901 - one case 
         case TaskStarts(key):
             return t is not None and t.state is PROCESSING and not t.running
         case TaskFinishes(key, worker):
-            return t is not None and t.state in IN_PROGRESS and worker in w.live
+            # A result counts only from the worker the task is processing
+            # on; from any other (a run it was taken from) it is ignored.
+            return t is not None and t.state is PROCESSING and t.processing_on == worker
         case TaskRaises(key):
             return t is not None and t.state is PROCESSING
         case ReplicaAdded(key, worker):
@@ -304,11 +306,10 @@ def _effect(d: _Draft, ev: Event) -> None:  # noqa: C901 - one case per event
         case TaskStarts(key):
             d.update(key, running=True)
         case TaskFinishes(key, worker):
-            # Usually from the worker it is assigned to; a value finished by
-            # a worker it was taken from is just as good. (A second finish of
-            # a value already in memory is not counted as a copy: that run
-            # was cancelled and its value may be being dropped. The guard
-            # makes it a no-op.)
+            # From the worker it is assigned to (the guard says so). A finish
+            # from anywhere else, including a second finish of a value
+            # already in memory, is a no-op: that run was cancelled and its
+            # value is being dropped.
             d.move(key, MEMORY, who_has=frozenset({worker}))
             if scope.keys[key].small:
                 # The value rides with the report to every client holding it.
@@ -765,7 +766,8 @@ def enabled_events(scope: Scope, w: World) -> Iterator[Event]:
             yield TaskFinishes(k, t.processing_on)
             yield TaskRaises(k)
         if t.state in IN_PROGRESS and "stale-finish" in f:
-            # A run it was taken from (rerouted, released) finished after all.
+            # A run it was taken from (rerouted, released) finished after
+            # all: the guard makes it a no-op, which the explorer checks.
             for wk in sorted(w.live - {t.processing_on}):
                 yield TaskFinishes(k, wk)
         elif t.state is MEMORY:

@@ -84,7 +84,7 @@ ALL_FEATURES = frozenset(
         "retire",  # WorkerRetires (a clean, expected departure)
         "rejoin-with-data",  # WorkerJoins with held data
         "reconnect",  # WorkerJoins for an address still thought alive
-        "stale-finish",  # TaskFinishes from a worker it is not assigned to
+        "stale-finish",  # TaskFinishes from a worker it is not assigned to (ignored)
         "scatter-to-dead",  # Scatter whose only holder died before it was recorded
         "replicate",  # Replicate
         "restart",  # Restart
@@ -380,7 +380,7 @@ TRANSITIONS: dict[tuple[State, State], tuple[str, ...]] = {
     (RELEASED, WAITING): ("needed",),
     (RELEASED, FORGOTTEN): ("unreferenced", "Restart"),
     (WAITING, PROCESSING): ("ready",),
-    (WAITING, MEMORY): ("TaskFinishes", "WorkerJoins"),  # the value exists after all
+    (WAITING, MEMORY): ("WorkerJoins",),  # the value exists after all
     (WAITING, QUEUED): ("ready",),
     (WAITING, NO_WORKER): ("ready",),
     (WAITING, ERRED): ("input-failed",),
@@ -388,11 +388,11 @@ TRANSITIONS: dict[tuple[State, State], tuple[str, ...]] = {
     (WAITING, FORGOTTEN): ("Restart",),
     # A queued task is a root task: it has no input to fail or vanish.
     (QUEUED, PROCESSING): ("ready",),
-    (QUEUED, MEMORY): ("TaskFinishes", "WorkerJoins"),
+    (QUEUED, MEMORY): ("WorkerJoins",),
     (QUEUED, RELEASED): ("not-needed",),
     (QUEUED, FORGOTTEN): ("Restart",),
     (NO_WORKER, PROCESSING): ("ready",),
-    (NO_WORKER, MEMORY): ("TaskFinishes", "WorkerJoins"),
+    (NO_WORKER, MEMORY): ("WorkerJoins",),
     (NO_WORKER, WAITING): ("input-gone",),
     (NO_WORKER, ERRED): ("input-failed",),
     (NO_WORKER, RELEASED): ("not-needed",),

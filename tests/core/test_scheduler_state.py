@@ -405,6 +405,22 @@ def test_stale_finish_from_a_released_task_is_freed(sched):
     assert [(m.worker, m.keys) for m in msgs if isinstance(m, FreeKeys)] == [(A, ("x",))]
 
 
+def test_a_finish_from_a_worker_the_task_is_not_on_is_ignored_and_freed(sched):
+    """Only the worker a task is processing on can finish it: a task_finished
+    from any other worker changes nothing, and that worker drops its value."""
+    join(sched, A)
+    join(sched, B)
+    submit(sched, spec("x"))
+    assigned = sched.tasks["x"].processing_on
+    other = B if assigned == A else A
+    msgs = sched.handle(TaskFinished(sid(), other, "x", 8))
+    assert msgs == [FreeKeys(msgs[0].stimulus_id, other, ("x",))]
+    assert state_of(sched, "x") is TaskState.PROCESSING
+    assert sched.tasks["x"].processing_on == assigned and not sched.tasks["x"].who_has
+    msgs = sched.handle(TaskFinished(sid(), assigned, "x", 8))
+    assert state_of(sched, "x") is TaskState.MEMORY and list(sched.tasks["x"].who_has) == [assigned]
+
+
 def test_unknown_dependency_errs_with_lost_data(sched):
     """A task naming a key the scheduler never had errs with DataLost(key)."""
     join(sched, A)

@@ -110,18 +110,25 @@ def assert_clean(report) -> None:
 
 def test_seed_2_a_second_finish_is_not_counted_as_a_copy():
     """Seed 2: a rerouted task finished on both workers; the second finish crossed the
-    FreeKeys that the first result sent it, and was counted as a copy the worker dropped."""
+    FreeKeys that the first result sent it, and was counted as a copy the worker dropped.
+
+    Since a result counts only from the worker the task is processing on, the
+    run it had been taken from (on B) is not taken at all: it is freed there,
+    and A's own finish, which that no longer crosses, is the value.
+    """
     state = scheduler(A, B)
     submit(state, "x")
     assert state.tasks["x"].processing_on == A
     state.handle(TaskStarted(sid(), A, "x"))
-    # The run it had been taken from (on B) finishes first: that value is
-    # taken, and A's run is cancelled with a FreeKeys...
-    assert frees(state.handle(TaskFinished(sid(), B, "x", 8)), A) == ["x"]
-    # ...which A's own TaskFinished crosses: not a copy, free it again.
+    out = state.handle(TaskFinished(sid(), B, "x", 8))
+    assert out == [FreeKeys(out[0].stimulus_id, B, ("x",))]
+    assert state.tasks["x"].processing_on == A and not state.tasks["x"].who_has
     out = state.handle(TaskFinished(sid(), A, "x", 8))
-    assert list(state.tasks["x"].who_has) == [B]
-    assert frees(out, A) == ["x"]
+    assert list(state.tasks["x"].who_has) == [A]
+    assert frees(out, A) == [] and frees(out, B) == []
+    # A late second finish from B is still not a copy: freed again.
+    assert frees(state.handle(TaskFinished(sid(), B, "x", 8)), B) == ["x"]
+    assert list(state.tasks["x"].who_has) == [A]
     check_invariants(state)
 
 

@@ -523,11 +523,17 @@ class SchedulerState(TaskTransitions):
                 # it as a copy, free it (again). Found by seed 2 of the
                 # chaos lab (tests/sim/test_regressions.py).
                 self._emit(FreeKeys(self._stimulus_id, ev.worker, (ev.key,)))
-        elif ts.state in IN_PROGRESS:
-            # Usually PROCESSING here; a value finished by a worker the task
-            # was taken from (rerouted, or re-registered after a restart) is
-            # just as good, so it is taken rather than computed again.
+        elif ts.state is PROCESSING and ts.processing_on == ev.worker:
             self._transitions({}, first=(ts, MEMORY, {"worker": ws, "nbytes": ev.nbytes, "inline": ev.inline}))
+        elif ts.state in IN_PROGRESS:
+            # spec: a result counts only from the worker the task is
+            # processing on. This one comes from a run the task was taken
+            # from (rerouted, released and resubmitted) or from a worker
+            # that was never asked: its value is not taken, and the worker
+            # is told to drop it. (Taking it would save a computation, but
+            # would let any worker put a value of its choosing in front of
+            # the clients that wait for this key.)
+            self._emit(FreeKeys(self._stimulus_id, ev.worker, (ev.key,)))
         else:
             # Nobody needs this value any more (released, erred).
             self._emit(FreeKeys(self._stimulus_id, ev.worker, (ev.key,)))

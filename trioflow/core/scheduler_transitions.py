@@ -514,7 +514,7 @@ TRANSITIONS: dict[tuple[TaskState, TaskState], Callable[..., None]] = {
     (RELEASED, ERRED): _T._to_erred,
     (RELEASED, FORGOTTEN): _T._to_forgotten,
     (WAITING, PROCESSING): _T._to_processing,  # may end QUEUED or NO_WORKER
-    (WAITING, MEMORY): _T._to_memory,  # a value re-registered or finished elsewhere
+    (WAITING, MEMORY): _T._to_memory,  # a value a (re-)registering worker brings
     (WAITING, ERRED): _T._to_erred,
     (WAITING, RELEASED): _T._to_released,
     (QUEUED, PROCESSING): _T._to_processing,
