@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import struct
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -10,7 +12,17 @@ import trio
 import trio.testing
 
 from tests.comm.helpers import BIG_LIMITS, SMALL_LIMITS, connection_pair
-from trioflow.comm import Connection, Serialized, TCPNetwork, dumps, loads, open_connection
+from trioflow.comm import (
+    ByteBudget,
+    Connection,
+    FrameLimits,
+    Serialized,
+    TCPNetwork,
+    dumps,
+    loads,
+    open_connection,
+)
+from trioflow.comm import messages as m
 from trioflow.comm.frames import batch_frames, encode_message
 from trioflow.errors import CommClosedError, ProtocolError
 
@@ -131,12 +143,75 @@ async def test_large_buffer_round_trips_over_tcp():
 
 
 async def test_large_bytes_round_trip_in_memory():
-    """A 16 MB bytes value (inside the msgpack body, not a buffer) arrives intact."""
+    """A 16 MB bytes value inside the msgpack body arrives intact where max_body_bytes allows it."""
     payload = bytes(range(256)) * (16 * 1024 * 1024 // 256)
     async with connection_pair(limits=BIG_LIMITS) as (a, b):
         a.send({"op": "blob", "data": payload})
         [message] = await b.receive()
     assert message["data"] == payload
+
+
+# ----------------------------------------------------- typed messages --
+
+
+async def test_connection_with_an_inbound_channel_returns_typed_messages():
+    """Maps that arrive on a channel come out as checked Message objects; raw dicts and Messages both send."""
+    async with connection_pair(inbound=(None, m.WORKER_TO_SCHEDULER)) as (worker, scheduler):
+        worker.send(m.TaskStarted(key="x"))
+        worker.send({"op": "task_finished", "key": "x", "nbytes": 8})
+        received: list = []
+        with trio.fail_after(5):
+            while len(received) < 2:
+                received.extend(await scheduler.receive())
+    assert received == [m.TaskStarted(key="x"), m.TaskFinished(key="x", nbytes=8)]
+
+
+async def test_broken_one_way_message_raises_protocol_error_in_receive():
+    """A one-way message that breaks its declaration ends the batch with ProtocolError naming op and field."""
+    async with connection_pair(inbound=(None, m.WORKER_TO_SCHEDULER)) as (worker, scheduler):
+        worker.send({"op": "task_finished", "key": "x", "nbytes": -1})
+        with trio.fail_after(5), pytest.raises(ProtocolError, match=re.escape("'task_finished': field nbytes must be")):
+            await scheduler.receive()
+
+
+async def test_op_not_allowed_on_the_channel_raises_protocol_error():
+    """An op sent the wrong way (a worker report arriving on a worker's data port) is refused."""
+    async with connection_pair(inbound=(None, m.PEER_TO_WORKER)) as (peer, worker):
+        peer.send(m.TaskStarted(key="x"))
+        with trio.fail_after(5), pytest.raises(ProtocolError, match="op 'task_started' may not be sent peer->worker"):
+            await worker.receive()
+
+
+async def test_broken_request_arrives_as_invalid_and_the_connection_stays_usable():
+    """A request that breaks its declaration arrives as an Invalid to answer; the batch's others arrive too."""
+    async with connection_pair(inbound=(None, m.PEER_TO_WORKER)) as (peer, worker):
+        good = m.GetData(keys=["a"])
+        good.request_id = 5
+        peer.send({"op": "get_data", "request_id": 4, "keys": [1]})
+        peer.send(good)
+        received: list = []
+        with trio.fail_after(5):
+            while len(received) < 2:
+                received.extend(await worker.receive())
+        invalid, valid = received
+        assert isinstance(invalid, m.Invalid)
+        assert (invalid.op, invalid.request_id) == ("get_data", 4)
+        assert "field keys[0] must be a key" in invalid.reason
+        assert valid == good
+        assert not worker.closed
+
+
+async def test_many_messages_in_one_batch_are_all_checked():
+    """A batch of thousands of messages (decoded in slices) arrives complete, in order, typed."""
+    limits = FrameLimits()
+    async with connection_pair(limits, inbound=(None, m.WORKER_TO_SCHEDULER)) as (worker, scheduler):
+        for i in range(2000):
+            worker.send(m.TaskStarted(key=f"k-{i}"))
+        received: list = []
+        with trio.fail_after(5):
+            while len(received) < 2000:
+                received.extend(await scheduler.receive())
+    assert received == [m.TaskStarted(key=f"k-{i}") for i in range(2000)]
 
 
 # ------------------------------------------------------------- closing --
@@ -220,12 +295,19 @@ async def test_write_failure_closes_the_connection():
 # ------------------------------------------------------- hostile peers --
 
 
-async def test_peer_announcing_a_huge_frame_is_rejected_before_allocating():
-    """A header claiming a 2**40-byte frame raises ProtocolError at once."""
+@pytest.mark.parametrize(
+    "header, reason",
+    [
+        pytest.param(struct.pack("<IQ", 1, 2**40), "exceeds max_body_bytes", id="body"),
+        pytest.param(struct.pack("<IQQ", 2, 10, 2**40), "exceeds max_frame_bytes", id="buffer"),
+    ],
+)
+async def test_peer_announcing_a_huge_frame_is_rejected_before_allocating(header, reason):
+    """A header claiming a 2**40-byte body or buffer frame raises ProtocolError at once."""
     left, right = trio.testing.memory_stream_pair()
     conn = Connection(right, SMALL_LIMITS)
-    await left.send_all(struct.pack("<IQ", 1, 2**40))
-    with trio.fail_after(1), pytest.raises(ProtocolError, match="exceeds max_frame_bytes"):
+    await left.send_all(header)
+    with trio.fail_after(1), pytest.raises(ProtocolError, match=reason):
         await conn.receive()
 
 
@@ -256,6 +338,272 @@ async def test_peer_sending_garbage_body_is_rejected():
         await conn.receive()
 
 
+async def test_huge_announced_frame_allocates_nothing_ahead_of_its_bytes():
+    """A header announcing a 512 MiB frame costs memory for the bytes that came, not for 512 MiB."""
+    left, right = trio.testing.memory_stream_pair()
+    conn = Connection(right, FrameLimits(), budget=ByteBudget(1 << 30))
+    await left.send_all(struct.pack("<IQQ", 2, 1, 512 * 1024 * 1024) + b"\x90" + b"x" * 1000)
+    await left.aclose()
+    tracemalloc.start()
+    try:
+        with trio.fail_after(5), pytest.raises(CommClosedError, match="mid-frame"):
+            await conn.receive()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 1024 * 1024
+    assert conn.budget.in_use == 0
+
+
+async def test_batch_larger_than_max_batch_bytes_is_refused_before_reading():
+    """A header announcing more than max_batch_bytes in all is refused without waiting for its bytes."""
+    budget = ByteBudget(16 << 20)
+    left, right = trio.testing.memory_stream_pair()
+    conn = Connection(right, FrameLimits(max_batch_bytes=1 << 20), budget=budget)
+    await left.send_all(struct.pack("<IQQ", 2, 100, 2 << 20))  # the frames never come
+    with trio.fail_after(1), pytest.raises(
+        ProtocolError,
+        match=re.escape("batch of 2097252 bytes exceeds the connection's budget of 1048576 bytes (max_connection_bytes)"),
+    ):
+        await conn.receive()
+    assert budget.in_use == 0
+
+
+async def test_a_batch_waits_for_its_share_of_the_process_budget():
+    """A batch's frames are read once the process's budget has room, and its share is given back after."""
+    budget = ByteBudget(1000)
+    await budget.acquire(900)  # another connection's batch in flight
+    left, right = trio.testing.memory_stream_pair()
+    reader = Connection(right, SMALL_LIMITS, budget=budget)
+    got: list[dict] = []
+
+    async def read() -> None:
+        got.extend(await reader.receive())
+
+    async with open_connection(left, SMALL_LIMITS) as writer:
+        writer.send({"op": "x", "pad": b"y" * 200})
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                await trio.testing.wait_all_tasks_blocked()
+                assert got == []
+                assert budget.in_use == 900
+                budget.release(900)
+    assert got == [{"op": "x", "pad": b"y" * 200}]
+    assert budget.in_use == 0
+
+
+async def test_peer_that_does_not_speak_trioflow_is_named():
+    """A first answer that is text (an HTTP server) raises ProtocolError saying so, with what it sent."""
+    left, right = trio.testing.memory_stream_pair()
+    conn = Connection(right, SMALL_LIMITS, peer="tcp://127.0.0.1:80")
+    await left.send_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    with trio.fail_after(1), pytest.raises(
+        ProtocolError, match=re.escape("tcp://127.0.0.1:80 does not speak trioflow: it sent b'HTTP/1.1 400 Bad")
+    ):
+        await conn.receive()
+
+
+async def test_text_after_a_first_valid_batch_is_a_plain_frame_count_error():
+    """Once a peer has spoken trioflow, a bad header is a bad header, not a stranger."""
+    left, right = trio.testing.memory_stream_pair()
+    conn = Connection(right, SMALL_LIMITS)
+    await left.send_all(b"".join(batch_frames([encode_message({"op": "x"})])) + b"HTTP/1.1 400 Bad Request")
+    with trio.fail_after(1):
+        assert await conn.receive() == [{"op": "x"}]
+        with pytest.raises(ProtocolError, match="batch announces 1347703880 frames") as info:
+            await conn.receive()
+    assert "does not speak trioflow" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "message, reason",
+    [
+        pytest.param({"op": "hello", "pad": b"x" * 20_000}, "exceeds max_body_bytes=16384", id="big-body"),
+        pytest.param({"op": "hello", "v": Serialized(b"h")}, "announces 2 frames (limit 1)", id="buffer-frame"),
+    ],
+)
+async def test_before_the_hello_only_a_small_body_is_read(message, reason):
+    """Under FrameLimits.before_hello a batch larger than 16 KiB, or with a buffer frame, is refused."""
+    left, right = trio.testing.memory_stream_pair()
+    reader = Connection(right, FrameLimits.before_hello(), inbound=m.HELLO)
+    async with open_connection(left, FrameLimits()) as writer:
+        writer.send(message)
+        with trio.fail_after(5), pytest.raises(ProtocolError, match=re.escape(reason)):
+            await reader.receive()
+
+
+# ---------------------------------------------------------------- time --
+
+
+async def test_silent_peer_is_closed_after_idle_timeout(autojump_clock):
+    """A peer that sends nothing for idle_timeout loses its connection with CommClosedError saying so."""
+    _left, right = trio.testing.memory_stream_pair()
+    conn = Connection(right, SMALL_LIMITS, peer="quiet", idle_timeout=30)
+    start = trio.current_time()
+    with trio.fail_after(60), pytest.raises(CommClosedError, match=re.escape("quiet: no message for 30 s (idle_timeout)")):
+        await conn.receive()
+    assert trio.current_time() - start == pytest.approx(30)
+    assert conn.closed
+
+
+async def test_idle_deadline_restarts_with_each_batch(autojump_clock):
+    """Batches 20 s apart keep a connection with idle_timeout=30 open."""
+    left, right = trio.testing.memory_stream_pair()
+    reader = Connection(right, SMALL_LIMITS, idle_timeout=30)
+    async with open_connection(left, SMALL_LIMITS) as writer:
+        with trio.fail_after(100):
+            for i in range(3):
+                await trio.sleep(20)  # virtual time: the peer's pace
+                writer.send({"op": "n", "i": i})
+                assert await reader.receive() == [{"op": "n", "i": i}]
+    assert not reader.closed
+
+
+async def _trickle(stream: trio.abc.SendStream, data: bytes, bytes_per_second: int) -> None:
+    for start in range(0, len(data), bytes_per_second):
+        await stream.send_all(data[start : start + bytes_per_second])
+        await trio.sleep(1)  # virtual time: the peer's pace
+
+
+@pytest.mark.parametrize(
+    "trickled, reason",
+    [
+        pytest.param("header", "a batch header did not arrive within 10 s", id="header"),
+        pytest.param("body", "(the peer sends slower than min_transfer_rate=100 B/s)", id="body"),
+    ],
+)
+async def test_trickling_batch_raises_protocol_error(autojump_clock, trickled, reason):
+    """A batch whose bytes come slower than min_transfer_rate (after idle_timeout's grace) is refused."""
+    left, right = trio.testing.memory_stream_pair()
+    conn = Connection(right, SMALL_LIMITS, idle_timeout=10, min_transfer_rate=100)
+    # Three frames: a header of 4 + 3 * 8 bytes, and 2 KB of body.
+    header, *frames = batch_frames([encode_message({"op": "x", "pad": b"y" * 2000, "v": Serialized(b"h", [b"b"])})])
+    rest = b"".join(frames)
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        if trickled == "header":
+            nursery.start_soon(_trickle, left, header + rest, 1)
+            expected_s = 4 + 10  # the deadline runs from the frame count's arrival
+        else:
+            await left.send_all(header)
+            nursery.start_soon(_trickle, left, rest, 1)
+            expected_s = 10 + len(rest) / 100
+        with trio.fail_after(100), pytest.raises(ProtocolError, match=re.escape(reason)):
+            await conn.receive()
+        nursery.cancel_scope.cancel()
+    assert trio.current_time() - start == pytest.approx(expected_s, abs=1)
+
+
+async def test_batch_at_the_required_rate_arrives(autojump_clock):
+    """The same batch sent at twice min_transfer_rate arrives, though it takes longer than idle_timeout."""
+    left, right = trio.testing.memory_stream_pair()
+    conn = Connection(right, SMALL_LIMITS, idle_timeout=10, min_transfer_rate=100)
+    header, body = batch_frames([encode_message({"op": "x", "pad": b"y" * 3000})])
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_trickle, left, header + body, 200)
+        with trio.fail_after(100):
+            assert await conn.receive() == [{"op": "x", "pad": b"y" * 3000}]
+    assert trio.current_time() - start > 10
+
+
+# ------------------------------------------------------- byte budget --
+
+
+async def test_byte_budget_serves_waiters_first_come_first_served():
+    """A small request that would fit waits behind an earlier larger one; grants go in arrival order."""
+    budget = ByteBudget(10)
+    await budget.acquire(10)
+    granted: set[str] = set()
+
+    async def want(n: int, name: str) -> None:
+        await budget.acquire(n)
+        granted.add(name)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            for n, name in [(8, "first"), (1, "second"), (6, "third")]:
+                nursery.start_soon(want, n, name)
+                await trio.testing.wait_all_tasks_blocked()  # fix the arrival order
+            budget.release(2)  # 8 in use: "second" would fit, but "first" came before it
+            await trio.testing.wait_all_tasks_blocked()
+            assert granted == set()
+            budget.release(8)  # 0 in use: "first" and "second" fit, "third" not after them
+            await trio.testing.wait_all_tasks_blocked()
+            assert granted == {"first", "second"}
+            assert budget.in_use == 9
+            budget.release(9)
+    assert granted == {"first", "second", "third"}
+    assert budget.in_use == 6
+
+
+async def test_byte_budget_waiter_cancelled_takes_nothing(autojump_clock):
+    """A waiter cancelled before its turn leaves the budget as it was."""
+    budget = ByteBudget(10)
+    await budget.acquire(10)
+    with trio.move_on_after(1) as scope:  # cancelled while waiting
+        await budget.acquire(5)
+    assert scope.cancelled_caught
+    assert budget.in_use == 10
+    budget.release(10)
+    assert budget.in_use == 0
+    with trio.fail_after(1):
+        await budget.acquire(10)  # nothing was left reserved for the waiter
+
+
+async def test_byte_budget_waiter_cancelled_as_it_is_granted_leaks_nothing():
+    """A waiter granted and cancelled in the same step either keeps its share or gives it back."""
+    budget = ByteBudget(10)
+    await budget.acquire(10)
+    held: list[int] = []
+
+    async def want(scope: trio.CancelScope) -> None:
+        with scope:
+            await budget.acquire(5)
+            held.append(5)
+            await trio.sleep_forever()
+
+    scope = trio.CancelScope()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(want, scope)
+            await trio.testing.wait_all_tasks_blocked()
+            budget.release(5)  # grants the waiter...
+            scope.cancel()  # ...which is cancelled before it runs
+    assert budget.in_use == 5 + sum(held)
+
+
+async def test_byte_budget_refuses_more_than_its_capacity():
+    """Asking for more than the whole budget raises ProtocolError at once instead of waiting forever."""
+    budget = ByteBudget(100)
+    with trio.fail_after(1), pytest.raises(ProtocolError, match=re.escape("exceeds the process's budget of 100 bytes (max_process_bytes)")):
+        await budget.acquire(101)
+    assert budget.in_use == 0
+
+
+@pytest.mark.xfail(strict=True, reason="suspected bug: ByteBudget.acquire removes a cancelled head waiter "
+                   "without waking the waiters behind it that now fit (connection.py)")
+async def test_byte_budget_cancelled_head_lets_the_next_waiter_in(autojump_clock):
+    """When the first waiter gives up, the next one is granted if it fits."""
+    budget = ByteBudget(10)
+    await budget.acquire(8)
+    granted = trio.Event()
+
+    async def small() -> None:
+        await budget.acquire(1)
+        granted.set()
+
+    async with trio.open_nursery() as nursery:
+        with trio.move_on_after(1):
+            nursery.start_soon(small)  # runs once we wait, so it queues behind us
+            await budget.acquire(5)
+        with trio.move_on_after(10):
+            await granted.wait()
+        nursery.cancel_scope.cancel()
+    assert granted.is_set()
+
+
 # -------------------------------------------------- errors in the caller --
 
 
@@ -270,23 +618,34 @@ async def test_unsendable_value_raises_type_error_in_send():
 
 
 @pytest.mark.parametrize(
-    "message",
+    "message, reason",
     [
-        pytest.param({"op": "big", "data": b"x" * (SMALL_LIMITS.max_frame_bytes + 1)}, id="body"),
+        pytest.param(
+            {"op": "big", "data": b"x" * (SMALL_LIMITS.max_body_bytes + 1)},
+            "a 'big' message of 4114 bytes is larger than the peer accepts (max_body_bytes=4096)",
+            id="body",
+        ),
+        pytest.param(
+            m.ReleaseKeys(keys=[f"key-{i}" for i in range(1000)]),
+            "a 'release_keys' message of",
+            id="typed-message-body",
+        ),
         pytest.param(
             {"op": "big", "value": Serialized(b"h", [b"x" * (SMALL_LIMITS.max_frame_bytes + 1)])},
+            "a 'big' message holds a value frame of 4097 bytes, larger than the peer accepts (max_frame_bytes=4096)",
             id="buffer",
         ),
         pytest.param(
             {"op": "big", "value": Serialized(b"x" * (SMALL_LIMITS.max_frame_bytes + 1))},
+            "(max_frame_bytes=4096)",
             id="pickle-stream",
         ),
     ],
 )
-async def test_oversized_message_raises_protocol_error_in_send(message):
-    """A message with a frame over max_frame_bytes fails in send() and is not queued."""
+async def test_oversized_message_raises_protocol_error_in_send(message, reason):
+    """A message over max_body_bytes or with a frame over max_frame_bytes fails in send() and is not queued."""
     async with connection_pair() as (a, b):
-        with pytest.raises(ProtocolError, match="max_frame_bytes"):
+        with pytest.raises(ProtocolError, match=re.escape(reason)):
             a.send(message)
         a.send({"op": "next"})
         assert await b.receive() == [{"op": "next"}]
@@ -300,19 +659,52 @@ def _payload_size_for_body(body_bytes: int) -> int:
     )
 
 
-@pytest.mark.parametrize("body_bytes", [SMALL_LIMITS.max_frame_bytes - 1, SMALL_LIMITS.max_frame_bytes])
+@pytest.mark.parametrize("body_bytes", [SMALL_LIMITS.max_body_bytes - 1, SMALL_LIMITS.max_body_bytes])
 async def test_send_accepts_only_what_the_peer_accepts_at_the_size_limit(body_bytes):
-    """At the size limit a message is refused in send() or delivered, never rejected by the peer."""
+    """At the body limit a message is refused in send() or delivered, never rejected by the peer."""
     size = _payload_size_for_body(body_bytes)
     async with connection_pair() as (a, b):
-        if body_bytes + 1 > SMALL_LIMITS.max_frame_bytes:  # + the batch's array header
-            with pytest.raises(ProtocolError, match="max_frame_bytes"):
+        if body_bytes + 1 > SMALL_LIMITS.max_body_bytes:  # + the batch's array header
+            with pytest.raises(ProtocolError, match="max_body_bytes"):
                 a.send({"op": "b", "d": b"x" * size})
         else:
             a.send({"op": "b", "d": b"x" * size})
             with trio.fail_after(5):
                 [message] = await b.receive()
             assert len(message["d"]) == size
+
+
+BATCH_LIMITS = FrameLimits(max_frame_bytes=8192, max_body_bytes=8192, max_frames=8, max_batch_bytes=8192)
+
+
+def _message_of_nbytes(nbytes: int) -> dict:
+    """A message whose body and frames add up to exactly `nbytes`."""
+    fixed = encode_message({"op": "v", "v": Serialized(b"h", [b""])}).nbytes
+    return {"op": "v", "v": Serialized(b"h", [b"y" * (nbytes - fixed)])}
+
+
+async def test_message_over_the_batch_budget_fails_in_send():
+    """A message whose frames add up to more than max_batch_bytes fails in send(), naming the limit."""
+    async with connection_pair(BATCH_LIMITS) as (a, b):
+        with pytest.raises(ProtocolError, match=re.escape("(max_connection_bytes=8192)")):
+            a.send(_message_of_nbytes(BATCH_LIMITS.max_batch_bytes + 1))
+        a.send({"op": "next"})
+        with trio.fail_after(5):
+            assert await b.receive() == [{"op": "next"}]
+
+
+@pytest.mark.xfail(strict=True, reason="suspected bug: send() and _take_batch compare max_batch_bytes without "
+                   "the batch's msgpack array header, so the peer refuses a batch send() accepted (connection.py)")
+async def test_send_accepts_only_what_the_peer_accepts_at_the_batch_limit():
+    """At the batch limit a message is refused in send() or delivered, never rejected by the peer."""
+    async with connection_pair(BATCH_LIMITS) as (a, b):
+        try:
+            a.send(_message_of_nbytes(BATCH_LIMITS.max_batch_bytes))
+        except ProtocolError:
+            return
+        with trio.fail_after(5):
+            [message] = await b.receive()
+        assert message["op"] == "v"
 
 
 async def test_message_with_more_frames_than_the_peer_accepts_fails_in_send():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 
 import msgpack
@@ -23,7 +24,8 @@ from trioflow.comm.serialize import Serialized, dumps, loads
 from trioflow.errors import ProtocolError
 
 LIMITS = FrameLimits(max_frame_bytes=1 << 20, max_frames=64, max_items=1000)
-TINY = FrameLimits(max_frame_bytes=100, max_frames=4, max_items=8)
+# A body (frame 0) of 60 bytes, buffer frames of 100, 250 bytes in all.
+TINY = FrameLimits(max_frame_bytes=100, max_body_bytes=60, max_frames=4, max_items=8, max_batch_bytes=250)
 
 
 def round_trip(messages: list[dict], limits: FrameLimits = LIMITS) -> list[dict]:
@@ -260,14 +262,114 @@ def test_frame_count_in_range_passes(n_frames):
 
 
 @pytest.mark.parametrize(
-    "lengths", [[TINY.max_frame_bytes + 1], [0, 1, 2**40], [2**64 - 1]]
+    "lengths, reason",
+    [
+        pytest.param([TINY.max_body_bytes + 1], "message body of 61 bytes exceeds max_body_bytes=60", id="body"),
+        pytest.param([2**64 - 1], "exceeds max_body_bytes=60", id="body-of-2**64-1"),
+        pytest.param(
+            [TINY.max_body_bytes + 1, 0], "exceeds max_body_bytes=60", id="body-over-its-limit-under-the-frames"
+        ),
+        pytest.param([0, 1, 2**40], "frame of 1099511627776 bytes exceeds max_frame_bytes=100", id="buffer"),
+        pytest.param([0, TINY.max_frame_bytes + 1], "exceeds max_frame_bytes=100", id="buffer-just-over"),
+        pytest.param(
+            [60, 100, 91], "batch of 251 bytes exceeds the connection's budget of 250 bytes (max_connection_bytes)",
+            id="batch",
+        ),
+    ],
 )
-def test_oversized_frame_length_raises(lengths):
-    """Any one frame over max_frame_bytes makes the batch invalid."""
-    with pytest.raises(ProtocolError, match=f"exceeds max_frame_bytes={TINY.max_frame_bytes}"):
+def test_oversized_frame_length_raises(lengths, reason):
+    """A body over max_body_bytes, a buffer over max_frame_bytes, or a batch over max_batch_bytes is invalid."""
+    with pytest.raises(ProtocolError, match=re.escape(reason)):
         check_frame_lengths(lengths, TINY)
 
 
-def test_frame_lengths_at_the_limit_pass():
-    """Frames of exactly max_frame_bytes (and empty ones) are accepted."""
-    assert check_frame_lengths([0, TINY.max_frame_bytes], TINY) is None
+@pytest.mark.parametrize(
+    "lengths",
+    [
+        pytest.param([TINY.max_body_bytes], id="body-at-its-limit"),
+        pytest.param([0, TINY.max_frame_bytes], id="empty-body-and-buffer-at-its-limit"),
+        pytest.param([50, 100, 100], id="batch-at-its-limit"),
+    ],
+)
+def test_frame_lengths_at_the_limit_pass_and_give_the_total(lengths):
+    """Frames of exactly their limit (and empty ones) are accepted; the batch's total is returned."""
+    assert check_frame_lengths(lengths, TINY) == sum(lengths)
+
+
+def test_the_body_limit_is_apart_from_the_buffer_limit():
+    """A buffer frame may be larger than max_body_bytes, and a body larger than max_frame_bytes."""
+    limits = FrameLimits(max_frame_bytes=10, max_body_bytes=1000)
+    assert check_frame_lengths([1000, 10], limits) == 1010
+    limits = FrameLimits(max_frame_bytes=1000, max_body_bytes=10)
+    assert check_frame_lengths([10, 1000], limits) == 1010
+
+
+def test_before_the_hello_the_limits_are_tiny():
+    """Before a hello, a batch is one small body: no buffer frame, 16 KiB, 64 items."""
+    limits = FrameLimits.before_hello()
+    assert (limits.max_frames, limits.max_frame_bytes, limits.max_items) == (1, 0, 64)
+    assert limits.max_body_bytes == limits.max_batch_bytes == 16 * 1024
+    with pytest.raises(ProtocolError, match="announces 2 frames"):
+        check_frame_count(2, limits)
+    with pytest.raises(ProtocolError, match="exceeds max_body_bytes=16384"):
+        check_frame_lengths([16 * 1024 + 1], limits)
+
+
+# ----------------------------------------------- what decoding may cost --
+
+
+def _array_of_empty_lists(n: int) -> bytes:
+    """msgpack for a list of `n` empty lists: one container per byte."""
+    return b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n
+
+
+def _nested_empty_lists(outer: int, inner: int) -> bytes:
+    """`outer` lists of `inner` empty lists each (no list longer than max_items)."""
+    return b"\xdd" + outer.to_bytes(4, "big") + (b"\xdc" + inner.to_bytes(2, "big") + b"\x90" * inner) * outer
+
+
+@pytest.mark.parametrize(
+    "body, limits",
+    [
+        # Within max_items: only the count of containers stops it.
+        pytest.param(_array_of_empty_lists((4 << 20) - 5), FrameLimits(max_items=1 << 23), id="one-long-list"),
+        pytest.param(_nested_empty_lists(63, 65_535), FrameLimits(), id="nested-lists-default-limits"),
+    ],
+)
+def test_decoding_bomb_is_refused(body, limits):
+    """A 4 MiB body of 0x90 bytes (millions of empty lists) is refused, not decoded into gigabytes."""
+    assert len(body) <= limits.max_body_bytes
+    with pytest.raises(ProtocolError, match="a decoding bomb"):
+        decode_batch([body], limits)
+
+
+def test_a_body_of_bare_0x90_bytes_is_refused_at_once():
+    """4 MiB of 0x90 with no array around them is one empty list and trailing bytes: refused, not decoded."""
+    with pytest.raises(ProtocolError, match="undecodable batch: ExtraData"):
+        decode_batch([b"\x90" * (4 << 20)], FrameLimits())
+
+
+def test_a_body_of_lists_at_the_container_budget_decodes():
+    """Small bodies keep a fixed allowance of containers: a short list of empty lists still decodes."""
+    assert decode_batch([body([{"op": "x", "v": [[], [], []]}])], LIMITS) == [{"op": "x", "v": [[], [], []]}]
+
+
+@pytest.mark.parametrize("depth", [2_000, 100_000])
+def test_deep_nesting_is_refused(depth):
+    """Lists nested thousands deep are refused with ProtocolError (msgpack's fixed stack), not a crash."""
+    # The padding buys the body a container allowance larger than `depth`,
+    # so what refuses it is the nesting, not the count of containers.
+    nested = b"\x91" * depth + b"\x90"
+    message = b"\x83\xa2op\xa1x\xa3pad" + msgpack.packb("p" * 16 * depth) + b"\xa1v" + nested
+    with pytest.raises(ProtocolError, match="undecodable batch") as info:
+        decode_batch([b"\x91" + message], FrameLimits())
+    assert "decoding bomb" not in str(info.value)
+
+
+def test_nesting_within_the_stack_decodes():
+    """Moderate nesting (a hundred deep) is legitimate and decodes."""
+    value: list = []
+    for _ in range(100):
+        value = [value]
+    padded = {"op": "x", "pad": "p" * 2000, "v": value}
+    assert decode_batch([body([padded])], LIMITS) == [padded]

@@ -6,12 +6,22 @@ import dataclasses
 import datetime
 import decimal
 import functools
+import hashlib
+import re
 import threading
 
 import numpy as np
 import pytest
 
-from trioflow.comm.serialize import Serialized, dumps, dumps_function, loads, loads_function
+from trioflow.comm.serialize import (
+    Serialized,
+    dumps,
+    dumps_function,
+    function_id,
+    loads,
+    loads_function,
+    verify_function,
+)
 from trioflow.errors import KilledWorker, SerializationError
 
 BIG_ARRAY_ELEMENTS = 1_000_000  # 8 MB of float64
@@ -238,11 +248,48 @@ def test_different_bytes_give_different_ids():
 
 
 def test_loads_function_round_trips_and_caches():
-    """A function payload loads to a working function, once per distinct payload."""
+    """A function payload loads to a working function, once per distinct payload (whatever holds its bytes)."""
     payload = dumps_function(_make_adder(10)).payload
     fn = loads_function(payload)
     assert fn(5) == 15
-    assert loads_function(memoryview(payload)) is fn
+    assert loads_function(Serialized(memoryview(bytes(payload.header)))) is fn
+    assert loads_function(dumps_function(_make_adder(11)).payload) is not fn
+
+
+def test_function_id_is_the_blake2b_256_digest_of_the_payload():
+    """A function's id is the 64-hex BLAKE2b-256 digest of its pickled bytes (a valid wire function id)."""
+    serialized = dumps_function(_make_adder(3))
+    assert serialized.function_id == hashlib.blake2b(serialized.payload.header, digest_size=32).hexdigest()
+    assert serialized.function_id == function_id(serialized.payload.header)
+    assert re.fullmatch("[0-9a-f]{64}", serialized.function_id)
+    assert serialized.payload.buffers == []
+
+
+def test_verify_function_accepts_the_id_of_its_bytes():
+    """A payload received under its own digest is accepted as that function."""
+    sent = dumps_function(_make_adder(4))
+    received = verify_function(sent.function_id, Serialized(bytearray(sent.payload.header)))
+    assert received.function_id == sent.function_id
+    assert loads_function(received.payload)(1) == 5
+
+
+@pytest.mark.parametrize(
+    "claimed, payload, reason",
+    [
+        pytest.param(
+            dumps_function(_make_adder(1)).function_id, dumps_function(_make_adder(2)).payload,
+            "is not the digest of its bytes", id="another-functions-id",
+        ),
+        pytest.param("0" * 64, dumps_function(_make_adder(1)).payload, "is not the digest of its bytes", id="made-up-id"),
+        pytest.param(
+            function_id(b"h"), Serialized(b"h", [b"buffer"]), "arrived with out-of-band buffers", id="with-buffers"
+        ),
+    ],
+)
+def test_verify_function_refuses_bytes_under_another_id(claimed, payload, reason):
+    """No peer can pass off its own bytes under another function's id, nor send a function with buffers."""
+    with pytest.raises(SerializationError, match=reason):
+        verify_function(claimed, payload)
 
 
 class UnhashableCallable:
@@ -272,7 +319,11 @@ def test_function_closing_over_large_array_folds_buffers_in():
         return float(data.sum())
 
     serialized = dumps_function(total)
-    assert isinstance(serialized.payload, bytes)
+    assert isinstance(serialized.payload, Serialized)
+    assert isinstance(serialized.payload.header, bytes)
+    assert serialized.payload.buffers == []
+    assert serialized.payload.nbytes > data.nbytes
+    assert serialized.function_id == function_id(serialized.payload.header)
     assert loads_function(serialized.payload)() == float(data.sum())
 
 
