@@ -53,7 +53,7 @@ from trioflow.comm import (
     say_hello,
 )
 from trioflow.comm import messages as m
-from trioflow.comm.serialize import Serialized, SerializedFunction
+from trioflow.comm.serialize import Serialized, SerializedFunction, content_digest
 from trioflow.backoff import Backoff
 from trioflow.config import Config
 from trioflow.core.failures import Cancelled
@@ -771,10 +771,7 @@ class AsyncClient:
         for key, value in items:
             serialized = dumps(value)
             if key is None:
-                digest = hashlib.blake2b(serialized.header, digest_size=16)
-                for buffer in serialized.buffers:
-                    digest.update(buffer)
-                key = f"{type(value).__name__}-{digest.hexdigest()}"
+                key = f"{type(value).__name__}-{content_digest(serialized)}"
             payloads[key] = serialized
             keys.append(key)
         futures = {key: self._future(key) for key in keys}

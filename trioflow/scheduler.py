@@ -57,7 +57,7 @@ from trioflow.comm import (
     reply,
 )
 from trioflow.comm import messages as m
-from trioflow.comm.serialize import Serialized, SerializedFunction, verify_function
+from trioflow.comm.serialize import Serialized, SerializedFunction, content_digest, verify_function
 from trioflow.config import Config
 from trioflow.core import SchedulerState
 from trioflow.core.scheduler_events import (
@@ -819,6 +819,17 @@ class Scheduler:
             reply(link.conn, msg, error=msg.reason)
 
     def _on_scatter(self, link: ClientLink, msg: m.Scatter) -> None:
+        # A key that exists already may be scattered again only if it names
+        # its content (the client's "type-digest" keys): otherwise one
+        # client could put its value under another client's key.
+        for key, value in msg.data.items():
+            if self.state.knows(key) and key.rpartition("-")[2] != content_digest(value):
+                reply(
+                    link.conn, msg,
+                    error=f"key {clip(key)} is already in use on this cluster: scatter the value under another key",
+                )
+                return
+
         def done(placed: dict[str, tuple[int, list[str]]], failed: list[str]) -> None:
             self._scattered(link, msg, placed, failed)
 
@@ -855,6 +866,10 @@ class Scheduler:
 
     def _on_replicate(self, link: ClientLink, msg: m.Replicate) -> None:
         keys = tuple(msg.keys)
+        foreign = [key for key in keys if not self.state.wants(link.client_id, key)]
+        if foreign:
+            reply(link.conn, msg, error=f"this client holds no future for {clip(foreign[:3])}: it cannot replicate them")
+            return
         self._apply(ReplicationRequested(self._stimulus("replicate"), link.client_id, keys, msg.n))
 
         def done(settled: tuple[str, ...] | None, error: str | None) -> None:

@@ -496,12 +496,14 @@ class Worker:
 
     def _on_put_data(self, conn: Connection, msg: m.PutData) -> None:
         try:
-            values = {key: loads(value) for key, value in msg.data.items()}
+            # A value already here is kept, never replaced: scattered keys
+            # name their content, and a value computed here is the task's.
+            values = {key: loads(value) for key, value in msg.data.items() if key not in self.data}
         except SerializationError as exc:
             reply(conn, msg, error=str(exc))
             return
         self.data.update(values)
-        nbytes = {key: sizeof(value) for key, value in values.items()}
+        nbytes = {key: sizeof(self.data[key]) for key in msg.data}
         self._apply(DataPut(self._stimulus("put-data"), nbytes))
         reply(conn, msg, m.PutDataReply(nbytes=nbytes))
 

@@ -582,8 +582,6 @@ async def test_byte_budget_refuses_more_than_its_capacity():
     assert budget.in_use == 0
 
 
-@pytest.mark.xfail(strict=True, reason="suspected bug: ByteBudget.acquire removes a cancelled head waiter "
-                   "without waking the waiters behind it that now fit (connection.py)")
 async def test_byte_budget_cancelled_head_lets_the_next_waiter_in(autojump_clock):
     """When the first waiter gives up, the next one is granted if it fits."""
     budget = ByteBudget(10)
@@ -693,8 +691,6 @@ async def test_message_over_the_batch_budget_fails_in_send():
             assert await b.receive() == [{"op": "next"}]
 
 
-@pytest.mark.xfail(strict=True, reason="suspected bug: send() and _take_batch compare max_batch_bytes without "
-                   "the batch's msgpack array header, so the peer refuses a batch send() accepted (connection.py)")
 async def test_send_accepts_only_what_the_peer_accepts_at_the_batch_limit():
     """At the batch limit a message is refused in send() or delivered, never rejected by the peer."""
     async with connection_pair(BATCH_LIMITS) as (a, b):

@@ -364,16 +364,12 @@ def test_a_huge_peer_supplied_name_is_clipped_in_the_error():
     assert len(str(info.value)) < 200
 
 
-@pytest.mark.xfail(strict=True, reason="suspected bug: Record.check skips the unknown-field test when the "
-                   "map has no more entries than the record declares fields (schema.py)")
 def test_unknown_field_is_refused_even_when_optional_fields_are_left_out():
     """A field not declared is an error even in a map that omits some optional fields."""
     with pytest.raises(ProtocolError, match="'hello': has an unknown field 'colour'"):
         m.decode({"op": "hello", "role": "peer", "protocol": 1, "colour": "red"}, m.HELLO)
 
 
-@pytest.mark.xfail(strict=True, reason="suspected bug: Tagged.check looks up an unhashable tag in a dict "
-                   "and raises TypeError (schema.py)")
 def test_an_unhashable_tag_is_a_protocol_error():
     """A failure whose 'kind' is a list is refused as ProtocolError, not TypeError."""
     with pytest.raises(ProtocolError, match="'task_erred': field failure.kind"):
@@ -410,8 +406,6 @@ def test_invalid_turns_a_bad_submit_into_an_invalid_carrying_its_keys():
     assert "tasks[1].retries" in invalid.reason
 
 
-@pytest.mark.xfail(strict=True, reason="suspected bug: invalid() builds the reason from repr(text) and strips "
-                   "quotes, so it loses the op's opening quote and shows escapes (messages.py)")
 def test_invalid_keeps_the_reason_as_written():
     """The reason an Invalid carries is the error's own text, not its repr."""
     raw = {"op": "get_data", "request_id": 12, "keys": "a"}

@@ -442,8 +442,6 @@ async def test_pool_link_ends_on_a_reply_that_breaks_its_declaration():
         nursery.cancel_scope.cancel()
 
 
-@pytest.mark.xfail(strict=True, reason="suspected bug: the pool's reader sees the closed stream as "
-                   "ClosedResourceError and reports that, not the link's close reason (rpc.py)")
 async def test_pool_call_failed_by_peer_timeout_says_so(autojump_clock):
     """The error of a call cut off by peer_timeout names peer_timeout, so a hung peer can be told from a crash."""
     network = MemoryNetwork()
@@ -455,8 +453,6 @@ async def test_pool_call_failed_by_peer_timeout_says_so(autojump_clock):
         nursery.cancel_scope.cancel()
 
 
-@pytest.mark.xfail(strict=True, reason="suspected bug: the pool treats a Refused as an unexpected op and "
-                   "drops the server's reason (rpc.py)")
 async def test_pool_call_refused_by_the_server_gives_its_reason():
     """A pool link the server refuses fails the call with HandshakeRefused carrying the server's reason."""
     network = MemoryNetwork()

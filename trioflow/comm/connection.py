@@ -68,8 +68,13 @@ RECEIVE_CHUNK_BYTES = 256 * 1024
 # from the caller's buffer, instead of being joined into one bytes object.
 LARGE_FRAME_BYTES = 64 * 1024
 MAX_MESSAGES_PER_WRITE = 50_000
-# The msgpack array header `batch_frames` puts before a batch of one message.
+# The msgpack array header `batch_frames` puts before a batch of one message,
+# and before a batch of any size.
 LONE_MESSAGE_ARRAY_HEADER_BYTES = 1
+ARRAY_HEADER_MAX_BYTES = 5
+# A batch that has begun may take this long (at most `idle_timeout`), plus
+# its bytes at `min_transfer_rate`.
+BATCH_GRACE_S = 30.0
 # How long a closing connection may spend writing what is still queued.
 FINAL_FLUSH_S = 1.0
 # Messages checked between two yields to other tasks while decoding a batch.
@@ -109,9 +114,11 @@ class ByteBudget:
                 self.release(n)  # granted as we were cancelled: give it back
             else:
                 self._waiting.remove(entry)
+                self.release(0)  # those queued behind us may fit now
             raise
 
     def release(self, n: int) -> None:
+        """Give back `n` bytes and wake, in order, the waiters that now fit."""
         self.in_use -= n
         while self._waiting and self.in_use + self._waiting[0][0] <= self.capacity:
             n_next, ready = self._waiting.popleft()
@@ -217,9 +224,9 @@ class Connection:
                 f"a {op!r} message needs {1 + len(encoded.frames)} frames, "
                 f"more than max_frames={limits.max_frames}"
             )
-        if encoded.nbytes > limits.max_batch_bytes:
+        if encoded.nbytes + LONE_MESSAGE_ARRAY_HEADER_BYTES > limits.max_batch_bytes:
             raise ProtocolError(
-                f"a {op!r} message of {encoded.nbytes} bytes is larger than the peer's budget "
+                f"a {op!r} message of {encoded.nbytes + LONE_MESSAGE_ARRAY_HEADER_BYTES} bytes is larger than the peer's budget "
                 f"(max_connection_bytes={limits.max_batch_bytes})"
             )
         self._outbox.append(encoded)
@@ -302,9 +309,9 @@ class Connection:
     def _take_batch(self) -> list[EncodedMessage]:
         """The oldest messages that fit one batch within the peer's limits."""
         limits = self.send_limits
-        body_budget = limits.max_body_bytes - 5  # less the array header
+        body_budget = limits.max_body_bytes - ARRAY_HEADER_MAX_BYTES
         frame_budget = limits.max_frames - 1
-        byte_budget = limits.max_batch_bytes
+        byte_budget = limits.max_batch_bytes - ARRAY_HEADER_MAX_BYTES
         count = 0
         for message in self._outbox[:MAX_MESSAGES_PER_WRITE]:
             body_budget -= len(message.body)
@@ -353,17 +360,18 @@ class Connection:
                 self._check_speaks_trioflow()
             check_frame_count(n_frames, self.limits)
             # From the first byte of a batch, the rest must keep coming.
-            with trio.move_on_after(self.idle_timeout) as slow_header:
+            header_grace = min(self.idle_timeout, BATCH_GRACE_S)
+            with trio.move_on_after(header_grace) as slow_header:
                 await self._fill(4 + 8 * n_frames)
             if slow_header.cancelled_caught:
-                raise ProtocolError(f"a batch header did not arrive within {self.idle_timeout:g} s")
+                raise ProtocolError(f"a batch header did not arrive within {header_grace:g} s")
             lengths = struct.unpack_from(f"<{n_frames}Q", self._receive_buffer, 4)
             total = check_frame_lengths(lengths, self.limits)
             del self._receive_buffer[: 4 + 8 * n_frames]
             if self.budget is not None:
                 await self.budget.acquire(total)
             try:
-                allowed = self.idle_timeout + total / self.min_transfer_rate
+                allowed = min(self.idle_timeout, BATCH_GRACE_S) + total / self.min_transfer_rate
                 with trio.move_on_after(allowed) as slow:
                     frames = [await self._read_frame(length) for length in lengths]
                 if slow.cancelled_caught:
@@ -383,6 +391,9 @@ class Connection:
         except CommClosedError:
             raise
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            if isinstance(exc, trio.ClosedResourceError) and self.close_reason is not None:
+                # Closed on our side, for a reason (peer_timeout, idle...): say it.
+                raise CommClosedError(f"connection to {self.peer} closed: {self.close_reason}") from None
             self._mark_closed(f"read failed: {exc!r}")
             raise CommClosedError(f"connection to {self.peer} broke: {exc!r}") from None
 

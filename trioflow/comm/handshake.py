@@ -73,7 +73,10 @@ async def expect_hello(
         CommClosedError: the peer hung up first.
     """
     with trio.move_on_after(timeout):
-        batch = await conn.receive()
+        try:
+            batch = await conn.receive()
+        except ProtocolError as exc:
+            refuse(conn, f"a bad hello: {exc}")
         if len(batch) != 1:
             raise ProtocolError(f"a hello must come alone, got {len(batch)} messages")
         [hello] = batch

@@ -207,11 +207,14 @@ class Reply(Message, op="reply", channels=SERVER_TO_CONNECTOR + (WORKER_TO_SCHED
 
     @classmethod
     def from_wire(cls, raw: dict, where: str) -> Reply:
+        name = "request_id"
         try:
             reply = cls(REQUEST_ID.check(raw.get("request_id")))
             if "error" in raw:
+                name = "error"
                 reply.error = REASON.check(raw["error"])
         except FieldError as exc:
+            exc.path.append(f".{name}")
             raise ProtocolError(exc.text(where)) from None
         reply.raw = raw
         return reply
@@ -278,7 +281,7 @@ def invalid(raw: dict[str, Any], channel: str, error: ProtocolError) -> Invalid 
     cls = OPS.get(raw["op"])
     if cls is None or channel not in cls.CHANNELS:
         return None
-    reason = clip(str(error), MAX_REASON_CHARS - 10).strip("'\"")
+    reason = str(error)[:MAX_REASON_CHARS]
     if cls is Submit:
         tasks = raw.get("tasks")
         found = [t.get("key") for t in tasks[:MAX_TASKS_PER_SUBMIT] if type(t) is dict] if type(tasks) is list else []
@@ -529,7 +532,7 @@ class Replicate(Message, op="replicate", channels=(CLIENT_TO_SCHEDULER,), reply=
 
 
 class RunEverywhere(Message, op="run", channels=(CLIENT_TO_SCHEDULER, SCHEDULER_TO_WORKER), reply=None):
-    """Call a function on every worker (client -> scheduler) or here (-> worker)."""
+    """Call a function on every worker (from a client) or on this worker (from the scheduler)."""
 
     function = Pickled()
 
@@ -541,19 +544,22 @@ class Restart(Message, op="restart", channels=(CLIENT_TO_SCHEDULER,), reply=Rest
 
 
 class WhoHas(Message, op="who_has", channels=(CLIENT_TO_SCHEDULER,), reply=WhoHasReply):
+    """Which workers hold these keys (all keys if nil)."""
+
     keys = Optional(Nullable(KEYS))
 
 
 class HasWhat(Message, op="has_what", channels=(CLIENT_TO_SCHEDULER,), reply=HasWhatReply):
-    pass
+    """Which keys each worker holds."""
 
 
 class NThreads(Message, op="nthreads", channels=(CLIENT_TO_SCHEDULER,), reply=NThreadsReply):
-    pass
+    """How many threads each worker has."""
 
 
 class GetSchedulerInfo(Message, op="scheduler_info", channels=(CLIENT_TO_SCHEDULER,), reply=InfoReply):
-    pass
+    """The scheduler's address, its workers (with their last heartbeat's
+    metrics) and its task counts by state."""
 
 
 class WaitForWorkers(Message, op="wait_for_workers", channels=(CLIENT_TO_SCHEDULER,), reply=CountReply):
@@ -574,6 +580,8 @@ class KeyFinished(Message, op="key_finished", channels=(SCHEDULER_TO_CLIENT,)):
 
 
 class KeyErred(Message, op="key_erred", channels=(SCHEDULER_TO_CLIENT,)):
+    """The task failed; `origin` is the key that failed first."""
+
     key = KEY
     origin = KEY
     failure = FAILURE
@@ -632,11 +640,15 @@ class TaskFinished(Message, op="task_finished", channels=(WORKER_TO_SCHEDULER,))
 
 
 class TaskErred(Message, op="task_erred", channels=(WORKER_TO_SCHEDULER,)):
+    """The function raised; counts only from the worker the task is on."""
+
     key = KEY
     failure = USER_FAILURE
 
 
 class ReplicaAdded(Message, op="replica_added", channels=(WORKER_TO_SCHEDULER,)):
+    """A copy is stored here (fetched for a task, or asked for)."""
+
     key = KEY
     nbytes = NBYTES
 
@@ -650,6 +662,8 @@ class ReplicaMissing(Message, op="replica_missing", channels=(WORKER_TO_SCHEDULE
 
 
 class DataDropped(Message, op="data_dropped", channels=(WORKER_TO_SCHEDULER,)):
+    """These values were freed here (the free may have crossed a report of them)."""
+
     keys = KEYS
 
 
@@ -677,6 +691,8 @@ class ComputeTask(Message, op="compute_task", channels=(SCHEDULER_TO_WORKER,)):
 
 
 class FreeKeys(Message, op="free_keys", channels=(SCHEDULER_TO_WORKER,)):
+    """Drop these values or pending runs."""
+
     keys = KEYS
 
 
@@ -687,6 +703,8 @@ class FreeFunctions(Message, op="free_functions", channels=(SCHEDULER_TO_WORKER,
 
 
 class AcquireReplicas(Message, op="acquire_replicas", channels=(SCHEDULER_TO_WORKER,)):
+    """Fetch copies of these keys from these holders."""
+
     who_has = WHO_HAS
     nbytes = KEY_NBYTES
 

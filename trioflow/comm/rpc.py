@@ -26,7 +26,7 @@ import trio
 from trioflow.comm import messages
 from trioflow.comm.connection import ByteBudget, Connection, open_connection
 from trioflow.comm.frames import FrameLimits
-from trioflow.comm.handshake import say_hello
+from trioflow.comm.handshake import HandshakeRefused, say_hello
 from trioflow.comm.network import Network, connect_with_timeout
 from trioflow.comm.schema import Record
 from trioflow.errors import CommClosedError, ProtocolError
@@ -123,9 +123,9 @@ class Requests:
         pending.event.set()
         return True
 
-    def fail_all(self, reason: str) -> None:
+    def fail_all(self, reason: str, error_type: type[CommClosedError] = CommClosedError) -> None:
         for pending in self._pending.values():
-            pending.error = CommClosedError(reason)
+            pending.error = error_type(reason)
             pending.event.set()
         self._pending.clear()
 
@@ -211,6 +211,7 @@ class ConnectionPool:
         raise CommClosedError(f"no connection to {address}")
 
     async def _run_link(self, address: str, link: _PeerLink) -> None:
+        error_type: type[CommClosedError] = CommClosedError
         try:
             stream = await connect_with_timeout(self.network, address, self.connect_timeout)
         except (CommClosedError, ValueError) as exc:  # ValueError: a malformed address
@@ -229,15 +230,19 @@ class ConnectionPool:
                     helpers.start_soon(self._watch, conn, link.requests, address)
                     while True:
                         for message in await conn.receive():
+                            if type(message) is messages.Refused:
+                                raise HandshakeRefused(f"{address} refused the connection: {message.reason}")
                             if not link.requests.deliver(message):
                                 raise ProtocolError(f"unexpected {message.OP!r} from {address}")
+        except HandshakeRefused as exc:
+            link.error, error_type = str(exc), HandshakeRefused
         except (CommClosedError, ProtocolError) as exc:
-            link.error = f"connection to {address} lost: {exc}"
+            link.error, error_type = f"connection to {address} lost: {exc}", CommClosedError
         finally:
             if self._links.get(address) is link:
                 del self._links[address]
             if link.requests is not None:
-                link.requests.fail_all(link.error or f"connection to {address} closed")
+                link.requests.fail_all(link.error or f"connection to {address} closed", error_type)
             link.ready.set()
 
     async def _watch(self, conn: Connection, requests: Requests, address: str) -> None:

@@ -118,9 +118,10 @@ class Str(Kind):
         return value
 
     def describe(self) -> str:
+        article = "an" if self.name[0] in "aeiou" else "a"
         if self.min_chars == self.max_chars:
-            return f"a {self.name} of {self.max_chars} chars"
-        return f"a {self.name} of at most {self.max_chars} chars"
+            return f"{article} {self.name} of {self.max_chars} chars"
+        return f"{article} {self.name} of at most {self.max_chars} chars"
 
 
 class Int(Kind):
@@ -307,7 +308,8 @@ class Tagged(Kind):
     def check(self, value: Any) -> Record:
         if type(value) is not dict:
             raise self._fail(value)
-        record = self.records.get(value.get(self.tag))  # type: ignore[arg-type]
+        tag = value.get(self.tag)
+        record = self.records.get(tag) if type(tag) is str else None
         if record is None:
             error = FieldError(f"must be one of {sorted(self.records)}, got {clip(value.get(self.tag))}")
             error.path.append(f".{self.tag}")
@@ -328,7 +330,8 @@ class Optional:
         self.default = default
 
 
-_REQUIRED = object()
+# The default of a field that must be present.
+REQUIRED = object()
 
 
 class Record:
@@ -353,7 +356,7 @@ class Record:
         fields = dict(cls.FIELDS)
         for name, spec in list(vars(cls).items()):
             if isinstance(spec, Kind):
-                fields[name] = (spec, _REQUIRED)
+                fields[name] = (spec, REQUIRED)
             elif isinstance(spec, Optional):
                 fields[name] = (spec.kind, spec.default)
             else:
@@ -365,7 +368,7 @@ class Record:
         for name, (_, default) in self.FIELDS.items():
             if name in values:
                 continue
-            if default is _REQUIRED:
+            if default is REQUIRED:
                 raise TypeError(f"{type(self).__name__} needs field {name!r}")
             values[name] = default
         if len(values) != len(self.FIELDS):
@@ -392,13 +395,16 @@ class Record:
     def check(cls, raw: dict) -> Record:
         """`from_wire` without the op's name: raises `FieldError`."""
         values = {}
+        present = 0
         for name, (kind, default) in cls.FIELDS.items():
-            value = raw.get(name, _REQUIRED)
-            if value is _REQUIRED:
-                if default is _REQUIRED:
+            value = raw.get(name, REQUIRED)
+            if value is REQUIRED:
+                if default is REQUIRED:
                     raise FieldError(f"lacks field {name!r}")
                 values[name] = default
-            elif value is None and default is None:
+                continue
+            present += 1
+            if value is None and default is None:
                 values[name] = None
             else:
                 try:
@@ -406,7 +412,7 @@ class Record:
                 except FieldError as exc:
                     exc.path.append(f".{name}")
                     raise
-        if len(raw) > len(values):
+        if len(raw) > present:
             for name in raw:
                 if name not in cls.FIELDS and name not in cls._TRANSPORT_FIELDS:
                     raise FieldError(f"has an unknown field {clip(name, 60)}")

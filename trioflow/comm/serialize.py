@@ -96,6 +96,19 @@ def loads(serialized: Serialized) -> Any:
         ) from exc
 
 
+def content_digest(serialized: Serialized) -> str:
+    """A short hex digest of a value's pickled bytes (buffers included).
+
+    Scattered values are named by it (``"int-<digest>"``), so scattering the
+    same value twice gives the same key, and a scheduler can tell a key that
+    names its content from one a client chose.
+    """
+    digest = hashlib.blake2b(serialized.header, digest_size=16)
+    for buffer in serialized.buffers:
+        digest.update(buffer)
+    return digest.hexdigest()
+
+
 class SerializedFunction:
     """A function pickled once, with the id that names its bytes.
 
