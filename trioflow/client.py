@@ -85,8 +85,10 @@ MAX_QUEUED_WHILE_AWAY = 100_000
 SUBMIT_SLICE = 1_000
 # Keys per `release_keys`, `cancel_keys`, `who_has` and `get_data` message:
 # a message body must stay within `max_body_bytes`.
-KEYS_SLICE = 10_000
+KEYS_SLICE = m.MAX_KEYS
 GET_DATA_SLICE = 1_000
+# Values per `scatter` request (each value is one frame or more).
+SCATTER_SLICE = 1_000
 
 
 def _is_future(obj: Any) -> bool:
@@ -778,7 +780,10 @@ class AsyncClient:
         for key in keys:
             self._lineage.remember(m.TaskWire(key=key, scattered=True), None)
         with _timeout(timeout):
-            await self._request(m.Scatter(data=payloads, broadcast=broadcast))
+            names = list(payloads)
+            for start in range(0, len(names), SCATTER_SLICE):
+                part = {key: payloads[key] for key in names[start : start + SCATTER_SLICE]}
+                await self._request(m.Scatter(data=part, broadcast=broadcast))
         if isinstance(data, Mapping):
             return {key: futures[key] for key in keys}
         if isinstance(data, (list, tuple)):

@@ -577,14 +577,16 @@ class Scheduler:
             keys = self._frees.pop(address, None)
             worker = self.workers.get(address)
             if keys and worker is not None:
-                worker.send(m.FreeKeys(keys=keys))
+                for start in range(0, len(keys), m.MAX_KEYS):
+                    worker.send(m.FreeKeys(keys=keys[start : start + m.MAX_KEYS]))
                 for key in keys:
                     self._task_left(worker, key)
         for address in list(self._function_frees) if address is None else [address]:
             function_ids = self._function_frees.pop(address, None)
             worker = self.workers.get(address)
             if function_ids and worker is not None:
-                worker.send(m.FreeFunctions(function_ids=function_ids))
+                for start in range(0, len(function_ids), m.MAX_KEYS):
+                    worker.send(m.FreeFunctions(function_ids=function_ids[start : start + m.MAX_KEYS]))
 
     def _task_left(self, worker: WorkerLink, key: str) -> None:
         function_id = worker.task_done(key)

@@ -423,7 +423,9 @@ class Worker:
         elif isinstance(instruction, SendReplicaAdded):
             self._send(m.ReplicaAdded(key=instruction.key, nbytes=instruction.nbytes))
         elif isinstance(instruction, SendDataDropped):
-            self._send(m.DataDropped(keys=list(instruction.keys)))
+            keys = list(instruction.keys)
+            for start in range(0, len(keys), m.MAX_KEYS):
+                self._send(m.DataDropped(keys=keys[start : start + m.MAX_KEYS]))
         elif isinstance(instruction, SendReplicaMissing):
             self._send(
                 m.ReplicaMissing(

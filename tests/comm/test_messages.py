@@ -9,7 +9,7 @@ import re
 import pytest
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, reject, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trioflow.comm import Connection, FrameLimits
@@ -18,6 +18,9 @@ from trioflow.comm import schema
 from trioflow.comm.frames import batch_frames, decode_batch, encode_message
 from trioflow.comm.serialize import Serialized, function_id
 from trioflow.errors import ProtocolError
+
+from tests.strategies import op_on_channel as _op_on_channel
+from tests.strategies import raw_record as _raw_record
 
 ADDR = "tcp://127.0.0.1:8786"
 ADDR2 = "tcp://[::1]:8787"
@@ -286,7 +289,7 @@ MALFORMED = [
     ),
     pytest.param(
         {"op": "release_keys", "keys": ["k"] * (m.MAX_KEYS + 1)}, m.CLIENT_TO_SCHEDULER,
-        "'release_keys': field keys must be a list of at most 100000 (a key of at most 1024 chars), got list",
+        f"'release_keys': field keys must be a list of at most {m.MAX_KEYS} (a key of at most 1024 chars), got list",
         id="list-too-long",
     ),
     pytest.param(
@@ -387,7 +390,7 @@ def test_invalid_turns_a_bad_request_into_an_answerable_invalid():
     invalid = m.invalid(raw, m.PEER_TO_WORKER, info.value)
     assert isinstance(invalid, m.Invalid)
     assert (invalid.op, invalid.request_id, invalid.keys) == ("get_data", 12, [])
-    assert "get_data': field keys must be a list of at most 100000" in invalid.reason
+    assert f"'get_data': field keys must be a list of at most {m.MAX_KEYS}" in invalid.reason
 
 
 def test_invalid_turns_a_bad_submit_into_an_invalid_carrying_its_keys():
@@ -431,68 +434,6 @@ def test_invalid_is_none_for_what_cannot_be_answered(raw, channel):
 
 
 # ------------------------------------------------------------ the property --
-
-
-def _strategy(kind: schema.Kind) -> st.SearchStrategy:
-    """Valid values of `kind` (small ones: the bounds have tests of their own)."""
-    if kind is m.ADDRESS:
-        hosts = st.sampled_from(["127.0.0.1", "worker-1.example", "[::1]"])
-        return st.builds(lambda host, port: f"tcp://{host}:{port}", hosts, st.integers(0, 65535))
-    if kind is m.FUNCTION_ID:
-        return st.binary(max_size=8).map(function_id)
-    if isinstance(kind, schema.Str):
-        assert kind.test is None, f"no strategy for {kind.describe()}"
-        return st.text(st.characters(codec="utf-8"), min_size=kind.min_chars, max_size=min(kind.max_chars, 8))
-    if isinstance(kind, schema.Int):
-        return st.integers(kind.lo, kind.hi)
-    if isinstance(kind, schema.Float):
-        return st.floats(kind.lo, kind.hi, allow_nan=False, allow_infinity=False)
-    if isinstance(kind, schema.Bool):
-        return st.booleans()
-    if isinstance(kind, schema.Choice):
-        return st.sampled_from(kind.choices)
-    if isinstance(kind, schema.Bytes):
-        return st.binary(max_size=min(kind.max_bytes, 16))
-    if isinstance(kind, schema.Pickled):
-        return st.builds(Serialized, st.binary(max_size=16), st.lists(st.binary(max_size=16), max_size=2))
-    if isinstance(kind, schema.Nullable):
-        return st.none() | _strategy(kind.kind)
-    if isinstance(kind, schema.List):
-        return st.lists(_strategy(kind.item), max_size=min(kind.max_items, 3))
-    if isinstance(kind, schema.Map):
-        return st.dictionaries(_strategy(kind.key), _strategy(kind.value), max_size=min(kind.max_items, 2))
-    if isinstance(kind, schema.Nested):
-        return _raw_record(kind.record)
-    if isinstance(kind, schema.Tagged):
-        return st.one_of(
-            [_raw_record(record).map(lambda raw, tag=tag: {kind.tag: tag, **raw}) for tag, record in kind.records.items()]
-        )
-    raise AssertionError(f"no strategy for {type(kind).__name__}")
-
-
-@st.composite
-def _raw_record(draw, record: type[schema.Record]) -> dict:
-    """A map `record` accepts: each field present or (if optional) left out.
-
-    Cross-field rules (`check_fields`) reject some draws; a few more draws
-    find one they accept.
-    """
-    for _ in range(20):
-        raw = {}
-        for name, (kind, default) in record.FIELDS.items():
-            if type(default) is object or draw(st.booleans()):  # object(): the 'required' marker
-                raw[name] = draw(_strategy(kind))
-        try:
-            record.check(raw)
-        except schema.FieldError:
-            continue
-        return raw
-    reject()
-
-
-def _op_on_channel() -> st.SearchStrategy:
-    pairs = sorted((op, channel) for op, cls in m.OPS.items() if op != "reply" for channel in cls.CHANNELS)
-    return st.sampled_from(pairs).flatmap(lambda pair: st.tuples(st.just(pair), _raw_record(m.OPS[pair[0]])))
 
 
 def _as_lists(value):

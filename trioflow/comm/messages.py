@@ -109,8 +109,13 @@ MAX_NAME_CHARS = 256
 FUNCTION_ID_CHARS = 64  # hex of a 32-byte BLAKE2b digest (serialize.dumps_function)
 MAX_REASON_CHARS = 4_096
 MAX_TEXT_CHARS = 64 * 1024  # error messages and tracebacks
-MAX_KEYS = 100_000  # keys in one message
-MAX_TASKS_PER_SUBMIT = 10_000
+# Keys in one request or one-way message. Each message is one step of the
+# receiver's driver, so this bounds how long one message can hold it;
+# senders split longer lists into several messages.
+MAX_KEYS = 10_000
+# Keys in a reply (in practice `max_body_bytes` bounds a reply first).
+MAX_REPLY_KEYS = 1_000_000
+MAX_TASKS_PER_SUBMIT = 2_000
 MAX_DEPENDENCIES = 100_000
 MAX_RETRIES = 1_000
 MAX_THREADS = 1_024
@@ -147,6 +152,10 @@ NBYTES = Int(0, MAX_NBYTES)
 PID = Nullable(Int(0, 1 << 31))
 WHO_HAS = Map(KEY, ADDRESSES, MAX_KEYS)
 KEY_NBYTES = Map(KEY, NBYTES, MAX_KEYS)
+# A task's inputs: who holds each, and their sizes.
+INPUTS_WHO_HAS = Map(KEY, ADDRESSES, MAX_DEPENDENCIES)
+INPUTS_NBYTES = Map(KEY, NBYTES, MAX_DEPENDENCIES)
+REPLY_KEYS = List(KEY, MAX_REPLY_KEYS)
 METRICS = Map(Str(64, name="metric"), Float(-1e18, 1e18), MAX_METRICS)
 
 
@@ -423,15 +432,15 @@ class RunOutcome(Record):
 
 
 class KeysReply(Record):
-    keys = KEYS
+    keys = REPLY_KEYS
 
 
 class WhoHasReply(Record):
-    who_has = WHO_HAS
+    who_has = Map(KEY, ADDRESSES, MAX_REPLY_KEYS)
 
 
 class HasWhatReply(Record):
-    has_what = Map(ADDRESS, KEYS, MAX_WORKERS)
+    has_what = Map(ADDRESS, REPLY_KEYS, MAX_WORKERS)
 
 
 class NThreadsReply(Record):
@@ -464,13 +473,13 @@ class RunHereReply(Record):
 
 
 class PutDataReply(Record):
-    nbytes = KEY_NBYTES
+    nbytes = Map(KEY, NBYTES, MAX_REPLY_KEYS)
 
 
 class GetDataReply(Record):
-    data = Map(KEY, Pickled(), MAX_KEYS)
-    missing = KEYS
-    errors = Map(KEY, REASON, MAX_KEYS)
+    data = Map(KEY, Pickled(), MAX_REPLY_KEYS)
+    missing = REPLY_KEYS
+    errors = Map(KEY, REASON, MAX_REPLY_KEYS)
 
 
 class PidReply(Record):
@@ -686,8 +695,8 @@ class ComputeTask(Message, op="compute_task", channels=(SCHEDULER_TO_WORKER,)):
     function = Optional(Pickled())
     args = Pickled()
     priority = List(Int(-(1 << 63), (1 << 63) - 1), 8)
-    who_has = WHO_HAS
-    nbytes = KEY_NBYTES
+    who_has = INPUTS_WHO_HAS
+    nbytes = INPUTS_NBYTES
 
 
 class FreeKeys(Message, op="free_keys", channels=(SCHEDULER_TO_WORKER,)):
