@@ -26,6 +26,7 @@ import itertools
 import logging
 import math
 import random
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -162,7 +163,13 @@ class AsyncClient:
     async def __aenter__(self) -> AsyncClient:
         self._stack = AsyncExitStack()
         nursery = await self._stack.enter_async_context(background_tasks())
-        await nursery.start(self._run)
+        try:
+            await nursery.start(self._run)
+        except BaseException:
+            # Close the nursery we opened before the error leaves: an
+            # ``async with`` whose __aenter__ raises never calls __aexit__.
+            await self._stack.__aexit__(*sys.exc_info())
+            raise
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:

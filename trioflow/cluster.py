@@ -210,7 +210,13 @@ class AsyncLocalCluster:
 
         self._stack = AsyncExitStack()
         nursery = await self._stack.enter_async_context(background_tasks())
-        await nursery.start(self.serve)
+        try:
+            await nursery.start(self.serve)
+        except BaseException:
+            # An ``async with`` whose __aenter__ raises never calls
+            # __aexit__: close the nursery opened above ourselves.
+            await self._stack.__aexit__(*sys.exc_info())
+            raise
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:

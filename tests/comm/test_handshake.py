@@ -248,7 +248,7 @@ async def test_await_welcome_raises_handshake_refused_with_the_servers_reason():
     [
         pytest.param(
             b"HTTP/1.1 400 Bad Request\r\n\r\n",
-            "tcp://127.0.0.1:80 is not a trioflow scheduler: tcp://127.0.0.1:80 does not speak trioflow: "
+            "tcp://127.0.0.1:80 is not a trioflow scheduler: the peer does not speak trioflow: "
             "it sent b'HTTP/1.1 400 Bad Request",
             id="an-http-server",
         ),

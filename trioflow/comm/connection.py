@@ -427,7 +427,7 @@ class Connection:
             return
         head = bytes(self._receive_buffer[:40])
         if head[:4].isascii() and head[:4].decode("ascii").isprintable():
-            raise ProtocolError(f"{self.peer} does not speak trioflow: it sent {clip(head, 60)}")
+            raise ProtocolError(f"the peer does not speak trioflow: it sent {clip(head, 60)}")
 
     async def _fill(self, n: int) -> None:
         """Read until the receive buffer holds at least `n` bytes."""

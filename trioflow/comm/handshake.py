@@ -54,7 +54,7 @@ async def say_hello(conn: Connection, hello: Hello) -> None:
 
 
 async def expect_hello(
-    conn: Connection, timeout: float, roles: Mapping[str, str], server: str, limits: FrameLimits
+    conn: Connection, timeout: float, roles: Mapping[str, str], server: str, limits: FrameLimits, hint: str = ""
 ) -> Hello:
     """Read the peer's hello and accept it for one of `roles`, or refuse it.
 
@@ -66,6 +66,7 @@ async def expect_hello(
         server: what this server is, for refusals ("a trioflow worker's
             data port").
         limits: the limits that apply once the hello is accepted.
+        hint: what a refused peer should do instead (": connect to ...").
 
     Raises:
         ProtocolError: no hello in time, a bad one, or a role this server
@@ -84,7 +85,7 @@ async def expect_hello(
             refuse(conn, f"{server} speaks trioflow protocol {PROTOCOL_VERSION}, not {clip(hello.protocol)}")
         if hello.role not in roles:
             wanted = " or ".join(sorted(roles))
-            refuse(conn, f"this is {server}, which serves {wanted} connections, not {hello.role}s")
+            refuse(conn, f"this is {server}, which serves {wanted} connections, not {hello.role}s{hint}")
         conn.inbound = roles[hello.role]
         conn.limits = limits
         return hello
