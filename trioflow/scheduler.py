@@ -239,6 +239,10 @@ class Scheduler:
         self._function_frees: dict[str, list[str]] = {}
         # Small results that came with the task_finished being applied.
         self._inline_values: dict[str, Serialized] = {}
+        # address -> (its registration number, the keys a departed worker
+        # held or was assigned): what it may claim when it registers again
+        # (`_checked_claims`).
+        self._departed: dict[str, tuple[int, set[str]]] = {}
         self._worker_handlers: dict[type, Callable[[WorkerLink, Any], SchedulerEvent | None]] = {
             m.TaskStarted: self._on_task_started,
             m.TaskFinished: self._on_task_finished,
@@ -476,6 +480,8 @@ class Scheduler:
             old = self.workers.get(link.address)
             if old is not None:
                 old.close("replaced by a new connection from the same address")
+                self._departed[link.address] = (old.serial, set(self.state.worker_keys(link.address)))
+            held, running = self._checked_claims(link, held, running)
             self.workers[link.address] = link
             self._apply(
                 WorkerConnected(self._stimulus("worker-joined"), link.address, link.nthreads, held, running)
@@ -497,11 +503,44 @@ class Scheduler:
             self.clients[link.client_id] = link
             self._apply(ClientConnected(self._stimulus("client-joined"), link.client_id))
 
+    def _checked_claims(
+        self, link: WorkerLink, held: dict[str, int], running: tuple[str, ...]
+    ) -> tuple[dict[str, int], tuple[str, ...]]:
+        """What a registering worker says it holds and runs, less what it may not claim.
+
+        A claim is taken when the key is unknown here (it stays an orphan,
+        unconfirmed, until a client's resubmission claims it or it
+        expires), while this scheduler's recovery window is open (a new
+        scheduler has no record to check a claim against: the workers that
+        come back are the record), or when this address held or ran the
+        key when it left. Any other claim would let a worker that never
+        had a value stand in for it before the clients waiting on that key:
+        it is dropped, and the worker told to free it.
+        """
+        _, allowed = self._departed.pop(link.address, (0, set()))
+
+        def credible(key: str) -> bool:
+            return not self._recovery_over or key in allowed or not self.state.knows(key)
+
+        kept_held = {k: n for k, n in held.items() if credible(k)}
+        kept_running = tuple(k for k in running if credible(k))
+        dropped = [k for k in held if k not in kept_held]
+        if dropped or len(kept_running) != len(running):
+            logger.warning(
+                "worker %s claimed %d values and %d runs it never had here (e.g. %s); ignored",
+                link.address, len(dropped), len(running) - len(kept_running), clip((dropped or list(running))[:3]),
+            )
+            for start in range(0, len(dropped), m.MAX_KEYS):
+                link.send(m.FreeKeys(keys=dropped[start : start + m.MAX_KEYS]))
+        return kept_held, kept_running
+
     def _left(self, link: _Link, reason: str) -> None:
         if isinstance(link, WorkerLink):
             if self.workers.get(link.address) is not link:
                 return
             del self.workers[link.address]
+            self._departed[link.address] = (link.serial, set(self.state.worker_keys(link.address)))
+            self._spawn(self._forget_departed, link.address, link.serial)
             if link.retiring:
                 logger.info("worker %s left on purpose", link.address)
             else:
@@ -517,6 +556,15 @@ class Scheduler:
                 return
             del self.clients[link.client_id]
             self._apply(ClientDisconnected(self._stimulus("client-left"), link.client_id))
+
+    async def _forget_departed(self, address: str, serial: int) -> None:
+        """After `orphan_timeout`, a departed worker's claims are no longer credible."""
+        await trio.sleep(self.config.orphan_timeout)
+        self._post(self._drop_departed, address, serial)
+
+    def _drop_departed(self, address: str, serial: int) -> None:
+        if self._departed.get(address, (None,))[0] == serial:
+            del self._departed[address]
 
     async def _expire_orphans(self, keys: tuple[str, ...]) -> None:
         await trio.sleep(self.config.orphan_timeout)

@@ -251,16 +251,10 @@ class RawPeer:
         pid: int | None = None,
         nanny: str | None = None,
     ) -> None:
-        """Send a worker's hello (the caller reads what comes back)."""
-        await self.say_hello(
-            "worker",
-            address=address,
-            nthreads=nthreads,
-            held=held or {},
-            running=running or [],
-            pid=pid,
-            nanny=nanny,
-        )
+        """Send a worker's hello and its registration of what it holds and
+        runs (the caller reads what comes back)."""
+        await self.say_hello("worker", address=address, nthreads=nthreads, pid=pid, nanny=nanny)
+        await self.send({"op": "register", "held": held or {}, "running": running or [], "done": True})
 
     async def heartbeats(self, interval: float = 0.5) -> None:
         """Send a worker heartbeat every `interval` seconds until cancelled
@@ -320,7 +314,7 @@ def task_message(
     }
 
 
-def submit_message(tasks: list[dict], functions: dict[str, bytes], wanted: list[str] | None = None) -> dict:
+def submit_message(tasks: list[dict], functions: dict[str, Pickled], wanted: list[str] | None = None) -> dict:
     return {
         "op": "submit",
         "tasks": tasks,

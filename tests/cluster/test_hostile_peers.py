@@ -62,7 +62,7 @@ def evil(x):
     return 666
 
 
-def function_of(fn) -> tuple[str, bytes]:
+def function_of(fn) -> tuple[str, rp.Pickled]:
     """The id and pickled bytes a real client sends for `fn`.
 
     The one thing taken from trioflow's comm layer on the attacker side:
@@ -73,7 +73,7 @@ def function_of(fn) -> tuple[str, bytes]:
     from trioflow.comm.serialize import dumps_function
 
     function = dumps_function(fn)
-    return function.function_id, bytes(function.payload)
+    return function.function_id, rp.Pickled([bytes(function.payload.header)])
 
 
 # ------------------------------------------------------------- helpers --
@@ -891,7 +891,9 @@ async def hijacker(address, function_id):
     stays connected (holding its task) for the block."""
     async with rp.connect(address) as peer:
         await peer.hello_client("hijacker")
-        functions = {function_id: cloudpickle.dumps(evil, protocol=5)}
+        # Well-formed (a pickled function in a frame of its own), so that what
+        # stops it is the check of the id against the bytes.
+        functions = {function_id: rp.Pickled([cloudpickle.dumps(evil, protocol=5)])}
         await peer.send(rp.submit_message([rp.task_message("hijack-1", function_id, (1,))], functions))
         # Whatever the scheduler makes of it: a result, a refusal, a close.
         with trio.move_on_after(5):

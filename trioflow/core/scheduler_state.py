@@ -208,6 +208,11 @@ class SchedulerState(TaskTransitions):
         ts = self.tasks.get(key)
         return None if ts is None else ts.processing_on
 
+    def worker_keys(self, address: str) -> list[str]:
+        """The keys a worker holds or is assigned (empty if it is not registered)."""
+        ws = self.workers.get(address)
+        return [] if ws is None else [*ws.has_what, *ws.processing]
+
     def copies(self, keys: Iterable[str]) -> dict[str, int | None]:
         """How many workers hold each key's value (None: not in memory)."""
         out: dict[str, int | None] = {}
