@@ -48,10 +48,12 @@ EXT_SERIALIZED = 1
 _U32 = struct.Struct("<I")
 _EXT_PAYLOAD = struct.Struct("<I")
 # A legitimate message spends at least this many body bytes per list or map
-# it holds (a map key alone takes more), so a body may hold at most one
-# container per this many bytes: 4 MiB then decode to at most half a million
-# containers (tens of MB, tens of milliseconds), whatever the bytes are.
-BODY_BYTES_PER_CONTAINER = 8
+# it holds (the messages of docs/protocol.md spend 40 or more: every list or
+# map is a field, whose name alone takes a few bytes), so a body may hold at
+# most one container per this many bytes: 4 MiB then decode to at most a
+# quarter of a million containers (under 20 MB, tens of milliseconds),
+# whatever the bytes are.
+BODY_BYTES_PER_CONTAINER = 16
 # Before the hello nothing but a small hello may arrive: one frame of this
 # many bytes at most (design.md §6 rule 1).
 HELLO_BODY_BYTES = 16 * 1024
