@@ -11,6 +11,8 @@ tests of their own, and the fuzzers reach them on purpose.
 
 from __future__ import annotations
 
+import functools
+
 from hypothesis import reject
 from hypothesis import strategies as st
 
@@ -21,6 +23,7 @@ from trioflow.comm.serialize import Serialized, function_id
 __all__ = ["value_of", "raw_record", "op_on_channel", "ops_on"]
 
 
+@functools.cache  # strategies are immutable: build each one once
 def value_of(kind: schema.Kind) -> st.SearchStrategy:
     """Valid values of `kind` (small ones: the bounds have tests of their own)."""
     if kind is m.ADDRESS:
@@ -58,6 +61,7 @@ def value_of(kind: schema.Kind) -> st.SearchStrategy:
     raise AssertionError(f"no strategy for {type(kind).__name__}")
 
 
+@functools.cache
 @st.composite
 def raw_record(draw, record: type[schema.Record]) -> dict:
     """A map `record` accepts: each field present or (if optional) left out.
