@@ -335,11 +335,15 @@ class Scheduler:
                     logger.warning("closing connection before hello completed: %s", clip(str(exc), 300))
                     return
                 conn.peer = link.name
-                async with trio.open_nursery() as link.exchanges:
+                async with trio.open_nursery() as exchanges:
+                    link.exchanges = exchanges
                     self._post(self._joined, link, held, running)
                     reason = await self._read(link)
-                    link.exchanges.cancel_scope.cancel(reason="its connection closed")
-                link.exchanges = None
+                    # From here the nursery takes no new exchange: the driver
+                    # may still handle a request this link sent just before
+                    # it ended, and finds nobody to answer (`_spawn`).
+                    link.exchanges = None
+                    exchanges.cancel_scope.cancel(reason="its connection closed")
                 self._post(self._left, link, reason)
         finally:
             self.gate.leave()

@@ -167,13 +167,5 @@ def test_fifty_broken_batches_end_no_process(spawn):
         long_lines = [line[:200] for line in proc.lines if len(line) > MAX_LINE_CHARS]
         assert not long_lines, f"lines longer than {MAX_LINE_CHARS} characters: {long_lines}"
         records = re.split(r"\n(?=\d{4}-\d\d-\d\d )", "".join(proc.lines))
-        internal = [r for r in records if ("internal error" in r or "Traceback" in r) and not is_known_bug(r)]
+        internal = [r for r in records if "internal error" in r or "Traceback" in r]
         assert not internal, "\n".join(internal)
-
-
-def is_known_bug(record: str) -> bool:
-    """A log record of a bug an xfail test pins (see test_fuzz_sim.is_known_bug)."""
-    # test_fuzz_sim.py::test_a_request_racing_its_connections_end_is_no_internal_error
-    return "internal error in the scheduler while running _received" in record and record.rstrip().endswith(
-        "RuntimeError: Nursery is closed to new arrivals"
-    )

@@ -92,20 +92,6 @@ def inc(x):
     return x + 1
 
 
-def is_known_bug(record: logging.LogRecord) -> bool:
-    """A record of a bug pinned by an xfail test below, so the fuzzers look past it.
-
-    Remove the entry when its test starts to pass (strict xfail fails then).
-    """
-    error = record.exc_info[1] if record.exc_info else None
-    # test_a_request_racing_its_connections_end_is_no_internal_error
-    return (
-        isinstance(error, RuntimeError)
-        and str(error) == "Nursery is closed to new arrivals"
-        and record.getMessage() == "internal error in the scheduler while running _received"
-    )
-
-
 class LogRecords(logging.Handler):
     """Every record of the `trioflow` loggers, from INFO up."""
 
@@ -330,8 +316,6 @@ class FuzzCluster:
 
     def check_logs(self) -> None:
         for record in self.logs.records:
-            if is_known_bug(record):
-                continue
             text = record.getMessage()
             assert len(text) <= MAX_LOG_CHARS, f"a log record of {len(text)} characters: {text[:300]}..."
             assert "internal error" not in text, f"{text}\n{record.exc_text or ''}"
@@ -446,14 +430,6 @@ async def _requests_racing_the_end(attempts: int) -> list[str]:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Scheduler._spawn starts an exchange in link.exchanges after that nursery has closed: the reader "
-        "ended (a ProtocolError in the same write) while the driver still had the link's request queued; "
-        "RuntimeError('Nursery is closed to new arrivals') is logged as an internal error"
-    ),
-)
 def test_a_request_racing_its_connections_end_is_no_internal_error():
     """A request (wait_for_workers, run, replicate) followed in the same write by
     a bad batch closes that connection cleanly: no internal error is logged."""
