@@ -188,7 +188,8 @@ class Message(Record):
             OPS[op] = cls
 
     def to_wire(self) -> dict[str, Any]:
-        wire = {"op": self.OP, **self.wire_fields()}
+        wire = self.wire_fields()
+        wire["op"] = self.OP
         if self.request_id is not None:
             wire["request_id"] = self.request_id
         return wire

@@ -363,17 +363,22 @@ class Record:
                 continue
             delattr(cls, name)
         cls.FIELDS = fields
+        # Precomputed for the hot paths (`__init__`, `wire_fields`).
+        cls._DEFAULTS = {name: default for name, (_, default) in fields.items() if default is not REQUIRED}
+        cls._NONE_DEFAULTS = tuple(name for name, default in cls._DEFAULTS.items() if default is None)
+
+    _DEFAULTS: ClassVar[dict[str, Any]] = {}
+    _NONE_DEFAULTS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **values: Any) -> None:
-        for name, (_, default) in self.FIELDS.items():
-            if name in values:
-                continue
-            if default is REQUIRED:
-                raise TypeError(f"{type(self).__name__} needs field {name!r}")
-            values[name] = default
-        if len(values) != len(self.FIELDS):
-            unknown = sorted(set(values) - set(self.FIELDS))
-            raise TypeError(f"{type(self).__name__} has no field {unknown[0]!r}")
+        if len(values) != len(self.FIELDS) or values.keys() != self.FIELDS.keys():
+            values = {**self._DEFAULTS, **values}
+            if values.keys() != self.FIELDS.keys():
+                missing = [name for name in self.FIELDS if name not in values]
+                if missing:
+                    raise TypeError(f"{type(self).__name__} needs field {missing[0]!r}")
+                unknown = sorted(set(values) - set(self.FIELDS))
+                raise TypeError(f"{type(self).__name__} has no field {unknown[0]!r}")
         self.__dict__.update(values)
 
     @classmethod
@@ -427,12 +432,12 @@ class Record:
 
     def wire_fields(self) -> dict[str, Any]:
         """The fields as they travel: optional fields left at None are omitted."""
-        out = {} if self.TAG is None else {self.TAG[0]: self.TAG[1]}
-        for name, (_, default) in self.FIELDS.items():
-            value = self.__dict__[name]
-            if value is None and default is None:
-                continue
-            out[name] = value
+        out = {name: self.__dict__[name] for name in self.FIELDS}
+        for name in self._NONE_DEFAULTS:
+            if out[name] is None:
+                del out[name]
+        if self.TAG is not None:
+            out[self.TAG[0]] = self.TAG[1]
         return out
 
     def __eq__(self, other: object) -> bool:
