@@ -54,7 +54,7 @@ from trioflow.comm import (
     say_hello,
 )
 from trioflow.comm import messages as m
-from trioflow.comm.serialize import Serialized, SerializedFunction, content_digest
+from trioflow.comm.serialize import Serialized, content_digest
 from trioflow.backoff import Backoff
 from trioflow.config import Config
 from trioflow.core.failures import Cancelled

@@ -17,7 +17,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from trioflow.comm.messages import (
-    INLINE_VALUE_BYTES,
     MAX_NAME_CHARS,
     MAX_REASON_CHARS,
     MAX_TEXT_CHARS,

@@ -76,8 +76,8 @@ from trioflow.core.worker_events import (
 from trioflow.errors import CommClosedError, ProtocolError, SerializationError
 from trioflow.executor import Executor, ThreadExecutor
 from trioflow.nurseries import background_tasks
+from trioflow.comm.messages import INLINE_VALUE_BYTES
 from trioflow.protocol import (
-    INLINE_VALUE_BYTES,
     failure_to_wire,
     sizeof,
     substitute,

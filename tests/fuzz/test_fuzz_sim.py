@@ -45,7 +45,6 @@ import math
 import random
 from contextlib import asynccontextmanager
 
-import pytest
 import trio
 import trio.testing
 from hypothesis import HealthCheck, Phase, given, settings

@@ -245,7 +245,6 @@ class SchedulerState(TaskTransitions):
 
     def _on_tasks_submitted(self, ev: TasksSubmitted) -> None:
         wanted = self.clients.setdefault(ev.client, {})
-        recs: Recommendations = {}
         new: list[SchedulerTask] = []
         for spec in ev.tasks:
             if spec.key in self.tasks:
