@@ -1,6 +1,7 @@
 """Shared fixtures: an in-process cluster (real TCP, workers as Trio tasks)."""
 
 import gc
+import os
 
 import cloudpickle
 import pytest
@@ -9,6 +10,7 @@ from hypothesis import HealthCheck, settings
 
 import tests
 import trioflow
+import trioflow.comm.auth
 
 # Task functions defined in test modules travel by value, so worker
 # subprocesses need not import the test package.
@@ -56,3 +58,9 @@ async def wait_until(predicate, timeout=10.0, interval=0.01, message="condition"
             await trio.sleep(interval)
         return
     raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+
+
+# Every process of the test session authenticates as a user's would: with a
+# token in TRIOFLOW_TOKEN, made here for this session (subprocesses inherit
+# it). Tests of what happens without one remove it themselves.
+os.environ["TRIOFLOW_TOKEN"] = trioflow.comm.auth.Credentials.generate().cluster_token()

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import trio
 
 from trioflow.config import Config, ConfigError
+from trioflow.errors import AuthenticationError
 
 logger = logging.getLogger("trioflow.cli")
 
@@ -48,6 +49,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _address(text: str) -> str:
+    from trioflow.comm.network import parse_address
+
+    try:
+        scheme, _, _ = parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if scheme not in ("tcp", "tls"):
+        raise argparse.ArgumentTypeError(f"address {text!r}: scheme must be tcp or tls")
+    return text
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -61,13 +74,18 @@ def _port(text: str) -> int:
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("configuration (overrides TRIOFLOW_* variables)")
     for field in dataclasses.fields(Config):
-        kind = int if field.type == "int" else float
+        flag = "--" + field.name.replace("_", "-")
+        if field.type == "bool":
+            # --auth / --no-auth: `--no-auth` is the one people type.
+            group.add_argument(flag, dest=f"config_{field.name}", action=argparse.BooleanOptionalAction, default=None)
+            continue
+        kind = {"int": int, "str": str}.get(field.type, float)
         group.add_argument(
-            "--" + field.name.replace("_", "-"),
+            flag,
             dest=f"config_{field.name}",
             type=kind,
             default=None,
-            metavar="N" if kind is int else "X",
+            metavar={int: "N", str: "PATH"}.get(kind, "X"),
         )
 
 
@@ -94,6 +112,13 @@ def _memory(text: str) -> int | None:
 def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scheduler_address", metavar="ADDRESS", help="the scheduler, e.g. tcp://127.0.0.1:8786")
     parser.add_argument("--nthreads", type=_positive_int, default=1, help="threads running tasks (default 1)")
+    parser.add_argument(
+        "--contact-address",
+        type=_address,
+        default=None,
+        metavar="ADDRESS",
+        help="the address others dial to reach this worker, if not the one it binds (NAT, containers)",
+    )
     parser.add_argument(
         "--memory-limit",
         type=_memory,
@@ -165,11 +190,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    try:
+        return _serve(parser, args, config)
+    except (AuthenticationError, ConfigError) as exc:
+        # No token, a bad one, TLS files missing: the person starting the
+        # server is told what to fix, not shown a traceback.
+        logger.error("%s", exc)
+        return 1
+
+
+def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Config) -> int:
+    from trioflow.comm.auth import credentials_for, scheduler_credentials
+
     if args.command == "scheduler":
         from trioflow.scheduler import Scheduler
 
-        server = Scheduler(host=args.host, port=args.port, config=config)
+        server = Scheduler(
+            host=args.host, port=args.port, config=config, credentials=scheduler_credentials(config)
+        )
         return trio.run(run_until_signalled, server.serve, "scheduler")
+    credentials = credentials_for(config, f"a {args.command}", cluster=True)
     if args.command == "worker" and args.no_nanny:
         from trioflow.worker import Worker
 
@@ -184,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             nanny_address=args.nanny_address,
             parent_pid=args.parent_pid,
             pid=os.getpid(),
+            credentials=credentials,
+            contact_address=args.contact_address,
         )
         return trio.run(run_until_signalled, server.serve, "worker", server.say_goodbye)
     if args.command in ("worker", "nanny"):
@@ -195,8 +237,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--port", str(args.port),
             "--log-level", args.log_level,
         ]
-        launcher = ProcessLauncher(args.scheduler_address, worker_args, env={**os.environ, **config.to_env()})
-        nanny = Nanny(launcher, host=args.host, memory_limit=args.memory_limit, config=config)
+        if args.contact_address:
+            worker_args += ["--contact-address", args.contact_address]
+        launcher = ProcessLauncher(
+            args.scheduler_address, worker_args, env={**os.environ, **config.to_env()}, credentials=credentials
+        )
+        nanny = Nanny(
+            launcher, host=args.host, memory_limit=args.memory_limit, config=config, credentials=credentials
+        )
         return trio.run(run_until_signalled, nanny.serve, "nanny")
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
     return 2

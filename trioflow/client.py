@@ -45,7 +45,6 @@ from trioflow.comm import (
     TCPNetwork,
     await_welcome,
     clip,
-    connect_with_timeout,
     dumps,
     dumps_function,
     loads,
@@ -54,11 +53,13 @@ from trioflow.comm import (
     say_hello,
 )
 from trioflow.comm import messages as m
+from trioflow.comm.auth import CLIENT, Credentials, connect_authenticated, credentials_for
+from trioflow.comm.security import Security
 from trioflow.comm.serialize import Serialized, content_digest
 from trioflow.backoff import Backoff
 from trioflow.config import Config
 from trioflow.core.failures import Cancelled
-from trioflow.errors import CommClosedError, ProtocolError, SerializationError
+from trioflow.errors import AuthenticationError, CommClosedError, ProtocolError, SerializationError
 from trioflow.future import FINISHED, Future, FutureState
 from trioflow.graph import (
     flatten_keys,
@@ -106,12 +107,15 @@ class AsyncClient:
             assert await future == 2
 
     Args:
-        address: the scheduler's ``tcp://host:port``, or an object with a
-            ``scheduler_address`` attribute (a cluster).
+        address: the scheduler's ``tcp://host:port`` (or ``tls://``), or an
+            object with a ``scheduler_address`` attribute (a cluster; its
+            ``credentials`` are used, as a client's).
         config: tunables; defaults plus ``TRIOFLOW_*`` variables if omitted.
         network: how to connect (the simulator passes its own).
         rng: source of the random parts of keys and ids (seeded in the
             simulator; design.md §3 rule 5).
+        credentials: what this client proves (by default the cluster's, as
+            a client, or found: ``TRIOFLOW_TOKEN``, the token files).
     """
 
     def __init__(
@@ -121,13 +125,20 @@ class AsyncClient:
         config: Config | None = None,
         network: Network | None = None,
         rng: random.Random | None = None,
+        credentials: Credentials | None = None,
     ):
+        if credentials is None and getattr(address, "credentials", None) is not None:
+            # A cluster of this process: act as its client, no more.
+            credentials = address.credentials.client_only()
         address = getattr(address, "scheduler_address", address)
         if not isinstance(address, str):
             raise TypeError(f"expected a scheduler address like 'tcp://127.0.0.1:8786', got {address!r}")
         self.scheduler_address = address
         self.config = config or Config.from_env()
-        self.network = network or TCPNetwork()
+        self.network = network or TCPNetwork(Security.from_config(self.config), self.config.handshake_timeout)
+        self.credentials = (
+            credentials if credentials is not None else credentials_for(self.config, "a client", cluster=False)
+        )
         self._rng = rng or random.Random()
         self.id = f"client-{self._random_hex()}"
         self.limits = FrameLimits.from_config(self.config)
@@ -195,6 +206,7 @@ class AsyncClient:
                 self.network,
                 self.limits,
                 role="peer",
+                credentials=self.credentials.client_only(),
                 connect_timeout=self.config.connect_timeout,
                 peer_timeout=self.config.peer_timeout,
                 idle_timeout=self.config.idle_timeout,
@@ -211,10 +223,16 @@ class AsyncClient:
         first = True
         while self.status != "closing":
             try:
-                stream = await connect_with_timeout(
-                    self.network, self.scheduler_address, self.config.connect_timeout
+                stream = await connect_authenticated(
+                    self.network, self.scheduler_address, self.credentials, CLIENT, self.config.connect_timeout
                 )
                 reason, registered = await self._session(stream, task_status, recovering=not first)
+            except AuthenticationError as exc:
+                # A token that does not match will not start to by waiting.
+                if first:
+                    raise
+                self._give_up(str(exc))
+                return
             except CommClosedError as exc:
                 if first:
                     # The first connection must work: a wrong address, a

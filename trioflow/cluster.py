@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from trioflow.comm.auth import TOKEN_VARIABLE, Credentials, child_environment
 from trioflow.config import Config
 from trioflow.loop_thread import LoopThread
 from trioflow.nanny import Nanny, ProcessLauncher
@@ -32,6 +33,18 @@ logger = logging.getLogger("trioflow.cluster")
 
 TERMINATE_GRACE_S = 5.0
 STARTUP_TIMEOUT_S = 60.0
+
+
+def local_cluster_credentials(config: Config) -> Credentials:
+    """A local cluster's default credentials (see `AsyncLocalCluster`)."""
+    if not config.auth:
+        return Credentials.none()
+    token = os.environ.get(TOKEN_VARIABLE)
+    if token:
+        credentials = Credentials.from_token(token, source=TOKEN_VARIABLE)
+        if credentials.is_cluster:
+            return credentials
+    return Credentials.generate()
 
 
 def default_n_workers() -> int:
@@ -71,6 +84,11 @@ class AsyncLocalCluster:
         scheduler_port: the scheduler's port, 0 for any free one.
         config: tunables for the scheduler and workers.
         worker_log_level: log level of worker subprocesses.
+        credentials: the cluster's credentials; by default the cluster
+            token in ``TRIOFLOW_TOKEN`` if one is set (so that other
+            processes can join), else new ones made for this cluster alone
+            (none with ``Config(auth=False)``). Its workers get them in
+            their environment, a `Client` of it gets the client part.
     """
 
     def __init__(
@@ -85,6 +103,7 @@ class AsyncLocalCluster:
         scheduler_port: int = 0,
         config: Config | None = None,
         worker_log_level: str = "warning",
+        credentials: Credentials | None = None,
     ):
         self.nanny = nanny and processes
         self.memory_limit = memory_limit
@@ -98,7 +117,10 @@ class AsyncLocalCluster:
         self.host = host
         self.config = config or Config.from_env()
         self.worker_log_level = worker_log_level
-        self.scheduler = Scheduler(host=host, port=scheduler_port, config=self.config)
+        if credentials is None:
+            credentials = local_cluster_credentials(self.config)
+        self.credentials = credentials
+        self.scheduler = Scheduler(host=host, port=scheduler_port, config=self.config, credentials=credentials)
         self.scheduler_address: str | None = None
         self.workers: dict[int, Any] = {}
         self._nursery: trio.Nursery | None = None
@@ -160,8 +182,12 @@ class AsyncLocalCluster:
                 self.scheduler_address,
                 ["--nthreads", str(self.threads_per_worker), "--host", self.host, "--log-level", self.worker_log_level],
                 env={**os.environ, **self.config.to_env()},
+                credentials=self.credentials,
             )
-            nanny = Nanny(launcher, host=self.host, memory_limit=self.memory_limit, config=self.config)
+            nanny = Nanny(
+                launcher, host=self.host, memory_limit=self.memory_limit, config=self.config,
+                credentials=self.credentials,
+            )
             self.workers[name] = nanny
             await self._nursery.start(nanny.serve)
             return nanny
@@ -185,7 +211,8 @@ class AsyncLocalCluster:
             await self._nursery.start(self._supervise, handle)
             return handle
         worker = Worker(
-            self.scheduler_address, nthreads=self.threads_per_worker, host=self.host, config=self.config
+            self.scheduler_address, nthreads=self.threads_per_worker, host=self.host, config=self.config,
+            credentials=self.credentials,
         )
         self.workers[name] = worker
         await self._nursery.start(worker.serve)
@@ -193,7 +220,7 @@ class AsyncLocalCluster:
 
     async def _supervise(self, handle: WorkerProcess, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run one worker process; end it when cancelled (no orphans)."""
-        env = {**os.environ, **self.config.to_env()}
+        env = {**os.environ, **self.config.to_env(), **child_environment(self.credentials)}
         handle.process = await trio.lowlevel.open_process(
             handle.command, stdin=subprocess.DEVNULL, env=env
         )
@@ -260,6 +287,7 @@ class LocalCluster:
         scheduler_port: int = 0,
         config: Config | None = None,
         worker_log_level: str = "warning",
+        credentials: Credentials | None = None,
     ):
         self._cluster = AsyncLocalCluster(
             n_workers,
@@ -271,6 +299,7 @@ class LocalCluster:
             scheduler_port=scheduler_port,
             config=config,
             worker_log_level=worker_log_level,
+            credentials=credentials,
         )
         self._loop = LoopThread("trioflow-cluster")
         try:
@@ -278,6 +307,11 @@ class LocalCluster:
         except BaseException:
             self._loop.stop()
             raise
+
+    @property
+    def credentials(self) -> Credentials:
+        """The cluster's credentials (a `Client` of it takes the client part)."""
+        return self._cluster.credentials
 
     @property
     def loop(self) -> LoopThread:

@@ -97,6 +97,23 @@ class Config:
     the scheduler. Higher hides round trips; lower balances better when a
     worker dies or tasks differ in length. ``inf`` sends everything at once."""
 
+    # -- who may connect (docs/security.md) ---------------------------------
+    auth: bool = True
+    """Prove a token on every connection (both ends). False is ``--no-auth``:
+    anyone who can reach a port can run code on the workers."""
+    token_file: str = "~/.config/trioflow/cluster-token"
+    """The cluster's token (scheduler, nannies, workers); `trioflow scheduler`
+    writes it when it first starts. `TRIOFLOW_TOKEN` overrides it."""
+    client_token_file: str = "~/.config/trioflow/client-token"
+    """The clients' token, written next to the cluster's."""
+    tls_ca_file: str = ""
+    """TLS: the cluster's CA certificate (PEM). With the next two, servers
+    listen on ``tls://`` and connections are mutual TLS."""
+    tls_cert_file: str = ""
+    """TLS: this process's certificate (PEM), signed by the CA."""
+    tls_key_file: str = ""
+    """TLS: this process's private key (PEM)."""
+
     # -- cluster management -------------------------------------------------
     restart_timeout: float = 30.0
     """Seconds `Client.restart()` waits for the workers to come back."""
@@ -106,6 +123,14 @@ class Config:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if field.type == "bool":
+                if not isinstance(value, bool):
+                    raise ConfigError(f"Config.{field.name} must be true or false, got {value!r}")
+                continue
+            if field.type == "str":
+                if not isinstance(value, str):
+                    raise ConfigError(f"Config.{field.name} must be a string, got {value!r}")
+                continue
             if field.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"Config.{field.name} must be an int, got {value!r}")
             if field.type == "float":
@@ -146,16 +171,35 @@ class Config:
 
     def to_env(self) -> dict[str, str]:
         """``TRIOFLOW_*`` variables that carry this config into a child process."""
-        return {
-            f"{ENV_PREFIX}{f.name.upper()}": repr(getattr(self, f.name)) for f in dataclasses.fields(self)
-        }
+        env = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "bool":
+                text = "1" if value else "0"
+            elif f.type == "str":
+                text = value
+            else:
+                text = repr(value)
+            env[f"{ENV_PREFIX}{f.name.upper()}"] = text
+        return env
 
     def replace(self, **changes: Any) -> Config:
         """A copy with `changes` applied (and validated)."""
         return dataclasses.replace(self, **changes)
 
 
-def _parse(variable: str, text: str, type_name: str) -> int | float:
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _parse(variable: str, text: str, type_name: str) -> int | float | bool | str:
+    if type_name == "str":
+        return text
+    if type_name == "bool":
+        if text.strip().lower() in _TRUE:
+            return True
+        if text.strip().lower() in _FALSE:
+            return False
+        raise ConfigError(f"{variable}={text!r} is not true or false (use 1/0, true/false, yes/no, on/off)")
     try:
         if type_name == "int":
             return int(text)

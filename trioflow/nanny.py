@@ -46,6 +46,8 @@ from trioflow.comm import (
     reply,
 )
 from trioflow.comm import messages as m
+from trioflow.comm.auth import CLUSTER, Credentials, accept_authenticated, child_environment, credentials_for
+from trioflow.comm.security import Security
 from trioflow.backoff import Backoff
 from trioflow.config import Config
 from trioflow.errors import CommClosedError, ProtocolError
@@ -114,6 +116,8 @@ class ProcessLauncher:
         scheduler_address: the worker's scheduler.
         worker_args: further command-line arguments for the worker.
         env: the environment for the worker (this process's if omitted).
+        credentials: the cluster's credentials, handed to the worker in its
+            environment (`TRIOFLOW_TOKEN`).
     """
 
     def __init__(
@@ -121,10 +125,12 @@ class ProcessLauncher:
         scheduler_address: str,
         worker_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        credentials: Credentials | None = None,
     ):
         self.scheduler_address = scheduler_address
         self.worker_args = list(worker_args)
-        self.env = env
+        # The worker's token goes in its environment, never its argv.
+        self.env = {**(os.environ if env is None else env), **child_environment(credentials)} if credentials else env
 
     async def launch(self, nanny_address: str) -> ProcessHandle:
         command = [
@@ -156,6 +162,8 @@ class Nanny:
         config: tunables (backoff, memory check interval).
         network: how to serve the control port.
         rng: for backoff jitter (seeded in the simulator).
+        credentials: the cluster's credentials: only the scheduler (which
+            holds them too) may ask this nanny for a restart.
     """
 
     def __init__(
@@ -167,6 +175,7 @@ class Nanny:
         config: Config | None = None,
         network: Network | None = None,
         rng: random.Random | None = None,
+        credentials: Credentials | None = None,
     ):
         if memory_limit is not None and memory_limit <= 0:
             raise ValueError(f"memory_limit must be positive bytes or None, got {memory_limit!r}")
@@ -174,7 +183,11 @@ class Nanny:
         self.host = host
         self.memory_limit = memory_limit
         self.config = config or Config.from_env()
-        self.network = network or TCPNetwork()
+        self.network = network or TCPNetwork(Security.from_config(self.config), self.config.handshake_timeout)
+        self.credentials = (
+            credentials if credentials is not None
+            else credentials_for(self.config, "a nanny", cluster=True)
+        )
         self.rng = rng or random.Random()
         self.address: str | None = None
         self.worker: WorkerHandle | None = None
@@ -300,6 +313,11 @@ class Nanny:
             await stream.aclose()
             return
         try:
+            authenticated = await accept_authenticated(
+                stream, self.credentials, frozenset({CLUSTER}), self.config.handshake_timeout, "a nanny"
+            )
+            if authenticated is None:
+                return
             async with open_connection(
                 stream,
                 FrameLimits.before_hello(),
@@ -315,6 +333,7 @@ class Nanny:
                         {"control": m.SCHEDULER_TO_NANNY},
                         "a trioflow nanny's control port",
                         FrameLimits.from_config(self.config),
+                        authenticated=authenticated,
                     )
                     conn.idle_timeout = self.config.idle_timeout
                     while True:

@@ -57,6 +57,8 @@ from trioflow.comm import (
     reply,
 )
 from trioflow.comm import messages as m
+from trioflow.comm.auth import ANY_CREDENTIAL, Credentials, accept_authenticated, credentials_for
+from trioflow.comm.security import Security
 from trioflow.comm.serialize import Serialized, SerializedFunction, content_digest, verify_function
 from trioflow.config import Config
 from trioflow.core import SchedulerState
@@ -193,6 +195,8 @@ class Scheduler:
         port: TCP port, 0 for any free one.
         config: tunables; defaults plus ``TRIOFLOW_*`` variables if omitted.
         network: how to accept connections (the simulator passes its own).
+        credentials: the cluster's credentials (by default from
+            ``TRIOFLOW_TOKEN`` or `Config.token_file`).
     """
 
     def __init__(
@@ -202,10 +206,18 @@ class Scheduler:
         port: int = 0,
         config: Config | None = None,
         network: Network | None = None,
+        credentials: Credentials | None = None,
     ):
         self.config = config or Config.from_env()
         self.restart_timeout = self.config.restart_timeout
-        self.network = network or TCPNetwork()
+        self.network = network or TCPNetwork(Security.from_config(self.config), self.config.handshake_timeout)
+        # What every connection must prove (docs/security.md): given, or
+        # found (TRIOFLOW_TOKEN, the token file); `trioflow scheduler`
+        # creates a token file on its first start.
+        self.credentials = (
+            credentials if credentials is not None
+            else credentials_for(self.config, "a scheduler", cluster=True)
+        )
         self.host = host
         self.port = port
         self.limits = FrameLimits.from_config(self.config)
@@ -286,6 +298,7 @@ class Scheduler:
             self.network,
             self.limits,
             role="control",
+            credentials=self.credentials,
             connect_timeout=self.config.connect_timeout,
             peer_timeout=self.config.restart_timeout,
             idle_timeout=self.config.idle_timeout,
@@ -320,6 +333,11 @@ class Scheduler:
             await stream.aclose()
             return
         try:
+            authenticated = await accept_authenticated(
+                stream, self.credentials, ANY_CREDENTIAL, self.config.handshake_timeout, "the scheduler"
+            )
+            if authenticated is None:
+                return
             async with open_connection(
                 stream,
                 FrameLimits.before_hello(),
@@ -330,7 +348,7 @@ class Scheduler:
                 min_transfer_rate=self.config.min_transfer_rate,
             ) as conn:
                 try:
-                    link, held, running = await self._admit(conn)
+                    link, held, running = await self._admit(conn, authenticated)
                 except (ProtocolError, CommClosedError) as exc:
                     logger.warning("closing connection before hello completed: %s", clip(str(exc), 300))
                     return
@@ -348,7 +366,9 @@ class Scheduler:
         finally:
             self.gate.leave()
 
-    async def _admit(self, conn: Connection) -> tuple[_Link, dict[str, int], tuple[str, ...]]:
+    async def _admit(
+        self, conn: Connection, authenticated: str
+    ) -> tuple[_Link, dict[str, int], tuple[str, ...]]:
         """The hello (and a worker's registration): who is this, and may they?"""
         hello = await expect_hello(
             conn,
@@ -356,6 +376,7 @@ class Scheduler:
             {"client": m.CLIENT_TO_SCHEDULER, "worker": m.WORKER_TO_SCHEDULER},
             "a trioflow scheduler",
             self.limits,
+            authenticated=authenticated,
         )
         if hello.role == "client":
             conn.idle_timeout = self.config.idle_timeout

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from trioflow.client import AsyncClient
+from trioflow.comm.auth import Credentials
 from trioflow.cluster import LocalCluster
 from trioflow.config import Config
 from trioflow.future import Future
@@ -27,6 +28,8 @@ class Client:
             `LocalCluster` owned by this client.
         n_workers, threads_per_worker, processes: for that local cluster.
         config: tunables; defaults plus ``TRIOFLOW_*`` variables if omitted.
+        credentials: what the client proves (see `AsyncClient`); a local
+            cluster's own are used when it is given or started here.
     """
 
     def __init__(
@@ -37,6 +40,7 @@ class Client:
         threads_per_worker: int = 1,
         processes: bool = True,
         config: Config | None = None,
+        credentials: Credentials | None = None,
     ):
         self.cluster: LocalCluster | None = None
         if address is None:
@@ -50,7 +54,7 @@ class Client:
             self._loop, self._owns_loop = address.loop, False
         else:
             self._loop, self._owns_loop = LoopThread("trioflow-client"), True
-        self._client = AsyncClient(address, config=config)
+        self._client = AsyncClient(address, config=config, credentials=credentials)
         self._client._blocking = self._loop.run
         try:
             self._loop.start(self._client._run)

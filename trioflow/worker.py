@@ -36,7 +36,6 @@ from trioflow.comm import (
     TCPNetwork,
     await_welcome,
     clip,
-    connect_with_timeout,
     dumps,
     expect_hello,
     loads,
@@ -47,6 +46,16 @@ from trioflow.comm import (
     say_hello,
 )
 from trioflow.comm import messages as m
+from trioflow.comm.auth import (
+    ANY_CREDENTIAL,
+    CLUSTER,
+    Credentials,
+    accept_authenticated,
+    connect_authenticated,
+    credentials_for,
+)
+from trioflow.comm.network import advertised_address
+from trioflow.comm.security import Security
 from trioflow.comm.serialize import Serialized, SerializedFunction, verify_function
 from trioflow.backoff import Backoff
 from trioflow.config import Config
@@ -103,7 +112,11 @@ class Worker:
         scheduler_address: ``tcp://host:port`` of the scheduler.
         nthreads: how many task functions may run at once.
         host: interface to bind for peers; loopback unless told otherwise.
+            A wildcard (``0.0.0.0``, ``::``) binds every interface and
+            advertises the address this machine uses to reach the scheduler.
         port: TCP port for peers, 0 for any free one.
+        contact_address: the address to advertise instead (``tcp://host:port``
+            as others must dial it: behind NAT, in a container).
         config: tunables; defaults plus ``TRIOFLOW_*`` variables if omitted.
         network: how to connect and listen (the simulator passes its own).
         executor: where functions run (threads unless given).
@@ -115,6 +128,8 @@ class Worker:
             a process of its own (the CLI passes its pid; in-process and
             simulated workers report none).
         rng: for reconnect jitter (seeded in the simulator).
+        credentials: the cluster's credentials (by default from
+            ``TRIOFLOW_TOKEN`` or `Config.token_file`).
     """
 
     def __init__(
@@ -131,15 +146,22 @@ class Worker:
         parent_pid: int | None = None,
         pid: int | None = None,
         rng: random.Random | None = None,
+        credentials: Credentials | None = None,
+        contact_address: str | None = None,
     ):
         if nthreads < 1:
             raise ValueError(f"a worker needs at least one thread, got nthreads={nthreads}")
         self.scheduler_address = scheduler_address
         self.nthreads = nthreads
         self.host = host
+        self.contact_address = contact_address
         self.port = port
         self.config = config or Config.from_env()
-        self.network = network or TCPNetwork()
+        self.network = network or TCPNetwork(Security.from_config(self.config), self.config.handshake_timeout)
+        self.credentials = (
+            credentials if credentials is not None
+            else credentials_for(self.config, "a worker", cluster=True)
+        )
         self.executor = executor or ThreadExecutor(nthreads)
         self.nanny_address = nanny_address
         self.parent_pid = parent_pid
@@ -196,9 +218,8 @@ class Worker:
         try:
             async with background_tasks() as nursery:
                 self._nursery = nursery
-                self.address = await nursery.start(
-                    self.network.serve, self._serve_peer, self.host, self.port
-                )
+                bound = await nursery.start(self.network.serve, self._serve_peer, self.host, self.port)
+                self.address = self.contact_address or advertised_address(bound, self.scheduler_address)
                 self.state = WorkerState(self.address, self.nthreads)
                 if self.parent_pid is not None:
                     nursery.start_soon(self._watch_parent, self.parent_pid)
@@ -206,6 +227,7 @@ class Worker:
                     self.network, self.limits, role="peer",
                     connect_timeout=self.config.connect_timeout,
                     peer_timeout=self.config.peer_timeout,
+                    credentials=self.credentials,
                     idle_timeout=self.config.idle_timeout,
                     budget=self.budget,
                 ) as self._pool:
@@ -290,8 +312,8 @@ class Worker:
 
     async def _serve_scheduler(self, task_status: trio.TaskStatus[str]) -> str:
         """Register, then exchange messages until the link ends; return why."""
-        stream = await connect_with_timeout(
-            self.network, self.scheduler_address, self.config.connect_timeout
+        stream = await connect_authenticated(
+            self.network, self.scheduler_address, self.credentials, CLUSTER, self.config.connect_timeout
         )
         assert self.state is not None
         async with open_connection(
@@ -637,6 +659,11 @@ class Worker:
             await stream.aclose()
             return
         try:
+            authenticated = await accept_authenticated(
+                stream, self.credentials, ANY_CREDENTIAL, self.config.handshake_timeout, f"worker {self.address}"
+            )
+            if authenticated is None:
+                return
             async with open_connection(
                 stream,
                 FrameLimits.before_hello(),
@@ -654,6 +681,7 @@ class Worker:
                         f"a trioflow worker's data port ({self.address})",
                         self.limits,
                         hint=": point clients at the scheduler's address, not a worker's",
+                        authenticated=authenticated,
                     )
                     conn.idle_timeout = self.config.idle_timeout
                     while True:

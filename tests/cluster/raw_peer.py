@@ -13,14 +13,25 @@ docs/protocol.md itself, with msgpack and pickle and nothing from trioflow:
     4-byte payload (u32) counts the frames it owns (the pickle stream,
     then its out-of-band buffers), claimed in the order values appear.
 
+Before any of that, both ends prove a token (docs/security.md): `connect`
+does it by hand too (`authenticate`), as a peer holding the session's token
+(`TRIOFLOW_TOKEN`, set by tests/conftest.py), since the findings are about
+what a *connected* peer can do whatever its credentials. `connect(...,
+authenticate=False)` is a stranger without any.
+
 Every wait here is bounded (a `timeout` argument, in seconds), so a server
 that hangs makes a test fail instead of hang.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import math
+import os
 import pickle
+import secrets
 import struct
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -278,14 +289,68 @@ def parse_tcp_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def token_secret(token: str, role: str) -> bytes:
+    """The secret of `role` in a cluster token (the client's is derived from it)."""
+    prefix, _, body = token.strip().partition(":")
+    secret = base64.urlsafe_b64decode(body)
+    if prefix == "trioflow-client-v1":
+        assert role == "client", "a client token proves the client role only"
+        return secret
+    assert prefix == "trioflow-cluster-v1", prefix
+    if role == "cluster":
+        return secret
+    return hmac.new(secret, b"trioflow client credential v1", hashlib.sha256).digest()
+
+
+async def authenticate(stream: trio.abc.Stream, token: str, role: str = "cluster", timeout: float = 5.0) -> None:
+    """The challenge-response of docs/security.md, from the connecting side.
+
+    Raises:
+        AssertionError: the server's proof does not check out (or it refused).
+    """
+    key = token_secret(token, role)
+    role_byte = {"client": 1, "cluster": 2}[role]
+    nonce_c = secrets.token_bytes(32)
+    with trio.fail_after(timeout):
+        await stream.send_all(b"TFLW" + bytes([1, role_byte]) + nonce_c)
+        answer = b""
+        while len(answer) < 69:
+            try:
+                chunk = await stream.receive_some(69 - len(answer))
+            except (trio.BrokenResourceError, OSError):
+                chunk = b""
+            if not chunk:
+                raise PeerClosed("the server closed the connection during authentication")
+            answer += chunk
+    assert answer[:4] == b"TFLW" and answer[4] == 0, f"authentication refused: status {answer[4]}"
+    nonce_s, proof_s = answer[5:37], answer[37:]
+    label = b"trioflow-auth-v1 "
+    expected = hmac.new(key, label + b"server" + bytes([role_byte]) + nonce_c + nonce_s, hashlib.sha256).digest()
+    assert hmac.compare_digest(proof_s, expected), "the server does not hold our token"
+    await stream.send_all(
+        hmac.new(key, label + b"client" + bytes([role_byte]) + nonce_c + nonce_s, hashlib.sha256).digest()
+    )
+
+
 @asynccontextmanager
-async def connect(address: str, timeout: float = 5.0) -> AsyncIterator[RawPeer]:
-    """A raw connection to `address` (``tcp://host:port``), closed on exit."""
+async def connect(
+    address: str, timeout: float = 5.0, *, authenticate_as: str | None = "cluster", token: str | None = None
+) -> AsyncIterator[RawPeer]:
+    """A raw connection to `address` (``tcp://host:port``), closed on exit.
+
+    Authenticated as `authenticate_as` with `token` (default: the session's
+    `TRIOFLOW_TOKEN`); ``authenticate_as=None`` sends nothing first.
+    """
     host, port = parse_tcp_address(address)
     with trio.fail_after(timeout):
         stream = await trio.open_tcp_stream(host, port)
     peer = RawPeer(stream, address)
     try:
+        if authenticate_as is not None:
+            try:
+                await authenticate(stream, token or os.environ["TRIOFLOW_TOKEN"], authenticate_as, timeout)
+            except PeerClosed:
+                peer.closed_by_server = True  # (turned away at once: a connection cap)
         yield peer
     finally:
         await peer.aclose()

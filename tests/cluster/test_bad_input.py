@@ -1,6 +1,7 @@
 """Bad input on any port closes that one connection; everyone else is served."""
 
 import logging
+import os
 import struct
 
 import pytest
@@ -8,10 +9,10 @@ import trio
 
 from trioflow.comm import (
     FrameLimits,
-    TCPNetwork,
     open_connection,
     parse_address,
 )
+from trioflow.comm.auth import CLUSTER, Credentials, authenticate_connector
 from trioflow.errors import CommClosedError
 
 
@@ -19,9 +20,15 @@ def inc(x):
     return x + 1
 
 
-async def raw_connection(address):
+async def raw_connection(address, authenticate=True):
+    """A TCP stream to `address`, authenticated with the session's token
+    (the bytes sent next then reach the wire decoding) unless told not to."""
     _, host, port = parse_address(address)
-    return await trio.open_tcp_stream(host, port)
+    stream = await trio.open_tcp_stream(host, port)
+    if authenticate:
+        credentials = Credentials.from_token(os.environ["TRIOFLOW_TOKEN"])
+        await authenticate_connector(stream, credentials, CLUSTER, address, 5)
+    return stream
 
 
 async def assert_closed_by_peer(stream, timeout=5.0):
@@ -58,9 +65,22 @@ async def test_malformed_bytes_close_that_connection_only(client, cluster, name,
     assert await client.submit(inc, 2) == 3
 
 
+@pytest.mark.parametrize("name", list(BAD_BYTES))
+async def test_bytes_before_authentication_close_that_connection_only(client, cluster, name, caplog):
+    """The same bytes from a peer that never authenticated are refused by the
+    first exchange (not a byte of msgpack is decoded); others are served."""
+    pending = client.submit(inc, 1)
+    stream = await raw_connection(cluster.scheduler_address, authenticate=False)
+    with caplog.at_level(logging.WARNING, logger="trioflow"):
+        await stream.send_all(BAD_BYTES[name])
+        await assert_closed_by_peer(stream)
+    assert any("did not authenticate" in r.getMessage() for r in caplog.records)
+    assert await pending == 2
+
+
 async def hello_then(scheduler, role, messages, protocol=1, **hello):
     """Say hello as `role` (raw maps: no checks on our side), then send `messages`."""
-    stream = await TCPNetwork().connect(scheduler)
+    stream = await raw_connection(scheduler)
     async with open_connection(stream, FrameLimits(), peer=scheduler) as conn:
         conn.send({"op": "hello", "role": role, "protocol": protocol, **hello})
         await conn.flush()

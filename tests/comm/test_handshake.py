@@ -22,6 +22,7 @@ from trioflow.comm import (
     say_hello,
 )
 from trioflow.comm import messages as m
+from trioflow.comm.auth import CLUSTER
 from trioflow.comm.frames import batch_frames, encode_message
 from trioflow.errors import CommClosedError, ProtocolError
 
@@ -50,7 +51,7 @@ class OneHelloServer:
         ) as conn:
             self.conn = conn
             try:
-                self.hello = await expect_hello(conn, self.timeout, self.roles, "a test scheduler", SMALL_LIMITS)
+                self.hello = await expect_hello(conn, self.timeout, self.roles, "a test scheduler", SMALL_LIMITS, authenticated=CLUSTER)
             except (ProtocolError, CommClosedError) as exc:
                 self.error = exc
 
@@ -66,7 +67,7 @@ async def test_hello_is_accepted_and_sets_the_roles_channel_and_limits():
         await say_hello(worker, WORKER_HELLO)
         worker.send(m.TaskStarted(key="x"))  # after the hello: a batch of its own
         with trio.fail_after(5):
-            hello = await expect_hello(server, 5, SCHEDULER_ROLES, "a test scheduler", SMALL_LIMITS)
+            hello = await expect_hello(server, 5, SCHEDULER_ROLES, "a test scheduler", SMALL_LIMITS, authenticated=CLUSTER)
             assert hello == WORKER_HELLO
             assert (server.inbound, server.limits) == (m.WORKER_TO_SCHEDULER, SMALL_LIMITS)
             assert await server.receive() == [m.TaskStarted(key="x")]
@@ -108,7 +109,7 @@ async def test_hello_batched_with_other_messages_is_refused(second, reason):
         client.send(WORKER_HELLO)
         client.send(second)  # no flush between them: one batch
         with trio.fail_after(5), pytest.raises(ProtocolError, match=re.escape(reason)):
-            await expect_hello(server, 5, SCHEDULER_ROLES, "a test scheduler", SMALL_LIMITS)
+            await expect_hello(server, 5, SCHEDULER_ROLES, "a test scheduler", SMALL_LIMITS, authenticated=CLUSTER)
 
 
 REFUSED_HELLOS = [
@@ -169,7 +170,7 @@ async def test_bad_hello_raises_protocol_error(first, reason):
     async with open_connection(left, SMALL_LIMITS) as client:
         client.send(first)
         with trio.fail_after(5), pytest.raises(ProtocolError, match=re.escape(reason)):
-            await expect_hello(server, 5, {"peer": m.PEER_TO_WORKER, "worker": m.WORKER_TO_SCHEDULER}, "a test scheduler", SMALL_LIMITS)
+            await expect_hello(server, 5, {"peer": m.PEER_TO_WORKER, "worker": m.WORKER_TO_SCHEDULER}, "a test scheduler", SMALL_LIMITS, authenticated=CLUSTER)
 
 
 async def test_silent_peer_times_out_as_protocol_error(autojump_clock):
@@ -178,7 +179,7 @@ async def test_silent_peer_times_out_as_protocol_error(autojump_clock):
     server = hello_conn(right)
     start = trio.current_time()
     with trio.fail_after(10), pytest.raises(ProtocolError, match=re.escape("no hello within 0.5 s (handshake_timeout)")):
-        await expect_hello(server, 0.5, SCHEDULER_ROLES, "a test scheduler", SMALL_LIMITS)
+        await expect_hello(server, 0.5, SCHEDULER_ROLES, "a test scheduler", SMALL_LIMITS, authenticated=CLUSTER)
     assert trio.current_time() - start == pytest.approx(0.5)
 
 
@@ -188,7 +189,7 @@ async def test_empty_first_batch_is_a_protocol_error():
     server = hello_conn(right)
     await left.send_all(b"".join(batch_frames([])))
     with trio.fail_after(5), pytest.raises(ProtocolError, match="a hello must come alone, got 0 messages"):
-        await expect_hello(server, 5, SCHEDULER_ROLES, "a test scheduler", SMALL_LIMITS)
+        await expect_hello(server, 5, SCHEDULER_ROLES, "a test scheduler", SMALL_LIMITS, authenticated=CLUSTER)
 
 
 async def test_peer_hanging_up_before_hello_is_comm_closed():
@@ -197,7 +198,7 @@ async def test_peer_hanging_up_before_hello_is_comm_closed():
     server = hello_conn(right)
     await left.aclose()
     with trio.fail_after(5), pytest.raises(CommClosedError):
-        await expect_hello(server, 5, SCHEDULER_ROLES, "a test scheduler", SMALL_LIMITS)
+        await expect_hello(server, 5, SCHEDULER_ROLES, "a test scheduler", SMALL_LIMITS, authenticated=CLUSTER)
 
 
 async def test_big_batch_before_the_hello_is_refused_unread():
@@ -207,7 +208,7 @@ async def test_big_batch_before_the_hello_is_refused_unread():
     header, body = batch_frames([encode_message({**WORKER_HELLO.to_wire(), "pad": "x" * 20_000})])
     await left.send_all(header)  # the body never comes: it is not waited for
     with trio.fail_after(5), pytest.raises(ProtocolError, match="exceeds max_body_bytes=16384"):
-        await expect_hello(server, 5, SCHEDULER_ROLES, "a test scheduler", SMALL_LIMITS)
+        await expect_hello(server, 5, SCHEDULER_ROLES, "a test scheduler", SMALL_LIMITS, authenticated=CLUSTER)
 
 
 # ------------------------------------------------------------- welcoming --

@@ -102,7 +102,7 @@ async def test_serve_reports_its_bound_address_and_accepts_connections():
 
 async def test_connect_rejects_other_schemes():
     """TCPNetwork.connect refuses a non-tcp address with ValueError."""
-    with pytest.raises(ValueError, match="scheme 'sim' is not tcp"):
+    with pytest.raises(ValueError, match="scheme 'sim' is neither tcp nor tls"):
         await TCPNetwork().connect("sim://127.0.0.1:1")
 
 

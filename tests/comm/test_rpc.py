@@ -25,10 +25,16 @@ from trioflow.comm import (
     reply,
 )
 from trioflow.comm import messages as m
+from trioflow.comm.auth import ANY_CREDENTIAL, CLUSTER, Credentials, accept_authenticated
 from trioflow.errors import CommClosedError, ProtocolError
 
 # A worker's data port: requests go peer -> worker, replies come back.
 ASKER, ANSWERER = m.WORKER_TO_PEER, m.PEER_TO_WORKER
+
+
+# The pools of these tests hold no credentials (`Credentials.none()`, as with
+# --no-auth); their servers accept the same.
+NO_AUTH = Credentials.none()
 
 
 def get_data(*keys: str, request_id: int | None = None) -> m.GetData:
@@ -271,11 +277,13 @@ class EchoServer:
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         reason: BaseException | None = None
+        authenticated = await accept_authenticated(stream, NO_AUTH, ANY_CREDENTIAL, 5, "an echo server")
+        assert authenticated is not None
         async with open_connection(
             stream, FrameLimits.before_hello(), peer="pool", inbound=m.HELLO, send_limits=SMALL_LIMITS
         ) as conn:
             try:
-                hello = await expect_hello(conn, 5, {"peer": m.PEER_TO_WORKER}, "an echo server", SMALL_LIMITS)
+                hello = await expect_hello(conn, 5, {"peer": m.PEER_TO_WORKER}, "an echo server", SMALL_LIMITS, authenticated=authenticated)
                 self.hellos.append(hello)
                 conn.idle_timeout = self.idle_timeout
                 while True:
@@ -425,8 +433,9 @@ async def test_pool_link_ends_on_a_reply_that_breaks_its_declaration():
     network = MemoryNetwork()
 
     async def bad_server(stream: trio.abc.Stream) -> None:
+        await accept_authenticated(stream, NO_AUTH, ANY_CREDENTIAL, 5, "a bad server")
         async with open_connection(stream, FrameLimits.before_hello(), inbound=m.HELLO, send_limits=SMALL_LIMITS) as conn:
-            await expect_hello(conn, 5, {"peer": m.PEER_TO_WORKER}, "a bad server", SMALL_LIMITS)
+            await expect_hello(conn, 5, {"peer": m.PEER_TO_WORKER}, "a bad server", SMALL_LIMITS, authenticated=CLUSTER)
             [request] = await conn.receive()
             conn.send({"op": "reply", "request_id": request.request_id, "data": {"x": 1}, "missing": [], "errors": {}})
             with pytest.raises(CommClosedError):
@@ -458,9 +467,12 @@ async def test_pool_call_refused_by_the_server_gives_its_reason():
     network = MemoryNetwork()
 
     async def scheduler_port(stream: trio.abc.Stream) -> None:
+        await accept_authenticated(stream, NO_AUTH, ANY_CREDENTIAL, 5, "a scheduler")
         async with open_connection(stream, FrameLimits.before_hello(), inbound=m.HELLO, send_limits=SMALL_LIMITS) as conn:
             with pytest.raises(ProtocolError):
-                await expect_hello(conn, 5, {"worker": m.WORKER_TO_SCHEDULER}, "a scheduler", SMALL_LIMITS)
+                await expect_hello(
+                    conn, 5, {"worker": m.WORKER_TO_SCHEDULER}, "a scheduler", SMALL_LIMITS, authenticated=CLUSTER
+                )
 
     async with trio.open_nursery() as nursery:
         address = await nursery.start(network.serve, scheduler_port, "scheduler", 1)

@@ -9,7 +9,8 @@ side that hears `Refused`, or bytes that are not trioflow at all, raises
 `HandshakeRefused` naming what answered, instead of retrying in the dark:
 a client pointed at a worker's port says so at once.
 
-(Authentication slots in here: a challenge and an HMAC before the hello.)
+Before the hello, both ends of the stream have already proved a credential
+(`trioflow.comm.auth`); the hello's role must be one that credential allows.
 
 `ConnectionGate` caps how many connections a server holds at once.
 """
@@ -21,6 +22,7 @@ from collections.abc import Mapping
 
 import trio
 
+from trioflow.comm.auth import CLIENT, CLUSTER
 from trioflow.comm.connection import Connection
 from trioflow.comm.frames import FrameLimits
 from trioflow.comm.messages import PROTOCOL_VERSION, Hello, Refused, Welcome
@@ -53,8 +55,26 @@ async def say_hello(conn: Connection, hello: Hello) -> None:
     await conn.flush()
 
 
+# The credential each role of a hello needs (`trioflow.comm.auth`): a client
+# credential may talk to a scheduler as a client and fetch from workers;
+# registering a worker and a nanny's control port need the cluster's.
+CREDENTIALS_FOR_ROLE = {
+    "client": frozenset({CLIENT, CLUSTER}),
+    "worker": frozenset({CLUSTER}),
+    "peer": frozenset({CLIENT, CLUSTER}),
+    "control": frozenset({CLUSTER}),
+}
+
+
 async def expect_hello(
-    conn: Connection, timeout: float, roles: Mapping[str, str], server: str, limits: FrameLimits, hint: str = ""
+    conn: Connection,
+    timeout: float,
+    roles: Mapping[str, str],
+    server: str,
+    limits: FrameLimits,
+    hint: str = "",
+    *,
+    authenticated: str,
 ) -> Hello:
     """Read the peer's hello and accept it for one of `roles`, or refuse it.
 
@@ -67,6 +87,9 @@ async def expect_hello(
             data port").
         limits: the limits that apply once the hello is accepted.
         hint: what a refused peer should do instead (": connect to ...").
+        authenticated: the credential the peer proved before the hello
+            (`auth.CLIENT` or `auth.CLUSTER`); the hello's role must be one
+            that credential allows (`CREDENTIALS_FOR_ROLE`).
 
     Raises:
         ProtocolError: no hello in time, a bad one, or a role this server
@@ -86,6 +109,8 @@ async def expect_hello(
         if hello.role not in roles:
             wanted = " or ".join(sorted(roles))
             refuse(conn, f"this is {server}, which serves {wanted} connections, not {hello.role}s{hint}")
+        if authenticated not in CREDENTIALS_FOR_ROLE[hello.role]:
+            refuse(conn, f"a {authenticated} credential cannot connect as a {hello.role}")
         conn.inbound = roles[hello.role]
         conn.limits = limits
         return hello

@@ -13,12 +13,20 @@ Addresses are strings, ``"tcp://127.0.0.1:8786"``; the simulator uses
 from __future__ import annotations
 
 import abc
+import logging
+import socket
+import ssl
 from collections.abc import Awaitable, Callable
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import trio
 
 from trioflow.errors import CommClosedError
+
+if TYPE_CHECKING:
+    from trioflow.comm.security import Security
+
+logger = logging.getLogger("trioflow.comm")
 
 StreamHandler = Callable[[trio.abc.Stream], Awaitable[None]]
 
@@ -72,6 +80,31 @@ def parse_address(address: str) -> tuple[str, str, int]:
     return scheme, host.strip("[]"), port
 
 
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def advertised_address(bound: str, towards: str) -> str:
+    """The address others should dial to reach a server bound at `bound`.
+
+    A server bound to a wildcard (``tcp://0.0.0.0:PORT``) listens on every
+    interface, but "0.0.0.0" reaches nothing from elsewhere: advertise the
+    local address this machine uses to reach `towards` (the scheduler)
+    instead. Found by "connecting" a UDP socket, which sends no packet.
+    """
+    scheme, host, port = parse_address(bound)
+    if host not in WILDCARD_HOSTS:
+        return bound
+    _, peer_host, peer_port = parse_address(towards)
+    family = socket.AF_INET6 if ":" in host or ":" in peer_host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((peer_host, peer_port or 9))
+            local = probe.getsockname()[0]
+        except OSError:
+            local = "127.0.0.1" if family == socket.AF_INET else "::1"
+    return format_address(scheme, local, port)
+
+
 def format_address(scheme: str, host: str, port: int) -> str:
     if ":" in host:
         host = f"[{host}]"
@@ -79,13 +112,52 @@ def format_address(scheme: str, host: str, port: int) -> str:
 
 
 class TCPNetwork(Network):
-    """Plain TCP through Trio's socket streams (Nagle off, as Trio sets it)."""
+    """TCP through Trio's socket streams (Nagle off, as Trio sets it), and TLS.
+
+    Args:
+        security: the TLS files of this process (`trioflow.comm.security`);
+            with them, `serve` listens on ``tls://`` and `connect` reaches
+            ``tls://`` addresses. Without them only ``tcp://`` works.
+        tls_handshake_timeout: seconds a peer has to finish the TLS handshake.
+    """
+
+    def __init__(self, security: Security | None = None, tls_handshake_timeout: float = 5.0):
+        self.security = security
+        self.tls_handshake_timeout = tls_handshake_timeout
+        self._client_context = security.client_context() if security is not None else None
+        self._server_context = security.server_context() if security is not None else None
+
+    @property
+    def scheme(self) -> str:
+        """What `serve` listens on: ``tls`` with TLS files, else ``tcp``."""
+        return "tcp" if self.security is None else "tls"
 
     async def connect(self, address: str) -> trio.abc.Stream:
         scheme, host, port = parse_address(address)
-        if scheme != "tcp":
-            raise ValueError(f"TCPNetwork cannot reach {address!r}: scheme {scheme!r} is not tcp")
-        return await trio.open_tcp_stream(host, port)
+        if scheme not in ("tcp", "tls"):
+            raise ValueError(f"cannot reach {address!r}: scheme {scheme!r} is neither tcp nor tls")
+        if scheme == "tls" and self._client_context is None:
+            raise ValueError(
+                f"cannot reach {address!r}: a tls:// address needs TLS files "
+                "(tls_ca_file, tls_cert_file, tls_key_file)"
+            )
+        stream = await trio.open_tcp_stream(host, port)
+        if scheme == "tcp":
+            return stream
+        tls = trio.SSLStream(stream, self._client_context, server_hostname=host)
+        try:
+            with trio.fail_after(self.tls_handshake_timeout):
+                await tls.do_handshake()
+        except trio.TooSlowError:
+            await trio.aclose_forcefully(tls)
+            raise OSError(f"the TLS handshake with {address} took longer than {self.tls_handshake_timeout:g} s") from None
+        except (trio.BrokenResourceError, ssl.SSLError) as exc:
+            await trio.aclose_forcefully(tls)
+            raise OSError(
+                f"the TLS handshake with {address} failed ({_tls_reason(exc)}); is it a tls:// server, "
+                f"with a certificate from our CA?"
+            ) from None
+        return tls
 
     async def serve(
         self,
@@ -97,8 +169,35 @@ class TCPNetwork(Network):
     ) -> NoReturn:
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound_port = listeners[0].socket.getsockname()[1]
-        task_status.started(format_address("tcp", host, bound_port))
+        task_status.started(format_address(self.scheme, host, bound_port))
+        if self._server_context is not None:
+            handler = self._tls_handler(handler)
         await trio.serve_listeners(handler, listeners)
+
+    def _tls_handler(self, handler: StreamHandler) -> StreamHandler:
+        context = self._server_context
+
+        async def serve_tls(stream: trio.abc.Stream) -> None:
+            tls = trio.SSLStream(stream, context, server_side=True)
+            try:
+                with trio.fail_after(self.tls_handshake_timeout):
+                    await tls.do_handshake()
+            except (trio.TooSlowError, trio.BrokenResourceError, ssl.SSLError) as exc:
+                # Plaintext on a TLS port (or a certificate not from our CA):
+                # that connection only.
+                logger.warning("closing a connection whose TLS handshake failed: %s", _tls_reason(exc))
+                await trio.aclose_forcefully(tls)
+                return
+            await handler(tls)
+
+        return serve_tls
+
+
+def _tls_reason(exc: BaseException) -> str:
+    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ else exc
+    if isinstance(cause, trio.TooSlowError):
+        return "it took too long"
+    return str(getattr(cause, "reason", None) or cause or type(cause).__name__)[:200]
 
 
 async def connect_with_timeout(network: Network, address: str, timeout: float) -> trio.abc.Stream:
@@ -114,3 +213,5 @@ async def connect_with_timeout(network: Network, address: str, timeout: float) -
         raise CommClosedError(f"could not connect to {address} within {timeout:g} s") from None
     except OSError as exc:
         raise CommClosedError(f"could not connect to {address}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # an address we cannot reach (scheme, no TLS files)
+        raise CommClosedError(str(exc)) from None

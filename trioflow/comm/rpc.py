@@ -24,12 +24,13 @@ from typing import Any
 import trio
 
 from trioflow.comm import messages
+from trioflow.comm.auth import CLIENT, CLUSTER, Credentials, connect_authenticated
 from trioflow.comm.connection import ByteBudget, Connection, open_connection
 from trioflow.comm.frames import FrameLimits
 from trioflow.comm.handshake import HandshakeRefused, say_hello
-from trioflow.comm.network import Network, connect_with_timeout
+from trioflow.comm.network import Network
 from trioflow.comm.schema import Record
-from trioflow.errors import CommClosedError, ProtocolError
+from trioflow.errors import AuthenticationError, CommClosedError, ProtocolError
 from trioflow.nurseries import background_tasks
 
 logger = logging.getLogger("trioflow.comm")
@@ -176,11 +177,14 @@ class ConnectionPool:
     def __init__(
         self, network: Network, limits: FrameLimits, role: str, connect_timeout: float,
         nursery: trio.Nursery, peer_timeout: float = math.inf, idle_timeout: float = math.inf,
-        budget: ByteBudget | None = None,
+        budget: ByteBudget | None = None, credentials: Credentials | None = None,
     ):
         self.network = network
         self.limits = limits
         self.role = role
+        self.credentials = credentials if credentials is not None else Credentials.none()
+        # The credential our links prove: the cluster's where we hold it.
+        self.auth_role = CLUSTER if self.credentials.is_cluster else CLIENT
         self.outbound, self.inbound = messages.ROLE_CHANNELS[role]
         self.connect_timeout = connect_timeout
         self.peer_timeout = peer_timeout
@@ -213,8 +217,10 @@ class ConnectionPool:
     async def _run_link(self, address: str, link: _PeerLink) -> None:
         error_type: type[CommClosedError] = CommClosedError
         try:
-            stream = await connect_with_timeout(self.network, address, self.connect_timeout)
-        except (CommClosedError, ValueError) as exc:  # ValueError: a malformed address
+            stream = await connect_authenticated(
+                self.network, address, self.credentials, self.auth_role, self.connect_timeout
+            )
+        except (CommClosedError, AuthenticationError, ValueError) as exc:  # ValueError: a malformed address
             link.error = str(exc)
             self._links.pop(address, None)
             link.ready.set()
@@ -280,6 +286,9 @@ async def open_connection_pool(
     peer_timeout: float = math.inf,
     idle_timeout: float = math.inf,
     budget: ByteBudget | None = None,
+    credentials: Credentials | None = None,
 ) -> AsyncIterator[ConnectionPool]:
     async with background_tasks() as nursery:
-        yield ConnectionPool(network, limits, role, connect_timeout, nursery, peer_timeout, idle_timeout, budget)
+        yield ConnectionPool(
+            network, limits, role, connect_timeout, nursery, peer_timeout, idle_timeout, budget, credentials
+        )

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from trioflow.comm.auth import Credentials
 from trioflow.config import Config
 from trioflow.core.scheduler_events import WorkerConnected, WorkerDisconnected
 from trioflow.nanny import Nanny
@@ -43,6 +44,12 @@ SCHEDULER_PORT = 8786
 FIRST_WORKER_PORT = 8800
 # How long the cluster may take to come up (virtual seconds).
 STARTUP_TIMEOUT_S = 60.0
+
+
+def sim_credentials(seed: int) -> Credentials:
+    """A cluster's credentials drawn from `seed` (secret and challenges alike)."""
+    rng = derive_rng(seed, "auth")
+    return Credentials.from_cluster_secret(rng.randbytes(32), nonce=rng.randbytes)
 
 
 class SimCluster:
@@ -77,6 +84,9 @@ class SimCluster:
         self.nthreads = nthreads
         self.durations = durations
         self.scheduler_address = f"sim://{SCHEDULER_NODE}:{SCHEDULER_PORT}"
+        # Every node authenticates as in production; the challenges come
+        # from the run's seed, so a run replays byte for byte.
+        self.credentials = sim_credentials(seed)
         self.scheduler: Scheduler | None = None
         self.schedulers: list[Scheduler] = []
         self._scheduler_scope: trio.CancelScope | None = None
@@ -132,6 +142,7 @@ class SimCluster:
             port=SCHEDULER_PORT,
             config=self.config,
             network=self.network.for_node(SCHEDULER_NODE),
+            credentials=self.credentials,
         )
         self._observe(scheduler)
         scope = trio.CancelScope()
@@ -163,6 +174,7 @@ class SimCluster:
             seed=self.seed,
             durations=self.durations,
             trace=self.trace,
+            credentials=self.credentials,
         )
         node = f"nanny-{i}"
         nanny = Nanny(
@@ -171,6 +183,7 @@ class SimCluster:
             config=self.config,
             network=self.network.for_node(node),
             rng=derive_rng(self.seed, node),
+            credentials=self.credentials,
         )
         self.launchers.append(launcher)
         self.nannies.append(nanny)

@@ -217,6 +217,7 @@ class _Run:
                         config=settings.config,
                         network=network.for_node(CLIENT_NODE),
                         rng=derive_rng(self.seed, CLIENT_NODE),
+                        credentials=cluster.credentials.client_only(),
                     )
                     await self._drive(client, nursery)
                 finally:

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from trioflow.comm.auth import Credentials
+
 from trioflow.config import Config
 from trioflow.errors import CommClosedError, ProtocolError
 
@@ -231,6 +233,7 @@ class SimLauncher:
         seed: the run's seed (each incarnation draws durations from it).
         durations: (min, max) seconds a task takes.
         trace: the run's trace.
+        credentials: the cluster's credentials, for the workers.
     """
 
     def __init__(
@@ -246,8 +249,10 @@ class SimLauncher:
         seed: int,
         durations: tuple[float, float],
         trace: Trace,
+        credentials: Credentials | None = None,
     ):
         self.index = index
+        self.credentials = credentials
         self.node = f"worker-{index}"
         self.scheduler_address = scheduler_address
         self.port = port
@@ -289,6 +294,7 @@ class SimLauncher:
             nanny_address=nanny_address,
             pid=None,
             rng=derive_rng(self.seed, self.node, incarnation, "reconnect"),
+            credentials=self.credentials,
         )
         self.handles.append(handle)
         self.trace.add(self.node, f"launched incarnation={incarnation}")
