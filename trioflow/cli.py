@@ -155,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker_flags(nanny)
 
     commands.add_parser("demo", help="a guided tour on a local cluster")
+    certs = commands.add_parser(
+        "tls-certs", help="write a throwaway CA and a certificate per role, for tls:// (needs the tls extra)"
+    )
+    certs.add_argument("directory", metavar="DIR", help="where to write ca.pem, scheduler.pem, worker.pem, client.pem, ...")
+    certs.add_argument(
+        "--host", action="append", default=None, metavar="NAME",
+        help="a host name or address to put in the certificates (repeat; default 127.0.0.1 and localhost)",
+    )
     from trioflow.sim.cli import add_chaos_parser
 
     add_chaos_parser(commands)
@@ -181,6 +189,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         from trioflow.sim.cli import run_chaos
 
         return run_chaos(args)
+    if args.command == "tls-certs":
+        from trioflow.tls_certs import make_certificates
+
+        try:
+            paths = make_certificates(args.directory, tuple(args.host or ("127.0.0.1", "localhost")))
+        except (ImportError, OSError) as exc:
+            print(f"trioflow tls-certs: {exc}", file=sys.stderr)
+            return 1
+        for role, path in paths.items():
+            print(f"{role:14s} {path}")
+        return 0
     try:
         config = config_from_args(args)
     except ConfigError as exc:
