@@ -1,7 +1,7 @@
 """Shared helpers for the trioflow-vs-dask.distributed benchmarks.
 
 Every ``benchmarks/w*.py`` script runs one workload (shared/benchmarks.md,
-W1..W9) on trioflow and, when ``import distributed`` works and ``--no-dask``
+W1..W12) on trioflow and, when ``import distributed`` works and ``--no-dask``
 was not given, on dask.distributed too, in the same process run, and prints
 ONE JSON line: both sides' figures and the ratios trioflow/dask. The ratio is
 the figure that counts: the machines are shared and absolute times drift.
@@ -10,7 +10,9 @@ Layout on both sides: client and scheduler in this process, workers as
 subprocesses under nannies that live in this process and restart them
 (trioflow: ``LocalCluster(nanny=True)``, the default, whose nannies start
 ``python -m trioflow worker --no-nanny`` children; dask:
-``LocalCluster(processes=True)``).
+``LocalCluster(processes=True)``). A workload may open its clusters itself
+(``Workload.open_cluster``): W8 runs scheduler and worker as processes of
+their own, W9 starts and closes a cluster in every timed run.
 
 Benchmarks never fail CI: a side that breaks is reported in the JSON line
 (``"error"``), and the script still exits 0 unless ``--strict`` is given.
@@ -432,12 +434,39 @@ class Workload:
     #: Called with the finished JSON line (a dict) before it is printed, to
     #: add what only makes sense across sides (e.g. a ratio bound).
     postprocess: Callable[[dict[str, Any]], None] | None = None
+    #: Opens a side's cluster instead of the default (client and scheduler in
+    #: this process, workers under nannies): ``open_cluster(side, cluster)``
+    #: is a context manager yielding what `run_once` gets as its client.
+    #: W8 and W9 start their own processes inside each run and yield None
+    #: (`no_cluster`); W10 captures the logs of the default cluster.
+    open_cluster: Callable[[Side, dict[str, Any]], contextlib.AbstractContextManager] | None = None
+    #: ``describe_layout(system) -> dict``: the side's process layout for
+    #: the JSON (``layout``), when `open_cluster` makes the default
+    #: description (`layout`) wrong.
+    describe_layout: Callable[[str], dict[str, Any]] | None = None
 
 
-def _open(side: Side, cluster: dict[str, Any]) -> contextlib.AbstractContextManager:
+def open_default(side: Side, cluster: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """The usual cluster of a side (see the module docstring), yielding its client."""
     if side.system == TRIOFLOW:
         return trioflow_client(**cluster)
     return dask_client(config=side.config, **cluster)
+
+
+@contextlib.contextmanager
+def no_cluster(side: Side, cluster: dict[str, Any]) -> Iterator[None]:
+    """For workloads whose every run starts (and ends) its own processes."""
+    yield None
+
+
+def _open(side: Side, workload: Workload) -> contextlib.AbstractContextManager:
+    return (workload.open_cluster or open_default)(side, workload.cluster)
+
+
+def _layout(workload: Workload, client: Any, system: str) -> dict[str, Any]:
+    if workload.describe_layout is not None:
+        return workload.describe_layout(system)
+    return layout(client, system)
 
 
 class _SideRun:
@@ -446,6 +475,7 @@ class _SideRun:
     def __init__(self, side: Side):
         self.side = side
         self.client: Any = None
+        self.opened = False  # the cluster is open (interleaved mode)
         self.samples: list[dict[str, Any]] = []
         self.cpu: list[dict[str, float]] = []
         self.meter: CpuMeter | None = None
@@ -501,9 +531,9 @@ def _sequential(workload: Workload, runs: list[_SideRun], args: argparse.Namespa
     for run in runs:
         start = now()
         try:
-            with _open(run.side, workload.cluster) as run.client:
+            with _open(run.side, workload) as run.client:
                 run.info["setup_s"] = now() - start
-                run.info["layout"] = layout(run.client, run.side.system)
+                run.info["layout"] = _layout(workload, run.client, run.side.system)
                 run.warm(workload, args)
                 for _ in range(args.repeat):
                     run.run_once(workload, args)
@@ -524,16 +554,17 @@ def _interleaved(workload: Workload, runs: list[_SideRun], args: argparse.Namesp
         for run in runs:
             start = now()
             try:
-                run.client = stack.enter_context(_open(run.side, workload.cluster))
+                run.client = stack.enter_context(_open(run.side, workload))
+                run.opened = True
                 run.info["setup_s"] = now() - start
-                run.info["layout"] = layout(run.client, run.side.system)
+                run.info["layout"] = _layout(workload, run.client, run.side.system)
                 run.warm(workload, args)
             except Exception as exc:
                 run.fail(exc)
         for round_ in range(args.repeat):
             shift = round_ % len(runs)
             for run in runs[shift:] + runs[:shift]:
-                if run.error is None and run.client is not None:
+                if run.error is None and run.opened:  # (the client may be None: `no_cluster`)
                     try:
                         run.run_once(workload, args)
                     except Exception as exc:

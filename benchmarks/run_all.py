@@ -1,7 +1,9 @@
 """Run every ``benchmarks/w*.py`` script, collect their JSON lines, print a table.
 
-The scripts (picked up by name, in this order): w1_throughput.py,
-w2_latency.py, w5_kill_during_map.py, w6_hung_worker.py, w7_poison_task.py.
+The scripts (picked up by name, in the order of their workload numbers):
+w1_throughput.py, w2_latency.py, w3_tree_sum.py, w4_transfer.py,
+w5_kill_during_map.py, w6_hung_worker.py, w7_poison_task.py,
+w8_pending_memory.py, w9_startup.py, w10_scaling.py.
 
 Each script runs in its own subprocess (and its own process group, so that
 a timed-out script's worker processes go with it). Options given here that
@@ -18,6 +20,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,11 +29,23 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _number(path: str) -> int:
+    """The workload number of ``wN_name.py`` (w10 sorts after w9, not after w1)."""
+    match = re.match(r"w(\d+)", os.path.basename(path))
+    return int(match.group(1)) if match else 0
+
+
+def _selected(path: str, wanted: list[str]) -> bool:
+    """``--only w1`` picks w1_throughput.py, not w10_scaling.py."""
+    name = os.path.basename(path).lower()
+    return any(name.startswith(w) and not name[len(w) : len(w) + 1].isdigit() for w in wanted)
+
+
 def scripts(only: list[str] | None) -> list[str]:
-    found = sorted(glob.glob(os.path.join(HERE, "w*.py")))
+    found = sorted(glob.glob(os.path.join(HERE, "w*.py")), key=lambda f: (_number(f), f))
     if only:
-        wanted = [o.lower() for o in only]
-        found = [f for f in found if any(os.path.basename(f).lower().startswith(w) for w in wanted)]
+        wanted = [o.strip().lower() for o in only]
+        found = [f for f in found if _selected(f, wanted)]
     return found
 
 
