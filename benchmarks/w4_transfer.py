@@ -46,6 +46,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,10 +57,12 @@ from _harness import (  # noqa: E402
     Workload,
     median,
     now,
+    open_default,
     parse_args,
     quiesce,
     ratio,
     run_workload,
+    trioflow_client,
 )
 
 MB = 10**6
@@ -88,6 +91,26 @@ def total(array):
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mib", type=int, default=256, help="size of the array, MiB (default 256)")
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="trioflow over tls:// (mutual TLS, throwaway certificates); dask stays on tcp://",
+    )
+
+
+def open_tls_cluster(side, cluster):
+    """trioflow's cluster with every process on tls:// (one throwaway CA); dask as usual."""
+    if side.system != TRIOFLOW:
+        return open_default(side, cluster)
+    import trioflow
+    from trioflow.tls_certs import make_certificates
+
+    directory = tempfile.mkdtemp(prefix="w4-tls-")
+    paths = make_certificates(directory)
+    config = trioflow.Config(
+        tls_ca_file=str(paths["ca"]), tls_cert_file=str(paths["worker"]), tls_key_file=str(paths["worker-key"])
+    )
+    return trioflow_client(**cluster, config=config)
 
 
 # ------------------------------------------------------------------ loopback --
@@ -286,6 +309,7 @@ def main(argv=None) -> dict:
             "recv_into a buffer allocated before the clock",
         },
         postprocess=postprocess,
+        open_cluster=open_tls_cluster if args.tls else None,
     )
     _loopback = Loopback(nbytes)
     try:

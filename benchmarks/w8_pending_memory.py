@@ -156,6 +156,12 @@ def start_servers(system: str, logs: str) -> tuple[Server, Server, str]:
     py = sys.executable
     port = _free_port()
     if system == TRIOFLOW:
+        # Authentication is on (the default): one cluster token for the
+        # scheduler, the worker and this client, in the environment they
+        # inherit (no token file is written in the home directory).
+        from trioflow.comm.auth import Credentials
+
+        os.environ.setdefault("TRIOFLOW_TOKEN", Credentials.generate().cluster_token())
         scheduler = Server(
             [py, "-m", "trioflow", "scheduler", "--port", str(port), "--host", "127.0.0.1", "--log-level", "info"],
             os.path.join(logs, "scheduler.log"),
