@@ -145,3 +145,13 @@ async def test_connect_with_timeout_returns_a_working_stream():
             with trio.fail_after(5):
                 assert await receive_exactly(stream, 7) == b"echo me"
         nursery.cancel_scope.cancel()
+
+
+def test_a_wildcard_bind_advertises_the_address_that_reaches_the_scheduler():
+    """A server bound to 0.0.0.0 advertises the local address towards its scheduler (here
+    loopback); a concrete bind is advertised as it is."""
+    from trioflow.comm.network import advertised_address
+
+    assert advertised_address("tcp://0.0.0.0:4000", "tcp://127.0.0.1:8786") == "tcp://127.0.0.1:4000"
+    assert advertised_address("tls://0.0.0.0:4000", "tls://127.0.0.1:8786") == "tls://127.0.0.1:4000"
+    assert advertised_address("tcp://10.1.2.3:4000", "tcp://127.0.0.1:8786") == "tcp://10.1.2.3:4000"
