@@ -130,6 +130,8 @@ class AsyncClient:
         if credentials is None and getattr(address, "credentials", None) is not None:
             # A cluster of this process: act as its client, no more.
             credentials = address.credentials.client_only()
+        if config is None and isinstance(getattr(address, "config", None), Config):
+            config = address.config  # (its TLS files, its timeouts)
         address = getattr(address, "scheduler_address", address)
         if not isinstance(address, str):
             raise TypeError(f"expected a scheduler address like 'tcp://127.0.0.1:8786', got {address!r}")

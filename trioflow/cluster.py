@@ -309,6 +309,11 @@ class LocalCluster:
             raise
 
     @property
+    def config(self) -> Config:
+        """The cluster's config (a `Client` of it uses it unless given one)."""
+        return self._cluster.config
+
+    @property
     def credentials(self) -> Credentials:
         """The cluster's credentials (a `Client` of it takes the client part)."""
         return self._cluster.credentials
