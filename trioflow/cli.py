@@ -113,6 +113,9 @@ def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scheduler_address", metavar="ADDRESS", help="the scheduler, e.g. tcp://127.0.0.1:8786")
     parser.add_argument("--nthreads", type=_positive_int, default=1, help="threads running tasks (default 1)")
     parser.add_argument(
+        "--nanny-port", type=_port, default=0, help="the nanny's control port (default: any free one)"
+    )
+    parser.add_argument(
         "--contact-address",
         type=_address,
         default=None,
@@ -262,7 +265,8 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Co
             args.scheduler_address, worker_args, env={**os.environ, **config.to_env()}, credentials=credentials
         )
         nanny = Nanny(
-            launcher, host=args.host, memory_limit=args.memory_limit, config=config, credentials=credentials
+            launcher, host=args.host, port=args.nanny_port, memory_limit=args.memory_limit, config=config,
+            credentials=credentials,
         )
         return trio.run(run_until_signalled, nanny.serve, "nanny")
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover

@@ -47,6 +47,7 @@ from trioflow.comm import (
 )
 from trioflow.comm import messages as m
 from trioflow.comm.auth import CLUSTER, Credentials, accept_authenticated, child_environment, credentials_for
+from trioflow.comm.network import advertised_address
 from trioflow.comm.security import Security
 from trioflow.backoff import Backoff
 from trioflow.config import Config
@@ -156,6 +157,10 @@ class Nanny:
     Args:
         launcher: how to start a worker (`ProcessLauncher` in production).
         host: interface for the nanny's control port (loopback by default).
+            A wildcard (``0.0.0.0``) advertises the address this machine
+            uses to reach the scheduler, as a worker does.
+        port: the control port (0: any free one; give one to open it in a
+            firewall).
         memory_limit: bytes of resident memory after which the worker is
             killed (None: no limit). Needs a launcher whose handles have a
             real ``pid``.
@@ -171,6 +176,7 @@ class Nanny:
         launcher: Launcher,
         *,
         host: str = "127.0.0.1",
+        port: int = 0,
         memory_limit: int | None = None,
         config: Config | None = None,
         network: Network | None = None,
@@ -181,6 +187,7 @@ class Nanny:
             raise ValueError(f"memory_limit must be positive bytes or None, got {memory_limit!r}")
         self.launcher = launcher
         self.host = host
+        self.port = port
         self.memory_limit = memory_limit
         self.config = config or Config.from_env()
         self.network = network or TCPNetwork(Security.from_config(self.config), self.config.handshake_timeout)
@@ -219,7 +226,10 @@ class Nanny:
     async def _serve(self, task_status: trio.TaskStatus[str]) -> None:
         async with background_tasks() as nursery:
             self._scope = nursery.cancel_scope
-            self.address = await nursery.start(self.network.serve, self._serve_control, self.host, 0)
+            bound = await nursery.start(self.network.serve, self._serve_control, self.host, self.port)
+            # What the scheduler dials to ask for restarts: never 0.0.0.0.
+            scheduler = getattr(self.launcher, "scheduler_address", None)
+            self.address = advertised_address(bound, scheduler) if scheduler else bound
             backoff = Backoff(self.config.reconnect_backoff_min, self.config.reconnect_backoff_max, self.rng)
             while True:
                 self.worker = await self.launcher.launch(self.address)

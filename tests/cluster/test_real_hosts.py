@@ -350,17 +350,9 @@ def test_a_process_without_the_token_gets_nothing_run(start, lan, client_script,
     assert not marker.exists()
 
 
-NANNY_ON_WILDCARD = (
-    "a nanny bound to --host 0.0.0.0 reports its control address as tcp://0.0.0.0:PORT "
-    "(nanny.py: Nanny._serve keeps network.serve's bound address; only the worker applies "
-    "advertised_address/--contact-address), so a scheduler on another host dials itself and "
-    "Client.restart() fails: 'only 0 of 1 workers came back'"
-)
-
-
 @pytest.mark.parametrize(
     "bind",
-    ["own-address", pytest.param("0.0.0.0", marks=pytest.mark.xfail(strict=True, reason=NANNY_ON_WILDCARD))],
+    ["own-address", "0.0.0.0"],
 )
 def test_a_worker_under_a_nanny_on_another_host_restarts(start, lan, client_script, tmp_path, bind):
     """Client.restart() restarts a worker whose nanny runs on another host, bound to its address or 0.0.0.0."""
