@@ -36,17 +36,14 @@ from typing import Protocol
 import trio
 
 from trioflow.comm import (
-    ConnectionGate,
-    FrameLimits,
     Network,
     TCPNetwork,
     clip,
-    expect_hello,
-    open_connection,
     reply,
 )
 from trioflow.comm import messages as m
-from trioflow.comm.auth import CLUSTER, Credentials, accept_authenticated, child_environment, credentials_for
+from trioflow.comm.auth import CLUSTER, Credentials, child_environment, credentials_for
+from trioflow.comm.door import Door
 from trioflow.comm.network import advertised_address
 from trioflow.comm.security import Security
 from trioflow.backoff import Backoff
@@ -205,7 +202,14 @@ class Nanny:
         self._launched = trio.Event()
         self._scope: trio.CancelScope | None = None
         self.closed = trio.Event()
-        self._gate = ConnectionGate(self.config.max_connections, "a nanny's control port")
+        # Only the cluster (the scheduler) may ask for restarts.
+        self._door = Door(
+            "a trioflow nanny's control port",
+            config=self.config,
+            credentials=self.credentials,
+            credential_roles=frozenset({CLUSTER}),
+            roles={"control": m.SCHEDULER_TO_NANNY},
+        )
 
     @property
     def worker_pid(self) -> int | None:
@@ -319,48 +323,25 @@ class Nanny:
 
     async def _serve_control(self, stream: trio.abc.Stream) -> None:
         """The control port: the scheduler asks for a restart here."""
-        if not self._gate.try_enter():
-            await stream.aclose()
-            return
-        try:
-            authenticated = await accept_authenticated(
-                stream, self.credentials, frozenset({CLUSTER}), self.config.handshake_timeout, "a nanny"
-            )
-            if authenticated is None:
+        async with self._door.admit(stream) as admitted:
+            if admitted is None:
                 return
-            async with open_connection(
-                stream,
-                FrameLimits.before_hello(),
-                peer="control",
-                inbound=m.HELLO,
-                send_limits=FrameLimits.from_config(self.config),
-                min_transfer_rate=self.config.min_transfer_rate,
-            ) as conn:
-                try:
-                    await expect_hello(
-                        conn,
-                        self.config.handshake_timeout,
-                        {"control": m.SCHEDULER_TO_NANNY},
-                        "a trioflow nanny's control port",
-                        FrameLimits.from_config(self.config),
-                        authenticated=authenticated,
-                    )
-                    conn.idle_timeout = self.config.idle_timeout
-                    while True:
-                        for request in await conn.receive():
-                            if isinstance(request, m.Invalid):
-                                reply(conn, request, error=request.reason)
-                                continue
-                            launched = self._launched
-                            self.request_restart()
-                            await launched.wait()
-                            reply(conn, request, m.PidReply(pid=self.worker_pid))
-                except CommClosedError:
-                    pass
-                except ProtocolError as exc:
-                    logger.warning("closing control connection: %s", clip(str(exc), 300))
-        finally:
-            self._gate.leave()
+            conn, _ = admitted
+            conn.idle_timeout = self.config.idle_timeout
+            try:
+                while True:
+                    for request in await conn.receive():
+                        if isinstance(request, m.Invalid):
+                            reply(conn, request, error=request.reason)
+                            continue
+                        launched = self._launched
+                        self.request_restart()
+                        await launched.wait()
+                        reply(conn, request, m.PidReply(pid=self.worker_pid))
+            except CommClosedError:
+                pass
+            except ProtocolError as exc:
+                logger.warning("closing control connection: %s", clip(str(exc), 300))
 
 
 def parse_memory(text: str) -> int | None:

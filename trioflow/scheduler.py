@@ -44,20 +44,18 @@ from trioflow import scheduler_exchanges as exchanges
 from trioflow.comm import (
     ByteBudget,
     Connection,
-    ConnectionGate,
     ConnectionPool,
     FrameLimits,
     Network,
     Requests,
     TCPNetwork,
     clip,
-    expect_hello,
-    open_connection,
     open_connection_pool,
     reply,
 )
 from trioflow.comm import messages as m
-from trioflow.comm.auth import ANY_CREDENTIAL, Credentials, accept_authenticated, credentials_for
+from trioflow.comm.auth import ANY_CREDENTIAL, Credentials, credentials_for
+from trioflow.comm.door import Door
 from trioflow.comm.security import Security
 from trioflow.comm.serialize import Serialized, SerializedFunction, content_digest, verify_function
 from trioflow.config import Config
@@ -222,7 +220,14 @@ class Scheduler:
         self.port = port
         self.limits = FrameLimits.from_config(self.config)
         self.budget = ByteBudget(self.config.max_process_bytes)
-        self.gate = ConnectionGate(self.config.max_connections, "the scheduler")
+        self.door = Door(
+            "a trioflow scheduler",
+            config=self.config,
+            credentials=self.credentials,
+            credential_roles=ANY_CREDENTIAL,
+            roles={"client": m.CLIENT_TO_SCHEDULER, "worker": m.WORKER_TO_SCHEDULER},
+            budget=self.budget,
+        )
         self.state = SchedulerState(
             allowed_failures=self.config.allowed_failures,
             worker_saturation=self.config.worker_saturation,
@@ -329,55 +334,29 @@ class Scheduler:
     # --------------------------------------------------- connections: edge --
 
     async def _serve_stream(self, stream: trio.abc.Stream) -> None:
-        if not self.gate.try_enter():
-            await stream.aclose()
-            return
-        try:
-            authenticated = await accept_authenticated(
-                stream, self.credentials, ANY_CREDENTIAL, self.config.handshake_timeout, "the scheduler"
-            )
-            if authenticated is None:
+        async with self.door.admit(stream) as admitted:
+            if admitted is None:
                 return
-            async with open_connection(
-                stream,
-                FrameLimits.before_hello(),
-                peer="new connection",
-                inbound=m.HELLO,
-                budget=self.budget,
-                send_limits=self.limits,
-                min_transfer_rate=self.config.min_transfer_rate,
-            ) as conn:
-                try:
-                    link, held, running = await self._admit(conn, authenticated)
-                except (ProtocolError, CommClosedError) as exc:
-                    logger.warning("closing connection before hello completed: %s", clip(str(exc), 300))
-                    return
-                conn.peer = link.name
-                async with trio.open_nursery() as exchanges:
-                    link.exchanges = exchanges
-                    self._post(self._joined, link, held, running)
-                    reason = await self._read(link)
-                    # From here the nursery takes no new exchange: the driver
-                    # may still handle a request this link sent just before
-                    # it ended, and finds nobody to answer (`_spawn`).
-                    link.exchanges = None
-                    exchanges.cancel_scope.cancel(reason="its connection closed")
-                self._post(self._left, link, reason)
-        finally:
-            self.gate.leave()
+            conn, hello = admitted
+            try:
+                link, held, running = await self._admit(conn, hello)
+            except (ProtocolError, CommClosedError) as exc:
+                logger.warning("closing a worker's connection before it registered: %s", clip(str(exc), 300))
+                return
+            conn.peer = link.name
+            async with trio.open_nursery() as exchanges:
+                link.exchanges = exchanges
+                self._post(self._joined, link, held, running)
+                reason = await self._read(link)
+                # From here the nursery takes no new exchange: the driver
+                # may still handle a request this link sent just before
+                # it ended, and finds nobody to answer (`_spawn`).
+                link.exchanges = None
+                exchanges.cancel_scope.cancel(reason="its connection closed")
+            self._post(self._left, link, reason)
 
-    async def _admit(
-        self, conn: Connection, authenticated: str
-    ) -> tuple[_Link, dict[str, int], tuple[str, ...]]:
-        """The hello (and a worker's registration): who is this, and may they?"""
-        hello = await expect_hello(
-            conn,
-            self.config.handshake_timeout,
-            {"client": m.CLIENT_TO_SCHEDULER, "worker": m.WORKER_TO_SCHEDULER},
-            "a trioflow scheduler",
-            self.limits,
-            authenticated=authenticated,
-        )
+    async def _admit(self, conn: Connection, hello: m.Hello) -> tuple[_Link, dict[str, int], tuple[str, ...]]:
+        """The link for a hello (and a worker's registration)."""
         if hello.role == "client":
             conn.idle_timeout = self.config.idle_timeout
             link = ClientLink(conn, hello.client_id)

@@ -29,7 +29,6 @@ import trio
 from trioflow.comm import (
     ByteBudget,
     Connection,
-    ConnectionGate,
     FrameLimits,
     Network,
     RequestFailed,
@@ -37,7 +36,6 @@ from trioflow.comm import (
     await_welcome,
     clip,
     dumps,
-    expect_hello,
     loads,
     loads_function,
     open_connection,
@@ -50,10 +48,10 @@ from trioflow.comm.auth import (
     ANY_CREDENTIAL,
     CLUSTER,
     Credentials,
-    accept_authenticated,
     connect_authenticated,
     credentials_for,
 )
+from trioflow.comm.door import Door
 from trioflow.comm.network import advertised_address
 from trioflow.comm.security import Security
 from trioflow.comm.serialize import Serialized, SerializedFunction, verify_function
@@ -168,7 +166,6 @@ class Worker:
         self.pid = pid
         self.limits = FrameLimits.from_config(self.config)
         self.budget = ByteBudget(self.config.max_process_bytes)
-        self.gate = ConnectionGate(self.config.max_connections, "a worker's data port")
         self.address: str | None = None
         self.state: WorkerState | None = None
         # key -> value. Invariant: exactly the keys the core holds in MEMORY
@@ -220,6 +217,15 @@ class Worker:
                 self._nursery = nursery
                 bound = await nursery.start(self.network.serve, self._serve_peer, self.host, self.port)
                 self.address = self.contact_address or advertised_address(bound, self.scheduler_address)
+                self._door = Door(
+                    f"a trioflow worker's data port ({self.address})",
+                    config=self.config,
+                    credentials=self.credentials,
+                    credential_roles=ANY_CREDENTIAL,
+                    roles={"peer": m.PEER_TO_WORKER},
+                    budget=self.budget,
+                    hint=": point clients at the scheduler's address, not a worker's",
+                )
                 self.state = WorkerState(self.address, self.nthreads)
                 if self.parent_pid is not None:
                     nursery.start_soon(self._watch_parent, self.parent_pid)
@@ -655,47 +661,22 @@ class Worker:
 
     async def _serve_peer(self, stream: trio.abc.Stream) -> None:
         """Answer `get_data` requests from other workers and from clients."""
-        if not self.gate.try_enter():
-            await stream.aclose()
-            return
-        try:
-            authenticated = await accept_authenticated(
-                stream, self.credentials, ANY_CREDENTIAL, self.config.handshake_timeout, f"worker {self.address}"
-            )
-            if authenticated is None:
+        async with self._door.admit(stream) as admitted:
+            if admitted is None:
                 return
-            async with open_connection(
-                stream,
-                FrameLimits.before_hello(),
-                peer="peer",
-                inbound=m.HELLO,
-                budget=self.budget,
-                send_limits=self.limits,
-                min_transfer_rate=self.config.min_transfer_rate,
-            ) as conn:
-                try:
-                    await expect_hello(
-                        conn,
-                        self.config.handshake_timeout,
-                        {"peer": m.PEER_TO_WORKER},
-                        f"a trioflow worker's data port ({self.address})",
-                        self.limits,
-                        hint=": point clients at the scheduler's address, not a worker's",
-                        authenticated=authenticated,
-                    )
-                    conn.idle_timeout = self.config.idle_timeout
-                    while True:
-                        for request in await conn.receive():
-                            if isinstance(request, m.Invalid):
-                                reply(conn, request, error=request.reason)
-                            else:
-                                self._answer_get_data(conn, request)
-                except CommClosedError:
-                    pass
-                except ProtocolError as exc:
-                    logger.warning("closing peer connection: %s", clip(str(exc), 300))
-        finally:
-            self.gate.leave()
+            conn, _ = admitted
+            conn.idle_timeout = self.config.idle_timeout
+            try:
+                while True:
+                    for request in await conn.receive():
+                        if isinstance(request, m.Invalid):
+                            reply(conn, request, error=request.reason)
+                        else:
+                            self._answer_get_data(conn, request)
+            except CommClosedError:
+                pass
+            except ProtocolError as exc:
+                logger.warning("closing peer connection: %s", clip(str(exc), 300))
 
     def _answer_get_data(self, conn: Connection, request: m.GetData) -> None:
         data: dict[str, Serialized] = {}
