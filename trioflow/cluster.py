@@ -71,6 +71,9 @@ class AsyncLocalCluster:
         scheduler_port: the scheduler's port, 0 for any free one.
         config: tunables for the scheduler and workers.
         worker_log_level: log level of worker subprocesses.
+        dashboard_port: serve the scheduler's dashboard on this port (0:
+            any free one; see `dashboard_link`); overrides
+            `Config.dashboard_port`. Needs ``trioflow[dashboard]``.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class AsyncLocalCluster:
         scheduler_port: int = 0,
         config: Config | None = None,
         worker_log_level: str = "warning",
+        dashboard_port: int | None = None,
     ):
         self.nanny = nanny and processes
         self.memory_limit = memory_limit
@@ -97,12 +101,19 @@ class AsyncLocalCluster:
         self.processes = processes
         self.host = host
         self.config = config or Config.from_env()
+        if dashboard_port is not None:
+            self.config = self.config.replace(dashboard_port=dashboard_port)
         self.worker_log_level = worker_log_level
         self.scheduler = Scheduler(host=host, port=scheduler_port, config=self.config)
         self.scheduler_address: str | None = None
         self.workers: dict[int, Any] = {}
         self._nursery: trio.Nursery | None = None
         self._stack = None
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The dashboard's URL (``http://127.0.0.1:8787/``) once it serves, else None."""
+        return self.scheduler.dashboard_address
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Start everything; report the scheduler address once every worker
@@ -260,6 +271,7 @@ class LocalCluster:
         scheduler_port: int = 0,
         config: Config | None = None,
         worker_log_level: str = "warning",
+        dashboard_port: int | None = None,
     ):
         self._cluster = AsyncLocalCluster(
             n_workers,
@@ -271,6 +283,7 @@ class LocalCluster:
             scheduler_port=scheduler_port,
             config=config,
             worker_log_level=worker_log_level,
+            dashboard_port=dashboard_port,
         )
         self._loop = LoopThread("trioflow-cluster")
         try:
@@ -283,6 +296,11 @@ class LocalCluster:
     def loop(self) -> LoopThread:
         """The Trio thread the cluster runs in (a `Client` of it shares it)."""
         return self._loop
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """See `AsyncLocalCluster.dashboard_link`."""
+        return self._cluster.dashboard_link
 
     @property
     def workers(self) -> dict[int, Any]:

@@ -128,6 +128,23 @@ class Client:
     def wait_for_workers(self, n: int, timeout: float | None = None) -> None:
         return self._run(self._client.wait_for_workers, n, timeout)
 
+    # -- watching it ------------------------------------------------------------
+
+    def get_task_stream(
+        self, start: float | None = None, stop: float | None = None, count: int | None = None
+    ) -> list[dict[str, Any]]:
+        """See `AsyncClient.get_task_stream`."""
+        return self._run(self._client.get_task_stream, start, stop, count)
+
+    def get_cluster_metrics(self, events_after: int = 0) -> dict[str, Any]:
+        """See `AsyncClient.get_cluster_metrics`."""
+        return self._run(self._client.get_cluster_metrics, events_after)
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The scheduler's dashboard (``http://127.0.0.1:8787/``), or None if it serves none."""
+        return self.scheduler_info()["dashboard"]
+
     # -- lifetime ---------------------------------------------------------------
 
     def close(self) -> None:
