@@ -25,6 +25,7 @@ from trioflow.errors import (
     SerializationError,
 )
 from trioflow.future import Future
+from trioflow.reports import performance_report, write_perfetto_trace
 from trioflow.scheduler import Scheduler
 from trioflow.sync_client import Client
 from trioflow.waiting import (
@@ -65,5 +66,7 @@ __all__ = [
     "Worker",
     "__version__",
     "as_completed",
+    "performance_report",
     "wait",
+    "write_perfetto_trace",
 ]

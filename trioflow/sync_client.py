@@ -9,6 +9,7 @@ the caller just waits. ``Client()`` with no address first starts a
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,6 +18,22 @@ from trioflow.cluster import LocalCluster
 from trioflow.config import Config
 from trioflow.future import Future
 from trioflow.loop_thread import LoopThread
+
+# The client opened last and not yet closed: what `trioflow.performance_report`
+# reports on when it is not given one (dask calls it the default client).
+_latest: weakref.ref[Client] | None = None
+
+
+def default_client() -> Client:
+    """The `Client` opened last and still open.
+
+    Raises:
+        ValueError: no client is open.
+    """
+    client = _latest() if _latest is not None else None
+    if client is None or client.status in ("closed", "closing"):
+        raise ValueError("no trioflow.Client is open: create one first, or pass client=")
+    return client
 
 
 class Client:
@@ -60,6 +77,8 @@ class Client:
             if self.cluster is not None:
                 self.cluster.close()
             raise
+        global _latest
+        _latest = weakref.ref(self)
 
     @property
     def id(self) -> str:
