@@ -41,12 +41,12 @@ summed into one cluster event per kind ("recomputing 37 values: inc-1,
 
 from __future__ import annotations
 
-import bisect
 import collections
 import functools
 import math
 import re
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -144,16 +144,14 @@ class Ring:
         self._items: list[tuple] = []
         # The number of `_items[0]`.
         self._base = 1
-
-    @property
-    def newest(self) -> int:
-        """The number of the newest item (0 before the first)."""
-        return self._base + len(self._items) - 1
+        # The number of the newest item (0 before the first).
+        self.newest = 0
 
     def append(self, item: tuple) -> None:
         """Add `item`, whose first element must be ``newest + 1``."""
         items = self._items
         items.append(item)
+        self.newest += 1
         if len(items) >= 2 * self.capacity:
             drop = len(items) - self.capacity
             del items[:drop]
@@ -183,7 +181,7 @@ class Histogram:
         self.count = 0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
         self.count += 1
 
