@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import trioflow
 from tests.dashboard.helpers import get, get_json
 from trioflow.dashboard import DashboardError, serve_dashboard
-from trioflow.dashboard.auth import DashboardRequest, default_checks, loopback_host_check, token_check
+from trioflow.dashboard.auth import DashboardRequest, Refusal, default_checks, loopback_host_check, token_check
 
 
 def inc(x):
@@ -146,6 +146,25 @@ async def test_a_loopback_dashboard_answers_only_loopback_host_names(dashboard):
     port = url.rsplit(":", 1)[1].rstrip("/")
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", "[::1]:" + port):
         assert (await get(url + "health", headers={"Host": host}))[0] == 200, host
+
+
+async def test_a_check_hook_plugs_in_in_place_of_the_token(nursery):
+    """Scheduler(dashboard_check=...) decides every request (the hook cluster authentication will use)."""
+    seen = []
+
+    def team_only(request: DashboardRequest):
+        seen.append(request.path)
+        return None if request.headers.get("x-team") == "ops" else Refusal(403, "ops only")
+
+    config = trioflow.Config(dashboard_port=0, dashboard_token="ignored-when-a-hook-is-given")
+    scheduler = trioflow.Scheduler(config=config, dashboard_check=team_only)
+    await nursery.start(scheduler.serve)
+    url = scheduler.dashboard_address
+    status, body = await get_json(url + "api/state")
+    assert (status, body) == (403, {"error": "ops only"})
+    assert (await get(url + "api/state", headers={"X-Team": "ops"}))[0] == 200
+    assert seen == ["/api/state", "/api/state"]
+    nursery.cancel_scope.cancel()
 
 
 def test_the_checks_in_place_follow_the_config():

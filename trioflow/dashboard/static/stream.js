@@ -40,6 +40,7 @@ const TF = (() => {
 
   function fmtSeconds(s) {
     if (s === null || s === undefined) return "—";
+    if (s === 0) return "0 s";
     if (s < 0.001) return (s * 1e6).toFixed(0) + " µs";
     if (s < 1) return (s * 1000).toFixed(s < 0.01 ? 2 : 1) + " ms";
     if (s < 120) return s.toFixed(s < 10 ? 2 : 1) + " s";
