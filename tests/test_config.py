@@ -1,6 +1,7 @@
 """Config: defaults, TRIOFLOW_* variables, overrides, and clear errors."""
 
 import math
+import re
 
 import pytest
 
@@ -45,3 +46,31 @@ def test_unknown_override_and_wrong_types_are_refused():
         Config(allowed_failures="3")
     with pytest.raises(ConfigError, match="reconnect_backoff_min must not exceed"):
         Config(reconnect_backoff_min=5, reconnect_backoff_max=1)
+
+
+def test_dashboard_fields_from_the_environment():
+    """The dashboard is off by default; its port, host and token come from TRIOFLOW_* like every field."""
+    default = Config()
+    assert (default.dashboard_port, default.dashboard_host, default.dashboard_token) == (None, "127.0.0.1", "")
+    env = {"TRIOFLOW_DASHBOARD_PORT": "8787", "TRIOFLOW_DASHBOARD_HOST": "::1", "TRIOFLOW_DASHBOARD_TOKEN": "a b"}
+    config = Config.from_env(env)
+    assert (config.dashboard_port, config.dashboard_host, config.dashboard_token) == (8787, "::1", "a b")
+    assert Config.from_env({"TRIOFLOW_DASHBOARD_PORT": "none"}).dashboard_port is None
+    assert Config.from_env(config.to_env()) == config  # how a nanny hands its config to a worker
+    assert Config.from_env(default.to_env()) == default
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"TRIOFLOW_DASHBOARD_PORT": "http"}, "TRIOFLOW_DASHBOARD_PORT='http' is not an integer (or 'none')"),
+        ({"TRIOFLOW_DASHBOARD_PORT": "65536"}, "dashboard_port must be a port number between 0 and 65535"),
+        ({"TRIOFLOW_DASHBOARD_HOST": ""}, "dashboard_host must name an interface"),
+    ],
+)
+def test_bad_dashboard_values_are_refused(env, message):
+    """A dashboard port that is not a port, or an empty host, raises ConfigError naming the field."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config.from_env(env)
+    with pytest.raises(ConfigError, match="dashboard_token must be a string"):
+        Config(dashboard_token=None)

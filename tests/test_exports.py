@@ -28,7 +28,9 @@ PUBLIC = {
     "Worker",
     "__version__",
     "as_completed",
+    "performance_report",
     "wait",
+    "write_perfetto_trace",
 }
 
 

@@ -9,6 +9,8 @@ it). Start with `Client`::
         assert future.result() == 1024
 """
 
+import logging as _logging
+
 from trioflow.client import AsyncClient
 from trioflow.cluster import AsyncLocalCluster, LocalCluster
 from trioflow.config import Config, ConfigError
@@ -23,6 +25,7 @@ from trioflow.errors import (
     SerializationError,
 )
 from trioflow.future import Future
+from trioflow.reports import performance_report, write_perfetto_trace
 from trioflow.scheduler import Scheduler
 from trioflow.sync_client import Client
 from trioflow.waiting import (
@@ -35,6 +38,10 @@ from trioflow.waiting import (
 from trioflow.worker import Worker
 
 __version__ = "0.1.0"
+
+# Where log records go is the application's choice (the CLI sets up readable
+# logs); the library only makes sure that none are printed by default.
+_logging.getLogger("trioflow").addHandler(_logging.NullHandler())
 
 __all__ = [
     "ALL_COMPLETED",
@@ -59,5 +66,7 @@ __all__ = [
     "Worker",
     "__version__",
     "as_completed",
+    "performance_report",
     "wait",
+    "write_perfetto_trace",
 ]

@@ -77,16 +77,29 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + field.name.replace("_", "-")
         if field.type == "bool":
             # --auth / --no-auth: `--no-auth` is the one people type.
-            group.add_argument(flag, dest=f"config_{field.name}", action=argparse.BooleanOptionalAction, default=None)
+            group.add_argument(
+                flag, dest=f"config_{field.name}", action=argparse.BooleanOptionalAction, default=None,
+                help=_CONFIG_HELP.get(field.name),
+            )
             continue
-        kind = {"int": int, "str": str}.get(field.type, float)
+        kind = {"int": int, "float": float, "str": str}[field.type.removesuffix(" | None")]
         group.add_argument(
             flag,
             dest=f"config_{field.name}",
             type=kind,
             default=None,
-            metavar={int: "N", str: "PATH"}.get(kind, "X"),
+            metavar={int: "N", float: "X", str: "TEXT"}[kind],
+            help=_CONFIG_HELP.get(field.name),
         )
+
+
+# Help for the flags people reach for first (every field is a flag).
+_CONFIG_HELP = {
+    "dashboard_port": "serve the dashboard on this port (0: any free one); see docs/dashboard.md",
+    "dashboard_host": "interface the dashboard binds (default 127.0.0.1)",
+    "dashboard_token": "a token every dashboard request must carry (prefer TRIOFLOW_DASHBOARD_TOKEN: "
+    "a flag shows in the process list)",
+}
 
 
 def _add_server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
@@ -207,11 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
     except ConfigError as exc:
         parser.error(str(exc))
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.log_level)
     try:
         return _serve(parser, args, config)
     except (AuthenticationError, ConfigError) as exc:
@@ -273,6 +282,34 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Co
     return 2
 
 
+def describe_error(exc: BaseException) -> str:
+    """The message of `exc`, or of the errors inside it if it is an exception group.
+
+    Trio wraps an error that ends a nursery in an `ExceptionGroup`, whose
+    own message ("Exceptions from Trio nursery") says nothing; a person
+    wants the port that was taken.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        inner = [e for e in exc.exceptions if not isinstance(e, trio.Cancelled)]
+        return "; ".join(describe_error(e) for e in inner) or str(exc)
+    return str(exc) or type(exc).__name__
+
+
+def setup_logging(level: str) -> None:
+    """Readable logs on stderr for a command: time, level, component, message.
+
+    The library itself installs only a `logging.NullHandler` (on the
+    "trioflow" logger): where its records go is the application's choice;
+    here the application is the command.
+    """
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
 async def run_until_signalled(
     serve: Callable[..., Awaitable[object]],
     name: str,
@@ -293,7 +330,7 @@ async def run_until_signalled(
                 try:
                     await serve()
                 except Exception as exc:
-                    logger.error("%s failed: %s", name, exc)
+                    logger.error("%s failed: %s", name, describe_error(exc))
                     exit_code = 1
                 nursery.cancel_scope.cancel()
 

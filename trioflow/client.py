@@ -70,6 +70,7 @@ from trioflow.graph import (
 )
 from trioflow.lineage import Lineage
 from trioflow.nurseries import background_tasks
+from trioflow.recorder import key_name
 from trioflow.protocol import (
     clip_text,
     failure_from_wire,
@@ -909,6 +910,68 @@ class AsyncClient:
             "workers": {address: dict(w.__dict__) for address, w in info.workers.items()},
             "tasks": info.tasks,
             "clients": info.clients,
+            "dashboard": info.dashboard,
+        }
+
+    async def get_task_stream(
+        self, start: float | None = None, stop: float | None = None, count: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The task runs the scheduler remembers, oldest first: one dict per run, as dask's.
+
+        Each dict holds ``key``, ``name`` (the function part of the key),
+        ``worker``, ``status`` (``"OK"`` or ``"error"``), ``startstops``
+        (``({"action": "compute", "start": ..., "stop": ...},)``, wall-clock
+        seconds by the worker's clock), and ``nbytes`` for a run that
+        returned or ``error`` (the exception's type and message) for one
+        that raised. The scheduler keeps the newest 100,000 runs;
+        `trioflow.write_perfetto_trace` turns the list into a timeline.
+
+        Args:
+            start, stop: seconds since the epoch (``time.time()``): keep the
+                runs that overlap this window.
+            count: keep only the newest `count` of them.
+
+        Raises:
+            ValueError: a bound that is not a number of seconds since the
+                epoch, or a `count` that is not an int >= 0.
+        """
+        for name, value in (("start", start), ("stop", stop)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= m.MAX_TIMESTAMP_S
+            ):
+                raise ValueError(f"{name} must be seconds since the epoch (like time.time()), got {value!r}")
+        if count is not None and (
+            isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= m.MAX_STREAM_COUNT
+        ):
+            raise ValueError(f"count must be an int between 0 and {m.MAX_STREAM_COUNT}, got {count!r}")
+        runs: list[m.TaskRun] = []
+        after, until = 0, None
+        while True:
+            # The first page fixes the newest run (`until`); later pages
+            # continue after the last run received, up to it.
+            page = await self._request(
+                m.GetTaskStream(start=start, stop=stop, count=count if until is None else None, after=after, until=until)
+            )
+            runs.extend(page.runs)
+            if not page.more or not page.runs:
+                return [_task_run_dict(run) for run in runs]
+            after, until = page.runs[-1].seq, page.until
+
+    async def get_cluster_metrics(self, events_after: int = 0) -> dict[str, Any]:
+        """The scheduler's counters, its tasks by state, its worker count and recent cluster events.
+
+        ``counters`` are the `trioflow.recorder.COUNTERS` (runs, bytes,
+        worker deaths, KilledWorker, LostData, recomputations, restarts...)
+        plus the sums and counts of the task-duration and event-loop-lag
+        histograms. ``events`` are dicts (``seq``, ``time``, ``kind``,
+        ``text``, ``worker``, ``count``) numbered after `events_after`.
+        """
+        reply = await self._request(m.GetClusterMetrics(events_after=events_after))
+        return {
+            "counters": dict(reply.counters),
+            "tasks": dict(reply.tasks),
+            "workers": reply.workers,
+            "events": [dict(event.__dict__) for event in reply.events],
         }
 
     async def wait_for_workers(self, n: int, timeout: float | None = None) -> None:
@@ -955,6 +1018,22 @@ def submit_messages(tasks: list[m.TaskWire], functions: Mapping[str, Serialized]
         part = tasks[start : start + SUBMIT_SLICE]
         used = {t.function_id: functions[t.function_id] for t in part if t.function_id in functions}
         yield m.Submit(tasks=part, functions=used, wanted=[t.key for t in part if t.key in wanted_keys])
+
+
+def _task_run_dict(run: m.TaskRun) -> dict[str, Any]:
+    """One run of the task stream as `get_task_stream` returns it (dask's shape, plus ``name``)."""
+    out: dict[str, Any] = {
+        "key": run.key,
+        "name": key_name(run.key),
+        "worker": run.worker,
+        "status": run.status,
+        "startstops": ({"action": "compute", "start": run.start, "stop": run.stop},),
+    }
+    if run.nbytes is not None:
+        out["nbytes"] = run.nbytes
+    if run.error is not None:
+        out["error"] = run.error
+    return out
 
 
 def _function_name(fn: Any) -> str:

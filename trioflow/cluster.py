@@ -89,6 +89,9 @@ class AsyncLocalCluster:
             processes can join), else new ones made for this cluster alone
             (none with ``Config(auth=False)``). Its workers get them in
             their environment, a `Client` of it gets the client part.
+        dashboard_port: serve the scheduler's dashboard on this port (0:
+            any free one; see `dashboard_link`); overrides
+            `Config.dashboard_port`. Needs ``trioflow[dashboard]``.
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class AsyncLocalCluster:
         config: Config | None = None,
         worker_log_level: str = "warning",
         credentials: Credentials | None = None,
+        dashboard_port: int | None = None,
     ):
         self.nanny = nanny and processes
         self.memory_limit = memory_limit
@@ -116,6 +120,8 @@ class AsyncLocalCluster:
         self.processes = processes
         self.host = host
         self.config = config or Config.from_env()
+        if dashboard_port is not None:
+            self.config = self.config.replace(dashboard_port=dashboard_port)
         self.worker_log_level = worker_log_level
         if credentials is None:
             credentials = local_cluster_credentials(self.config)
@@ -125,6 +131,11 @@ class AsyncLocalCluster:
         self.workers: dict[int, Any] = {}
         self._nursery: trio.Nursery | None = None
         self._stack = None
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The dashboard's URL (``http://127.0.0.1:8787/``) once it serves, else None."""
+        return self.scheduler.dashboard_address
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Start everything; report the scheduler address once every worker
@@ -288,6 +299,7 @@ class LocalCluster:
         config: Config | None = None,
         worker_log_level: str = "warning",
         credentials: Credentials | None = None,
+        dashboard_port: int | None = None,
     ):
         self._cluster = AsyncLocalCluster(
             n_workers,
@@ -300,6 +312,7 @@ class LocalCluster:
             config=config,
             worker_log_level=worker_log_level,
             credentials=credentials,
+            dashboard_port=dashboard_port,
         )
         self._loop = LoopThread("trioflow-cluster")
         try:
@@ -322,6 +335,11 @@ class LocalCluster:
     def loop(self) -> LoopThread:
         """The Trio thread the cluster runs in (a `Client` of it shares it)."""
         return self._loop
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """See `AsyncLocalCluster.dashboard_link`."""
+        return self._cluster.dashboard_link
 
     @property
     def workers(self) -> dict[int, Any]:

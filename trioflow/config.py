@@ -120,26 +120,48 @@ class Config:
     memory_check_interval: float = 0.1
     """Seconds between a nanny's checks of its worker's memory."""
 
+    # -- the dashboard (docs/dashboard.md) ------------------------------------
+    dashboard_port: int | None = None
+    """TCP port of the scheduler's dashboard (a web page, JSON and
+    Prometheus /metrics); 0 for any free port. None, the default: no
+    dashboard. Needs ``pip install 'trioflow[dashboard]'``."""
+    dashboard_host: str = "127.0.0.1"
+    """Interface the dashboard binds. Loopback by default: the page shows
+    task keys, addresses and errors to whoever can reach it."""
+    dashboard_token: str = ""
+    """When set, every dashboard request must carry it, as
+    ``Authorization: Bearer <token>`` or ``?token=<token>``. Empty: no check
+    (loopback only is then the protection)."""
+
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.type == "bool":
+            kind = _base_type(field.type)
+            if kind != field.type and value is None:
+                continue  # an optional field left unset
+            if kind == "bool":
                 if not isinstance(value, bool):
                     raise ConfigError(f"Config.{field.name} must be true or false, got {value!r}")
                 continue
-            if field.type == "str":
+            if kind == "str":
                 if not isinstance(value, str):
                     raise ConfigError(f"Config.{field.name} must be a string, got {value!r}")
                 continue
-            if field.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"Config.{field.name} must be an int, got {value!r}")
-            if field.type == "float":
+            if field.name in _PORT_FIELDS:
+                if not 0 <= value <= 65535:
+                    raise ConfigError(f"Config.{field.name} must be a port number between 0 and 65535, got {value!r}")
+                continue
+            if kind == "float":
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise ConfigError(f"Config.{field.name} must be a number, got {value!r}")
                 if math.isnan(value):
                     raise ConfigError(f"Config.{field.name} must not be NaN")
             if value <= 0:
                 raise ConfigError(f"Config.{field.name} must be positive, got {value!r}")
+        if not self.dashboard_host.strip():
+            raise ConfigError("Config.dashboard_host must name an interface, e.g. 127.0.0.1 or 0.0.0.0")
         if self.reconnect_backoff_min > self.reconnect_backoff_max:
             raise ConfigError(
                 "Config.reconnect_backoff_min must not exceed reconnect_backoff_max"
@@ -171,17 +193,7 @@ class Config:
 
     def to_env(self) -> dict[str, str]:
         """``TRIOFLOW_*`` variables that carry this config into a child process."""
-        env = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.type == "bool":
-                text = "1" if value else "0"
-            elif f.type == "str":
-                text = value
-            else:
-                text = repr(value)
-            env[f"{ENV_PREFIX}{f.name.upper()}"] = text
-        return env
+        return {f"{ENV_PREFIX}{f.name.upper()}": _format(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def replace(self, **changes: Any) -> Config:
         """A copy with `changes` applied (and validated)."""
@@ -189,21 +201,44 @@ class Config:
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+# Fields holding a TCP port: 0..65535, where 0 means any free port.
+_PORT_FIELDS = ("dashboard_port",)
 
 
-def _parse(variable: str, text: str, type_name: str) -> int | float | bool | str:
-    if type_name == "str":
+def _base_type(type_name: str) -> str:
+    """``"int | None"`` -> ``"int"``: the type of an optional field's values."""
+    return type_name.removesuffix(" | None")
+
+
+def _parse(variable: str, text: str, type_name: str) -> int | float | bool | str | None:
+    kind = _base_type(type_name)
+    if kind == "str":
         return text
-    if type_name == "bool":
+    if kind != type_name and text.strip().lower() in ("", "none"):
+        return None
+    if kind == "bool":
         if text.strip().lower() in _TRUE:
             return True
         if text.strip().lower() in _FALSE:
             return False
         raise ConfigError(f"{variable}={text!r} is not true or false (use 1/0, true/false, yes/no, on/off)")
     try:
-        if type_name == "int":
+        if kind == "int":
             return int(text)
         return float(text)
     except ValueError:
-        kind = "an integer" if type_name == "int" else "a number"
-        raise ConfigError(f"{variable}={text!r} is not {kind}") from None
+        what = "an integer" if kind == "int" else "a number"
+        if kind != type_name:
+            what += " (or 'none')"
+        raise ConfigError(f"{variable}={text!r} is not {what}") from None
+
+
+def _format(value: Any) -> str:
+    """The text of a value in a ``TRIOFLOW_*`` variable; `_parse` reads it back."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, str):
+        return value
+    return repr(value)

@@ -91,6 +91,7 @@ from trioflow.core.scheduler_events import (
 )
 from trioflow.errors import CommClosedError, ProtocolError, SerializationError
 from trioflow.protocol import RunSpec, failure_from_wire, failure_to_wire
+from trioflow.recorder import ClusterRecorder, error_text, event_record, run_record
 
 logger = logging.getLogger("trioflow.scheduler")
 
@@ -147,6 +148,7 @@ class WorkerLink(_Link):
         # Registration number: later registrations have larger ones.
         self.serial = serial
         self.last_heartbeat: dict[str, float] = {}
+        self.last_heartbeat_at = -math.inf
         # True when the worker said goodbye or was asked to leave.
         self.retiring = False
         # The worker's function cache, mirrored: which function each task
@@ -192,9 +194,12 @@ class Scheduler:
             anyone who can reach the port can run code on the workers.
         port: TCP port, 0 for any free one.
         config: tunables; defaults plus ``TRIOFLOW_*`` variables if omitted.
+            ``dashboard_port`` serves the dashboard (docs/dashboard.md).
         network: how to accept connections (the simulator passes its own).
         credentials: the cluster's credentials (by default from
             ``TRIOFLOW_TOKEN`` or `Config.token_file`).
+        dashboard_check: decides which requests the dashboard answers, in
+            place of its token check (`trioflow.dashboard.auth`).
     """
 
     def __init__(
@@ -205,6 +210,7 @@ class Scheduler:
         config: Config | None = None,
         network: Network | None = None,
         credentials: Credentials | None = None,
+        dashboard_check: Callable[..., Any] | None = None,
     ):
         self.config = config or Config.from_env()
         self.restart_timeout = self.config.restart_timeout
@@ -232,6 +238,13 @@ class Scheduler:
             allowed_failures=self.config.allowed_failures,
             worker_saturation=self.config.worker_saturation,
         )
+        # What happened, for people (the dashboard, get_task_stream): fed
+        # here, never read by a decision. It watches the core's story.
+        self.recorder = ClusterRecorder()
+        self.recorder.watch(self.state)
+        self.dashboard_check = dashboard_check
+        # ``http://host:port/`` once the dashboard serves.
+        self.dashboard_address: str | None = None
         self.address: str | None = None
         self.workers: dict[str, WorkerLink] = {}
         self.clients: dict[str, ClientLink] = {}
@@ -284,6 +297,8 @@ class Scheduler:
             m.NThreads: self._on_nthreads,
             m.GetSchedulerInfo: self._on_scheduler_info,
             m.WaitForWorkers: self._on_wait_for_workers,
+            m.GetTaskStream: self._on_get_task_stream,
+            m.GetClusterMetrics: self._on_get_cluster_metrics,
             m.Replicate: self._on_replicate,
             m.Restart: self._on_restart,
             m.Invalid: self._on_invalid,
@@ -317,6 +332,13 @@ class Scheduler:
                 self.network.serve, self._serve_stream, self.host, self.port
             )
             logger.info("trioflow scheduler listening at %s", self.address)
+            nursery.start_soon(self.recorder.watch_event_loop)
+            if self.config.dashboard_port is not None:
+                from trioflow.dashboard import serve_dashboard
+
+                self.dashboard_address = await nursery.start(serve_dashboard, self)
+                needs = " (requests need the dashboard token)" if self.config.dashboard_token else ""
+                logger.info("trioflow dashboard at %s%s", self.dashboard_address, needs)
             task_status.started(self.address)
 
     async def wait_for_workers(self, n: int) -> None:
@@ -443,6 +465,7 @@ class Scheduler:
         if kind is m.Heartbeat and link.welcomed:
             assert isinstance(link, WorkerLink)
             link.last_heartbeat = message.metrics
+            link.last_heartbeat_at = trio.current_time()
             link.send(m.HeartbeatAck())
             return True
         return kind is m.ClientHeartbeat
@@ -497,6 +520,7 @@ class Scheduler:
                 )
                 self._spawn(self._expire_orphans, orphans)
             logger.info("worker %s joined (%d threads)", link.address, link.nthreads)
+            self.recorder.worker_joined(link.address, link.nthreads, link.pid)
             self._membership_changed.set()
             self._membership_changed = trio.Event()
         else:
@@ -549,9 +573,13 @@ class Scheduler:
                 logger.info("worker %s left on purpose", link.address)
             else:
                 logger.warning("worker %s left: %s", link.address, reason)
-            self._apply(
-                WorkerDisconnected(self._stimulus("worker-left"), link.address, expected=link.retiring)
+            stimulus_id = self._stimulus("worker-left")
+            ws = self.state.workers.get(link.address)
+            self.recorder.worker_left(
+                link.address, reason, expected=link.retiring, stimulus_id=stimulus_id,
+                processing=0 if ws is None else len(ws.processing), held=0 if ws is None else len(ws.has_what),
             )
+            self._apply(WorkerDisconnected(stimulus_id, link.address, expected=link.retiring))
             self._membership_changed.set()
             self._membership_changed = trio.Event()
         else:
@@ -717,6 +745,7 @@ class Scheduler:
                 "ignoring task_finished for %s from %s: the task is processing on %s",
                 clip(msg.key), link.address, assigned,
             )
+        self.recorder.task_ran(link.address, msg.key, msg.start, msg.stop, nbytes=msg.nbytes)
         if msg.value is not None:
             # Passed on to clients told of this key during this event only
             # (the core says which: `ReportFinished.with_value`); the
@@ -728,9 +757,12 @@ class Scheduler:
 
     def _on_task_erred(self, link: WorkerLink, msg: m.TaskErred) -> SchedulerEvent:
         self._task_left(link, msg.key)
+        error = error_text(msg.failure.type_name, msg.failure.message)
+        self.recorder.task_ran(link.address, msg.key, msg.start, msg.stop, error=error)
         return TaskErred(self._stimulus("task-erred"), link.address, msg.key, failure_from_wire(msg.failure))
 
     def _on_replica_added(self, link: WorkerLink, msg: m.ReplicaAdded) -> SchedulerEvent:
+        self.recorder.transferred(msg.nbytes)
         return ReplicaAdded(self._stimulus("replica-added"), link.address, msg.key, msg.nbytes)
 
     def _on_replica_missing(self, link: WorkerLink, msg: m.ReplicaMissing) -> SchedulerEvent:
@@ -853,9 +885,29 @@ class Scheduler:
                 metrics={} if worker is None else worker.last_heartbeat,
             )
         info = m.SchedulerInfo(
-            address=self.address, workers=workers, tasks=self.state.count_by_state(), clients=len(self.clients)
+            address=self.address,
+            workers=workers,
+            tasks=self.state.count_by_state(),
+            clients=len(self.clients),
+            dashboard=self.dashboard_address,
         )
         reply(link.conn, msg, m.InfoReply(info=info))
+
+    def _on_get_task_stream(self, link: ClientLink, msg: m.GetTaskStream) -> None:
+        runs, until, more = self.recorder.runs_page(
+            after=msg.after, until=msg.until, start=msg.start, stop=msg.stop, count=msg.count,
+            max_runs=m.MAX_STREAM_PAGE, max_bytes=self.config.max_body_bytes // 2,
+        )
+        reply(link.conn, msg, m.TaskStreamReply(runs=[run_record(r) for r in runs], until=until, more=more))
+
+    def _on_get_cluster_metrics(self, link: ClientLink, msg: m.GetClusterMetrics) -> None:
+        metrics = m.ClusterMetricsReply(
+            counters=self.recorder.counters(),
+            tasks=self.state.count_by_state(),
+            workers=len(self.state.workers),
+            events=[event_record(e) for e in self.recorder.events_after(msg.events_after)],
+        )
+        reply(link.conn, msg, metrics)
 
     def _on_wait_for_workers(self, link: ClientLink, msg: m.WaitForWorkers) -> None:
         async def wait() -> None:
@@ -949,6 +1001,7 @@ class Scheduler:
             worker.retiring = True
             worker.task_functions.clear()
             worker.function_users.clear()
+        self.recorder.restarted(link.client_id)
         self._apply(ClusterRestarted(self._stimulus("restart"), "the cluster was restarted"))
         for client in self.clients.values():
             client.send(m.Restarted())

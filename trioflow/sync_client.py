@@ -9,6 +9,7 @@ the caller just waits. ``Client()`` with no address first starts a
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -18,6 +19,22 @@ from trioflow.cluster import LocalCluster
 from trioflow.config import Config
 from trioflow.future import Future
 from trioflow.loop_thread import LoopThread
+
+# The client opened last and not yet closed: what `trioflow.performance_report`
+# reports on when it is not given one (dask calls it the default client).
+_latest: weakref.ref[Client] | None = None
+
+
+def default_client() -> Client:
+    """The `Client` opened last and still open.
+
+    Raises:
+        ValueError: no client is open.
+    """
+    client = _latest() if _latest is not None else None
+    if client is None or client.status in ("closed", "closing"):
+        raise ValueError("no trioflow.Client is open: create one first, or pass client=")
+    return client
 
 
 class Client:
@@ -64,6 +81,8 @@ class Client:
             if self.cluster is not None:
                 self.cluster.close()
             raise
+        global _latest
+        _latest = weakref.ref(self)
 
     @property
     def id(self) -> str:
@@ -131,6 +150,23 @@ class Client:
 
     def wait_for_workers(self, n: int, timeout: float | None = None) -> None:
         return self._run(self._client.wait_for_workers, n, timeout)
+
+    # -- watching it ------------------------------------------------------------
+
+    def get_task_stream(
+        self, start: float | None = None, stop: float | None = None, count: int | None = None
+    ) -> list[dict[str, Any]]:
+        """See `AsyncClient.get_task_stream`."""
+        return self._run(self._client.get_task_stream, start, stop, count)
+
+    def get_cluster_metrics(self, events_after: int = 0) -> dict[str, Any]:
+        """See `AsyncClient.get_cluster_metrics`."""
+        return self._run(self._client.get_cluster_metrics, events_after)
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The scheduler's dashboard (``http://127.0.0.1:8787/``), or None if it serves none."""
+        return self.scheduler_info()["dashboard"]
 
     # -- lifetime ---------------------------------------------------------------
 

@@ -21,9 +21,11 @@ import logging
 import math
 import os
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
+import psutil
 import trio
 
 from trioflow.comm import (
@@ -101,6 +103,9 @@ GOODBYE_TIMEOUT_S = 1.0
 # scheduler restart) and per `get_data` request.
 REGISTER_CHUNK = 10_000
 GET_DATA_CHUNK = 1_000
+# A busy link carries no heartbeats (any message is a sign of life), but
+# the dashboard still wants a busy worker's memory and load this often.
+METRICS_INTERVAL_S = 1.0
 
 
 class Worker:
@@ -177,6 +182,11 @@ class Worker:
         self.executions = 0  # functions run to completion or error, for tests
         # Small results of the execution being reported, sent with task_finished.
         self._inline: dict[str, Serialized] = {}
+        # (start, stop) of the execution being reported, for the task stream.
+        self._run_times: dict[str, tuple[float, float]] = {}
+        # Our own process, for the memory a heartbeat reports (only a worker
+        # that is a process of its own reports it).
+        self._process = psutil.Process() if pid is not None else None
         self._scheduler: Connection | None = None
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[Callable, tuple]](math.inf)
         self._stimulus_ids = itertools.count()
@@ -397,17 +407,35 @@ class Worker:
         Any message counts as a sign of life in both directions, so a
         heartbeat is only sent when the link has been quiet one way or the
         other for `heartbeat_interval`: the scheduler hears from us, and its
-        `heartbeat_ack` lets us hear from it. A busy link carries none.
+        `heartbeat_ack` lets us hear from it. A busy link carries only one
+        every `METRICS_INTERVAL_S`, for the metrics it holds (memory, load:
+        the scheduler's dashboard shows them).
         """
         interval = self.config.heartbeat_interval
+        metrics_sent = trio.current_time()
         while True:
             assert self.state is not None
-            due = min(conn.last_sent, conn.last_received) + interval
+            due = min(min(conn.last_sent, conn.last_received) + interval, metrics_sent + METRICS_INTERVAL_S)
             if trio.current_time() >= due:
-                metrics = {"executing": len(self.state.executing), "keys": len(self.data), "tasks": len(self.state.tasks)}
-                self._send(m.Heartbeat(metrics=metrics))
-                due = trio.current_time() + interval
+                self._send(m.Heartbeat(metrics=self._metrics()))
+                metrics_sent = trio.current_time()
+                due = metrics_sent + min(interval, METRICS_INTERVAL_S)
             await trio.sleep_until(due)
+
+    def _metrics(self) -> dict[str, float]:
+        """What a heartbeat tells the scheduler (shown on its dashboard)."""
+        assert self.state is not None
+        metrics: dict[str, float] = {
+            "executing": len(self.state.executing),
+            "keys": len(self.data),
+            "tasks": len(self.state.tasks),
+        }
+        if self._process is not None:
+            try:
+                metrics["memory"] = float(self._process.memory_info().rss)
+            except psutil.Error:
+                pass
+        return metrics
 
     # ------------------------------------------------------------- driver --
 
@@ -445,9 +473,14 @@ class Worker:
             self._send(m.TaskStarted(key=instruction.key))
         elif isinstance(instruction, SendTaskFinished):
             inline = self._inline.get(instruction.key)
-            self._send(m.TaskFinished(key=instruction.key, nbytes=instruction.nbytes, value=inline))
+            start, stop = self._run_times.get(instruction.key, (None, None))
+            self._send(
+                m.TaskFinished(key=instruction.key, nbytes=instruction.nbytes, value=inline, start=start, stop=stop)
+            )
         elif isinstance(instruction, SendTaskErred):
-            self._send(m.TaskErred(key=instruction.key, failure=failure_to_wire(instruction.failure)))
+            start, stop = self._run_times.get(instruction.key, (None, None))
+            failure = failure_to_wire(instruction.failure)
+            self._send(m.TaskErred(key=instruction.key, failure=failure, start=start, stop=stop))
         elif isinstance(instruction, SendReplicaAdded):
             self._send(m.ReplicaAdded(key=instruction.key, nbytes=instruction.nbytes))
         elif isinstance(instruction, SendDataDropped):
@@ -588,14 +621,30 @@ class Worker:
             except (Exception, SystemExit) as exc:
                 return False, user_error_from_exception(exc, skip_frames=1)
 
-        ok, outcome = await self.executor.run(run)
-        if ok:
-            self._post(self._executed, key, outcome, None)
-        else:
-            self._post(self._executed, key, None, outcome)
+        def timed() -> tuple[bool, Any, tuple[float, float]]:
+            """`run`, with its wall-clock start and stop for the task stream
+            (never a decision). The duration comes from the monotonic clock,
+            so a step of the wall clock cannot make a run end before it began."""
+            start, begun = time.time(), time.perf_counter()
+            ok, outcome = run()
+            return ok, outcome, (start, start + (time.perf_counter() - begun))
 
-    def _executed(self, key: str, result: Any, failure: Any) -> None:
+        ok, outcome, times = await self.executor.run(timed)
+        if ok:
+            self._post(self._executed, key, outcome, None, times)
+        else:
+            self._post(self._executed, key, None, outcome, times)
+
+    def _executed(self, key: str, result: Any, failure: Any, times: tuple[float, float] | None = None) -> None:
         self.executions += 1
+        if times is not None:
+            self._run_times[key] = times
+        try:
+            self._report_execution(key, result, failure)
+        finally:
+            self._run_times.clear()
+
+    def _report_execution(self, key: str, result: Any, failure: Any) -> None:
         if failure is not None:
             self._apply(ExecutionFailed(self._stimulus("execute-failed"), key, failure))
             return

@@ -71,6 +71,9 @@ ONE_OF_EACH: list[m.Message] = [
     request(m.NThreads()),
     request(m.GetSchedulerInfo()),
     request(m.WaitForWorkers(n=3)),
+    request(m.GetTaskStream()),
+    request(m.GetTaskStream(start=1.7e9, stop=1.8e9, count=10, after=5, until=99)),
+    request(m.GetClusterMetrics(events_after=3)),
     m.KeyFinished(key="a", who_has=[ADDR], value=SMALL),
     m.KeyFinished(key="a", who_has=[ADDR]),
     m.KeyErred(key="a", origin="a", failure=USER),
@@ -86,6 +89,8 @@ ONE_OF_EACH: list[m.Message] = [
     m.TaskFinished(key="a", nbytes=8, value=SMALL),
     m.TaskFinished(key="a", nbytes=1 << 40),
     m.TaskErred(key="a", failure=USER),
+    m.TaskFinished(key="a", nbytes=8, start=1.7e9, stop=1.7e9 + 0.25),
+    m.TaskErred(key="a", failure=USER, start=12.5, stop=12.5),
     m.ReplicaAdded(key="a", nbytes=8),
     m.ReplicaMissing(key="a", holders=[ADDR], dependent="c"),
     m.DataDropped(keys=["a"]),
@@ -124,6 +129,25 @@ REPLIES: list[schema.Record] = [
     m.GetDataReply(data={"a": VALUE}, missing=["b"], errors={"c": "cannot pickle"}),
     m.PidReply(pid=1234),
     m.PidReply(pid=None),
+    m.TaskStreamReply(
+        runs=[
+            m.TaskRun(seq=1, key="a", worker=ADDR, start=1.7e9, stop=1.7e9 + 1, status="OK", nbytes=8),
+            m.TaskRun(seq=2, key="b", worker=ADDR2, start=1.7e9, stop=1.7e9, status="error", error="ValueError: bad"),
+        ],
+        until=2,
+        more=False,
+    ),
+    m.ClusterMetricsReply(
+        counters={"runs_ok": 3.0, "worker_deaths": 1.0},
+        tasks={"memory": 3},
+        workers=2,
+        events=[m.ClusterEvent(seq=1, time=1.7e9, kind="worker-died", text="it died", worker=ADDR, count=1)],
+    ),
+    m.InfoReply(
+        info=m.SchedulerInfo(
+            address=ADDR, workers={}, tasks={}, clients=0, dashboard="http://127.0.0.1:8787/"
+        )
+    ),
 ]
 
 
@@ -344,6 +368,22 @@ MALFORMED = [
     pytest.param(
         {"op": "get_data", "keys": ["a"]}, m.PEER_TO_WORKER,
         "'get_data': a request needs an int 'request_id', got None", id="request-without-id",
+    ),
+    pytest.param(
+        {"op": "task_finished", "key": "a", "nbytes": 1, "start": 10.0, "stop": 9.0}, m.WORKER_TO_SCHEDULER,
+        "'task_finished': 'stop' (9) is before 'start' (10)", id="run-ends-before-it-starts",
+    ),
+    pytest.param(
+        {"op": "task_erred", "key": "a", "failure": USER.wire_fields(), "start": 10.0}, m.WORKER_TO_SCHEDULER,
+        "'task_erred': 'start' and 'stop' come together or not at all", id="run-start-without-stop",
+    ),
+    pytest.param(
+        {"op": "task_finished", "key": "a", "nbytes": 1, "start": -1.0, "stop": 9.0}, m.WORKER_TO_SCHEDULER,
+        "'task_finished': field start must be a number between 0 and 1e+11, got -1.0", id="run-time-out-of-bounds",
+    ),
+    pytest.param(
+        {"op": "get_task_stream", "count": -1, "request_id": 1}, m.CLIENT_TO_SCHEDULER,
+        "'get_task_stream': field count must be an int between 0 and 10000000, got -1", id="stream-count-negative",
     ),
     pytest.param(
         {"op": "get_data", "keys": ["a"], "request_id": -1}, m.PEER_TO_WORKER,

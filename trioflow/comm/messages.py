@@ -127,6 +127,16 @@ MAX_METRICS = 64
 # Results this small (pickled) travel with the "finished" reports, so a
 # client gets them without a round trip to the worker.
 INLINE_VALUE_BYTES = 1024
+# Wall-clock times (seconds since the epoch; virtual seconds in the
+# simulator): up to the year 5138.
+MAX_TIMESTAMP_S = 1e11
+# Task runs in one `get_task_stream` reply (the scheduler also ends a page
+# at half of `max_body_bytes`), and most runs one call may ask for.
+MAX_STREAM_PAGE = 5_000
+MAX_STREAM_COUNT = 10_000_000
+# Cluster events in one `get_cluster_metrics` reply; counters in it.
+MAX_EVENTS = 1_000
+MAX_COUNTERS = 64
 
 
 def _is_address(text: str) -> bool:
@@ -157,6 +167,8 @@ INPUTS_WHO_HAS = Map(KEY, ADDRESSES, MAX_DEPENDENCIES)
 INPUTS_NBYTES = Map(KEY, NBYTES, MAX_DEPENDENCIES)
 REPLY_KEYS = List(KEY, MAX_REPLY_KEYS)
 METRICS = Map(Str(64, name="metric"), Float(-1e18, 1e18), MAX_METRICS)
+TIMESTAMP = Float(0.0, MAX_TIMESTAMP_S)
+SEQ = Int(0, 1 << 62)
 
 
 # ------------------------------------------------------------ the base class --
@@ -415,6 +427,8 @@ class SchedulerInfo(Record):
     workers = Map(ADDRESS, Nested(WorkerInfo), MAX_WORKERS)
     tasks = Map(Str(32, name="state"), Int(0, 1 << 62), 16)
     clients = Int(0, 1 << 31)
+    # The dashboard's address (``http://host:port/``), if the scheduler serves one.
+    dashboard = Optional(Nullable(Str(MAX_ADDRESS_CHARS, name="URL")))
 
 
 class RunOutcome(Record):
@@ -427,6 +441,52 @@ class RunOutcome(Record):
     def check_fields(self) -> None:
         if sum(x is not None for x in (self.result, self.failure, self.error)) != 1:
             raise FieldError("exactly one of 'result', 'failure', 'error' is expected")
+
+
+def _check_run_times(record: Record) -> None:
+    """A run's `start` and `stop` come together, in order."""
+    if (record.start is None) != (record.stop is None):
+        raise FieldError("'start' and 'stop' come together or not at all")
+    if record.start is not None and record.stop < record.start:
+        raise FieldError(f"'stop' ({record.stop:g}) is before 'start' ({record.start:g})")
+
+
+class TaskRun(Record):
+    """One execution of a task, as its worker reported it: the task stream's unit."""
+
+    seq = SEQ
+    key = KEY
+    worker = ADDRESS
+    start = TIMESTAMP
+    stop = TIMESTAMP
+    status = Choice("OK", "error")
+    nbytes = Optional(NBYTES)
+    error = Optional(REASON)
+
+    check_fields = _check_run_times
+
+
+EVENT_KINDS = (
+    "worker-joined",
+    "worker-left",
+    "worker-died",
+    "killed-worker",
+    "lost-data",
+    "recomputing",
+    "rescheduled",
+    "restart",
+)
+
+
+class ClusterEvent(Record):
+    """Something a person watching the cluster wants to know about (a worker left, why)."""
+
+    seq = SEQ
+    time = TIMESTAMP
+    kind = Choice(*EVENT_KINDS)
+    text = REASON
+    worker = Optional(ADDRESS)
+    count = Optional(Int(1, 1 << 62), 1)
 
 
 # ---------------------------------------------------- replies (by request) --
@@ -485,6 +545,20 @@ class GetDataReply(Record):
 
 class PidReply(Record):
     pid = PID
+
+
+class TaskStreamReply(Record):
+    runs = List(Nested(TaskRun), MAX_STREAM_PAGE)
+    # The newest run this answer chose from: the next page asks with it.
+    until = SEQ
+    more = Bool()
+
+
+class ClusterMetricsReply(Record):
+    counters = Map(Str(64, name="counter"), Float(0.0, 1e18), MAX_COUNTERS)
+    tasks = Map(Str(32, name="state"), Int(0, 1 << 62), 16)
+    workers = Int(0, MAX_WORKERS)
+    events = List(Nested(ClusterEvent), MAX_EVENTS)
 
 
 # ---------------------------------------------------- client -> scheduler --
@@ -578,6 +652,29 @@ class WaitForWorkers(Message, op="wait_for_workers", channels=(CLIENT_TO_SCHEDUL
     n = Int(1, MAX_WORKERS)
 
 
+class GetTaskStream(Message, op="get_task_stream", channels=(CLIENT_TO_SCHEDULER,), reply=TaskStreamReply):
+    """One page of the task stream: the runs numbered after `after`, up to `until`.
+
+    The first page leaves `until` nil (the scheduler picks its newest run
+    and returns it); later pages send it back with the last `seq` they got
+    as `after`. `start` and `stop` (wall-clock seconds) keep runs that
+    overlap that window; `count` keeps the newest `count` of those.
+    """
+
+    start = Optional(Nullable(TIMESTAMP))
+    stop = Optional(Nullable(TIMESTAMP))
+    count = Optional(Nullable(Int(0, MAX_STREAM_COUNT)))
+    after = Optional(SEQ, 0)
+    until = Optional(Nullable(SEQ))
+
+
+class GetClusterMetrics(Message, op="get_cluster_metrics", channels=(CLIENT_TO_SCHEDULER,), reply=ClusterMetricsReply):
+    """The scheduler's counters (runs, deaths, KilledWorker, ...), its task counts and the
+    cluster events numbered after `events_after`."""
+
+    events_after = Optional(SEQ, 0)
+
+
 # ---------------------------------------------------- scheduler -> client --
 
 
@@ -642,18 +739,33 @@ class TaskStarted(Message, op="task_started", channels=(WORKER_TO_SCHEDULER,)):
 
 
 class TaskFinished(Message, op="task_finished", channels=(WORKER_TO_SCHEDULER,)):
-    """The value is stored here; counts only from the worker the task is on."""
+    """The value is stored here; counts only from the worker the task is on.
+
+    `start` and `stop` are when the function ran, by the worker's wall
+    clock: the task stream (docs/dashboard.md), never a decision.
+    """
 
     key = KEY
     nbytes = NBYTES
     value = Optional(Pickled(max_bytes=INLINE_VALUE_BYTES))
+    start = Optional(TIMESTAMP)
+    stop = Optional(TIMESTAMP)
+
+    check_fields = _check_run_times
 
 
 class TaskErred(Message, op="task_erred", channels=(WORKER_TO_SCHEDULER,)):
-    """The function raised; counts only from the worker the task is on."""
+    """The function raised; counts only from the worker the task is on.
+
+    `start` and `stop`: as for `task_finished`.
+    """
 
     key = KEY
     failure = USER_FAILURE
+    start = Optional(TIMESTAMP)
+    stop = Optional(TIMESTAMP)
+
+    check_fields = _check_run_times
 
 
 class ReplicaAdded(Message, op="replica_added", channels=(WORKER_TO_SCHEDULER,)):

@@ -67,7 +67,7 @@ def tables() -> str:
         out.append("")
     out += ["### Records inside messages", "", "| record | fields |", "|---|---|"]
     for record in (m.TaskWire, m.UserFailure, m.KilledWorkerFailure, m.LostDataFailure, m.CancelledFailure,
-                   m.RunOutcome, m.SchedulerInfo, m.WorkerInfo):
+                   m.RunOutcome, m.SchedulerInfo, m.WorkerInfo, m.TaskRun, m.ClusterEvent):
         name = record.__name__ if record.TAG is None else f"{record.__name__} (`{record.TAG[0]}`: `{record.TAG[1]!r}`)"
         out.append(f"| {name} | {_fields(record)} |")
     out += ["", END]

@@ -16,7 +16,8 @@ is the run's fingerprint.
 ``log:<component>``), so a reader sees why a worker left next to when.
 `chrome_trace` renders the same events in the Chrome trace-event JSON
 format, which https://ui.perfetto.dev and chrome://tracing open: one row
-per node, task executions and fault windows as bars, the rest as ticks.
+per node, task executions and fault windows as bars, the rest as ticks
+(`trioflow.trace_events`, which real clusters' task streams use too).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import trio
+
+from trioflow.trace_events import chrome_trace
 
 
 class Trace:
@@ -63,33 +66,11 @@ class Trace:
 
     def chrome_trace(self) -> dict[str, Any]:
         """The events as a Chrome/Perfetto trace-event JSON object."""
-        tids: dict[str, int] = {}
-        events: list[dict[str, Any]] = []
-        for t, node, text, duration in self.events:
-            tid = tids.setdefault(node, len(tids) + 1)
-            if duration is None:
-                events.append(
-                    {"name": text, "ph": "i", "s": "t", "ts": round(t * 1e6, 3), "pid": 1, "tid": tid}
-                )
-            else:
-                name = text.rsplit(" [", 1)[0]
-                events.append(
-                    {
-                        "name": name,
-                        "ph": "X",
-                        "ts": round((t - duration) * 1e6, 3),
-                        "dur": round(duration * 1e6, 3),
-                        "pid": 1,
-                        "tid": tid,
-                    }
-                )
-        metadata = [{"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "trioflow chaos lab"}}]
-        for node, tid in tids.items():
-            metadata.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": node}})
-            metadata.append(
-                {"name": "thread_sort_index", "ph": "M", "pid": 1, "tid": tid, "args": {"sort_index": tid}}
-            )
-        return {"traceEvents": metadata + events, "displayTimeUnit": "ms"}
+        return chrome_trace(
+            ((t, node, text if duration is None else text.rsplit(" [", 1)[0], duration)
+             for t, node, text, duration in self.events),
+            "trioflow chaos lab",
+        )
 
     def write_chrome_trace(self, path: str) -> None:
         with open(path, "w", encoding="utf-8") as out:
