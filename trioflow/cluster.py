@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.parse
 from typing import Any
 
 import trio
@@ -134,8 +135,15 @@ class AsyncLocalCluster:
 
     @property
     def dashboard_link(self) -> str | None:
-        """The dashboard's URL (``http://127.0.0.1:8787/``) once it serves, else None."""
-        return self.scheduler.dashboard_address
+        """The dashboard's URL (``http://127.0.0.1:8787/``) once it serves, else None.
+
+        With authentication on, the link carries the client token
+        (``?token=...``): open it as it is.
+        """
+        address = self.scheduler.dashboard_address
+        if address is None or not self.credentials.enabled or self.config.dashboard_token:
+            return address
+        return f"{address}?token={urllib.parse.quote(self.credentials.client_token())}"
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Start everything; report the scheduler address once every worker

@@ -242,6 +242,12 @@ class Scheduler:
         # here, never read by a decision. It watches the core's story.
         self.recorder = ClusterRecorder()
         self.recorder.watch(self.state)
+        if dashboard_check is None and self.credentials.enabled and not self.config.dashboard_token:
+            # Like every other entry point: whoever may use the cluster (the
+            # client token) may watch it; `?token=<client token>` in a browser.
+            from trioflow.dashboard.auth import token_check
+
+            dashboard_check = token_check(self.credentials.client_token())
         self.dashboard_check = dashboard_check
         # ``http://host:port/`` once the dashboard serves.
         self.dashboard_address: str | None = None
@@ -337,7 +343,12 @@ class Scheduler:
                 from trioflow.dashboard import serve_dashboard
 
                 self.dashboard_address = await nursery.start(serve_dashboard, self)
-                needs = " (requests need the dashboard token)" if self.config.dashboard_token else ""
+                if self.config.dashboard_token:
+                    needs = " (requests need the dashboard token)"
+                elif self.credentials.enabled:
+                    needs = " (add ?token=<the client token> to the URL)"
+                else:
+                    needs = ""
                 logger.info("trioflow dashboard at %s%s", self.dashboard_address, needs)
             task_status.started(self.address)
 

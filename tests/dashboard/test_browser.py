@@ -17,13 +17,14 @@ import signal
 import struct
 import subprocess
 import time
+import urllib.parse
 import uuid
 
 import pytest
 
 import trioflow
 from tests.cluster.conftest import free_port
-from tests.dashboard.helpers import fetch
+from tests.dashboard.helpers import fetch, session_client_token
 
 pytestmark = pytest.mark.processes
 
@@ -193,11 +194,13 @@ def test_the_live_page_shows_the_workers_the_kill_and_the_task_counts(spawn, tmp
             )
             busy = client.map(slow, range(1000, 1200))  # the cluster is at work while the page loads
             done = sum(f.done() for f in work)  # runs the page must count, at least
-            page = Dom(run_browser(browser, tmp_path, f"--virtual-time-budget={PAGE_TIME_MS}", "--dump-dom", url))
+            # As a person opens it: the clients' token in the URL.
+            page_url = f"{url}?token={urllib.parse.quote(session_client_token())}"
+            page = Dom(run_browser(browser, tmp_path, f"--virtual-time-budget={PAGE_TIME_MS}", "--dump-dom", page_url))
             screenshot = tmp_path / "page.png"
             run_browser(
                 browser, tmp_path, f"--virtual-time-budget={PAGE_TIME_MS}", "--window-size=1400,1000",
-                f"--screenshot={screenshot}", url,
+                f"--screenshot={screenshot}", page_url,
             )
             assert client.gather(work) == [x + 1 for x in range(300)]
             assert client.gather(busy) == [x + 1 for x in range(1000, 1200)]

@@ -28,7 +28,7 @@ async def dashboard():
     """A cluster of two in-process workers whose scheduler serves a dashboard on a free port."""
     async with trioflow.AsyncLocalCluster(2, processes=False, dashboard_port=0) as cluster:
         async with trioflow.AsyncClient(cluster) as client:
-            yield cluster, client, cluster.dashboard_link
+            yield cluster, client, cluster.scheduler.dashboard_address
 
 
 async def test_the_page_and_its_state_show_the_cluster(dashboard):
@@ -128,14 +128,27 @@ async def test_a_token_guards_every_route():
     config = trioflow.Config(dashboard_port=0, dashboard_token="s3cret")
     async with trioflow.AsyncLocalCluster(1, processes=False, config=config) as cluster:
         url = cluster.dashboard_link
+        assert "?token=" not in url  # (a token of its own: the link does not carry it)
         for path in ("", "api/state", "metrics", "health", "nowhere"):
-            status, headers, body = await get(url + path)
+            status, headers, body = await get(url + path, authorize=False)
             assert status == 401 and b"needs a token" in body, path
             assert headers["WWW-Authenticate"].startswith("Bearer")
-        assert (await get(url + "api/state?token=wrong"))[0] == 401
+        assert (await get(url + "api/state?token=wrong", authorize=False))[0] == 401
         assert (await get(url + "metrics", headers={"Authorization": "Bearer s3cret"}))[0] == 200
-        assert (await get(url + "?token=s3cret"))[0] == 200
-        assert (await get(url + "api/state?token=s3cret&runs_after=0"))[0] == 200
+        assert (await get(url + "?token=s3cret", authorize=False))[0] == 200
+        assert (await get(url + "api/state?token=s3cret&runs_after=0", authorize=False))[0] == 200
+
+
+async def test_without_its_own_token_the_dashboard_takes_the_client_token(dashboard):
+    """With authentication on and no dashboard_token, the clients' token opens the
+    dashboard (it is in the cluster's link) and nothing else does."""
+    cluster, client, url = dashboard
+    assert (await get(url + "api/state", authorize=False))[0] == 401
+    assert (await get(url + "api/state", headers={"Authorization": "Bearer trioflow-client-v1:AAAA"}))[0] == 401
+    assert (await get(url + "api/state"))[0] == 200
+    link = cluster.dashboard_link
+    assert link.startswith(url + "?token=trioflow-client-v1")
+    assert (await get(link, authorize=False))[0] == 200
 
 
 async def test_a_loopback_dashboard_answers_only_loopback_host_names(dashboard):

@@ -72,8 +72,8 @@ def test_the_scheduler_command_serves_its_dashboard_behind_a_token(spawn):
     assert line.endswith("(requests need the dashboard token)\n")
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} INFO    trioflow\.scheduler: ", line), line
     url = re.search(r"http://127\.0\.0\.1:\d+/", line).group(0)
-    assert fetch(url)[0] == 401
-    status, headers, body = fetch(url + "?token=tok")
+    assert fetch(url, authorize=False)[0] == 401
+    status, headers, body = fetch(url + "?token=tok", authorize=False)
     assert status == 200 and b"trioflow" in body
     status, headers, body = fetch(url + "metrics", headers={"Authorization": "Bearer tok"})
     assert status == 200 and b"trioflow_workers 0.0" in body
