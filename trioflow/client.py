@@ -61,14 +61,15 @@ from trioflow.core.failures import Cancelled
 from trioflow.errors import CommClosedError, ProtocolError, SerializationError
 from trioflow.future import FINISHED, Future, FutureState
 from trioflow.graph import (
+    compute_plan,
     flatten_keys,
-    graph_key,
-    graph_nodes,
-    needed_in_order,
-    run_graph_node,
+    graph_plan,
+    persist_plan,
+    shape_like,
 )
 from trioflow.lineage import Lineage
 from trioflow.nurseries import background_tasks
+from trioflow.task_options import TaskOptions, task_options
 from trioflow.protocol import (
     clip_text,
     failure_from_wire,
@@ -113,6 +114,8 @@ class AsyncClient:
         rng: source of the random parts of keys and ids (seeded in the
             simulator; design.md §3 rule 5).
     """
+
+    asynchronous = True  # what dask asks of a client given as scheduler=
 
     def __init__(
         self,
@@ -456,12 +459,16 @@ class AsyncClient:
         pure: bool = True,
         retries: int = 0,
         workers: str | Iterable[str] | None = None,
+        allow_other_workers: bool = False,
+        resources: Mapping[str, float] | None = None,
+        priority: int = 0,
         **kwargs: Any,
     ) -> Future:
         """Run ``fn(*args, **kwargs)`` on the cluster; return its `Future`.
 
         Futures inside `args`/`kwargs` (also inside lists, tuples, dicts and
         sets) become dependencies: the task runs after them, with their values.
+        Every keyword not named below goes to `fn`, as in dask.distributed.
 
         Args:
             key: the task's name; by default derived from `fn` and the
@@ -469,11 +476,20 @@ class AsyncClient:
             pure: whether equal calls may share one key (and one result).
             retries: how many times to rerun the task if `fn` raises.
             workers: worker address(es) allowed to run it.
+            allow_other_workers: with `workers`, only a preference: any
+                worker runs it while none of those is alive.
+            resources: ``{"GPU": 1}``: run it only where a worker declared
+                that much, free of the tasks already running there.
+            priority: higher runs first (the default is 0).
+
+        Raises:
+            ValueError, TypeError: an option is out of bounds (named).
         """
         if not callable(fn):
             raise TypeError(f"submit() expects a callable, got {type(fn).__name__}")
+        options = task_options(retries, workers, allow_other_workers, resources, priority)
         self._admit(1)
-        [(task, future)] = self._prepare(fn, [(args, kwargs)], [key], pure, retries, workers)
+        [(task, future)] = self._prepare(fn, [(args, kwargs)], [key], pure, options)
         self._send_tasks([task], [future.key])
         return future
 
@@ -485,14 +501,20 @@ class AsyncClient:
         pure: bool = True,
         retries: int = 0,
         workers: str | Iterable[str] | None = None,
+        allow_other_workers: bool = False,
+        resources: Mapping[str, float] | None = None,
+        priority: int = 0,
         **kwargs: Any,
     ) -> list[Future]:
         """`submit` `fn` once per element of the zipped `iterables`.
 
-        `key` may be a list of keys, or a prefix for generated ones.
+        `key` may be a list of keys, or a prefix for generated ones; the
+        other options are `submit`'s, for every task; other keywords go to
+        `fn`.
         """
         if not callable(fn):
             raise TypeError(f"map() expects a callable, got {type(fn).__name__}")
+        options = task_options(retries, workers, allow_other_workers, resources, priority)
         calls = [(args, kwargs) for args in zip(*iterables, strict=False)]
         if isinstance(key, list):
             if len(key) != len(calls):
@@ -501,7 +523,7 @@ class AsyncClient:
         else:
             keys = [None] * len(calls)
         self._admit(len(calls))
-        prepared = self._prepare(fn, calls, keys, pure, retries, workers, prefix=key if isinstance(key, str) else None)
+        prepared = self._prepare(fn, calls, keys, pure, options, prefix=key if isinstance(key, str) else None)
         self._send_tasks([t for t, _ in prepared], [f.key for _, f in prepared])
         return [f for _, f in prepared]
 
@@ -511,17 +533,12 @@ class AsyncClient:
         calls: list[tuple[tuple, dict]],
         keys: list[str | None],
         pure: bool,
-        retries: int,
-        workers: str | Iterable[str] | None,
+        options: TaskOptions,
         prefix: str | None = None,
     ) -> list[tuple[m.TaskWire, Future]]:
-        if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= m.MAX_RETRIES:
-            raise ValueError(f"retries must be an int between 0 and {m.MAX_RETRIES}, got {retries!r}")
-        if isinstance(workers, str):
-            workers = [workers]
-        restrictions = None if workers is None else [str(w) for w in workers]
         function = dumps_function(fn)
         name = prefix or _function_name(fn)
+        fields = options.wire_fields()
         prepared = []
         for (args, kwargs), key in zip(calls, keys, strict=True):
             dependencies: dict[str, None] = {}
@@ -551,9 +568,8 @@ class AsyncClient:
                 function_id=used.function_id,
                 args=payload,
                 dependencies=list(dependencies),
-                retries=retries,
-                workers=restrictions,
                 scattered=False,
+                **fields,
             )
             future = self._future(key)
             self._lineage.remember(task, used)
@@ -607,24 +623,89 @@ class AsyncClient:
 
     # ------------------------------------------------------------- graphs --
 
-    async def get(self, dsk: Mapping, keys: Any, *, retries: int = 0, workers: Any = None) -> Any:
-        """Compute the dask-style graph `dsk` and return the values of `keys`.
+    # The blocking `Client` does the first step (the plan: converting,
+    # ordering and pickling the graph) in the caller's thread; here it runs
+    # in a worker thread. Only `_submit_plan` and the waiting use the loop.
 
-        `keys` is a key or a (nested) list of keys, as dask passes them, so
-        ``dask.compute(x, scheduler=client.get)`` works (with `Client`).
+    async def get(self, dsk: Any, keys: Any, **options: Any) -> Any:
+        """Compute the dask graph `dsk`; return the values of `keys`.
+
+        `dsk` is a dict of dask tasks, a `HighLevelGraph`, or a dask
+        expression (what ``dask.compute`` hands a scheduler); `keys` is a key
+        or a (nested) list of keys. The options are `submit`'s (retries,
+        workers, allow_other_workers, resources, priority), for every task.
+        With `Client`, ``dask.compute(x, scheduler=client.get)`` works.
+
+        Raises:
+            KeyError: a key is not in the graph.
+            ImportError: dask is not installed.
         """
-        nodes = graph_nodes(dsk)
-        futures: dict[Any, Future] = {}
-        for key in needed_in_order(nodes, flatten_keys(keys)):
-            inputs = {dep: futures[dep] for dep in nodes[key].dependencies}
-            futures[key] = self.submit(
-                run_graph_node, nodes[key], inputs, key=graph_key(key), retries=retries, workers=workers
+        checked = task_options(**_graph_options(options))
+        plan = await trio.to_thread.run_sync(graph_plan, dsk, flatten_keys(keys), _is_future)
+        futures = self._submit_plan(plan, checked)
+        return await self.gather(shape_like(keys, futures))
+
+    async def compute(self, collections: Any, *, optimize_graph: bool = True, **options: Any) -> Any:
+        """Start computing dask collections; return a `Future` for each value.
+
+        A single collection gives a single future, a list a list (items that
+        are not dask collections pass through). The value of the future is
+        what ``collection.compute()`` returns. Options as in `get`.
+        """
+        checked = task_options(**_graph_options(options))
+        (singleton, items), plan, where = await trio.to_thread.run_sync(
+            compute_plan, collections, optimize_graph, _is_future
+        )
+        futures = self._submit_plan(plan, checked)
+        out = [futures[where[i]] if i in where else item for i, item in enumerate(items)]
+        return out[0] if singleton else out
+
+    async def persist(self, collections: Any, *, optimize_graph: bool = True, **options: Any) -> Any:
+        """Start computing dask collections; return collections backed by futures.
+
+        Returns at once, with a collection of the same type whose graph
+        holds one `Future` per key (the values stay on the cluster). A list
+        gives a list. Options as in `get`.
+        """
+        checked = task_options(**_graph_options(options))
+        singleton, plan, rebuild = await trio.to_thread.run_sync(persist_plan, collections, optimize_graph, _is_future)
+        futures = self._submit_plan(plan, checked)
+        out = rebuild(futures)
+        return out[0] if singleton else out
+
+    def _submit_plan(self, plan: Any, options: TaskOptions) -> dict[Any, Future]:
+        """Submit the (pickled) tasks of a graph plan; a `Future` per wanted dask key.
+
+        Every task is first submitted as wanted (a scheduler forgets a task
+        nobody wants that is not yet the input of another, and a big graph
+        travels in several messages), then the handles of the tasks nobody
+        asked for are dropped: the scheduler keeps each of those while a
+        dependent needs it.
+        """
+        for key, future in plan.futures.items():
+            if future.client is not self:
+                raise ValueError(f"the graph holds a future of another client ({key!r})")
+        unknown = [key for key in plan.external if key not in self.futures]
+        if unknown:
+            raise KeyError(f"the graph refers to {unknown[0]!r}, which is neither in it nor a future of this client")
+        self._admit(len(plan.tasks))
+        fields = options.wire_fields()
+        tasks, handles = [], {}
+        for task, payload in plan.pickled:
+            wire = m.TaskWire(
+                key=task.key,
+                function_id=plan.function.function_id,
+                args=payload,
+                dependencies=list(dict.fromkeys(task.inputs.values())),
+                scattered=False,
+                **fields,
             )
-
-        def shape(k: Any) -> Any:
-            return [shape(sub) for sub in k] if isinstance(k, list) else futures[k]
-
-        return await self.gather(shape(keys))
+            handles[task.key] = self._future(task.key)
+            self._lineage.remember(wire, plan.function)
+            tasks.append(wire)
+        self._send_tasks(tasks, list(handles))
+        return {dask_key: handles.get(key) or plan.futures.get(key) or self._future(key)
+                for dask_key, key in plan.keys.items()}
 
     # ------------------------------------------------------------ results --
 
@@ -935,6 +1016,19 @@ def submit_messages(tasks: list[m.TaskWire], functions: Mapping[str, Serialized]
         part = tasks[start : start + SUBMIT_SLICE]
         used = {t.function_id: functions[t.function_id] for t in part if t.function_id in functions}
         yield m.Submit(tasks=part, functions=used, wanted=[t.key for t in part if t.key in wanted_keys])
+
+
+def _graph_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options of `get`/`compute`/`persist`, refusing unknown ones by name.
+
+    (dask passes the keywords of ``dask.compute`` on to the scheduler; a
+    graph has no function to give them to, so an unknown one is a mistake.)
+    """
+    known = {"retries", "workers", "allow_other_workers", "resources", "priority"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown option {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    return options
 
 
 def _function_name(fn: Any) -> str:

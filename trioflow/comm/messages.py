@@ -124,6 +124,12 @@ MAX_NBYTES = 1 << 62
 MAX_TIMEOUT_S = 86_400.0
 MAX_FUNCTIONS_PER_SUBMIT = 1_024
 MAX_METRICS = 64
+# A task's user priority (`submit(priority=...)`), either sign.
+MAX_PRIORITY = 1 << 31
+# Resources a worker declares and a task asks for ({"GPU": 2}).
+MAX_RESOURCES = 64
+MAX_RESOURCE_NAME_CHARS = 64
+MAX_RESOURCE_AMOUNT = 1e18
 # Results this small (pickled) travel with the "finished" reports, so a
 # client gets them without a round trip to the worker.
 INLINE_VALUE_BYTES = 1024
@@ -157,6 +163,11 @@ INPUTS_WHO_HAS = Map(KEY, ADDRESSES, MAX_DEPENDENCIES)
 INPUTS_NBYTES = Map(KEY, NBYTES, MAX_DEPENDENCIES)
 REPLY_KEYS = List(KEY, MAX_REPLY_KEYS)
 METRICS = Map(Str(64, name="metric"), Float(-1e18, 1e18), MAX_METRICS)
+RESOURCES = Map(
+    Str(MAX_RESOURCE_NAME_CHARS, min_chars=1, name="resource name"),
+    Float(1e-9, MAX_RESOURCE_AMOUNT),
+    MAX_RESOURCES,
+)
 
 
 # ------------------------------------------------------------ the base class --
@@ -322,6 +333,8 @@ class Hello(Message, op="hello", channels=(HELLO,)):
     nthreads = Optional(Int(1, MAX_THREADS))
     pid = Optional(PID)
     nanny = Optional(ADDRESS)
+    # What a worker offers to tasks that ask for resources ({"GPU": 2}).
+    resources = Optional(RESOURCES, {})
 
     def check_fields(self) -> None:
         needed = {"client": ("client_id",), "worker": ("address", "nthreads")}.get(self.role, ())
@@ -392,9 +405,17 @@ class TaskWire(Record):
     dependencies = Optional(List(KEY, MAX_DEPENDENCIES), ())
     retries = Optional(Int(0, MAX_RETRIES), 0)
     workers = Optional(Nullable(ADDRESSES))
+    # With `workers`: a preference, not a restriction (allow_other_workers).
+    loose = Optional(Bool(), False)
+    # {name: amount} the task holds on its worker while it runs.
+    resources = Optional(Nullable(RESOURCES))
+    # The user's priority: higher runs first.
+    priority = Optional(Int(-MAX_PRIORITY, MAX_PRIORITY), 0)
     scattered = Optional(Bool(), False)
 
     def check_fields(self) -> None:
+        if self.loose and self.workers is None:
+            raise FieldError("'loose' needs 'workers'")
         if self.scattered:
             if self.function_id is not None or self.args is not None or self.dependencies:
                 raise FieldError("scattered data has no function, arguments or dependencies")
