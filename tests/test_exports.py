@@ -28,7 +28,12 @@ PUBLIC = {
     "Worker",
     "__version__",
     "as_completed",
+    "get_client",
+    "get_worker",
+    "rejoin",
+    "secede",
     "wait",
+    "worker_client",
 }
 
 

@@ -33,6 +33,7 @@ from trioflow.waiting import (
     wait,
 )
 from trioflow.worker import Worker
+from trioflow.worker_client import get_client, get_worker, rejoin, secede, worker_client
 
 __version__ = "0.1.0"
 
@@ -59,5 +60,10 @@ __all__ = [
     "Worker",
     "__version__",
     "as_completed",
+    "get_client",
+    "get_worker",
+    "rejoin",
+    "secede",
     "wait",
+    "worker_client",
 ]

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -62,6 +63,7 @@ from trioflow.core.worker_events import (
     Gather,
     GatherFailed,
     GatherSucceeded,
+    Rejoin,
     ReplicasRequested,
     SchedulerLost,
     SendDataDropped,
@@ -70,6 +72,8 @@ from trioflow.core.worker_events import (
     SendTaskErred,
     SendTaskFinished,
     SendTaskStarted,
+    TaskRejoining,
+    TaskSeceded,
     WorkerEvent,
     WorkerInstruction,
 )
@@ -77,6 +81,7 @@ from trioflow.errors import CommClosedError, ProtocolError, SerializationError
 from trioflow.executor import Executor, ThreadExecutor
 from trioflow.nurseries import background_tasks
 from trioflow.comm.messages import INLINE_VALUE_BYTES
+from trioflow.worker_client import running_task
 from trioflow.protocol import (
     failure_to_wire,
     sizeof,
@@ -168,6 +173,11 @@ class Worker:
         self._link_registered = False
         self._said_goodbye = False
         self._rng = rng or random.Random()
+        # The blocking Client tasks get from `get_client()` (made on first use).
+        self._task_client: Any = None
+        self._task_client_lock = threading.Lock()
+        # Threads of seceded tasks waiting for a slot (`rejoin`), by key.
+        self._rejoining: dict[str, threading.Event] = {}
         self._scheduler_handlers: dict[type, Callable[[Connection, Any], None]] = {
             m.ComputeTask: self._on_compute_task,
             m.FreeKeys: self._on_free_keys,
@@ -212,6 +222,7 @@ class Worker:
                     nursery.start_soon(self._drive)
                     await self._stay_connected(task_status)
         finally:
+            await self._close_task_client()
             self.closed.set()
 
     async def _stay_connected(self, task_status: trio.TaskStatus[str]) -> None:
@@ -251,6 +262,36 @@ class Worker:
                     f"for {waited:.1f} s (scheduler_timeout; last error: {reason})"
                 )
             await trio.sleep(backoff.next())
+
+    # ------------------------------------------------ tasks that submit tasks --
+
+    def task_client(self) -> Any:
+        """The blocking `Client` tasks here use (`trioflow.get_client`); made once.
+
+        Called from task threads. It reaches the scheduler this worker
+        reaches, with this worker's `Config`.
+        """
+        from trioflow.sync_client import Client  # (sync_client imports this module)
+
+        with self._task_client_lock:
+            if self._task_client is None or self._task_client.status in ("closing", "closed"):
+                self._task_client = Client(self.scheduler_address, config=self.config)
+            return self._task_client
+
+    async def _close_task_client(self) -> None:
+        client, self._task_client = self._task_client, None
+        if client is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(GOODBYE_TIMEOUT_S):
+                await trio.to_thread.run_sync(client.close, abandon_on_cancel=True)
+
+    def task_seceded(self, key: str) -> None:
+        """`secede()` in the thread running `key` (called in our Trio thread)."""
+        self._post(self._apply, TaskSeceded(self._stimulus("secede"), key))
+
+    def task_rejoining(self, key: str, resumed: threading.Event) -> None:
+        """`rejoin()` in the thread running `key`; `resumed` is set once it has a slot."""
+        self._rejoining[key] = resumed
+        self._post(self._apply, TaskRejoining(self._stimulus("rejoin"), key))
 
     async def close(self) -> None:
         """Say goodbye, `stop`, and wait until the worker has shut down."""
@@ -408,6 +449,10 @@ class Worker:
             # is being handled: a later free_functions must not take it away
             # from a run that is about to start.
             self._spawn(self._execute, instruction, self.functions.get(instruction.run_spec[0]))
+        elif isinstance(instruction, Rejoin):
+            resumed = self._rejoining.pop(instruction.key, None)
+            if resumed is not None:
+                resumed.set()
         elif isinstance(instruction, Gather):
             self._spawn(self._gather, instruction)
         elif isinstance(instruction, DropData):
@@ -556,7 +601,8 @@ class Worker:
             except (Exception, SystemExit) as exc:
                 return False, user_error_from_exception(exc)
             try:
-                return True, fn(*call_args, **call_kwargs)
+                with running_task(self, key):
+                    return True, fn(*call_args, **call_kwargs)
             except (Exception, SystemExit) as exc:
                 return False, user_error_from_exception(exc, skip_frames=1)
 
