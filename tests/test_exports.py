@@ -28,6 +28,7 @@ PUBLIC = {
     "Worker",
     "__version__",
     "as_completed",
+    "fire_and_forget",
     "get_client",
     "get_worker",
     "rejoin",

@@ -9,7 +9,7 @@ it). Start with `Client`::
         assert future.result() == 1024
 """
 
-from trioflow.client import AsyncClient
+from trioflow.client import AsyncClient, fire_and_forget
 from trioflow.cluster import AsyncLocalCluster, LocalCluster
 from trioflow.config import Config, ConfigError
 from trioflow.errors import (
@@ -60,6 +60,7 @@ __all__ = [
     "Worker",
     "__version__",
     "as_completed",
+    "fire_and_forget",
     "get_client",
     "get_worker",
     "rejoin",

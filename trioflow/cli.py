@@ -91,6 +91,15 @@ def _memory(text: str) -> int | None:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _resources(text: str) -> dict[str, float]:
+    from trioflow.task_options import parse_resources
+
+    try:
+        return parse_resources(text)
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scheduler_address", metavar="ADDRESS", help="the scheduler, e.g. tcp://127.0.0.1:8786")
     parser.add_argument("--nthreads", type=_positive_int, default=1, help="threads running tasks (default 1)")
@@ -99,6 +108,13 @@ def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
         type=_memory,
         default=None,
         help="kill and restart the worker when its resident memory passes this (e.g. 4GB; needs a nanny)",
+    )
+    parser.add_argument(
+        "--resources",
+        type=_resources,
+        default={},
+        metavar="NAME=N,...",
+        help="what this worker offers to tasks that ask for resources, e.g. GPU=2,MEM=8e9",
     )
     _add_server_flags(parser, default_port=0)
 
@@ -134,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_chaos_parser(commands)
     return parser
+
+
+def _resources_flag(resources: dict[str, float]) -> list[str]:
+    """``--resources`` for a worker process, or nothing."""
+    if not resources:
+        return []
+    return ["--resources", ",".join(f"{name}={amount!r}" for name, amount in resources.items())]
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -184,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             nanny_address=args.nanny_address,
             parent_pid=args.parent_pid,
             pid=os.getpid(),
+            resources=args.resources,
         )
         return trio.run(run_until_signalled, server.serve, "worker", server.say_goodbye)
     if args.command in ("worker", "nanny"):
@@ -194,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--host", args.host,
             "--port", str(args.port),
             "--log-level", args.log_level,
+            *_resources_flag(args.resources),
         ]
         launcher = ProcessLauncher(args.scheduler_address, worker_args, env={**os.environ, **config.to_env()})
         nanny = Nanny(launcher, host=args.host, memory_limit=args.memory_limit, config=config)

@@ -878,6 +878,16 @@ class AsyncClient:
             return [futures[key] for key in keys]
         return futures[keys[0]]
 
+    def _fire_and_forget(self, keys: list[str]) -> None:
+        """Tell the scheduler to compute `keys` even once no client holds them."""
+        if self._conn is None:
+            return  # (reconnecting: the resubmission carries only held keys)
+        for start in range(0, len(keys), KEYS_SLICE):
+            try:
+                self._conn.send(m.FireAndForget(keys=keys[start : start + KEYS_SLICE]))
+            except CommClosedError:
+                return
+
     async def cancel(self, futures: Any, reason: str = "cancelled by the client") -> None:
         """Cancel the tasks of `futures` and every dependent this client holds.
 
@@ -981,6 +991,28 @@ class AsyncClient:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} {self.scheduler_address} {self.status}>"
+
+
+def fire_and_forget(futures: Any) -> None:
+    """Run these futures' tasks to the end even if every handle is dropped.
+
+    As in dask.distributed: the scheduler holds each key until its task has
+    a value or a failure, then forgets it (a failure is reported to no one).
+    `futures` is a future or a list/tuple/dict/set nesting them. Not kept
+    across a scheduler restart unless a client still holds the key.
+    """
+    found: dict[str, None] = {}
+    by_client: dict[int, tuple[AsyncClient, list[str]]] = {}
+
+    def collect(obj: Any) -> bool:
+        if _is_future(obj):
+            by_client.setdefault(id(obj.client), (obj.client, []))[1].append(obj.key)
+            return True
+        return False
+
+    replace_futures(futures, collect, found)
+    for client, keys in by_client.values():
+        client._call_soon(client._fire_and_forget, list(dict.fromkeys(keys)))
 
 
 class _timeout:

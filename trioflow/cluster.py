@@ -71,6 +71,8 @@ class AsyncLocalCluster:
         scheduler_port: the scheduler's port, 0 for any free one.
         config: tunables for the scheduler and workers.
         worker_log_level: log level of worker subprocesses.
+        resources: what each worker offers to tasks that ask for resources
+            (``{"GPU": 1}``).
     """
 
     def __init__(
@@ -85,7 +87,11 @@ class AsyncLocalCluster:
         scheduler_port: int = 0,
         config: Config | None = None,
         worker_log_level: str = "warning",
+        resources: dict[str, float] | None = None,
     ):
+        from trioflow.task_options import check_resources
+
+        self.resources = check_resources(resources, "LocalCluster(resources=...)") or {}
         self.nanny = nanny and processes
         self.memory_limit = memory_limit
         self.n_workers = default_n_workers() if n_workers is None else n_workers
@@ -158,7 +164,8 @@ class AsyncLocalCluster:
         if self.nanny:
             launcher = ProcessLauncher(
                 self.scheduler_address,
-                ["--nthreads", str(self.threads_per_worker), "--host", self.host, "--log-level", self.worker_log_level],
+                ["--nthreads", str(self.threads_per_worker), "--host", self.host, "--log-level", self.worker_log_level,
+                 *_resources_flag(self.resources)],
                 env={**os.environ, **self.config.to_env()},
             )
             nanny = Nanny(launcher, host=self.host, memory_limit=self.memory_limit, config=self.config)
@@ -179,13 +186,15 @@ class AsyncLocalCluster:
                 self.host,
                 "--log-level",
                 self.worker_log_level,
+                *_resources_flag(self.resources),
             ]
             handle = WorkerProcess(name, command)
             self.workers[name] = handle
             await self._nursery.start(self._supervise, handle)
             return handle
         worker = Worker(
-            self.scheduler_address, nthreads=self.threads_per_worker, host=self.host, config=self.config
+            self.scheduler_address, nthreads=self.threads_per_worker, host=self.host, config=self.config,
+            resources=self.resources,
         )
         self.workers[name] = worker
         await self._nursery.start(worker.serve)
@@ -224,6 +233,13 @@ class AsyncLocalCluster:
         await self._stack.__aexit__(*exc_info)
 
 
+def _resources_flag(resources: dict[str, float]) -> list[str]:
+    """``--resources`` for a worker process, or nothing."""
+    from trioflow.cli import _resources_flag as flag
+
+    return flag(resources)
+
+
 async def terminate(process: trio.Process, grace: float = TERMINATE_GRACE_S) -> None:
     """SIGTERM `process`, wait up to `grace` seconds, then SIGKILL it."""
     if process.returncode is not None:
@@ -260,6 +276,7 @@ class LocalCluster:
         scheduler_port: int = 0,
         config: Config | None = None,
         worker_log_level: str = "warning",
+        resources: dict[str, float] | None = None,
     ):
         self._cluster = AsyncLocalCluster(
             n_workers,
@@ -271,6 +288,7 @@ class LocalCluster:
             scheduler_port=scheduler_port,
             config=config,
             worker_log_level=worker_log_level,
+            resources=resources,
         )
         self._loop = LoopThread("trioflow-cluster")
         try:

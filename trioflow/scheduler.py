@@ -70,6 +70,7 @@ from trioflow.core.scheduler_events import (
     DataScattered,
     FreeKeys,
     KeysCancelled,
+    KeysFiredAndForgotten,
     KeysReleased,
     OrphansExpired,
     RecoveryEnded,
@@ -144,6 +145,8 @@ class WorkerLink(_Link):
         self.pid = hello.pid
         # The control address of its nanny (None: no nanny, no restarts).
         self.nanny = hello.nanny
+        # What it offers to tasks that ask for resources.
+        self.resources: dict[str, float] = dict(hello.resources)
         # Registration number: later registrations have larger ones.
         self.serial = serial
         self.last_heartbeat: dict[str, float] = {}
@@ -237,6 +240,8 @@ class Scheduler:
         # free_keys and free_functions held back per worker until `_apply` ends.
         self._frees: dict[str, list[str]] = {}
         self._function_frees: dict[str, list[str]] = {}
+        # Resource names tasks asked for that no worker declared (warned once).
+        self._unknown_resources: set[str] = set()
         # Small results that came with the task_finished being applied.
         self._inline_values: dict[str, Serialized] = {}
         # address -> (its registration number, the keys a departed worker
@@ -259,6 +264,7 @@ class Scheduler:
             m.Submit: self._on_submit,
             m.ReleaseKeys: self._on_release_keys,
             m.CancelKeys: self._on_cancel_keys,
+            m.FireAndForget: self._on_fire_and_forget,
             m.MissingData: self._on_missing_data,
             m.Scatter: self._on_scatter,
             m.RunEverywhere: self._on_run,
@@ -488,7 +494,9 @@ class Scheduler:
             held, running = self._checked_claims(link, held, running)
             self.workers[link.address] = link
             self._apply(
-                WorkerConnected(self._stimulus("worker-joined"), link.address, link.nthreads, held, running)
+                WorkerConnected(
+                    self._stimulus("worker-joined"), link.address, link.nthreads, held, running, link.resources
+                )
             )
             orphans = tuple(k for k in (*held, *running) if k in self.state.orphans)
             if orphans:
@@ -760,6 +768,22 @@ class Scheduler:
             link.send(m.SubmitRefused(keys=keys, reason=str(exc)))
             return
         self._apply(TasksSubmitted(self._stimulus("submit"), link.client_id, tuple(specs), tuple(msg.wanted)))
+        self._warn_unknown_resources(specs)
+
+    def _warn_unknown_resources(self, specs: list[TaskSpec]) -> None:
+        """Say (once per name) that tasks ask for a resource no worker declares:
+        they wait in no-worker until such a worker joins, which may be a typo."""
+        wanted = {name for spec in specs if spec.resources for name in spec.resources}
+        if not wanted:
+            return
+        declared = {name for worker in self.workers.values() for name in worker.resources}
+        for name in sorted(wanted - declared - self._unknown_resources):
+            self._unknown_resources.add(name)
+            logger.warning(
+                "tasks ask for resource %r, which no worker declares (declared: %s); they wait "
+                "until a worker with it joins (trioflow worker --resources %s=N)",
+                name, sorted(declared) or "none", name,  # (names are at most 64 characters)
+            )
 
     def _task_specs(self, msg: m.Submit) -> list[TaskSpec]:
         """The core's task specs for a submission, after the checks the
@@ -808,6 +832,9 @@ class Scheduler:
                     tuple(task.dependencies),
                     task.retries,
                     None if task.workers is None else tuple(task.workers),
+                    task.loose,
+                    task.resources,
+                    task.priority,
                 )
             )
         return specs
@@ -817,6 +844,10 @@ class Scheduler:
 
     def _on_cancel_keys(self, link: ClientLink, msg: m.CancelKeys) -> None:
         self._apply(KeysCancelled(self._stimulus("cancel"), link.client_id, tuple(msg.keys), msg.reason))
+
+    def _on_fire_and_forget(self, link: ClientLink, msg: m.FireAndForget) -> None:
+        # The core takes only keys this client holds.
+        self._apply(KeysFiredAndForgotten(self._stimulus("fire-and-forget"), link.client_id, tuple(msg.keys)))
 
     def _on_missing_data(self, link: ClientLink, msg: m.MissingData) -> None:
         if not self.state.wants(link.client_id, msg.key):

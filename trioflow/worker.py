@@ -81,6 +81,7 @@ from trioflow.errors import CommClosedError, ProtocolError, SerializationError
 from trioflow.executor import Executor, ThreadExecutor
 from trioflow.nurseries import background_tasks
 from trioflow.comm.messages import INLINE_VALUE_BYTES
+from trioflow.task_options import check_resources
 from trioflow.worker_client import running_task
 from trioflow.protocol import (
     failure_to_wire,
@@ -120,6 +121,8 @@ class Worker:
             a process of its own (the CLI passes its pid; in-process and
             simulated workers report none).
         rng: for reconnect jitter (seeded in the simulator).
+        resources: what this worker offers to tasks that ask for resources
+            (``{"GPU": 2}``); the scheduler counts what its tasks hold.
     """
 
     def __init__(
@@ -136,9 +139,11 @@ class Worker:
         parent_pid: int | None = None,
         pid: int | None = None,
         rng: random.Random | None = None,
+        resources: dict[str, float] | None = None,
     ):
         if nthreads < 1:
             raise ValueError(f"a worker needs at least one thread, got nthreads={nthreads}")
+        self.resources = check_resources(resources, "Worker(resources=...)") or {}
         self.scheduler_address = scheduler_address
         self.nthreads = nthreads
         self.host = host
@@ -347,6 +352,7 @@ class Worker:
                     nthreads=self.nthreads,
                     pid=self.pid,
                     nanny=self.nanny_address,
+                    resources=self.resources,
                 ),
             )
             # What we hold and run, in chunks (after a scheduler restart it

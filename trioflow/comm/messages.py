@@ -544,6 +544,12 @@ class MissingData(Message, op="missing_data", channels=(CLIENT_TO_SCHEDULER,)):
     holders = ADDRESSES
 
 
+class FireAndForget(Message, op="fire_and_forget", channels=(CLIENT_TO_SCHEDULER,)):
+    """Compute these keys (of this client's) even once no client holds them."""
+
+    keys = KEYS
+
+
 class ClientHeartbeat(Message, op="client_heartbeat", channels=(CLIENT_TO_SCHEDULER,)):
     """Sent by an idle client, so that its connection is not closed as idle."""
 
