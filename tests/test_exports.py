@@ -31,6 +31,7 @@ PUBLIC = {
     "fire_and_forget",
     "get_client",
     "get_worker",
+    "progress",
     "rejoin",
     "secede",
     "wait",

@@ -30,6 +30,7 @@ from trioflow.waiting import (
     FIRST_COMPLETED,
     FIRST_EXCEPTION,
     as_completed,
+    progress,
     wait,
 )
 from trioflow.worker import Worker
@@ -63,6 +64,7 @@ __all__ = [
     "fire_and_forget",
     "get_client",
     "get_worker",
+    "progress",
     "rejoin",
     "secede",
     "wait",

@@ -21,10 +21,12 @@ The path of a task, as seen from here:
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import itertools
 import logging
 import math
+import os
 import random
 import sys
 import threading
@@ -908,13 +910,24 @@ class AsyncClient:
             for start in range(0, len(keys), KEYS_SLICE):
                 self._conn.send(m.CancelKeys(keys=keys[start : start + KEYS_SLICE], reason=reason))
 
-    async def run(self, function: Callable[[], Any]) -> dict[str, Any]:
-        """Call ``function()`` on every worker; return ``{worker_address: result}``.
+    async def run(
+        self, function: Callable[..., Any], *args: Any, workers: Iterable[str] | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        """Call ``function(*args, **kwargs)`` on every worker (or on `workers`).
+
+        Returns ``{worker_address: result}``. It runs at once, beside the
+        worker's tasks (not in a task thread). A function with a
+        ``dask_worker`` parameter gets the `Worker` object, as in dask.
 
         Raises:
             Exception: the first exception a worker's call raised.
+            RuntimeError: `workers` names an address that is no worker here.
         """
-        answer = await self._request(m.RunEverywhere(function=dumps(function)))
+        if isinstance(workers, str):
+            workers = [workers]
+        restrict = None if workers is None else [str(w) for w in workers]
+        payload = dumps(functools.partial(function, *args, **kwargs) if args or kwargs else function)
+        answer = await self._request(m.RunEverywhere(function=payload, workers=restrict))
         results = {}
         for address, outcome in sorted(answer.results.items()):
             if outcome.result is not None:
@@ -924,6 +937,50 @@ class AsyncClient:
             else:
                 raise CommClosedError(f"worker {address}: {outcome.error}")
         return results
+
+    async def run_on_scheduler(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call ``function(*args, **kwargs)`` in the scheduler's process; return its result.
+
+        It runs in a thread of the scheduler's process. A function with a
+        ``dask_scheduler`` parameter gets the `Scheduler` object, as in dask:
+        read it, do not change it (only the scheduler's driver task may).
+
+        Raises:
+            Exception: what the function raised.
+        """
+        payload = dumps(functools.partial(function, *args, **kwargs) if args or kwargs else function)
+        answer = await self._request(m.RunOnScheduler(function=payload))
+        if answer.failure is not None:
+            raise failure_to_exception(failure_from_wire(answer.failure))
+        return loads(answer.result)
+
+    async def upload_file(self, path: str) -> None:
+        """Send a ``.py``, ``.zip`` or ``.egg`` file to every worker, now and later.
+
+        Each worker stores it in a directory of its own, first on its
+        ``sys.path`` (a ``.zip``/``.egg`` is itself put there), and reloads
+        a module of that name it had already imported; workers that join
+        later get it when they register.
+
+        Raises:
+            ValueError: not such a file, or larger than `MAX_UPLOAD_BYTES`.
+            RuntimeError: a worker could not store it (named, with why).
+        """
+        filename = os.path.basename(path)
+        if not m.is_upload_name(filename):
+            raise ValueError(
+                f"upload_file takes a .py, .zip or .egg file with a plain name (letters, digits, '_', '-', '.'), "
+                f"got {filename!r}"
+            )
+        size = os.path.getsize(path)
+        if size > m.MAX_UPLOAD_BYTES:
+            raise ValueError(f"{filename} has {size} bytes; upload_file takes at most {m.MAX_UPLOAD_BYTES}")
+        data = await trio.Path(path).read_bytes()
+        answer = await self._request(m.UploadFile(filename=filename, data=dumps(data)))
+        failed = {address: why for address, why in sorted(answer.results.items()) if why}
+        if failed:
+            address, why = next(iter(failed.items()))
+            raise RuntimeError(f"{len(failed)} workers could not store {filename}; {address}: {why}")
 
     async def replicate(self, futures: Any, n: int = 2) -> None:
         """Keep `n` copies of each future's value, on different workers.

@@ -141,8 +141,17 @@ class Client:
     def cancel(self, futures: Any, reason: str = "cancelled by the client") -> None:
         return self._run(self._client.cancel, futures, reason)
 
-    def run(self, function: Callable[[], Any]) -> dict[str, Any]:
-        return self._run(self._client.run, function)
+    def run(self, function: Callable[..., Any], *args: Any, workers: Any = None, **kwargs: Any) -> dict[str, Any]:
+        """See `AsyncClient.run`."""
+        return self._run(self._client.run, function, *args, workers=workers, **kwargs)
+
+    def run_on_scheduler(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """See `AsyncClient.run_on_scheduler`."""
+        return self._run(self._client.run_on_scheduler, function, *args, **kwargs)
+
+    def upload_file(self, path: str) -> None:
+        """See `AsyncClient.upload_file`."""
+        return self._run(self._client.upload_file, path)
 
     def replicate(self, futures: Any, n: int = 2) -> None:
         return self._run(self._client.replicate, futures, n)

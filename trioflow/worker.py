@@ -16,11 +16,16 @@ The values live in `self.data`, which only the driver writes.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import itertools
 import logging
 import math
 import os
 import random
+import shutil
+import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -88,6 +93,7 @@ from trioflow.protocol import (
     sizeof,
     substitute,
     user_error_from_exception,
+    wants_keyword,
 )
 
 logger = logging.getLogger("trioflow.worker")
@@ -181,6 +187,9 @@ class Worker:
         # The blocking Client tasks get from `get_client()` (made on first use).
         self._task_client: Any = None
         self._task_client_lock = threading.Lock()
+        # Where uploaded files live (`Client.upload_file`): made on the first
+        # upload, put first on sys.path, removed when the worker stops.
+        self.local_directory: str | None = None
         # Threads of seceded tasks waiting for a slot (`rejoin`), by key.
         self._rejoining: dict[str, threading.Event] = {}
         self._scheduler_handlers: dict[type, Callable[[Connection, Any], None]] = {
@@ -190,6 +199,7 @@ class Worker:
             m.AcquireReplicas: self._on_acquire_replicas,
             m.PutData: self._on_put_data,
             m.RunEverywhere: self._on_run,
+            m.UploadFile: self._on_upload_file,
             m.Close: self._on_close,
             m.HeartbeatAck: self._on_nothing,
             m.Welcome: self._on_nothing,
@@ -228,6 +238,7 @@ class Worker:
                     await self._stay_connected(task_status)
         finally:
             await self._close_task_client()
+            self._remove_local_directory()
             self.closed.set()
 
     async def _stay_connected(self, task_status: trio.TaskStatus[str]) -> None:
@@ -572,12 +583,56 @@ class Worker:
         """
         try:
             function = loads(msg.function)
+            if wants_keyword(function, "dask_worker"):
+                function = functools.partial(function, dask_worker=self)
             result = await self.executor.run_now(function)
             payload = dumps(result)
         except (Exception, SystemExit) as exc:
             reply(conn, msg, m.RunHereReply(failure=failure_to_wire(user_error_from_exception(exc))))
             return
         reply(conn, msg, m.RunHereReply(result=payload))
+
+    # ----------------------------------------------------------- uploads --
+
+    def _on_upload_file(self, conn: Connection, msg: m.UploadFile) -> None:
+        """Store an uploaded .py, .zip or .egg where this process imports from.
+
+        Written here, in the driver, before the next message is handled:
+        the tasks that import it come after it on this connection. (Files
+        are bounded by `MAX_UPLOAD_BYTES`, so this is a short stall.)
+        """
+        try:
+            self._store_upload(msg.filename, loads(msg.data))
+        except (OSError, SerializationError, ValueError, ImportError, SyntaxError) as exc:
+            logger.warning("worker %s could not store %s: %s", self.address, msg.filename, exc)
+            reply(conn, msg, error=clip(f"{type(exc).__name__}: {exc}", m.MAX_REASON_CHARS - 20))
+            return
+        reply(conn, msg, m.UploadHereReply())
+
+    def _store_upload(self, filename: str, data: Any) -> None:
+        if not m.is_upload_name(filename) or not isinstance(data, bytes):
+            raise ValueError(f"refusing to store {filename!r}")
+        if self.local_directory is None:
+            self.local_directory = tempfile.mkdtemp(prefix="trioflow-worker-files-")
+            sys.path.insert(0, self.local_directory)
+        path = os.path.join(self.local_directory, filename)
+        with open(path, "wb") as file:
+            file.write(data)
+        if filename.endswith(".py"):
+            importlib.invalidate_caches()
+            name = filename[: -len(".py")]
+            if name in sys.modules:
+                importlib.reload(sys.modules[name])  # a new version of a module tasks imported
+        elif path not in sys.path:
+            sys.path.insert(0, path)  # an archive: import from inside it
+        logger.info("worker %s stored %s (%d bytes)", self.address, filename, len(data))
+
+    def _remove_local_directory(self) -> None:
+        directory, self.local_directory = self.local_directory, None
+        if directory is None:
+            return
+        sys.path[:] = [p for p in sys.path if p != directory and not p.startswith(directory + os.sep)]
+        shutil.rmtree(directory, ignore_errors=True)
 
     # ----------------------------------------------------------- execution --
 

@@ -63,6 +63,10 @@ ONE_OF_EACH: list[m.Message] = [
     request(m.Scatter(data={"a": VALUE, "b": SMALL}, broadcast=True)),
     request(m.Replicate(keys=["a"], n=2)),
     request(m.RunEverywhere(function=SMALL)),
+    request(m.RunEverywhere(function=SMALL, workers=[ADDR])),
+    request(m.RunOnScheduler(function=SMALL)),
+    request(m.UploadFile(filename="helpers.py", data=SMALL)),
+    m.FireAndForget(keys=["a"]),
     request(m.Restart(timeout=30.0)),
     request(m.Restart()),
     request(m.WhoHas(keys=["a"])),
@@ -124,6 +128,8 @@ REPLIES: list[schema.Record] = [
     m.GetDataReply(data={"a": VALUE}, missing=["b"], errors={"c": "cannot pickle"}),
     m.PidReply(pid=1234),
     m.PidReply(pid=None),
+    m.UploadEverywhereReply(results={ADDR: "", ADDR2: "OSError: disk full"}),
+    m.UploadHereReply(),
 ]
 
 

@@ -133,6 +133,18 @@ MAX_RESOURCE_AMOUNT = 1e18
 # Results this small (pickled) travel with the "finished" reports, so a
 # client gets them without a round trip to the worker.
 INLINE_VALUE_BYTES = 1024
+# `Client.upload_file`: one file's bytes, and how many files a cluster keeps
+# (each is sent to every worker that joins).
+MAX_UPLOAD_BYTES = 64 << 20
+MAX_UPLOADS = 256
+# A plain file name with the suffix of a file Python can import from:
+# no directory part, no leading dot.
+_UPLOAD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.(py|zip|egg)").fullmatch
+
+
+def is_upload_name(name: str) -> bool:
+    """Whether `name` may be uploaded (``mod.py``, ``pkg.zip``, ``lib.egg``)."""
+    return bool(_UPLOAD_NAME(name)) and ".." not in name
 
 
 def _is_address(text: str) -> bool:
@@ -494,6 +506,16 @@ class RunHereReply(Record):
             raise FieldError("exactly one of 'result', 'failure' is expected")
 
 
+class UploadEverywhereReply(Record):
+    """Per worker: empty if it stored the file, else why not."""
+
+    results = Map(ADDRESS, REASON, MAX_WORKERS)
+
+
+class UploadHereReply(Record):
+    pass
+
+
 class PutDataReply(Record):
     nbytes = Map(KEY, NBYTES, MAX_REPLY_KEYS)
 
@@ -569,9 +591,28 @@ class Replicate(Message, op="replicate", channels=(CLIENT_TO_SCHEDULER,), reply=
 
 
 class RunEverywhere(Message, op="run", channels=(CLIENT_TO_SCHEDULER, SCHEDULER_TO_WORKER), reply=None):
-    """Call a function on every worker (from a client) or on this worker (from the scheduler)."""
+    """Call a function on every worker, or on `workers` (from a client), or on this worker (from the scheduler)."""
 
     function = Pickled()
+    workers = Optional(Nullable(ADDRESSES))
+
+
+class RunOnScheduler(Message, op="run_on_scheduler", channels=(CLIENT_TO_SCHEDULER,), reply=RunHereReply):
+    """Call a function in the scheduler's process (in a thread of its own)."""
+
+    function = Pickled()
+
+
+UPLOAD_NAME = Str(MAX_NAME_CHARS, min_chars=1, name="file name", test=is_upload_name)
+
+
+class UploadFile(Message, op="upload_file", channels=(CLIENT_TO_SCHEDULER, SCHEDULER_TO_WORKER), reply=None):
+    """Store a .py, .zip or .egg file where every worker imports from (and on workers that join later)."""
+
+    filename = UPLOAD_NAME
+    # The file's bytes, pickled (so they travel as a frame of their own,
+    # not in the message body); only a worker unpickles them.
+    data = Pickled(max_bytes=MAX_UPLOAD_BYTES + 1024)
 
 
 class Restart(Message, op="restart", channels=(CLIENT_TO_SCHEDULER,), reply=RestartReply):
@@ -777,12 +818,16 @@ class RestartWorker(Message, op="restart_worker", channels=(SCHEDULER_TO_NANNY,)
 # `run` answers differently by where it goes: every worker's outcome to a
 # client, one outcome from a worker. Its reply is chosen per channel.
 RUN_REPLIES = {CLIENT_TO_SCHEDULER: RunEverywhereReply, SCHEDULER_TO_WORKER: RunHereReply}
+# `upload_file` likewise: every worker's answer to a client, one from a worker.
+UPLOAD_REPLIES = {CLIENT_TO_SCHEDULER: UploadEverywhereReply, SCHEDULER_TO_WORKER: UploadHereReply}
 
 
 def reply_kind(request: type[Message], channel: str) -> type[Record] | None:
     """The reply record of `request` sent on `channel` (None: one-way)."""
     if request is RunEverywhere:
         return RUN_REPLIES[channel]
+    if request is UploadFile:
+        return UPLOAD_REPLIES[channel]
     return request.REPLY
 
 
