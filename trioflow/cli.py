@@ -58,16 +58,27 @@ def _port(text: str) -> int:
     return value
 
 
+def _byte_size(text: str) -> int:
+    from trioflow.config import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("configuration (overrides TRIOFLOW_* variables)")
     for field in dataclasses.fields(Config):
         kind = int if field.type == "int" else float
+        if field.name.endswith("_bytes"):
+            kind = _byte_size  # 4GB, 512MiB, ... as dask parses them
         group.add_argument(
             "--" + field.name.replace("_", "-"),
             dest=f"config_{field.name}",
             type=kind,
             default=None,
-            metavar="N" if kind is int else "X",
+            metavar="SIZE" if kind is _byte_size else "N" if kind is int else "X",
         )
 
 
