@@ -68,8 +68,16 @@ def run_graph_node(node: Any, values: dict) -> Any:
     return node(values)
 
 
+# The oldest dask trioflow supports: the first whose graphs recognise a
+# future that is not dask.distributed's by its ``__dask_future__`` flag
+# (older ones fuse a persisted collection's futures into tasks as data).
+# docs/dask-users.md says how this was checked.
+OLDEST_DASK = (2026, 1)
+
+
 def _dask():
     try:
+        import dask
         import dask.order
         from dask import _task_spec
     except ImportError as exc:
@@ -77,6 +85,15 @@ def _dask():
             "computing dask graphs needs dask: pip install 'dask[array,bag,dataframe]' "
             f"(or trioflow's 'test' extra) ({exc})"
         ) from None
+    try:
+        version = tuple(int(part) for part in dask.__version__.split(".")[:2])
+    except ValueError:
+        version = OLDEST_DASK  # a development version: assume it is recent
+    if version < OLDEST_DASK:
+        raise ImportError(
+            f"trioflow needs dask {OLDEST_DASK[0]}.{OLDEST_DASK[1]}.0 or newer, found {dask.__version__}: "
+            "pip install -U 'dask[array,bag,dataframe]'"
+        )
     return _task_spec, dask.order
 
 
@@ -261,7 +278,7 @@ def _collections_api():
         from dask.base import collections_to_expr
     except ImportError as exc:
         raise ImportError(
-            "compute() and persist() need dask 2025.4 or newer: "
+            "compute() and persist() need dask 2026.1 or newer: "
             f"pip install 'dask[array,bag,dataframe]' ({exc})"
         ) from None
     return dask, collections_to_expr, FinalizeCompute

@@ -178,3 +178,13 @@ def test_graph_conversion_runs_off_the_loop(dask_cluster, monkeypatch):
 
     trio.run(from_trio)
     assert len(seen) == 3 and not any(in_trio for _, in_trio in seen)
+
+
+def test_a_dask_older_than_the_oldest_supported_is_named(monkeypatch):
+    """With dask older than 2026.1 (which fuses a persisted collection's futures
+    into tasks) client.get refuses, naming the versions."""
+    from trioflow import graph
+
+    monkeypatch.setattr(dask, "__version__", "2025.12.0")
+    with pytest.raises(ImportError, match="needs dask 2026.1.0 or newer, found 2025.12.0"):
+        graph.plan_graph({"a": 1}, ["a"], lambda obj: False)
