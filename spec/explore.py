@@ -172,6 +172,7 @@ SCOPES: dict[str, Scope] = {
     "chain": Scope({"x": KeySpec(small=True), "y": KeySpec(("x",))}, max_faults=2),
     "scatter": Scope({"s": KeySpec(scattered=True), "y": KeySpec(("s",))}, max_faults=2),
     "restricted": Scope({"x": KeySpec(), "y": KeySpec(("x",), restrict=("w1",))}, max_faults=2),
+    # Bigger (--all): resources, priority, loose restrictions, fire-and-forget.
     "options": Scope(
         {
             "a": KeySpec(priority=-1),
@@ -204,7 +205,7 @@ SCOPES: dict[str, Scope] = {
     ),
 }
 CI_SCOPES = ("ci-chain", "ci-scatter", "ci-restricted", "ci-resources", "ci-options")
-DEFAULT_SCOPES = ("chain", "scatter", "restricted", "two-clients", "options")
+DEFAULT_SCOPES = ("chain", "scatter", "restricted", "two-clients")
 CI_WORKER_SCOPES = ("local-chain", "fetch-one")
 
 WORKER_SCOPES: dict[str, worker_model.WorkerScope] = worker_model.SCOPES

@@ -188,3 +188,14 @@ def test_a_dask_older_than_the_oldest_supported_is_named(monkeypatch):
     monkeypatch.setattr(dask, "__version__", "2025.12.0")
     with pytest.raises(ImportError, match="needs dask 2026.1.0 or newer, found 2025.12.0"):
         graph.plan_graph({"a": 1}, ["a"], lambda obj: False)
+
+
+@pytest.mark.processes
+def test_a_dataframe_on_worker_processes():
+    """A dask.dataframe groupby computes on real worker processes (issue 15: it
+    never returned), and the cluster keeps serving after it."""
+    with trioflow.LocalCluster(2, processes=True, nanny=False) as cluster, trioflow.Client(cluster) as client:
+        x = make_frame()
+        (value,) = dask.compute(x, scheduler=client.get)
+        assert same(value, x.compute(scheduler="sync"))
+        assert client.submit(inc, 1).result(timeout=30) == 2
