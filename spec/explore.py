@@ -161,7 +161,7 @@ SCOPES: dict[str, Scope] = {
         {"x": KeySpec(), "y": KeySpec(("x",), restrict=("w1",))}, max_faults=1, features=_CI
     ),
     "ci-resources": Scope(
-        {"x": KeySpec(resources=(("GPU", 1),)), "y": KeySpec(("x",), resources=(("GPU", 1),))},
+        {"x": KeySpec(resources=(("GPU", 1),)), "y": KeySpec(resources=(("GPU", 1),))},
         worker_resources={"w1": (("GPU", 1),)}, max_faults=1, features=_CI | {"fire-and-forget"},
     ),
     "ci-options": Scope(
