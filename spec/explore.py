@@ -160,10 +160,27 @@ SCOPES: dict[str, Scope] = {
     "ci-restricted": Scope(
         {"x": KeySpec(), "y": KeySpec(("x",), restrict=("w1",))}, max_faults=1, features=_CI
     ),
+    "ci-resources": Scope(
+        {"x": KeySpec(resources=(("GPU", 1),)), "y": KeySpec(resources=(("GPU", 1),))},
+        worker_resources={"w1": (("GPU", 1),)}, max_faults=1, features=_CI | {"fire-and-forget"},
+    ),
+    "ci-options": Scope(
+        {"a": KeySpec(), "b": KeySpec(priority=1), "l": KeySpec(("a",), restrict=("w2",), loose=True)},
+        max_faults=0, features=frozenset({"fire-and-forget"}),
+    ),
     # The script's default: every event, two faults.
     "chain": Scope({"x": KeySpec(small=True), "y": KeySpec(("x",))}, max_faults=2),
     "scatter": Scope({"s": KeySpec(scattered=True), "y": KeySpec(("s",))}, max_faults=2),
     "restricted": Scope({"x": KeySpec(), "y": KeySpec(("x",), restrict=("w1",))}, max_faults=2),
+    # Bigger (--all): resources, priority, loose restrictions, fire-and-forget.
+    "options": Scope(
+        {
+            "a": KeySpec(priority=-1),
+            "g": KeySpec(resources=(("GPU", 1),), priority=1),
+            "l": KeySpec(("a",), restrict=("w2",), loose=True),
+        },
+        worker_resources={"w1": (("GPU", 1),)}, max_faults=2,
+    ),
     "two-clients": Scope(
         {"x": KeySpec(small=True), "y": KeySpec(("x",))}, clients=("c1", "c2"), max_faults=1,
         features=_NO_EXTRAS,
@@ -187,7 +204,7 @@ SCOPES: dict[str, Scope] = {
         workers=("w1", "w2", "w3"), max_faults=3, allowed_failures=3, features=frozenset(),
     ),
 }
-CI_SCOPES = ("ci-chain", "ci-scatter", "ci-restricted")
+CI_SCOPES = ("ci-chain", "ci-scatter", "ci-restricted", "ci-resources", "ci-options")
 DEFAULT_SCOPES = ("chain", "scatter", "restricted", "two-clients")
 CI_WORKER_SCOPES = ("local-chain", "fetch-one")
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from spec.model import (
+    FIRE_AND_FORGET,
     FAILED,
     IN_PROGRESS,
     KILLED,
@@ -58,6 +59,15 @@ def _must_compute(w: World, key: str) -> bool:
 def _available(tasks: dict, key: str) -> bool:
     t = tasks.get(key)
     return t is not None and t.state is MEMORY and bool(t.who_has)
+
+
+def _can_take(scope: Scope, w: World, key: str, used: dict[str, dict[str, int]]) -> bool:
+    """Some allowed live worker has `key`'s resources free."""
+    spec = scope.keys[key]
+    allowed = sorted(w.live) if spec.restrict is None else [x for x in spec.restrict if x in w.live]
+    if spec.loose and not allowed:
+        allowed = sorted(w.live)
+    return any(all(used[x].get(r, 0) + n <= scope.has(x, r) for r, n in spec.resources) for x in allowed)
 
 
 # ------------------------------------------------------- state invariants --
@@ -134,12 +144,13 @@ STATE_INVARIANTS: tuple[Invariant, ...] = (
     ),
     Invariant(
         "INV-QUEUED",
-        "A task is queued only if it is an unrestricted root task and every live worker is saturated.",
+        "A task is queued only if it is an unconstrained root task and every live worker is saturated.",
         "worker connection closes (queued work stays movable)",
     ),
     Invariant(
         "INV-NO-WORKER",
-        "A task is in no-worker iff it is restricted and none of its allowed workers is alive.",
+        "A task is in no-worker only if it is constrained (restrictions, resources) and no allowed "
+        "live worker has its resources free.",
         "worker connection closes",
     ),
     Invariant(
@@ -159,6 +170,12 @@ def state_violations(scope: Scope, w: World) -> Iterator[str]:  # noqa: C901 - f
         wk: sum(1 for t in tasks.values() if t.processing_on == wk) >= scope.capacity
         for wk in w.live
     }
+    used: dict[str, dict[str, int]] = {wk: {} for wk in w.live}
+    for key, t in tasks.items():
+        if t.processing_on in used:
+            for r, n in scope.keys[key].resources:
+                used[t.processing_on][r] = used[t.processing_on].get(r, 0) + n
+
     for key, t in tasks.items():
         spec = scope.keys[key]
         at = f"{key} ({t.state.value})"
@@ -202,13 +219,12 @@ def state_violations(scope: Scope, w: World) -> Iterator[str]:  # noqa: C901 - f
             yield f"INV-LOST: scattered {at}"
         if t.state is LOST and not spec.scattered:
             yield f"INV-LOST: computed {at} is lost"
-        if t.state is QUEUED and (spec.deps or spec.restrict is not None):
-            yield f"INV-QUEUED: {at} is not an unrestricted root task"
+        if t.state is QUEUED and (spec.deps or spec.constrained):
+            yield f"INV-QUEUED: {at} is not an unconstrained root task"
         if t.state is QUEUED and not all(saturated.values()):
             yield f"INV-QUEUED: {at} queued while a worker is below capacity"
-        no_allowed = spec.restrict is not None and not (set(spec.restrict) & w.live)
-        if (t.state is NO_WORKER) and not no_allowed:
-            yield f"INV-NO-WORKER: {at} although an allowed worker is alive"
+        if t.state is NO_WORKER and (not spec.constrained or _can_take(scope, w, key, used)):
+            yield f"INV-NO-WORKER: {at} although an allowed worker could take it"
         if t.state is MEMORY and t.replicas:
             copies = len(t.who_has) + len(t.pending)
             if copies < min(t.replicas, len(w.live)) or not t.pending <= w.live - t.who_has:
@@ -255,6 +271,13 @@ STEP_INVARIANTS: tuple[Invariant, ...] = (
         "the scheduler dies",
     ),
     Invariant(
+        "STEP-RESOURCES",
+        "A task is sent to a worker only if, with it, the worker's processing tasks hold no more of "
+        "a resource than the worker declared (after a scheduler restart a run a worker still has is "
+        "taken up where it runs, even if that overcommits it).",
+        "(submit options: resources=)",
+    ),
+    Invariant(
         "STEP-REPORTED",
         "Every key a client holds that fails, is lost, or is cancelled is reported to that client.",
         "user function raises / scattered data lost / Client.restart()",
@@ -283,18 +306,33 @@ def step_violations(scope: Scope, pre: World, event: Event, out: Outcome) -> Ite
             if a.failure not in inputs and not ghost:
                 yield f"STEP-SAME-ERROR: {key} got {a.failure}, inputs have {inputs}"
     if isinstance(event, SchedulerRestarts):
-        wanted = {k for _, key in pre.holds for k in scope.lineage(key)}
+        # (Fire-and-forget holds live in the old scheduler only.)
+        wanted = {k for c, key in pre.holds if c != FIRE_AND_FORGET for k in scope.lineage(key)}
         for key in sorted(wanted):
             b, a = pre.task(key), after.get(key)
             if b is not None and b.state is MEMORY and b.who_has and (a is None or a.state is not MEMORY):
                 state = "forgotten" if a is None else a.state.value
                 yield f"STEP-RESTART-KEEPS: {key} held by {sorted(b.who_has)} came back {state}"
+    if not isinstance(event, SchedulerRestarts):
+        for worker, key in sorted(out.computes):
+            held: dict[str, int] = {}
+            for k, t in post.tasks:
+                if t.processing_on == worker:
+                    for r, n in scope.keys[k].resources:
+                        held[r] = held.get(r, 0) + n
+            for r, _ in scope.keys[key].resources:
+                if held[r] > scope.has(worker, r):
+                    yield f"STEP-RESOURCES: {key} sent to {worker}, which then holds {held[r]} {r} of {scope.has(worker, r)}"
     told = {(r.client, r.key) for r in out.reports if r.kind in ("erred", "cancelled")}
     voluntary = isinstance(event, (Release, ClientLeaves))
     for client, key in pre.holds:
+        if client == FIRE_AND_FORGET:
+            continue  # it is told nothing and lets go by itself
         if (client, key) not in post.holds and not voluntary and (client, key) not in told:
             yield f"STEP-REPORTED: {client} lost its future for {key} without being told"
     for client, key in post.holds:
+        if client == FIRE_AND_FORGET:
+            continue
         a, b = after[key], pre.task(key)
         if a.state in FAILED and (b is None or b.failure != a.failure or (client, key) not in pre.holds):
             if (client, key) not in told:
@@ -349,10 +387,13 @@ def liveness_violations(scope: Scope, w: World) -> Iterator[str]:
     """Run the model forward from `w` and check the LIVE-* properties."""
 
     def release_one(cur: World) -> Release | None:
-        return Release(*min(cur.holds)) if cur.holds else None
+        held = sorted(h for h in cur.holds if h[0] != FIRE_AND_FORGET)
+        return Release(*held[0]) if held else None
 
     end = _run(scope, w, release_one, 2 * len(w.holds) + 1)
-    if end.tasks:
+    # What a fire-and-forget hold keeps (until its key has an outcome) stays.
+    fired = {k for _, key in end.holds for k in scope.lineage(key)}
+    if any(k not in fired for k, _ in end.tasks):
         yield f"LIVE-FORGET: after releasing everything, still kept: {end.describe()}"
     if not w.live:
         return

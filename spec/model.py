@@ -92,6 +92,8 @@ from spec.world import (  # noqa: F401 - re-exported: `spec.model` is the one im
     Replicate,
     Restart,
     SchedulerRestarts,
+    FireAndForget,
+    FIRE_AND_FORGET,
     Event,
     show,
     TRANSITIONS,
@@ -105,7 +107,9 @@ from spec.world import (  # noqa: F401 - re-exported: `spec.model` is the one im
 class _Draft:
     """A mutable copy of a world while one event is applied to it."""
 
-    __slots__ = ("scope", "tasks", "live", "holds", "delivered", "faults", "cancelled", "moves", "recovering")
+    __slots__ = (
+        "scope", "tasks", "live", "holds", "delivered", "faults", "cancelled", "moves", "recovering", "restarted"
+    )
 
     def __init__(self, scope: Scope, world: World):
         self.scope = scope
@@ -118,6 +122,10 @@ class _Draft:
         self.moves: set[tuple[State, State]] = set()  # transitions taken (coverage)
         # After a scheduler restart: runs a worker said it still has, {key: worker}.
         self.recovering: dict[str, str] = {}
+        # A scheduler restart: its clients resubmit one after the other, so
+        # the new scheduler places each one's root tasks before it hears of
+        # the next one's (user priority orders the tasks of one event).
+        self.restarted = False
 
     def copy(self) -> _Draft:
         other = _Draft.__new__(_Draft)
@@ -126,6 +134,7 @@ class _Draft:
         other.delivered = set(self.delivered)
         other.cancelled, other.moves = list(self.cancelled), set(self.moves)
         other.recovering = dict(self.recovering)
+        other.restarted = self.restarted
         return other
 
     def freeze(self) -> World:
@@ -193,10 +202,11 @@ def _guard(scope: Scope, w: World, ev: Event) -> bool:  # noqa: C901 - one case 
     match ev:
         case Submit(client, key):
             return client in scope.clients and key in scope.keys and not scope.keys[key].scattered
-        case Release(client, key) | Cancel(client, key):
-            return (client, key) in w.holds
+        case Release(client, key) | Cancel(client, key) | FireAndForget(client, key):
+            # (The fire-and-forget pseudo-client is no client: it lets go by itself.)
+            return client in scope.clients and (client, key) in w.holds
         case Replicate(client, key, n):
-            return (client, key) in w.holds and n > 0
+            return client in scope.clients and (client, key) in w.holds and n > 0
         case ClientLeaves(client):
             return client in scope.clients
         case Scatter(client, key, worker):
@@ -334,6 +344,11 @@ def _effect(d: _Draft, ev: Event) -> None:  # noqa: C901 - one case per event
             d.update(key, who_has=t.who_has - {worker})
         case Replicate(client, key, n):
             d.update(key, replicas=n if n > 1 else 0)
+        case FireAndForget(client, key):
+            # Held by the pseudo-client until it has a value or a failure
+            # (rule "fired-done"); a key with its value already needs nothing.
+            if d.tasks[key].state in (*IN_PROGRESS, RELEASED):
+                d.holds.add((FIRE_AND_FORGET, key))
         case Restart():
             for client, key in sorted(d.holds):
                 d.cancelled.append((client, key))
@@ -381,6 +396,9 @@ def _scheduler_restarts(d: _Draft) -> None:
     old = d.tasks
     d.tasks = {}
     d.delivered = set()  # the new scheduler knows of no value sent to a client
+    d.restarted = True
+    # Fire-and-forget holds lived in the old scheduler only.
+    d.holds = {(c, k) for c, k in d.holds if c != FIRE_AND_FORGET}
     wanted: set[str] = set()
     for _, key in d.holds:
         wanted.update(d.scope.lineage(key))
@@ -433,6 +451,14 @@ def _failed_inputs(d: _Draft, t: Task) -> list[Failure]:
         if f is not None and f not in out:
             out.append(f)
     return out
+
+
+def _rule_fired_done(d: _Draft, key: str, t: Task, ctx: _Context) -> list[_Draft] | None:
+    """A fired-and-forgotten key has a value or a failure: the pseudo-client lets go."""
+    if (FIRE_AND_FORGET, key) not in d.holds or (t.state is MEMORY and not t.who_has):
+        return None
+    d.holds.discard((FIRE_AND_FORGET, key))
+    return [d]
 
 
 def _rule_last_copy(d: _Draft, key: str, t: Task, ctx: _Context) -> list[_Draft] | None:
@@ -518,6 +544,7 @@ class Rule(NamedTuple):
 
 
 RULES: tuple[Rule, ...] = (
+    Rule("fired-done", (MEMORY, ERRED, LOST), _rule_fired_done),
     Rule("last-copy-lost / recompute", (MEMORY,), _rule_last_copy),
     Rule("input-failed", IN_PROGRESS, _rule_input_failed),
     # "needed" before "not-needed": a dependent about to wait makes its
@@ -580,14 +607,31 @@ def _keep_replicas(d: _Draft) -> list[_Draft]:
     return drafts
 
 
+def _allowed(d: _Draft, key: str) -> list[str]:
+    """The live workers a constrained task may run on (resources not counted).
+
+    Its restrictions, or, if loose and none of them is alive, every live
+    worker; of those, the ones that declared at least the resources it needs.
+    """
+    spec, scope = d.scope.keys[key], d.scope
+    allowed = sorted(d.live) if spec.restrict is None else [w for w in spec.restrict if w in d.live]
+    if spec.loose and not allowed:
+        allowed = sorted(d.live)
+    return [w for w in allowed if all(scope.has(w, r) >= n for r, n in spec.resources)]
+
+
 def _place(d: _Draft) -> list[_Draft]:
     """Every ready task goes to a worker, the queue, or no-worker (rule "ready").
 
     Ready: waiting with every input in memory, or already queued/no-worker.
-    A restricted task goes to an allowed live worker, else no-worker. A task
-    with inputs goes to a worker holding one of them. A root task goes to a
-    live worker below capacity, or queues; it may stay queued only while
-    every live worker is saturated. Which worker is not the model's concern.
+    A constrained task (restrictions or resources) goes to an allowed live
+    worker with its resources free (the resources held by the tasks
+    processing there counted), else to no-worker, and may stay there only
+    while no such worker can take it. A task with inputs goes to a worker
+    holding one of them. A root task goes to a live worker below capacity,
+    or queues; it may stay queued only while every live worker is saturated,
+    and never while a root task of lower user priority is sent out. Which
+    worker is not the model's concern.
     """
     ready = [
         k
@@ -597,17 +641,22 @@ def _place(d: _Draft) -> list[_Draft]:
     ]
     if not ready:
         return [d]
+    scope = d.scope
     load = {w: 0 for w in d.live}
-    for t in d.tasks.values():
+    used = {w: {} for w in d.live}
+    for k, t in d.tasks.items():
         if t.state is PROCESSING:
             load[t.processing_on] += 1
+            for r, n in scope.keys[k].resources:
+                used[t.processing_on][r] = used[t.processing_on].get(r, 0) + n
     choices: list[list[tuple[State, str | None, bool]]] = []
     roots: list[bool] = []
+    allowed: dict[str, list[str]] = {}
     for k in ready:
-        spec, t = d.scope.keys[k], d.tasks[k]
-        if spec.restrict is not None:
-            allowed = [w for w in spec.restrict if w in d.live]
-            opts = [(PROCESSING, w, False) for w in allowed] or [(NO_WORKER, None, False)]
+        spec, t = scope.keys[k], d.tasks[k]
+        if spec.constrained:
+            allowed[k] = _allowed(d, k)
+            opts = [(PROCESSING, w, False) for w in allowed[k]] + [(NO_WORKER, None, False)]
             root = False
         elif t.deps:
             holders = sorted(set().union(*(d.tasks[x].who_has for x in t.deps)))
@@ -628,16 +677,40 @@ def _place(d: _Draft) -> list[_Draft]:
         for (state, w, recovered), root in zip(combo, roots):
             if state is PROCESSING and root and not recovered:
                 new_roots[w] += 1
-        if any(load[w] + new_roots[w] > d.scope.capacity for w in d.live if new_roots[w]):
+        if any(load[w] + new_roots[w] > scope.capacity for w in d.live if new_roots[w]):
             continue
         total = dict(load)
-        for state, w, _ in combo:
+        holding = {w: dict(used[w]) for w in d.live}
+        for k, (state, w, _) in zip(ready, combo):
             if state is PROCESSING:
                 total[w] += 1
+                for r, n in scope.keys[k].resources:
+                    holding[w][r] = holding[w].get(r, 0) + n
+        if not d.restarted and any(
+            s is PROCESSING and not rec and any(holding[w][r] > scope.has(w, r) for r, _ in scope.keys[k].resources)
+            for k, (s, w, rec) in zip(ready, combo)
+        ):
+            # A task is sent only where its resources are free. (After a
+            # scheduler restart the clients' resubmissions arrive one by one,
+            # and a run a worker still has is taken up where it runs: the
+            # new scheduler may have placed another task on its resources
+            # before it learnt of it.)
+            continue
+        if any(
+            state is NO_WORKER
+            and any(all(holding[w].get(r, 0) + n <= scope.has(w, r) for r, n in scope.keys[k].resources)
+                    for w in allowed[k])
+            for k, (state, _, _) in zip(ready, combo)
+        ):
+            continue  # a constrained task idles while an allowed worker could take it
         if any(s is QUEUED for s, _, _ in combo) and any(
-            total[w] < d.scope.capacity for w in d.live
+            total[w] < scope.capacity for w in d.live
         ):
             continue  # a root task may not queue while a worker is below capacity
+        sent = [scope.keys[k].priority for k, (s, _, rec), root in zip(ready, combo, roots) if root and s is PROCESSING and not rec]
+        kept = [scope.keys[k].priority for k, (s, _, _) in zip(ready, combo) if s is QUEUED]
+        if sent and kept and max(kept) > min(sent) and not d.restarted:
+            continue  # the user's priority comes first
         alt = d.copy() if len(choices) > 1 or len(choices[0]) > 1 else d
         for k, (state, w, recovered) in zip(ready, combo):
             if alt.tasks[k].state is not state or alt.tasks[k].processing_on != w:
@@ -732,10 +805,14 @@ def enabled_events(scope: Scope, w: World) -> Iterator[Event]:
                     if wk in w.live or "scatter-to-dead" in f:
                         yield Scatter(c, k, wk)
     for c, k in sorted(w.holds):
+        if c == FIRE_AND_FORGET:
+            continue
         yield Release(c, k)
         if "cancel" in f:
             yield Cancel(c, k)
         t = tasks[k]
+        if "fire-and-forget" in f and (FIRE_AND_FORGET, k) not in w.holds and t.state in (*IN_PROGRESS, RELEASED):
+            yield FireAndForget(c, k)
         if "replicate" in f and t.state is MEMORY and not t.replicas:
             yield Replicate(c, k, 2)
         if "replicate" in f and t.state is MEMORY and can_fault:
@@ -743,7 +820,7 @@ def enabled_events(scope: Scope, w: World) -> Iterator[Event]:
                 for r in sorted(t.pending):
                     yield ReplicaLost(k, h, None, r)
     if "client-leaves" in f:
-        for c in sorted({c for c, _ in w.holds}):
+        for c in sorted({c for c, _ in w.holds} - {FIRE_AND_FORGET}):
             yield ClientLeaves(c)
     for wk in scope.workers:
         if wk not in w.live:

@@ -68,12 +68,27 @@ class KeySpec:
         restrict: if given, the only workers allowed to run it.
         small: its value is small enough to travel with the report of its
             completion, so the clients holding it then have the value.
+        loose: with `restrict`, a preference only: while none of those
+            workers is alive, any live worker may run it.
+        resources: ``(("GPU", 1),)``: it holds that much of each resource on
+            its worker while processing there; only a worker that declared
+            enough, free of what its other tasks hold, may take it.
+        priority: the user's priority; a root task of higher priority is
+            never left queued while one of lower priority is sent out.
     """
 
     deps: tuple[str, ...] = ()
     scattered: bool = False
     restrict: tuple[str, ...] | None = None
     small: bool = False
+    loose: bool = False
+    resources: tuple[tuple[str, int], ...] = ()
+    priority: int = 0
+
+    @property
+    def constrained(self) -> bool:
+        """Placed only on the workers its restrictions and resources allow."""
+        return self.restrict is not None or bool(self.resources)
 
 
 # Events the explorer may try; a scope can switch some off to stay small.
@@ -89,8 +104,13 @@ ALL_FEATURES = frozenset(
         "replicate",  # Replicate
         "restart",  # Restart
         "scheduler-restart",  # SchedulerRestarts
+        "fire-and-forget",  # FireAndForget
     }
 )
+
+# The pseudo-client that holds a key a client fired and forgot, until the
+# key has a value or a failure. It is told nothing and releases nothing.
+FIRE_AND_FORGET = "fire-and-forget"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +127,7 @@ class Scope:
         max_faults: how many faults (worker deaths, lost replicas,
             scheduler restarts) the explorer may inject.
         features: which optional events the explorer tries.
+        worker_resources: what each worker declares, ``{"w1": (("GPU", 1),)}``.
     """
 
     keys: Mapping[str, KeySpec]
@@ -116,6 +137,11 @@ class Scope:
     capacity: int = 1
     max_faults: int = 2
     features: frozenset[str] = ALL_FEATURES
+    worker_resources: Mapping[str, tuple[tuple[str, int], ...]] = dataclasses.field(default_factory=dict)
+
+    def has(self, worker: str, name: str) -> int:
+        """How much of resource `name` `worker` declared."""
+        return dict(self.worker_resources.get(worker, ())).get(name, 0)
 
     def __hash__(self) -> int:
         return hash((tuple(self.keys.items()), self.workers, self.clients))
@@ -345,6 +371,13 @@ class Replicate(NamedTuple):
     n: int
 
 
+class FireAndForget(NamedTuple):
+    """A client asks that `key` be computed even once nobody holds it."""
+
+    client: str
+    key: str
+
+
 class Restart(NamedTuple):
     """`Client.restart()`: every task is flushed, every future cancelled."""
 
@@ -357,7 +390,7 @@ class SchedulerRestarts(NamedTuple):
 Event = (
     Submit | Release | Cancel | ClientLeaves | Scatter | WorkerJoins | WorkerDies | WorkerRetires
     | TaskStarts | TaskFinishes | TaskRaises | ReplicaAdded | ReplicaLost | CopyDropped | Replicate | Restart
-    | SchedulerRestarts
+    | SchedulerRestarts | FireAndForget
 )
 
 

@@ -31,6 +31,8 @@ def value_of(kind: schema.Kind) -> st.SearchStrategy:
         return st.builds(lambda host, port: f"tcp://{host}:{port}", hosts, st.integers(0, 65535))
     if kind is m.FUNCTION_ID:
         return st.binary(max_size=8).map(function_id)
+    if kind is m.UPLOAD_NAME:
+        return st.from_regex(r"[a-z_][a-z0-9_]{0,6}\.(py|zip|egg)", fullmatch=True)
     if isinstance(kind, schema.Str):
         assert kind.test is None, f"no strategy for {kind.describe()}"
         return st.text(st.characters(codec="utf-8"), min_size=kind.min_chars, max_size=min(kind.max_chars, 8))

@@ -74,3 +74,67 @@ def test_bad_dashboard_values_are_refused(env, message):
         Config.from_env(env)
     with pytest.raises(ConfigError, match="dashboard_token must be a string"):
         Config(dashboard_token=None)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("4GB", 4 * 10**9), ("4g", 4 * 10**9), ("4G", 4 * 10**9), ("4GiB", 2**32), ("4 gib", 2**32),
+        ("512MiB", 512 * 2**20), ("5kB", 5000), ("5.4 kB", 5400), ("1kiB", 1024), ("1e6", 10**6),
+        ("1e6 kB", 10**9), ("MB", 10**6), ("100", 100), ("0", 0), (123, 123),
+    ],
+)
+def test_byte_sizes_parse_as_dask_parses_them(text, expected):
+    """parse_bytes follows dask.utils.parse_bytes: 4GB = 4g = 4e9, 4GiB = 2**32."""
+    from trioflow.config import parse_bytes
+
+    assert parse_bytes(text) == expected
+
+
+def test_byte_sizes_agree_with_dask_itself():
+    """The same answers as dask's own parse_bytes, for the units both know."""
+    from dask.utils import parse_bytes as dask_parse_bytes
+
+    from trioflow.config import parse_bytes
+
+    for text in ["4GB", "4g", "4G", "4GiB", "512MiB", "5kB", "5.4 kB", "1kiB", "1e6 kB", "MB", "7 tb", "3 PiB"]:
+        assert parse_bytes(text) == dask_parse_bytes(text), text
+
+
+@pytest.mark.parametrize("text", ["5 foos", "lots", "-1GB", "", "1e400 GB"])
+def test_bad_byte_sizes_are_refused_by_text(text):
+    """Something that is not a size raises ValueError quoting it."""
+    from trioflow.config import parse_bytes
+
+    with pytest.raises(ValueError, match="byte size"):
+        parse_bytes(text)
+
+
+def test_byte_size_fields_take_units_from_the_environment():
+    """TRIOFLOW_MAX_FRAME_BYTES=256MiB is 256 * 2**20 bytes."""
+    assert Config.from_env({"TRIOFLOW_MAX_FRAME_BYTES": "256MiB"}).max_frame_bytes == 256 * 2**20
+    with pytest.raises(ConfigError, match="TRIOFLOW_MAX_FRAME_BYTES='lots'"):
+        Config.from_env({"TRIOFLOW_MAX_FRAME_BYTES": "lots"})
+
+
+def test_a_misspelt_variable_gets_a_warning_naming_the_closest_one():
+    """TRIOFLOW_WORKER_TLL warns "did you mean TRIOFLOW_WORKER_TTL?"; unrelated ones do not."""
+    with pytest.warns(UserWarning, match="TRIOFLOW_WORKER_TLL is not a trioflow setting.*did you mean TRIOFLOW_WORKER_TTL"):
+        config = Config.from_env({"TRIOFLOW_WORKER_TLL": "9"})
+    assert config.worker_ttl == Config().worker_ttl
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Config.from_env({"TRIOFLOW_FUZZ_EXAMPLES": "5000", "TRIOFLOW_UNRELATED": "x"})
+
+
+def test_cli_byte_size_flags_take_units():
+    """--max-frame-bytes 1GiB and --resources GPU=2 parse on the command line."""
+    from trioflow.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(
+        ["worker", "tcp://127.0.0.1:1", "--max-frame-bytes", "1GiB", "--resources", "GPU=2"]
+    )
+    assert config_from_args(args).max_frame_bytes == 2**30
+    assert args.resources == {"GPU": 2.0}

@@ -28,8 +28,15 @@ PUBLIC = {
     "Worker",
     "__version__",
     "as_completed",
+    "fire_and_forget",
+    "get_client",
+    "get_worker",
     "performance_report",
+    "progress",
+    "rejoin",
+    "secede",
     "wait",
+    "worker_client",
     "write_perfetto_trace",
 }
 

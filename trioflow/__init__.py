@@ -11,7 +11,7 @@ it). Start with `Client`::
 
 import logging as _logging
 
-from trioflow.client import AsyncClient
+from trioflow.client import AsyncClient, fire_and_forget
 from trioflow.cluster import AsyncLocalCluster, LocalCluster
 from trioflow.config import Config, ConfigError
 from trioflow.errors import (
@@ -33,9 +33,11 @@ from trioflow.waiting import (
     FIRST_COMPLETED,
     FIRST_EXCEPTION,
     as_completed,
+    progress,
     wait,
 )
 from trioflow.worker import Worker
+from trioflow.worker_client import get_client, get_worker, rejoin, secede, worker_client
 
 __version__ = "0.1.0"
 
@@ -66,7 +68,14 @@ __all__ = [
     "Worker",
     "__version__",
     "as_completed",
+    "fire_and_forget",
+    "get_client",
+    "get_worker",
     "performance_report",
+    "progress",
+    "rejoin",
+    "secede",
     "wait",
+    "worker_client",
     "write_perfetto_trace",
 ]

@@ -71,6 +71,15 @@ def _port(text: str) -> int:
     return value
 
 
+def _byte_size(text: str) -> int:
+    from trioflow.config import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("configuration (overrides TRIOFLOW_* variables)")
     for field in dataclasses.fields(Config):
@@ -83,12 +92,14 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             )
             continue
         kind = {"int": int, "float": float, "str": str}[field.type.removesuffix(" | None")]
+        if field.name.endswith("_bytes"):
+            kind = _byte_size  # 4GB, 512MiB, ... as dask parses them
         group.add_argument(
             flag,
             dest=f"config_{field.name}",
             type=kind,
             default=None,
-            metavar={int: "N", float: "X", str: "TEXT"}[kind],
+            metavar={int: "N", float: "X", str: "TEXT", _byte_size: "SIZE"}[kind],
             help=_CONFIG_HELP.get(field.name),
         )
 
@@ -122,6 +133,15 @@ def _memory(text: str) -> int | None:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _resources(text: str) -> dict[str, float]:
+    from trioflow.task_options import parse_resources
+
+    try:
+        return parse_resources(text)
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scheduler_address", metavar="ADDRESS", help="the scheduler, e.g. tcp://127.0.0.1:8786")
     parser.add_argument("--nthreads", type=_positive_int, default=1, help="threads running tasks (default 1)")
@@ -140,6 +160,13 @@ def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
         type=_memory,
         default=None,
         help="kill and restart the worker when its resident memory passes this (e.g. 4GB; needs a nanny)",
+    )
+    parser.add_argument(
+        "--resources",
+        type=_resources,
+        default={},
+        metavar="NAME=N,...",
+        help="what this worker offers to tasks that ask for resources, e.g. GPU=2,MEM=8e9",
     )
     _add_server_flags(parser, default_port=0)
 
@@ -183,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_chaos_parser(commands)
     return parser
+
+
+def _resources_flag(resources: dict[str, float]) -> list[str]:
+    """``--resources`` for a worker process, or nothing."""
+    if not resources:
+        return []
+    return ["--resources", ",".join(f"{name}={amount!r}" for name, amount in resources.items())]
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -257,6 +291,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Co
             pid=os.getpid(),
             credentials=credentials,
             contact_address=args.contact_address,
+            resources=args.resources,
         )
         return trio.run(run_until_signalled, server.serve, "worker", server.say_goodbye)
     if args.command in ("worker", "nanny"):
@@ -267,6 +302,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Co
             "--host", args.host,
             "--port", str(args.port),
             "--log-level", args.log_level,
+            *_resources_flag(args.resources),
         ]
         if args.contact_address:
             worker_args += ["--contact-address", args.contact_address]

@@ -21,10 +21,12 @@ The path of a task, as seen from here:
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import itertools
 import logging
 import math
+import os
 import random
 import sys
 import threading
@@ -62,15 +64,16 @@ from trioflow.core.failures import Cancelled
 from trioflow.errors import AuthenticationError, CommClosedError, ProtocolError, SerializationError
 from trioflow.future import FINISHED, Future, FutureState
 from trioflow.graph import (
+    compute_plan,
     flatten_keys,
-    graph_key,
-    graph_nodes,
-    needed_in_order,
-    run_graph_node,
+    graph_plan,
+    persist_plan,
+    shape_like,
 )
 from trioflow.lineage import Lineage
 from trioflow.nurseries import background_tasks
 from trioflow.recorder import key_name
+from trioflow.task_options import TaskOptions, task_options
 from trioflow.protocol import (
     clip_text,
     failure_from_wire,
@@ -118,6 +121,8 @@ class AsyncClient:
         credentials: what this client proves (by default the cluster's, as
             a client, or found: ``TRIOFLOW_TOKEN``, the token files).
     """
+
+    asynchronous = True  # what dask asks of a client given as scheduler=
 
     def __init__(
         self,
@@ -477,12 +482,16 @@ class AsyncClient:
         pure: bool = True,
         retries: int = 0,
         workers: str | Iterable[str] | None = None,
+        allow_other_workers: bool = False,
+        resources: Mapping[str, float] | None = None,
+        priority: int = 0,
         **kwargs: Any,
     ) -> Future:
         """Run ``fn(*args, **kwargs)`` on the cluster; return its `Future`.
 
         Futures inside `args`/`kwargs` (also inside lists, tuples, dicts and
         sets) become dependencies: the task runs after them, with their values.
+        Every keyword not named below goes to `fn`, as in dask.distributed.
 
         Args:
             key: the task's name; by default derived from `fn` and the
@@ -490,11 +499,20 @@ class AsyncClient:
             pure: whether equal calls may share one key (and one result).
             retries: how many times to rerun the task if `fn` raises.
             workers: worker address(es) allowed to run it.
+            allow_other_workers: with `workers`, only a preference: any
+                worker runs it while none of those is alive.
+            resources: ``{"GPU": 1}``: run it only where a worker declared
+                that much, free of the tasks already running there.
+            priority: higher runs first (the default is 0).
+
+        Raises:
+            ValueError, TypeError: an option is out of bounds (named).
         """
         if not callable(fn):
             raise TypeError(f"submit() expects a callable, got {type(fn).__name__}")
+        options = task_options(retries, workers, allow_other_workers, resources, priority)
         self._admit(1)
-        [(task, future)] = self._prepare(fn, [(args, kwargs)], [key], pure, retries, workers)
+        [(task, future)] = self._prepare(fn, [(args, kwargs)], [key], pure, options)
         self._send_tasks([task], [future.key])
         return future
 
@@ -506,14 +524,20 @@ class AsyncClient:
         pure: bool = True,
         retries: int = 0,
         workers: str | Iterable[str] | None = None,
+        allow_other_workers: bool = False,
+        resources: Mapping[str, float] | None = None,
+        priority: int = 0,
         **kwargs: Any,
     ) -> list[Future]:
         """`submit` `fn` once per element of the zipped `iterables`.
 
-        `key` may be a list of keys, or a prefix for generated ones.
+        `key` may be a list of keys, or a prefix for generated ones; the
+        other options are `submit`'s, for every task; other keywords go to
+        `fn`.
         """
         if not callable(fn):
             raise TypeError(f"map() expects a callable, got {type(fn).__name__}")
+        options = task_options(retries, workers, allow_other_workers, resources, priority)
         calls = [(args, kwargs) for args in zip(*iterables, strict=False)]
         if isinstance(key, list):
             if len(key) != len(calls):
@@ -522,7 +546,7 @@ class AsyncClient:
         else:
             keys = [None] * len(calls)
         self._admit(len(calls))
-        prepared = self._prepare(fn, calls, keys, pure, retries, workers, prefix=key if isinstance(key, str) else None)
+        prepared = self._prepare(fn, calls, keys, pure, options, prefix=key if isinstance(key, str) else None)
         self._send_tasks([t for t, _ in prepared], [f.key for _, f in prepared])
         return [f for _, f in prepared]
 
@@ -532,17 +556,12 @@ class AsyncClient:
         calls: list[tuple[tuple, dict]],
         keys: list[str | None],
         pure: bool,
-        retries: int,
-        workers: str | Iterable[str] | None,
+        options: TaskOptions,
         prefix: str | None = None,
     ) -> list[tuple[m.TaskWire, Future]]:
-        if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= m.MAX_RETRIES:
-            raise ValueError(f"retries must be an int between 0 and {m.MAX_RETRIES}, got {retries!r}")
-        if isinstance(workers, str):
-            workers = [workers]
-        restrictions = None if workers is None else [str(w) for w in workers]
         function = dumps_function(fn)
         name = prefix or _function_name(fn)
+        fields = options.wire_fields()
         prepared = []
         for (args, kwargs), key in zip(calls, keys, strict=True):
             dependencies: dict[str, None] = {}
@@ -572,9 +591,8 @@ class AsyncClient:
                 function_id=used.function_id,
                 args=payload,
                 dependencies=list(dependencies),
-                retries=retries,
-                workers=restrictions,
                 scattered=False,
+                **fields,
             )
             future = self._future(key)
             self._lineage.remember(task, used)
@@ -628,24 +646,89 @@ class AsyncClient:
 
     # ------------------------------------------------------------- graphs --
 
-    async def get(self, dsk: Mapping, keys: Any, *, retries: int = 0, workers: Any = None) -> Any:
-        """Compute the dask-style graph `dsk` and return the values of `keys`.
+    # The blocking `Client` does the first step (the plan: converting,
+    # ordering and pickling the graph) in the caller's thread; here it runs
+    # in a worker thread. Only `_submit_plan` and the waiting use the loop.
 
-        `keys` is a key or a (nested) list of keys, as dask passes them, so
-        ``dask.compute(x, scheduler=client.get)`` works (with `Client`).
+    async def get(self, dsk: Any, keys: Any, **options: Any) -> Any:
+        """Compute the dask graph `dsk`; return the values of `keys`.
+
+        `dsk` is a dict of dask tasks, a `HighLevelGraph`, or a dask
+        expression (what ``dask.compute`` hands a scheduler); `keys` is a key
+        or a (nested) list of keys. The options are `submit`'s (retries,
+        workers, allow_other_workers, resources, priority), for every task.
+        With `Client`, ``dask.compute(x, scheduler=client.get)`` works.
+
+        Raises:
+            KeyError: a key is not in the graph.
+            ImportError: dask is not installed.
         """
-        nodes = graph_nodes(dsk)
-        futures: dict[Any, Future] = {}
-        for key in needed_in_order(nodes, flatten_keys(keys)):
-            inputs = {dep: futures[dep] for dep in nodes[key].dependencies}
-            futures[key] = self.submit(
-                run_graph_node, nodes[key], inputs, key=graph_key(key), retries=retries, workers=workers
+        checked = task_options(**_graph_options(options))
+        plan = await trio.to_thread.run_sync(graph_plan, dsk, flatten_keys(keys), _is_future)
+        futures = self._submit_plan(plan, checked)
+        return await self.gather(shape_like(keys, futures))
+
+    async def compute(self, collections: Any, *, optimize_graph: bool = True, **options: Any) -> Any:
+        """Start computing dask collections; return a `Future` for each value.
+
+        A single collection gives a single future, a list a list (items that
+        are not dask collections pass through). The value of the future is
+        what ``collection.compute()`` returns. Options as in `get`.
+        """
+        checked = task_options(**_graph_options(options))
+        (singleton, items), plan, where = await trio.to_thread.run_sync(
+            compute_plan, collections, optimize_graph, _is_future
+        )
+        futures = self._submit_plan(plan, checked)
+        out = [futures[where[i]] if i in where else item for i, item in enumerate(items)]
+        return out[0] if singleton else out
+
+    async def persist(self, collections: Any, *, optimize_graph: bool = True, **options: Any) -> Any:
+        """Start computing dask collections; return collections backed by futures.
+
+        Returns at once, with a collection of the same type whose graph
+        holds one `Future` per key (the values stay on the cluster). A list
+        gives a list. Options as in `get`.
+        """
+        checked = task_options(**_graph_options(options))
+        singleton, plan, rebuild = await trio.to_thread.run_sync(persist_plan, collections, optimize_graph, _is_future)
+        futures = self._submit_plan(plan, checked)
+        out = rebuild(futures)
+        return out[0] if singleton else out
+
+    def _submit_plan(self, plan: Any, options: TaskOptions) -> dict[Any, Future]:
+        """Submit the (pickled) tasks of a graph plan; a `Future` per wanted dask key.
+
+        Every task is first submitted as wanted (a scheduler forgets a task
+        nobody wants that is not yet the input of another, and a big graph
+        travels in several messages), then the handles of the tasks nobody
+        asked for are dropped: the scheduler keeps each of those while a
+        dependent needs it.
+        """
+        for key, future in plan.futures.items():
+            if future.client is not self:
+                raise ValueError(f"the graph holds a future of another client ({key!r})")
+        unknown = [key for key in plan.external if key not in self.futures]
+        if unknown:
+            raise KeyError(f"the graph refers to {unknown[0]!r}, which is neither in it nor a future of this client")
+        self._admit(len(plan.tasks))
+        fields = options.wire_fields()
+        tasks, handles = [], {}
+        for task, payload in plan.pickled:
+            wire = m.TaskWire(
+                key=task.key,
+                function_id=plan.function.function_id,
+                args=payload,
+                dependencies=list(dict.fromkeys(task.inputs.values())),
+                scattered=False,
+                **fields,
             )
-
-        def shape(k: Any) -> Any:
-            return [shape(sub) for sub in k] if isinstance(k, list) else futures[k]
-
-        return await self.gather(shape(keys))
+            handles[task.key] = self._future(task.key)
+            self._lineage.remember(wire, plan.function)
+            tasks.append(wire)
+        self._send_tasks(tasks, list(handles))
+        return {dask_key: handles.get(key) or plan.futures.get(key) or self._future(key)
+                for dask_key, key in plan.keys.items()}
 
     # ------------------------------------------------------------ results --
 
@@ -818,6 +901,16 @@ class AsyncClient:
             return [futures[key] for key in keys]
         return futures[keys[0]]
 
+    def _fire_and_forget(self, keys: list[str]) -> None:
+        """Tell the scheduler to compute `keys` even once no client holds them."""
+        if self._conn is None:
+            return  # (reconnecting: the resubmission carries only held keys)
+        for start in range(0, len(keys), KEYS_SLICE):
+            try:
+                self._conn.send(m.FireAndForget(keys=keys[start : start + KEYS_SLICE]))
+            except CommClosedError:
+                return
+
     async def cancel(self, futures: Any, reason: str = "cancelled by the client") -> None:
         """Cancel the tasks of `futures` and every dependent this client holds.
 
@@ -838,13 +931,24 @@ class AsyncClient:
             for start in range(0, len(keys), KEYS_SLICE):
                 self._conn.send(m.CancelKeys(keys=keys[start : start + KEYS_SLICE], reason=reason))
 
-    async def run(self, function: Callable[[], Any]) -> dict[str, Any]:
-        """Call ``function()`` on every worker; return ``{worker_address: result}``.
+    async def run(
+        self, function: Callable[..., Any], *args: Any, workers: Iterable[str] | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        """Call ``function(*args, **kwargs)`` on every worker (or on `workers`).
+
+        Returns ``{worker_address: result}``. It runs at once, beside the
+        worker's tasks (not in a task thread). A function with a
+        ``dask_worker`` parameter gets the `Worker` object, as in dask.
 
         Raises:
             Exception: the first exception a worker's call raised.
+            RuntimeError: `workers` names an address that is no worker here.
         """
-        answer = await self._request(m.RunEverywhere(function=dumps(function)))
+        if isinstance(workers, str):
+            workers = [workers]
+        restrict = None if workers is None else [str(w) for w in workers]
+        payload = dumps(functools.partial(function, *args, **kwargs) if args or kwargs else function)
+        answer = await self._request(m.RunEverywhere(function=payload, workers=restrict))
         results = {}
         for address, outcome in sorted(answer.results.items()):
             if outcome.result is not None:
@@ -854,6 +958,50 @@ class AsyncClient:
             else:
                 raise CommClosedError(f"worker {address}: {outcome.error}")
         return results
+
+    async def run_on_scheduler(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call ``function(*args, **kwargs)`` in the scheduler's process; return its result.
+
+        It runs in a thread of the scheduler's process. A function with a
+        ``dask_scheduler`` parameter gets the `Scheduler` object, as in dask:
+        read it, do not change it (only the scheduler's driver task may).
+
+        Raises:
+            Exception: what the function raised.
+        """
+        payload = dumps(functools.partial(function, *args, **kwargs) if args or kwargs else function)
+        answer = await self._request(m.RunOnScheduler(function=payload))
+        if answer.failure is not None:
+            raise failure_to_exception(failure_from_wire(answer.failure))
+        return loads(answer.result)
+
+    async def upload_file(self, path: str) -> None:
+        """Send a ``.py``, ``.zip`` or ``.egg`` file to every worker, now and later.
+
+        Each worker stores it in a directory of its own, first on its
+        ``sys.path`` (a ``.zip``/``.egg`` is itself put there), and reloads
+        a module of that name it had already imported; workers that join
+        later get it when they register.
+
+        Raises:
+            ValueError: not such a file, or larger than `MAX_UPLOAD_BYTES`.
+            RuntimeError: a worker could not store it (named, with why).
+        """
+        filename = os.path.basename(path)
+        if not m.is_upload_name(filename):
+            raise ValueError(
+                f"upload_file takes a .py, .zip or .egg file with a plain name (letters, digits, '_', '-', '.'), "
+                f"got {filename!r}"
+            )
+        size = os.path.getsize(path)
+        if size > m.MAX_UPLOAD_BYTES:
+            raise ValueError(f"{filename} has {size} bytes; upload_file takes at most {m.MAX_UPLOAD_BYTES}")
+        data = await trio.Path(path).read_bytes()
+        answer = await self._request(m.UploadFile(filename=filename, data=dumps(data)))
+        failed = {address: why for address, why in sorted(answer.results.items()) if why}
+        if failed:
+            address, why = next(iter(failed.items()))
+            raise RuntimeError(f"{len(failed)} workers could not store {filename}; {address}: {why}")
 
     async def replicate(self, futures: Any, n: int = 2) -> None:
         """Keep `n` copies of each future's value, on different workers.
@@ -985,6 +1133,28 @@ class AsyncClient:
         return f"<{type(self).__name__} {self.id} {self.scheduler_address} {self.status}>"
 
 
+def fire_and_forget(futures: Any) -> None:
+    """Run these futures' tasks to the end even if every handle is dropped.
+
+    As in dask.distributed: the scheduler holds each key until its task has
+    a value or a failure, then forgets it (a failure is reported to no one).
+    `futures` is a future or a list/tuple/dict/set nesting them. Not kept
+    across a scheduler restart unless a client still holds the key.
+    """
+    found: dict[str, None] = {}
+    by_client: dict[int, tuple[AsyncClient, list[str]]] = {}
+
+    def collect(obj: Any) -> bool:
+        if _is_future(obj):
+            by_client.setdefault(id(obj.client), (obj.client, []))[1].append(obj.key)
+            return True
+        return False
+
+    replace_futures(futures, collect, found)
+    for client, keys in by_client.values():
+        client._call_soon(client._fire_and_forget, list(dict.fromkeys(keys)))
+
+
 class _timeout:
     """``with _timeout(seconds)``: raise the builtin TimeoutError, or no limit."""
 
@@ -1034,6 +1204,19 @@ def _task_run_dict(run: m.TaskRun) -> dict[str, Any]:
     if run.error is not None:
         out["error"] = run.error
     return out
+
+
+def _graph_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options of `get`/`compute`/`persist`, refusing unknown ones by name.
+
+    (dask passes the keywords of ``dask.compute`` on to the scheduler; a
+    graph has no function to give them to, so an unknown one is a mistake.)
+    """
+    known = {"retries", "workers", "allow_other_workers", "resources", "priority"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown option {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    return options
 
 
 def _function_name(fn: Any) -> str:

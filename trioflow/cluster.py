@@ -93,6 +93,8 @@ class AsyncLocalCluster:
         dashboard_port: serve the scheduler's dashboard on this port (0:
             any free one; see `dashboard_link`); overrides
             `Config.dashboard_port`. Needs ``trioflow[dashboard]``.
+        resources: what each worker offers to tasks that ask for resources
+            (``{"GPU": 1}``).
     """
 
     def __init__(
@@ -109,7 +111,11 @@ class AsyncLocalCluster:
         worker_log_level: str = "warning",
         credentials: Credentials | None = None,
         dashboard_port: int | None = None,
+        resources: dict[str, float] | None = None,
     ):
+        from trioflow.task_options import check_resources
+
+        self.resources = check_resources(resources, "LocalCluster(resources=...)") or {}
         self.nanny = nanny and processes
         self.memory_limit = memory_limit
         self.n_workers = default_n_workers() if n_workers is None else n_workers
@@ -199,7 +205,8 @@ class AsyncLocalCluster:
         if self.nanny:
             launcher = ProcessLauncher(
                 self.scheduler_address,
-                ["--nthreads", str(self.threads_per_worker), "--host", self.host, "--log-level", self.worker_log_level],
+                ["--nthreads", str(self.threads_per_worker), "--host", self.host, "--log-level", self.worker_log_level,
+                 *_resources_flag(self.resources)],
                 env={**os.environ, **self.config.to_env()},
                 credentials=self.credentials,
             )
@@ -224,6 +231,7 @@ class AsyncLocalCluster:
                 self.host,
                 "--log-level",
                 self.worker_log_level,
+                *_resources_flag(self.resources),
             ]
             handle = WorkerProcess(name, command)
             self.workers[name] = handle
@@ -232,6 +240,7 @@ class AsyncLocalCluster:
         worker = Worker(
             self.scheduler_address, nthreads=self.threads_per_worker, host=self.host, config=self.config,
             credentials=self.credentials,
+            resources=self.resources,
         )
         self.workers[name] = worker
         await self._nursery.start(worker.serve)
@@ -268,6 +277,13 @@ class AsyncLocalCluster:
     async def __aexit__(self, *exc_info: Any) -> None:
         assert self._stack is not None
         await self._stack.__aexit__(*exc_info)
+
+
+def _resources_flag(resources: dict[str, float]) -> list[str]:
+    """``--resources`` for a worker process, or nothing."""
+    from trioflow.cli import _resources_flag as flag
+
+    return flag(resources)
 
 
 async def terminate(process: trio.Process, grace: float = TERMINATE_GRACE_S) -> None:
@@ -308,6 +324,7 @@ class LocalCluster:
         worker_log_level: str = "warning",
         credentials: Credentials | None = None,
         dashboard_port: int | None = None,
+        resources: dict[str, float] | None = None,
     ):
         self._cluster = AsyncLocalCluster(
             n_workers,
@@ -321,6 +338,7 @@ class LocalCluster:
             worker_log_level=worker_log_level,
             credentials=credentials,
             dashboard_port=dashboard_port,
+            resources=resources,
         )
         self._loop = LoopThread("trioflow-cluster")
         try:

@@ -12,12 +12,15 @@ Each field's docstring-comment gives its unit. Times are seconds of
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
+import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["Config", "ConfigError"]
+__all__ = ["Config", "ConfigError", "parse_bytes"]
 
 ENV_PREFIX = "TRIOFLOW_"
 
@@ -182,8 +185,9 @@ class Config:
                 continue
             field_name = name[len(ENV_PREFIX) :].lower()
             if field_name not in fields:
+                _warn_if_misspelt(name, field_name, fields)
                 continue  # other TRIOFLOW_* variables belong to other parts
-            values[field_name] = _parse(name, text, fields[field_name].type)
+            values[field_name] = _parse(name, text, fields[field_name].type, field_name)
         for name, value in overrides.items():
             if name not in fields:
                 raise ConfigError(f"Config has no field {name!r}")
@@ -210,7 +214,7 @@ def _base_type(type_name: str) -> str:
     return type_name.removesuffix(" | None")
 
 
-def _parse(variable: str, text: str, type_name: str) -> int | float | bool | str | None:
+def _parse(variable: str, text: str, type_name: str, field_name: str = "") -> int | float | bool | str | None:
     kind = _base_type(type_name)
     if kind == "str":
         return text
@@ -223,6 +227,8 @@ def _parse(variable: str, text: str, type_name: str) -> int | float | bool | str
             return False
         raise ConfigError(f"{variable}={text!r} is not true or false (use 1/0, true/false, yes/no, on/off)")
     try:
+        if field_name.endswith("_bytes"):
+            return parse_bytes(text)
         if kind == "int":
             return int(text)
         return float(text)
@@ -242,3 +248,49 @@ def _format(value: Any) -> str:
     if isinstance(value, str):
         return value
     return repr(value)
+
+
+def _warn_if_misspelt(variable: str, field_name: str, fields: Mapping[str, Any]) -> None:
+    close = difflib.get_close_matches(field_name, list(fields), n=1, cutoff=0.8)
+    if close:
+        warnings.warn(
+            f"{variable} is not a trioflow setting and is ignored; did you mean {ENV_PREFIX}{close[0].upper()}?",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+# Units of byte sizes, as dask.utils.parse_bytes has them: decimal (kB, MB...
+# and their first letters, k, M...) and binary (KiB, MiB...); any case.
+BYTE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
+    "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50,
+}
+_SIZE = re.compile(r"\s*([0-9.eE+-]*)\s*([A-Za-z]*)\s*")
+
+
+def parse_bytes(text: str | int) -> int:
+    """Bytes from a size such as ``"4GB"``, ``"512 MiB"``, ``"1e6"`` or ``"4g"``.
+
+    As ``dask.utils.parse_bytes``: ``4GB`` = ``4g`` = 4×10⁹, ``4GiB`` = 2³²;
+    units are case-insensitive; a unit alone means one of it (``"MB"``).
+
+    Raises:
+        ValueError: not a size, or negative (the message names the text).
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        value: float = text
+    else:
+        match = _SIZE.fullmatch(str(text))
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in BYTE_UNITS or not (match.group(1) or unit):
+            raise ValueError(f"{text!r} is not a byte size (e.g. 4GB, 512MiB, 1e9)")
+        try:
+            value = float(match.group(1) or 1) * BYTE_UNITS[unit]
+        except ValueError:
+            raise ValueError(f"{text!r} is not a byte size (e.g. 4GB, 512MiB, 1e9)") from None
+    if not value >= 0 or math.isinf(value):
+        raise ValueError(f"byte size {text!r} must be a finite number, at least 0")
+    return int(value)

@@ -9,6 +9,7 @@ seeded duration instead.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -24,7 +25,12 @@ class Executor(Protocol):
 
 
 class ThreadExecutor:
-    """Run functions in worker threads, `nthreads` at a time.
+    """Run functions in worker threads.
+
+    How many run at once is the worker core's decision (`WorkerState`
+    starts at most `nthreads`, and starts another when one `secede`s), so
+    the limiter here does not bound them; it only lifts Trio's default cap
+    on threads, which seceded tasks waiting on their children could reach.
 
     Cancellation: the thread cannot be interrupted. A cancelled `run`
     returns at once and the thread finishes in the background (its result
@@ -33,7 +39,8 @@ class ThreadExecutor:
     """
 
     def __init__(self, nthreads: int):
-        self.limiter = trio.CapacityLimiter(nthreads)
+        self.nthreads = nthreads
+        self.limiter = trio.CapacityLimiter(math.inf)
 
     async def run(self, fn: Callable[[], Any]) -> Any:
         return await trio.to_thread.run_sync(fn, limiter=self.limiter, abandon_on_cancel=True)

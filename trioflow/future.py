@@ -134,6 +134,11 @@ class Future:
 
     __slots__ = ("key", "_client", "_state", "__weakref__")
 
+    # dask recognises this as a future inside a graph (a persisted
+    # collection's graph maps each key to one): dask._task_spec makes it a
+    # reference to the future's key.
+    __dask_future__ = True
+
     def __init__(self, key: str, client: AsyncClient, state: FutureState):
         self.key = key
         self._client = client
@@ -207,6 +212,9 @@ class Future:
 
     def __repr__(self) -> str:
         return f"<Future {self.key!r} {self.status}>"
+
+    def __dask_tokenize__(self) -> str:
+        return self.key
 
     def __reduce__(self):
         raise TypeError(

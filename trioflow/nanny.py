@@ -47,7 +47,7 @@ from trioflow.comm.door import Door
 from trioflow.comm.network import advertised_address
 from trioflow.comm.security import Security
 from trioflow.backoff import Backoff
-from trioflow.config import Config
+from trioflow.config import Config, parse_bytes
 from trioflow.errors import CommClosedError, ProtocolError
 from trioflow.nurseries import background_tasks
 
@@ -347,27 +347,19 @@ class Nanny:
 def parse_memory(text: str) -> int | None:
     """Bytes from ``"4GB"``, ``"512MiB"``, ``"1e9"``; None for ``"0"``/``"none"``.
 
+    Units as dask has them (`trioflow.config.parse_bytes`): ``4GB`` and
+    ``4g`` are 4×10⁹ bytes, ``4GiB`` is 2³².
+
     Raises:
-        ValueError: the text is not a size.
+        ValueError: the text is not a size, or not positive.
     """
-    units = {
-        "": 1, "b": 1,
-        "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-        "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-        "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-    }
-    cleaned = text.strip().lower().replace(" ", "")
+    cleaned = text.strip().lower()
     if cleaned in ("0", "none", ""):
         return None
-    number = cleaned.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = cleaned[len(number):]
-    if unit not in units:
-        raise ValueError(f"{text!r} is not a memory size (try 4GB, 512MiB or a number of bytes)")
     try:
-        value = float(number)
+        value = parse_bytes(cleaned)
     except ValueError:
         raise ValueError(f"{text!r} is not a memory size (try 4GB, 512MiB or a number of bytes)") from None
     if value <= 0:
         raise ValueError(f"memory size {text!r} must be positive")
-    return int(value * units[unit])
-
+    return value

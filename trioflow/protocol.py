@@ -78,6 +78,17 @@ class RunSpec:
         return self.function.function_id
 
 
+def wants_keyword(fn: Callable[..., Any], name: str) -> bool:
+    """Whether `fn` takes a parameter called `name` (dask's ``dask_worker=``
+    and ``dask_scheduler=`` conventions for `Client.run` and `run_on_scheduler`)."""
+    import inspect
+
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+
+
 # ------------------------------------------------------------ arguments --
 
 _CONTAINERS = (list, tuple, dict, set, frozenset)

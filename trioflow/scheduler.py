@@ -31,6 +31,7 @@ counting against the peer's liveness.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -70,6 +71,7 @@ from trioflow.core.scheduler_events import (
     DataScattered,
     FreeKeys,
     KeysCancelled,
+    KeysFiredAndForgotten,
     KeysReleased,
     OrphansExpired,
     RecoveryEnded,
@@ -90,7 +92,8 @@ from trioflow.core.scheduler_events import (
     WorkerDisconnected,
 )
 from trioflow.errors import CommClosedError, ProtocolError, SerializationError
-from trioflow.protocol import RunSpec, failure_from_wire, failure_to_wire
+from trioflow.comm import dumps, loads
+from trioflow.protocol import RunSpec, failure_from_wire, failure_to_wire, user_error_from_exception, wants_keyword
 from trioflow.recorder import ClusterRecorder, error_text, event_record, run_record
 
 logger = logging.getLogger("trioflow.scheduler")
@@ -103,6 +106,8 @@ DRIVER_SLICE = 64
 MAX_UNHANDLED = 50_000
 # Keys a worker may list as held or running when it registers.
 MAX_REGISTERED_KEYS = 10_000_000
+# Bytes of uploaded files a scheduler keeps for workers that join later.
+MAX_UPLOADS_BYTES = 256 << 20
 
 
 class _Link:
@@ -145,6 +150,8 @@ class WorkerLink(_Link):
         self.pid = hello.pid
         # The control address of its nanny (None: no nanny, no restarts).
         self.nanny = hello.nanny
+        # What it offers to tasks that ask for resources.
+        self.resources: dict[str, float] = dict(hello.resources)
         # Registration number: later registrations have larger ones.
         self.serial = serial
         self.last_heartbeat: dict[str, float] = {}
@@ -273,6 +280,11 @@ class Scheduler:
         # free_keys and free_functions held back per worker until `_apply` ends.
         self._frees: dict[str, list[str]] = {}
         self._function_frees: dict[str, list[str]] = {}
+        # Files clients uploaded (`Client.upload_file`), in upload order: each
+        # worker that joins gets them all before anything else.
+        self.uploads: dict[str, Serialized] = {}
+        # Resource names tasks asked for that no worker declared (warned once).
+        self._unknown_resources: set[str] = set()
         # Small results that came with the task_finished being applied.
         self._inline_values: dict[str, Serialized] = {}
         # address -> (its registration number, the keys a departed worker
@@ -295,9 +307,12 @@ class Scheduler:
             m.Submit: self._on_submit,
             m.ReleaseKeys: self._on_release_keys,
             m.CancelKeys: self._on_cancel_keys,
+            m.FireAndForget: self._on_fire_and_forget,
             m.MissingData: self._on_missing_data,
             m.Scatter: self._on_scatter,
             m.RunEverywhere: self._on_run,
+            m.RunOnScheduler: self._on_run_on_scheduler,
+            m.UploadFile: self._on_upload_file,
             m.WhoHas: self._on_who_has,
             m.HasWhat: self._on_has_what,
             m.NThreads: self._on_nthreads,
@@ -515,6 +530,13 @@ class Scheduler:
         link.send(m.Welcome(address=self.address))
         link.welcomed = True
         if isinstance(link, WorkerLink):
+            # Uploaded files first: messages on a connection are ordered, so
+            # they are stored before any task that imports them arrives.
+            for filename, data in self.uploads.items():
+                try:
+                    link.requests.send_unawaited(m.UploadFile(filename=filename, data=data))
+                except CommClosedError:
+                    break
             old = self.workers.get(link.address)
             if old is not None:
                 old.close("replaced by a new connection from the same address")
@@ -522,7 +544,9 @@ class Scheduler:
             held, running = self._checked_claims(link, held, running)
             self.workers[link.address] = link
             self._apply(
-                WorkerConnected(self._stimulus("worker-joined"), link.address, link.nthreads, held, running)
+                WorkerConnected(
+                    self._stimulus("worker-joined"), link.address, link.nthreads, held, running, link.resources
+                )
             )
             orphans = tuple(k for k in (*held, *running) if k in self.state.orphans)
             if orphans:
@@ -803,6 +827,22 @@ class Scheduler:
             link.send(m.SubmitRefused(keys=keys, reason=str(exc)))
             return
         self._apply(TasksSubmitted(self._stimulus("submit"), link.client_id, tuple(specs), tuple(msg.wanted)))
+        self._warn_unknown_resources(specs)
+
+    def _warn_unknown_resources(self, specs: list[TaskSpec]) -> None:
+        """Say (once per name) that tasks ask for a resource no worker declares:
+        they wait in no-worker until such a worker joins, which may be a typo."""
+        wanted = {name for spec in specs if spec.resources for name in spec.resources}
+        if not wanted:
+            return
+        declared = {name for worker in self.workers.values() for name in worker.resources}
+        for name in sorted(wanted - declared - self._unknown_resources):
+            self._unknown_resources.add(name)
+            logger.warning(
+                "tasks ask for resource %r, which no worker declares (declared: %s); they wait "
+                "until a worker with it joins (trioflow worker --resources %s=N)",
+                name, sorted(declared) or "none", name,  # (names are at most 64 characters)
+            )
 
     def _task_specs(self, msg: m.Submit) -> list[TaskSpec]:
         """The core's task specs for a submission, after the checks the
@@ -851,6 +891,9 @@ class Scheduler:
                     tuple(task.dependencies),
                     task.retries,
                     None if task.workers is None else tuple(task.workers),
+                    task.loose,
+                    task.resources,
+                    task.priority,
                 )
             )
         return specs
@@ -860,6 +903,10 @@ class Scheduler:
 
     def _on_cancel_keys(self, link: ClientLink, msg: m.CancelKeys) -> None:
         self._apply(KeysCancelled(self._stimulus("cancel"), link.client_id, tuple(msg.keys), msg.reason))
+
+    def _on_fire_and_forget(self, link: ClientLink, msg: m.FireAndForget) -> None:
+        # The core takes only keys this client holds.
+        self._apply(KeysFiredAndForgotten(self._stimulus("fire-and-forget"), link.client_id, tuple(msg.keys)))
 
     def _on_missing_data(self, link: ClientLink, msg: m.MissingData) -> None:
         if not self.state.wants(link.client_id, msg.key):
@@ -976,10 +1023,60 @@ class Scheduler:
             reply(link.conn, request, m.KeysReply(keys=list(placed)))
 
     def _on_run(self, link: ClientLink, msg: m.RunEverywhere) -> None:
+        if msg.workers is not None:
+            unknown = [w for w in msg.workers if w not in self.state.workers]
+            if unknown:
+                reply(link.conn, msg, error=f"no worker at {clip(unknown[0])} (field 'workers')")
+                return
+
         def done(results: dict[str, m.RunOutcome]) -> None:
             reply(link.conn, msg, m.RunEverywhereReply(results=results))
 
-        self._spawn(exchanges.run_everywhere, self, msg.function, done, link=link)
+        self._spawn(exchanges.run_everywhere, self, msg.function, done, msg.workers, link=link)
+
+    def _on_run_on_scheduler(self, link: ClientLink, msg: m.RunOnScheduler) -> None:
+        """`Client.run_on_scheduler`: call a client's function in this process.
+
+        It runs in a thread of its own, so a slow function does not stall
+        the scheduler (design.md §6 rule 6). A function with a
+        ``dask_scheduler`` parameter gets this `Scheduler`: it may read it
+        (racily: the driver goes on changing the state meanwhile), and must
+        not change it: only the driver changes the core. Any client may run
+        code here, as it may on the workers: the port is the trust boundary
+        (docs/security.md).
+        """
+
+        async def run_here() -> None:
+            try:
+                function = loads(msg.function)
+                if wants_keyword(function, "dask_scheduler"):
+                    function = functools.partial(function, dask_scheduler=self)
+                result = await trio.to_thread.run_sync(function, abandon_on_cancel=True)
+                payload = dumps(result)
+            except (Exception, SystemExit) as exc:
+                failure = failure_to_wire(user_error_from_exception(exc))
+                reply(link.conn, msg, m.RunHereReply(failure=failure))
+                return
+            reply(link.conn, msg, m.RunHereReply(result=payload))
+
+        self._spawn(run_here, link=link)
+
+    def _on_upload_file(self, link: ClientLink, msg: m.UploadFile) -> None:
+        """`Client.upload_file`: keep the file for workers that join, and store
+        it on every worker now; the reply says which stored it."""
+        total = sum(d.nbytes for n, d in self.uploads.items() if n != msg.filename) + msg.data.nbytes
+        if msg.filename not in self.uploads and len(self.uploads) >= m.MAX_UPLOADS:
+            reply(link.conn, msg, error=f"this cluster already keeps {m.MAX_UPLOADS} uploaded files")
+            return
+        if total > MAX_UPLOADS_BYTES:
+            reply(link.conn, msg, error=f"uploaded files would take {total} bytes, more than {MAX_UPLOADS_BYTES}")
+            return
+        self.uploads[msg.filename] = msg.data
+
+        def done(results: dict[str, str]) -> None:
+            reply(link.conn, msg, m.UploadEverywhereReply(results=results))
+
+        self._spawn(exchanges.upload_everywhere, self, msg.filename, msg.data, done, link=link)
 
     def _on_replicate(self, link: ClientLink, msg: m.Replicate) -> None:
         keys = tuple(msg.keys)

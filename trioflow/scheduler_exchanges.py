@@ -94,8 +94,10 @@ async def scatter(host: ExchangeHost, data: dict[str, Serialized], broadcast: bo
     host.post(done, placed, [key for key in data if key not in placed])
 
 
-async def run_everywhere(host: ExchangeHost, function: Serialized, done: Callable) -> None:
-    """`Client.run`: call `function` on every worker; `done(results)`."""
+async def run_everywhere(
+    host: ExchangeHost, function: Serialized, done: Callable, workers: list[str] | None = None
+) -> None:
+    """`Client.run`: call `function` on every worker (or on `workers`); `done(results)`."""
     results: dict[str, m.RunOutcome] = {}
 
     async def run_on(address: str) -> None:
@@ -108,7 +110,27 @@ async def run_everywhere(host: ExchangeHost, function: Serialized, done: Callabl
 
     async with trio.open_nursery() as nursery:
         for address in host.live_workers():
-            nursery.start_soon(run_on, address)
+            if workers is None or address in workers:
+                nursery.start_soon(run_on, address)
+    host.post(done, results)
+
+
+async def upload_everywhere(host: ExchangeHost, filename: str, data: Serialized, done: Callable) -> None:
+    """`Client.upload_file`: store the file on every worker; `done(results)`,
+    ``{address: ""}`` for each worker that stored it, else why not."""
+    results: dict[str, str] = {}
+
+    async def upload_to(address: str) -> None:
+        try:
+            await host.ask_worker(address, m.UploadFile(filename=filename, data=data))
+        except CALL_FAILED as exc:
+            results[address] = clip(f"{type(exc).__name__}: {exc}", m.MAX_REASON_CHARS - 20)
+            return
+        results[address] = ""
+
+    async with trio.open_nursery() as nursery:
+        for address in host.live_workers():
+            nursery.start_soon(upload_to, address)
     host.post(done, results)
 
 

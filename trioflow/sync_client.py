@@ -13,12 +13,14 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from trioflow.client import AsyncClient
+from trioflow.client import AsyncClient, _graph_options, _is_future
 from trioflow.comm.auth import Credentials
 from trioflow.cluster import LocalCluster
 from trioflow.config import Config
 from trioflow.future import Future
+from trioflow.graph import compute_plan, flatten_keys, graph_plan, persist_plan, shape_like
 from trioflow.loop_thread import LoopThread
+from trioflow.task_options import task_options
 
 # The client opened last and not yet closed: what `trioflow.performance_report`
 # reports on when it is not given one (dask calls it the default client).
@@ -110,9 +112,46 @@ class Client:
         iterables = tuple(list(it) for it in iterables)
         return self._loop.run_sync(functools.partial(self._client.map, fn, *iterables, **kwargs))
 
-    def get(self, dsk: dict, keys: Any, **kwargs: Any) -> Any:
-        """Compute a dask-style graph; see `AsyncClient.get`."""
-        return self._run(self._client.get, dsk, keys, **kwargs)
+    # Dask graphs: converted, ordered and pickled here, in the caller's
+    # thread, never on the Trio thread (which a LocalCluster's scheduler
+    # may share); only the submission and the waiting happen there.
+
+    asynchronous = False  # what dask asks of a client given as scheduler=
+
+    def get(self, dsk: Any, keys: Any, **options: Any) -> Any:
+        """Compute a dask graph; see `AsyncClient.get`.
+
+        ``dask.compute(x, scheduler=client.get)`` and
+        ``dask.config.set(scheduler=client.get)`` call this.
+        """
+        checked = task_options(**_graph_options(options))
+        plan = graph_plan(dsk, flatten_keys(keys), _is_future)
+        futures = self._loop.run_sync(self._client._submit_plan, plan, checked)
+        return self.gather(shape_like(keys, futures))
+
+    def compute(self, collections: Any, *, optimize_graph: bool = True, sync: bool = False, **options: Any) -> Any:
+        """Futures for the values of dask collections; see `AsyncClient.compute`.
+
+        With ``sync=True``, the values themselves (as dask.distributed).
+        """
+        checked = task_options(**_graph_options(options))
+        (singleton, items), plan, where = compute_plan(collections, optimize_graph, _is_future)
+        futures = self._loop.run_sync(self._client._submit_plan, plan, checked)
+        out = [futures[where[i]] if i in where else item for i, item in enumerate(items)]
+        if sync:
+            out = self.gather(out)
+        return out[0] if singleton else out
+
+    def persist(self, collections: Any, *, optimize_graph: bool = True, **options: Any) -> Any:
+        """Dask collections backed by futures on the cluster; see `AsyncClient.persist`.
+
+        ``dask.persist(x, scheduler=client.get)`` calls this (with a list).
+        """
+        checked = task_options(**_graph_options(options))
+        singleton, plan, rebuild = persist_plan(collections, optimize_graph, _is_future)
+        futures = self._loop.run_sync(self._client._submit_plan, plan, checked)
+        out = rebuild(futures)
+        return out[0] if singleton else out
 
     # -- results ------------------------------------------------------------
 
@@ -125,8 +164,17 @@ class Client:
     def cancel(self, futures: Any, reason: str = "cancelled by the client") -> None:
         return self._run(self._client.cancel, futures, reason)
 
-    def run(self, function: Callable[[], Any]) -> dict[str, Any]:
-        return self._run(self._client.run, function)
+    def run(self, function: Callable[..., Any], *args: Any, workers: Any = None, **kwargs: Any) -> dict[str, Any]:
+        """See `AsyncClient.run`."""
+        return self._run(self._client.run, function, *args, workers=workers, **kwargs)
+
+    def run_on_scheduler(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """See `AsyncClient.run_on_scheduler`."""
+        return self._run(self._client.run_on_scheduler, function, *args, **kwargs)
+
+    def upload_file(self, path: str) -> None:
+        """See `AsyncClient.upload_file`."""
+        return self._run(self._client.upload_file, path)
 
     def replicate(self, futures: Any, n: int = 2) -> None:
         return self._run(self._client.replicate, futures, n)

@@ -126,6 +126,39 @@ class as_completed:
         self._pending -= 1
         return (future, future.result()) if self.with_results else future
 
+    def batches(self) -> Any:
+        """Iterate over lists of futures: each list holds every future done
+        by then (at least one), as dask.distributed's ``batches()`` does.
+
+        With `Client` a plain iterator; with `AsyncClient` an async one.
+        With ``with_results=True`` the lists hold ``(future, result)`` pairs.
+        """
+        if self._asynchronous:
+            return self._abatches()
+        return self._batches()
+
+    def _batches(self):
+        while self._pending:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._pending -= len(batch)
+            yield [(f, f.result()) for f in batch] if self.with_results else batch
+
+    async def _abatches(self):
+        while self._pending and self._receive is not None:
+            batch = [await self._receive.receive()]
+            while True:
+                try:
+                    batch.append(self._receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            self._pending -= len(batch)
+            yield [(f, await f.result()) for f in batch] if self.with_results else batch
+
     def __aiter__(self) -> as_completed:
         if self._asynchronous is False:
             raise TypeError("futures of a blocking Client: use a plain 'for'")
@@ -139,4 +172,54 @@ class as_completed:
         return (future, await future.result()) if self.with_results else future
 
 
-__all__ = ["ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "DoneAndNotDone", "as_completed", "wait"]
+def progress(*futures: Any, notebook: bool | None = None, file: Any = None, **tqdm_options: Any) -> Any:
+    """Show a progress bar until `futures` are done (a future, or lists of them).
+
+    The bar is tqdm's: ``tqdm.auto`` picks a widget in Jupyter and a text
+    bar in a terminal (``notebook=False`` forces the text bar, ``True`` the
+    widget). Failed and cancelled futures count as done. With `Client` it
+    blocks until every future is done; with `AsyncClient` it returns an
+    awaitable. Nothing is raised for failed futures (ask each one).
+
+    Args:
+        file: where a text bar is written (default: stderr).
+        tqdm_options: passed on to tqdm (``desc=``, ``leave=``...).
+    """
+    fs: list[Future] = []
+    for item in futures:
+        fs.extend([item] if isinstance(item, Future) else list(item))
+    if notebook is None:
+        from tqdm.auto import tqdm
+    elif notebook:
+        from tqdm.notebook import tqdm
+    else:
+        from tqdm import tqdm
+    if not fs:
+        return None
+    return fs[0].client._call(_progress, fs, tqdm, {"file": file, **tqdm_options})
+
+
+async def _progress(fs: list[Future], tqdm: Any, options: dict) -> None:
+    changed = trio.Event()
+
+    def on_done(_: Future) -> None:
+        changed.set()
+
+    for f in fs:
+        f._add_done_callback(on_done)
+    bar = tqdm(total=len(fs), unit="task", **{k: v for k, v in options.items() if v is not None})
+    try:
+        done = 0
+        while True:
+            now = sum(f.done() for f in fs)
+            bar.update(now - done)
+            done = now
+            if done == len(fs):
+                return
+            await changed.wait()
+            changed = trio.Event()
+    finally:
+        bar.close()
+
+
+__all__ = ["ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "DoneAndNotDone", "as_completed", "progress", "wait"]

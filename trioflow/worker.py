@@ -16,11 +16,17 @@ The values live in `self.data`, which only the driver writes.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import itertools
 import logging
 import math
 import os
 import random
+import shutil
+import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -71,6 +77,7 @@ from trioflow.core.worker_events import (
     Gather,
     GatherFailed,
     GatherSucceeded,
+    Rejoin,
     ReplicasRequested,
     SchedulerLost,
     SendDataDropped,
@@ -79,6 +86,8 @@ from trioflow.core.worker_events import (
     SendTaskErred,
     SendTaskFinished,
     SendTaskStarted,
+    TaskRejoining,
+    TaskSeceded,
     WorkerEvent,
     WorkerInstruction,
 )
@@ -86,11 +95,14 @@ from trioflow.errors import CommClosedError, ProtocolError, SerializationError
 from trioflow.executor import Executor, ThreadExecutor
 from trioflow.nurseries import background_tasks
 from trioflow.comm.messages import INLINE_VALUE_BYTES
+from trioflow.task_options import check_resources
+from trioflow.worker_client import running_task
 from trioflow.protocol import (
     failure_to_wire,
     sizeof,
     substitute,
     user_error_from_exception,
+    wants_keyword,
 )
 
 logger = logging.getLogger("trioflow.worker")
@@ -133,6 +145,8 @@ class Worker:
         rng: for reconnect jitter (seeded in the simulator).
         credentials: the cluster's credentials (by default from
             ``TRIOFLOW_TOKEN`` or `Config.token_file`).
+        resources: what this worker offers to tasks that ask for resources
+            (``{"GPU": 2}``); the scheduler counts what its tasks hold.
     """
 
     def __init__(
@@ -151,9 +165,11 @@ class Worker:
         rng: random.Random | None = None,
         credentials: Credentials | None = None,
         contact_address: str | None = None,
+        resources: dict[str, float] | None = None,
     ):
         if nthreads < 1:
             raise ValueError(f"a worker needs at least one thread, got nthreads={nthreads}")
+        self.resources = check_resources(resources, "Worker(resources=...)") or {}
         self.scheduler_address = scheduler_address
         self.nthreads = nthreads
         self.host = host
@@ -197,6 +213,14 @@ class Worker:
         self._link_registered = False
         self._said_goodbye = False
         self._rng = rng or random.Random()
+        # The blocking Client tasks get from `get_client()` (made on first use).
+        self._task_client: Any = None
+        self._task_client_lock = threading.Lock()
+        # Where uploaded files live (`Client.upload_file`): made on the first
+        # upload, put first on sys.path, removed when the worker stops.
+        self.local_directory: str | None = None
+        # Threads of seceded tasks waiting for a slot (`rejoin`), by key.
+        self._rejoining: dict[str, threading.Event] = {}
         self._scheduler_handlers: dict[type, Callable[[Connection, Any], None]] = {
             m.ComputeTask: self._on_compute_task,
             m.FreeKeys: self._on_free_keys,
@@ -204,6 +228,7 @@ class Worker:
             m.AcquireReplicas: self._on_acquire_replicas,
             m.PutData: self._on_put_data,
             m.RunEverywhere: self._on_run,
+            m.UploadFile: self._on_upload_file,
             m.Close: self._on_close,
             m.HeartbeatAck: self._on_nothing,
             m.Welcome: self._on_nothing,
@@ -250,6 +275,8 @@ class Worker:
                     nursery.start_soon(self._drive)
                     await self._stay_connected(task_status)
         finally:
+            await self._close_task_client()
+            self._remove_local_directory()
             self.closed.set()
 
     async def _stay_connected(self, task_status: trio.TaskStatus[str]) -> None:
@@ -289,6 +316,38 @@ class Worker:
                     f"for {waited:.1f} s (scheduler_timeout; last error: {reason})"
                 )
             await trio.sleep(backoff.next())
+
+    # ------------------------------------------------ tasks that submit tasks --
+
+    def task_client(self) -> Any:
+        """The blocking `Client` tasks here use (`trioflow.get_client`); made once.
+
+        Called from task threads. It reaches the scheduler this worker
+        reaches, with this worker's `Config`.
+        """
+        from trioflow.sync_client import Client  # (sync_client imports this module)
+
+        with self._task_client_lock:
+            if self._task_client is None or self._task_client.status in ("closing", "closed"):
+                self._task_client = Client(
+                    self.scheduler_address, config=self.config, credentials=self.credentials.client_only()
+                )
+            return self._task_client
+
+    async def _close_task_client(self) -> None:
+        client, self._task_client = self._task_client, None
+        if client is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(GOODBYE_TIMEOUT_S):
+                await trio.to_thread.run_sync(client.close, abandon_on_cancel=True)
+
+    def task_seceded(self, key: str) -> None:
+        """`secede()` in the thread running `key` (called in our Trio thread)."""
+        self._post(self._apply, TaskSeceded(self._stimulus("secede"), key))
+
+    def task_rejoining(self, key: str, resumed: threading.Event) -> None:
+        """`rejoin()` in the thread running `key`; `resumed` is set once it has a slot."""
+        self._rejoining[key] = resumed
+        self._post(self._apply, TaskRejoining(self._stimulus("rejoin"), key))
 
     async def close(self) -> None:
         """Say goodbye, `stop`, and wait until the worker has shut down."""
@@ -344,6 +403,7 @@ class Worker:
                     nthreads=self.nthreads,
                     pid=self.pid,
                     nanny=self.nanny_address,
+                    resources=self.resources,
                 ),
             )
             # What we hold and run, in chunks (after a scheduler restart it
@@ -464,6 +524,10 @@ class Worker:
             # is being handled: a later free_functions must not take it away
             # from a run that is about to start.
             self._spawn(self._execute, instruction, self.functions.get(instruction.run_spec[0]))
+        elif isinstance(instruction, Rejoin):
+            resumed = self._rejoining.pop(instruction.key, None)
+            if resumed is not None:
+                resumed.set()
         elif isinstance(instruction, Gather):
             self._spawn(self._gather, instruction)
         elif isinstance(instruction, DropData):
@@ -582,12 +646,56 @@ class Worker:
         """
         try:
             function = loads(msg.function)
+            if wants_keyword(function, "dask_worker"):
+                function = functools.partial(function, dask_worker=self)
             result = await self.executor.run_now(function)
             payload = dumps(result)
         except (Exception, SystemExit) as exc:
             reply(conn, msg, m.RunHereReply(failure=failure_to_wire(user_error_from_exception(exc))))
             return
         reply(conn, msg, m.RunHereReply(result=payload))
+
+    # ----------------------------------------------------------- uploads --
+
+    def _on_upload_file(self, conn: Connection, msg: m.UploadFile) -> None:
+        """Store an uploaded .py, .zip or .egg where this process imports from.
+
+        Written here, in the driver, before the next message is handled:
+        the tasks that import it come after it on this connection. (Files
+        are bounded by `MAX_UPLOAD_BYTES`, so this is a short stall.)
+        """
+        try:
+            self._store_upload(msg.filename, loads(msg.data))
+        except (OSError, SerializationError, ValueError, ImportError, SyntaxError) as exc:
+            logger.warning("worker %s could not store %s: %s", self.address, msg.filename, exc)
+            reply(conn, msg, error=clip(f"{type(exc).__name__}: {exc}", m.MAX_REASON_CHARS - 20))
+            return
+        reply(conn, msg, m.UploadHereReply())
+
+    def _store_upload(self, filename: str, data: Any) -> None:
+        if not m.is_upload_name(filename) or not isinstance(data, bytes):
+            raise ValueError(f"refusing to store {filename!r}")
+        if self.local_directory is None:
+            self.local_directory = tempfile.mkdtemp(prefix="trioflow-worker-files-")
+            sys.path.insert(0, self.local_directory)
+        path = os.path.join(self.local_directory, filename)
+        with open(path, "wb") as file:
+            file.write(data)
+        if filename.endswith(".py"):
+            importlib.invalidate_caches()
+            name = filename[: -len(".py")]
+            if name in sys.modules:
+                importlib.reload(sys.modules[name])  # a new version of a module tasks imported
+        elif path not in sys.path:
+            sys.path.insert(0, path)  # an archive: import from inside it
+        logger.info("worker %s stored %s (%d bytes)", self.address, filename, len(data))
+
+    def _remove_local_directory(self) -> None:
+        directory, self.local_directory = self.local_directory, None
+        if directory is None:
+            return
+        sys.path[:] = [p for p in sys.path if p != directory and not p.startswith(directory + os.sep)]
+        shutil.rmtree(directory, ignore_errors=True)
 
     # ----------------------------------------------------------- execution --
 
@@ -617,7 +725,8 @@ class Worker:
             except (Exception, SystemExit) as exc:
                 return False, user_error_from_exception(exc)
             try:
-                return True, fn(*call_args, **call_kwargs)
+                with running_task(self, key):
+                    return True, fn(*call_args, **call_kwargs)
             except (Exception, SystemExit) as exc:
                 return False, user_error_from_exception(exc, skip_frames=1)
 

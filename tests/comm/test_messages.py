@@ -63,6 +63,10 @@ ONE_OF_EACH: list[m.Message] = [
     request(m.Scatter(data={"a": VALUE, "b": SMALL}, broadcast=True)),
     request(m.Replicate(keys=["a"], n=2)),
     request(m.RunEverywhere(function=SMALL)),
+    request(m.RunEverywhere(function=SMALL, workers=[ADDR])),
+    request(m.RunOnScheduler(function=SMALL)),
+    request(m.UploadFile(filename="helpers.py", data=SMALL)),
+    m.FireAndForget(keys=["a"]),
     request(m.Restart(timeout=30.0)),
     request(m.Restart()),
     request(m.WhoHas(keys=["a"])),
@@ -148,6 +152,8 @@ REPLIES: list[schema.Record] = [
             address=ADDR, workers={}, tasks={}, clients=0, dashboard="http://127.0.0.1:8787/"
         )
     ),
+    m.UploadEverywhereReply(results={ADDR: "", ADDR2: "OSError: disk full"}),
+    m.UploadHereReply(),
 ]
 
 

@@ -13,6 +13,7 @@ from trioflow.core.worker_events import (
     Gather,
     GatherFailed,
     GatherSucceeded,
+    Rejoin,
     ReplicasRequested,
     SendDataDropped,
     SendReplicaAdded,
@@ -20,6 +21,8 @@ from trioflow.core.worker_events import (
     SendTaskErred,
     SendTaskFinished,
     SendTaskStarted,
+    TaskRejoining,
+    TaskSeceded,
 )
 from trioflow.core.worker_invariants import check_worker_invariants
 
@@ -177,3 +180,43 @@ def test_compute_of_a_value_still_to_fetch_computes_it(worker):
     assert not [i for i in out if isinstance(i, Gather)]
     assert state.tasks["y"].state in (WorkerTaskState.READY, WorkerTaskState.EXECUTING)
     check_worker_invariants(state)
+
+
+def test_a_seceded_task_gives_its_thread_to_the_next_and_rejoins_first(worker):
+    """secede: the next ready task starts on the freed slot; rejoin waits for a
+    slot and gets it before any ready task; both results are reported."""
+    worker.handle(compute("parent", priority=(1,)))
+    worker.handle(compute("child", priority=(2,)))
+    worker.handle(compute("other", priority=(3,)))
+    out = worker.handle(TaskSeceded("s1", "parent"))
+    assert out == [SendTaskStarted("s1", "child"), Execute("s1", "child", "run-child", ())]
+    assert list(worker.executing) == ["child"] and list(worker.seceded) == ["parent"]
+    assert worker.running() == ["child", "parent"]
+    assert worker.handle(TaskRejoining("s2", "parent")) == []  # every slot is taken
+    out = worker.handle(ExecutionSucceeded("s3", "child", 4))
+    assert out == [SendTaskFinished("s3", "child", 4), Rejoin("s3", "parent")]  # not "other"
+    assert list(worker.executing) == ["parent"] and worker.seceded == {} and worker.rejoining == {}
+    out = worker.handle(ExecutionSucceeded("s4", "parent", 4))
+    assert out == [SendTaskFinished("s4", "parent", 4), SendTaskStarted("s4", "other"),
+                   Execute("s4", "other", "run-other", ())]
+
+
+def test_a_seceded_task_may_finish_without_rejoining(worker):
+    """A seceded task that ends (or is cancelled meanwhile) frees nothing twice."""
+    worker.handle(compute("parent"))
+    worker.handle(TaskSeceded("s1", "parent"))
+    worker.handle(TaskRejoining("s2", "parent"))  # granted at once: its slot is free
+    assert list(worker.executing) == ["parent"]
+    worker.handle(TaskSeceded("s3", "parent"))
+    assert worker.handle(FreeRequested("s4", ("parent",))) == []
+    assert worker.tasks["parent"].state is WorkerTaskState.CANCELLED
+    out = worker.handle(ExecutionSucceeded("s5", "parent", 1))
+    assert out == [DropData("s5", ("parent",))]
+    assert worker.seceded == {} and worker.executing == {}
+
+
+def test_secede_or_rejoin_of_a_task_not_running_is_ignored(worker):
+    """Events for keys that do not run here change nothing."""
+    assert worker.handle(TaskSeceded("s1", "ghost")) == []
+    assert worker.handle(TaskRejoining("s2", "ghost")) == []
+    assert worker.seceded == {} and worker.rejoining == {}

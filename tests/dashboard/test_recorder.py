@@ -162,7 +162,13 @@ def test_the_transition_log_is_still_the_core_story(watched):
     assert isinstance(state.story, TransitionLog)
     state.handle(WorkerConnected(stimulus("join"), A, 1))
     submit(state, "x")
-    assert [entry[:3] for entry in state.story] == [("x", "released", "waiting"), ("x", "waiting", "processing")]
+    # (A root task passes through the queue, so that tasks made ready
+    # together go out best priority first.)
+    assert [entry[:3] for entry in state.story] == [
+        ("x", "released", "waiting"),
+        ("x", "waiting", "queued"),
+        ("x", "queued", "processing"),
+    ]
 
 
 def test_a_worker_death_is_an_event_with_its_reason_and_its_rescheduled_runs(watched):

@@ -32,6 +32,7 @@ from trioflow.core.scheduler_events import (
     DataScattered,
     FreeKeys,
     KeysCancelled,
+    KeysFiredAndForgotten,
     KeysReleased,
     ReplicaAdded,
     ReplicaMissing,
@@ -95,21 +96,16 @@ def restart_events(scope: m.Scope, world: m.World, *, clients_first: bool) -> li
             1,
             {k: NBYTES for k, t in world.tasks if w in t.who_has},
             tuple(k for k, t in world.tasks if t.processing_on == w and t.running),
+            dict(scope.worker_resources.get(w, ())),
         )
         for w in sorted(world.live)
     ]
     clients = []
-    for client in sorted({c for c, _ in world.holds}):
+    for client in sorted({c for c, _ in world.holds} - {m.FIRE_AND_FORGET}):
         held = sorted(k for c, k in world.holds if c == client)
         lineage = [k for k in scope.keys if any(k in scope.lineage(h) for h in held)]
         specs = tuple(
-            TaskSpec(
-                k,
-                None if scope.keys[k].scattered else f"run-{k}",  # scattered: no function
-                scope.keys[k].deps,
-                0,
-                scope.keys[k].restrict,
-            )
+            task_spec(scope, k, None if scope.keys[k].scattered else f"run-{k}")  # scattered: no function
             for k in lineage
         )
         clients.append(TasksSubmitted(sid(), client, specs, tuple(held)))
@@ -117,15 +113,18 @@ def restart_events(scope: m.Scope, world: m.World, *, clients_first: bool) -> li
     return [*(clients + workers if clients_first else workers + clients), RecoveryEnded(sid())]
 
 
+def task_spec(scope: m.Scope, key: str, run_spec) -> TaskSpec:
+    """The core's spec of a model key, with its options."""
+    spec = scope.keys[key]
+    resources = dict(spec.resources) or None
+    return TaskSpec(key, run_spec, spec.deps, 0, spec.restrict, spec.loose, resources, spec.priority)
+
+
 def to_core(scope: m.Scope, world: m.World, event: m.Event) -> SchedulerEvent:
     """The core event that means the same as the model's `event`."""
     match event:
         case m.Submit(client, key):
-            specs = tuple(
-                TaskSpec(k, f"run-{k}", scope.keys[k].deps, 0, scope.keys[k].restrict)
-                for k in scope.lineage(key)
-                if not scope.keys[k].scattered
-            )
+            specs = tuple(task_spec(scope, k, f"run-{k}") for k in scope.lineage(key) if not scope.keys[k].scattered)
             return TasksSubmitted(sid(), client, specs, (key,))
         case m.Release(client, key):
             return KeysReleased(sid(), client, (key,))
@@ -136,7 +135,10 @@ def to_core(scope: m.Scope, world: m.World, event: m.Event) -> SchedulerEvent:
         case m.Scatter(client, key, worker):
             return DataScattered(sid(), client, {key: (NBYTES, (worker,))})
         case m.WorkerJoins(worker, held):
-            return WorkerConnected(sid(), worker, 1, {k: NBYTES for k in held})
+            resources = dict(scope.worker_resources.get(worker, ()))
+            return WorkerConnected(sid(), worker, 1, {k: NBYTES for k in held}, (), resources)
+        case m.FireAndForget(client, key):
+            return KeysFiredAndForgotten(sid(), client, (key,))
         case m.WorkerDies(worker):
             return WorkerDisconnected(sid(), worker)
         case m.WorkerRetires(worker):

@@ -21,9 +21,12 @@ from tests.properties.lockstep import Lockstep, to_core
 from trioflow.core import TRANSITIONS as CORE_TRANSITIONS
 from trioflow.core.scheduler_events import TaskErred, TaskStarted
 
-# Six keys exercise every kind of task: roots (a, b), a restricted task
-# needing scattered data (c), a join (d), and a task with a computed and a
-# scattered input (e).
+# Nine keys exercise every kind of task: roots (a, b, and p of higher user
+# priority), a restricted task needing scattered data (c), a join (d), a
+# task with a computed and a scattered input (e), a task that prefers w2
+# but takes any worker while w2 is away (f, whose inputs b and p become
+# ready together), and two that need the one GPU
+# (only w1 has one): a root (g) and a task with an input (h).
 # Three one-thread workers; two deaths while running make a task bad.
 SCOPE = m.Scope(
     {
@@ -33,10 +36,15 @@ SCOPE = m.Scope(
         "c": m.KeySpec(("s",), restrict=("w3",)),
         "d": m.KeySpec(("a", "b")),
         "e": m.KeySpec(("a", "s")),
+        "p": m.KeySpec(priority=1),
+        "f": m.KeySpec(("b", "p"), restrict=("w2",), loose=True),
+        "g": m.KeySpec(resources=(("GPU", 1),)),
+        "h": m.KeySpec(("a",), resources=(("GPU", 1),)),
     },
     workers=("w1", "w2", "w3"),
     clients=("c1", "c2"),
     allowed_failures=2,
+    worker_resources={"w1": (("GPU", 1),)},
 )
 COMPUTED = SCOPE.computed()
 
@@ -99,11 +107,18 @@ class SchedulerConformance(RuleBasedStateMachine):
             self.step(m.Scatter(client, key, data.draw(st.sampled_from(sorted(self.world.live)))))
 
     @precondition(lambda self: self.world.holds)
-    @rule(data=st.data(), how=st.sampled_from(["release", "cancel", "leave", "replicate"]))
+    @rule(data=st.data(), how=st.sampled_from(["release", "cancel", "leave", "replicate", "fire-and-forget"]))
     def client_drops(self, data, how):
-        """A client releases or cancels a future, goes away, or asks for copies."""
-        client, key = data.draw(st.sampled_from(sorted(self.world.holds)))
-        if how == "release":
+        """A client releases or cancels a future, goes away, asks for copies, or
+        fires and forgets it."""
+        holds = sorted(h for h in self.world.holds if h[0] != m.FIRE_AND_FORGET)
+        assume(holds)
+        client, key = data.draw(st.sampled_from(holds))
+        if how == "fire-and-forget":
+            t = self.world.task(key)
+            if t.state in (*m.IN_PROGRESS, m.RELEASED) and (m.FIRE_AND_FORGET, key) not in self.world.holds:
+                self.step(m.FireAndForget(client, key))
+        elif how == "release":
             self.step(m.Release(client, key))
         elif how == "cancel":
             self.step(m.Cancel(client, key))
@@ -397,3 +412,41 @@ def test_a_value_re_registered_after_a_scheduler_restart_is_kept():
     # claims the value, but is released (nobody needs it *yet*) and its value
     # freed, then recomputed once d waits for it.
     ls.step(m.SchedulerRestarts(), clients_first=False)
+
+
+# Submit options (resources, priority, loose restrictions, fire-and-forget):
+# a minimal sequence for each, followed by core and model step by step.
+
+
+def test_the_root_task_of_higher_priority_goes_out_first():
+    """b and p become ready in one step on one worker: p (priority 1) runs, b queues."""
+    ls = run(m.WorkerJoins("w1"), m.Submit("c1", "f"))
+    assert ls.world.state_of("p") is m.PROCESSING and ls.world.state_of("b") is m.QUEUED
+
+
+def test_a_task_waits_for_the_worker_with_its_resource():
+    """g needs the GPU only w1 has: no-worker with w2 alone, runs when w1 joins;
+    h then waits for the GPU g holds, and takes it when g finishes."""
+    ls = run(m.WorkerJoins("w2"), m.Submit("c1", "g"))
+    assert ls.world.state_of("g") is m.NO_WORKER
+    ls.step(m.WorkerJoins("w1"))
+    assert ls.world.task("g").processing_on == "w1"
+    ls.step(m.Submit("c1", "h"))
+    ls.step(m.TaskFinishes("a", ls.world.task("a").processing_on))
+    assert ls.world.state_of("h") is m.NO_WORKER
+    ls.step(m.TaskFinishes("g", "w1"))
+    assert ls.world.task("h").processing_on == "w1"
+
+
+def test_a_loose_task_runs_elsewhere_while_its_worker_is_away():
+    """f prefers w2; with only w1 alive it runs on w1."""
+    ls = run(m.WorkerJoins("w1"), m.Submit("c1", "f"), m.TaskFinishes("p", "w1"), m.TaskFinishes("b", "w1"))
+    assert ls.world.task("f").processing_on == "w1"
+
+
+def test_a_fired_and_forgotten_task_runs_to_the_end_and_is_forgotten():
+    """fire_and_forget then release: b still runs; once finished it is forgotten."""
+    ls = run(m.WorkerJoins("w1"), m.Submit("c1", "b"), m.FireAndForget("c1", "b"), m.Release("c1", "b"))
+    assert ls.world.state_of("b") is m.PROCESSING
+    ls.step(m.TaskFinishes("b", "w1"))
+    assert ls.world.state_of("b") is m.FORGOTTEN and not ls.world.holds

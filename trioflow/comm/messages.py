@@ -124,6 +124,12 @@ MAX_NBYTES = 1 << 62
 MAX_TIMEOUT_S = 86_400.0
 MAX_FUNCTIONS_PER_SUBMIT = 1_024
 MAX_METRICS = 64
+# A task's user priority (`submit(priority=...)`), either sign.
+MAX_PRIORITY = 1 << 31
+# Resources a worker declares and a task asks for ({"GPU": 2}).
+MAX_RESOURCES = 64
+MAX_RESOURCE_NAME_CHARS = 64
+MAX_RESOURCE_AMOUNT = 1e18
 # Results this small (pickled) travel with the "finished" reports, so a
 # client gets them without a round trip to the worker.
 INLINE_VALUE_BYTES = 1024
@@ -137,6 +143,18 @@ MAX_STREAM_COUNT = 10_000_000
 # Cluster events in one `get_cluster_metrics` reply; counters in it.
 MAX_EVENTS = 1_000
 MAX_COUNTERS = 64
+# `Client.upload_file`: one file's bytes, and how many files a cluster keeps
+# (each is sent to every worker that joins).
+MAX_UPLOAD_BYTES = 64 << 20
+MAX_UPLOADS = 256
+# A plain file name with the suffix of a file Python can import from:
+# no directory part, no leading dot.
+_UPLOAD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.(py|zip|egg)").fullmatch
+
+
+def is_upload_name(name: str) -> bool:
+    """Whether `name` may be uploaded (``mod.py``, ``pkg.zip``, ``lib.egg``)."""
+    return bool(_UPLOAD_NAME(name)) and ".." not in name
 
 
 def _is_address(text: str) -> bool:
@@ -169,6 +187,11 @@ REPLY_KEYS = List(KEY, MAX_REPLY_KEYS)
 METRICS = Map(Str(64, name="metric"), Float(-1e18, 1e18), MAX_METRICS)
 TIMESTAMP = Float(0.0, MAX_TIMESTAMP_S)
 SEQ = Int(0, 1 << 62)
+RESOURCES = Map(
+    Str(MAX_RESOURCE_NAME_CHARS, min_chars=1, name="resource name"),
+    Float(1e-9, MAX_RESOURCE_AMOUNT),
+    MAX_RESOURCES,
+)
 
 
 # ------------------------------------------------------------ the base class --
@@ -334,6 +357,8 @@ class Hello(Message, op="hello", channels=(HELLO,)):
     nthreads = Optional(Int(1, MAX_THREADS))
     pid = Optional(PID)
     nanny = Optional(ADDRESS)
+    # What a worker offers to tasks that ask for resources ({"GPU": 2}).
+    resources = Optional(RESOURCES, {})
 
     def check_fields(self) -> None:
         needed = {"client": ("client_id",), "worker": ("address", "nthreads")}.get(self.role, ())
@@ -404,9 +429,17 @@ class TaskWire(Record):
     dependencies = Optional(List(KEY, MAX_DEPENDENCIES), ())
     retries = Optional(Int(0, MAX_RETRIES), 0)
     workers = Optional(Nullable(ADDRESSES))
+    # With `workers`: a preference, not a restriction (allow_other_workers).
+    loose = Optional(Bool(), False)
+    # {name: amount} the task holds on its worker while it runs.
+    resources = Optional(Nullable(RESOURCES))
+    # The user's priority: higher runs first.
+    priority = Optional(Int(-MAX_PRIORITY, MAX_PRIORITY), 0)
     scattered = Optional(Bool(), False)
 
     def check_fields(self) -> None:
+        if self.loose and self.workers is None:
+            raise FieldError("'loose' needs 'workers'")
         if self.scattered:
             if self.function_id is not None or self.args is not None or self.dependencies:
                 raise FieldError("scattered data has no function, arguments or dependencies")
@@ -533,6 +566,16 @@ class RunHereReply(Record):
             raise FieldError("exactly one of 'result', 'failure' is expected")
 
 
+class UploadEverywhereReply(Record):
+    """Per worker: empty if it stored the file, else why not."""
+
+    results = Map(ADDRESS, REASON, MAX_WORKERS)
+
+
+class UploadHereReply(Record):
+    pass
+
+
 class PutDataReply(Record):
     nbytes = Map(KEY, NBYTES, MAX_REPLY_KEYS)
 
@@ -597,6 +640,12 @@ class MissingData(Message, op="missing_data", channels=(CLIENT_TO_SCHEDULER,)):
     holders = ADDRESSES
 
 
+class FireAndForget(Message, op="fire_and_forget", channels=(CLIENT_TO_SCHEDULER,)):
+    """Compute these keys (of this client's) even once no client holds them."""
+
+    keys = KEYS
+
+
 class ClientHeartbeat(Message, op="client_heartbeat", channels=(CLIENT_TO_SCHEDULER,)):
     """Sent by an idle client, so that its connection is not closed as idle."""
 
@@ -616,9 +665,28 @@ class Replicate(Message, op="replicate", channels=(CLIENT_TO_SCHEDULER,), reply=
 
 
 class RunEverywhere(Message, op="run", channels=(CLIENT_TO_SCHEDULER, SCHEDULER_TO_WORKER), reply=None):
-    """Call a function on every worker (from a client) or on this worker (from the scheduler)."""
+    """Call a function on every worker, or on `workers` (from a client), or on this worker (from the scheduler)."""
 
     function = Pickled()
+    workers = Optional(Nullable(ADDRESSES))
+
+
+class RunOnScheduler(Message, op="run_on_scheduler", channels=(CLIENT_TO_SCHEDULER,), reply=RunHereReply):
+    """Call a function in the scheduler's process (in a thread of its own)."""
+
+    function = Pickled()
+
+
+UPLOAD_NAME = Str(MAX_NAME_CHARS, min_chars=1, name="file name", test=is_upload_name)
+
+
+class UploadFile(Message, op="upload_file", channels=(CLIENT_TO_SCHEDULER, SCHEDULER_TO_WORKER), reply=None):
+    """Store a .py, .zip or .egg file where every worker imports from (and on workers that join later)."""
+
+    filename = UPLOAD_NAME
+    # The file's bytes, pickled (so they travel as a frame of their own,
+    # not in the message body); only a worker unpickles them.
+    data = Pickled(max_bytes=MAX_UPLOAD_BYTES + 1024)
 
 
 class Restart(Message, op="restart", channels=(CLIENT_TO_SCHEDULER,), reply=RestartReply):
@@ -862,12 +930,16 @@ class RestartWorker(Message, op="restart_worker", channels=(SCHEDULER_TO_NANNY,)
 # `run` answers differently by where it goes: every worker's outcome to a
 # client, one outcome from a worker. Its reply is chosen per channel.
 RUN_REPLIES = {CLIENT_TO_SCHEDULER: RunEverywhereReply, SCHEDULER_TO_WORKER: RunHereReply}
+# `upload_file` likewise: every worker's answer to a client, one from a worker.
+UPLOAD_REPLIES = {CLIENT_TO_SCHEDULER: UploadEverywhereReply, SCHEDULER_TO_WORKER: UploadHereReply}
 
 
 def reply_kind(request: type[Message], channel: str) -> type[Record] | None:
     """The reply record of `request` sent on `channel` (None: one-way)."""
     if request is RunEverywhere:
         return RUN_REPLIES[channel]
+    if request is UploadFile:
+        return UPLOAD_REPLIES[channel]
     return request.REPLY
 
 

@@ -106,6 +106,18 @@ class Requests:
             raise pending.error
         return pending.reply
 
+    def send_unawaited(self, message: messages.Message) -> None:
+        """Send the request `message` now; nobody waits for its reply, which
+        is discarded when it comes (`deliver`). For requests that must go
+        out in order with other messages, and whose answer only a log needs.
+
+        Raises:
+            CommClosedError: the connection is closed.
+        """
+        assert messages.reply_kind(type(message), self.channel) is not None
+        message.request_id = next(self._ids)
+        self.conn.send(message)
+
     def deliver(self, message: messages.Message) -> bool:
         """Hand a received reply to its waiting caller; False if not a reply.
 

@@ -36,6 +36,12 @@ class TaskSpec:
         dependencies: keys whose values the task takes as arguments.
         retries: how many times a raising function is run again.
         workers: if given, the only worker addresses allowed to run it.
+        loose: with `workers`, a preference only: while none of them is
+            alive, any live worker may run it (allow_other_workers).
+        resources: ``{name: amount}`` the task holds on its worker while it
+            is processing there; only workers with that much free may run it.
+        priority: the user's priority; higher runs first, before the
+            scheduler's own order (submission order) is consulted.
     """
 
     key: str
@@ -43,6 +49,9 @@ class TaskSpec:
     dependencies: tuple[str, ...] = ()
     retries: int = 0
     workers: tuple[str, ...] | None = None
+    loose: bool = False
+    resources: Mapping[str, float] | None = None
+    priority: int = 0
 
 
 @frozen
@@ -108,6 +117,8 @@ class WorkerConnected(SchedulerEvent):
     nthreads: int
     held: Mapping[str, int] = dataclasses.field(default_factory=dict)
     running: tuple[str, ...] = ()
+    # What the worker offers to tasks that ask for resources ({"GPU": 2}).
+    resources: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 @frozen
@@ -196,6 +207,20 @@ class ReplicationRequested(SchedulerEvent):
     client: str
     keys: tuple[str, ...]
     n: int
+
+
+@frozen
+class KeysFiredAndForgotten(SchedulerEvent):
+    """`client` asks that `keys` be computed even once nobody holds them
+    (`fire_and_forget`): the pseudo-client `FIRE_AND_FORGET` holds each
+    until it has a value or a failure."""
+
+    client: str
+    keys: tuple[str, ...]
+
+
+# The pseudo-client that holds fire-and-forget keys (never told anything).
+FIRE_AND_FORGET = "fire-and-forget"
 
 
 @frozen

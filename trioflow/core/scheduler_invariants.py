@@ -126,6 +126,18 @@ def _violations(state: SchedulerState):  # noqa: C901 - a flat list of checks
             ts = state.tasks.get(key)
             if ts is None or address not in ts.replicas_pending:
                 yield f"worker {address}: lists {key!r} as replicating"
+        # Resources: what the tasks processing here hold, within what it has.
+        used: dict[str, float] = {}
+        for key in ws.processing:
+            ts = state.tasks.get(key)
+            for name, amount in ((ts.resources or {}) if ts is not None else {}).items():
+                used[name] = used.get(name, 0) + amount
+        if any(abs(used.get(n, 0) - ws.used.get(n, 0)) > 1e-6 for n in {*used, *ws.used}):
+            yield f"worker {address}: resources in use {ws.used} != held by its tasks {used}"
+        # (`used` may exceed `resources` after a scheduler restart: a run a
+        # worker still has is taken up where it runs, even if the new
+        # scheduler placed another task on those resources first. A task
+        # is never *sent* where its resources are not free: spec STEP-RESOURCES.)
         # Idle workers take root tasks: never saturated ones, always hungry ones.
         if (address in state.idle and ws.saturated) or (ws.hungry and address not in state.idle):
             yield f"worker {address}: idle={address in state.idle} saturated={ws.saturated} hungry={ws.hungry}"

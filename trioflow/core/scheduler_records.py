@@ -47,6 +47,8 @@ class SchedulerTask:
         "priority",
         "retries_left",
         "restrictions",
+        "loose",
+        "resources",
         "state",
         "dependencies",
         "dependents",
@@ -73,14 +75,22 @@ class SchedulerTask:
         priority: tuple[int, ...],
         retries: int = 0,
         restrictions: tuple[str, ...] | None = None,
+        loose: bool = False,
+        resources: dict[str, float] | None = None,
     ):
         self.key = key
         # What a worker runs; None for scattered data, which has no lineage.
         self.run_spec = run_spec
-        # Lower runs first; submission order, so earlier work finishes first.
+        # Lower runs first: (-user priority, submission number), so the
+        # user's priority comes first and earlier work finishes first.
         self.priority = priority
         self.retries_left = retries
+        # The only workers allowed to run it (None: any); with `loose`, the
+        # workers it prefers while one of them is alive.
         self.restrictions = restrictions
+        self.loose = loose
+        # {name: amount} it holds on its worker while processing there.
+        self.resources = resources
         self.state = TaskState.RELEASED
         # Ordered dicts used as sets: iteration order must not depend on
         # hash() of strings (design.md §3 rule 6).
@@ -127,11 +137,18 @@ class SchedulerTask:
 class SchedulerWorker:
     """What the scheduler knows about one live worker."""
 
-    __slots__ = ("address", "nthreads", "capacity", "refill_at", "processing", "has_what", "replicating")
+    __slots__ = (
+        "address", "nthreads", "capacity", "refill_at", "processing", "has_what", "replicating", "resources", "used"
+    )
 
-    def __init__(self, address: str, nthreads: int, saturation: float):
+    def __init__(self, address: str, nthreads: int, saturation: float, resources: dict[str, float] | None = None):
         self.address = address
         self.nthreads = nthreads
+        # What it declared ({"GPU": 2}), and how much of it the tasks
+        # processing here hold. Invariant: `used` is the sum of the
+        # resources of the tasks in `processing`, and never exceeds `resources`.
+        self.resources: dict[str, float] = dict(resources or {})
+        self.used: dict[str, float] = {}
         # How many tasks may be assigned here at once before root tasks queue
         # on the scheduler instead (Config.worker_saturation).
         self.capacity = (
@@ -147,6 +164,16 @@ class SchedulerWorker:
         self.has_what: dict[str, None] = {}
         # Keys we were asked to fetch a copy of (their replicas_pending lists us).
         self.replicating: dict[str, None] = {}
+
+    def fits(self, resources: dict[str, float] | None) -> bool:
+        """Whether a task needing `resources` may start here now."""
+        return not resources or all(
+            self.used.get(name, 0) + amount <= self.resources.get(name, 0) for name, amount in resources.items()
+        )
+
+    def has(self, resources: dict[str, float] | None) -> bool:
+        """Whether this worker declared at least `resources` (in use or not)."""
+        return not resources or all(amount <= self.resources.get(name, 0) for name, amount in resources.items())
 
     @property
     def occupancy(self) -> float:

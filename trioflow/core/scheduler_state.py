@@ -37,8 +37,10 @@ from trioflow.core.scheduler_events import (
     ClusterRestarted,
     DataDropped,
     DataScattered,
+    FIRE_AND_FORGET,
     FreeKeys,
     KeysCancelled,
+    KeysFiredAndForgotten,
     KeysReleased,
     OrphansExpired,
     RecoveryEnded,
@@ -131,6 +133,9 @@ class SchedulerState(TaskTransitions):
             maxlen=story_length
         )
         self._submitted = 0
+        # Set when a task gave its resources back: tasks waiting in
+        # no-worker for resources are placed again before `handle` returns.
+        self._resources_freed = False
         self._stimulus_id = ""
         self._out: list[SchedulerMessage] = []
         self._handlers: dict[type, Callable[[SchedulerEvent], None]] = {
@@ -149,6 +154,7 @@ class SchedulerState(TaskTransitions):
             ReplicaMissing: self._on_replica_missing,
             DataDropped: self._on_data_dropped,
             ReplicationRequested: self._on_replication_requested,
+            KeysFiredAndForgotten: self._on_keys_fired_and_forgotten,
             ClusterRestarted: self._on_cluster_restarted,
             OrphansExpired: self._on_orphans_expired,
             RecoveryEnded: self._on_recovery_ended,
@@ -161,6 +167,9 @@ class SchedulerState(TaskTransitions):
         self._stimulus_id = event.stimulus_id
         try:
             self._handlers[type(event)](event)
+            if self._resources_freed:
+                self._resources_freed = False
+                self._transitions({k: PROCESSING for k in self.unrunnable if self.tasks[k].resources})
             self._fill_idle_workers()
         finally:
             out, self._out = self._out, []
@@ -253,9 +262,11 @@ class SchedulerState(TaskTransitions):
             ts = SchedulerTask(
                 spec.key,
                 spec.run_spec,
-                priority=(self._submitted,),
+                priority=(-spec.priority, self._submitted),
                 retries=spec.retries,
                 restrictions=spec.workers,
+                loose=spec.loose and spec.workers is not None,
+                resources=dict(spec.resources) if spec.resources else None,
             )
             self.tasks[spec.key] = ts
             new.append(ts)
@@ -376,7 +387,7 @@ class SchedulerState(TaskTransitions):
             ts = self.tasks.get(key)
             if ts is None:
                 self._submitted += 1
-                ts = self.tasks[key] = SchedulerTask(key, None, priority=(self._submitted,))
+                ts = self.tasks[key] = SchedulerTask(key, None, priority=(0, self._submitted))
             ts.who_wants[ev.client] = None
             wanted[key] = None
             if ts.state is MEMORY:
@@ -414,7 +425,7 @@ class SchedulerState(TaskTransitions):
             # A new connection from an address we still think is alive: the
             # old incarnation is gone.
             self._on_worker_disconnected(WorkerDisconnected(ev.stimulus_id, ev.worker))
-        ws = SchedulerWorker(ev.worker, ev.nthreads, self.worker_saturation)
+        ws = SchedulerWorker(ev.worker, ev.nthreads, self.worker_saturation, dict(ev.resources))
         self.workers[ev.worker] = ws
         self.idle[ev.worker] = None
         # Every value the worker brings is taken first; only then do their
@@ -443,9 +454,9 @@ class SchedulerState(TaskTransitions):
                 self.recovering_runs[key] = ev.worker
         recs: Recommendations = {}
         for key in self.unrunnable:
-            ts = self.tasks[key]
-            if ts.restrictions is None or ev.worker in ts.restrictions:
-                recs[key] = PROCESSING
+            # Tried again: the newcomer may be allowed, have the resources,
+            # or be the first live worker a loose task may fall back on.
+            recs[key] = PROCESSING
         for key in ev.running:
             ts = self.tasks.get(key)
             if ts is not None and ts.state is QUEUED:
@@ -649,6 +660,7 @@ class SchedulerState(TaskTransitions):
             ws.processing.clear()
             ws.has_what.clear()
             ws.replicating.clear()
+            ws.used.clear()
         self.idle = dict.fromkeys(self.workers)
         self.queued.clear()
         self.unrunnable.clear()
@@ -659,6 +671,24 @@ class SchedulerState(TaskTransitions):
         self.orphans.clear()
         self.recovering_runs.clear()
         self.unjudged.clear()
+
+    def _on_keys_fired_and_forgotten(self, ev: KeysFiredAndForgotten) -> None:
+        """The pseudo-client FIRE_AND_FORGET holds each key still in progress
+        (of those `ev.client` holds) until it has a value or a failure
+        (`_release_fired`): the task runs even if every client lets go."""
+        held = self.clients.get(ev.client, {})
+        fired = self.clients.setdefault(FIRE_AND_FORGET, {})
+        recs: Recommendations = {}
+        for key in ev.keys:
+            ts = self.tasks.get(key)
+            if key in held and ts is not None and ts.state in IN_PROGRESS | {RELEASED}:
+                ts.who_wants[FIRE_AND_FORGET] = None
+                fired[key] = None
+                if ts.state is RELEASED:
+                    # Its client had the value (a small one), but the
+                    # pseudo-client has not: it is computed again.
+                    recs[key] = WAITING
+        self._transitions(recs)
 
     def _on_orphans_expired(self, ev: OrphansExpired) -> None:
         for key in ev.keys:

@@ -40,6 +40,7 @@ from collections.abc import Callable
 
 from trioflow.core.failures import DataLost
 from trioflow.core.scheduler_events import (
+    FIRE_AND_FORGET,
     AcquireReplicas,
     ComputeTask,
     FreeKeys,
@@ -91,6 +92,7 @@ class TaskTransitions:
     allowed_failures: int
     _stimulus_id: str
     _out: list[SchedulerMessage]
+    _resources_freed: bool
 
     # ------------------------------------------------ the transition engine --
 
@@ -179,10 +181,20 @@ class TaskTransitions:
             self._assign(ts, self.workers[running_on])
             ts.running = True
             return
-        ws = self._choose_worker(ts)
+        pool = self._allowed_workers(ts)
+        if pool is not None:
+            ws = min(pool, key=lambda ws: ws.occupancy, default=None)
+        elif not ts.dependencies and previous is not QUEUED:
+            # A root task always passes through the queue: the root tasks
+            # made ready by one event then go out best priority first
+            # (`_fill_idle_workers`, before the event's messages are
+            # returned), whatever order the event made them ready in.
+            ws = None
+        else:
+            ws = self._choose_worker(ts)
         if ws is not None:
             self._assign(ts, ws)
-        elif ts.restrictions is not None:
+        elif pool is not None:
             ts.state = NO_WORKER
             self.unrunnable[ts.key] = None
         else:
@@ -217,6 +229,7 @@ class TaskTransitions:
                 if not dependent.waiting_on:
                     recs[key] = PROCESSING
         self._stop_waiting(ts, recs)
+        self._release_fired(ts, recs)
         self._recommend_release_if_unneeded(ts, recs)
 
     def _to_waiting_again(self, ts: SchedulerTask, recs: Recommendations) -> None:
@@ -244,6 +257,7 @@ class TaskTransitions:
         for client in ts.who_wants:
             self._report_failure(client, ts)
         self._err_dependents(ts, recs)
+        self._release_fired(ts, recs)
         self._recommend_release_if_unneeded(ts, recs)
 
     def _to_erred(self, ts: SchedulerTask, recs: Recommendations) -> None:
@@ -256,6 +270,7 @@ class TaskTransitions:
             self._report_failure(client, ts)
         self._stop_waiting(ts, recs)
         self._err_dependents(ts, recs)
+        self._release_fired(ts, recs)
         self._recommend_release_if_unneeded(ts, recs)
 
     def _to_released(self, ts: SchedulerTask, recs: Recommendations) -> None:
@@ -368,19 +383,40 @@ class TaskTransitions:
                 dependent.failure_origin = ts.failure_origin
                 recs[dependent.key] = ERRED
 
-    def _choose_worker(self, ts: SchedulerTask) -> SchedulerWorker | None:
-        """Pick the worker for a ready task, or None to queue/park it.
+    def _allowed_workers(self, ts: SchedulerTask) -> list[SchedulerWorker] | None:
+        """The live workers a constrained task may start on now; None if any may.
 
-        Restricted tasks go to the least busy allowed worker. Tasks with
-        inputs go where most of their input bytes already are (ties: least
-        busy), so data moves as little as possible. Root tasks take the
-        next worker below capacity, round-robin; when all are saturated
-        they queue here, which keeps work movable if a worker dies.
-        Costs are bounded by the task's own inputs, never by cluster size.
+        A task is constrained by `workers=` (unless loose: then only while
+        one of those is alive; else any live worker will do) and by
+        `resources=` (only workers with that much free, the amounts held by
+        the tasks processing there counted). The least busy of these gets
+        it (`_to_processing`); none: it waits in no-worker until a worker
+        joins or resources are given back. Scanning the workers is fine
+        here: constraints are rare and explicit, unlike placement, which
+        never scans.
         """
+        if ts.restrictions is None and not ts.resources:
+            return None
         if ts.restrictions is not None:
-            allowed = [self.workers[a] for a in ts.restrictions if a in self.workers]
-            return min(allowed, key=lambda ws: ws.occupancy, default=None)
+            pool = [self.workers[a] for a in ts.restrictions if a in self.workers]
+            if ts.loose and not pool:
+                pool = list(self.workers.values())
+        else:
+            pool = list(self.workers.values())
+        if ts.resources:
+            pool = [ws for ws in pool if ws.fits(ts.resources)]
+        return pool
+
+    def _choose_worker(self, ts: SchedulerTask) -> SchedulerWorker | None:
+        """Pick the worker for an unconstrained ready task, or None to queue it.
+
+        Tasks with inputs go where most of their input bytes already are
+        (ties: least busy), so data moves as little as possible. Root
+        tasks, taken from the queue best priority first, go to the next
+        worker below capacity, round-robin; when all are saturated they
+        stay queued here, which keeps work movable if a worker dies. Costs
+        are bounded by the task's own inputs, never by cluster size.
+        """
         if ts.dependencies:
             held: dict[str, int] = {}
             for dep in ts.dependencies.values():
@@ -399,6 +435,8 @@ class TaskTransitions:
         ts.processing_on = ws.address
         ts.running = False
         ws.processing[ts.key] = None
+        for name, amount in (ts.resources or {}).items():
+            ws.used[name] = ws.used.get(name, 0) + amount
         if ws.address in self.idle:
             # Round-robin: the next root task goes to the next idle worker.
             del self.idle[ws.address]
@@ -424,6 +462,14 @@ class TaskTransitions:
         if ws is None:
             return
         del ws.processing[ts.key]
+        if ts.resources:
+            for name, amount in ts.resources.items():
+                left = ws.used[name] - amount
+                if left > 1e-9:
+                    ws.used[name] = left
+                else:
+                    del ws.used[name]
+            self._resources_freed = True
         if ws.hungry:
             self.idle.setdefault(ws.address, None)
         if cancel:
@@ -459,7 +505,16 @@ class TaskTransitions:
             self._emit(FreeKeys(self._stimulus_id, address, (ts.key,)))
         ts.who_has.clear()
 
+    def _release_fired(self, ts: SchedulerTask, recs: Recommendations) -> None:
+        """A fire-and-forget key has its outcome: the pseudo-client lets go."""
+        if FIRE_AND_FORGET in ts.who_wants:
+            del ts.who_wants[FIRE_AND_FORGET]
+            self.clients[FIRE_AND_FORGET].pop(ts.key, None)
+            self._recommend_release_if_unneeded(ts, recs)
+
     def _report_finished(self, client: str, ts: SchedulerTask, with_value: bool = False) -> None:
+        if client == FIRE_AND_FORGET:
+            return  # nobody to tell
         # A client keeps the value of the latest report only: `delivered`
         # follows what it was last told.
         if with_value:
@@ -469,6 +524,8 @@ class TaskTransitions:
         self._emit(ReportFinished(self._stimulus_id, client, ts.key, tuple(ts.who_has), with_value))
 
     def _report_failure(self, client: str, ts: SchedulerTask) -> None:
+        if client == FIRE_AND_FORGET:
+            return  # nobody to tell
         assert ts.failure is not None and ts.failure_origin is not None
         ts.delivered.pop(client, None)
         self._emit(ReportErred(self._stimulus_id, client, ts.key, ts.failure, ts.failure_origin))

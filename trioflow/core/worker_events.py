@@ -79,6 +79,22 @@ class ExecutionFailed(WorkerEvent):
 
 
 @frozen
+class TaskSeceded(WorkerEvent):
+    """The function running `key` gave its thread slot back (`secede()`):
+    it waits on other tasks, and another task may run meanwhile."""
+
+    key: str
+
+
+@frozen
+class TaskRejoining(WorkerEvent):
+    """The seceded function running `key` wants a thread slot again
+    (`rejoin()`); its thread waits until `Rejoin` says it has one."""
+
+    key: str
+
+
+@frozen
 class GatherSucceeded(WorkerEvent):
     """`peer` sent the values in `nbytes` (the shell stored them), did not
     have `missing`, and could not serialize the values in `errors`."""
@@ -112,6 +128,13 @@ class Execute(WorkerInstruction):
     key: str
     run_spec: Any
     dependencies: tuple[str, ...]
+
+
+@frozen
+class Rejoin(WorkerInstruction):
+    """The rejoining thread of `key` has its slot again: let it go on."""
+
+    key: str
 
 
 @frozen

@@ -20,13 +20,15 @@ def _violations(state: WorkerState):
     # W-INV-ONCE: a task runs in at most one thread, and threads are bounded.
     if len(state.executing) > state.nthreads:
         yield f"{len(state.executing)} tasks executing on {state.nthreads} threads"
-    for key in state.executing:
+    for key in (*state.executing, *state.seceded):
         ts = state.tasks.get(key)
         if ts is None or ts.state not in (S.EXECUTING, S.CANCELLED):
             yield f"{key!r} counted as executing but is {ts!r}"
+    if set(state.executing) & set(state.seceded) or not set(state.rejoining) <= set(state.seceded):
+        yield f"executing {list(state.executing)}, seceded {list(state.seceded)}, rejoining {list(state.rejoining)} overlap"
     for key, ts in state.tasks.items():
         where = f"task {key!r} ({ts.state.value})"
-        if ts.state in (S.EXECUTING, S.CANCELLED) and key not in state.executing:
+        if ts.state in (S.EXECUTING, S.CANCELLED) and key not in state.executing and key not in state.seceded:
             yield f"{where}: not counted as executing"
         for dep_key, dep in ts.dependencies.items():
             if state.tasks.get(dep_key) is not dep or key not in dep.dependents:

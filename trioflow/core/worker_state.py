@@ -27,6 +27,15 @@ Two situations make this more than a queue:
 Values stay until the scheduler frees them: the scheduler's `who_has` is the
 single account of where data lives, so a fetched copy is reported
 (`SendReplicaAdded`) and then kept until `FreeRequested`.
+
+A task that waits on other tasks (a task that submits tasks, through
+`trioflow.worker_client`) can give its thread slot back: `TaskSeceded`
+moves it from `executing` (the slots, at most `nthreads`) to `seceded`,
+and another ready task starts. Its thread still runs; the task is still
+EXECUTING (or CANCELLED). When it wants a slot again (`TaskRejoining`) it
+queues, and the next free slot goes to it before any ready task (`Rejoin`).
+Without this, a one-thread worker whose task waits for another task it
+submitted would wait forever.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ from trioflow.core.worker_events import (
     Gather,
     GatherFailed,
     GatherSucceeded,
+    Rejoin,
     ReplicasRequested,
     SchedulerLost,
     SendDataDropped,
@@ -55,6 +65,8 @@ from trioflow.core.worker_events import (
     SendTaskErred,
     SendTaskFinished,
     SendTaskStarted,
+    TaskRejoining,
+    TaskSeceded,
     WorkerEvent,
     WorkerInstruction,
 )
@@ -138,8 +150,14 @@ class WorkerState:
         self.nthreads = nthreads
         self.max_gathers = max_gathers
         self.tasks: dict[str, WorkerTask] = {}
-        # Invariant: at most nthreads entries; EXECUTING or CANCELLED tasks.
+        # Invariant: at most nthreads entries; EXECUTING or CANCELLED tasks
+        # holding a thread slot.
         self.executing: dict[str, None] = {}
+        # EXECUTING or CANCELLED tasks whose thread gave its slot back
+        # (secede), and those of them waiting for a slot again (rejoin), in
+        # the order they asked. Invariant: disjoint from `executing`.
+        self.seceded: dict[str, None] = {}
+        self.rejoining: dict[str, None] = {}
         self.ready: list[tuple[tuple[int, ...], str]] = []  # heap, lazily pruned
         self.fetch: dict[str, None] = {}  # FETCH tasks, oldest first
         self.in_flight: dict[str, tuple[str, ...]] = {}  # peer -> keys requested
@@ -155,6 +173,8 @@ class WorkerState:
             GatherSucceeded: self._on_gather_succeeded,
             GatherFailed: self._on_gather_failed,
             SchedulerLost: self._on_scheduler_lost,
+            TaskSeceded: self._on_seceded,
+            TaskRejoining: self._on_rejoining,
         }
 
     def handle(self, event: WorkerEvent) -> list[WorkerInstruction]:
@@ -176,7 +196,7 @@ class WorkerState:
 
     def running(self) -> list[str]:
         """Keys whose functions are running here for the scheduler."""
-        return [k for k in self.executing if self.tasks[k].state is EXECUTING]
+        return [k for k in (*self.executing, *self.seceded) if self.tasks[k].state is EXECUTING]
 
     # ----------------------------------------------------------- events --
 
@@ -296,6 +316,15 @@ class WorkerState:
                 ts.assigned = False
                 ts.compute_request = None
 
+    def _on_seceded(self, ev: TaskSeceded) -> None:
+        if ev.key in self.executing:
+            del self.executing[ev.key]
+            self.seceded[ev.key] = None
+
+    def _on_rejoining(self, ev: TaskRejoining) -> None:
+        if ev.key in self.seceded:
+            self.rejoining[ev.key] = None
+
     def _on_data_put(self, ev: DataPut) -> None:
         for key, nbytes in ev.nbytes.items():
             ts = self.tasks.get(key)
@@ -372,6 +401,14 @@ class WorkerState:
         heapq.heappush(self.ready, (ts.priority, ts.key))
 
     def _ensure_executing(self) -> None:
+        # Threads that gave their slot back and want it again come first:
+        # they hold work in progress (and perhaps memory).
+        while self.rejoining and len(self.executing) < self.nthreads:
+            key = next(iter(self.rejoining))
+            del self.rejoining[key]
+            del self.seceded[key]
+            self.executing[key] = None
+            self._emit(Rejoin(self._stimulus_id, key))
         while self.ready and len(self.executing) < self.nthreads:
             _, key = heapq.heappop(self.ready)
             ts = self.tasks.get(key)
@@ -464,9 +501,13 @@ class WorkerState:
         self._forget(ts)
 
     def _finish_execution(self, key: str) -> WorkerTask | None:
-        if key not in self.executing:
+        if key in self.seceded:
+            del self.seceded[key]
+            self.rejoining.pop(key, None)
+        elif key in self.executing:
+            del self.executing[key]
+        else:
             return None
-        del self.executing[key]
         return self.tasks[key]
 
     def _release_inputs(self, ts: WorkerTask) -> None:

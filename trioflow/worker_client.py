@@ -1,0 +1,154 @@
+"""Tasks that submit tasks: `get_worker`, `get_client`, `worker_client`, `secede`, `rejoin`.
+
+A task function runs in a thread of a worker. These functions, called from
+that thread, reach the worker and a client of the same cluster, as in
+dask.distributed::
+
+    def fib(n):
+        if n < 2:
+            return n
+        with trioflow.worker_client() as client:     # gives the thread slot back
+            a, b = client.submit(fib, n - 1), client.submit(fib, n - 2)
+            return a.result() + b.result()
+
+Why `secede`: a worker runs at most `nthreads` task functions at once. A
+task that waits for tasks it submitted keeps its slot while it waits; on a
+one-thread worker the tasks it waits for can then never run there, and if
+every worker's slots are taken by waiting tasks, nothing runs anywhere.
+`secede()` tells the worker's core that this thread no longer counts
+(`TaskSeceded`), so the next ready task starts; `rejoin()` asks for a slot
+again and blocks until the core hands one back (`TaskRejoining`, then the
+instruction `Rejoin`), so at most `nthreads` tasks compute at a time
+again. `worker_client()` does both around a `get_client()`.
+
+The client inside a worker is an ordinary blocking `Client`, one per
+worker, made the first time a task asks and closed with the worker. It
+connects to the worker's own scheduler address with the worker's own
+`Config`: whatever the worker needs to reach its scheduler, the client
+has too.
+
+How a thread knows its task: the worker sets a thread-local record
+(`TaskContext`) around each function call (`Worker._execute`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+if TYPE_CHECKING:
+    from trioflow.sync_client import Client
+    from trioflow.worker import Worker
+
+_local = threading.local()
+
+
+@dataclasses.dataclass
+class TaskContext:
+    """The task the current thread runs, set by the worker around the call."""
+
+    worker: Worker
+    key: str
+    seceded: bool = False
+
+
+@contextlib.contextmanager
+def running_task(worker: Worker, key: str) -> Iterator[TaskContext]:
+    """Mark the current thread as running `key` on `worker` (the worker's use)."""
+    context = _local.task = TaskContext(worker, key)
+    try:
+        yield context
+    finally:
+        _local.task = None
+
+
+def _context(what: str) -> TaskContext:
+    context = getattr(_local, "task", None)
+    if context is None:
+        raise ValueError(f"{what}() works only inside a task running on a trioflow worker")
+    return context
+
+
+def get_worker() -> Worker:
+    """The `Worker` running the current task.
+
+    Raises:
+        ValueError: not called from a task.
+    """
+    return _context("get_worker").worker
+
+
+def get_task_key() -> str:
+    """The key of the task the current thread runs.
+
+    Raises:
+        ValueError: not called from a task.
+    """
+    return _context("get_task_key").key
+
+
+def get_client() -> Client:
+    """A blocking `Client` of the cluster running the current task.
+
+    One per worker, shared by its tasks. A task that waits on the futures
+    it submits should `secede` first (or use `worker_client`).
+
+    Raises:
+        ValueError: not called from a task.
+    """
+    return _context("get_client").worker.task_client()
+
+
+def secede() -> None:
+    """Give this task's thread slot back to its worker while it waits.
+
+    The function goes on running; the worker starts another task in its
+    place. Call `rejoin` before computing again. Does nothing if already
+    seceded.
+
+    Raises:
+        ValueError: not called from a task.
+    """
+    context = _context("secede")
+    if context.seceded:
+        return
+    context.seceded = True
+    trio.from_thread.run_sync(context.worker.task_seceded, context.key)
+
+
+def rejoin() -> None:
+    """Take a thread slot again after `secede`; blocks until one is free.
+
+    Does nothing if this task has not seceded.
+
+    Raises:
+        ValueError: not called from a task.
+    """
+    context = _context("rejoin")
+    if not context.seceded:
+        return
+    resumed = threading.Event()
+    trio.from_thread.run_sync(context.worker.task_rejoining, context.key, resumed)
+    resumed.wait()
+    context.seceded = False
+
+
+@contextlib.contextmanager
+def worker_client(timeout: Any = None, separate_thread: bool = True) -> Iterator[Client]:
+    """``with worker_client() as client:``: secede, give the worker's client, rejoin.
+
+    Args:
+        timeout, separate_thread: accepted for dask.distributed's signature;
+            the thread is always given back (`secede`).
+    """
+    client = get_client()
+    secede()
+    try:
+        yield client
+    finally:
+        rejoin()
