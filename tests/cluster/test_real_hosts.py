@@ -160,7 +160,7 @@ def start(lan, home):
 
 def make_certificates(lan: netns.Lan, directory: Path) -> dict[str, dict[str, str]]:
     """`trioflow tls-certs` for the LAN's addresses; the TLS files of each role."""
-    pytest.importorskip("cryptography")
+    pytest.importorskip("cryptography", reason="TLS certificates need cryptography: pip install -e .[test]")
     hosts = [arg for address in lan.addresses.values() for arg in ("--host", address)]
     done = subprocess.run(
         [sys.executable, "-m", "trioflow", "tls-certs", str(directory), *hosts],
