@@ -137,6 +137,7 @@ SCHEDULER_BREAKS = {
     "is held and run by nobody": lambda s: s.orphans.__setitem__("o2", Orphan()),
     "names dead worker tcp://dead": lambda s: s.orphans["o"].holders.__setitem__(DEAD, None),
     "recovering run of 'x'": lambda s: s.recovering_runs.__setitem__("x", A),
+    "awaited holder of 'x' is stale": lambda s: s.awaiting_holders.__setitem__("x", None),
     "a task is queued while a worker is idle": lambda s: s.idle.__setitem__(_saturated_worker(s), None),
 }
 

@@ -87,6 +87,7 @@ class TaskTransitions:
     replicated: dict[str, None]
     orphans: dict[str, Orphan]
     recovering_runs: dict[str, str]
+    awaiting_holders: dict[str, None]
     story: collections.deque[tuple[str, str, str, str]]
     allowed_failures: int
     _stimulus_id: str
@@ -162,7 +163,9 @@ class TaskTransitions:
             dep.waiters[ts.key] = None
             if not self._is_available(dep):
                 ts.waiting_on[dep.key] = None
-                if dep.state is RELEASED:
+                if dep.state is RELEASED and dep.has_lineage:
+                    # (Scattered data never waits: a worker brings it back
+                    # after a scheduler restart, or it is lost.)
                     recs.setdefault(dep.key, WAITING)
         if not ts.waiting_on:
             recs[ts.key] = PROCESSING
@@ -204,6 +207,7 @@ class TaskTransitions:
         # taken from: either way, cancel any other run.
         self._leave_placement(ts, cancel=ts.processing_on != worker.address)
         self.recovering_runs.pop(ts.key, None)
+        self.awaiting_holders.pop(ts.key, None)
         ts.state, ts.nbytes = MEMORY, nbytes
         ts.failure = ts.failure_origin = None
         ts.waiting_on.clear()
@@ -278,6 +282,7 @@ class TaskTransitions:
         ts.state = FORGOTTEN
         del self.tasks[ts.key]
         self.replicated.pop(ts.key, None)
+        self.awaiting_holders.pop(ts.key, None)
         for dep in ts.dependencies.values():
             dep.dependents.pop(ts.key, None)
             dep.waiters.pop(ts.key, None)
@@ -510,6 +515,7 @@ class TaskTransitions:
 _T = TaskTransitions
 TRANSITIONS: dict[tuple[TaskState, TaskState], Callable[..., None]] = {
     (RELEASED, WAITING): _T._released_to_waiting,
+    (RELEASED, MEMORY): _T._to_memory,  # resubmitted scattered data a worker brings back
     (RELEASED, LOST): _T._to_lost,
     (RELEASED, ERRED): _T._to_erred,
     (RELEASED, FORGOTTEN): _T._to_forgotten,
