@@ -528,7 +528,8 @@ class AsyncClient:
             raise TypeError(f"submit() expects a callable, got {type(fn).__name__}")
         self._admit(1)
         [(task, future)] = self._prepare(fn, [(args, kwargs)], [key], pure, retries, workers)
-        self._send_tasks([task], [future.key])
+        if task is not None:
+            self._send_tasks([task], [future.key])
         return future
 
     def map(
@@ -556,7 +557,9 @@ class AsyncClient:
             keys = [None] * len(calls)
         self._admit(len(calls))
         prepared = self._prepare(fn, calls, keys, pure, retries, workers, prefix=key if isinstance(key, str) else None)
-        self._send_tasks([t for t, _ in prepared], [f.key for _, f in prepared])
+        sent = [(t, f) for t, f in prepared if t is not None]
+        if sent:
+            self._send_tasks([t for t, _ in sent], [f.key for _, f in sent])
         return [f for _, f in prepared]
 
     def _prepare(
@@ -568,7 +571,13 @@ class AsyncClient:
         retries: int,
         workers: str | Iterable[str] | None,
         prefix: str | None = None,
-    ) -> list[tuple[m.TaskWire, Future]]:
+    ) -> list[tuple[m.TaskWire | None, Future]]:
+        """A task message and a future per call; no message for a call that
+        depends on a future that has already failed for good: its future
+        fails at once, with that failure (design.md §1: a dependent of a
+        failed task raises the same error). The scheduler would say the
+        same, unless it restarted since: a new scheduler knows nothing of
+        a failure, and a failed future's task is not resubmitted."""
         if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= m.MAX_RETRIES:
             raise ValueError(f"retries must be an int between 0 and {m.MAX_RETRIES}, got {retries!r}")
         if isinstance(workers, str):
@@ -610,6 +619,16 @@ class AsyncClient:
                 scattered=False,
             )
             future = self._future(key)
+            failed = next(
+                (self.futures[d] for d in dependencies if d in self.futures and _failed_for_good(self.futures[d])),
+                None,
+            )
+            if failed is not None:
+                if not future._state.done():
+                    assert failed.failure is not None
+                    future._state.fail(failed.failure)
+                prepared.append((None, future))
+                continue
             self._lineage.remember(task, used)
             prepared.append((task, future))
         return prepared
@@ -982,6 +1001,12 @@ class _timeout:
         if self.scope.cancelled_caught:
             raise TimeoutError(f"not done within {self.seconds:g} s")
         return handled
+
+
+def _failed_for_good(state: FutureState) -> bool:
+    """Whether the key failed with a failure of the cluster (not pending, not
+    recomputing, not a connection of this client's that gave up)."""
+    return state.done() and state.status != FINISHED and state.failure is not None
 
 
 def submit_messages(tasks: list[m.TaskWire], functions: Mapping[str, Serialized], wanted: Iterable[str]):

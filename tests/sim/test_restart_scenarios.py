@@ -1,4 +1,4 @@
-"""Scattered data through a scheduler restart, on the real shells in the simulator.
+"""Through a scheduler restart, on the real shells in the simulator.
 
 Each test drives a `SimCluster` (the real scheduler, nannies, workers and
 client, on the simulated network and Trio's virtual clock) through one
@@ -20,6 +20,7 @@ from trioflow.sim.determinism import derive_rng, deterministic_scheduling
 from trioflow.sim.faults import Fault
 from trioflow.sim.network import SimNetwork
 from trioflow.sim.trace import Trace, logs_into
+from trioflow.sim.workload import SimUserError, fail, step
 
 # Virtual seconds a step may take before the test fails (a minute of heartbeats).
 STEP_DEADLINE_S = 60.0
@@ -152,3 +153,31 @@ def test_a_worker_late_for_the_recovery_brings_its_scattered_data_back():
 
     trace = run_scenario(scenario)
     assert "it never had here" not in trace.text()
+
+
+def test_a_task_submitted_after_a_restart_on_a_failed_future_raises_its_error():
+    """A task that failed before a scheduler restart is not resubmitted (its
+    future keeps its error); a task submitted afterwards that depends on it
+    raises that same error, as it would have without the restart.
+
+    Found by `trioflow chaos --real` (seed 0 of the CI sweep): the new
+    scheduler had never heard of the failed key, so the dependent raised
+    `LostData` naming a key that is not even scattered data."""
+
+    async def scenario(cluster: SimCluster, client: AsyncClient) -> None:
+        failed = client.submit(fail, "bad", key="bad")
+        with trio.fail_after(STEP_DEADLINE_S):
+            assert isinstance(await failed.exception(), SimUserError)
+        first = cluster.scheduler
+        await cluster.inject(Fault(0.0, "scheduler_restart", "scheduler", 0.5))
+        await until(
+            cluster,
+            lambda: cluster.scheduler is not first and not cluster.scheduler.state.recovery_open,
+            "the new scheduler's recovery window closed",
+        )
+        dependent = client.submit(step, "after", failed, 1, key="after")
+        with trio.fail_after(STEP_DEADLINE_S):
+            error = await dependent.exception()
+        assert isinstance(error, SimUserError) and str(error) == "bad failed on purpose"
+
+    run_scenario(scenario)
