@@ -124,6 +124,21 @@ def test_scattered_data_may_be_declared_lost_only_when_every_holder_was_lost():
     ]
 
 
+def test_a_struck_holder_that_leaves_in_the_same_instant_was_lost():
+    """Two workers cut off together leave one after the other: when the
+    first one's departure loses the data, the second, struck and still
+    registered, counts as lost if it leaves in that same instant; one that
+    stays registered after does not."""
+    ledger = registered(Ledger(), "worker-1", "worker-2")
+    ledger.data_lost("data-0", 3.0, (("worker-1", "registered, struck"),))
+    ledger.worker_lost("worker-1", set(), 3.0, "left the scheduler")
+    ledger.data_lost("data-1", 5.0, (("worker-2", "registered, struck"),))
+    ledger.worker_lost("worker-2", set(), 5.5, "left the scheduler")
+    assert check_data_losses(ledger) == [
+        "data-1: declared lost at 5.000 while worker-2 (registered, struck) held a copy"
+    ]
+
+
 def test_a_worker_struck_since_it_registered_is_cut_off():
     """`cut_off` is the set of nodes struck by a worker fault since they last registered."""
     ledger = Ledger()

@@ -293,7 +293,7 @@ class SimCluster:
                 continue
             node = _node(worker.address)
             if worker.address in state.workers:
-                why = "registered"
+                why = "registered, struck" if node in self.ledger.cut_off else "registered"
             elif node in self.ledger.cut_off:
                 why = "cut off"
             else:

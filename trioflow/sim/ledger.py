@@ -14,7 +14,8 @@ really struck) at the moment it happened:
   worker back by the end of the new scheduler's recovery window runs or
   holds the key, although it had run before or was running on a worker
   that did not come back in time. `check_executions` allows each key one
-  run plus one per such event on the key or on any key it depends on.
+  run plus one per such event on the key, on any key it depends on, or on
+  any key that depends on it.
 * **Scattered data declared lost**, with every live worker that offered a
   copy at that moment, whether the scheduler counted it as registered, and
   whether a worker fault had cut it off since it last registered.
@@ -53,20 +54,17 @@ class DataLoss:
 
     Attributes:
         holders: every worker (node) that offered a copy at that moment,
-            with why it may or may not have been given up on: "registered"
-            (the scheduler counted it as a live worker), "cut off" (not
-            registered, and struck by a worker fault since it last
-            registered), or "absent" (not registered, no fault: it had
-            simply not come back yet).
+            with how it stood: "registered" (the scheduler counted it as a
+            live worker), "registered, struck" (the same, but a worker
+            fault had struck it since it registered: its departure may be
+            the next event of the same instant), "cut off" (not registered,
+            and struck since it last registered), or "absent" (not
+            registered, no fault: it had simply not come back yet).
     """
 
     time: float
     key: str
     holders: tuple[tuple[str, str], ...]
-
-    @property
-    def justified(self) -> bool:
-        return all(why == "cut off" for _, why in self.holders)
 
 
 class Ledger:
@@ -84,6 +82,8 @@ class Ledger:
         self._registrations: dict[str, int] = {}
         # (node, registration) -> the loss it ended in, described.
         self._losses: dict[tuple[str, int], str] = {}
+        # node -> when its registrations ended.
+        self.left_at: dict[str, list[float]] = {}
         # Nodes struck by a worker fault since they last registered.
         self.cut_off: set[str] = set()
         # node -> the keys it ran or held when the scheduler last died, and when.
@@ -124,6 +124,8 @@ class Ledger:
         registration = (node, self._registrations.get(node, 0))
         if registration[1] == 0:
             return
+        if registration not in self._losses:
+            self.left_at.setdefault(node, []).append(time)
         self.excuse(keys, self._losses.setdefault(registration, f"{node} lost at {time:.3f} ({how})"))
 
     def scheduler_died(self, time: float, held: dict[str, set[str]]) -> None:
@@ -163,6 +165,20 @@ class Ledger:
 
     def data_lost(self, key: str, time: float, holders: tuple[tuple[str, str], ...]) -> None:
         self.data_losses.append(DataLoss(time, key, holders))
+
+    def spared(self, loss: DataLoss) -> list[tuple[str, str]]:
+        """The holders of `loss` that were not lost: registered and unharmed,
+        or absent. A struck holder still registered at the loss counts as
+        lost if its registration ended in that same instant (two workers cut
+        off together leave one after the other)."""
+        spared = []
+        for node, why in loss.holders:
+            if why == "cut off":
+                continue
+            if why == "registered, struck" and any(abs(t - loss.time) < 1e-9 for t in self.left_at.get(node, ())):
+                continue
+            spared.append((node, why))
+        return spared
 
     def delivered(self, key: str, value: Any, where: str) -> None:
         self.deliveries.setdefault(key, []).append((value, where))

@@ -20,7 +20,8 @@ list means the run is correct. They encode design.md §1:
   Anything else (`CommClosedError`, a wrong value, a missing outcome) is a
   violation.
 * `check_executions`: no key ran more often than the losses, failed
-  fetches and late workers that touched it (or its inputs) allow.
+  fetches and late workers that touched it (or its inputs, or its
+  dependents) allow.
 * `check_data_losses`: scattered data was declared lost only when every
   worker that held a copy at that moment was lost.
 * `check_deliveries`: no key was delivered twice with different values.
@@ -115,7 +116,9 @@ def check_executions(workload: Workload, ledger: Ledger) -> list[str]:
 
     The bound (docs/chaos.md, "What every run checks"): a key's function
     may be called once, plus once for each distinct event in the ledger's
-    excuses for the key or any key it depends on: a worker lost while it
+    excuses for the key, any key it depends on, or any key that depends on
+    it (a dependent lost after the key's own value was dropped, its client
+    having it, needs that value again): a worker lost while it
     had one of them assigned, running or held; a failed fetch of one of
     them; a scheduler restart after which no worker back by the end of the
     recovery window ran or held one of them that had run before, or that
@@ -126,14 +129,15 @@ def check_executions(workload: Workload, ledger: Ledger) -> list[str]:
     for key, runs in ledger.runs.items():
         if key not in workload.by_key:
             continue
-        excuses = sorted(ledger.excuses_for(workload.ancestors(key)))
+        related = {**workload.ancestors(key), **workload.descendants(key)}
+        excuses = sorted(ledger.excuses_for(related))
         allowed = 1 + len(excuses)
         if len(runs) > allowed:
             where = ", ".join(f"{node} at {time:.3f}" for time, node in runs)
             because = f" ({'; '.join(excuses[:3])}{'; ...' if len(excuses) > 3 else ''})" if excuses else ""
             problems.append(
                 f"{key} ran {len(runs)} times ({where}), but {len(excuses)} loss(es), failed fetch(es) "
-                f"or late worker(s) on it or its inputs allow at most {allowed}{because}"
+                f"or late worker(s) on it, its inputs or its dependents allow at most {allowed}{because}"
             )
     return problems
 
@@ -143,14 +147,17 @@ def check_data_losses(ledger: Ledger) -> list[str]:
 
     "Lost" is the failure table's: the worker's process ended, or its link
     to the scheduler was cut (a crash, restart, hang, partition or reset
-    struck it since it last registered). A holder the scheduler still
-    counted as registered, or one that simply had not come back yet after
-    a scheduler restart, was not lost.
+    struck it since it last registered, and it is not registered: or it
+    leaves in the very instant of the loss, as two workers cut off
+    together do one after the other). A holder the scheduler still counts
+    as registered, or one that simply had not come back yet after a
+    scheduler restart, was not lost.
     """
     problems = []
     for loss in ledger.data_losses:
-        if not loss.justified:
-            held = ", ".join(f"{node} ({why})" for node, why in loss.holders if why != "cut off")
+        spared = ledger.spared(loss)
+        if spared:
+            held = ", ".join(f"{node} ({why})" for node, why in spared)
             problems.append(f"{loss.key}: declared lost at {loss.time:.3f} while {held} held a copy")
     return problems
 
