@@ -1,6 +1,6 @@
 """A cluster across hosts: scheduler, workers and clients on different network namespaces.
 
-Each test builds a LAN of four hosts (`tests/cluster/netns.py`): network
+Each test builds a LAN of four hosts (`trioflow/sim/netns.py`): network
 namespaces joined by veth links to a bridge, with addresses in
 10.213.0.0/24 that exist only inside them:
 
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import netns
+from trioflow.sim import netns
 from trioflow.comm.auth import Credentials
 
 pytestmark = pytest.mark.processes
