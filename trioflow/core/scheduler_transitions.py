@@ -121,6 +121,11 @@ class TaskTransitions:
                 # is needed now, not when the recommendation was made.
                 target = self._target_for_lost_value(ts)
             elif target in (RELEASED, FORGOTTEN) and self._keeps(ts):
+                # Stale: needed again since. This recommendation may have
+                # replaced one still due (a ready task's "-> processing"):
+                # recommend that again, or the task would wait for ever
+                # (seed 805 of the chaos lab, tests/sim/test_regressions.py).
+                self._recommend_due_move(ts, recs)
                 continue
             elif target is FORGOTTEN and (ts.dependents or ts.who_wants):
                 continue
@@ -346,6 +351,15 @@ class TaskTransitions:
         if ts.who_wants or ts.dependents:
             return RELEASED  # its clients have the value; lineage kept
         return FORGOTTEN
+
+    def _recommend_due_move(self, ts: SchedulerTask, recs: Recommendations) -> None:
+        """A kept task goes where its inputs and its need say: a waiting task
+        with every input here to placement, a released one whose value is
+        needed to waiting."""
+        if ts.state is WAITING and not ts.waiting_on:
+            recs.setdefault(ts.key, PROCESSING)
+        elif ts.state is RELEASED and ts.has_lineage and self._value_needed(ts):
+            recs.setdefault(ts.key, WAITING)
 
     def _stop_waiting(self, ts: SchedulerTask, recs: Recommendations) -> None:
         """`ts` no longer needs its inputs' values: they may be released."""
