@@ -359,12 +359,21 @@ class _Run:
                         ledger.delivered(key, worker.data[key], f"the copy on {worker.address}")
 
     async def _check_forgotten(self) -> None:
-        """The client left: within `settle` seconds nothing may be kept anywhere."""
+        """The client left: within `settle` seconds nothing may be kept anywhere.
+
+        Except orphans: values a late worker brought back that no client
+        claimed are kept `orphan_timeout` seconds, by design (a client may
+        still resubmit them), then freed; while the scheduler has any, the
+        check waits for them to expire.
+        """
         cluster = self.cluster
         assert cluster is not None and cluster.scheduler is not None
-        with trio.move_on_after(self.settings.settle):
-            while check_forgotten(cluster.scheduler, cluster.live_workers()):
-                await trio.sleep(FORGET_POLL_S)
+        start = trio.current_time()
+        deadline = start + self.settings.settle
+        while check_forgotten(cluster.scheduler, cluster.live_workers()) and trio.current_time() < deadline:
+            if cluster.scheduler.state.orphans:
+                deadline = max(deadline, start + self.settings.config.orphan_timeout + self.settings.settle)
+            await trio.sleep(FORGET_POLL_S)
         self.trace.add("lab", "checking that everything was forgotten")
         self.violations.extend(check_forgotten(cluster.scheduler, cluster.live_workers()))
 
