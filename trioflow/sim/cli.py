@@ -50,6 +50,16 @@ def _plan(text: str) -> list:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _gaps(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX in seconds, got {text!r}") from None
+    if not 0 <= low <= high:
+        raise argparse.ArgumentTypeError(f"expected 0 <= MIN <= MAX, got {text!r}")
+    return low, high
+
+
 def _count(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -85,6 +95,10 @@ def add_chaos_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-netns", action="store_true", help="with --real: everything on loopback, no link cuts"
     )
+    parser.add_argument(
+        "--gaps", type=_gaps, metavar="MIN,MAX",
+        help="with --real: seconds between one fault healing and the next (default 0.2,1)",
+    )
     parser.add_argument("--print-trace", action="store_true", help="with --seed: print the run's trace")
     parser.add_argument(
         "--trace", metavar="FILE", help="with --seed: write the trace as Chrome/Perfetto trace-event JSON"
@@ -119,8 +133,8 @@ def run_chaos(args: argparse.Namespace) -> int:
         return 2
     if args.real:
         return _run_real(args)
-    if args.no_netns:
-        print("trioflow chaos: --no-netns needs --real", file=sys.stderr)
+    if args.no_netns or args.gaps:
+        print("trioflow chaos: --no-netns and --gaps need --real", file=sys.stderr)
         return 2
     try:
         mix = _mix(args.mix) if args.mix else None
@@ -151,6 +165,7 @@ def _run_real(args: argparse.Namespace) -> int:
     settings = RealSettings(
         n_workers=args.workers, nthreads=args.threads, n_tasks=args.tasks, n_faults=args.faults,
         use_netns=False if args.no_netns else None, **({"mix": mix} if mix else {}),
+        **({"gaps": args.gaps} if args.gaps else {}),
     )
     if args.seed is not None:
         return _replay(args, settings, run=run_real)
