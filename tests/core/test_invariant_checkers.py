@@ -101,6 +101,7 @@ SCHEDULER_BREAKS = {
     "dependency 'x' is not a live record": lambda s: T(s, "y").dependencies.__setitem__("x", SchedulerTask("x", "run", (0,))),
     "not among the dependents of": lambda s: T(s, "x").dependents.pop("y"),
     "dependent 'ghost' does not link back": lambda s: T(s, "x").dependents.__setitem__("ghost", SchedulerTask("ghost", "r", (0,))),
+    "dependent 'e' does not link back": lambda s: T(s, "x").dependents.__setitem__("e", T(s, "e")),
     "INV-WAITERS": lambda s: T(s, "x").waiters.clear(),
     "INV-PROCESSING processing_on=": lambda s: _set(T(s, "y"), processing_on=None),
     "INV-PROCESSING not listed by live worker": lambda s: s.workers[A].processing.pop("y"),
@@ -159,6 +160,23 @@ def test_the_scheduler_checker_flags_each_broken_invariant(names):
     with pytest.raises(InvariantViolation) as raised:
         check_invariants(state)
     assert names in str(raised.value)
+
+
+def test_a_run_a_registering_worker_still_has_is_sound_while_its_task_waits():
+    """A run taken up after a scheduler restart (`recovering_runs`) is sound
+    while its task waits for an input, whatever the other tasks' states
+    (here the last record is a value in memory): the checker judges that
+    task, not another (kills the mutants that drop its lookup in the
+    recovering-runs check, or turn its `ts is None` round)."""
+    state = SchedulerState(allowed_failures=3, worker_saturation=1.0)
+    state.handle(WorkerConnected(sid(), A, 1, running=("t",)))
+    state.handle(WorkerConnected(sid(), B, 1))
+    state.handle(TasksSubmitted(sid(), "c1", (spec("i"), spec("t", "i")), ("t",)))
+    state.handle(TasksSubmitted(sid(), "c1", (spec("m"),), ("m",)))
+    _finish(state, "m")
+    assert state.recovering_runs == {"t": A} and state.tasks["t"].state is TaskState.WAITING
+    assert list(state.tasks)[-1] == "m" and state.tasks["m"].state is TaskState.MEMORY
+    check_invariants(state)
 
 
 def test_a_dead_workers_tasks_are_not_left_assigned():
