@@ -89,6 +89,9 @@ SCHEDULER_PORT = 8786
 STARTUP_TIMEOUT_S = 60.0
 # Seconds between looks at the cluster while waiting for it.
 POLL_S = 0.05
+# Seconds a fault waits for a worker process to strike while its nanny
+# starts a new one (then it is skipped, and counted so).
+WORKER_PROCESS_WAIT_S = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,6 +314,7 @@ class _RealRun:
         self.holders: dict[str, frozenset[int]] = {}
         self.wall_seconds = 0.0
         self.recovery_s: float | None = None
+        self.skipped = 0
         self._t0 = 0.0
 
     # -- hosts and addresses --
@@ -351,6 +355,8 @@ class _RealRun:
             counts[fault.kind] = counts.get(fault.kind, 0) + 1
         if self.workload.poison is not None:
             counts["poison"] = 1
+        if self.skipped:
+            counts["skipped (no worker process to strike)"] = self.skipped
         return counts
 
     def outcome_counts(self) -> dict[str, int]:
@@ -560,9 +566,10 @@ class _RealRun:
                 await self._restart_scheduler(fault)
                 continue
             i = int(fault.target.split("-")[1])
-            pid = self._worker_pid(i)
+            pid = await self._wait_for_worker_process(i)
             if pid is None and fault.kind != "cut":
-                self.note(fault.target, "no worker process right now: fault skipped")
+                self.note(fault.target, "no worker process: fault skipped")
+                self.skipped += 1
                 continue
             pids = frozenset() if pid is None else frozenset({pid})
             if fault.kind == "kill":
@@ -586,6 +593,15 @@ class _RealRun:
                 finally:
                     self.lan.mend(f"w{i}")
             self.note(fault.target, f"healed {fault}")
+
+    async def _wait_for_worker_process(self, i: int) -> int | None:
+        """The worker process of nanny i, waiting (bounded) while its nanny
+        starts a new one: a fault strikes a process, not a restart."""
+        with trio.move_on_after(WORKER_PROCESS_WAIT_S):
+            while (pid := self._worker_pid(i)) is None:
+                await trio.sleep(POLL_S)
+            return pid
+        return None
 
     async def _restart_scheduler(self, fault: RealFault) -> None:
         assert self.scheduler is not None
