@@ -163,6 +163,10 @@ class AsyncClient:
         self._reader_scope: trio.CancelScope | None = None
         # What to resubmit after a scheduler restart.
         self._lineage = Lineage()
+        # key -> the copies this client asked to keep (`replicate`): a new
+        # scheduler knows nothing of them, so they are asked for again
+        # after each resubmission (`_replicate_again`).
+        self._replicas: dict[str, int] = {}
         self._queued_while_away = 0
         self._stack: AsyncExitStack | None = None
         # Set by the blocking `Client`: runs an async method in our thread.
@@ -305,6 +309,8 @@ class AsyncClient:
             try:
                 async with background_tasks() as helpers:
                     helpers.start_soon(self._heartbeats, conn)
+                    if recovering and self._replicas:
+                        helpers.start_soon(self._replicate_again)
                     with trio.CancelScope() as self._reader_scope:
                         return await self._listen(conn), True
                     return "closed", True
@@ -370,10 +376,37 @@ class AsyncClient:
     def _resubmit(self) -> None:
         """Send the kept lineage to a new scheduler (after a reconnect)."""
         assert self._conn is not None
-        wanted = [k for k, st in self.futures.items() if not st.done() or st.status == FINISHED]
         self._queued_while_away = 0
-        for message in submit_messages(list(self._lineage.tasks.values()), self._lineage.functions, wanted):
+        for message in submit_messages(list(self._lineage.tasks.values()), self._lineage.functions, self._resubmitted()):
             self._conn.send(message)
+
+    def _resubmitted(self) -> list[str]:
+        """The keys a resubmission wants: every future not failed for good."""
+        return [k for k, st in self.futures.items() if not st.done() or st.status == FINISHED]
+
+    async def _replicate_again(self) -> None:
+        """Ask a new scheduler for the copies asked of the old one.
+
+        Sent right behind the resubmission (the scheduler handles them in
+        order, so the keys are known by then); the answer comes once the
+        copies exist, and nobody waits for it. Without this, a scheduler
+        restart silently ends every `replicate`, and the next worker death
+        can lose data its client kept two copies of.
+        """
+        wanted = set(self._resubmitted())
+        by_n: dict[int, list[str]] = {}
+        for key, n in self._replicas.items():
+            if key in wanted:
+                by_n.setdefault(n, []).append(key)
+        assert self._requests is not None
+        for n, keys in sorted(by_n.items()):
+            for start in range(0, len(keys), KEYS_SLICE):
+                try:
+                    await self._requests.call(m.Replicate(keys=keys[start : start + KEYS_SLICE], n=n))
+                except (CommClosedError, RequestFailed) as exc:
+                    # Gone again (the next resubmission asks anew), or not
+                    # all in memory: the scheduler keeps the request anyway.
+                    logger.info("client %s: copies asked again of the new scheduler: %s", self.id, clip(str(exc), 200))
 
     async def close_and_wait(self) -> None:
         """`close`, then wait (briefly) until the connection has said goodbye."""
@@ -463,6 +496,7 @@ class AsyncClient:
             state.refs -= 1
             if state.refs <= 0:
                 del self.futures[key]
+                self._replicas.pop(key, None)
                 released.append(key)
                 self._lineage.forget(key, self.futures.__contains__)
         if released and self._conn is not None and self.status == "running":
@@ -513,7 +547,8 @@ class AsyncClient:
         options = task_options(retries, workers, allow_other_workers, resources, priority)
         self._admit(1)
         [(task, future)] = self._prepare(fn, [(args, kwargs)], [key], pure, options)
-        self._send_tasks([task], [future.key])
+        if task is not None:
+            self._send_tasks([task], [future.key])
         return future
 
     def map(
@@ -547,7 +582,9 @@ class AsyncClient:
             keys = [None] * len(calls)
         self._admit(len(calls))
         prepared = self._prepare(fn, calls, keys, pure, options, prefix=key if isinstance(key, str) else None)
-        self._send_tasks([t for t, _ in prepared], [f.key for _, f in prepared])
+        sent = [(t, f) for t, f in prepared if t is not None]
+        if sent:
+            self._send_tasks([t for t, _ in sent], [f.key for _, f in sent])
         return [f for _, f in prepared]
 
     def _prepare(
@@ -558,7 +595,13 @@ class AsyncClient:
         pure: bool,
         options: TaskOptions,
         prefix: str | None = None,
-    ) -> list[tuple[m.TaskWire, Future]]:
+    ) -> list[tuple[m.TaskWire | None, Future]]:
+        """A task message and a future per call; no message for a call that
+        depends on a future that has already failed for good: its future
+        fails at once, with that failure (design.md §1: a dependent of a
+        failed task raises the same error). The scheduler would say the
+        same, unless it restarted since: a new scheduler knows nothing of
+        a failure, and a failed future's task is not resubmitted."""
         function = dumps_function(fn)
         name = prefix or _function_name(fn)
         fields = options.wire_fields()
@@ -595,6 +638,16 @@ class AsyncClient:
                 **fields,
             )
             future = self._future(key)
+            failed = next(
+                (self.futures[d] for d in dependencies if d in self.futures and _failed_for_good(self.futures[d])),
+                None,
+            )
+            if failed is not None:
+                if not future._state.done():
+                    assert failed.failure is not None
+                    future._state.fail(failed.failure)
+                prepared.append((None, future))
+                continue
             self._lineage.remember(task, used)
             prepared.append((task, future))
         return prepared
@@ -1008,12 +1061,21 @@ class AsyncClient:
 
         Returns once the copies exist (or every worker has one). The
         scheduler restores the count when a holder dies, so data without
-        lineage (scattered) survives losing a worker.
+        lineage (scattered) survives losing a worker. The request outlives
+        a scheduler restart: the client asks the new scheduler again, right
+        after resubmitting its lineage. ``n=1`` ends it.
         """
         found: dict[str, None] = {}
         replace_futures(futures, _is_future, found)
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= m.MAX_WORKERS:
             raise ValueError(f"n must be an int between 1 and {m.MAX_WORKERS}, got {n!r}")
+        for key in found:
+            if key in self.futures:
+                # Remembered for the next scheduler should this one die.
+                if n > 1:
+                    self._replicas[key] = n
+                else:
+                    self._replicas.pop(key, None)
         await self._request(m.Replicate(keys=list(found), n=n))
 
     async def restart(self, timeout: float | None = None) -> None:
@@ -1172,6 +1234,12 @@ class _timeout:
         if self.scope.cancelled_caught:
             raise TimeoutError(f"not done within {self.seconds:g} s")
         return handled
+
+
+def _failed_for_good(state: FutureState) -> bool:
+    """Whether the key failed with a failure of the cluster (not pending, not
+    recomputing, not a connection of this client's that gave up)."""
+    return state.done() and state.status != FINISHED and state.failure is not None
 
 
 def submit_messages(tasks: list[m.TaskWire], functions: Mapping[str, Serialized], wanted: Iterable[str]):

@@ -575,15 +575,23 @@ class Scheduler:
         unconfirmed, until a client's resubmission claims it or it
         expires), while this scheduler's recovery window is open (a new
         scheduler has no record to check a claim against: the workers that
-        come back are the record), or when this address held or ran the
-        key when it left. Any other claim would let a worker that never
-        had a value stand in for it before the clients waiting on that key:
-        it is dropped, and the worker told to free it.
+        come back are the record), when this address held or ran the key
+        when it left, or when the key is scattered data a client
+        resubmitted and no worker has held since (`awaits_holder`: again
+        nothing here contradicts the claim, and only a worker can bring
+        that data back). Any other claim would let a worker that never had
+        a value stand in for it before the clients waiting on that key: it
+        is dropped, and the worker told to free it.
         """
         _, allowed = self._departed.pop(link.address, (0, set()))
 
         def credible(key: str) -> bool:
-            return not self._recovery_over or key in allowed or not self.state.knows(key)
+            return (
+                not self._recovery_over
+                or key in allowed
+                or not self.state.knows(key)
+                or self.state.awaits_holder(key)
+            )
 
         kept_held = {k: n for k, n in held.items() if credible(k)}
         kept_running = tuple(k for k in running if credible(k))

@@ -15,6 +15,7 @@ from trioflow.core.scheduler_events import (
     KeysCancelled,
     KeysReleased,
     OrphansExpired,
+    RecoveryEnded,
     ReplicaAdded,
     ReplicaMissing,
     ReplicationRequested,
@@ -517,11 +518,13 @@ def test_a_run_that_finishes_before_its_lineage_returns_is_kept(sched):
 
 
 def test_resubmitted_scattered_data_is_found_or_lost(sched):
-    """Lineage-less keys resubmitted after a restart: held -> memory, else LostData."""
+    """Lineage-less keys resubmitted after a restart: held -> memory; held by
+    nobody -> LostData once the recovery window closes."""
     sched.handle(WorkerConnected(sid(), A, 1, held={"kept": 8}))
     msgs = submit(sched, TaskSpec("kept", None), TaskSpec("gone", None))
-    assert [m.key for m in msgs if isinstance(m, ReportFinished)] == ["kept"]
-    assert [(m.key, m.failure) for m in msgs if isinstance(m, ReportErred)] == [("gone", DataLost("gone"))]
+    assert msgs == [ReportFinished(msgs[0].stimulus_id, "c1", "kept", (A,))]
+    msgs = sched.handle(RecoveryEnded(sid()))
+    assert msgs == [ReportErred(msgs[0].stimulus_id, "c1", "gone", DataLost("gone"), "gone")]
 
 
 def test_unclaimed_orphans_expire_and_are_freed(sched):

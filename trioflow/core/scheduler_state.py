@@ -128,6 +128,15 @@ class SchedulerState(TaskTransitions):
         # reconnecting client has resubmitted, since another may hold them.
         self.recovery_open = True
         self.unjudged: dict[str, None] = {}
+        # Scattered keys whose record a client's resubmission made and that
+        # no worker has held since. While the recovery window is open they
+        # wait, released, for a worker to bring them back (a client may
+        # reconnect before the workers do); once it has closed they are
+        # lost, and a worker that still brings one back is believed: nothing
+        # here contradicts it (docs/security.md, "Integrity").
+        # Invariant: each has a record without lineage; released only while
+        # the window is open, else lost (a holder takes it out).
+        self.awaiting_holders: dict[str, None] = {}
         # (key, from, to, stimulus_id) of recent transitions, for debugging.
         self.story: collections.deque[tuple[str, str, str, str]] = collections.deque(
             maxlen=story_length
@@ -207,6 +216,12 @@ class SchedulerState(TaskTransitions):
     def knows(self, key: str) -> bool:
         """Whether a task record exists for `key`."""
         return key in self.tasks
+
+    def awaits_holder(self, key: str) -> bool:
+        """Whether `key` is scattered data a client resubmitted and no
+        worker has held since (a worker's claim to hold it contradicts
+        nothing this scheduler knows)."""
+        return key in self.awaiting_holders
 
     def wants(self, client: str, key: str) -> bool:
         """Whether `client` holds a future for `key`."""
@@ -309,8 +324,12 @@ class SchedulerState(TaskTransitions):
                 self._transitions({ts.key: ERRED})
             elif not ts.has_lineage:
                 # Scattered data resubmitted after a scheduler restart that
-                # no surviving worker holds: it cannot be recomputed.
-                self._transitions({ts.key: LOST})
+                # no surviving worker has brought back: it cannot be
+                # recomputed. A worker may still bring it while the recovery
+                # window is open (whoever reconnects first); then it is lost.
+                self.awaiting_holders[ts.key] = None
+                if not self.recovery_open:
+                    self._transitions({ts.key: LOST})
             elif self._is_needed(ts):
                 self._transitions({ts.key: WAITING})
             elif ts.state is RELEASED and not ts.dependents:
@@ -340,6 +359,12 @@ class SchedulerState(TaskTransitions):
 
     def _on_recovery_ended(self, ev: RecoveryEnded) -> None:
         self.recovery_open = False
+        # Resubmitted scattered data no worker brought back in time is lost
+        # (and what needs it errs) before the values brought back are
+        # judged: an input of an erred task is not needed any more.
+        self._transitions(
+            {key: LOST for key in self.awaiting_holders if self.tasks[key].state is RELEASED}
+        )
         unjudged, self.unjudged = self.unjudged, {}
         for key in unjudged:
             self._judge_adopted(key)
@@ -394,7 +419,7 @@ class SchedulerState(TaskTransitions):
                 for ws in live:
                     self._add_replica(ts, ws)
                 self._report_finished(ev.client, ts)
-            elif ts.state is RELEASED and live:
+            elif ts.state is RELEASED and live and key not in self.awaiting_holders:
                 # New (or only lineage): the scattered value is its value.
                 self._log(ts, MEMORY)
                 ts.state, ts.nbytes = MEMORY, nbytes
@@ -402,8 +427,10 @@ class SchedulerState(TaskTransitions):
                     self._add_replica(ts, ws)
                 for client in ts.who_wants:
                     self._report_finished(client, ts)
-            elif ts.state is LOST and live:
-                # Lost data placed again: everyone who holds it hears it is back.
+            elif ts.state in (RELEASED, LOST) and live:
+                # Lost data placed again, or resubmitted data nobody had
+                # brought back yet: everyone who holds it hears it is back,
+                # and what waits on it runs.
                 self._transitions({}, first=(ts, MEMORY, {"worker": live[0], "nbytes": nbytes}))
                 for ws in live[1:]:
                     self._add_replica(ts, ws)
@@ -440,7 +467,7 @@ class SchedulerState(TaskTransitions):
                 orphan.nbytes = nbytes
             elif ts.state is MEMORY:
                 self._add_replica(ts, ws)
-            elif ts.state in IN_PROGRESS or ts.state is LOST:
+            elif ts.state in IN_PROGRESS or ts.state is LOST or key in self.awaiting_holders:
                 # The value we were waiting for already exists: take it.
                 self._transition(ts, MEMORY, recs, worker=ws, nbytes=nbytes)
             else:
@@ -671,6 +698,7 @@ class SchedulerState(TaskTransitions):
         self.orphans.clear()
         self.recovering_runs.clear()
         self.unjudged.clear()
+        self.awaiting_holders.clear()
 
     def _on_keys_fired_and_forgotten(self, ev: KeysFiredAndForgotten) -> None:
         """The pseudo-client FIRE_AND_FORGET holds each key still in progress

@@ -88,6 +88,7 @@ class TaskTransitions:
     replicated: dict[str, None]
     orphans: dict[str, Orphan]
     recovering_runs: dict[str, str]
+    awaiting_holders: dict[str, None]
     story: collections.deque[tuple[str, str, str, str]]
     allowed_failures: int
     _stimulus_id: str
@@ -122,6 +123,11 @@ class TaskTransitions:
                 # is needed now, not when the recommendation was made.
                 target = self._target_for_lost_value(ts)
             elif target in (RELEASED, FORGOTTEN) and self._keeps(ts):
+                # Stale: needed again since. This recommendation may have
+                # replaced one still due (a ready task's "-> processing"):
+                # recommend that again, or the task would wait for ever
+                # (seed 805 of the chaos lab, tests/sim/test_regressions.py).
+                self._recommend_due_move(ts, recs)
                 continue
             elif target is FORGOTTEN and (ts.dependents or ts.who_wants):
                 continue
@@ -164,7 +170,9 @@ class TaskTransitions:
             dep.waiters[ts.key] = None
             if not self._is_available(dep):
                 ts.waiting_on[dep.key] = None
-                if dep.state is RELEASED:
+                if dep.state is RELEASED and dep.has_lineage:
+                    # (Scattered data never waits: a worker brings it back
+                    # after a scheduler restart, or it is lost.)
                     recs.setdefault(dep.key, WAITING)
         if not ts.waiting_on:
             recs[ts.key] = PROCESSING
@@ -216,6 +224,7 @@ class TaskTransitions:
         # taken from: either way, cancel any other run.
         self._leave_placement(ts, cancel=ts.processing_on != worker.address)
         self.recovering_runs.pop(ts.key, None)
+        self.awaiting_holders.pop(ts.key, None)
         ts.state, ts.nbytes = MEMORY, nbytes
         ts.failure = ts.failure_origin = None
         ts.waiting_on.clear()
@@ -293,6 +302,7 @@ class TaskTransitions:
         ts.state = FORGOTTEN
         del self.tasks[ts.key]
         self.replicated.pop(ts.key, None)
+        self.awaiting_holders.pop(ts.key, None)
         for dep in ts.dependencies.values():
             dep.dependents.pop(ts.key, None)
             dep.waiters.pop(ts.key, None)
@@ -356,6 +366,15 @@ class TaskTransitions:
         if ts.who_wants or ts.dependents:
             return RELEASED  # its clients have the value; lineage kept
         return FORGOTTEN
+
+    def _recommend_due_move(self, ts: SchedulerTask, recs: Recommendations) -> None:
+        """A kept task goes where its inputs and its need say: a waiting task
+        with every input here to placement, a released one whose value is
+        needed to waiting."""
+        if ts.state is WAITING and not ts.waiting_on:
+            recs.setdefault(ts.key, PROCESSING)
+        elif ts.state is RELEASED and ts.has_lineage and self._value_needed(ts):
+            recs.setdefault(ts.key, WAITING)
 
     def _stop_waiting(self, ts: SchedulerTask, recs: Recommendations) -> None:
         """`ts` no longer needs its inputs' values: they may be released."""
@@ -567,6 +586,7 @@ class TaskTransitions:
 _T = TaskTransitions
 TRANSITIONS: dict[tuple[TaskState, TaskState], Callable[..., None]] = {
     (RELEASED, WAITING): _T._released_to_waiting,
+    (RELEASED, MEMORY): _T._to_memory,  # resubmitted scattered data a worker brings back
     (RELEASED, LOST): _T._to_lost,
     (RELEASED, ERRED): _T._to_erred,
     (RELEASED, FORGOTTEN): _T._to_forgotten,
