@@ -48,6 +48,7 @@ from trioflow.comm import (
     ConnectionPool,
     FrameLimits,
     Network,
+    PeerSilent,
     Requests,
     TCPNetwork,
     clip,
@@ -96,8 +97,13 @@ from trioflow.protocol import RunSpec, failure_from_wire, failure_to_wire
 
 logger = logging.getLogger("trioflow.scheduler")
 
-# Most messages of one batch the driver handles before yielding to other tasks.
+# Most messages of one batch the driver handles before yielding to other tasks,
+# and most work: a message weighs one, plus one per task or key it carries
+# (`_weight`), so a slice of 2,048 is a few milliseconds of the driver's time
+# whatever the messages hold. (Slicing by count alone let 64 `release_keys`
+# of 10,000 keys each hold the loop for seconds.)
 DRIVER_SLICE = 64
+DRIVER_SLICE_WEIGHT = 2_048
 # Messages a connection may have waiting for the driver before its reader
 # stops reading (backpressure: a flood waits in the peer's socket, not in
 # our memory).
@@ -411,38 +417,37 @@ class Scheduler:
 
     async def _read(self, link: _Link) -> str:
         """Feed the driver until the connection ends; return why it ended."""
-        ttl = self.config.worker_ttl
         is_worker = isinstance(link, WorkerLink)
+        if is_worker:
+            # spec: the liveness deadline. Any message from a worker is a
+            # sign of life; silence for worker_ttl ends the connection (in
+            # `Connection.receive`), which is how a hung worker is declared
+            # dead. The time is counted in this loop's responsive time
+            # (`liveness.LoopLag`): a stall of the scheduler's own loop
+            # never counts against a worker (design.md §6 rule 6).
+            link.conn.idle_timeout = self.config.worker_ttl
+            link.conn.idle_name = "worker_ttl"
         try:
             with link.scope:
-                # spec: the liveness deadline. Any message from a worker is a
-                # sign of life and pushes it forward; silence past worker_ttl
-                # cancels this scope, which is how a hung worker is declared dead.
-                with trio.CancelScope(deadline=trio.current_time() + ttl if is_worker else math.inf) as alive:
-                    while True:
-                        batch = await link.conn.receive()
-                        if is_worker:
-                            alive.deadline = trio.current_time() + ttl
-                        rest = [msg for msg in batch if not self._answered_by_reader(link, msg)]
-                        # In slices, so the driver yields between them and one
-                        # huge batch cannot starve other connections (whose
-                        # heartbeats would then look late).
-                        for start in range(0, len(rest), DRIVER_SLICE):
-                            self._post(self._received, link, rest[start : start + DRIVER_SLICE])
-                        link.unhandled += len(rest)
-                        if link.unhandled > MAX_UNHANDLED:
-                            # We are the slow one: stop reading until the
-                            # driver catches up. The peer is not silent, so
-                            # this wait does not count against its liveness.
-                            alive.deadline = math.inf
-                            while link.unhandled > MAX_UNHANDLED // 2:
-                                link.caught_up = trio.Event()
-                                await link.caught_up.wait()
-                            if is_worker:
-                                alive.deadline = trio.current_time() + ttl
-                if alive.cancelled_caught:
-                    return f"no message for {ttl:g} s (worker_ttl)"
+                while True:
+                    batch = await link.conn.receive()
+                    rest = [msg for msg in batch if not self._answered_by_reader(link, msg)]
+                    # In slices of bounded work, so the driver yields between
+                    # them and one huge batch cannot hold the loop (whose
+                    # heartbeat answers would then be late).
+                    for part in _slices(rest):
+                        self._post(self._received, link, part)
+                    link.unhandled += len(rest)
+                    if link.unhandled > MAX_UNHANDLED:
+                        # We are the slow one: stop reading until the driver
+                        # catches up. The peer is not silent: no deadline
+                        # runs while we do not read.
+                        while link.unhandled > MAX_UNHANDLED // 2:
+                            link.caught_up = trio.Event()
+                            await link.caught_up.wait()
             return link.close_reason or "closed by the scheduler"
+        except PeerSilent as exc:
+            return exc.reason
         except CommClosedError as exc:
             return f"connection closed ({clip(str(exc), 200)})"
         except ProtocolError as exc:
@@ -1036,6 +1041,34 @@ class Scheduler:
 
     def post(self, handler: Callable[..., None], *args: Any) -> None:
         self._post(handler, *args)
+
+
+def _weight(message: m.Message) -> int:
+    """The driver's work for `message`: one, plus one per task or key it names."""
+    kind = type(message)
+    if kind is m.Submit:
+        return 1 + len(message.tasks)
+    if kind is m.ReleaseKeys or kind is m.CancelKeys or kind is m.DataDropped:
+        return 1 + len(message.keys)
+    return 1
+
+
+def _slices(messages: list[m.Message]) -> list[list[m.Message]]:
+    """`messages` cut into slices of at most `DRIVER_SLICE` messages and
+    `DRIVER_SLICE_WEIGHT` work (a heavier message goes alone)."""
+    slices: list[list[m.Message]] = []
+    current: list[m.Message] = []
+    weight = 0
+    for message in messages:
+        w = _weight(message)
+        if current and (len(current) >= DRIVER_SLICE or weight + w > DRIVER_SLICE_WEIGHT):
+            slices.append(current)
+            current, weight = [], 0
+        current.append(message)
+        weight += w
+    if current:
+        slices.append(current)
+    return slices
 
 
 def _find_cycle(tasks: dict[str, m.TaskWire]) -> list[str] | None:

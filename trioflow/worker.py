@@ -32,6 +32,7 @@ from trioflow.comm import (
     ConnectionGate,
     FrameLimits,
     Network,
+    PeerSilent,
     RequestFailed,
     TCPNetwork,
     await_welcome,
@@ -373,12 +374,16 @@ class Worker:
                 task_status.started(self.address)
             self._post(self._from_scheduler, conn, first)
             # The scheduler answers every heartbeat, so silence past
-            # scheduler_ttl means it hangs (or the network does).
-            with trio.CancelScope() as alive:
-                while True:
-                    alive.deadline = trio.current_time() + ttl
-                    self._post(self._from_scheduler, conn, await conn.receive())
-            return f"no message for {ttl:g} s (scheduler_ttl)"
+            # scheduler_ttl means it hangs (or the network does). The time is
+            # counted in this loop's responsive time (`liveness.LoopLag`): a
+            # stall of the worker's own loop never counts against its
+            # scheduler (design.md §6 rule 6).
+            conn.idle_timeout = ttl
+            conn.idle_name = "scheduler_ttl"
+            while True:
+                self._post(self._from_scheduler, conn, await conn.receive())
+        except PeerSilent as exc:
+            return exc.reason
         except CommClosedError as exc:
             return str(exc)
         except ProtocolError as exc:

@@ -1,0 +1,74 @@
+"""Busy is not dead (design.md §6 rule 6): a stall of a process's own loop never counts against its peers.
+
+The scheduler runs in the test's Trio loop, the worker in a loop of its own
+(a `LoopThread`), both over loopback TCP, so that one can stall while the
+other keeps talking. A stall is a blocking `time.sleep` inside the loop
+under test: what is measured, not a way to wait. After the stall, each test
+waits for a fresh message on the same link, then checks that the link was
+never dropped and replaced.
+"""
+
+from __future__ import annotations
+
+import time
+
+import trio
+
+from tests.conftest import wait_until
+from trioflow.config import Config
+from trioflow.loop_thread import LoopThread
+from trioflow.scheduler import Scheduler
+from trioflow.worker import Worker
+
+TTL_S = 1.0
+STALL_S = 2.5 * TTL_S
+
+
+async def _scheduler_and_threaded_worker(nursery: trio.Nursery, config: Config):
+    scheduler = Scheduler(config=config)
+    address = await nursery.start(scheduler.serve)
+    thread = LoopThread("test-worker")
+    worker = Worker(address, config=config)
+    await trio.to_thread.run_sync(thread.start, worker.serve)
+    await scheduler.wait_for_workers(1)
+    [link] = scheduler.workers.values()
+    return scheduler, thread, link
+
+
+async def _next_message_on(link) -> None:
+    """Wait until `link` receives bytes after now (a heartbeat comes every 0.1 s)."""
+    after = trio.current_time()
+    await wait_until(lambda: link.conn.last_received > after, timeout=30, message="a message after the stall")
+
+
+async def test_a_stall_of_the_schedulers_loop_drops_no_worker(caplog):
+    """The scheduler's own loop stalls for 2.5x worker_ttl: the worker keeps its link, nothing is logged as left."""
+    config = Config(worker_ttl=TTL_S, scheduler_ttl=30.0, heartbeat_interval=0.1)
+    async with trio.open_nursery() as nursery:
+        scheduler, thread, link = await _scheduler_and_threaded_worker(nursery, config)
+        try:
+            time.sleep(STALL_S)  # the scheduler's loop (this one) stalls; the worker's goes on
+            await _next_message_on(link)
+            assert scheduler.workers == {link.address: link}
+            assert not link.scope.cancel_called
+        finally:
+            await trio.to_thread.run_sync(thread.stop)
+            nursery.cancel_scope.cancel()
+    assert not [r for r in caplog.records if "left:" in r.getMessage()]
+
+
+async def test_a_stall_of_a_workers_loop_does_not_make_it_leave_its_scheduler(caplog):
+    """The worker's own loop stalls for 2.5x scheduler_ttl: it does not give up on its scheduler."""
+    config = Config(worker_ttl=30.0, scheduler_ttl=TTL_S, heartbeat_interval=0.1)
+    async with trio.open_nursery() as nursery:
+        scheduler, thread, link = await _scheduler_and_threaded_worker(nursery, config)
+        try:
+            # Stall the worker's loop (in its thread); ours keeps serving.
+            await trio.to_thread.run_sync(thread.run_sync, time.sleep, STALL_S)
+            await _next_message_on(link)
+            assert scheduler.workers == {link.address: link}
+            assert not link.scope.cancel_called
+        finally:
+            await trio.to_thread.run_sync(thread.stop)
+            nursery.cancel_scope.cancel()
+    assert not [r for r in caplog.records if "cannot reach its scheduler" in r.getMessage()]
