@@ -55,7 +55,7 @@ from trioflow.comm import (
 from trioflow.comm import messages as m
 from trioflow.comm.auth import CLIENT, Credentials, connect_authenticated, credentials_for
 from trioflow.comm.security import Security
-from trioflow.comm.serialize import Serialized, content_digest
+from trioflow.comm.serialize import Serialized, SerializedFunction, content_digest
 from trioflow.backoff import Backoff
 from trioflow.config import Config
 from trioflow.core.failures import Cancelled
@@ -91,6 +91,17 @@ KEYS_SLICE = m.MAX_KEYS
 GET_DATA_SLICE = 1_000
 # Values per `scatter` request (each value is one frame or more).
 SCATTER_SLICE = 1_000
+# Keys a step of `_flush_releases` forgets before it yields the loop.
+RELEASE_SLICE = 10_000
+# States `gather` waits for, and values it unpickles, between two yields.
+GATHER_SLICE = 10_000
+# Futures `cancel` fails between two yields.
+CANCEL_SLICE = 10_000
+# Graph nodes `get` submits between two yields.
+GRAPH_SLICE = 1_000
+# A task without dependencies shares this empty tuple (the field's default;
+# a list per task was 56 bytes of every future's lineage).
+NO_DEPENDENCIES: tuple[str, ...] = ()
 
 
 def _is_future(obj: Any) -> bool:
@@ -444,10 +455,16 @@ class AsyncClient:
             pass
 
     def _flush_releases(self) -> None:
+        """Forget the keys whose last handle went, at most `RELEASE_SLICE` a step.
+
+        Dropping a million futures queues a million keys; each step takes
+        a slice and, if more are left, queues itself again behind whatever
+        else the loop has to do, so this loop never stalls on it.
+        """
         with self._release_lock:
             self._release_scheduled = False
         released = []
-        while self._released:
+        for _ in range(min(len(self._released), RELEASE_SLICE)):
             key = self._released.popleft()
             state = self.futures.get(key)
             if state is None:
@@ -463,6 +480,13 @@ class AsyncClient:
                     self._conn.send(m.ReleaseKeys(keys=released[start : start + KEYS_SLICE]))
             except CommClosedError:
                 pass
+        if self._released:
+            with self._release_lock:
+                if self._release_scheduled:
+                    return
+                self._release_scheduled = True
+            assert self._token is not None
+            self._token.run_sync_soon(self._flush_releases)
 
     # ------------------------------------------------------------- submit --
 
@@ -491,8 +515,7 @@ class AsyncClient:
         if not callable(fn):
             raise TypeError(f"submit() expects a callable, got {type(fn).__name__}")
         self._admit(1)
-        [(task, future)] = self._prepare(fn, [(args, kwargs)], [key], pure, retries, workers)
-        self._send_tasks([task], [future.key])
+        [future] = self._submit_packed(self._pack(fn, [(args, kwargs)], [key], pure, retries, workers))
         return future
 
     def map(
@@ -507,23 +530,17 @@ class AsyncClient:
     ) -> list[Future]:
         """`submit` `fn` once per element of the zipped `iterables`.
 
-        `key` may be a list of keys, or a prefix for generated ones.
+        `key` may be a list of keys, or a prefix for generated ones. Here
+        every call is pickled in the caller's loop, in one go; the blocking
+        `Client.map` pickles in the caller's thread instead, and hands this
+        loop the futures to make in slices (`map_calls`, `_pack`,
+        `_submit_packed`).
         """
-        if not callable(fn):
-            raise TypeError(f"map() expects a callable, got {type(fn).__name__}")
-        calls = [(args, kwargs) for args in zip(*iterables, strict=False)]
-        if isinstance(key, list):
-            if len(key) != len(calls):
-                raise ValueError(f"map() got {len(key)} keys for {len(calls)} calls")
-            keys: list[str | None] = list(key)
-        else:
-            keys = [None] * len(calls)
+        calls, keys, prefix = map_calls(fn, iterables, key, kwargs)
         self._admit(len(calls))
-        prepared = self._prepare(fn, calls, keys, pure, retries, workers, prefix=key if isinstance(key, str) else None)
-        self._send_tasks([t for t, _ in prepared], [f.key for _, f in prepared])
-        return [f for _, f in prepared]
+        return self._submit_packed(self._pack(fn, calls, keys, pure, retries, workers, prefix=prefix))
 
-    def _prepare(
+    def _pack(
         self,
         fn: Callable[..., Any],
         calls: list[tuple[tuple, dict]],
@@ -532,7 +549,10 @@ class AsyncClient:
         retries: int,
         workers: str | Iterable[str] | None,
         prefix: str | None = None,
-    ) -> list[tuple[m.TaskWire, Future]]:
+    ) -> list[tuple[m.TaskWire, SerializedFunction]]:
+        """Pickle each call and name its task; touches no state of the
+        client, so any thread may run it (the blocking `Client` runs it in
+        the caller's, off the client's loop)."""
         if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= m.MAX_RETRIES:
             raise ValueError(f"retries must be an int between 0 and {m.MAX_RETRIES}, got {retries!r}")
         if isinstance(workers, str):
@@ -540,7 +560,7 @@ class AsyncClient:
         restrictions = None if workers is None else [str(w) for w in workers]
         function = dumps_function(fn)
         name = prefix or _function_name(fn)
-        prepared = []
+        packed = []
         for (args, kwargs), key in zip(calls, keys, strict=True):
             dependencies: dict[str, None] = {}
             call = replace_futures((args, kwargs), _is_future, dependencies)
@@ -568,15 +588,25 @@ class AsyncClient:
                 key=key,
                 function_id=used.function_id,
                 args=payload,
-                dependencies=list(dependencies),
+                dependencies=list(dependencies) if dependencies else NO_DEPENDENCIES,
                 retries=retries,
                 workers=restrictions,
                 scattered=False,
             )
-            future = self._future(key)
+            packed.append((task, used))
+        return packed
+
+    def _submit_packed(self, packed: list[tuple[m.TaskWire, SerializedFunction]]) -> list[Future]:
+        """Futures and lineage for packed tasks, then the tasks on their way
+        (in the client's loop; refused like `submit` if they could be
+        neither sent nor kept)."""
+        self._admit(len(packed))
+        futures = []
+        for task, used in packed:
+            futures.append(self._future(task.key))
             self._lineage.remember(task, used)
-            prepared.append((task, future))
-        return prepared
+        self._send_tasks([task for task, _ in packed], [f.key for f in futures])
+        return futures
 
     def _admit(self, n_tasks: int) -> None:
         """Refuse `n_tasks` new tasks now, before any future or lineage
@@ -631,13 +661,17 @@ class AsyncClient:
         `keys` is a key or a (nested) list of keys, as dask passes them, so
         ``dask.compute(x, scheduler=client.get)`` works (with `Client`).
         """
-        nodes = graph_nodes(dsk)
+        # Converting and ordering a big graph (a dataframe's) takes seconds:
+        # in a thread, off this loop.
+        nodes, order = await trio.to_thread.run_sync(_graph_plan, dsk, keys)
         futures: dict[Any, Future] = {}
-        for key in needed_in_order(nodes, flatten_keys(keys)):
+        for i, key in enumerate(order):
             inputs = {dep: futures[dep] for dep in nodes[key].dependencies}
             futures[key] = self.submit(
                 run_graph_node, nodes[key], inputs, key=graph_key(key), retries=retries, workers=workers
             )
+            if i % GRAPH_SLICE == GRAPH_SLICE - 1:
+                await trio.lowlevel.checkpoint()
 
         def shape(k: Any) -> Any:
             return [shape(sub) for sub in k] if isinstance(k, list) else futures[k]
@@ -675,8 +709,11 @@ class AsyncClient:
         with _timeout(timeout):
             todo = states
             while todo:
-                for state in todo:
-                    await state.wait()
+                for i, state in enumerate(todo):
+                    if not state.done():
+                        await state.wait()
+                    elif i % GATHER_SLICE == GATHER_SLICE - 1:
+                        await trio.lowlevel.checkpoint()
                 for state in todo:
                     if state.status != FINISHED:
                         raise state.exception()
@@ -724,9 +761,11 @@ class AsyncClient:
                 nursery.start_soon(fetch_from, worker, group)
         if unsendable:
             raise SerializationError(unsendable[0])
-        for key, value in values.items():
+        for i, (key, value) in enumerate(values.items()):
             if isinstance(value, Serialized):
                 values[key] = loads(value)
+            if i % GATHER_SLICE == GATHER_SLICE - 1:
+                await trio.lowlevel.checkpoint()
         if retry:
             await self._refresh_holders(retry, failed)
         return retry
@@ -824,10 +863,13 @@ class AsyncClient:
         found: dict[str, None] = {}
         replace_futures(futures, _is_future, found)
         keys = [k for k in found if k in self.futures]
-        for key in keys:
-            state = self.futures[key]
-            if not state.done():
-                state.fail(Cancelled(reason))
+        failure = Cancelled(reason)
+        for i, key in enumerate(keys):
+            state = self.futures.get(key)
+            if state is not None and not state.done():
+                state.fail(failure)
+            if i % CANCEL_SLICE == CANCEL_SLICE - 1:
+                await trio.lowlevel.checkpoint()
         if keys and self._conn is not None:
             # (While reconnecting there is nothing to send: cancelled keys are
             # left out of the resubmission.)
@@ -953,6 +995,31 @@ def submit_messages(tasks: list[m.TaskWire], functions: Mapping[str, Serialized]
         part = tasks[start : start + SUBMIT_SLICE]
         used = {t.function_id: functions[t.function_id] for t in part if t.function_id in functions}
         yield m.Submit(tasks=part, functions=used, wanted=[t.key for t in part if t.key in wanted_keys])
+
+
+def _graph_plan(dsk: Mapping, keys: Any) -> tuple[dict, list]:
+    """A graph's nodes and the keys `keys` need, inputs first."""
+    nodes = graph_nodes(dsk)
+    return nodes, needed_in_order(nodes, flatten_keys(keys))
+
+
+def map_calls(
+    fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], key: Any, kwargs: dict[str, Any]
+) -> tuple[list[tuple[tuple, dict]], list[str | None], str | None]:
+    """`map`'s calls, their keys (None: to be named) and the key prefix.
+
+    Raises:
+        TypeError: `fn` is not callable.
+        ValueError: a list of keys whose length is not the number of calls.
+    """
+    if not callable(fn):
+        raise TypeError(f"map() expects a callable, got {type(fn).__name__}")
+    calls = [(args, kwargs) for args in zip(*iterables, strict=False)]
+    if isinstance(key, list):
+        if len(key) != len(calls):
+            raise ValueError(f"map() got {len(key)} keys for {len(calls)} calls")
+        return calls, list(key), None
+    return calls, [None] * len(calls), key if isinstance(key, str) else None
 
 
 def _function_name(fn: Any) -> str:

@@ -12,12 +12,17 @@ import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from trioflow.client import AsyncClient
+from trioflow.client import AsyncClient, map_calls
 from trioflow.comm.auth import Credentials
 from trioflow.cluster import LocalCluster
 from trioflow.config import Config
 from trioflow.future import Future
 from trioflow.loop_thread import LoopThread
+
+
+# Calls `Client.map` pickles in the caller's thread before handing them to
+# the client's loop (whose step for a slice is then a few tens of ms).
+MAP_SLICE = 5_000
 
 
 class Client:
@@ -48,19 +53,18 @@ class Client:
                 n_workers, threads_per_worker, processes=processes, config=config
             )
             address = self.cluster
-        if isinstance(address, LocalCluster) and address.loop.alive:
-            # Share the cluster's Trio thread: client and scheduler then talk
-            # without handing the GIL back and forth between two threads.
-            self._loop, self._owns_loop = address.loop, False
-        else:
-            self._loop, self._owns_loop = LoopThread("trioflow-client"), True
+        # A loop of the client's own, never the cluster's: whatever the
+        # client does in its thread (packing a million tasks, dropping as
+        # many futures) must not delay the scheduler's answers to its
+        # workers (design.md §6 rule 6). It costs a thread hop between
+        # client and scheduler on every message (W2: benchmarks/README.md).
+        self._loop = LoopThread("trioflow-client")
         self._client = AsyncClient(address, config=config, credentials=credentials)
         self._client._blocking = self._loop.run
         try:
             self._loop.start(self._client._run)
         except BaseException:
-            if self._owns_loop:
-                self._loop.stop()
+            self._loop.stop()
             if self.cluster is not None:
                 self.cluster.close()
             raise
@@ -82,14 +86,50 @@ class Client:
 
     # -- submitting ---------------------------------------------------------
 
-    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
-        """See `AsyncClient.submit`."""
-        return self._loop.run_sync(functools.partial(self._client.submit, fn, *args, **kwargs))
+    def submit(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        key: str | None = None,
+        pure: bool = True,
+        retries: int = 0,
+        workers: Any = None,
+        **kwargs: Any,
+    ) -> Future:
+        """See `AsyncClient.submit`. The call is pickled in this thread."""
+        if not callable(fn):
+            raise TypeError(f"submit() expects a callable, got {type(fn).__name__}")
+        self._loop.run_sync(self._client._admit, 1)
+        packed = self._client._pack(fn, [(args, kwargs)], [key], pure, retries, workers)
+        [future] = self._loop.run_sync(self._client._submit_packed, packed)
+        return future
 
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], **kwargs: Any) -> list[Future]:
-        """See `AsyncClient.map`."""
-        iterables = tuple(list(it) for it in iterables)
-        return self._loop.run_sync(functools.partial(self._client.map, fn, *iterables, **kwargs))
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        key: Any = None,
+        pure: bool = True,
+        retries: int = 0,
+        workers: Any = None,
+        **kwargs: Any,
+    ) -> list[Future]:
+        """See `AsyncClient.map`.
+
+        The calls are pickled here, in the caller's thread, `MAP_SLICE` at a
+        time; the client's loop makes each slice's futures and sends its
+        tasks, a short step per slice, so that neither the client's loop
+        nor (with a `LocalCluster`) the scheduler's waits on a big map.
+        """
+        calls, keys, prefix = map_calls(fn, tuple(list(it) for it in iterables), key, kwargs)
+        self._loop.run_sync(self._client._admit, len(calls))
+        futures: list[Future] = []
+        for start in range(0, len(calls), MAP_SLICE):
+            packed = self._client._pack(
+                fn, calls[start : start + MAP_SLICE], keys[start : start + MAP_SLICE], pure, retries, workers, prefix
+            )
+            futures.extend(self._loop.run_sync(self._client._submit_packed, packed))
+        return futures
 
     def get(self, dsk: dict, keys: Any, **kwargs: Any) -> Any:
         """Compute a dask-style graph; see `AsyncClient.get`."""
@@ -140,8 +180,7 @@ class Client:
             try:
                 self._loop.run(self._client.close_and_wait)
             finally:
-                if self._owns_loop:
-                    self._loop.stop()
+                self._loop.stop()
         if self.cluster is not None:
             self.cluster.close()
 

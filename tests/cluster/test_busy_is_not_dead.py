@@ -10,10 +10,15 @@ never dropped and replaced.
 
 from __future__ import annotations
 
+import operator
+import threading
 import time
 
+import pytest
 import trio
 
+import trioflow
+import trioflow.client
 from tests.conftest import wait_until
 from trioflow.config import Config
 from trioflow.loop_thread import LoopThread
@@ -72,3 +77,44 @@ async def test_a_stall_of_a_workers_loop_does_not_make_it_leave_its_scheduler(ca
             await trio.to_thread.run_sync(thread.stop)
             nursery.cancel_scope.cancel()
     assert not [r for r in caplog.records if "cannot reach its scheduler" in r.getMessage()]
+
+
+class _RecordsWherePickled:
+    """An argument that notes the thread that pickles it."""
+
+    threads: list[str] = []
+
+    def __reduce__(self):
+        _RecordsWherePickled.threads.append(threading.current_thread().name)
+        return (int, (1,))
+
+
+@pytest.mark.processes
+def test_a_client_of_a_local_cluster_has_a_loop_of_its_own_and_packs_in_the_callers_thread():
+    """Client(cluster) runs apart from the scheduler's loop, and map/submit pickle in the caller's thread."""
+    _RecordsWherePickled.threads.clear()
+    with trioflow.LocalCluster(1) as cluster, trioflow.Client(cluster) as client:
+        assert client._loop is not cluster.loop
+        futures = client.map(operator.add, [_RecordsWherePickled()] * 3, [1, 2, 3])
+        future = client.submit(operator.add, _RecordsWherePickled(), 10)
+        assert client.gather(futures) == [2, 3, 4] and future.result() == 11
+    assert _RecordsWherePickled.threads == [threading.current_thread().name] * 4
+
+
+async def test_dropping_many_futures_is_forgotten_in_bounded_steps(client, monkeypatch):
+    """Futures dropped at once are forgotten RELEASE_SLICE keys per step of the client's loop, all of them."""
+    monkeypatch.setattr(trioflow.client, "RELEASE_SLICE", 100)
+    steps: list[int] = []
+    flush = client._flush_releases
+
+    def counting_flush():
+        before = len(client._released)
+        flush()
+        steps.append(before - len(client._released))
+
+    monkeypatch.setattr(client, "_flush_releases", counting_flush)
+    futures = [client._future(f"dropped-{i}") for i in range(1000)]
+    assert len(client.futures) >= 1000
+    del futures
+    await wait_until(lambda: not any(k.startswith("dropped-") for k in client.futures), message="all forgotten")
+    assert sum(steps) == 1000 and max(steps) <= 100 and len(steps) >= 10
