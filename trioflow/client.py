@@ -375,7 +375,7 @@ class AsyncClient:
         assert self._conn is not None
         wanted = [k for k, st in self.futures.items() if not st.done() or st.status == FINISHED]
         self._queued_while_away = 0
-        for message in submit_messages(list(self._lineage.tasks.values()), self._lineage.functions, wanted):
+        for message in submit_messages(self._lineage.messages(), self._lineage.functions, wanted):
             self._conn.send(message)
 
     async def close_and_wait(self) -> None:
@@ -416,6 +416,12 @@ class AsyncClient:
                 state = self.futures.get(message.key)
                 if state is not None:
                     state.fail(failure_from_wire(message.failure))
+            elif kind is m.KeysErred:
+                failure = failure_from_wire(message.failure)
+                for key in message.keys:
+                    state = self.futures.get(key)
+                    if state is not None:
+                        state.fail(failure)
             elif kind is m.KeyLost:
                 state = self.futures.get(message.key)
                 if state is not None:
@@ -486,7 +492,10 @@ class AsyncClient:
                     return
                 self._release_scheduled = True
             assert self._token is not None
-            self._token.run_sync_soon(self._flush_releases)
+            try:
+                self._token.run_sync_soon(self._flush_releases)
+            except trio.RunFinishedError:
+                pass  # the client's loop is ending: nothing left to tell
 
     # ------------------------------------------------------------- submit --
 

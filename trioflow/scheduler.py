@@ -257,6 +257,9 @@ class Scheduler:
         self._function_frees: dict[str, list[str]] = {}
         # Small results that came with the task_finished being applied.
         self._inline_values: dict[str, Serialized] = {}
+        # client id -> (failure, keys, origins): failures reported by the
+        # event being applied, sent together when it ends (`_flush_erred`).
+        self._erred: dict[str, tuple[Any, list[str], list[str]]] = {}
         # address -> (its registration number, the keys a departed worker
         # held or was assigned): what it may claim when it registers again
         # (`_checked_claims`).
@@ -497,6 +500,7 @@ class Scheduler:
                 self._dispatch(message)
         finally:
             self._inline_values.clear()
+            self._flush_erred()
         self._flush_frees()
         if self._state_changed is not None:
             self._state_changed.set()
@@ -716,19 +720,42 @@ class Scheduler:
             value = self._inline_values[message.key] if message.with_value else None
             self._to_client(message.client, m.KeyFinished(key=message.key, who_has=list(message.who_has), value=value))
         elif isinstance(message, ReportErred):
-            self._to_client(
-                message.client,
-                m.KeyErred(key=message.key, origin=message.origin, failure=failure_to_wire(message.failure)),
-            )
+            # One failure is often reported for many keys (a cancel of
+            # 100,000 futures, an error shared by dependents): they travel
+            # together, as one `keys_erred` per failure (`_flush_erred`).
+            batch = self._erred.get(message.client)
+            if batch is not None and (batch[0] is not message.failure or len(batch[1]) >= m.MAX_KEYS):
+                self._flush_erred(message.client)
+                batch = None
+            if batch is None:
+                batch = self._erred[message.client] = (message.failure, [], [])
+            batch[1].append(message.key)
+            batch[2].append(message.origin)
         elif isinstance(message, ReportLost):
             self._to_client(message.client, m.KeyLost(key=message.key))
         else:  # pragma: no cover - a new message type without a case here
             raise TypeError(f"no dispatch for {message!r}")
 
     def _to_client(self, client_id: str, message: m.Message) -> None:
+        if client_id in self._erred:
+            self._flush_erred(client_id)  # what was reported first goes first
         link = self.clients.get(client_id)
         if link is not None:
             link.send(message)
+
+    def _flush_erred(self, client_id: str | None = None) -> None:
+        """Send the failures held back for one client (or all): one
+        `key_erred`, or one `keys_erred` for many keys."""
+        for client in list(self._erred) if client_id is None else [client_id]:
+            failure, keys, origins = self._erred.pop(client)
+            link = self.clients.get(client)
+            if link is None:
+                continue
+            wire = failure_to_wire(failure)
+            if len(keys) == 1:
+                link.send(m.KeyErred(key=keys[0], origin=origins[0], failure=wire))
+            else:
+                link.send(m.KeysErred(keys=keys, origins=origins, failure=wire))
 
     # ------------------------------------------------------- worker ops --
 

@@ -597,6 +597,18 @@ class KeyErred(Message, op="key_erred", channels=(SCHEDULER_TO_CLIENT,)):
     failure = FAILURE
 
 
+class KeysErred(Message, op="keys_erred", channels=(SCHEDULER_TO_CLIENT,)):
+    """Tasks that failed with one failure (a cancel); `origins[i]` failed first for `keys[i]`."""
+
+    keys = KEYS
+    origins = KEYS
+    failure = FAILURE
+
+    def check_fields(self) -> None:
+        if len(self.origins) != len(self.keys):
+            raise FieldError(f"'origins' has {len(self.origins)} keys for {len(self.keys)} in 'keys'")
+
+
 class KeyLost(Message, op="key_lost", channels=(SCHEDULER_TO_CLIENT,)):
     """The value was lost and is being recomputed."""
 

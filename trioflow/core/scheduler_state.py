@@ -110,7 +110,7 @@ class SchedulerState(TaskTransitions):
         # Root tasks waiting for capacity: a heap of (priority, key). Entries
         # whose task left QUEUED are skipped when popped (lazy deletion), so
         # releasing a queued task costs nothing here.
-        self.queued: list[tuple[tuple[int, ...], str]] = []
+        self.queued: list[tuple[int, str]] = []
         # Tasks whose restrictions name no live worker.
         self.unrunnable: dict[str, None] = {}
         # Keys a client asked to keep more than one copy of.
@@ -253,7 +253,7 @@ class SchedulerState(TaskTransitions):
             ts = SchedulerTask(
                 spec.key,
                 spec.run_spec,
-                priority=(self._submitted,),
+                priority=self._submitted,
                 retries=spec.retries,
                 restrictions=spec.workers,
             )
@@ -270,8 +270,8 @@ class SchedulerState(TaskTransitions):
                     # (or has forgotten): its data is lost for this task.
                     ts.failure, ts.failure_origin = DataLost(dep_key), dep_key
                     continue
-                ts.dependencies[dep_key] = dep
-                dep.dependents[ts.key] = ts
+                ts.own("dependencies")[dep_key] = dep
+                dep.own("dependents")[ts.key] = ts
         for ts in new:
             orphan = self.orphans.pop(ts.key, None)
             if orphan is not None:
@@ -280,8 +280,10 @@ class SchedulerState(TaskTransitions):
             ts = self.tasks.get(key)
             if ts is None:
                 continue
-            ts.who_wants[ev.client] = None
-            wanted[key] = None
+            ts.own("who_wants")[ev.client] = None
+            # The task's own key string: the one decoded from `wanted` is a
+            # second copy of it (90 bytes a task for nothing).
+            wanted[ts.key] = None
             if ts.state is MEMORY:
                 self._report_finished(ev.client, ts)
             elif ts.state in FAILED:
@@ -354,6 +356,7 @@ class SchedulerState(TaskTransitions):
         wanted = self.clients.get(ev.client, {})
         recs: Recommendations = {}
         seen: dict[str, None] = {}
+        failure = Cancelled(ev.reason)  # one record for every key of the event
         stack = [self.tasks[k] for k in ev.keys if k in self.tasks]
         while stack:
             ts = stack.pop()
@@ -365,7 +368,7 @@ class SchedulerState(TaskTransitions):
                 del ts.who_wants[ev.client]
                 ts.delivered.pop(ev.client, None)
                 wanted.pop(ts.key, None)
-                self._emit(ReportErred(self._stimulus_id, ev.client, ts.key, Cancelled(ev.reason), ts.key))
+                self._emit(ReportErred(self._stimulus_id, ev.client, ts.key, failure, ts.key))
                 self._recommend_release_if_unneeded(ts, recs)
         self._transitions(recs)
 
@@ -376,8 +379,8 @@ class SchedulerState(TaskTransitions):
             ts = self.tasks.get(key)
             if ts is None:
                 self._submitted += 1
-                ts = self.tasks[key] = SchedulerTask(key, None, priority=(self._submitted,))
-            ts.who_wants[ev.client] = None
+                ts = self.tasks[key] = SchedulerTask(key, None, priority=self._submitted)
+            ts.own("who_wants")[ev.client] = None
             wanted[key] = None
             if ts.state is MEMORY:
                 for ws in live:
