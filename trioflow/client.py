@@ -54,6 +54,7 @@ from trioflow.comm import (
 )
 from trioflow.comm import messages as m
 from trioflow.comm.auth import CLIENT, Credentials, connect_authenticated, credentials_for
+from trioflow.comm.frames import max_value_bytes, too_big
 from trioflow.comm.security import Security
 from trioflow.comm.serialize import Serialized, SerializedFunction, content_digest
 from trioflow.backoff import Backoff
@@ -83,8 +84,10 @@ logger = logging.getLogger("trioflow.client")
 
 # Tasks a client keeps for a scheduler that is away before submit() refuses more.
 MAX_QUEUED_WHILE_AWAY = 100_000
-# Tasks per `submit` message.
+# Tasks per `submit` message, and bytes of arguments (a task whose
+# arguments are bigger goes alone).
 SUBMIT_SLICE = 1_000
+SUBMIT_BYTES = 64 << 20
 # Keys per `release_keys`, `cancel_keys`, `who_has` and `get_data` message:
 # a message body must stay within `max_body_bytes`.
 KEYS_SLICE = m.MAX_KEYS
@@ -574,14 +577,13 @@ class AsyncClient:
             dependencies: dict[str, None] = {}
             call = replace_futures((args, kwargs), _is_future, dependencies)
             used = function
+            failure = None
             try:
                 payload = dumps(call)
             except SerializationError as exc:
                 # Fail the task, not the call: it errs on a worker like any
                 # user error, and so does every task that depends on it.
-                message = f"could not serialize the arguments of {name}: {exc}"
-                used = dumps_function(raise_serialization_error)
-                payload = dumps(((message,), {}))
+                failure = f"could not serialize the arguments of {name}: {exc}"
                 key = key or f"{name}-{self._random_hex()}"
             if key is None:
                 if pure:
@@ -593,6 +595,13 @@ class AsyncClient:
                     key = f"{name}-{digest.hexdigest()}"
                 else:
                     key = f"{name}-{self._random_hex()}"
+            if failure is None and payload.nbytes > max_value_bytes(self.limits):
+                # It could never reach the scheduler: fail the task, naming
+                # it and its size (the same way, and for the same reason).
+                failure = too_big(f"the arguments of task {key!r}", payload.nbytes, self.limits, verb="are")
+            if failure is not None:
+                used = dumps_function(raise_serialization_error)
+                payload = dumps(((failure,), {}))
             task = m.TaskWire(
                 key=key,
                 function_id=used.function_id,
@@ -748,12 +757,18 @@ class AsyncClient:
         async def fetch_from(worker: str, group: list[FutureState]) -> None:
             data: dict[str, Serialized] = {}
             errors: dict[str, str] = {}
-            keys = [s.key for s in group]
+            todo = [s.key for s in group]
             try:
-                for start in range(0, len(keys), GET_DATA_SLICE):
-                    answer = await self._pool.call(worker, m.GetData(keys=keys[start : start + GET_DATA_SLICE]))
-                    data.update(answer.data)
-                    errors.update(answer.errors)
+                while todo:
+                    later: list[str] = []
+                    for start in range(0, len(todo), GET_DATA_SLICE):
+                        answer = await self._pool.call(worker, m.GetData(keys=todo[start : start + GET_DATA_SLICE]))
+                        data.update(answer.data)
+                        errors.update(answer.errors)
+                        later.extend(answer.later or ())
+                    # Values too big to come with the others: asked for
+                    # again (an answer's first value always comes or errs).
+                    todo = [key for key in later if key not in data]
             except (CommClosedError, RequestFailed, ProtocolError):
                 pass  # what did not come is asked for again below
             for state in group:
@@ -847,16 +862,16 @@ class AsyncClient:
             serialized = dumps(value)
             if key is None:
                 key = f"{type(value).__name__}-{content_digest(serialized)}"
+            if serialized.nbytes > max_value_bytes(self.limits):
+                raise ValueError(too_big(f"the value scattered as {key!r}", serialized.nbytes, self.limits))
             payloads[key] = serialized
             keys.append(key)
         futures = {key: self._future(key) for key in keys}
         for key in keys:
             self._lineage.remember(m.TaskWire(key=key, scattered=True), None)
         with _timeout(timeout):
-            names = list(payloads)
-            for start in range(0, len(names), SCATTER_SLICE):
-                part = {key: payloads[key] for key in names[start : start + SCATTER_SLICE]}
-                await self._request(m.Scatter(data=part, broadcast=broadcast))
+            for part in _byte_slices(list(payloads.items()), SCATTER_SLICE, max_value_bytes(self.limits)):
+                await self._request(m.Scatter(data=dict(part), broadcast=broadcast))
         if isinstance(data, Mapping):
             return {key: futures[key] for key in keys}
         if isinstance(data, (list, tuple)):
@@ -991,7 +1006,8 @@ class _timeout:
 
 
 def submit_messages(tasks: list[m.TaskWire], functions: Mapping[str, Serialized], wanted: Iterable[str]):
-    """`submit` messages for `tasks`, at most `SUBMIT_SLICE` tasks each.
+    """`submit` messages for `tasks`, at most `SUBMIT_SLICE` tasks and
+    `SUBMIT_BYTES` of arguments each (a task with bigger ones goes alone).
 
     The scheduler handles one message at a time, so slices keep each of
     those steps short. A wanted key travels with its own task (the
@@ -1000,10 +1016,27 @@ def submit_messages(tasks: list[m.TaskWire], functions: Mapping[str, Serialized]
     only while tasks refer to it, so it cannot be sent once for all time).
     """
     wanted_keys = set(wanted)
-    for start in range(0, max(len(tasks), 1), SUBMIT_SLICE):
-        part = tasks[start : start + SUBMIT_SLICE]
-        used = {t.function_id: functions[t.function_id] for t in part if t.function_id in functions}
-        yield m.Submit(tasks=part, functions=used, wanted=[t.key for t in part if t.key in wanted_keys])
+    sized = [(t, 0 if t.args is None else t.args.nbytes) for t in tasks]
+    for part in _byte_slices(sized, SUBMIT_SLICE, SUBMIT_BYTES) if tasks else [[]]:
+        part_tasks = [t for t, _ in part]
+        used = {t.function_id: functions[t.function_id] for t in part_tasks if t.function_id in functions}
+        yield m.Submit(tasks=part_tasks, functions=used, wanted=[t.key for t in part_tasks if t.key in wanted_keys])
+
+
+def _byte_slices(items: list[tuple[Any, Any]], most: int, max_bytes: int) -> Iterable[list[tuple[Any, Any]]]:
+    """`items` ``(thing, size or Serialized)`` in slices of at most `most`
+    things and `max_bytes` bytes (a bigger thing goes alone)."""
+    part: list[tuple[Any, Any]] = []
+    size = 0
+    for item in items:
+        n = item[1] if isinstance(item[1], int) else item[1].nbytes
+        if part and (len(part) >= most or size + n > max_bytes):
+            yield part
+            part, size = [], 0
+        part.append(item)
+        size += n
+    if part:
+        yield part
 
 
 def _graph_plan(dsk: Mapping, keys: Any) -> tuple[dict, list]:

@@ -86,6 +86,7 @@ from trioflow.core.worker_events import (
 from trioflow.errors import CommClosedError, ProtocolError, SerializationError
 from trioflow.executor import Executor, ThreadExecutor
 from trioflow.nurseries import background_tasks
+from trioflow.comm.frames import max_value_bytes, too_big
 from trioflow.comm.messages import INLINE_VALUE_BYTES
 from trioflow.protocol import (
     failure_to_wire,
@@ -622,11 +623,18 @@ class Worker:
         missing: list[str] = []
         errors: dict[str, str] = {}
         try:
-            for start in range(0, len(keys), GET_DATA_CHUNK):
-                answer = await self._pool.call(peer, m.GetData(keys=keys[start : start + GET_DATA_CHUNK]))
-                values.update(answer.data)
-                missing.extend(answer.missing)
-                errors.update(answer.errors)
+            todo = keys
+            while todo:
+                later: list[str] = []
+                for start in range(0, len(todo), GET_DATA_CHUNK):
+                    answer = await self._pool.call(peer, m.GetData(keys=todo[start : start + GET_DATA_CHUNK]))
+                    values.update(answer.data)
+                    missing.extend(answer.missing)
+                    errors.update(answer.errors)
+                    later.extend(answer.later or ())
+                # Too big to come with the others: asked for again. (The
+                # first value of an answer always comes or errs: progress.)
+                todo = [key for key in later if key not in values]
         except (CommClosedError, RequestFailed, ProtocolError) as exc:
             logger.info("could not fetch %d keys from %s: %s", len(keys), peer, clip(str(exc), 300))
             self._post(self._apply, GatherFailed(self._stimulus("gather-failed"), peer, instruction.keys))
@@ -703,15 +711,35 @@ class Worker:
             self.gate.leave()
 
     def _answer_get_data(self, conn: Connection, request: m.GetData) -> None:
+        """Send the values asked for, as many as the asker's budget takes.
+
+        A value too big to travel at all is an error naming its key and
+        size (it would never arrive; asking again would loop). Values that
+        fit alone but not after the ones before them are sent `later`: the
+        asker asks for them again.
+        """
         data: dict[str, Serialized] = {}
         missing: list[str] = []
         errors: dict[str, str] = {}
+        later: list[str] = []
+        room = max_value_bytes(conn.send_limits)
+        used = 0
         for key in request.keys:
             if key not in self.data:
                 missing.append(key)
                 continue
             try:
-                data[key] = dumps(self.data[key])
+                value = dumps(self.data[key])
             except SerializationError as exc:
                 errors[key] = clip(f"the result of {key!r} cannot be sent: {exc}", m.MAX_REASON_CHARS - 20)
-        reply(conn, request, m.GetDataReply(data=data, missing=missing, errors=errors))
+                continue
+            if value.nbytes > room:
+                errors[key] = clip(
+                    too_big(f"the result of {clip(key)}", value.nbytes, conn.send_limits), m.MAX_REASON_CHARS - 20
+                )
+            elif used + value.nbytes > room:
+                later.append(key)
+            else:
+                data[key] = value
+                used += value.nbytes
+        reply(conn, request, m.GetDataReply(data=data, missing=missing, errors=errors, later=later or None))

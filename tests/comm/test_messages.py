@@ -122,7 +122,7 @@ REPLIES: list[schema.Record] = [
     m.RunHereReply(result=SMALL),
     m.RunHereReply(failure=USER),
     m.PutDataReply(nbytes={"a": 8}),
-    m.GetDataReply(data={"a": VALUE}, missing=["b"], errors={"c": "cannot pickle"}),
+    m.GetDataReply(data={"a": VALUE}, missing=["b"], errors={"c": "cannot pickle"}, later=["d"]),
     m.PidReply(pid=1234),
     m.PidReply(pid=None),
 ]

@@ -86,7 +86,7 @@ class FrameLimits:
     max_body_bytes: int = 4 << 20
     max_frames: int = 65_536
     max_items: int = 1_000_000
-    max_batch_bytes: int = 2 << 30
+    max_batch_bytes: int = 4 << 30
 
     @classmethod
     def from_config(cls, config) -> FrameLimits:
@@ -95,7 +95,9 @@ class FrameLimits:
             max_body_bytes=config.max_body_bytes,
             max_frames=config.max_frames_per_batch,
             max_items=config.max_messages_per_batch,
-            max_batch_bytes=config.max_connection_bytes,
+            # A batch larger than the whole process's budget could never be
+            # read either: the smaller of the two bounds a batch.
+            max_batch_bytes=min(config.max_connection_bytes, config.max_process_bytes),
         )
 
     @classmethod
@@ -108,6 +110,26 @@ class FrameLimits:
             max_items=64,
             max_batch_bytes=HELLO_BODY_BYTES,
         )
+
+
+# Room kept in a batch for everything but one big value (the message body,
+# the batch header, a pickle stream) when a value is sized against a peer's
+# budget.
+VALUE_HEADROOM_BYTES = 1 << 20
+
+
+def max_value_bytes(limits: FrameLimits) -> int:
+    """The largest value that can travel to a peer with these limits."""
+    return max(0, limits.max_batch_bytes - VALUE_HEADROOM_BYTES)
+
+
+def too_big(what: str, nbytes: int, limits: FrameLimits, verb: str = "is") -> str:
+    """The error for a value that cannot travel: what it is, its size, the bound."""
+    return (
+        f"{what} {verb} {nbytes:,} bytes ({nbytes / 2**30:.2f} GiB), more than a peer accepts in one "
+        f"message: at most {max_value_bytes(limits):,} bytes (max_connection_bytes and "
+        f"max_process_bytes={limits.max_batch_bytes:,}, less {VALUE_HEADROOM_BYTES:,} for the message)"
+    )
 
 
 class EncodedMessage:

@@ -481,6 +481,9 @@ class GetDataReply(Record):
     data = Map(KEY, Pickled(), MAX_REPLY_KEYS)
     missing = REPLY_KEYS
     errors = Map(KEY, REASON, MAX_REPLY_KEYS)
+    # Held here, but too big to travel with the values before them within
+    # the asker's budget: ask again (each fits alone). None: no such key.
+    later = Optional(Nullable(REPLY_KEYS))
 
 
 class PidReply(Record):
