@@ -47,12 +47,14 @@ from trioflow.comm import (
     ConnectionGate,
     ConnectionPool,
     FrameLimits,
+    LoopLag,
     Network,
     PeerSilent,
     Requests,
     TCPNetwork,
     clip,
     expect_hello,
+    loop_lag,
     open_connection,
     open_connection_pool,
     reply,
@@ -234,6 +236,7 @@ class Scheduler:
             worker_saturation=self.config.worker_saturation,
         )
         self.address: str | None = None
+        self.loop_lag: LoopLag | None = None
         self.workers: dict[str, WorkerLink] = {}
         self.clients: dict[str, ClientLink] = {}
         # function_id -> the function, while any task refers to it (tasks
@@ -315,6 +318,9 @@ class Scheduler:
         ) as self._pool, trio.open_nursery() as nursery:
             self._nursery = nursery
             self._started_at = trio.current_time()
+            # This loop's stalls (a metric; the deadlines use it through
+            # their connections).
+            self.loop_lag = loop_lag()
             nursery.start_soon(self._drive)
             nursery.start_soon(self._close_recovery_window)
             self.address = await nursery.start(

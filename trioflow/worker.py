@@ -41,6 +41,7 @@ from trioflow.comm import (
     expect_hello,
     loads,
     loads_function,
+    loop_lag,
     open_connection,
     open_connection_pool,
     reply,
@@ -404,7 +405,13 @@ class Worker:
             assert self.state is not None
             due = min(conn.last_sent, conn.last_received) + interval
             if trio.current_time() >= due:
-                metrics = {"executing": len(self.state.executing), "keys": len(self.data), "tasks": len(self.state.tasks)}
+                metrics = {
+                    "executing": len(self.state.executing),
+                    "keys": len(self.data),
+                    "tasks": len(self.state.tasks),
+                    # The longest stall of this worker's loop so far, seconds.
+                    "max_stall_s": loop_lag().max_stall,
+                }
                 self._send(m.Heartbeat(metrics=metrics))
                 due = trio.current_time() + interval
             await trio.sleep_until(due)

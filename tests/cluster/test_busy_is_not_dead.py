@@ -10,6 +10,7 @@ never dropped and replaced.
 
 from __future__ import annotations
 
+import logging
 import operator
 import threading
 import time
@@ -118,3 +119,33 @@ async def test_dropping_many_futures_is_forgotten_in_bounded_steps(client, monke
     del futures
     await wait_until(lambda: not any(k.startswith("dropped-") for k in client.futures), message="all forgotten")
     assert sum(steps) == 1000 and max(steps) <= 100 and len(steps) >= 10
+
+
+def inc(x):
+    return x + 1
+
+
+@pytest.mark.processes
+@pytest.mark.scale
+def test_a_200_000_task_map_on_a_local_cluster_loses_no_worker(caplog):
+    """SCALE (over a minute; runs with --scale): map(inc) over 200,000 tasks on LocalCluster(2), wait() and
+    gather, then the futures dropped and forgotten, with no worker declared gone, reconnected or restarted."""
+    n = 200_000
+    caplog.set_level(logging.WARNING, logger="trioflow")
+    with trioflow.LocalCluster(2) as cluster, trioflow.Client(cluster) as client:
+        scheduler = cluster._cluster.scheduler
+        links = dict(scheduler.workers)  # a reconnect would be a new link
+        pids = {address: info["pid"] for address, info in client.scheduler_info()["workers"].items()}
+        futures = client.map(inc, range(n), pure=False)
+        trioflow.wait(futures)
+        results = client.gather(futures)
+        assert results == list(range(1, n + 1))
+        del futures, results
+        deadline = time.monotonic() + 300
+        while sum(client.scheduler_info()["tasks"].values()) and time.monotonic() < deadline:
+            time.sleep(0.1)  # polling the scheduler's count, as W10 does
+        assert sum(client.scheduler_info()["tasks"].values()) == 0
+        assert dict(scheduler.workers) == links
+        assert {address: info["pid"] for address, info in client.scheduler_info()["workers"].items()} == pids
+    gone = [r.getMessage() for r in caplog.records if "left:" in r.getMessage() or "restarting" in r.getMessage()]
+    assert not gone
