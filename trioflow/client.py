@@ -884,9 +884,7 @@ class AsyncClient:
         Their futures raise `trioflow.CancelledError`. Other clients'
         futures for the same keys are not affected.
         """
-        found: dict[str, None] = {}
-        replace_futures(futures, _is_future, found)
-        keys = [k for k in found if k in self.futures]
+        keys = [k for k in future_keys(futures) if k in self.futures]
         failure = Cancelled(reason)
         for i, key in enumerate(keys):
             state = self.futures.get(key)
@@ -1037,6 +1035,26 @@ def _byte_slices(items: list[tuple[Any, Any]], most: int, max_bytes: int) -> Ite
         size += n
     if part:
         yield part
+
+
+def future_keys(obj: Any) -> dict[str, None]:
+    """The keys of the futures in `obj` (a future, or lists, tuples, sets and
+    dict values holding them), in order, without copying `obj` the way
+    `replace_futures` does (cancelling 100,000 futures made as many
+    `TaskRef`s to throw away)."""
+    found: dict[str, None] = {}
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if type(item) is Future:
+            found[item.key] = None
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+        elif isinstance(item, (set, frozenset)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(reversed(item.values()))
+    return found
 
 
 def _graph_plan(dsk: Mapping, keys: Any) -> tuple[dict, list]:

@@ -156,13 +156,17 @@ class Future:
         key: the task's unique name.
     """
 
-    __slots__ = ("key", "_client", "_state", "__weakref__")
+    __slots__ = ("_client", "_state", "__weakref__")
 
     def __init__(self, key: str, client: AsyncClient, state: FutureState):
-        self.key = key
         self._client = client
         self._state = state
         state.refs += 1
+
+    @property
+    def key(self) -> str:
+        """The task's unique name (its state's: a handle need not keep it too)."""
+        return self._state.key
 
     # -- status -----------------------------------------------------------
 

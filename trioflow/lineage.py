@@ -33,7 +33,10 @@ class KeptTask:
 
     def __init__(self, task: TaskWire):
         self.function_id = task.function_id
-        self.args = task.args
+        # Arguments without out-of-band buffers (nearly all) are kept as
+        # their pickle stream alone: the `Serialized` around it is 48 bytes.
+        args = task.args
+        self.args = args.header if args is not None and not args.buffers else args
         self.dependencies = task.dependencies
         self.retries = task.retries
         self.workers = task.workers
@@ -41,10 +44,11 @@ class KeptTask:
 
     def message(self, key: str) -> TaskWire:
         """The task as it is submitted again."""
+        args = self.args
         return TaskWire(
             key=key,
             function_id=self.function_id,
-            args=self.args,
+            args=args if args is None or isinstance(args, Serialized) else Serialized(args),
             dependencies=self.dependencies,
             retries=self.retries,
             workers=self.workers,

@@ -309,7 +309,11 @@ class TaskTransitions:
 
     def _value_needed(self, ts: SchedulerTask) -> bool:
         """Needed by work in progress or by a client that lacks the value."""
-        return bool(ts.waiters) or any(client not in ts.delivered for client in ts.who_wants)
+        if ts.waiters:
+            return True
+        if not ts.delivered:  # (the common case, asked once per task released or cancelled)
+            return bool(ts.who_wants)
+        return any(client not in ts.delivered for client in ts.who_wants)
 
     @staticmethod
     def _is_available(ts: SchedulerTask) -> bool:
