@@ -39,7 +39,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _harness import DASK, TRIOFLOW, Figure, Workload, median, no_cluster, now, parse_args, run_workload  # noqa: E402
-from w8_pending_memory import POLL_S, _task_count, _wait_count, _wait_for_file, start_servers  # noqa: E402
+from w8_pending_memory import POLL_S, _wait_count, _wait_for_file, start_servers  # noqa: E402
 
 
 def sleep_1s(i):
@@ -113,6 +113,7 @@ def child(system: str, args: argparse.Namespace) -> dict:
             if seconds is None:
                 break
             time.sleep(POLL_S)
+        out["blocker"] = blocker.key  # held until here: the worker's thread stays busy
         return out
     finally:
         with contextlib.suppress(OSError):

@@ -99,8 +99,9 @@ class Client:
         """See `AsyncClient.submit`. The call is pickled in this thread."""
         if not callable(fn):
             raise TypeError(f"submit() expects a callable, got {type(fn).__name__}")
-        self._loop.run_sync(self._client._admit, 1)
         packed = self._client._pack(fn, [(args, kwargs)], [key], pure, retries, workers)
+        # One call into the loop (it refuses the task there if it can be
+        # neither sent nor kept): each call is a thread hop, on W2's path.
         [future] = self._loop.run_sync(self._client._submit_packed, packed)
         return future
 
