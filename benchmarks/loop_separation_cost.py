@@ -15,7 +15,7 @@ round, the layouts alternating round by round (``--rounds``) so that a
 drift in the machine's load hits both alike. Prints one JSON line: median
 and p99 per layout (ms), and separate / shared.
 
-    python benchmarks/w2_loop_separation.py [--rounds 10] [--calls 200]
+    python benchmarks/loop_separation_cost.py [--rounds 10] [--calls 200]
 """
 
 from __future__ import annotations
