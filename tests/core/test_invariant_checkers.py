@@ -98,32 +98,32 @@ T = lambda state, key: state.tasks[key]  # noqa: E731 - a short name for the tab
 
 SCHEDULER_BREAKS = {
     "stored under the wrong key or forgotten": lambda s: _set(T(s, "x"), state=TaskState.FORGOTTEN),
-    "dependency 'x' is not a live record": lambda s: T(s, "y").dependencies.__setitem__("x", SchedulerTask("x", "run", (0,))),
+    "dependency 'x' is not a live record": lambda s: T(s, "y").own("dependencies").__setitem__("x", SchedulerTask("x", "run", (0,))),
     "not among the dependents of": lambda s: T(s, "x").dependents.pop("y"),
-    "dependent 'ghost' does not link back": lambda s: T(s, "x").dependents.__setitem__("ghost", SchedulerTask("ghost", "r", (0,))),
-    "dependent 'e' does not link back": lambda s: T(s, "x").dependents.__setitem__("e", T(s, "e")),
+    "dependent 'ghost' does not link back": lambda s: T(s, "x").own("dependents").__setitem__("ghost", SchedulerTask("ghost", "r", (0,))),
+    "dependent 'e' does not link back": lambda s: T(s, "x").own("dependents").__setitem__("e", T(s, "e")),
     "INV-WAITERS": lambda s: T(s, "x").waiters.clear(),
     "INV-PROCESSING processing_on=": lambda s: _set(T(s, "y"), processing_on=None),
     "INV-PROCESSING not listed by live worker": lambda s: s.workers[A].processing.pop("y"),
     "INV-MEMORY who_has=": lambda s: T(s, "m").who_has.clear(),
-    "INV-MEMORY holder": lambda s: T(s, "x").who_has.__setitem__(DEAD, None),
+    "INV-MEMORY holder": lambda s: T(s, "x").own("who_has").__setitem__(DEAD, None),
     "INV-READY inputs not all in memory": lambda s: _set(T(s, "x"), state=TaskState.LOST),
     "INV-WAITING waiting_on": lambda s: T(s, "z").waiting_on.clear(),
-    "waiting_on set outside WAITING": lambda s: T(s, "y").waiting_on.__setitem__("x", None),
+    "waiting_on set outside WAITING": lambda s: T(s, "y").own("waiting_on").__setitem__("x", None),
     "INV-FAILED": lambda s: _set(T(s, "e"), failure=None),
     "INV-LOST a task with lineage is never lost": lambda s: _set(T(s, "gone"), run_spec="run-gone"),
     "INV-KILLED": lambda s: _set(T(s, "x"), suspicious=3),
-    "which does not list it": lambda s: T(s, "x").who_wants.__setitem__("c9", None),
+    "which does not list it": lambda s: T(s, "x").own("who_wants").__setitem__("c9", None),
     "INV-NEEDED released although its value is needed": lambda s: (
-        T(s, "p").who_wants.__setitem__("c1", None), s.clients["c1"].__setitem__("p", None)
+        T(s, "p").own("who_wants").__setitem__("c1", None), s.clients["c1"].__setitem__("p", None)
     ),
-    "delivered to": lambda s: T(s, "x").delivered.__setitem__("c9", None),
+    "delivered to": lambda s: T(s, "x").own("delivered").__setitem__("c9", None),
     "INV-NEEDED in progress although nobody needs its value": lambda s: _unwant(s, "z"),
     "INV-FORGET unreferenced but not forgotten": lambda s: _unwant(s, "e"),
     "INV-FORGET unreferenced value kept": lambda s: _unwant(s, "m"),
-    "INV-REPLICAS pending copy at": lambda s: T(s, "s").replicas_pending.__setitem__(DEAD, None),
+    "INV-REPLICAS pending copy at": lambda s: T(s, "s").own("replicas_pending").__setitem__(DEAD, None),
     "INV-REPLICAS copies pending outside memory": lambda s: (
-        T(s, "e").replicas_pending.__setitem__(C, None), s.workers[C].replicating.__setitem__("e", None)
+        T(s, "e").own("replicas_pending").__setitem__(C, None), s.workers[C].replicating.__setitem__("e", None)
     ),
     "replicated mismatch": lambda s: _set(T(s, "s"), replicas_wanted=1),
     "no-worker <-> unrunnable mismatch": lambda s: s.unrunnable.pop("r"),

@@ -8,6 +8,7 @@ drive a fresh `SchedulerState` through that recovery (spec/README.md,
 
 from tests.core.conftest import sid
 from trioflow.core import DataLost, SchedulerState, TaskState, WorkerDeaths
+from trioflow.core.scheduler_records import wire_priority
 from trioflow.core.scheduler_events import (
     ComputeTask,
     DataScattered,
@@ -129,7 +130,7 @@ def test_scattered_data_waits_for_its_holder_while_the_recovery_is_open(sched):
     s_ = msgs[0].stimulus_id
     assert msgs == [
         ReportFinished(s_, "c1", "s", (A,)),
-        ComputeTask(s_, A, "d", "run-d", sched.tasks["d"].priority, {"s": (A,)}, {"s": 8}),
+        ComputeTask(s_, A, "d", "run-d", wire_priority(sched.tasks["d"].priority), {"s": (A,)}, {"s": 8}),
     ]
     assert not sched.awaits_holder("s")
     assert sched.handle(RecoveryEnded(sid())) == []

@@ -565,3 +565,22 @@ def test_a_saturated_worker_is_topped_up_in_batches():
     assert not computes(finish(state, A, "t0"))
     assert [k for _, k in computes(finish(state, A, "t1"))] == ["t4", "t5"]
     check_invariants(state)
+
+
+def test_a_tasks_dicts_share_one_empty_dict_until_their_first_entry():
+    """Records start with the shared NO_ENTRIES, which refuses every write; own() gives a task its own dict."""
+    from trioflow.core.scheduler_records import NO_ENTRIES, SchedulerTask
+
+    ts = SchedulerTask("x", None, priority=1)
+    assert ts.who_has is NO_ENTRIES and ts.dependents is NO_ENTRIES
+    for write in (
+        lambda d: d.__setitem__("k", None),
+        lambda d: d.setdefault("k", None),
+        lambda d: d.update(k=None),
+        lambda d: d.__ior__({"k": None}),
+    ):
+        with pytest.raises(TypeError, match="shared empty dict"):
+            write(ts.who_has)
+    assert ts.who_has.pop("k", None) is None and not NO_ENTRIES
+    ts.own("who_has")["tcp://a:1"] = None
+    assert ts.who_has == {"tcp://a:1": None} and ts.who_has is not NO_ENTRIES and not NO_ENTRIES
