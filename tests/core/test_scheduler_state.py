@@ -482,6 +482,28 @@ def test_restart_cancels_every_held_future_and_flushes_state(sched):
     assert computes(submit(sched, spec("z")))
 
 
+def test_restart_frees_orphans_and_forgets_runs_taken_up_after_a_scheduler_restart(sched):
+    """ClusterRestarted also drops what a new scheduler was still sorting out:
+    an orphaned value is freed where it is held, and a run a registering
+    worker still had is forgotten with its task.
+
+    Kills the mutants that leave out the orphans' `FreeKeys` or the clearing
+    of `recovering_runs` in `_on_cluster_restarted` (a stale run that names
+    a forgotten task breaks the invariants)."""
+    sched.handle(WorkerConnected(sid(), A, 1, held={"o": 8}, running=("t",)))
+    sched.handle(WorkerConnected(sid(), B, 1))
+    submit(sched, spec("i"), spec("t", "i"), wanted=["t"])
+    assert sched.recovering_runs == {"t": A} and "o" in sched.orphans
+    msgs = sched.handle(ClusterRestarted(sid(), "restarted"))
+    s_ = msgs[0].stimulus_id
+    assert msgs == [
+        ReportErred(s_, "c1", "t", Cancelled("restarted"), "t"),
+        FreeKeys(s_, A, ("o",)),
+    ]
+    assert sched.recovering_runs == {} and sched.orphans == {}
+    check_invariants(sched)
+
+
 # --- a restarted scheduler: workers re-register, clients resubmit lineage ---
 
 
