@@ -623,3 +623,25 @@ def test_a_batch_goes_on_past_a_task_forgotten_by_an_earlier_one(sched):
     assert "a" not in sched.tasks and "b" not in sched.tasks
     assert state_of(sched, "e") is TaskState.ERRED
     check_invariants(sched)
+
+
+def test_the_story_lists_every_move_of_a_key_with_its_stimulus():
+    """`story` (what the dashboard's recorder reads) holds each move of a key,
+    from and to, with the stimulus that caused it, ending in 'forgotten'.
+
+    Kills the mutant that leaves a forgotten record in its last state
+    (`ts.state = FORGOTTEN` removed from `_to_forgotten`): the story would
+    end in 'memory -> memory'."""
+    s = SchedulerState(allowed_failures=3, worker_saturation=1.0)
+    s.handle(WorkerConnected("join", A, 1))
+    s.handle(TasksSubmitted("sub", "c1", (spec("x"),), ("x",)))
+    s.handle(TaskStarted("start", A, "x"))
+    s.handle(TaskFinished("finish", A, "x", 8))
+    s.handle(KeysReleased("release", "c1", ("x",)))
+    assert list(s.story) == [
+        ("x", "released", "waiting", "sub"),
+        ("x", "waiting", "queued", "sub"),
+        ("x", "queued", "processing", "sub"),
+        ("x", "processing", "memory", "finish"),
+        ("x", "memory", "forgotten", "release"),
+    ]
