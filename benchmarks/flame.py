@@ -87,9 +87,10 @@ class W4:
 
 
 def start_pyspy(out: str, rate: int, idle: bool) -> subprocess.Popen:
+    form = "raw" if out.endswith(".txt") else "flamegraph"  # collapsed stacks, for scripts
     command = [
         "py-spy", "record", "--pid", str(os.getpid()), "--subprocesses", "--threads",
-        "--rate", str(rate), "--format", "flamegraph", "-o", out, "--nonblocking",
+        "--rate", str(rate), "--format", form, "-o", out, "--nonblocking",
     ]
     if idle:
         command.append("--idle")
@@ -101,7 +102,7 @@ def start_pyspy(out: str, rate: int, idle: bool) -> subprocess.Popen:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workload", choices=("w1", "w2", "w3", "w4"))
-    parser.add_argument("-o", "--out", required=True, help="the SVG to write")
+    parser.add_argument("-o", "--out", required=True, help="the SVG to write (.txt: collapsed stacks instead)")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--idle", action="store_true", help="also sample threads that wait")
     parser.add_argument("--tasks", type=int, default=20_000, help="W1 tasks")
