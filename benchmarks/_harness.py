@@ -314,6 +314,10 @@ def _compile_trioflow() -> str:
         import importlib.util
 
         root = os.path.dirname(importlib.util.find_spec("trioflow").origin)
+        ours = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "trioflow")
+        if os.path.realpath(root) != os.path.realpath(ours):
+            # Another checkout's trioflow (PYTHONPATH): not ours to write into.
+            return f"not compiled: trioflow imported from {root}"
         ok = compileall.compile_dir(root, quiet=1)
         return "compiled by the harness" if ok else "compile failed (some modules from source)"
     except Exception as exc:  # best effort: the benchmark still runs
