@@ -191,7 +191,9 @@ class Task(NamedTuple):
     failure: Failure | None = None
     # Copies a client asked to keep (0: no request).
     replicas: int = 0
-    # Live workers asked to fetch a copy, not holding one yet.
+    # Live workers asked to fetch a copy, not holding one yet. Only in
+    # memory, or for scattered data released while it awaits such a copy
+    # (its last holder left first: INV-AWAITED).
     pending: frozenset[str] = frozenset()
 
 
@@ -409,9 +411,10 @@ TRANSITIONS: dict[tuple[State, State], tuple[str, ...]] = {
     (FORGOTTEN, MEMORY): ("Scatter", "SchedulerRestarts"),
     (FORGOTTEN, LOST): ("Scatter",),  # its only holder died before it was recorded
     (RELEASED, ERRED): ("Submit",),  # an input the scheduler does not know
-    (RELEASED, LOST): ("SchedulerRestarts",),  # scattered, and nobody has it
+    (RELEASED, LOST): ("SchedulerRestarts", "copy-not-coming"),  # scattered, and nobody has it (or will)
     (RELEASED, WAITING): ("needed",),
-    (RELEASED, MEMORY): ("SchedulerRestarts",),  # scattered: resubmitted, then a worker brings it
+    # Scattered: resubmitted, then a worker brings it; or the copy it awaited came.
+    (RELEASED, MEMORY): ("SchedulerRestarts", "ReplicaAdded", "WorkerJoins", "Scatter"),
     (RELEASED, FORGOTTEN): ("unreferenced", "Restart"),
     (WAITING, PROCESSING): ("ready",),
     (WAITING, MEMORY): ("WorkerJoins",),  # the value exists after all
@@ -438,7 +441,7 @@ TRANSITIONS: dict[tuple[State, State], tuple[str, ...]] = {
     (PROCESSING, FORGOTTEN): ("Restart",),
     (MEMORY, WAITING): ("recompute",),  # after WorkerDies, ReplicaLost, CopyDropped
     (MEMORY, LOST): ("last-copy-lost",),
-    (MEMORY, RELEASED): ("not-needed",),
+    (MEMORY, RELEASED): ("not-needed", "await-copy"),  # await-copy: scattered, a copy on its way
     (MEMORY, FORGOTTEN): ("unreferenced", "Restart"),
     (ERRED, FORGOTTEN): ("unreferenced", "Restart"),
     (LOST, MEMORY): ("Scatter", "WorkerJoins"),  # a copy turned up again

@@ -482,6 +482,28 @@ def test_restart_cancels_every_held_future_and_flushes_state(sched):
     assert computes(submit(sched, spec("z")))
 
 
+def test_restart_frees_orphans_and_forgets_runs_taken_up_after_a_scheduler_restart(sched):
+    """ClusterRestarted also drops what a new scheduler was still sorting out:
+    an orphaned value is freed where it is held, and a run a registering
+    worker still had is forgotten with its task.
+
+    Kills the mutants that leave out the orphans' `FreeKeys` or the clearing
+    of `recovering_runs` in `_on_cluster_restarted` (a stale run that names
+    a forgotten task breaks the invariants)."""
+    sched.handle(WorkerConnected(sid(), A, 1, held={"o": 8}, running=("t",)))
+    sched.handle(WorkerConnected(sid(), B, 1))
+    submit(sched, spec("i"), spec("t", "i"), wanted=["t"])
+    assert sched.recovering_runs == {"t": A} and "o" in sched.orphans
+    msgs = sched.handle(ClusterRestarted(sid(), "restarted"))
+    s_ = msgs[0].stimulus_id
+    assert msgs == [
+        ReportErred(s_, "c1", "t", Cancelled("restarted"), "t"),
+        FreeKeys(s_, A, ("o",)),
+    ]
+    assert sched.recovering_runs == {} and sched.orphans == {}
+    check_invariants(sched)
+
+
 # --- a restarted scheduler: workers re-register, clients resubmit lineage ---
 
 
@@ -584,3 +606,20 @@ def test_a_tasks_dicts_share_one_empty_dict_until_their_first_entry():
     assert ts.who_has.pop("k", None) is None and not NO_ENTRIES
     ts.own("who_has")["tcp://a:1"] = None
     assert ts.who_has == {"tcp://a:1": None} and ts.who_has is not NO_ENTRIES and not NO_ENTRIES
+
+
+def test_a_batch_goes_on_past_a_task_forgotten_by_an_earlier_one(sched):
+    """In one submission, an unwanted task listed first is forgotten and takes
+    its unwanted input with it; the task listed after them, which names a
+    key this scheduler never had, still errs with LostData naming that key.
+
+    Kills the mutant that stops `_on_tasks_submitted`'s placement loop at the
+    first task forgotten meanwhile (`continue` made `break`): "e" would then
+    be taken up only as a wanted key, and run without its missing input."""
+    join(sched, A)
+    msgs = submit(sched, spec("b", "a"), spec("a"), spec("e", "ghost"), wanted=["e"])
+    s_ = msgs[0].stimulus_id
+    assert msgs == [ReportErred(s_, "c1", "e", DataLost("ghost"), "ghost")]
+    assert "a" not in sched.tasks and "b" not in sched.tasks
+    assert state_of(sched, "e") is TaskState.ERRED
+    check_invariants(sched)
