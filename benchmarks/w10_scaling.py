@@ -37,12 +37,17 @@ that N's figure (``"failed: ..."``) with the log counts so far, and the
 larger Ns are skipped. ``membership_events``: every leave/join seen, in
 seconds since the run began.
 
+trioflow also reports the longest stall of the scheduler's loop
+(``scheduler_max_stall_s``, from its `LoopLag`) and of each worker's
+(``workers_max_stall_s``, from their heartbeats) over the whole run.
+
 ``--use-wait`` adds ``wait(futures)`` (the side's own) before ``gather``.
-In trioflow (``trioflow/waiting.py``, ``_wait``) that call re-evaluates
-``all(f.done() for f in fs)`` each time a batch of futures completes, in
-the Trio thread that the ``LocalCluster``'s scheduler shares with the
-client: quadratic in N. At N = 10^5 trioflow's throughput fell to 150-175
-tasks/s with it, against about 3 400 without (README, "Figures measured").
+trioflow's ``wait`` used to re-evaluate ``all(f.done() for f in fs)`` each
+time a batch of futures completed, in the Trio thread that the
+``LocalCluster``'s scheduler then shared with the client: quadratic in N
+(at N = 10^5, 150-175 tasks/s against about 3 400 without; README,
+"Figures measured"). It is linear now (issue 13), in the client's own
+thread.
 
 The dask side (``dask.distributed`` has no figure in shared/benchmarks.md)
 runs the same maps; its logs are silenced as in every workload, so its
@@ -107,7 +112,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--use-wait",
         action="store_true",
-        help="call the side's wait(futures) before gather (see the docstring: quadratic in trioflow here)",
+        help="call the side's wait(futures) before gather (see the docstring)",
     )
 
 
@@ -279,7 +284,24 @@ def run_once(client, system: str, args: argparse.Namespace) -> dict:
     whole = capture.since(run_mark, run_began) if capture else {"removals": None, "reconnects": None}
     whole["workers_left"] = watch.count("left", after=run_began)
     whole["nanny_restarts"] = whole.get("nanny_restarts")
+    whole.update(loop_stalls(client, system))
     return {"per_n": per_n, "whole_run": whole, "membership_events": watch.log(run_began)}
+
+
+def loop_stalls(client, system: str) -> dict:
+    """trioflow: the longest stall of the scheduler's loop (its `LoopLag`,
+    in this process) and of each worker's (their heartbeats' metric), s."""
+    if system != TRIOFLOW:
+        return {}
+    out: dict = {}
+    cluster = getattr(client, "_bench_cluster", None)
+    lag = getattr(getattr(getattr(cluster, "_cluster", None), "scheduler", None), "loop_lag", None)
+    if lag is not None:
+        out["scheduler_max_stall_s"] = round(lag.max_stall, 4)
+    with contextlib.suppress(Exception):
+        workers = client.scheduler_info()["workers"]
+        out["workers_max_stall_s"] = sorted(round(w["metrics"].get("max_stall_s", 0.0), 4) for w in workers.values())
+    return out
 
 
 def summarize(samples: list[dict], args: argparse.Namespace) -> dict:
@@ -293,6 +315,9 @@ def summarize(samples: list[dict], args: argparse.Namespace) -> dict:
     for count in ("removals", "reconnects", "workers_left", "nanny_restarts"):
         values = [s["whole_run"].get(count) for s in samples]
         out[count] = None if any(v is None for v in values) else sum(values)
+    stalls = [s["whole_run"]["scheduler_max_stall_s"] for s in samples if "scheduler_max_stall_s" in s["whole_run"]]
+    if stalls:
+        out["scheduler_max_stall_s"] = max(stalls)
     out["whole_run"] = [s["whole_run"] for s in samples]
     out["per_n"] = [s["per_n"] for s in samples]
     out["membership_events"] = [s["membership_events"] for s in samples]

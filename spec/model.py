@@ -431,9 +431,9 @@ def _scheduler_restarts(d: _Draft) -> None:
     """A fresh scheduler rebuilds from what workers and clients still have.
 
     Workers re-register the values they hold; clients re-submit the lineage
-    of every key they hold (keys already held by a live worker go straight
-    to memory; computed keys nobody holds are recomputed; scattered keys
-    nobody holds are lost). A run a worker still has in a thread may be
+    of every key they hold, in either order (keys already held by a live
+    worker go to memory; computed keys nobody holds are recomputed;
+    scattered keys nobody holds are lost once the recovery window closes). A run a worker still has in a thread may be
     taken up where it is (`_place`), never started a second time. What only
     the old scheduler knew is gone: suspicion counts, replication requests,
     assignments not yet started.
@@ -454,6 +454,12 @@ def _scheduler_restarts(d: _Draft) -> None:
         holders = t.who_has if t is not None and t.state is MEMORY else frozenset()
         deps = d.scope.keys[key].deps
         if holders:
+            if d.scope.keys[key].scattered:
+                # Its record comes from a client's resubmission and its
+                # value from a worker, in either order: a record made first
+                # waits (released) for the value while the recovery window
+                # is open.
+                d.move(key, RELEASED, deps=deps)
             d.move(key, MEMORY, deps=deps, who_has=holders)
             continue
         d.move(key, RELEASED, deps=deps)

@@ -445,6 +445,7 @@ TRANSITIONS: dict[tuple[State, State], tuple[str, ...]] = {
     (RELEASED, ERRED): ("Submit",),  # an input the scheduler does not know
     (RELEASED, LOST): ("SchedulerRestarts",),  # scattered, and nobody has it
     (RELEASED, WAITING): ("needed",),
+    (RELEASED, MEMORY): ("SchedulerRestarts",),  # scattered: resubmitted, then a worker brings it
     (RELEASED, FORGOTTEN): ("unreferenced", "Restart"),
     (WAITING, PROCESSING): ("ready",),
     (WAITING, MEMORY): ("WorkerJoins",),  # the value exists after all

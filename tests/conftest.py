@@ -37,6 +37,29 @@ settings.register_profile(
 )
 
 
+SCALE_TESTS_VARIABLE = "TRIOFLOW_SCALE_TESTS"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--scale",
+        action="store_true",
+        help="also run the tests marked `scale` (minutes each; also TRIOFLOW_SCALE_TESTS=1)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `scale` run only when asked: each takes over a minute on
+    two cores, more than the whole suite's budget (about 5 minutes on two
+    cores) allows."""
+    if config.getoption("--scale") or os.environ.get(SCALE_TESTS_VARIABLE) == "1":
+        return
+    skip = pytest.mark.skip(reason=f"a scale test (minutes): run with --scale or {SCALE_TESTS_VARIABLE}=1")
+    for item in items:
+        if "scale" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 async def cluster():
     """A scheduler and two one-thread workers, in this process, over loopback TCP."""

@@ -36,10 +36,19 @@ def test_functions_stay_while_any_task_uses_them():
     assert lineage.functions == {}
 
 
+def test_kept_tasks_are_submitted_again_as_they_came():
+    """What the lineage gives back for a resubmission equals what was remembered, in order."""
+    lineage = Lineage()
+    tasks = [task("x"), task("y", "x"), TaskWire(key="s", scattered=True)]
+    for t in tasks:
+        lineage.remember(t, None if t.scattered else F)
+    assert lineage.messages() == tasks
+
+
 def test_scattered_keys_are_remembered_without_a_function():
     """Scattered data is kept as a lineage-less marker."""
     lineage = Lineage()
     lineage.remember(TaskWire(key="data", scattered=True), None)
-    assert lineage.tasks == {"data": TaskWire(key="data", scattered=True)}
+    assert lineage.messages() == [TaskWire(key="data", scattered=True)]
     lineage.forget("data", lambda key: False)
     assert not lineage

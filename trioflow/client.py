@@ -56,8 +56,9 @@ from trioflow.comm import (
 )
 from trioflow.comm import messages as m
 from trioflow.comm.auth import CLIENT, Credentials, connect_authenticated, credentials_for
+from trioflow.comm.frames import max_value_bytes, too_big
 from trioflow.comm.security import Security
-from trioflow.comm.serialize import Serialized, content_digest
+from trioflow.comm.serialize import Serialized, SerializedFunction, content_digest
 from trioflow.backoff import Backoff
 from trioflow.config import Config
 from trioflow.core.failures import Cancelled
@@ -87,14 +88,25 @@ logger = logging.getLogger("trioflow.client")
 
 # Tasks a client keeps for a scheduler that is away before submit() refuses more.
 MAX_QUEUED_WHILE_AWAY = 100_000
-# Tasks per `submit` message.
+# Tasks per `submit` message, and bytes of arguments (a task whose
+# arguments are bigger goes alone).
 SUBMIT_SLICE = 1_000
+SUBMIT_BYTES = 64 << 20
 # Keys per `release_keys`, `cancel_keys`, `who_has` and `get_data` message:
 # a message body must stay within `max_body_bytes`.
 KEYS_SLICE = m.MAX_KEYS
 GET_DATA_SLICE = 1_000
 # Values per `scatter` request (each value is one frame or more).
 SCATTER_SLICE = 1_000
+# Keys a step of `_flush_releases` forgets before it yields the loop.
+RELEASE_SLICE = 10_000
+# States `gather` waits for, and values it unpickles, between two yields.
+GATHER_SLICE = 10_000
+# Futures `cancel` fails between two yields.
+CANCEL_SLICE = 10_000
+# A task without dependencies shares this empty tuple (the field's default;
+# a list per task was 56 bytes of every future's lineage).
+NO_DEPENDENCIES: tuple[str, ...] = ()
 
 
 def _is_future(obj: Any) -> bool:
@@ -163,6 +175,10 @@ class AsyncClient:
         self._reader_scope: trio.CancelScope | None = None
         # What to resubmit after a scheduler restart.
         self._lineage = Lineage()
+        # key -> the copies this client asked to keep (`replicate`): a new
+        # scheduler knows nothing of them, so they are asked for again
+        # after each resubmission (`_replicate_again`).
+        self._replicas: dict[str, int] = {}
         self._queued_while_away = 0
         self._stack: AsyncExitStack | None = None
         # Set by the blocking `Client`: runs an async method in our thread.
@@ -305,6 +321,8 @@ class AsyncClient:
             try:
                 async with background_tasks() as helpers:
                     helpers.start_soon(self._heartbeats, conn)
+                    if recovering and self._replicas:
+                        helpers.start_soon(self._replicate_again)
                     with trio.CancelScope() as self._reader_scope:
                         return await self._listen(conn), True
                     return "closed", True
@@ -370,10 +388,37 @@ class AsyncClient:
     def _resubmit(self) -> None:
         """Send the kept lineage to a new scheduler (after a reconnect)."""
         assert self._conn is not None
-        wanted = [k for k, st in self.futures.items() if not st.done() or st.status == FINISHED]
         self._queued_while_away = 0
-        for message in submit_messages(list(self._lineage.tasks.values()), self._lineage.functions, wanted):
+        for message in submit_messages(self._lineage.messages(), self._lineage.functions, self._resubmitted()):
             self._conn.send(message)
+
+    def _resubmitted(self) -> list[str]:
+        """The keys a resubmission wants: every future not failed for good."""
+        return [k for k, st in self.futures.items() if not st.done() or st.status == FINISHED]
+
+    async def _replicate_again(self) -> None:
+        """Ask a new scheduler for the copies asked of the old one.
+
+        Sent right behind the resubmission (the scheduler handles them in
+        order, so the keys are known by then); the answer comes once the
+        copies exist, and nobody waits for it. Without this, a scheduler
+        restart silently ends every `replicate`, and the next worker death
+        can lose data its client kept two copies of.
+        """
+        wanted = set(self._resubmitted())
+        by_n: dict[int, list[str]] = {}
+        for key, n in self._replicas.items():
+            if key in wanted:
+                by_n.setdefault(n, []).append(key)
+        assert self._requests is not None
+        for n, keys in sorted(by_n.items()):
+            for start in range(0, len(keys), KEYS_SLICE):
+                try:
+                    await self._requests.call(m.Replicate(keys=keys[start : start + KEYS_SLICE], n=n))
+                except (CommClosedError, RequestFailed) as exc:
+                    # Gone again (the next resubmission asks anew), or not
+                    # all in memory: the scheduler keeps the request anyway.
+                    logger.info("client %s: copies asked again of the new scheduler: %s", self.id, clip(str(exc), 200))
 
     async def close_and_wait(self) -> None:
         """`close`, then wait (briefly) until the connection has said goodbye."""
@@ -413,6 +458,12 @@ class AsyncClient:
                 state = self.futures.get(message.key)
                 if state is not None:
                     state.fail(failure_from_wire(message.failure))
+            elif kind is m.KeysErred:
+                failure = failure_from_wire(message.failure)
+                for key in message.keys:
+                    state = self.futures.get(key)
+                    if state is not None:
+                        state.fail(failure)
             elif kind is m.KeyLost:
                 state = self.futures.get(message.key)
                 if state is not None:
@@ -452,10 +503,16 @@ class AsyncClient:
             pass
 
     def _flush_releases(self) -> None:
+        """Forget the keys whose last handle went, at most `RELEASE_SLICE` a step.
+
+        Dropping a million futures queues a million keys; each step takes
+        a slice and, if more are left, queues itself again behind whatever
+        else the loop has to do, so this loop never stalls on it.
+        """
         with self._release_lock:
             self._release_scheduled = False
         released = []
-        while self._released:
+        for _ in range(min(len(self._released), RELEASE_SLICE)):
             key = self._released.popleft()
             state = self.futures.get(key)
             if state is None:
@@ -463,6 +520,7 @@ class AsyncClient:
             state.refs -= 1
             if state.refs <= 0:
                 del self.futures[key]
+                self._replicas.pop(key, None)
                 released.append(key)
                 self._lineage.forget(key, self.futures.__contains__)
         if released and self._conn is not None and self.status == "running":
@@ -471,6 +529,16 @@ class AsyncClient:
                     self._conn.send(m.ReleaseKeys(keys=released[start : start + KEYS_SLICE]))
             except CommClosedError:
                 pass
+        if self._released:
+            with self._release_lock:
+                if self._release_scheduled:
+                    return
+                self._release_scheduled = True
+            assert self._token is not None
+            try:
+                self._token.run_sync_soon(self._flush_releases)
+            except trio.RunFinishedError:
+                pass  # the client's loop is ending: nothing left to tell
 
     # ------------------------------------------------------------- submit --
 
@@ -512,8 +580,7 @@ class AsyncClient:
             raise TypeError(f"submit() expects a callable, got {type(fn).__name__}")
         options = task_options(retries, workers, allow_other_workers, resources, priority)
         self._admit(1)
-        [(task, future)] = self._prepare(fn, [(args, kwargs)], [key], pure, options)
-        self._send_tasks([task], [future.key])
+        [future] = self._submit_packed(self._pack(fn, [(args, kwargs)], [key], pure, options))
         return future
 
     def map(
@@ -533,24 +600,19 @@ class AsyncClient:
 
         `key` may be a list of keys, or a prefix for generated ones; the
         other options are `submit`'s, for every task; other keywords go to
-        `fn`.
+        `fn`. Here every call is pickled in the caller's loop, in one go;
+        the blocking `Client.map` pickles in the caller's thread instead,
+        and hands this loop the futures to make in slices (`map_calls`,
+        `_pack`, `_submit_packed`).
         """
         if not callable(fn):
             raise TypeError(f"map() expects a callable, got {type(fn).__name__}")
         options = task_options(retries, workers, allow_other_workers, resources, priority)
-        calls = [(args, kwargs) for args in zip(*iterables, strict=False)]
-        if isinstance(key, list):
-            if len(key) != len(calls):
-                raise ValueError(f"map() got {len(key)} keys for {len(calls)} calls")
-            keys: list[str | None] = list(key)
-        else:
-            keys = [None] * len(calls)
+        calls, keys, prefix = map_calls(fn, iterables, key, kwargs)
         self._admit(len(calls))
-        prepared = self._prepare(fn, calls, keys, pure, options, prefix=key if isinstance(key, str) else None)
-        self._send_tasks([t for t, _ in prepared], [f.key for _, f in prepared])
-        return [f for _, f in prepared]
+        return self._submit_packed(self._pack(fn, calls, keys, pure, options, prefix=prefix))
 
-    def _prepare(
+    def _pack(
         self,
         fn: Callable[..., Any],
         calls: list[tuple[tuple, dict]],
@@ -558,23 +620,25 @@ class AsyncClient:
         pure: bool,
         options: TaskOptions,
         prefix: str | None = None,
-    ) -> list[tuple[m.TaskWire, Future]]:
+    ) -> list[tuple[m.TaskWire, SerializedFunction]]:
+        """Pickle each call and name its task; touches no state of the
+        client, so any thread may run it (the blocking `Client` runs it in
+        the caller's, off the client's loop)."""
         function = dumps_function(fn)
         name = prefix or _function_name(fn)
         fields = options.wire_fields()
-        prepared = []
+        packed = []
         for (args, kwargs), key in zip(calls, keys, strict=True):
             dependencies: dict[str, None] = {}
             call = replace_futures((args, kwargs), _is_future, dependencies)
             used = function
+            failure = None
             try:
                 payload = dumps(call)
             except SerializationError as exc:
                 # Fail the task, not the call: it errs on a worker like any
                 # user error, and so does every task that depends on it.
-                message = f"could not serialize the arguments of {name}: {exc}"
-                used = dumps_function(raise_serialization_error)
-                payload = dumps(((message,), {}))
+                failure = f"could not serialize the arguments of {name}: {exc}"
                 key = key or f"{name}-{self._random_hex()}"
             if key is None:
                 if pure:
@@ -586,18 +650,56 @@ class AsyncClient:
                     key = f"{name}-{digest.hexdigest()}"
                 else:
                     key = f"{name}-{self._random_hex()}"
+            if failure is None and payload.nbytes > max_value_bytes(self.limits):
+                # It could never reach the scheduler: fail the task, naming
+                # it and its size (the same way, and for the same reason).
+                failure = too_big(f"the arguments of task {key!r}", payload.nbytes, self.limits, verb="are")
+            if failure is not None:
+                used = dumps_function(raise_serialization_error)
+                payload = dumps(((failure,), {}))
             task = m.TaskWire(
                 key=key,
                 function_id=used.function_id,
                 args=payload,
-                dependencies=list(dependencies),
+                dependencies=list(dependencies) if dependencies else NO_DEPENDENCIES,
                 scattered=False,
                 **fields,
             )
-            future = self._future(key)
+            packed.append((task, used))
+        return packed
+
+    def _submit_packed(self, packed: list[tuple[m.TaskWire, SerializedFunction]]) -> list[Future]:
+        """Futures and lineage for packed tasks, then the tasks on their way
+        (in the client's loop; refused like `submit` if they could be
+        neither sent nor kept).
+
+        No task goes for a call that depends on a future that has already
+        failed for good: its future fails at once, with that failure
+        (design.md §1: a dependent of a failed task raises the same error).
+        The scheduler would say the same, unless it restarted since: a new
+        scheduler knows nothing of a failure, and a failed future's task is
+        not resubmitted.
+        """
+        self._admit(len(packed))
+        futures = []
+        sent = []
+        for task, used in packed:
+            future = self._future(task.key)
+            futures.append(future)
+            failed = next(
+                (self.futures[d] for d in task.dependencies if d in self.futures and _failed_for_good(self.futures[d])),
+                None,
+            )
+            if failed is not None:
+                if not future._state.done():
+                    assert failed.failure is not None
+                    future._state.fail(failed.failure)
+                continue
             self._lineage.remember(task, used)
-            prepared.append((task, future))
-        return prepared
+            sent.append(task)
+        if sent:
+            self._send_tasks(sent, [task.key for task in sent])
+        return futures
 
     def _admit(self, n_tasks: int) -> None:
         """Refuse `n_tasks` new tasks now, before any future or lineage
@@ -761,8 +863,11 @@ class AsyncClient:
         with _timeout(timeout):
             todo = states
             while todo:
-                for state in todo:
-                    await state.wait()
+                for i, state in enumerate(todo):
+                    if not state.done():
+                        await state.wait()
+                    elif i % GATHER_SLICE == GATHER_SLICE - 1:
+                        await trio.lowlevel.checkpoint()
                 for state in todo:
                     if state.status != FINISHED:
                         raise state.exception()
@@ -788,12 +893,18 @@ class AsyncClient:
         async def fetch_from(worker: str, group: list[FutureState]) -> None:
             data: dict[str, Serialized] = {}
             errors: dict[str, str] = {}
-            keys = [s.key for s in group]
+            todo = [s.key for s in group]
             try:
-                for start in range(0, len(keys), GET_DATA_SLICE):
-                    answer = await self._pool.call(worker, m.GetData(keys=keys[start : start + GET_DATA_SLICE]))
-                    data.update(answer.data)
-                    errors.update(answer.errors)
+                while todo:
+                    later: list[str] = []
+                    for start in range(0, len(todo), GET_DATA_SLICE):
+                        answer = await self._pool.call(worker, m.GetData(keys=todo[start : start + GET_DATA_SLICE]))
+                        data.update(answer.data)
+                        errors.update(answer.errors)
+                        later.extend(answer.later or ())
+                    # Values too big to come with the others: asked for
+                    # again (an answer's first value always comes or errs).
+                    todo = [key for key in later if key not in data]
             except (CommClosedError, RequestFailed, ProtocolError):
                 pass  # what did not come is asked for again below
             for state in group:
@@ -810,9 +921,11 @@ class AsyncClient:
                 nursery.start_soon(fetch_from, worker, group)
         if unsendable:
             raise SerializationError(unsendable[0])
-        for key, value in values.items():
+        for i, (key, value) in enumerate(values.items()):
             if isinstance(value, Serialized):
                 values[key] = loads(value)
+            if i % GATHER_SLICE == GATHER_SLICE - 1:
+                await trio.lowlevel.checkpoint()
         if retry:
             await self._refresh_holders(retry, failed)
         return retry
@@ -885,16 +998,16 @@ class AsyncClient:
             serialized = dumps(value)
             if key is None:
                 key = f"{type(value).__name__}-{content_digest(serialized)}"
+            if serialized.nbytes > max_value_bytes(self.limits):
+                raise ValueError(too_big(f"the value scattered as {key!r}", serialized.nbytes, self.limits))
             payloads[key] = serialized
             keys.append(key)
         futures = {key: self._future(key) for key in keys}
         for key in keys:
             self._lineage.remember(m.TaskWire(key=key, scattered=True), None)
         with _timeout(timeout):
-            names = list(payloads)
-            for start in range(0, len(names), SCATTER_SLICE):
-                part = {key: payloads[key] for key in names[start : start + SCATTER_SLICE]}
-                await self._request(m.Scatter(data=part, broadcast=broadcast))
+            for part in _byte_slices(list(payloads.items()), SCATTER_SLICE, max_value_bytes(self.limits)):
+                await self._request(m.Scatter(data=dict(part), broadcast=broadcast))
         if isinstance(data, Mapping):
             return {key: futures[key] for key in keys}
         if isinstance(data, (list, tuple)):
@@ -917,13 +1030,14 @@ class AsyncClient:
         Their futures raise `trioflow.CancelledError`. Other clients'
         futures for the same keys are not affected.
         """
-        found: dict[str, None] = {}
-        replace_futures(futures, _is_future, found)
-        keys = [k for k in found if k in self.futures]
-        for key in keys:
-            state = self.futures[key]
-            if not state.done():
-                state.fail(Cancelled(reason))
+        keys = [k for k in future_keys(futures) if k in self.futures]
+        failure = Cancelled(reason)
+        for i, key in enumerate(keys):
+            state = self.futures.get(key)
+            if state is not None and not state.done():
+                state.fail(failure)
+            if i % CANCEL_SLICE == CANCEL_SLICE - 1:
+                await trio.lowlevel.checkpoint()
         if keys and self._conn is not None:
             # (While reconnecting there is nothing to send: cancelled keys are
             # left out of the resubmission.)
@@ -1008,12 +1122,21 @@ class AsyncClient:
 
         Returns once the copies exist (or every worker has one). The
         scheduler restores the count when a holder dies, so data without
-        lineage (scattered) survives losing a worker.
+        lineage (scattered) survives losing a worker. The request outlives
+        a scheduler restart: the client asks the new scheduler again, right
+        after resubmitting its lineage. ``n=1`` ends it.
         """
         found: dict[str, None] = {}
         replace_futures(futures, _is_future, found)
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= m.MAX_WORKERS:
             raise ValueError(f"n must be an int between 1 and {m.MAX_WORKERS}, got {n!r}")
+        for key in found:
+            if key in self.futures:
+                # Remembered for the next scheduler should this one die.
+                if n > 1:
+                    self._replicas[key] = n
+                else:
+                    self._replicas.pop(key, None)
         await self._request(m.Replicate(keys=list(found), n=n))
 
     async def restart(self, timeout: float | None = None) -> None:
@@ -1174,8 +1297,15 @@ class _timeout:
         return handled
 
 
+def _failed_for_good(state: FutureState) -> bool:
+    """Whether the key failed with a failure of the cluster (not pending, not
+    recomputing, not a connection of this client's that gave up)."""
+    return state.done() and state.status != FINISHED and state.failure is not None
+
+
 def submit_messages(tasks: list[m.TaskWire], functions: Mapping[str, Serialized], wanted: Iterable[str]):
-    """`submit` messages for `tasks`, at most `SUBMIT_SLICE` tasks each.
+    """`submit` messages for `tasks`, at most `SUBMIT_SLICE` tasks and
+    `SUBMIT_BYTES` of arguments each (a task with bigger ones goes alone).
 
     The scheduler handles one message at a time, so slices keep each of
     those steps short. A wanted key travels with its own task (the
@@ -1184,10 +1314,66 @@ def submit_messages(tasks: list[m.TaskWire], functions: Mapping[str, Serialized]
     only while tasks refer to it, so it cannot be sent once for all time).
     """
     wanted_keys = set(wanted)
-    for start in range(0, max(len(tasks), 1), SUBMIT_SLICE):
-        part = tasks[start : start + SUBMIT_SLICE]
-        used = {t.function_id: functions[t.function_id] for t in part if t.function_id in functions}
-        yield m.Submit(tasks=part, functions=used, wanted=[t.key for t in part if t.key in wanted_keys])
+    sized = [(t, 0 if t.args is None else t.args.nbytes) for t in tasks]
+    for part in _byte_slices(sized, SUBMIT_SLICE, SUBMIT_BYTES) if tasks else [[]]:
+        part_tasks = [t for t, _ in part]
+        used = {t.function_id: functions[t.function_id] for t in part_tasks if t.function_id in functions}
+        yield m.Submit(tasks=part_tasks, functions=used, wanted=[t.key for t in part_tasks if t.key in wanted_keys])
+
+
+def _byte_slices(items: list[tuple[Any, Any]], most: int, max_bytes: int) -> Iterable[list[tuple[Any, Any]]]:
+    """`items` ``(thing, size or Serialized)`` in slices of at most `most`
+    things and `max_bytes` bytes (a bigger thing goes alone)."""
+    part: list[tuple[Any, Any]] = []
+    size = 0
+    for item in items:
+        n = item[1] if isinstance(item[1], int) else item[1].nbytes
+        if part and (len(part) >= most or size + n > max_bytes):
+            yield part
+            part, size = [], 0
+        part.append(item)
+        size += n
+    if part:
+        yield part
+
+
+def future_keys(obj: Any) -> dict[str, None]:
+    """The keys of the futures in `obj` (a future, or lists, tuples, sets and
+    dict values holding them), in order, without copying `obj` the way
+    `replace_futures` does (cancelling 100,000 futures made as many
+    `TaskRef`s to throw away)."""
+    found: dict[str, None] = {}
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if type(item) is Future:
+            found[item.key] = None
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+        elif isinstance(item, (set, frozenset)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(reversed(item.values()))
+    return found
+
+
+def map_calls(
+    fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], key: Any, kwargs: dict[str, Any]
+) -> tuple[list[tuple[tuple, dict]], list[str | None], str | None]:
+    """`map`'s calls, their keys (None: to be named) and the key prefix.
+
+    Raises:
+        TypeError: `fn` is not callable.
+        ValueError: a list of keys whose length is not the number of calls.
+    """
+    if not callable(fn):
+        raise TypeError(f"map() expects a callable, got {type(fn).__name__}")
+    calls = [(args, kwargs) for args in zip(*iterables, strict=False)]
+    if isinstance(key, list):
+        if len(key) != len(calls):
+            raise ValueError(f"map() got {len(key)} keys for {len(calls)} calls")
+        return calls, list(key), None
+    return calls, [None] * len(calls), key if isinstance(key, str) else None
 
 
 def _task_run_dict(run: m.TaskRun) -> dict[str, Any]:

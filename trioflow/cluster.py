@@ -359,7 +359,8 @@ class LocalCluster:
 
     @property
     def loop(self) -> LoopThread:
-        """The Trio thread the cluster runs in (a `Client` of it shares it)."""
+        """The Trio thread the cluster (scheduler and nannies) runs in; a
+        `Client` of the cluster runs in a thread of its own."""
         return self._loop
 
     @property

@@ -88,9 +88,12 @@ class Config:
     """Most frames one batch may announce."""
     max_messages_per_batch: int = 1_000_000
     """Most messages (and msgpack array/map entries) one batch may hold."""
-    max_connection_bytes: int = 2 << 30
-    """Most bytes one batch may announce: a connection's budget of bytes in flight."""
-    max_process_bytes: int = 4 << 30
+    max_connection_bytes: int = 4 << 30
+    """Most bytes one batch may announce: a connection's budget of bytes in
+    flight, and so the largest value (argument or result) that can travel
+    (a value over `max_frame_bytes` travels as several frames). A value
+    too big for it fails with an error naming its key and size."""
+    max_process_bytes: int = 8 << 30
     """Bytes in flight across all the connections of one process: a batch
     waits for its share before its frames are read."""
 

@@ -37,10 +37,16 @@ LOST = "lost"
 
 
 class FutureState:
-    """What the client knows about one key. Touched only in the Trio thread."""
+    """What the client knows about one key. Touched only in the Trio thread.
+
+    Kept small: a client may hold a million of these. The `trio.Event` a
+    waiter needs (with its set of waiting tasks, 272 bytes) and the list of
+    callbacks are made only for the states someone waits on or watches.
+    """
 
     __slots__ = (
-        "key", "status", "failure", "local_error", "who_has", "value", "version", "refs", "callbacks", "_done"
+        "key", "status", "failure", "local_error", "who_has", "value", "version", "refs", "callbacks",
+        "_done", "_event",
     )
 
     def __init__(self, key: str):
@@ -59,14 +65,22 @@ class FutureState:
         self.version = 0
         # Live `Future` handles for this key.
         self.refs = 0
-        self.callbacks: list[Callable[[], None]] = []
-        self._done = trio.Event()
+        # Called once when the state is done (None: nobody asked).
+        self.callbacks: list[Callable[[], None]] | None = None
+        self._done = False
+        # Set when done; made by the first waiter (None: nobody waits).
+        self._event: trio.Event | None = None
 
     def done(self) -> bool:
-        return self._done.is_set()
+        return self._done
 
     async def wait(self) -> None:
-        await self._done.wait()
+        if self._done:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._event is None:
+            self._event = trio.Event()
+        await self._event.wait()
 
     def finish(self, who_has: tuple[str, ...], value: Serialized | None = None) -> None:
         self.version += 1
@@ -96,15 +110,13 @@ class FutureState:
         self.status = LOST
         self.who_has = ()
         self.value = None
-        if self._done.is_set():
-            self._done = trio.Event()
+        self._not_done()
 
     def reset(self) -> None:
         """Pending again (a cancelled key submitted anew)."""
         self.version += 1
         self.status, self.failure, self.local_error, self.who_has = PENDING, None, None, ()
-        if self._done.is_set():
-            self._done = trio.Event()
+        self._not_done()
 
     def exception(self) -> BaseException:
         if self.local_error is not None:
@@ -112,13 +124,25 @@ class FutureState:
         assert self.failure is not None
         return failure_to_exception(self.failure)
 
+    def add_callback(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` once, when this state is next done."""
+        if self.callbacks is None:
+            self.callbacks = []
+        self.callbacks.append(callback)
+
+    def _not_done(self) -> None:
+        if self._done:
+            self._done = False
+            self._event = None  # the next waiter makes a fresh one
+
     def _set_done(self) -> None:
-        was_done = self._done.is_set()
-        self._done.set()
-        if was_done:
+        if self._event is not None:
+            self._event.set()
+        if self._done:
             return
-        callbacks, self.callbacks = self.callbacks, []
-        for callback in callbacks:
+        self._done = True
+        callbacks, self.callbacks = self.callbacks, None
+        for callback in callbacks or ():
             try:
                 callback()
             except Exception:
@@ -132,7 +156,7 @@ class Future:
         key: the task's unique name.
     """
 
-    __slots__ = ("key", "_client", "_state", "__weakref__")
+    __slots__ = ("_client", "_state", "__weakref__")
 
     # dask recognises this as a future inside a graph (a persisted
     # collection's graph maps each key to one): dask._task_spec makes it a
@@ -140,10 +164,14 @@ class Future:
     __dask_future__ = True
 
     def __init__(self, key: str, client: AsyncClient, state: FutureState):
-        self.key = key
         self._client = client
         self._state = state
         state.refs += 1
+
+    @property
+    def key(self) -> str:
+        """The task's unique name (its state's: a handle need not keep it too)."""
+        return self._state.key
 
     # -- status -----------------------------------------------------------
 
@@ -193,7 +221,7 @@ class Future:
         if self._state.done():
             fn(self)
         else:
-            self._state.callbacks.append(lambda: fn(self))
+            self._state.add_callback(lambda: fn(self))
 
     def cancel(self) -> Any:
         """Cancel this future's task (see `Client.cancel`)."""

@@ -20,13 +20,49 @@ from trioflow.comm.messages import TaskWire
 from trioflow.comm.serialize import Serialized, SerializedFunction
 
 
+class KeptTask:
+    """A task as the lineage keeps it: the fields of its `TaskWire` (but the
+    key, which is the lineage's key for it), in slots.
+
+    A client may hold a million futures, each with its task kept here: a
+    `TaskWire`'s attribute dictionary alone is some 270 bytes, this whole
+    record under 100.
+    """
+
+    __slots__ = ("function_id", "args", "dependencies", "retries", "workers", "scattered")
+
+    def __init__(self, task: TaskWire):
+        self.function_id = task.function_id
+        # Arguments without out-of-band buffers (nearly all) are kept as
+        # their pickle stream alone: the `Serialized` around it is 48 bytes.
+        args = task.args
+        self.args = args.header if args is not None and not args.buffers else args
+        self.dependencies = task.dependencies
+        self.retries = task.retries
+        self.workers = task.workers
+        self.scattered = task.scattered
+
+    def message(self, key: str) -> TaskWire:
+        """The task as it is submitted again."""
+        args = self.args
+        return TaskWire(
+            key=key,
+            function_id=self.function_id,
+            args=args if args is None or isinstance(args, Serialized) else Serialized(args),
+            dependencies=self.dependencies,
+            retries=self.retries,
+            workers=self.workers,
+            scattered=self.scattered,
+        )
+
+
 class Lineage:
     """The task messages (and functions) needed to rebuild held keys."""
 
     def __init__(self) -> None:
         # key -> the task as first submitted, in submission order (inputs
         # before dependents, which is the order a resubmission needs).
-        self.tasks: dict[str, TaskWire] = {}
+        self.tasks: dict[str, KeptTask] = {}
         # key -> how many kept tasks list it as a dependency
         self._dependents: dict[str, int] = {}
         self.functions: dict[str, Serialized] = {}
@@ -38,12 +74,16 @@ class Lineage:
     def __len__(self) -> int:
         return len(self.tasks)
 
+    def messages(self) -> list[TaskWire]:
+        """Every kept task, as `submit` messages carry them, inputs first."""
+        return [kept.message(key) for key, kept in self.tasks.items()]
+
     def remember(self, task: TaskWire, function: SerializedFunction | None) -> None:
         """Keep `task` (a task of a `submit`, or scattered data)."""
         key = task.key
         if key in self.tasks:
             return
-        self.tasks[key] = task
+        self.tasks[key] = KeptTask(task)
         for dep in task.dependencies:
             self._dependents[dep] = self._dependents.get(dep, 0) + 1
         if function is not None:

@@ -47,10 +47,13 @@ from trioflow.comm import (
     Connection,
     ConnectionPool,
     FrameLimits,
+    LoopLag,
     Network,
+    PeerSilent,
     Requests,
     TCPNetwork,
     clip,
+    loop_lag,
     open_connection_pool,
     reply,
 )
@@ -102,8 +105,13 @@ from trioflow.recorder import ClusterRecorder, error_text, event_record, run_rec
 
 logger = logging.getLogger("trioflow.scheduler")
 
-# Most messages of one batch the driver handles before yielding to other tasks.
+# Most messages of one batch the driver handles before yielding to other tasks,
+# and most work: a message weighs one, plus one per task or key it carries
+# (`_weight`), so a slice of 2,048 is a few milliseconds of the driver's time
+# whatever the messages hold. (Slicing by count alone let 64 `release_keys`
+# of 10,000 keys each hold the loop for seconds.)
 DRIVER_SLICE = 64
+DRIVER_SLICE_WEIGHT = 2_048
 # Messages a connection may have waiting for the driver before its reader
 # stops reading (backpressure: a flood waits in the peer's socket, not in
 # our memory).
@@ -265,6 +273,7 @@ class Scheduler:
         # ``http://host:port/`` once the dashboard serves.
         self.dashboard_address: str | None = None
         self.address: str | None = None
+        self.loop_lag: LoopLag | None = None
         self.workers: dict[str, WorkerLink] = {}
         self.clients: dict[str, ClientLink] = {}
         # function_id -> the function, while any task refers to it (tasks
@@ -293,6 +302,9 @@ class Scheduler:
         self._unknown_resources: set[str] = set()
         # Small results that came with the task_finished being applied.
         self._inline_values: dict[str, Serialized] = {}
+        # client id -> (failure, keys, origins): failures reported by the
+        # event being applied, sent together when it ends (`_flush_erred`).
+        self._erred: dict[str, tuple[Any, list[str], list[str]]] = {}
         # address -> (its registration number, the keys a departed worker
         # held or was assigned): what it may claim when it registers again
         # (`_checked_claims`).
@@ -356,6 +368,9 @@ class Scheduler:
         ) as self._pool, trio.open_nursery() as nursery:
             self._nursery = nursery
             self._started_at = trio.current_time()
+            # This loop's stalls (a metric; the deadlines use it through
+            # their connections).
+            self.loop_lag = loop_lag()
             nursery.start_soon(self._drive)
             nursery.start_soon(self._close_recovery_window)
             self.address = await nursery.start(
@@ -447,38 +462,37 @@ class Scheduler:
 
     async def _read(self, link: _Link) -> str:
         """Feed the driver until the connection ends; return why it ended."""
-        ttl = self.config.worker_ttl
         is_worker = isinstance(link, WorkerLink)
+        if is_worker:
+            # spec: the liveness deadline. Any message from a worker is a
+            # sign of life; silence for worker_ttl ends the connection (in
+            # `Connection.receive`), which is how a hung worker is declared
+            # dead. The time is counted in this loop's responsive time
+            # (`liveness.LoopLag`): a stall of the scheduler's own loop
+            # never counts against a worker (design.md §6 rule 6).
+            link.conn.idle_timeout = self.config.worker_ttl
+            link.conn.idle_name = "worker_ttl"
         try:
             with link.scope:
-                # spec: the liveness deadline. Any message from a worker is a
-                # sign of life and pushes it forward; silence past worker_ttl
-                # cancels this scope, which is how a hung worker is declared dead.
-                with trio.CancelScope(deadline=trio.current_time() + ttl if is_worker else math.inf) as alive:
-                    while True:
-                        batch = await link.conn.receive()
-                        if is_worker:
-                            alive.deadline = trio.current_time() + ttl
-                        rest = [msg for msg in batch if not self._answered_by_reader(link, msg)]
-                        # In slices, so the driver yields between them and one
-                        # huge batch cannot starve other connections (whose
-                        # heartbeats would then look late).
-                        for start in range(0, len(rest), DRIVER_SLICE):
-                            self._post(self._received, link, rest[start : start + DRIVER_SLICE])
-                        link.unhandled += len(rest)
-                        if link.unhandled > MAX_UNHANDLED:
-                            # We are the slow one: stop reading until the
-                            # driver catches up. The peer is not silent, so
-                            # this wait does not count against its liveness.
-                            alive.deadline = math.inf
-                            while link.unhandled > MAX_UNHANDLED // 2:
-                                link.caught_up = trio.Event()
-                                await link.caught_up.wait()
-                            if is_worker:
-                                alive.deadline = trio.current_time() + ttl
-                if alive.cancelled_caught:
-                    return f"no message for {ttl:g} s (worker_ttl)"
+                while True:
+                    batch = await link.conn.receive()
+                    rest = [msg for msg in batch if not self._answered_by_reader(link, msg)]
+                    # In slices of bounded work, so the driver yields between
+                    # them and one huge batch cannot hold the loop (whose
+                    # heartbeat answers would then be late).
+                    for part in _slices(rest):
+                        self._post(self._received, link, part)
+                    link.unhandled += len(rest)
+                    if link.unhandled > MAX_UNHANDLED:
+                        # We are the slow one: stop reading until the driver
+                        # catches up. The peer is not silent: no deadline
+                        # runs while we do not read.
+                        while link.unhandled > MAX_UNHANDLED // 2:
+                            link.caught_up = trio.Event()
+                            await link.caught_up.wait()
             return link.close_reason or "closed by the scheduler"
+        except PeerSilent as exc:
+            return exc.reason
         except CommClosedError as exc:
             return f"connection closed ({clip(str(exc), 200)})"
         except ProtocolError as exc:
@@ -529,6 +543,7 @@ class Scheduler:
                 self._dispatch(message)
         finally:
             self._inline_values.clear()
+            self._flush_erred()
         self._flush_frees()
         if self._state_changed is not None:
             self._state_changed.set()
@@ -584,15 +599,23 @@ class Scheduler:
         unconfirmed, until a client's resubmission claims it or it
         expires), while this scheduler's recovery window is open (a new
         scheduler has no record to check a claim against: the workers that
-        come back are the record), or when this address held or ran the
-        key when it left. Any other claim would let a worker that never
-        had a value stand in for it before the clients waiting on that key:
-        it is dropped, and the worker told to free it.
+        come back are the record), when this address held or ran the key
+        when it left, or when the key is scattered data a client
+        resubmitted and no worker has held since (`awaits_holder`: again
+        nothing here contradicts the claim, and only a worker can bring
+        that data back). Any other claim would let a worker that never had
+        a value stand in for it before the clients waiting on that key: it
+        is dropped, and the worker told to free it.
         """
         _, allowed = self._departed.pop(link.address, (0, set()))
 
         def credible(key: str) -> bool:
-            return not self._recovery_over or key in allowed or not self.state.knows(key)
+            return (
+                not self._recovery_over
+                or key in allowed
+                or not self.state.knows(key)
+                or self.state.awaits_holder(key)
+            )
 
         kept_held = {k: n for k, n in held.items() if credible(k)}
         kept_running = tuple(k for k in running if credible(k))
@@ -767,19 +790,42 @@ class Scheduler:
             value = self._inline_values[message.key] if message.with_value else None
             self._to_client(message.client, m.KeyFinished(key=message.key, who_has=list(message.who_has), value=value))
         elif isinstance(message, ReportErred):
-            self._to_client(
-                message.client,
-                m.KeyErred(key=message.key, origin=message.origin, failure=failure_to_wire(message.failure)),
-            )
+            # One failure is often reported for many keys (a cancel of
+            # 100,000 futures, an error shared by dependents): they travel
+            # together, as one `keys_erred` per failure (`_flush_erred`).
+            batch = self._erred.get(message.client)
+            if batch is not None and (batch[0] is not message.failure or len(batch[1]) >= m.MAX_KEYS):
+                self._flush_erred(message.client)
+                batch = None
+            if batch is None:
+                batch = self._erred[message.client] = (message.failure, [], [])
+            batch[1].append(message.key)
+            batch[2].append(message.origin)
         elif isinstance(message, ReportLost):
             self._to_client(message.client, m.KeyLost(key=message.key))
         else:  # pragma: no cover - a new message type without a case here
             raise TypeError(f"no dispatch for {message!r}")
 
     def _to_client(self, client_id: str, message: m.Message) -> None:
+        if client_id in self._erred:
+            self._flush_erred(client_id)  # what was reported first goes first
         link = self.clients.get(client_id)
         if link is not None:
             link.send(message)
+
+    def _flush_erred(self, client_id: str | None = None) -> None:
+        """Send the failures held back for one client (or all): one
+        `key_erred`, or one `keys_erred` for many keys."""
+        for client in list(self._erred) if client_id is None else [client_id]:
+            failure, keys, origins = self._erred.pop(client)
+            link = self.clients.get(client)
+            if link is None:
+                continue
+            wire = failure_to_wire(failure)
+            if len(keys) == 1:
+                link.send(m.KeyErred(key=keys[0], origin=origins[0], failure=wire))
+            else:
+                link.send(m.KeysErred(keys=keys, origins=origins, failure=wire))
 
     # ------------------------------------------------------- worker ops --
 
@@ -1206,6 +1252,34 @@ class Scheduler:
 
     def post(self, handler: Callable[..., None], *args: Any) -> None:
         self._post(handler, *args)
+
+
+def _weight(message: m.Message) -> int:
+    """The driver's work for `message`: one, plus one per task or key it names."""
+    kind = type(message)
+    if kind is m.Submit:
+        return 1 + len(message.tasks)
+    if kind is m.ReleaseKeys or kind is m.CancelKeys or kind is m.DataDropped:
+        return 1 + len(message.keys)
+    return 1
+
+
+def _slices(messages: list[m.Message]) -> list[list[m.Message]]:
+    """`messages` cut into slices of at most `DRIVER_SLICE` messages and
+    `DRIVER_SLICE_WEIGHT` work (a heavier message goes alone)."""
+    slices: list[list[m.Message]] = []
+    current: list[m.Message] = []
+    weight = 0
+    for message in messages:
+        w = _weight(message)
+        if current and (len(current) >= DRIVER_SLICE or weight + w > DRIVER_SLICE_WEIGHT):
+            slices.append(current)
+            current, weight = [], 0
+        current.append(message)
+        weight += w
+    if current:
+        slices.append(current)
+    return slices
 
 
 def _find_cycle(tasks: dict[str, m.TaskWire]) -> list[str] | None:

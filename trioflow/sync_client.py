@@ -13,7 +13,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from trioflow.client import AsyncClient, _graph_options, _is_future
+from trioflow.client import AsyncClient, _graph_options, _is_future, map_calls
 from trioflow.comm.auth import Credentials
 from trioflow.cluster import LocalCluster
 from trioflow.config import Config
@@ -37,6 +37,11 @@ def default_client() -> Client:
     if client is None or client.status in ("closed", "closing"):
         raise ValueError("no trioflow.Client is open: create one first, or pass client=")
     return client
+
+
+# Calls `Client.map` pickles in the caller's thread before handing them to
+# the client's loop (whose step for a slice is then a few tens of ms).
+MAP_SLICE = 5_000
 
 
 class Client:
@@ -67,19 +72,18 @@ class Client:
                 n_workers, threads_per_worker, processes=processes, config=config
             )
             address = self.cluster
-        if isinstance(address, LocalCluster) and address.loop.alive:
-            # Share the cluster's Trio thread: client and scheduler then talk
-            # without handing the GIL back and forth between two threads.
-            self._loop, self._owns_loop = address.loop, False
-        else:
-            self._loop, self._owns_loop = LoopThread("trioflow-client"), True
+        # A loop of the client's own, never the cluster's: whatever the
+        # client does in its thread (packing a million tasks, dropping as
+        # many futures) must not delay the scheduler's answers to its
+        # workers (design.md §6 rule 6). It costs a thread hop between
+        # client and scheduler on every message (W2: benchmarks/README.md).
+        self._loop = LoopThread("trioflow-client")
         self._client = AsyncClient(address, config=config, credentials=credentials)
         self._client._blocking = self._loop.run
         try:
             self._loop.start(self._client._run)
         except BaseException:
-            if self._owns_loop:
-                self._loop.stop()
+            self._loop.stop()
             if self.cluster is not None:
                 self.cluster.close()
             raise
@@ -103,14 +107,59 @@ class Client:
 
     # -- submitting ---------------------------------------------------------
 
-    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
-        """See `AsyncClient.submit`."""
-        return self._loop.run_sync(functools.partial(self._client.submit, fn, *args, **kwargs))
+    def submit(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        key: str | None = None,
+        pure: bool = True,
+        retries: int = 0,
+        workers: Any = None,
+        allow_other_workers: bool = False,
+        resources: Any = None,
+        priority: int = 0,
+        **kwargs: Any,
+    ) -> Future:
+        """See `AsyncClient.submit`. The call is pickled in this thread."""
+        if not callable(fn):
+            raise TypeError(f"submit() expects a callable, got {type(fn).__name__}")
+        options = task_options(retries, workers, allow_other_workers, resources, priority)
+        packed = self._client._pack(fn, [(args, kwargs)], [key], pure, options)
+        # One call into the loop (it refuses the task there if it can be
+        # neither sent nor kept): each call is a thread hop, on W2's path.
+        [future] = self._loop.run_sync(self._client._submit_packed, packed)
+        return future
 
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], **kwargs: Any) -> list[Future]:
-        """See `AsyncClient.map`."""
-        iterables = tuple(list(it) for it in iterables)
-        return self._loop.run_sync(functools.partial(self._client.map, fn, *iterables, **kwargs))
+    def map(
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        key: Any = None,
+        pure: bool = True,
+        retries: int = 0,
+        workers: Any = None,
+        allow_other_workers: bool = False,
+        resources: Any = None,
+        priority: int = 0,
+        **kwargs: Any,
+    ) -> list[Future]:
+        """See `AsyncClient.map`.
+
+        The calls are pickled here, in the caller's thread, `MAP_SLICE` at a
+        time; the client's loop makes each slice's futures and sends its
+        tasks, a short step per slice, so that neither the client's loop
+        nor (with a `LocalCluster`) the scheduler's waits on a big map.
+        """
+        calls, keys, prefix = map_calls(fn, tuple(list(it) for it in iterables), key, kwargs)
+        options = task_options(retries, workers, allow_other_workers, resources, priority)
+        self._loop.run_sync(self._client._admit, len(calls))
+        futures: list[Future] = []
+        for start in range(0, len(calls), MAP_SLICE):
+            packed = self._client._pack(
+                fn, calls[start : start + MAP_SLICE], keys[start : start + MAP_SLICE], pure, options, prefix
+            )
+            futures.extend(self._loop.run_sync(self._client._submit_packed, packed))
+        return futures
 
     # Dask graphs: converted, ordered and pickled here, in the caller's
     # thread, never on the Trio thread (which a LocalCluster's scheduler
@@ -224,8 +273,7 @@ class Client:
             try:
                 self._loop.run(self._client.close_and_wait)
             finally:
-                if self._owns_loop:
-                    self._loop.stop()
+                self._loop.stop()
         if self.cluster is not None:
             self.cluster.close()
 

@@ -42,6 +42,7 @@ from trioflow.comm import (
     Connection,
     FrameLimits,
     Network,
+    PeerSilent,
     RequestFailed,
     TCPNetwork,
     await_welcome,
@@ -49,6 +50,7 @@ from trioflow.comm import (
     dumps,
     loads,
     loads_function,
+    loop_lag,
     open_connection,
     open_connection_pool,
     reply,
@@ -102,6 +104,7 @@ from trioflow.errors import CommClosedError, ProtocolError, SerializationError
 from trioflow.executor import Executor, ThreadExecutor
 from trioflow.memory import MemoryManager, too_big_message
 from trioflow.nurseries import background_tasks
+from trioflow.comm.frames import max_value_bytes, too_big
 from trioflow.comm.messages import INLINE_VALUE_BYTES
 from trioflow.task_options import check_resources
 from trioflow.worker_client import running_task
@@ -480,12 +483,16 @@ class Worker:
                 task_status.started(self.address)
             self._post(self._from_scheduler, conn, first)
             # The scheduler answers every heartbeat, so silence past
-            # scheduler_ttl means it hangs (or the network does).
-            with trio.CancelScope() as alive:
-                while True:
-                    alive.deadline = trio.current_time() + ttl
-                    self._post(self._from_scheduler, conn, await conn.receive())
-            return f"no message for {ttl:g} s (scheduler_ttl)"
+            # scheduler_ttl means it hangs (or the network does). The time is
+            # counted in this loop's responsive time (`liveness.LoopLag`): a
+            # stall of the worker's own loop never counts against its
+            # scheduler (design.md §6 rule 6).
+            conn.idle_timeout = ttl
+            conn.idle_name = "scheduler_ttl"
+            while True:
+                self._post(self._from_scheduler, conn, await conn.receive())
+        except PeerSilent as exc:
+            return exc.reason
         except CommClosedError as exc:
             return str(exc)
         except ProtocolError as exc:
@@ -520,6 +527,8 @@ class Worker:
             "executing": len(self.state.executing),
             "keys": len(self.data),
             "tasks": len(self.state.tasks),
+            # The longest stall of this worker's loop so far, seconds.
+            "max_stall_s": loop_lag().max_stall,
         }
         if self._process is not None:
             try:
@@ -890,11 +899,18 @@ class Worker:
         missing: list[str] = []
         errors: dict[str, str] = {}
         try:
-            for start in range(0, len(keys), GET_DATA_CHUNK):
-                answer = await self._pool.call(peer, m.GetData(keys=keys[start : start + GET_DATA_CHUNK]))
-                values.update(answer.data)
-                missing.extend(answer.missing)
-                errors.update(answer.errors)
+            todo = keys
+            while todo:
+                later: list[str] = []
+                for start in range(0, len(todo), GET_DATA_CHUNK):
+                    answer = await self._pool.call(peer, m.GetData(keys=todo[start : start + GET_DATA_CHUNK]))
+                    values.update(answer.data)
+                    missing.extend(answer.missing)
+                    errors.update(answer.errors)
+                    later.extend(answer.later or ())
+                # Too big to come with the others: asked for again. (The
+                # first value of an answer always comes or errs: progress.)
+                todo = [key for key in later if key not in values]
         except (CommClosedError, RequestFailed, ProtocolError) as exc:
             logger.info("could not fetch %d keys from %s: %s", len(keys), peer, clip(str(exc), 300))
             self._post(self._apply, GatherFailed(self._stimulus("gather-failed"), peer, instruction.keys))
@@ -953,15 +969,36 @@ class Worker:
                 logger.warning("closing peer connection: %s", clip(str(exc), 300))
 
     def _answer_get_data(self, conn: Connection, request: m.GetData) -> None:
+        """Send the values asked for, as many as the asker's budget takes.
+
+        A value too big to travel at all is an error naming its key and
+        size (it would never arrive; asking again would loop). Values that
+        fit alone but not after the ones before them are sent `later`: the
+        asker asks for them again.
+        """
         data: dict[str, Serialized] = {}
         missing: list[str] = []
         errors: dict[str, str] = {}
+        later: list[str] = []
+        room = max_value_bytes(conn.send_limits)
+        used = 0
         for key in request.keys:
             if key not in self.data:
                 missing.append(key)
                 continue
             try:
-                data[key] = self.memory.data.serialized(key) if self.memory is not None else dumps(self.data[key])
+                # A spilled value goes as the bytes on disk, never unpickled here.
+                value = self.memory.data.serialized(key) if self.memory is not None else dumps(self.data[key])
             except SerializationError as exc:
                 errors[key] = clip(f"the result of {key!r} cannot be sent: {exc}", m.MAX_REASON_CHARS - 20)
-        reply(conn, request, m.GetDataReply(data=data, missing=missing, errors=errors))
+                continue
+            if value.nbytes > room:
+                errors[key] = clip(
+                    too_big(f"the result of {clip(key)}", value.nbytes, conn.send_limits), m.MAX_REASON_CHARS - 20
+                )
+            elif used + value.nbytes > room:
+                later.append(key)
+            else:
+                data[key] = value
+                used += value.nbytes
+        reply(conn, request, m.GetDataReply(data=data, missing=missing, errors=errors, later=later or None))

@@ -5,6 +5,8 @@ import operator
 import pickle
 
 import pytest
+import trio
+import trio.testing
 
 import trioflow
 from tests.conftest import wait_until
@@ -219,6 +221,51 @@ async def test_wait_all_first_and_timeout(client):
     assert quick[0] in done and slow in not_done
     with pytest.raises(TimeoutError):
         await trioflow.wait([slow], timeout=0.01)
+
+
+async def test_wait_is_linear_in_the_number_of_futures(client, monkeypatch):
+    """wait() over futures completing one by one looks at each future a bounded number of times, not N times each."""
+    from trioflow.future import Future
+
+    n = 300
+    futures = [client._future(f"wait-linear-{i}") for i in range(n)]
+    looks = 0
+    done = Future.done
+
+    def counting_done(self):
+        nonlocal looks
+        looks += 1
+        return done(self)
+
+    monkeypatch.setattr(Future, "done", counting_done)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trioflow.wait, futures)
+        for i, future in enumerate(futures):
+            await trio.testing.wait_all_tasks_blocked()  # the waiter sleeps until the next completion
+            if i == n // 2:
+                client.futures[futures[0].key].lose()  # one goes back to pending: counted again
+                client.futures[futures[0].key].finish(("tcp://somewhere:1",))
+            future._state.finish(("tcp://somewhere:1",))
+    assert looks < 20 * n  # re-checking all on each completion would be about n * n / 2
+
+
+async def test_wait_first_completed_after_a_done_future_was_lost(client):
+    """FIRST_COMPLETED is not met by a future that was done and went back to pending."""
+    a, b = client._future("wait-lost-a"), client._future("wait-lost-b")
+    a._state.finish(("tcp://somewhere:1",))
+    a._state.lose()
+    async with trio.open_nursery() as nursery:
+        result = []
+
+        async def wait_first() -> None:
+            result.append(await trioflow.wait([a, b], return_when=trioflow.FIRST_COMPLETED))
+
+        nursery.start_soon(wait_first)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not result
+        b._state.finish(("tcp://somewhere:1",))
+    [(done, not_done)] = result
+    assert done == {b} and not_done == {a}
 
 
 async def test_run_calls_a_function_on_every_worker(client, cluster):

@@ -1,6 +1,6 @@
 """A cluster across hosts: scheduler, workers and clients on different network namespaces.
 
-Each test builds a LAN of four hosts (`tests/cluster/netns.py`): network
+Each test builds a LAN of four hosts (`trioflow/sim/netns.py`): network
 namespaces joined by veth links to a bridge, with addresses in
 10.213.0.0/24 that exist only inside them:
 
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import netns
+from trioflow.sim import netns
 from trioflow.comm.auth import Credentials
 
 pytestmark = pytest.mark.processes
@@ -160,6 +160,7 @@ def start(lan, home):
 
 def make_certificates(lan: netns.Lan, directory: Path) -> dict[str, dict[str, str]]:
     """`trioflow tls-certs` for the LAN's addresses; the TLS files of each role."""
+    pytest.importorskip("cryptography", reason="TLS certificates need cryptography: pip install -e .[test]")
     hosts = [arg for address in lan.addresses.values() for arg in ("--host", address)]
     done = subprocess.run(
         [sys.executable, "-m", "trioflow", "tls-certs", str(directory), *hosts],

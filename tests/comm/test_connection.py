@@ -23,7 +23,7 @@ from trioflow.comm import (
     open_connection,
 )
 from trioflow.comm import messages as m
-from trioflow.comm.frames import batch_frames, encode_message
+from trioflow.comm.frames import CONTINUED, batch_frames, encode_message
 from trioflow.errors import CommClosedError, ProtocolError
 
 BIG_BYTES = 64 * 1024 * 1024
@@ -140,6 +140,51 @@ async def test_large_buffer_round_trips_over_tcp():
     assert np.array_equal(result, array)
     # The array lives in the received frame itself: no copy after the read.
     assert np.shares_memory(result, np.frombuffer(value.buffers[0], dtype=np.uint8))
+
+
+async def test_a_buffer_cut_into_frames_round_trips_over_tcp_into_one_buffer():
+    """A 64 MB array with max_frame_bytes of 8 MiB travels as 8 frames and arrives as ONE buffer the array lives in."""
+    array = np.random.default_rng(2).integers(0, 2**63, BIG_BYTES // 8, dtype=np.int64)
+    limits = FrameLimits(max_frame_bytes=8 * 1024 * 1024, max_batch_bytes=BIG_BYTES + (1 << 20))
+    got: list[dict] = []
+    done = trio.Event()
+
+    async def handler(stream):
+        async with open_connection(stream, limits, peer="client") as conn:
+            got.extend(await conn.receive())
+            done.set()
+
+    async with trio.open_nursery() as nursery:
+        network = TCPNetwork()
+        address = await nursery.start(network.serve, handler, "127.0.0.1", 0)
+        async with open_connection(await network.connect(address), limits) as conn:
+            conn.send({"op": "data", "value": dumps(array)})
+            with trio.fail_after(30):
+                await conn.flush()
+                await done.wait()
+        nursery.cancel_scope.cancel()
+    [message] = got
+    [buffer] = message["value"].buffers
+    assert memoryview(buffer).nbytes == BIG_BYTES
+    result = loads(message["value"])
+    assert np.array_equal(result, array)
+    assert np.shares_memory(result, np.frombuffer(buffer, dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(Serialized(b"h", [bytes(range(256)) * 40]), id="buffer-in-three-frames"),
+        pytest.param(Serialized(bytes(range(256)) * 40), id="pickle-stream-in-three-frames"),
+    ],
+)
+async def test_a_value_over_max_frame_bytes_travels_in_pieces(value):
+    """A buffer (or pickle stream) over max_frame_bytes is cut into frames the peer accepts and arrives whole."""
+    async with connection_pair() as (a, b):
+        a.send({"op": "big", "value": value})
+        with trio.fail_after(5):
+            [message] = await b.receive()
+    assert message["value"] == value
 
 
 async def test_large_bytes_round_trip_in_memory():
@@ -343,6 +388,26 @@ async def test_huge_announced_frame_allocates_nothing_ahead_of_its_bytes():
     left, right = trio.testing.memory_stream_pair()
     conn = Connection(right, FrameLimits(), budget=ByteBudget(1 << 30))
     await left.send_all(struct.pack("<IQQ", 2, 1, 512 * 1024 * 1024) + b"\x90" + b"x" * 1000)
+    await left.aclose()
+    tracemalloc.start()
+    try:
+        with trio.fail_after(5), pytest.raises(CommClosedError, match="mid-frame"):
+            await conn.receive()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 1024 * 1024
+    assert conn.budget.in_use == 0
+
+
+async def test_a_huge_buffer_announced_in_pieces_allocates_nothing_ahead_of_its_bytes():
+    """A header announcing 3 GiB as 12 continued frames of 256 MiB costs memory for the bytes that came only."""
+    piece = 256 * 1024 * 1024
+    lengths = [1] + [piece | CONTINUED] * 11 + [piece]
+    left, right = trio.testing.memory_stream_pair()
+    limits = FrameLimits(max_frame_bytes=piece, max_batch_bytes=4 << 30)
+    conn = Connection(right, limits, budget=ByteBudget(4 << 30))
+    await left.send_all(struct.pack(f"<I{len(lengths)}Q", len(lengths), *lengths) + b"\x90" + b"x" * 1000)
     await left.aclose()
     tracemalloc.start()
     try:
@@ -628,20 +693,10 @@ async def test_unsendable_value_raises_type_error_in_send():
             "a 'release_keys' message of",
             id="typed-message-body",
         ),
-        pytest.param(
-            {"op": "big", "value": Serialized(b"h", [b"x" * (SMALL_LIMITS.max_frame_bytes + 1)])},
-            "a 'big' message holds a value frame of 4097 bytes, larger than the peer accepts (max_frame_bytes=4096)",
-            id="buffer",
-        ),
-        pytest.param(
-            {"op": "big", "value": Serialized(b"x" * (SMALL_LIMITS.max_frame_bytes + 1))},
-            "(max_frame_bytes=4096)",
-            id="pickle-stream",
-        ),
     ],
 )
 async def test_oversized_message_raises_protocol_error_in_send(message, reason):
-    """A message over max_body_bytes or with a frame over max_frame_bytes fails in send() and is not queued."""
+    """A message over max_body_bytes fails in send() and is not queued."""
     async with connection_pair() as (a, b):
         with pytest.raises(ProtocolError, match=re.escape(reason)):
             a.send(message)
@@ -701,6 +756,17 @@ async def test_send_accepts_only_what_the_peer_accepts_at_the_batch_limit():
         with trio.fail_after(5):
             [message] = await b.receive()
         assert message["op"] == "v"
+
+
+async def test_a_value_whose_pieces_exceed_max_frames_fails_in_send():
+    """A buffer that needs more pieces than the peer's max_frames fails in send(), not at the peer."""
+    async with connection_pair() as (a, b):
+        # body + pickle stream + 7 pieces of 4 KiB = 9 frames > 8
+        with pytest.raises(ProtocolError, match="needs 9 frames, more than max_frames=8"):
+            a.send({"op": "big", "value": Serialized(b"h", [b"x" * (7 * SMALL_LIMITS.max_frame_bytes)])})
+        a.send({"op": "next"})
+        with trio.fail_after(5):
+            assert await b.receive() == [{"op": "next"}]
 
 
 async def test_message_with_more_frames_than_the_peer_accepts_fails_in_send():

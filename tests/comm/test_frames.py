@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trioflow.comm.frames import (
+    CONTINUED,
     EXT_SERIALIZED,
     FrameLimits,
     batch_frames,
@@ -19,6 +20,8 @@ from trioflow.comm.frames import (
     check_frame_lengths,
     decode_batch,
     encode_message,
+    frame_count,
+    frame_groups,
 )
 from trioflow.comm.serialize import Serialized, dumps, loads
 from trioflow.errors import ProtocolError
@@ -294,6 +297,98 @@ def test_oversized_frame_length_raises(lengths, reason):
 def test_frame_lengths_at_the_limit_pass_and_give_the_total(lengths):
     """Frames of exactly their limit (and empty ones) are accepted; the batch's total is returned."""
     assert check_frame_lengths(lengths, TINY) == sum(lengths)
+
+
+# ------------------------------------------- buffers cut into several frames --
+
+
+def split_round_trip(messages: list[dict], limits: FrameLimits) -> tuple[list[int], list[dict]]:
+    """Batch with buffers cut to the limit; join the pieces as a receiver does; decode."""
+    header, *frames = batch_frames([encode_message(m) for m in messages], limits.max_frame_bytes)
+    (n_frames,) = struct.unpack_from("<I", header)
+    lengths = list(struct.unpack_from(f"<{n_frames}Q", header, 4))
+    check_frame_count(n_frames, limits)
+    groups, total = frame_groups(lengths, limits)
+    wire = b"".join(bytes(f) for f in frames)
+    assert total == len(wire)
+    joined, offset = [], 0
+    for n in groups:
+        joined.append(wire[offset : offset + n])
+        offset += n
+    return lengths, decode_batch(joined, limits)
+
+
+@pytest.mark.parametrize(
+    "value, expected_lengths",
+    [
+        pytest.param(Serialized(b"h", [b"x" * 250]), [100 | CONTINUED, 100 | CONTINUED, 50], id="buffer-in-three"),
+        pytest.param(Serialized(b"h", [b"x" * 200]), [100 | CONTINUED, 100], id="buffer-of-exactly-two"),
+        pytest.param(Serialized(b"p" * 101), [100 | CONTINUED, 1], id="pickle-stream-in-two"),
+        pytest.param(Serialized(b"h", [b"x" * 100]), [100], id="buffer-at-the-limit-is-not-cut"),
+    ],
+)
+def test_a_buffer_larger_than_max_frame_bytes_is_cut_and_joined_again(value, expected_lengths):
+    """A buffer over max_frame_bytes travels as pieces within the limit, marked CONTINUED but the last, and joins back."""
+    limits = FrameLimits(max_frame_bytes=100, max_body_bytes=60, max_frames=8, max_items=8, max_batch_bytes=1000)
+    lengths, [message] = split_round_trip([{"op": "v", "value": value}], limits)
+    assert lengths[1 + (len(value.buffers) > 0) :] == expected_lengths  # after the body (and a small header)
+    assert all(n & ~CONTINUED <= limits.max_frame_bytes for n in lengths[1:])
+    assert message["value"] == value
+
+
+def test_pieces_are_views_of_the_buffer_not_copies():
+    """Cutting a buffer into frames copies nothing: each piece is a view into the original."""
+    array = np.arange(1000, dtype=np.float64)
+    value = dumps(array)
+    _, *frames = batch_frames([encode_message({"op": "v", "value": value})], max_frame_bytes=1024)
+    pieces = frames[2:]  # after the body and the pickle stream
+    assert len(pieces) == 8 and sum(memoryview(p).nbytes for p in pieces) == array.nbytes
+    assert all(np.shares_memory(np.frombuffer(p, dtype=np.uint8), array) for p in pieces)
+
+
+def test_a_numpy_value_cut_into_frames_round_trips():
+    """A NumPy array larger than max_frame_bytes arrives equal, from one joined buffer."""
+    array = np.random.default_rng(1).random((64, 33))
+    limits = FrameLimits(max_frame_bytes=1000, max_frames=64, max_batch_bytes=1 << 20)
+    _, [message] = split_round_trip([{"op": "v", "value": dumps(array)}], limits)
+    [buffer] = message["value"].buffers
+    assert memoryview(buffer).nbytes == array.nbytes
+    assert np.array_equal(loads(message["value"]), array)
+
+
+def test_frame_count_counts_the_pieces():
+    """A message's frame count includes every piece its big buffers are cut into."""
+    message = encode_message({"op": "v", "value": Serialized(b"h", [b"x" * 250, b"y"])})
+    assert frame_count(message, 100) == 1 + 3 + 1
+    assert frame_count(message, 1000) == 3
+
+
+@pytest.mark.parametrize(
+    "lengths, reason",
+    [
+        pytest.param([0, 50 | CONTINUED], "last frame is marked as continued", id="last-continued"),
+        pytest.param([0, 101 | CONTINUED, 5], "frame of 101 bytes exceeds max_frame_bytes=100", id="piece-over-the-limit"),
+        pytest.param([60 | CONTINUED, 5], "exceeds max_body_bytes=60", id="body-continued"),
+        pytest.param(
+            [0, 100 | CONTINUED, 100 | CONTINUED, 51],
+            "batch of 251 bytes exceeds the connection's budget of 250 bytes",
+            id="joined-over-the-budget",
+        ),
+    ],
+)
+def test_malformed_or_oversized_pieces_raise(lengths, reason):
+    """Pieces are checked one by one against max_frame_bytes, and all together against the budget."""
+    with pytest.raises(ProtocolError, match=re.escape(reason)):
+        frame_groups(lengths, TINY)
+
+
+def test_frame_groups_joins_continued_frames():
+    """Continued frames join the frame after them; the total counts every byte."""
+    lengths = [7, 100 | CONTINUED, 100 | CONTINUED, 3, 9, 0]
+    assert frame_groups(lengths, FrameLimits(max_frame_bytes=100, max_body_bytes=60, max_frames=8)) == (
+        [7, 203, 9, 0],
+        219,
+    )
 
 
 def test_the_body_limit_is_apart_from_the_buffer_limit():

@@ -84,6 +84,7 @@ ONE_OF_EACH: list[m.Message] = [
     m.KeyErred(key="a", origin="b", failure=m.KilledWorkerFailure(key="b", deaths=3, last_worker=ADDR)),
     m.KeyErred(key="a", origin="b", failure=m.LostDataFailure(key="b")),
     m.KeyErred(key="a", origin="a", failure=m.CancelledFailure(reason="cancelled by the client")),
+    m.KeysErred(keys=["a", "b"], origins=["a", "b"], failure=m.CancelledFailure(reason="cancelled by the client")),
     m.KeyLost(key="a"),
     m.Restarted(),
     m.SubmitRefused(keys=["a", "b"], reason="a cycle: a -> b -> a"),
@@ -135,7 +136,7 @@ REPLIES: list[schema.Record] = [
     m.RunHereReply(result=SMALL),
     m.RunHereReply(failure=USER),
     m.PutDataReply(nbytes={"a": 8}),
-    m.GetDataReply(data={"a": VALUE}, missing=["b"], errors={"c": "cannot pickle"}),
+    m.GetDataReply(data={"a": VALUE}, missing=["b"], errors={"c": "cannot pickle"}, later=["d"]),
     m.PidReply(pid=1234),
     m.PidReply(pid=None),
     m.TaskStreamReply(
@@ -349,6 +350,12 @@ MALFORMED = [
         "'key_erred': field failure.kind must be one of ['cancelled', 'killed_worker', 'lost_data', 'user'], "
         "got 'meteor'",
         id="unknown-tag",
+    ),
+    pytest.param(
+        {"op": "keys_erred", "keys": ["a", "b"], "origins": ["a"], "failure": {"kind": "cancelled", "reason": "x"}},
+        m.SCHEDULER_TO_CLIENT,
+        "'keys_erred': 'origins' has 1 keys for 2 in 'keys'",
+        id="keys-and-origins-of-different-lengths",
     ),
     pytest.param(
         {"op": "task_erred", "key": "a", "failure": {"kind": "lost_data", "key": "a"}}, m.WORKER_TO_SCHEDULER,

@@ -262,7 +262,7 @@ def test_function_id_is_the_blake2b_256_digest_of_the_payload():
     assert serialized.function_id == hashlib.blake2b(serialized.payload.header, digest_size=32).hexdigest()
     assert serialized.function_id == function_id(serialized.payload.header)
     assert re.fullmatch("[0-9a-f]{64}", serialized.function_id)
-    assert serialized.payload.buffers == []
+    assert serialized.payload.buffers == ()
 
 
 def test_verify_function_accepts_the_id_of_its_bytes():
@@ -321,7 +321,7 @@ def test_function_closing_over_large_array_folds_buffers_in():
     serialized = dumps_function(total)
     assert isinstance(serialized.payload, Serialized)
     assert isinstance(serialized.payload.header, bytes)
-    assert serialized.payload.buffers == []
+    assert serialized.payload.buffers == ()
     assert serialized.payload.nbytes > data.nbytes
     assert serialized.function_id == function_id(serialized.payload.header)
     assert loads_function(serialized.payload)() == float(data.sum())

@@ -15,6 +15,7 @@ from trioflow.core.scheduler_events import (
     KeysCancelled,
     KeysReleased,
     OrphansExpired,
+    RecoveryEnded,
     ReplicaAdded,
     ReplicaMissing,
     ReplicationRequested,
@@ -517,11 +518,13 @@ def test_a_run_that_finishes_before_its_lineage_returns_is_kept(sched):
 
 
 def test_resubmitted_scattered_data_is_found_or_lost(sched):
-    """Lineage-less keys resubmitted after a restart: held -> memory, else LostData."""
+    """Lineage-less keys resubmitted after a restart: held -> memory; held by
+    nobody -> LostData once the recovery window closes."""
     sched.handle(WorkerConnected(sid(), A, 1, held={"kept": 8}))
     msgs = submit(sched, TaskSpec("kept", None), TaskSpec("gone", None))
-    assert [m.key for m in msgs if isinstance(m, ReportFinished)] == ["kept"]
-    assert [(m.key, m.failure) for m in msgs if isinstance(m, ReportErred)] == [("gone", DataLost("gone"))]
+    assert msgs == [ReportFinished(msgs[0].stimulus_id, "c1", "kept", (A,))]
+    msgs = sched.handle(RecoveryEnded(sid()))
+    assert msgs == [ReportErred(msgs[0].stimulus_id, "c1", "gone", DataLost("gone"), "gone")]
 
 
 def test_unclaimed_orphans_expire_and_are_freed(sched):
@@ -562,3 +565,22 @@ def test_a_saturated_worker_is_topped_up_in_batches():
     assert not computes(finish(state, A, "t0"))
     assert [k for _, k in computes(finish(state, A, "t1"))] == ["t4", "t5"]
     check_invariants(state)
+
+
+def test_a_tasks_dicts_share_one_empty_dict_until_their_first_entry():
+    """Records start with the shared NO_ENTRIES, which refuses every write; own() gives a task its own dict."""
+    from trioflow.core.scheduler_records import NO_ENTRIES, SchedulerTask
+
+    ts = SchedulerTask("x", None, priority=1)
+    assert ts.who_has is NO_ENTRIES and ts.dependents is NO_ENTRIES
+    for write in (
+        lambda d: d.__setitem__("k", None),
+        lambda d: d.setdefault("k", None),
+        lambda d: d.update(k=None),
+        lambda d: d.__ior__({"k": None}),
+    ):
+        with pytest.raises(TypeError, match="shared empty dict"):
+            write(ts.who_has)
+    assert ts.who_has.pop("k", None) is None and not NO_ENTRIES
+    ts.own("who_has")["tcp://a:1"] = None
+    assert ts.who_has == {"tcp://a:1": None} and ts.who_has is not NO_ENTRIES and not NO_ENTRIES

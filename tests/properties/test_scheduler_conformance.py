@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
-from hypothesis import strategies as st
 from hypothesis import assume
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from spec import model as m
@@ -49,19 +48,6 @@ SCOPE = m.Scope(
 COMPUTED = SCOPE.computed()
 
 
-def known_core_gap(world: m.World, event: m.Event, *, clients_first: bool = False) -> str | None:
-    """The xfail test below that documents where the core parts from the
-    model on this event, if any (the state machine skips such events)."""
-    match event:
-        case m.SchedulerRestarts() if clients_first and any(
-            t.who_has and any(SCOPE.keys[x].scattered for x in SCOPE.lineage(k)) for k, t in world.tasks
-        ):
-            # Scattered data a worker holds, or a value computed from
-            # scattered data: judged lost (or erred) before its worker is back.
-            return "test_scattered_data_survives_a_scheduler_restart_whoever_reconnects_first"
-    return None
-
-
 class SchedulerConformance(RuleBasedStateMachine):
     """Random events to core and model in lockstep.
 
@@ -79,7 +65,6 @@ class SchedulerConformance(RuleBasedStateMachine):
         return self.ls.world
 
     def step(self, event: m.Event) -> None:
-        assume(known_core_gap(self.world, event) is None)
         self.ls.step(event)
 
     def keys_in(self, *states: m.State) -> list[str]:
@@ -245,9 +230,7 @@ class SchedulerConformance(RuleBasedStateMachine):
         if how == "client-restart":
             self.step(m.Restart())
             return
-        event, clients_first = m.SchedulerRestarts(), how == "scheduler-clients-first"
-        assume(known_core_gap(self.world, event, clients_first=clients_first) is None)
-        self.ls.step(event, clients_first=clients_first)
+        self.ls.step(m.SchedulerRestarts(), clients_first=how == "scheduler-clients-first")
 
     # -- out-of-date messages the core must ignore --
 
@@ -382,21 +365,17 @@ def test_killed_worker_wins_over_lost_input():
         ls.step(event)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "by design, not in the core: the scheduler shell holds a reconnecting client's "
-        "lineage back for recovery_grace so that surviving workers re-register first; "
-        "a worker later than that finds its scattered data already declared lost (and "
-        "values computed from lost scattered data already erred)"
-    ),
-)
 def test_scattered_data_survives_a_scheduler_restart_whoever_reconnects_first():
-    """After a scheduler restart, scattered data a live worker holds is never reported lost."""
-    ls = run(m.WorkerJoins("w1"), m.Scatter("c1", "s", "w1"))
-    # The client reconnects first: s, which nobody has re-registered yet, is
-    # declared lost (c1 hears LostData) and only then does w1 bring it back.
+    """After a scheduler restart, scattered data a live worker holds is never reported lost.
+
+    It was (a strict xfail): the client reconnected first, s, which nobody
+    had re-registered yet, was declared lost (c1 heard LostData), and only
+    then did w1 bring it back. The core now keeps resubmitted scattered data
+    waiting for its holder until the recovery window closes."""
+    ls = run(m.WorkerJoins("w1"), m.Scatter("c1", "s", "w1"), m.Submit("c1", "e"), m.TaskFinishes("a", "w1"))
     ls.step(m.SchedulerRestarts(), clients_first=True)
+    assert ls.world.state_of("s") is m.MEMORY
+    assert ls.world.state_of("e") is m.PROCESSING
 
 
 def test_a_value_two_clients_need_survives_a_scheduler_restart():

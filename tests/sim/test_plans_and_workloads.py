@@ -102,7 +102,7 @@ def _tiny() -> tuple[Workload, dict]:
     return workload, evaluate(workload)
 
 
-def _judge(workload, expected, witnessed_deaths=None, **changes):
+def _judge(workload, expected, witnessed_deaths=None, declared_lost=("data-0",), **changes):
     observed = {
         "data-0": ("value", 5),
         "data-1": ("value", 6),
@@ -114,7 +114,8 @@ def _judge(workload, expected, witnessed_deaths=None, **changes):
     }
     observed.update(changes)
     return check_outcomes(
-        workload, expected, observed, witnessed_deaths=witnessed_deaths or {}, allowed_failures=3, workers_lost=1
+        workload, expected, observed, witnessed_deaths=witnessed_deaths or {}, allowed_failures=3,
+        declared_lost=declared_lost,
     )
 
 
@@ -122,7 +123,9 @@ def test_the_oracle_accepts_the_outcomes_the_failure_table_prescribes():
     """Right values, the user's error, and KilledWorker for the poison task pass."""
     workload, expected = _tiny()
     assert _judge(workload, expected) == []
-    # Unreplicated scattered data may be lost, and so may what depends on it.
+    # Scattered data the scheduler declared lost may be lost, and so may
+    # what depends on it (whether the scheduler was right to is judged by
+    # check_data_losses, tests/sim/test_ledger.py).
     assert _judge(workload, expected, a=("error", LostData("data-0"))) == []
 
 
@@ -133,7 +136,7 @@ def test_the_oracle_accepts_the_outcomes_the_failure_table_prescribes():
         ({"b": ("value", 1)}, "must fail"),
         ({"b": ("error", SimUserError("a failed on purpose"))}, "allowed user errors"),
         ({"a": ("error", KilledWorker("a", 3, "w"))}, "not the poison task"),
-        ({"r": ("error", LostData("data-1"))}, "had 2 copies"),
+        ({"r": ("error", LostData("data-1"))}, "never declared 'data-1' lost"),
         ({"a": ("error", LostData("data-1"))}, "not scattered data it uses"),
         ({"a": ("error", CancelledError("restarted"))}, "without a cluster restart"),
         ({"a": ("error", CommClosedError("gone"))}, "never prescribes"),
@@ -158,6 +161,6 @@ def test_a_missing_outcome_is_a_violation():
     """A future that never reached a final state is reported by name."""
     workload, expected = _tiny()
     problems = check_outcomes(
-        workload, expected, {}, witnessed_deaths={}, allowed_failures=3, workers_lost=0
+        workload, expected, {}, witnessed_deaths={}, allowed_failures=3, declared_lost=()
     )
     assert problems == ["7 futures have no outcome: data-0, data-1, a, b, p, q, r"]

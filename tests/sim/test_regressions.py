@@ -93,6 +93,8 @@ PLANS = {
     "restart@4.433:worker-1,partition@7.006:worker-1/4.718,crash@7.387:worker-3",
     474: "scheduler_restart@1.224:scheduler/0.92,hang@1.444:worker-1/2.853,hang@3.839:worker-3/4.599,"
     "restart@7.554:worker-3,crash@7.916:worker-2",
+    805: "crash@0.124:worker-0,crash@2.041:worker-0,reset@2.906:worker-2,hang@4.676:worker-3/4.117,"
+    "reset@5.687:worker-3",
 }
 
 
@@ -320,3 +322,18 @@ def test_seeds_463_and_474_a_value_the_client_has_is_not_dropped(seed):
     report that would never come. AsyncClient._refresh_holders now keeps a
     value that arrived while it asked."""
     assert_clean(run_pinned(seed))
+
+
+# ------------------------------- seed 805: a ready task left waiting --
+
+
+def test_seed_805_a_ready_task_is_not_left_waiting():
+    """Seed 805 (found by the 1,000-seed sweep of the default mix, issue 19):
+    a worker's death made map-116 recompute (its inputs all there: "->
+    processing" recommended), then, in the same step, a dependent's
+    KilledWorker made it unneeded ("-> released" replaced the
+    recommendation), then another dependent needed it again: the release
+    was dropped as stale, and the task waited for ever with nothing to wait
+    on (INV-WAITING; two futures never final). `_transitions` now recommends
+    again the move a stale release may have replaced."""
+    assert_clean(run_pinned(805))

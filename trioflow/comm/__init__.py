@@ -5,7 +5,8 @@ is declared in. See docs/protocol.md for the bytes and every op.
 """
 
 from trioflow.comm import messages
-from trioflow.comm.connection import ByteBudget, Connection, open_connection
+from trioflow.comm.connection import ByteBudget, Connection, PeerSilent, open_connection
+from trioflow.comm.liveness import LoopLag, loop_lag
 from trioflow.comm.frames import FrameLimits
 from trioflow.comm.handshake import (
     PROTOCOL_VERSION,
@@ -45,7 +46,9 @@ __all__ = [
     "ConnectionPool",
     "FrameLimits",
     "HandshakeRefused",
+    "LoopLag",
     "Network",
+    "PeerSilent",
     "RequestFailed",
     "Requests",
     "Serialized",
@@ -58,6 +61,7 @@ __all__ = [
     "expect_hello",
     "loads",
     "loads_function",
+    "loop_lag",
     "messages",
     "open_connection",
     "open_connection_pool",

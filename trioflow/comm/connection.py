@@ -20,7 +20,9 @@ What a peer can make the receiver spend is bounded (design.md §6 rule 3):
 
 * Memory follows bytes. A frame's buffer grows as its bytes arrive, never
   ahead of them: a header announcing 1 GiB costs nothing until a GiB has
-  come. Before the hello the limits are tiny (`FrameLimits.before_hello`).
+  come. A value larger than `max_frame_bytes` travels as several frames
+  and grows into one buffer the same way (`_read_frame`). Before the hello
+  the limits are tiny (`FrameLimits.before_hello`).
 * Bytes in flight are budgeted. A batch may not announce more than the
   connection's budget (`max_connection_bytes`); and all connections of a
   process share a `ByteBudget` (`max_process_bytes`): a batch waits for
@@ -28,8 +30,11 @@ What a peer can make the receiver spend is bounded (design.md §6 rule 3):
   decoded.
 * Time. A batch must begin within `idle_timeout` of the last one, and once
   begun must arrive at `min_transfer_rate` bytes per second or better, so
-  a peer that goes silent or trickles bytes loses its connection. Decoding
-  a big batch yields to other tasks every `DECODE_SLICE` messages.
+  a peer that goes silent or trickles bytes loses its connection. These
+  times are counted in our loop's *responsive* time (`liveness.LoopLag`):
+  a stall of this process's own loop never counts against the peer
+  (design.md §6 rule 6). Decoding a big batch yields to other tasks every
+  `DECODE_SLICE` messages.
 
 `open_connection` runs the sender in a nursery for the lifetime of an
 ``async with`` block and closes the stream when the block ends.
@@ -53,10 +58,12 @@ from trioflow.comm.frames import (
     FrameLimits,
     batch_frames,
     check_frame_count,
-    check_frame_lengths,
     decode_batch,
     encode_message,
+    frame_count,
+    frame_groups,
 )
+from trioflow.comm.liveness import loop_lag
 from trioflow.comm.schema import clip
 from trioflow.errors import CommClosedError, ProtocolError
 from trioflow.nurseries import background_tasks
@@ -126,6 +133,53 @@ class ByteBudget:
             ready.set()
 
 
+class PeerSilent(CommClosedError):
+    """The peer sent nothing for `idle_timeout` seconds of our responsive time.
+
+    Attributes:
+        reason: "no message for <t> s (<knob>)", the knob being
+            `Connection.idle_name` (``worker_ttl`` on a scheduler's link to
+            a worker, ``scheduler_ttl`` on a worker's link to its scheduler).
+    """
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+# The phases of receiving a batch (`Connection.receive`).
+IDLE, HEADER, BUDGET, FRAMES = "idle", "header", "budget", "frames"
+
+
+class _BatchProgress:
+    """How far `Connection.receive` got with the batch it is reading.
+
+    Kept outside the cancel scope, so that a deadline that turns out to
+    have been our own loop's stall resumes the batch where it was.
+    """
+
+    __slots__ = ("phase", "since", "allowance", "deadline", "n_frames", "groups", "total", "budgeted", "frames", "partial")
+
+    def __init__(self, now: float, idle_timeout: float):
+        self.phase = IDLE
+        # When the phase began, and how long the peer has for it.
+        self.since = now
+        self.allowance = idle_timeout
+        self.deadline = now + idle_timeout
+        self.n_frames = 0
+        self.groups: list[int] = []  # each buffer's length (pieces joined)
+        self.total = 0
+        self.budgeted = False  # `total` taken from the process's budget
+        self.frames: list[Any] = []
+        self.partial: bytearray | None = None  # the big buffer being read
+
+    def enter(self, phase: str, allowance: float, scope: trio.CancelScope) -> None:
+        self.phase = phase
+        self.since = trio.current_time()
+        self.allowance = allowance
+        self.deadline = scope.deadline = self.since + allowance
+
+
 class Connection:
     """A bidirectional, batched message channel over one stream.
 
@@ -161,7 +215,12 @@ class Connection:
         self.inbound = inbound
         self.budget = budget
         self.idle_timeout = idle_timeout
+        # The knob `idle_timeout` stands for, named in the reason a silent
+        # peer is dropped for ("worker_ttl" on a scheduler's worker link).
+        self.idle_name = "idle_timeout"
         self.min_transfer_rate = min_transfer_rate
+        # This loop's stalls, so that none counts against the peer.
+        self._lag = loop_lag()
         # Limits the *peer* applies to what we send (assumed equal to ours:
         # both ends run with the same Config).
         self.send_limits = send_limits or limits
@@ -213,15 +272,12 @@ class Connection:
                 f"a {op!r} message of {body_bytes} bytes is larger than the peer accepts "
                 f"(max_body_bytes={limits.max_body_bytes}); send fewer keys or tasks per call"
             )
-        for frame in encoded.frames:
-            if memoryview(frame).nbytes > limits.max_frame_bytes:
-                raise ProtocolError(
-                    f"a {op!r} message holds a value frame of {memoryview(frame).nbytes} bytes, larger "
-                    f"than the peer accepts (max_frame_bytes={limits.max_frame_bytes})"
-                )
-        if 1 + len(encoded.frames) > limits.max_frames:
+        # Buffers larger than the peer's max_frame_bytes travel cut into
+        # several frames (`batch_frames`), each within the limit.
+        n_frames = 1 + frame_count(encoded, limits.max_frame_bytes)
+        if n_frames > limits.max_frames:
             raise ProtocolError(
-                f"a {op!r} message needs {1 + len(encoded.frames)} frames, "
+                f"a {op!r} message needs {n_frames} frames, "
                 f"more than max_frames={limits.max_frames}"
             )
         if encoded.nbytes + LONE_MESSAGE_ARRAY_HEADER_BYTES > limits.max_batch_bytes:
@@ -280,7 +336,7 @@ class Connection:
         batch = self._take_batch()
         self._writing = True
         try:
-            await self._write(batch_frames(batch))
+            await self._write(batch_frames(batch, self.send_limits.max_frame_bytes))
         finally:
             self._writing = False
         self._written += len(batch)
@@ -315,7 +371,7 @@ class Connection:
         count = 0
         for message in self._outbox[:MAX_MESSAGES_PER_WRITE]:
             body_budget -= len(message.body)
-            frame_budget -= len(message.frames)
+            frame_budget -= frame_count(message, limits.max_frame_bytes)
             byte_budget -= message.nbytes
             if count and (body_budget < 0 or frame_budget < 0 or byte_budget < 0):
                 break
@@ -343,70 +399,39 @@ class Connection:
         """The messages of the next batch from the peer, checked.
 
         Raises:
-            CommClosedError: the peer closed the stream (or it broke), or
-                sent nothing for `idle_timeout` seconds.
+            CommClosedError: the peer closed the stream (or it broke).
+            PeerSilent: (a `CommClosedError`) the peer sent nothing for
+                `idle_timeout` seconds of our loop's responsive time.
             ProtocolError: the peer sent bytes that break the protocol; the
                 caller should close the connection and log the reason.
         """
-        buffer = self._receive_buffer
+        progress = _BatchProgress(trio.current_time(), self.idle_timeout)
         try:
             # One cancel scope for the whole batch, its deadline moved as the
             # batch arrives (a scope per phase cost a noticeable share of a
             # busy link's CPU): the next batch must begin within
             # idle_timeout; once begun, its header within the grace, its
-            # frames at min_transfer_rate.
-            with trio.CancelScope() as deadline:
-                phase = "idle"
-                if len(buffer) < 4:
-                    deadline.deadline = trio.current_time() + self.idle_timeout
-                    await self._fill(4)
-                (n_frames,) = struct.unpack_from("<I", buffer)
-                if n_frames == 0 or n_frames > self.limits.max_frames:
-                    self._check_speaks_trioflow()
-                check_frame_count(n_frames, self.limits)
-                grace = min(self.idle_timeout, BATCH_GRACE_S)
-                phase = "header"
-                header_bytes = 4 + 8 * n_frames
-                if len(buffer) < header_bytes:
-                    deadline.deadline = trio.current_time() + grace
-                    await self._fill(header_bytes)
-                lengths = struct.unpack_from(f"<{n_frames}Q", buffer, 4)
-                total = check_frame_lengths(lengths, self.limits)
-                del buffer[:header_bytes]
-                if self.budget is not None:
-                    # Waiting for our share is our slowness, not the peer's.
-                    deadline.deadline = math.inf
-                    await self.budget.acquire(total)
-                try:
-                    phase = "frames"
-                    if len(buffer) < total:
-                        deadline.deadline = trio.current_time() + grace + total / self.min_transfer_rate
-                    frames = [await self._read_frame(length) for length in lengths]
-                except BaseException:
-                    if self.budget is not None:
-                        self.budget.release(total)
-                    raise
-            if deadline.cancelled_caught:
-                if phase == "idle":
-                    reason = f"no message for {self.idle_timeout:g} s (idle_timeout)"
-                    self._mark_closed(reason)
-                    raise CommClosedError(f"{self.peer}: {reason}")
-                if phase == "header":
-                    raise ProtocolError(f"a batch header did not arrive within {grace:g} s")
-                raise ProtocolError(
-                    f"a batch of {total} bytes did not arrive in time (the peer sends slower than "
-                    f"min_transfer_rate={self.min_transfer_rate:g} B/s)"
-                )
-            try:
-                self._batches_received += 1
-                raw = decode_batch(frames, self.limits)
-                del frames
-                if self.inbound is None:
-                    return raw
-                return await self._decode(raw)
-            finally:
-                if self.budget is not None:
-                    self.budget.release(total)
+            # frames at min_transfer_rate. A deadline that passes is asked
+            # again, in our loop's responsive time (`LoopLag.deadline`): if
+            # this loop stalled meanwhile, the time was ours, and the batch
+            # carries on where it was (`_BatchProgress` keeps what has been
+            # read; a cancelled receive_some consumes nothing).
+            while True:
+                with trio.CancelScope(deadline=progress.deadline) as scope:
+                    await self._read_batch(progress, scope)
+                if not scope.cancelled_caught:
+                    break
+                deadline = self._lag.deadline(progress.since, progress.allowance)
+                if trio.current_time() < deadline:
+                    progress.deadline = deadline
+                    continue
+                self._late(progress)
+            self._batches_received += 1
+            raw = decode_batch(progress.frames, self.limits)
+            progress.frames = []
+            if self.inbound is None:
+                return raw
+            return await self._decode(raw)
         except CommClosedError:
             raise
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -415,6 +440,64 @@ class Connection:
                 raise CommClosedError(f"connection to {self.peer} closed: {self.close_reason}") from None
             self._mark_closed(f"read failed: {exc!r}")
             raise CommClosedError(f"connection to {self.peer} broke: {exc!r}") from None
+        finally:
+            if progress.budgeted and self.budget is not None:
+                self.budget.release(progress.total)
+
+    async def _read_batch(self, progress: _BatchProgress, scope: trio.CancelScope) -> None:
+        """Read the rest of a batch, phase by phase, from where `progress` is.
+
+        Every phase sets the deadline of `scope` (`_BatchProgress.enter`).
+        """
+        buffer = self._receive_buffer
+        if progress.phase == IDLE:
+            if len(buffer) < 4:
+                await self._fill(4)
+            (n_frames,) = struct.unpack_from("<I", buffer)
+            if n_frames == 0 or n_frames > self.limits.max_frames:
+                self._check_speaks_trioflow()
+            check_frame_count(n_frames, self.limits)
+            progress.n_frames = n_frames
+            progress.enter(HEADER, min(self.idle_timeout, BATCH_GRACE_S), scope)
+        if progress.phase == HEADER:
+            header_bytes = 4 + 8 * progress.n_frames
+            if len(buffer) < header_bytes:
+                await self._fill(header_bytes)
+            lengths = struct.unpack_from(f"<{progress.n_frames}Q", buffer, 4)
+            progress.groups, progress.total = frame_groups(lengths, self.limits)
+            del buffer[:header_bytes]
+            # Waiting for our share of the process's budget is our
+            # slowness, not the peer's: no deadline.
+            progress.enter(BUDGET, math.inf, scope)
+        if progress.phase == BUDGET:
+            if self.budget is not None:
+                await self.budget.acquire(progress.total)
+                progress.budgeted = True
+            allowance = math.inf
+            if len(buffer) < progress.total:
+                allowance = min(self.idle_timeout, BATCH_GRACE_S) + progress.total / self.min_transfer_rate
+            progress.enter(FRAMES, allowance, scope)
+        frames, groups = progress.frames, progress.groups
+        while len(frames) < len(groups):
+            frames.append(await self._read_frame(groups[len(frames)], progress))
+
+    def _late(self, progress: _BatchProgress) -> None:
+        """The peer missed a deadline in our responsive time: say how.
+
+        Raises:
+            PeerSilent: no batch began within `idle_timeout`.
+            ProtocolError: a begun batch did not arrive in time.
+        """
+        if progress.phase == IDLE:
+            reason = f"no message for {self.idle_timeout:g} s ({self.idle_name})"
+            self._mark_closed(reason)
+            raise PeerSilent(f"{self.peer}: {reason}", reason)
+        if progress.phase == HEADER:
+            raise ProtocolError(f"a batch header did not arrive within {progress.allowance:g} s")
+        raise ProtocolError(
+            f"a batch of {progress.total} bytes did not arrive in time (the peer sends slower than "
+            f"min_transfer_rate={self.min_transfer_rate:g} B/s)"
+        )
 
     async def _decode(self, raw: list[dict[str, Any]]) -> list[messages.Message]:
         """Check each map against its declaration, yielding now and then.
@@ -459,20 +542,35 @@ class Connection:
             self.last_received = trio.current_time()
             buffer += chunk
 
-    async def _read_frame(self, n: int) -> bytes | bytearray:
-        """One frame of `n` bytes, allocated as its bytes arrive."""
+    async def _read_frame(self, n: int, progress: _BatchProgress) -> bytes | bytearray:
+        """One buffer of `n` bytes (one frame, or the pieces of one), allocated
+        as its bytes arrive.
+
+        A big buffer grows in place chunk by chunk: `bytearray` resizes by
+        ``realloc``, which for large blocks moves pages (``mremap``) rather
+        than copying, and grows at most an eighth ahead of what has
+        arrived. So memory follows bytes, and a value cut into several
+        frames ends up in ONE buffer, with no second copy: a header that
+        announces 3 GiB costs nothing until 3 GiB have come. (Allocating
+        the whole buffer at once, when its first piece arrives and the
+        budgets allow it, would save the reallocations but let a peer make
+        us commit memory it never sends.) The buffer being read is kept in
+        `progress`, so a receive that resumes after a stall of our own
+        loop loses nothing.
+        """
         buffer = self._receive_buffer
-        if len(buffer) >= n or n <= RECEIVE_CHUNK_BYTES:
-            await self._fill(n)
-            with memoryview(buffer) as view:
-                out = view[:n].tobytes()
-            del buffer[:n]
-            return out
-        # A big frame: take what is buffered, then grow the frame's own
-        # buffer chunk by chunk. (bytearray grows in place where it can;
-        # large reallocations move pages rather than copying them.)
-        out = bytearray(buffer)
-        buffer.clear()
+        out = progress.partial
+        if out is None:
+            if len(buffer) >= n or n <= RECEIVE_CHUNK_BYTES:
+                await self._fill(n)
+                with memoryview(buffer) as view:
+                    data = view[:n].tobytes()
+                del buffer[:n]
+                return data
+            # A big buffer: take what is buffered (all of it is ours: fewer
+            # than `n` bytes), then grow the buffer's own bytearray.
+            out = progress.partial = bytearray(buffer)
+            buffer.clear()
         while len(out) < n:
             chunk = await self.stream.receive_some(min(n - len(out), 4 * RECEIVE_CHUNK_BYTES))
             if not chunk:
@@ -480,6 +578,7 @@ class Connection:
                 raise CommClosedError(f"{self.peer} closed the connection mid-frame")
             out += chunk
             self.last_received = trio.current_time()
+        progress.partial = None
         return out
 
     # ------------------------------------------------------------ closing --

@@ -3,9 +3,16 @@
 A *batch* is what one write carries::
 
     u32  n_frames                       (little-endian)
-    u64  length of each frame           (n_frames of them)
+    u64  length of each frame           (n_frames of them; bit 63: "continued")
     frame 0: a msgpack array of messages (each a map with an "op")
     frame 1..: the buffers of every `Serialized` value, in message order
+
+A buffer larger than the peer's `max_frame_bytes` travels as several
+frames: every piece but the last has bit 63 of its length set
+(`CONTINUED`), and the receiver reads the pieces, which follow each other
+on the wire, into one buffer (`frame_groups`, then
+`Connection._read_frame`). So a value of several GiB travels with no frame
+above the limit and arrives as one buffer, never two copies.
 
 A `Serialized` value inside a message is a msgpack extension (code 1) whose
 payload is the number of buffer frames it owns: the pickle stream first,
@@ -34,6 +41,7 @@ connection.
 from __future__ import annotations
 
 import dataclasses
+import math
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -45,6 +53,8 @@ from trioflow.comm.serialize import Serialized
 from trioflow.errors import ProtocolError
 
 EXT_SERIALIZED = 1
+# Bit 63 of a frame's length: the next frame continues the same buffer.
+CONTINUED = 1 << 63
 _U32 = struct.Struct("<I")
 _EXT_PAYLOAD = struct.Struct("<I")
 # A legitimate message spends at least this many body bytes per list or map
@@ -76,7 +86,7 @@ class FrameLimits:
     max_body_bytes: int = 4 << 20
     max_frames: int = 65_536
     max_items: int = 1_000_000
-    max_batch_bytes: int = 2 << 30
+    max_batch_bytes: int = 4 << 30
 
     @classmethod
     def from_config(cls, config) -> FrameLimits:
@@ -85,7 +95,9 @@ class FrameLimits:
             max_body_bytes=config.max_body_bytes,
             max_frames=config.max_frames_per_batch,
             max_items=config.max_messages_per_batch,
-            max_batch_bytes=config.max_connection_bytes,
+            # A batch larger than the whole process's budget could never be
+            # read either: the smaller of the two bounds a batch.
+            max_batch_bytes=min(config.max_connection_bytes, config.max_process_bytes),
         )
 
     @classmethod
@@ -98,6 +110,26 @@ class FrameLimits:
             max_items=64,
             max_batch_bytes=HELLO_BODY_BYTES,
         )
+
+
+# Room kept in a batch for everything but one big value (the message body,
+# the batch header, a pickle stream) when a value is sized against a peer's
+# budget.
+VALUE_HEADROOM_BYTES = 1 << 20
+
+
+def max_value_bytes(limits: FrameLimits) -> int:
+    """The largest value that can travel to a peer with these limits."""
+    return max(0, limits.max_batch_bytes - VALUE_HEADROOM_BYTES)
+
+
+def too_big(what: str, nbytes: int, limits: FrameLimits, verb: str = "is") -> str:
+    """The error for a value that cannot travel: what it is, its size, the bound."""
+    return (
+        f"{what} {verb} {nbytes:,} bytes ({nbytes / 2**30:.2f} GiB), more than a peer accepts in one "
+        f"message: at most {max_value_bytes(limits):,} bytes (max_connection_bytes and "
+        f"max_process_bytes={limits.max_batch_bytes:,}, less {VALUE_HEADROOM_BYTES:,} for the message)"
+    )
 
 
 class EncodedMessage:
@@ -129,15 +161,44 @@ def encode_message(message: dict) -> EncodedMessage:
     return EncodedMessage(msgpack.packb(message, default=default, use_bin_type=True), frames)
 
 
-def batch_frames(messages: Sequence[EncodedMessage]) -> list[Any]:
-    """The frames of a batch (header first) for `messages`, in order."""
+def batch_frames(messages: Sequence[EncodedMessage], max_frame_bytes: float = math.inf) -> list[Any]:
+    """The frames of a batch (header first) for `messages`, in order.
+
+    A buffer larger than `max_frame_bytes` (the peer's limit) is cut into
+    pieces of at most that size, memoryviews of the buffer (no copy); every
+    piece but the last is marked `CONTINUED` in the header.
+    """
     body = b"".join([_array_header(len(messages)), *(m.body for m in messages)])
     frames: list[Any] = [body]
+    lengths = [len(body)]
     for m in messages:
-        frames.extend(m.frames)
-    lengths = [memoryview(f).nbytes for f in frames]
+        for frame in m.frames:
+            view = memoryview(frame)
+            n = view.nbytes
+            if n <= max_frame_bytes:
+                frames.append(frame)
+                lengths.append(n)
+                continue
+            piece = int(max_frame_bytes)
+            if view.ndim != 1 or view.itemsize != 1:
+                view = view.cast("B")
+            for start in range(0, n, piece):
+                frames.append(view[start : start + piece])
+                size = min(piece, n - start)
+                lengths.append(size | CONTINUED if start + piece < n else size)
     header = _U32.pack(len(frames)) + struct.pack(f"<{len(frames)}Q", *lengths)
     return [header, *frames]
+
+
+def frame_count(message: EncodedMessage, max_frame_bytes: float) -> int:
+    """How many frames `message`'s buffers take once cut to `max_frame_bytes`."""
+    if message.nbytes <= max_frame_bytes:
+        return len(message.frames)
+    count = 0
+    for frame in message.frames:
+        n = memoryview(frame).nbytes
+        count += max(1, -(-n // max_frame_bytes)) if n > max_frame_bytes else 1
+    return int(count)
 
 
 def _array_header(n: int) -> bytes:
@@ -159,22 +220,52 @@ def check_frame_lengths(lengths: Sequence[int], limits: FrameLimits) -> int:
     Raises:
         ProtocolError: a frame or the whole batch is larger than allowed.
     """
+    return frame_groups(lengths, limits)[1]
+
+
+def frame_groups(lengths: Sequence[int], limits: FrameLimits) -> tuple[list[int], int]:
+    """The buffers a batch's announced frames make, and the batch's total bytes.
+
+    Frames marked `CONTINUED` join the frame after them into one buffer:
+    ``[body, 10 | CONTINUED, 10 | CONTINUED, 5, 7]`` is a body, a buffer of
+    25 bytes and one of 7. Every frame must be within `max_frame_bytes` and
+    the whole batch within the connection's budget (`max_batch_bytes`),
+    checked here, before anything is allocated.
+
+    Raises:
+        ProtocolError: the body is too large (or marked continued), a frame
+            is larger than allowed, the last frame is marked continued, or
+            the batch is larger than the connection's budget.
+    """
+    # (A body marked continued announces 2**63 bytes or more: refused here.)
     if lengths[0] > limits.max_body_bytes:
         raise ProtocolError(
             f"message body of {lengths[0]} bytes exceeds max_body_bytes={limits.max_body_bytes}"
         )
-    for length in lengths[1:]:
+    groups = [lengths[0]]
+    total = lengths[0]
+    joined = 0
+    continued = False
+    for announced in lengths[1:]:
+        continued = bool(announced & CONTINUED)
+        length = announced & ~CONTINUED
         if length > limits.max_frame_bytes:
             raise ProtocolError(
                 f"frame of {length} bytes exceeds max_frame_bytes={limits.max_frame_bytes}"
             )
-    total = sum(lengths)
+        total += length
+        joined += length
+        if not continued:
+            groups.append(joined)
+            joined = 0
+    if continued:
+        raise ProtocolError("the batch's last frame is marked as continued")
     if total > limits.max_batch_bytes:
         raise ProtocolError(
             f"batch of {total} bytes exceeds the connection's budget of {limits.max_batch_bytes} bytes "
             f"(max_connection_bytes)"
         )
-    return total
+    return groups, total
 
 
 def decode_batch(frames: Sequence[Any], limits: FrameLimits) -> list[dict]:

@@ -586,6 +586,9 @@ class GetDataReply(Record):
     data = Map(KEY, Pickled(), MAX_REPLY_KEYS)
     missing = REPLY_KEYS
     errors = Map(KEY, REASON, MAX_REPLY_KEYS)
+    # Held here, but too big to travel with the values before them within
+    # the asker's budget: ask again (each fits alone). None: no such key.
+    later = Optional(Nullable(REPLY_KEYS))
 
 
 class PidReply(Record):
@@ -762,6 +765,18 @@ class KeyErred(Message, op="key_erred", channels=(SCHEDULER_TO_CLIENT,)):
     key = KEY
     origin = KEY
     failure = FAILURE
+
+
+class KeysErred(Message, op="keys_erred", channels=(SCHEDULER_TO_CLIENT,)):
+    """Tasks that failed with one failure (a cancel); `origins[i]` failed first for `keys[i]`."""
+
+    keys = KEYS
+    origins = KEYS
+    failure = FAILURE
+
+    def check_fields(self) -> None:
+        if len(self.origins) != len(self.keys):
+            raise FieldError(f"'origins' has {len(self.origins)} keys for {len(self.keys)} in 'keys'")
 
 
 class KeyLost(Message, op="key_lost", channels=(SCHEDULER_TO_CLIENT,)):

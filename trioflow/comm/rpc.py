@@ -28,6 +28,7 @@ from trioflow.comm.auth import CLIENT, CLUSTER, Credentials, connect_authenticat
 from trioflow.comm.connection import ByteBudget, Connection, open_connection
 from trioflow.comm.frames import FrameLimits
 from trioflow.comm.handshake import HandshakeRefused, say_hello
+from trioflow.comm.liveness import loop_lag
 from trioflow.comm.network import Network
 from trioflow.comm.schema import Record
 from trioflow.errors import AuthenticationError, CommClosedError, ProtocolError
@@ -264,12 +265,15 @@ class ConnectionPool:
             link.ready.set()
 
     async def _watch(self, conn: Connection, requests: Requests, address: str) -> None:
-        """Close the link when the peer owes an answer and has gone silent,
-        or when nobody has used it for half the servers' idle timeout."""
+        """Close the link when the peer owes an answer and has gone silent
+        (for `peer_timeout` of our loop's responsive time: a stall of our
+        own loop is not the peer's silence), or when nobody has used it for
+        half the servers' idle timeout."""
         unused_after = self.idle_timeout / 2
+        lag = loop_lag()
         while True:
             if requests.waiting_since is not None:
-                deadline = max(conn.last_received, requests.waiting_since) + self.peer_timeout
+                deadline = lag.deadline(max(conn.last_received, requests.waiting_since), self.peer_timeout)
                 if trio.current_time() >= deadline:
                     await conn.aclose(f"no answer for {self.peer_timeout:g} s (peer_timeout)")
                     return

@@ -83,7 +83,10 @@ def _violations(state: SchedulerState):  # noqa: C901 - a flat list of checks
                 yield f"{where}: wanted by {client!r}, which does not list it"
         needed = bool(ts.who_wants or ts.waiters)
         value_needed = bool(ts.waiters) or any(c not in ts.delivered for c in ts.who_wants)
-        if ts.state is S.RELEASED and value_needed:
+        awaited = key in state.awaiting_holders and state.recovery_open
+        if ts.state is S.RELEASED and value_needed and not awaited:
+            # (Resubmitted scattered data waits, released, for a worker to
+            # bring it back while the recovery window is open.)
             yield f"{where}: INV-NEEDED released although its value is needed"
         if not set(ts.delivered) <= set(ts.who_wants):
             yield f"{where}: delivered to {sorted(ts.delivered)}, not all of whom hold it"
@@ -182,6 +185,12 @@ def _violations(state: SchedulerState):  # noqa: C901 - a flat list of checks
         for address in [*orphan.holders, orphan.running_on]:
             if address is not None and address not in state.workers:
                 yield f"orphan {key!r} names dead worker {address}"
+    # Resubmitted scattered data that no worker has held since.
+    for key in state.awaiting_holders:
+        ts = state.tasks.get(key)
+        allowed = (S.RELEASED, S.LOST) if state.recovery_open else (S.LOST,)
+        if ts is None or ts.has_lineage or ts.state not in allowed:
+            yield f"awaited holder of {key!r} is stale ({ts!r}, recovery open: {state.recovery_open})"
     for key, address in state.recovering_runs.items():
         ts = state.tasks.get(key)
         if ts is None or ts.state not in (S.WAITING, S.QUEUED, S.NO_WORKER) or address not in state.workers:

@@ -39,8 +39,60 @@ IN_PROGRESS = frozenset(
 FAILED = frozenset({TaskState.ERRED, TaskState.LOST})
 
 
+class _NoEntries(dict):
+    """The one, always empty, stand-in for a task's dict until it has an entry.
+
+    A scheduler holds a record per task, a hundred thousand of them pending
+    at once; most of their eight dicts stay empty for life (a root task has
+    no dependencies, dependents, waiters...), and an empty dict is 64 bytes.
+    So a record's dicts start as this shared object, on which reading,
+    iterating, `pop` with a default, `clear` and `del` (a `KeyError`) work
+    as on any empty dict; only a write needs a dict of the task's own, made
+    by `SchedulerTask.own`. Every way of writing raises here, so a write
+    that forgot to ask for one fails loudly instead of filling the dict
+    every task shares.
+    """
+
+    __slots__ = ()
+
+    def _shared(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("a task's shared empty dict cannot be written: use SchedulerTask.own(name)")
+
+    __setitem__ = setdefault = update = __ior__ = popitem = _shared
+
+
+NO_ENTRIES: dict = _NoEntries()
+
+
+# Submissions a scheduler numbers; far more than it will ever see.
+_SUBMISSIONS = 1 << 64
+
+
+def task_priority(user_priority: int, submitted: int) -> int:
+    """The scheduler's priority of a task: lower runs first.
+
+    One int that orders like the pair (-user_priority, submitted), so the
+    user's priority comes first and, within it, earlier work finishes first.
+    An int and not that pair because every pending task keeps one, and W8
+    counts its bytes; `wire_priority` gives the pair back for the worker.
+    """
+    return -user_priority * _SUBMISSIONS + submitted
+
+
+def wire_priority(priority: int) -> tuple[int, int]:
+    """The pair (-user_priority, submitted) a `task_priority` stands for."""
+    return divmod(priority, _SUBMISSIONS)
+
+
 class SchedulerTask:
-    """What the scheduler knows about one key."""
+    """What the scheduler knows about one key.
+
+    Memory: the dicts below start as the shared `NO_ENTRIES` and become a
+    dict of the task's own at their first entry (`own`); `priority` is one
+    int (`task_priority`). With the key kept once (the records, the
+    clients' wants and the queue share the task's key string), a pending
+    task costs the scheduler under 1,000 bytes (W8, benchmarks/README.md).
+    """
 
     __slots__ = (
         "key",
@@ -74,7 +126,7 @@ class SchedulerTask:
         self,
         key: str,
         run_spec: Any,
-        priority: tuple[int, ...],
+        priority: int,
         retries: int = 0,
         restrictions: tuple[str, ...] | None = None,
         loose: bool = False,
@@ -86,8 +138,9 @@ class SchedulerTask:
         self.prefix = key_prefix(key)
         # What a worker runs; None for scattered data, which has no lineage.
         self.run_spec = run_spec
-        # Lower runs first: (-user priority, submission number), so the
-        # user's priority comes first and earlier work finishes first.
+        # Lower runs first: one int that orders like (-user priority,
+        # submission number), so the user's priority comes first and earlier
+        # work finishes first (`task_priority`).
         self.priority = priority
         self.retries_left = retries
         # The only workers allowed to run it (None: any); with `loose`, the
@@ -98,22 +151,23 @@ class SchedulerTask:
         self.resources = resources
         self.state = TaskState.RELEASED
         # Ordered dicts used as sets: iteration order must not depend on
-        # hash() of strings (design.md §3 rule 6).
-        self.dependencies: dict[str, SchedulerTask] = {}
-        self.dependents: dict[str, SchedulerTask] = {}
+        # hash() of strings (design.md §3 rule 6). Each starts as the shared
+        # `NO_ENTRIES`; writers ask for the task's own first (`own`).
+        self.dependencies: dict[str, SchedulerTask] = NO_ENTRIES
+        self.dependents: dict[str, SchedulerTask] = NO_ENTRIES
         # Invariant: only while WAITING; exactly the dependencies not available.
-        self.waiting_on: dict[str, None] = {}
+        self.waiting_on: dict[str, None] = NO_ENTRIES
         # Invariant: the dependents in IN_PROGRESS states (they need our value).
-        self.waiters: dict[str, None] = {}
+        self.waiters: dict[str, None] = NO_ENTRIES
         # Clients holding a future for this key. Invariant: never forgotten
         # while non-empty.
-        self.who_wants: dict[str, None] = {}
+        self.who_wants: dict[str, None] = NO_ENTRIES
         # The clients of `who_wants` that got the value itself with the
         # report of its completion (small values): losing every copy in the
         # cluster loses nothing they need. Invariant: a subset of who_wants.
-        self.delivered: dict[str, None] = {}
+        self.delivered: dict[str, None] = NO_ENTRIES
         # Invariant: non-empty iff MEMORY; every holder is a live worker.
-        self.who_has: dict[str, None] = {}
+        self.who_has: dict[str, None] = NO_ENTRIES
         # Invariant: set iff PROCESSING, and that worker lists this task.
         self.processing_on: str | None = None
         # True once the worker said it started executing this assignment.
@@ -129,11 +183,20 @@ class SchedulerTask:
         self.replicas_wanted = 1
         # Workers asked to fetch a copy that has not arrived yet.
         # Invariant: disjoint from who_has; every entry is a live worker.
-        self.replicas_pending: dict[str, None] = {}
+        self.replicas_pending: dict[str, None] = NO_ENTRIES
 
     @property
     def has_lineage(self) -> bool:
         return self.run_spec is not None
+
+    def own(self, name: str) -> dict:
+        """The task's dict `name`, made its own first if it is still the
+        shared empty one: call before writing an entry into it."""
+        entries = getattr(self, name)
+        if entries is NO_ENTRIES:
+            entries = {}
+            setattr(self, name, entries)
+        return entries
 
     def __repr__(self) -> str:
         return f"<SchedulerTask {self.key!r} {self.state.value}>"

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import operator
 from collections.abc import Callable, Iterable
 
 from trioflow.core.durations import TaskDurations, key_prefix
@@ -73,6 +74,7 @@ from trioflow.core.scheduler_records import (
     Orphan,
     SchedulerTask,
     SchedulerWorker,
+    task_priority,
 )
 from trioflow.core.scheduler_transitions import (
     ERRED,
@@ -92,6 +94,8 @@ from trioflow.core.scheduler_transitions import (
 from trioflow.core.stealing import PendingSteal, WorkStealing
 
 __all__ = ["TRANSITIONS", "InvalidTransition", "SchedulerState"]
+
+_STATE_OF = operator.attrgetter("state")
 
 
 class SchedulerState(TaskTransitions, WorkStealing):
@@ -131,7 +135,7 @@ class SchedulerState(TaskTransitions, WorkStealing):
         # Root tasks waiting for capacity: a heap of (priority, key). Entries
         # whose task left QUEUED are skipped when popped (lazy deletion), so
         # releasing a queued task costs nothing here.
-        self.queued: list[tuple[tuple[int, ...], str]] = []
+        self.queued: list[tuple[int, str]] = []
         # Tasks whose restrictions name no live worker.
         self.unrunnable: dict[str, None] = {}
         # Keys a client asked to keep more than one copy of.
@@ -147,6 +151,15 @@ class SchedulerState(TaskTransitions, WorkStealing):
         # reconnecting client has resubmitted, since another may hold them.
         self.recovery_open = True
         self.unjudged: dict[str, None] = {}
+        # Scattered keys whose record a client's resubmission made and that
+        # no worker has held since. While the recovery window is open they
+        # wait, released, for a worker to bring them back (a client may
+        # reconnect before the workers do); once it has closed they are
+        # lost, and a worker that still brings one back is believed: nothing
+        # here contradicts it (docs/security.md, "Integrity").
+        # Invariant: each has a record without lineage; released only while
+        # the window is open, else lost (a holder takes it out).
+        self.awaiting_holders: dict[str, None] = {}
         # (key, from, to, stimulus_id) of recent transitions, for debugging.
         self.story: collections.deque[tuple[str, str, str, str]] = collections.deque(
             maxlen=story_length
@@ -239,6 +252,12 @@ class SchedulerState(TaskTransitions, WorkStealing):
         """Whether a task record exists for `key`."""
         return key in self.tasks
 
+    def awaits_holder(self, key: str) -> bool:
+        """Whether `key` is scattered data a client resubmitted and no
+        worker has held since (a worker's claim to hold it contradicts
+        nothing this scheduler knows)."""
+        return key in self.awaiting_holders
+
     def wants(self, client: str, key: str) -> bool:
         """Whether `client` holds a future for `key`."""
         return key in self.clients.get(client, ())
@@ -262,10 +281,10 @@ class SchedulerState(TaskTransitions, WorkStealing):
         return out
 
     def count_by_state(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for ts in self.tasks.values():
-            counts[ts.state.value] = counts.get(ts.state.value, 0) + 1
-        return counts
+        # Counted in C (a Counter over a map): a client polling this while
+        # the scheduler holds 100,000 tasks costs it a few ms, not tens.
+        counts = collections.Counter(map(_STATE_OF, self.tasks.values()))
+        return {state.value: n for state, n in counts.items()}
 
     # -------------------------------------------------- client events --
 
@@ -293,7 +312,7 @@ class SchedulerState(TaskTransitions, WorkStealing):
             ts = SchedulerTask(
                 spec.key,
                 spec.run_spec,
-                priority=(-spec.priority, self._submitted),
+                priority=task_priority(spec.priority, self._submitted),
                 retries=spec.retries,
                 restrictions=spec.workers,
                 loose=spec.loose and spec.workers is not None,
@@ -312,8 +331,8 @@ class SchedulerState(TaskTransitions, WorkStealing):
                     # (or has forgotten): its data is lost for this task.
                     ts.failure, ts.failure_origin = DataLost(dep_key), dep_key
                     continue
-                ts.dependencies[dep_key] = dep
-                dep.dependents[ts.key] = ts
+                ts.own("dependencies")[dep_key] = dep
+                dep.own("dependents")[ts.key] = ts
         for ts in new:
             orphan = self.orphans.pop(ts.key, None)
             if orphan is not None:
@@ -322,8 +341,10 @@ class SchedulerState(TaskTransitions, WorkStealing):
             ts = self.tasks.get(key)
             if ts is None:
                 continue
-            ts.who_wants[ev.client] = None
-            wanted[key] = None
+            ts.own("who_wants")[ev.client] = None
+            # The task's own key string: the one decoded from `wanted` is a
+            # second copy of it (90 bytes a task for nothing).
+            wanted[ts.key] = None
             if ts.state is MEMORY:
                 self._report_finished(ev.client, ts)
             elif ts.state in FAILED:
@@ -340,8 +361,12 @@ class SchedulerState(TaskTransitions, WorkStealing):
                 self._transitions({ts.key: ERRED})
             elif not ts.has_lineage:
                 # Scattered data resubmitted after a scheduler restart that
-                # no surviving worker holds: it cannot be recomputed.
-                self._transitions({ts.key: LOST})
+                # no surviving worker has brought back: it cannot be
+                # recomputed. A worker may still bring it while the recovery
+                # window is open (whoever reconnects first); then it is lost.
+                self.awaiting_holders[ts.key] = None
+                if not self.recovery_open:
+                    self._transitions({ts.key: LOST})
             elif self._is_needed(ts):
                 self._transitions({ts.key: WAITING})
             elif ts.state is RELEASED and not ts.dependents:
@@ -371,6 +396,12 @@ class SchedulerState(TaskTransitions, WorkStealing):
 
     def _on_recovery_ended(self, ev: RecoveryEnded) -> None:
         self.recovery_open = False
+        # Resubmitted scattered data no worker brought back in time is lost
+        # (and what needs it errs) before the values brought back are
+        # judged: an input of an erred task is not needed any more.
+        self._transitions(
+            {key: LOST for key in self.awaiting_holders if self.tasks[key].state is RELEASED}
+        )
         unjudged, self.unjudged = self.unjudged, {}
         for key in unjudged:
             self._judge_adopted(key)
@@ -396,6 +427,7 @@ class SchedulerState(TaskTransitions, WorkStealing):
         wanted = self.clients.get(ev.client, {})
         recs: Recommendations = {}
         seen: dict[str, None] = {}
+        failure = Cancelled(ev.reason)  # one record for every key of the event
         stack = [self.tasks[k] for k in ev.keys if k in self.tasks]
         while stack:
             ts = stack.pop()
@@ -407,7 +439,7 @@ class SchedulerState(TaskTransitions, WorkStealing):
                 del ts.who_wants[ev.client]
                 ts.delivered.pop(ev.client, None)
                 wanted.pop(ts.key, None)
-                self._emit(ReportErred(self._stimulus_id, ev.client, ts.key, Cancelled(ev.reason), ts.key))
+                self._emit(ReportErred(self._stimulus_id, ev.client, ts.key, failure, ts.key))
                 self._recommend_release_if_unneeded(ts, recs)
         self._transitions(recs)
 
@@ -418,14 +450,14 @@ class SchedulerState(TaskTransitions, WorkStealing):
             ts = self.tasks.get(key)
             if ts is None:
                 self._submitted += 1
-                ts = self.tasks[key] = SchedulerTask(key, None, priority=(0, self._submitted))
-            ts.who_wants[ev.client] = None
+                ts = self.tasks[key] = SchedulerTask(key, None, priority=task_priority(0, self._submitted))
+            ts.own("who_wants")[ev.client] = None
             wanted[key] = None
             if ts.state is MEMORY:
                 for ws in live:
                     self._add_replica(ts, ws)
                 self._report_finished(ev.client, ts)
-            elif ts.state is RELEASED and live:
+            elif ts.state is RELEASED and live and key not in self.awaiting_holders:
                 # New (or only lineage): the scattered value is its value.
                 self._log(ts, MEMORY)
                 ts.state, ts.nbytes = MEMORY, nbytes
@@ -433,8 +465,10 @@ class SchedulerState(TaskTransitions, WorkStealing):
                     self._add_replica(ts, ws)
                 for client in ts.who_wants:
                     self._report_finished(client, ts)
-            elif ts.state is LOST and live:
-                # Lost data placed again: everyone who holds it hears it is back.
+            elif ts.state in (RELEASED, LOST) and live:
+                # Lost data placed again, or resubmitted data nobody had
+                # brought back yet: everyone who holds it hears it is back,
+                # and what waits on it runs.
                 self._transitions({}, first=(ts, MEMORY, {"worker": live[0], "nbytes": nbytes}))
                 for ws in live[1:]:
                     self._add_replica(ts, ws)
@@ -472,7 +506,7 @@ class SchedulerState(TaskTransitions, WorkStealing):
                 orphan.nbytes = nbytes
             elif ts.state is MEMORY:
                 self._add_replica(ts, ws)
-            elif ts.state in IN_PROGRESS or ts.state is LOST:
+            elif ts.state in IN_PROGRESS or ts.state is LOST or key in self.awaiting_holders:
                 # The value we were waiting for already exists: take it.
                 self._transition(ts, MEMORY, recs, worker=ws, nbytes=nbytes)
             else:
@@ -735,6 +769,7 @@ class SchedulerState(TaskTransitions, WorkStealing):
         self.orphans.clear()
         self.recovering_runs.clear()
         self.unjudged.clear()
+        self.awaiting_holders.clear()
 
     def _on_keys_fired_and_forgotten(self, ev: KeysFiredAndForgotten) -> None:
         """The pseudo-client FIRE_AND_FORGET holds each key still in progress
@@ -746,7 +781,7 @@ class SchedulerState(TaskTransitions, WorkStealing):
         for key in ev.keys:
             ts = self.tasks.get(key)
             if key in held and ts is not None and ts.state in IN_PROGRESS | {RELEASED}:
-                ts.who_wants[FIRE_AND_FORGET] = None
+                ts.own("who_wants")[FIRE_AND_FORGET] = None
                 fired[key] = None
                 if ts.state is RELEASED:
                     # Its client had the value (a small one), but the

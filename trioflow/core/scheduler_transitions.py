@@ -56,6 +56,7 @@ from trioflow.core.scheduler_records import (
     SchedulerTask,
     SchedulerWorker,
     TaskState,
+    wire_priority,
 )
 
 RELEASED = TaskState.RELEASED
@@ -83,11 +84,12 @@ class TaskTransitions:
     workers: dict[str, SchedulerWorker]
     clients: dict[str, dict[str, None]]
     idle: dict[str, None]
-    queued: list[tuple[tuple[int, ...], str]]
+    queued: list[tuple[int, str]]
     unrunnable: dict[str, None]
     replicated: dict[str, None]
     orphans: dict[str, Orphan]
     recovering_runs: dict[str, str]
+    awaiting_holders: dict[str, None]
     story: collections.deque[tuple[str, str, str, str]]
     allowed_failures: int
     _stimulus_id: str
@@ -110,13 +112,19 @@ class TaskTransitions:
         more. A recommendation can go stale while it waits its turn (a later
         transition made the task needed again, or forgotten); it is checked
         against the task as it is *now*.
+
+        Cost: constant per recommendation. They wait in an `OrderedDict`,
+        whose ``popitem(last=False)`` takes the oldest at once; taking the
+        first key of a plain dict (``next(iter(recs))``) skips every entry
+        deleted before it, which made releasing or cancelling n tasks cost
+        n * n / 2 steps (100,000 cancelled futures: seconds).
         """
+        recs = collections.OrderedDict(recs)
         if first is not None:
             ts, target, kwargs = first
             self._transition(ts, target, recs, **kwargs)
         while recs:
-            key = next(iter(recs))
-            target = recs.pop(key)
+            key, target = recs.popitem(last=False)
             ts = self.tasks.get(key)
             if ts is None:
                 continue
@@ -125,6 +133,11 @@ class TaskTransitions:
                 # is needed now, not when the recommendation was made.
                 target = self._target_for_lost_value(ts)
             elif target in (RELEASED, FORGOTTEN) and self._keeps(ts):
+                # Stale: needed again since. This recommendation may have
+                # replaced one still due (a ready task's "-> processing"):
+                # recommend that again, or the task would wait for ever
+                # (seed 805 of the chaos lab, tests/sim/test_regressions.py).
+                self._recommend_due_move(ts, recs)
                 continue
             elif target is FORGOTTEN and (ts.dependents or ts.who_wants):
                 continue
@@ -164,10 +177,12 @@ class TaskTransitions:
                 recs[ts.key] = ERRED
                 return
         for dep in ts.dependencies.values():
-            dep.waiters[ts.key] = None
+            dep.own("waiters")[ts.key] = None
             if not self._is_available(dep):
-                ts.waiting_on[dep.key] = None
-                if dep.state is RELEASED:
+                ts.own("waiting_on")[dep.key] = None
+                if dep.state is RELEASED and dep.has_lineage:
+                    # (Scattered data never waits: a worker brings it back
+                    # after a scheduler restart, or it is lost.)
                     recs.setdefault(dep.key, WAITING)
         if not ts.waiting_on:
             recs[ts.key] = PROCESSING
@@ -222,6 +237,7 @@ class TaskTransitions:
         # taken from: either way, cancel any other run.
         self._leave_placement(ts, cancel=ts.processing_on != worker.address)
         self.recovering_runs.pop(ts.key, None)
+        self.awaiting_holders.pop(ts.key, None)
         ts.state, ts.nbytes = MEMORY, nbytes
         ts.failure = ts.failure_origin = None
         ts.waiting_on.clear()
@@ -306,6 +322,7 @@ class TaskTransitions:
         ts.state = FORGOTTEN
         del self.tasks[ts.key]
         self.replicated.pop(ts.key, None)
+        self.awaiting_holders.pop(ts.key, None)
         for dep in ts.dependencies.values():
             dep.dependents.pop(ts.key, None)
             dep.waiters.pop(ts.key, None)
@@ -331,7 +348,11 @@ class TaskTransitions:
 
     def _value_needed(self, ts: SchedulerTask) -> bool:
         """Needed by work in progress or by a client that lacks the value."""
-        return bool(ts.waiters) or any(client not in ts.delivered for client in ts.who_wants)
+        if ts.waiters:
+            return True
+        if not ts.delivered:  # (the common case, asked once per task released or cancelled)
+            return bool(ts.who_wants)
+        return any(client not in ts.delivered for client in ts.who_wants)
 
     @staticmethod
     def _is_available(ts: SchedulerTask) -> bool:
@@ -370,6 +391,15 @@ class TaskTransitions:
             return RELEASED  # its clients have the value; lineage kept
         return FORGOTTEN
 
+    def _recommend_due_move(self, ts: SchedulerTask, recs: Recommendations) -> None:
+        """A kept task goes where its inputs and its need say: a waiting task
+        with every input here to placement, a released one whose value is
+        needed to waiting."""
+        if ts.state is WAITING and not ts.waiting_on:
+            recs.setdefault(ts.key, PROCESSING)
+        elif ts.state is RELEASED and ts.has_lineage and self._value_needed(ts):
+            recs.setdefault(ts.key, WAITING)
+
     def _stop_waiting(self, ts: SchedulerTask, recs: Recommendations) -> None:
         """`ts` no longer needs its inputs' values: they may be released."""
         for dep in ts.dependencies.values():
@@ -381,7 +411,7 @@ class TaskTransitions:
         for key in ts.waiters:
             dependent = self.tasks[key]
             if dependent.state is WAITING:
-                dependent.waiting_on[ts.key] = None
+                dependent.own("waiting_on")[ts.key] = None
             elif dependent.state in IN_PROGRESS:
                 recs.setdefault(key, WAITING)
 
@@ -472,7 +502,7 @@ class TaskTransitions:
                 ws.address,
                 ts.key,
                 ts.run_spec,
-                ts.priority,
+                wire_priority(ts.priority),
                 who_has={d.key: tuple(d.who_has) for d in deps},
                 nbytes={d.key: d.nbytes for d in deps},
             )
@@ -517,7 +547,7 @@ class TaskTransitions:
             self._transitions({key: PROCESSING})
 
     def _add_replica(self, ts: SchedulerTask, ws: SchedulerWorker) -> None:
-        ts.who_has[ws.address] = None
+        ts.own("who_has")[ws.address] = None
         ws.has_what[ts.key] = None
         if ts.replicas_pending.pop(ws.address, 0) is None:
             del ws.replicating[ts.key]
@@ -550,7 +580,7 @@ class TaskTransitions:
         # A client keeps the value of the latest report only: `delivered`
         # follows what it was last told.
         if with_value:
-            ts.delivered[client] = None
+            ts.own("delivered")[client] = None
         else:
             ts.delivered.pop(client, None)
         self._emit(ReportFinished(self._stimulus_id, client, ts.key, tuple(ts.who_has), with_value))
@@ -587,7 +617,7 @@ class TaskTransitions:
         ]
         candidates.sort(key=lambda ws: len(ws.has_what))
         for ws in candidates[:missing]:
-            ts.replicas_pending[ws.address] = None
+            ts.own("replicas_pending")[ws.address] = None
             ws.replicating[ts.key] = None
             self._emit(
                 AcquireReplicas(self._stimulus_id, ws.address, {ts.key: tuple(ts.who_has)}, {ts.key: ts.nbytes})
@@ -599,6 +629,7 @@ class TaskTransitions:
 _T = TaskTransitions
 TRANSITIONS: dict[tuple[TaskState, TaskState], Callable[..., None]] = {
     (RELEASED, WAITING): _T._released_to_waiting,
+    (RELEASED, MEMORY): _T._to_memory,  # resubmitted scattered data a worker brings back
     (RELEASED, LOST): _T._to_lost,
     (RELEASED, ERRED): _T._to_erred,
     (RELEASED, FORGOTTEN): _T._to_forgotten,

@@ -4,6 +4,7 @@
     trioflow chaos --seed 21 --print-trace    # replay one run, print its trace
     trioflow chaos --seed 21 --trace run.json # ...or write it for ui.perfetto.dev
     trioflow chaos --seeds 20 --json      # the summary as one JSON object
+    trioflow chaos --real --seeds 3       # the real processes under real faults
 
 The exit status is 1 when any run broke an oracle; the summary names each
 failing seed and how to replay it. Only this module reads a wall clock,
@@ -20,9 +21,11 @@ from typing import Any
 from trioflow.cli import wall_seconds
 
 DEFAULT_SEEDS = 100
+DEFAULT_REAL_SEEDS = 3
 
 
 def _mix(text: str) -> dict[str, float]:
+    """A mix of the simulator's fault kinds (the real ones are checked in `run_chaos`)."""
     from trioflow.sim.faults import FAULT_KINDS
 
     mix: dict[str, float] = {}
@@ -47,6 +50,16 @@ def _plan(text: str) -> list:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _gaps(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX in seconds, got {text!r}") from None
+    if not 0 <= low <= high:
+        raise argparse.ArgumentTypeError(f"expected 0 <= MIN <= MAX, got {text!r}")
+    return low, high
+
+
 def _count(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -67,11 +80,25 @@ def add_chaos_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
-        "--seeds", type=_count, metavar="N", help=f"run seeds FIRST..FIRST+N-1 (default {DEFAULT_SEEDS})"
+        "--seeds", type=_count, metavar="N",
+        help=f"run seeds FIRST..FIRST+N-1 (default {DEFAULT_SEEDS}; {DEFAULT_REAL_SEEDS} with --real)",
     )
     which.add_argument("--seed", type=int, metavar="N", help="replay the run of one seed")
     parser.add_argument("--first-seed", type=int, default=0, metavar="N", help="first seed of --seeds (default 0)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    parser.add_argument(
+        "--real", action="store_true",
+        help="run the real processes (a scheduler, nannies and workers started from the command line) "
+        "under real faults: SIGKILL, SIGSTOP/SIGCONT, scheduler kill-and-restart, and link cuts between "
+        "network namespaces where those are available (root and iproute2)",
+    )
+    parser.add_argument(
+        "--no-netns", action="store_true", help="with --real: everything on loopback, no link cuts"
+    )
+    parser.add_argument(
+        "--gaps", type=_gaps, metavar="MIN,MAX",
+        help="with --real: seconds between one fault healing and the next (default 0.2,1)",
+    )
     parser.add_argument("--print-trace", action="store_true", help="with --seed: print the run's trace")
     parser.add_argument(
         "--trace", metavar="FILE", help="with --seed: write the trace as Chrome/Perfetto trace-event JSON"
@@ -87,9 +114,9 @@ def add_chaos_parser(subparsers: Any) -> argparse.ArgumentParser:
     shape.add_argument("--tasks", type=int, default=200, metavar="N", help="tasks per workload (default 200)")
     shape.add_argument("--faults", type=_count, default=5, metavar="N", help="faults per run (default 5)")
     shape.add_argument(
-        "--mix", type=_mix, metavar="KIND=W,...",
+        "--mix", metavar="KIND=W,...",
         help="fault kinds and weights (default crash=3,restart=1,hang=2,partition=1,reset=1,"
-        "scheduler_restart=1)",
+        "scheduler_restart=1; with --real: kill=4,stop=2,scheduler=1,cut=2)",
     )
     return parser
 
@@ -104,9 +131,19 @@ def run_chaos(args: argparse.Namespace) -> int:
     if args.workers < 1 or args.threads < 1 or args.tasks < 1:
         print("trioflow chaos: --workers, --threads and --tasks must be at least 1", file=sys.stderr)
         return 2
+    if args.real:
+        return _run_real(args)
+    if args.no_netns or args.gaps:
+        print("trioflow chaos: --no-netns and --gaps need --real", file=sys.stderr)
+        return 2
+    try:
+        mix = _mix(args.mix) if args.mix else None
+    except argparse.ArgumentTypeError as exc:
+        print(f"trioflow chaos: {exc}", file=sys.stderr)
+        return 2
     settings = LabSettings(
         n_workers=args.workers, nthreads=args.threads, n_tasks=args.tasks, n_faults=args.faults,
-        **({"mix": args.mix} if args.mix else {}),
+        **({"mix": mix} if mix else {}),
     )
     if args.seed is not None:
         return _replay(args, settings)
@@ -114,12 +151,34 @@ def run_chaos(args: argparse.Namespace) -> int:
     return _sweep(args, settings, seeds)
 
 
-def _replay(args: argparse.Namespace, settings: Any) -> int:
+def _run_real(args: argparse.Namespace) -> int:
+    from trioflow.sim.real import RealSettings, parse_real_mix, run_real
+
+    if args.plan is not None or args.trace:
+        print("trioflow chaos: --plan and --trace are for the simulator, not --real", file=sys.stderr)
+        return 2
+    try:
+        mix = parse_real_mix(args.mix) if args.mix else None
+    except ValueError as exc:
+        print(f"trioflow chaos: {exc}", file=sys.stderr)
+        return 2
+    settings = RealSettings(
+        n_workers=args.workers, nthreads=args.threads, n_tasks=args.tasks, n_faults=args.faults,
+        use_netns=False if args.no_netns else None, **({"mix": mix} if mix else {}),
+        **({"gaps": args.gaps} if args.gaps else {}),
+    )
+    if args.seed is not None:
+        return _replay(args, settings, run=run_real)
+    count = DEFAULT_REAL_SEEDS if args.seeds is None else args.seeds
+    return _sweep(args, settings, range(args.first_seed, args.first_seed + count), run=run_real)
+
+
+def _replay(args: argparse.Namespace, settings: Any, run: Any = None) -> int:
     from trioflow.sim.faults import format_plan
     from trioflow.sim.lab import run_seed
 
     started = wall_seconds()
-    report = run_seed(args.seed, settings, plan=args.plan)
+    report = run(args.seed, settings) if run is not None else run_seed(args.seed, settings, plan=args.plan)
     wall = wall_seconds() - started
     if args.trace:
         report.trace.write_chrome_trace(args.trace)
@@ -143,14 +202,15 @@ def _replay(args: argparse.Namespace, settings: Any) -> int:
     return 0 if report.ok else 1
 
 
-def _sweep(args: argparse.Namespace, settings: Any, seeds: range) -> int:
+def _sweep(args: argparse.Namespace, settings: Any, seeds: range, run: Any = None) -> int:
     from trioflow.sim.lab import run_seed
 
+    run = run or run_seed
     reports = []
     progress = _Progress(len(seeds))
     started = wall_seconds()
     for seed in seeds:
-        report = run_seed(seed, settings)
+        report = run(seed, settings)
         reports.append(report)
         progress.step(failed=sum(not r.ok for r in reports))
     wall = wall_seconds() - started
@@ -159,7 +219,7 @@ def _sweep(args: argparse.Namespace, settings: Any, seeds: range) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        _print_summary(summary, reports)
+        _print_summary(summary, reports, real=args.real)
     return 1 if summary["failed_seeds"] else 0
 
 
@@ -207,17 +267,21 @@ def _summary(reports: list, wall: float, settings: Any) -> dict[str, Any]:
     }
 
 
-def _print_summary(summary: dict[str, Any], reports: list) -> None:
+def _print_summary(summary: dict[str, Any], reports: list, real: bool = False) -> None:
     runs = summary["runs"]
     print(
-        f"chaos lab: {runs} runs, {summary['workers']} workers x {summary['threads_per_worker']} threads, "
-        f"~{summary['tasks_per_run']} tasks and {summary['faults_per_run']} faults per run"
+        f"chaos {'(real processes)' if real else 'lab'}: {runs} runs, {summary['workers']} workers x "
+        f"{summary['threads_per_worker']} threads, ~{summary['tasks_per_run']} tasks and "
+        f"{summary['faults_per_run']} faults per run"
     )
-    print(
-        f"simulated {summary['sim_seconds']:.1f} s in {summary['wall_seconds']:.1f} s of wall time "
-        f"({summary['sim_seconds_per_wall_second']} simulated s per wall s, "
-        f"{summary['runs_per_minute']} runs per minute)"
-    )
+    if real:
+        print(f"{summary['wall_seconds']:.1f} s of wall time ({summary['runs_per_minute']} runs per minute)")
+    else:
+        print(
+            f"simulated {summary['sim_seconds']:.1f} s in {summary['wall_seconds']:.1f} s of wall time "
+            f"({summary['sim_seconds_per_wall_second']} simulated s per wall s, "
+            f"{summary['runs_per_minute']} runs per minute)"
+        )
     print(f"faults injected: {_counts(summary['faults']) or 'none'}")
     print(f"outcomes: {_counts(summary['outcomes'])}")
     steals = summary["steals"]
@@ -231,8 +295,12 @@ def _print_summary(summary: dict[str, Any], reports: list) -> None:
         print(f"  seed {report.seed}: {report.violations[0].splitlines()[0]}")
         if len(report.violations) > 1:
             print(f"    (and {len(report.violations) - 1} more)")
+    for report in failed:
+        for note in report.notes:
+            print(f"  seed {report.seed}: {note}")
     if failed:
-        print(f"replay one with: trioflow chaos --seed {failed[0].seed} --print-trace")
+        again = "--real " if real else ""
+        print(f"replay one with: trioflow chaos {again}--seed {failed[0].seed} --print-trace")
 
 
 def _counts(counts: dict[str, int]) -> str:

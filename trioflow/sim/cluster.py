@@ -17,7 +17,11 @@ are the fault kinds of `trioflow.sim.faults`.
 
 The cluster also *observes* the scheduler, for the oracles: after every
 membership event it notes how many worker deaths each task has witnessed
-(`witnessed_deaths`), which is what makes a `KilledWorker` legitimate.
+(`witnessed_deaths`), which is what makes a `KilledWorker` legitimate; and
+it keeps the run's `Ledger` (`trioflow.sim.ledger`): every worker lost and
+what it ran and held then, every failed fetch, every scattered key the
+scheduler declared lost and who held a copy at that moment, and what each
+worker had when the scheduler died.
 """
 
 from __future__ import annotations
@@ -28,12 +32,21 @@ import trio
 
 from trioflow.comm.auth import Credentials
 from trioflow.config import Config
-from trioflow.core.scheduler_events import WorkerConnected, WorkerDisconnected
+from trioflow.core.failures import DataLost
+from trioflow.core.scheduler_events import (
+    RecoveryEnded,
+    ReplicaMissing,
+    ReportErred,
+    WorkerConnected,
+    WorkerDisconnected,
+)
+from trioflow.core.scheduler_records import TaskState
 from trioflow.nanny import Nanny
 from trioflow.scheduler import Scheduler
 from trioflow.sim.determinism import derive_rng
-from trioflow.sim.faults import Fault
-from trioflow.sim.nodes import SimLauncher
+from trioflow.sim.faults import FAULT_KINDS, Fault
+from trioflow.sim.ledger import Ledger
+from trioflow.sim.nodes import SimLauncher, worker_keys
 
 if TYPE_CHECKING:
     from trioflow.sim.network import SimNetwork
@@ -89,6 +102,9 @@ class SimCluster:
         self.credentials = sim_credentials(seed)
         self.scheduler: Scheduler | None = None
         self.schedulers: list[Scheduler] = []
+        # The scheduler serving now (None while it is down): only its
+        # events go into the ledger, not those of one being torn down.
+        self._serving: Scheduler | None = None
         self._scheduler_scope: trio.CancelScope | None = None
         # When a crashed scheduler comes back (None: it is up).
         self._scheduler_back_at: float | None = None
@@ -96,6 +112,9 @@ class SimCluster:
         self.launchers: list[SimLauncher] = []
         # key -> the most worker deaths the scheduler saw it running through.
         self.witnessed_deaths: dict[str, int] = {}
+        self.ledger = Ledger()
+        # Scattered keys the scheduler holds as lost right now.
+        self._lost_now: set[str] = set()
         # Exceptions that escaped a node's serve (bugs), as messages.
         self.errors: list[str] = []
         self._nursery: trio.Nursery | None = None
@@ -157,7 +176,8 @@ class SimCluster:
 
         incarnation = len(self.schedulers) + 1
         address = await self._nursery.start(run, name=f"scheduler#{incarnation}")
-        self.scheduler, self._scheduler_scope = scheduler, scope
+        self.scheduler, self._scheduler_scope, self._serving = scheduler, scope, scheduler
+        self._lost_now.clear()
         self.schedulers.append(scheduler)
         self.trace.add(SCHEDULER_NODE, f"serving at {address} incarnation={incarnation}")
 
@@ -175,6 +195,7 @@ class SimCluster:
             durations=self.durations,
             trace=self.trace,
             credentials=self.credentials,
+            ledger=self.ledger,
         )
         node = f"nanny-{i}"
         nanny = Nanny(
@@ -198,18 +219,24 @@ class SimCluster:
         await self._nursery.start(run, name=node)
 
     def _observe(self, scheduler: Scheduler) -> None:
-        """Note the deaths each task witnesses, after every membership event.
+        """Watch the scheduler's core: what each event tells the oracles.
 
-        Reads the scheduler core's own count (`suspicious`), which only
-        grows; only the oracle uses it, to accept a `KilledWorker` for a
-        task that really was running on `allowed_failures` dying workers.
+        Reads the core's own count of the deaths each task witnessed
+        (`suspicious`, which only grows), for the KilledWorker oracle; and
+        writes the ledger's facts (module docstring), each taken from the
+        workers themselves at the moment of the event.
         """
         state = scheduler.state
         handle = state.handle
         deaths = self.witnessed_deaths
 
         def observed_handle(event):
+            serving = scheduler is self._serving
+            if serving:
+                self._before(state, event)
             out = handle(event)
+            if serving:
+                self._after(state, event, out)
             if isinstance(event, (WorkerConnected, WorkerDisconnected)):
                 for key, ts in state.tasks.items():
                     if ts.suspicious > deaths.get(key, 0):
@@ -218,11 +245,75 @@ class SimCluster:
 
         state.handle = observed_handle  # type: ignore[method-assign]
 
+    def _before(self, state, event) -> None:
+        now = trio.current_time()
+        if isinstance(event, (WorkerDisconnected, WorkerConnected)) and event.worker in state.workers:
+            # Its registration ends (a new one from the same address
+            # replaces it): whatever that worker runs or holds may be lost.
+            node = _node(event.worker)
+            how = "left the scheduler" if isinstance(event, WorkerDisconnected) else "replaced by a new registration"
+            keys = worker_keys(self._current_worker(node)) | set(state.worker_keys(event.worker))
+            self.ledger.worker_lost(node, keys, now, how)
+        elif isinstance(event, ReplicaMissing):
+            self.ledger.excuse([event.key], f"a fetch failed at {now:.3f} (reported by {event.worker})")
+
+    def _after(self, state, event, out) -> None:
+        now = trio.current_time()
+        if isinstance(event, WorkerConnected):
+            self.ledger.registered(_node(event.worker))
+        elif isinstance(event, RecoveryEnded):
+            back = {_node(a): worker_keys(self._current_worker(_node(a))) for a in state.workers}
+            self.ledger.recovery_ended(now, back)
+        for key in list(self._lost_now):
+            ts = state.tasks.get(key)
+            if ts is None or ts.state is not TaskState.LOST:
+                self._lost_now.discard(key)
+        # A report of LostData declares the data lost when the key has just
+        # become lost, or when the scheduler has no record of it at all; a
+        # report that repeats an old loss (a key lost earlier, a dependent
+        # inheriting the failure of an erred input) declares nothing new.
+        declared = {m.failure.key for m in out if isinstance(m, ReportErred) and isinstance(m.failure, DataLost)}
+        for key in sorted(declared):
+            ts = state.tasks.get(key)
+            if ts is not None and (ts.state is not TaskState.LOST or key in self._lost_now):
+                continue
+            if ts is not None:
+                self._lost_now.add(key)
+            self.ledger.data_lost(key, now, self._holders(key, state))
+
+    def _holders(self, key: str, state) -> tuple[tuple[str, str], ...]:
+        """Every live worker that offers a copy of `key`, and how it stands."""
+        out = []
+        for launcher in self.launchers:
+            handle = launcher.current
+            if handle is None or not handle.alive or handle.ending or handle.worker is None:
+                continue  # a process being killed is lost already
+            worker = handle.worker
+            if worker.state is None or key not in worker.state.memory() or key not in worker.data:
+                continue
+            node = _node(worker.address)
+            if worker.address in state.workers:
+                why = "registered, struck" if node in self.ledger.cut_off else "registered"
+            elif node in self.ledger.cut_off:
+                why = "cut off"
+            else:
+                why = "absent"
+            out.append((node, why))
+        return tuple(out)
+
+    def _current_worker(self, node: str):
+        launcher = self.launchers[int(node.split("-")[1])]
+        handle = launcher.current
+        return None if handle is None else handle.worker
+
     # -------------------------------------------------------------- faults --
 
     async def inject(self, fault: Fault) -> None:
         """Apply `fault` now; heal it `fault.duration` seconds later."""
         self.trace.add(fault.target, f"fault {fault}")
+        if FAULT_KINDS[fault.kind].target != "scheduler":
+            for node in fault.targets:
+                self.ledger.struck(node)
         await getattr(self, f"_inject_{fault.kind}")(fault)
 
     def _launcher(self, node: str) -> SimLauncher:
@@ -271,6 +362,10 @@ class SimCluster:
             self._scheduler_back_at = max(self._scheduler_back_at, back_at)
             return
         assert self._scheduler_scope is not None and self._nursery is not None
+        self._serving = None
+        self.ledger.scheduler_died(
+            trio.current_time(), {_node(w.address): worker_keys(w) for w in self.live_workers()}
+        )
         self.network.crash(SCHEDULER_NODE)
         self._scheduler_scope.cancel(reason="simulated scheduler crash")
         self._scheduler_back_at = back_at
@@ -294,3 +389,8 @@ class SimCluster:
 
         assert self._nursery is not None
         self._nursery.start_soon(later)
+
+
+def _node(address: str) -> str:
+    """``sim://worker-2:8802`` -> ``worker-2``."""
+    return address.split("//", 1)[-1].rsplit(":", 1)[0]

@@ -46,14 +46,11 @@ class FaultKind:
         target: "worker", "workers" (a group) or "scheduler".
         durations: (min, max) seconds the fault lasts; None if instantaneous
             (the system heals by itself: the nanny restarts the worker).
-        loses_workers: whether the fault may cost the cluster workers (and
-            the data they hold), for the `LostData` oracle.
     """
 
     name: str
     target: str
     durations: tuple[float, float] | None = None
-    loses_workers: bool = True
 
 
 FAULT_KINDS: dict[str, FaultKind] = {
@@ -65,7 +62,7 @@ FAULT_KINDS: dict[str, FaultKind] = {
         FaultKind("hang", "worker", (0.5, 6.0)),
         FaultKind("partition", "workers", (0.5, 6.0)),
         FaultKind("reset", "worker"),
-        FaultKind("scheduler_restart", "scheduler", (0.5, 4.0), loses_workers=False),
+        FaultKind("scheduler_restart", "scheduler", (0.5, 4.0)),
     )
 }
 

@@ -14,8 +14,11 @@ with autojump (a simulated minute of heartbeats costs milliseconds):
    healed): a future still pending then is a violation (a deadlock);
 4. lets the cluster settle, then runs the oracles (`trioflow.sim.oracles`):
    outcomes against sequential Python and the failure table, every worker
-   back, the invariants of scheduler and workers; then closes the client
-   and checks that everything was forgotten;
+   back, the invariants of scheduler and workers; fetches every value once
+   more and reads every worker's copies, and judges the run's ledger
+   (`trioflow.sim.ledger`: how often each task ran, each loss of scattered
+   data, every value delivered); then closes the client and checks that
+   everything was forgotten;
 5. returns a `RunReport` with the violations and the trace.
 
 Nothing here reads a wall clock; `trioflow.sim.cli` times runs from outside.
@@ -36,9 +39,17 @@ from trioflow.config import Config
 from trioflow.errors import CommClosedError
 from trioflow.sim.cluster import SimCluster
 from trioflow.sim.determinism import derive_rng, deterministic_scheduling
-from trioflow.sim.faults import DEFAULT_MIX, FAULT_KINDS, Fault, count_by_kind, last_heal, random_plan
+from trioflow.sim.faults import DEFAULT_MIX, Fault, count_by_kind, last_heal, random_plan
 from trioflow.sim.network import SimNetwork
-from trioflow.sim.oracles import Outcome, check_forgotten, check_outcomes, check_states
+from trioflow.sim.oracles import (
+    Outcome,
+    check_data_losses,
+    check_deliveries,
+    check_executions,
+    check_forgotten,
+    check_outcomes,
+    check_states,
+)
 from trioflow.sim.trace import Trace, logs_into
 from trioflow.sim.workload import FUNCTIONS, Ref, Workload, evaluate, generate
 
@@ -257,7 +268,7 @@ class _Run:
             healed_at = start + last_heal(self.plan)
             trace.add(CLIENT_NODE, "workload starts")
             nursery.start_soon(self._inject_faults, start)
-            collector = _Collector(client, futures, len(workload.keys), self.observed, trace)
+            collector = _Collector(client, futures, len(workload.keys), self.observed, trace, cluster.ledger)
             async with trio.open_nursery() as waiters:
                 with trio.move_on_at(healed_at + settings.liveness_bound) as liveness:
                     waiters.start_soon(collector.run, waiters)
@@ -281,12 +292,14 @@ class _Run:
                     self.observed,
                     witnessed_deaths=cluster.witnessed_deaths,
                     allowed_failures=settings.config.allowed_failures,
-                    workers_lost=sum(
-                        len(f.targets) for f in self.plan if FAULT_KINDS[f.kind].loses_workers
-                    ),
+                    declared_lost={loss.key for loss in cluster.ledger.data_losses},
                 )
             )
             await self._check_quiescent(max(trio.current_time(), healed_at))
+            await self._deliver_again(futures)
+            self.violations.extend(check_executions(workload, cluster.ledger))
+            self.violations.extend(check_data_losses(cluster.ledger))
+            self.violations.extend(check_deliveries(cluster.ledger))
         await self._check_forgotten()
 
     def _diagnose(self, futures: dict[str, Any], pending: list[str]) -> str:
@@ -334,13 +347,45 @@ class _Run:
         self.trace.add("lab", "checking states")
         self.violations.extend(check_states(scheduler, cluster.live_workers()))
 
+    async def _deliver_again(self, futures: dict[str, Any]) -> None:
+        """Once calm: every finished value fetched again, every worker's copy read.
+
+        Each goes into the ledger next to the value the collector fetched,
+        for `check_deliveries` (a value fetched again may come from another
+        worker, or from a recomputation).
+        """
+        assert self.cluster is not None
+        ledger = self.cluster.ledger
+        self.trace.add("lab", "fetching every value again")
+        with trio.move_on_after(FETCH_PATIENCE_S):
+            for key, future in futures.items():
+                if future.status == "finished":
+                    try:
+                        ledger.delivered(key, await future, "the client's fetch at the end")
+                    except Exception:  # noqa: BLE001 - lost meanwhile: no delivery to judge
+                        pass
+        for worker in self.cluster.live_workers():
+            if worker.state is not None:
+                for key in worker.state.memory():
+                    if key in worker.data:
+                        ledger.delivered(key, worker.data[key], f"the copy on {worker.address}")
+
     async def _check_forgotten(self) -> None:
-        """The client left: within `settle` seconds nothing may be kept anywhere."""
+        """The client left: within `settle` seconds nothing may be kept anywhere.
+
+        Except orphans: values a late worker brought back that no client
+        claimed are kept `orphan_timeout` seconds, by design (a client may
+        still resubmit them), then freed; while the scheduler has any, the
+        check waits for them to expire.
+        """
         cluster = self.cluster
         assert cluster is not None and cluster.scheduler is not None
-        with trio.move_on_after(self.settings.settle):
-            while check_forgotten(cluster.scheduler, cluster.live_workers()):
-                await trio.sleep(FORGET_POLL_S)
+        start = trio.current_time()
+        deadline = start + self.settings.settle
+        while check_forgotten(cluster.scheduler, cluster.live_workers()) and trio.current_time() < deadline:
+            if cluster.scheduler.state.orphans:
+                deadline = max(deadline, start + self.settings.config.orphan_timeout + self.settings.settle)
+            await trio.sleep(FORGET_POLL_S)
         self.trace.add("lab", "checking that everything was forgotten")
         self.violations.extend(check_forgotten(cluster.scheduler, cluster.live_workers()))
 
@@ -365,8 +410,11 @@ class _Collector:
     for any user. Failures are taken from the future itself.
     """
 
-    def __init__(self, client: AsyncClient, futures: dict[str, Any], total: int, observed: dict, trace: Trace):
+    def __init__(
+        self, client: AsyncClient, futures: dict[str, Any], total: int, observed: dict, trace: Trace, ledger: Any
+    ):
         self.client = client
+        self.ledger = ledger
         self.futures = futures
         self.total = total
         self.observed = observed
@@ -430,6 +478,7 @@ class _Collector:
     def _record(self, key: str, kind: str, what: Any) -> None:
         self.observed[key] = (kind, what)
         if kind == "value":
+            self.ledger.delivered(key, what, "the client's first fetch")
             self.trace.add(CLIENT_NODE, f"result {key} = {what!r}")
         else:
             self.trace.add(CLIENT_NODE, f"result {key} raised {type(what).__name__}: {what}")

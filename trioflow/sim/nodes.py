@@ -42,6 +42,7 @@ from trioflow.config import Config
 from trioflow.errors import CommClosedError, ProtocolError
 
 if TYPE_CHECKING:
+    from trioflow.sim.ledger import Ledger
     from trioflow.sim.network import SimNetwork
     from trioflow.sim.trace import Trace
     from trioflow.worker import Worker
@@ -83,6 +84,7 @@ class SimExecutor:
         rng: draws each task's duration.
         durations: (min, max) seconds a task takes.
         trace: where executions are recorded.
+        ledger: where each call of a task function is counted, if anywhere.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class SimExecutor:
         rng: random.Random,
         durations: tuple[float, float],
         trace: Trace,
+        ledger: Ledger | None = None,
     ):
         self.node = node
         self.handle = handle
@@ -100,6 +103,7 @@ class SimExecutor:
         self.rng = rng
         self.durations = durations
         self.trace = trace
+        self.ledger = ledger
 
     async def run(self, fn: Callable[[], Any]) -> Any:
         """Sleep the task's duration, then call `fn()`; a crash kills the worker.
@@ -116,12 +120,18 @@ class SimExecutor:
             try:
                 result = fn()
             except WorkerCrash:
+                self._count(_running_label)
                 self.trace.span(self.node, f"ran {_running_label} (crashed)", started, duration)
                 self.trace.add(self.node, f"crash by poison {_running_label}")
                 self.handle.kill(reason="poison")
                 await trio.sleep_forever()
+            self._count(_running_label)
             self.trace.span(self.node, f"ran {_running_label}", started, duration)
             return result
+
+    def _count(self, label: str | None) -> None:
+        if self.ledger is not None and label is not None:
+            self.ledger.ran(label, self.node, trio.current_time())
 
     async def run_now(self, fn: Callable[[], Any]) -> Any:
         """Call `fn()` at once (`Client.run`), inline."""
@@ -132,8 +142,11 @@ class SimExecutor:
 class SimWorkerHandle:
     """One incarnation of a simulated worker, as the nanny sees it."""
 
-    def __init__(self, node: str, incarnation: int, network: SimNetwork, trace: Trace):
+    def __init__(
+        self, node: str, incarnation: int, network: SimNetwork, trace: Trace, ledger: Ledger | None = None
+    ):
         self.node = node
+        self.ledger = ledger
         self.incarnation = incarnation
         self.network = network
         self.trace = trace
@@ -152,6 +165,11 @@ class SimWorkerHandle:
     @property
     def alive(self) -> bool:
         return self.exit_code is None
+
+    @property
+    def ending(self) -> bool:
+        """Killed or told to stop: still unwinding, but already gone."""
+        return self._ending_as is not None
 
     async def run(self, worker: Worker) -> None:
         """The "process": serve until the worker ends or is killed."""
@@ -181,6 +199,10 @@ class SimWorkerHandle:
                 code = self._ending_as
             self.exit_code = code
             self.trace.add(self.node, f"exited code={code} incarnation={self.incarnation}")
+            if self.ledger is not None:
+                self.ledger.worker_lost(
+                    self.node, worker_keys(worker), trio.current_time(), f"its process ended, code {code}"
+                )
             self._done.set()
 
     async def wait(self) -> int | None:
@@ -207,6 +229,13 @@ class SimWorkerHandle:
         if self.alive:
             self.kill(reason=f"still alive {grace:g} s after SIGTERM")
             await self._done.wait()
+
+
+def worker_keys(worker: Worker | None) -> set[str]:
+    """The keys a worker runs (in a thread, even a cancelled run) or holds."""
+    if worker is None or worker.state is None:
+        return set()
+    return set(worker.state.executing) | set(worker.data)
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -239,6 +268,7 @@ class SimLauncher:
         durations: (min, max) seconds a task takes.
         trace: the run's trace.
         credentials: the cluster's credentials, for the workers.
+        ledger: where runs and process ends are written down, if anywhere.
     """
 
     def __init__(
@@ -255,9 +285,11 @@ class SimLauncher:
         durations: tuple[float, float],
         trace: Trace,
         credentials: Credentials | None = None,
+        ledger: Ledger | None = None,
     ):
         self.index = index
         self.credentials = credentials
+        self.ledger = ledger
         self.node = f"worker-{index}"
         self.scheduler_address = scheduler_address
         self.port = port
@@ -279,7 +311,7 @@ class SimLauncher:
         from trioflow.worker import Worker
 
         incarnation = len(self.handles) + 1
-        handle = SimWorkerHandle(self.node, incarnation, self.network, self.trace)
+        handle = SimWorkerHandle(self.node, incarnation, self.network, self.trace, self.ledger)
         executor = SimExecutor(
             self.node,
             handle,
@@ -287,6 +319,7 @@ class SimLauncher:
             derive_rng(self.seed, self.node, incarnation, "durations"),
             self.durations,
             self.trace,
+            self.ledger,
         )
         worker = Worker(
             self.scheduler_address,

@@ -12,12 +12,19 @@ list means the run is correct. They encode design.md §1:
   - `KilledWorker` naming the poison task, or a task the scheduler saw
     running on `allowed_failures` workers that died (a legitimate victim
     of bad luck: that is the rule), if the key depends on it;
-  - `LostData` naming a scattered key it depends on, which was not
-    replicated (or lost more workers than it had copies);
+  - `LostData` naming a scattered key it depends on, which the scheduler
+    did declare lost (whether it was right to is `check_data_losses`'s
+    question);
   - `CancelledError` only after a `Client.restart()`.
 
   Anything else (`CommClosedError`, a wrong value, a missing outcome) is a
   violation.
+* `check_executions`: no key ran more often than the losses, failed
+  fetches and late workers that touched it (or its inputs, or its
+  dependents) allow.
+* `check_data_losses`: scattered data was declared lost only when every
+  worker that held a copy at that moment was lost.
+* `check_deliveries`: no key was delivered twice with different values.
 * `check_states`: the scheduler's and every live worker's invariants
   (`check_invariants`, `check_worker_invariants`), and that the scheduler's
   account of who holds what matches what the workers hold.
@@ -26,12 +33,13 @@ list means the run is correct. They encode design.md §1:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from trioflow.core.scheduler_invariants import InvariantViolation, check_invariants
 from trioflow.core.worker_invariants import check_worker_invariants
 from trioflow.errors import CancelledError, KilledWorker, LostData
+from trioflow.sim.ledger import Ledger
 from trioflow.sim.workload import Failure, SimUserError, Value, Workload
 
 # An outcome as the client saw it: ("value", v) or ("error", exception).
@@ -45,7 +53,7 @@ def check_outcomes(
     *,
     witnessed_deaths: Mapping[str, int],
     allowed_failures: int,
-    workers_lost: int,
+    declared_lost: Collection[str],
     restarts: int = 0,
 ) -> list[str]:
     """Check each observed outcome against the failure table (module docstring).
@@ -53,8 +61,8 @@ def check_outcomes(
     Args:
         witnessed_deaths: per key, the worker deaths the scheduler saw it
             running through.
-        workers_lost: how many worker losses the fault plan caused (an
-            upper bound), for replicated scattered data.
+        declared_lost: the scattered keys the scheduler declared lost
+            during the run (`Ledger.data_losses`).
         restarts: how many times the cluster was restarted (`Client.restart`).
     """
     problems = []
@@ -93,16 +101,78 @@ def check_outcomes(
             source = scattered.get(error.key)
             if source is None or error.key not in workload.ancestors(key):
                 problems.append(f"{key}: raised {described}, but {error.key!r} is not scattered data it uses")
-            elif source.replicas > 1 and workers_lost < source.replicas:
-                problems.append(
-                    f"{key}: raised {described}, but {error.key!r} had {source.replicas} copies "
-                    f"and the plan lost at most {workers_lost} workers"
-                )
+            elif error.key not in declared_lost:
+                problems.append(f"{key}: raised {described}, but the scheduler never declared {error.key!r} lost")
         elif isinstance(error, CancelledError):
             if not restarts:
                 problems.append(f"{key}: raised {described} without a cluster restart")
         else:
             problems.append(f"{key}: raised {described}, which the failure table never prescribes")
+    return problems
+
+
+def check_executions(workload: Workload, ledger: Ledger) -> list[str]:
+    """No key ran more often than its losses, failed fetches and late workers allow.
+
+    The bound (docs/chaos.md, "What every run checks"): a key's function
+    may be called once, plus once for each distinct event in the ledger's
+    excuses for the key, any key it depends on, or any key that depends on
+    it (a dependent lost after the key's own value was dropped, its client
+    having it, needs that value again): a worker lost while it
+    had one of them assigned, running or held; a failed fetch of one of
+    them; a scheduler restart after which no worker back by the end of the
+    recovery window ran or held one of them that had run before, or that
+    was running on a worker not back in time. (The lab's workload asks for
+    no retries and never restarts the cluster, which would each add one.)
+    """
+    problems = []
+    for key, runs in ledger.runs.items():
+        if key not in workload.by_key:
+            continue
+        related = {**workload.ancestors(key), **workload.descendants(key)}
+        excuses = sorted(ledger.excuses_for(related))
+        allowed = 1 + len(excuses)
+        if len(runs) > allowed:
+            where = ", ".join(f"{node} at {time:.3f}" for time, node in runs)
+            because = f" ({'; '.join(excuses[:3])}{'; ...' if len(excuses) > 3 else ''})" if excuses else ""
+            problems.append(
+                f"{key} ran {len(runs)} times ({where}), but {len(excuses)} loss(es), failed fetch(es) "
+                f"or late worker(s) on it, its inputs or its dependents allow at most {allowed}{because}"
+            )
+    return problems
+
+
+def check_data_losses(ledger: Ledger) -> list[str]:
+    """Scattered data was declared lost only when every worker holding a copy was lost.
+
+    "Lost" is the failure table's: the worker's process ended, or its link
+    to the scheduler was cut (a crash, restart, hang, partition or reset
+    struck it since it last registered, and it is not registered: or it
+    leaves in the very instant of the loss, as two workers cut off
+    together do one after the other). A holder the scheduler still counts
+    as registered, or one that simply had not come back yet after a
+    scheduler restart, was not lost.
+    """
+    problems = []
+    for loss in ledger.data_losses:
+        spared = ledger.spared(loss)
+        if spared:
+            held = ", ".join(f"{node} ({why})" for node, why in spared)
+            problems.append(f"{loss.key}: declared lost at {loss.time:.3f} while {held} held a copy")
+    return problems
+
+
+def check_deliveries(ledger: Ledger) -> list[str]:
+    """No key was delivered (to the client, or as a worker's copy) with two different values."""
+    problems = []
+    for key, seen in ledger.deliveries.items():
+        first_value, first_where = seen[0]
+        for value, where in seen[1:]:
+            if value != first_value:
+                problems.append(
+                    f"{key}: delivered as {first_value!r} ({first_where}) and as {value!r} ({where})"
+                )
+                break
     return problems
 
 

@@ -42,10 +42,13 @@ class Trace:
     def __init__(self) -> None:
         # (time, node, text, duration or None); a span ends at `time`.
         self.events: list[tuple[float, str, str, float | None]] = []
+        # Subtracted from Trio's clock by `add` (a real run's trace starts
+        # at 0, as a simulated one does).
+        self.origin = 0.0
 
     def add(self, node: str, text: str) -> None:
         """Record `text` about `node` now."""
-        self.events.append((trio.current_time(), node, text, None))
+        self.events.append((trio.current_time() - self.origin, node, text, None))
 
     def at(self, time: float, node: str, text: str) -> None:
         """Record `text` at a given virtual time (the network's callback)."""
@@ -99,7 +102,7 @@ class _TraceLogHandler(logging.Handler):
             return
         message = _ADDRESS_RE.sub("0x?", record.getMessage())
         component = record.name.rsplit(".", 1)[-1]
-        self.trace.at(now, f"log:{component}", f"{record.levelname} {message}")
+        self.trace.at(now - self.trace.origin, f"log:{component}", f"{record.levelname} {message}")
         if record.levelno >= logging.ERROR:
             details = ""
             if record.exc_info:

@@ -196,6 +196,23 @@ class Workload:
                 stack.extend(node.dependencies)
         return seen
 
+    def descendants(self, key: str) -> dict[str, None]:
+        """`key` and every key that depends on it, directly or not (ordered)."""
+        if not hasattr(self, "_dependents"):
+            self._dependents: dict[str, list[str]] = {}
+            for node in self.nodes:
+                for dep in node.dependencies:
+                    self._dependents.setdefault(dep, []).append(node.key)
+        seen: dict[str, None] = {}
+        stack = [key]
+        while stack:
+            k = stack.pop()
+            if k in seen:
+                continue
+            seen[k] = None
+            stack.extend(self._dependents.get(k, ()))
+        return seen
+
     def describe(self) -> str:
         shapes: dict[str, int] = {}
         for node in self.nodes:

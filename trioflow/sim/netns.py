@@ -1,4 +1,5 @@
-"""Hosts for cluster tests: Linux network namespaces joined by a virtual switch.
+"""Hosts for cluster tests and `trioflow chaos --real`: Linux network
+namespaces joined by a virtual switch.
 
 A network namespace has its own interfaces, addresses, routes and ports:
 to a process inside it, it is another machine on a LAN. `virtual_lan`
@@ -26,11 +27,17 @@ group, or a process the test forgot), deletes them (their veths go with them), a
 them is left. `remove_leftovers` does the same for the namespaces of an
 earlier run that crashed before its cleanup (its pid no longer runs).
 
+`entered(lan, host)` moves the calling *thread* into a host's namespace for
+a block (``setns(2)``): the sockets it opens meanwhile belong to that host.
+That is how `trioflow chaos --real` runs its client on a host of the LAN
+without any process of its own in it.
+
 Needs root and iproute2; `unavailable()` says why not, for a skip.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import shutil
@@ -188,6 +195,36 @@ class Lan:
 
     def exec_argv(self, host: str, argv: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.namespace(host), *argv]
+
+
+# setns(2)'s flag for a network namespace (linux/sched.h).
+_CLONE_NEWNET = 0x40000000
+
+
+@contextmanager
+def entered(lan: Lan, host: str) -> Iterator[None]:
+    """Run the block's thread in `host`'s network namespace (see the module docstring).
+
+    Sockets opened in the block stay in that namespace after it; other
+    threads are not moved (Trio's worker threads among them: the block
+    must resolve no names, which numeric addresses never need).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/var/run/netns/{lan.namespace(host)}", os.O_RDONLY)
+    try:
+        if libc.setns(target, _CLONE_NEWNET) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"setns into {lan.namespace(host)}: {os.strerror(error)}")
+        try:
+            yield
+        finally:
+            if libc.setns(own, _CLONE_NEWNET) != 0:  # pragma: no cover - the kernel refusing our own namespace
+                error = ctypes.get_errno()
+                raise OSError(error, f"setns back: {os.strerror(error)}")
+    finally:
+        os.close(target)
+        os.close(own)
 
 
 @contextmanager

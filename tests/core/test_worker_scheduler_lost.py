@@ -1,0 +1,87 @@
+"""The worker core when its scheduler goes away (`SchedulerLost`), exact outputs.
+
+A worker that loses its scheduler keeps its values and its running
+threads (it will list them when it registers again) and drops every task
+that has not started: the next scheduler sends what it still wants, and a
+task kept here as well would run a second time (docs/resilience.md, "The
+scheduler dies").
+"""
+
+from tests.core.conftest import sid
+from trioflow.core import WorkerState, WorkerTaskState
+from trioflow.core.worker_events import (
+    ComputeRequested,
+    ExecutionSucceeded,
+    GatherFailed,
+    GatherSucceeded,
+    ReplicasRequested,
+    SchedulerLost,
+    SendReplicaAdded,
+    SendReplicaMissing,
+    SendTaskFinished,
+)
+from trioflow.core.worker_invariants import check_worker_invariants
+
+ME, PEER, OTHER = "tcp://w1", "tcp://peer", "tcp://other"
+
+
+def compute(key, who_has=None, priority=(1,)):
+    who_has = who_has or {}
+    return ComputeRequested(sid(), key, f"run-{key}", priority, who_has, {k: 10 for k in who_has})
+
+
+def test_work_not_started_is_dropped_so_it_never_runs_twice(worker):
+    """Kills the mutant that skips `_forget` of WAITING and READY tasks in
+    `_on_scheduler_lost`: the READY task then starts when the thread frees
+    up, while the next scheduler assigns it again (it runs twice)."""
+    worker.handle(compute("running", priority=(1,)))
+    worker.handle(compute("ready", priority=(2,)))
+    worker.handle(compute("waiting", {"i": (PEER,)}, priority=(3,)))
+    assert worker.tasks["ready"].state is WorkerTaskState.READY
+    assert worker.tasks["waiting"].state is WorkerTaskState.WAITING
+    assert worker.handle(SchedulerLost(sid())) == []
+    # What the worker registers with next: the run in its thread, no value yet.
+    assert worker.running() == ["running"]
+    assert worker.memory() == {}
+    assert sorted(worker.tasks) == ["i", "running"]
+    out = worker.handle(ExecutionSucceeded(sid(), "running", 8))
+    assert out == [SendTaskFinished(out[0].stimulus_id, "running", 8)]
+    assert worker.memory() == {"running": 8}
+    check_worker_invariants(worker)
+
+
+def test_an_input_in_flight_is_kept_and_offered_when_it_lands(worker):
+    """The fetch of a dropped task's input goes on; the value is kept and
+    reported (the next scheduler counts it like any other copy)."""
+    worker.handle(compute("t", {"i": (PEER,)}))
+    assert worker.tasks["i"].state is WorkerTaskState.FLIGHT
+    worker.handle(SchedulerLost(sid()))
+    assert "t" not in worker.tasks and worker.tasks["i"].dependents == {}
+    out = worker.handle(GatherSucceeded(sid(), PEER, {"i": 10}))
+    assert out == [SendReplicaAdded(out[0].stimulus_id, "i", 10)]
+    assert worker.memory() == {"i": 10}
+
+
+def test_a_copy_not_yet_requested_is_dropped():
+    """A replica still queued for fetching (FETCH, nobody here needs it) is
+    forgotten: the next scheduler asks again if it still wants it."""
+    state = WorkerState(ME, nthreads=1, max_gathers=1)
+    state.handle(ReplicasRequested(sid(), {"a": (PEER,)}, {"a": 10}))
+    state.handle(ReplicasRequested(sid(), {"b": (OTHER,)}, {"b": 10}))
+    assert (state.tasks["a"].state, state.tasks["b"].state) == (WorkerTaskState.FLIGHT, WorkerTaskState.FETCH)
+    assert state.handle(SchedulerLost(sid())) == []
+    assert sorted(state.tasks) == ["a"] and state.fetch == {}
+    check_worker_invariants(state)
+
+
+def test_a_withdrawn_compute_request_on_a_copy_in_flight_is_not_acted_upon(worker):
+    """A value in flight that the old scheduler had also asked us to compute:
+    if the fetch fails after the scheduler is gone, it is reported missing,
+    not computed (nobody asks for that computation any more)."""
+    worker.handle(ReplicasRequested(sid(), {"k": (PEER,)}, {"k": 10}))
+    assert worker.handle(compute("k")) == []
+    worker.handle(SchedulerLost(sid()))
+    assert worker.tasks["k"].assigned is False
+    out = worker.handle(GatherFailed(sid(), PEER, ("k",)))
+    assert out == [SendReplicaMissing(out[0].stimulus_id, "k", (PEER,), None)]
+    assert worker.tasks == {}
