@@ -198,9 +198,8 @@ SCOPES: dict[str, Scope] = {
         {"x": KeySpec(), "y": KeySpec(("x",)), "z": KeySpec(("x",))}, max_faults=1, features=_STEALING
     ),
     "pause": Scope({"x": KeySpec(small=True), "y": KeySpec(("x",))}, max_faults=1),
-    # Bigger (--all): stealing with every other event (but fire-and-forget:
-    # with it, a scheduler restart breaks STEP-RESTART-KEEPS in a way that
-    # has nothing to do with stealing; see docs/spec.md).
+    # Bigger (--all): stealing with every other event but fire-and-forget
+    # (the `options` scope explores fire-and-forget with scheduler restarts).
     "steal-all": Scope(
         {"x": KeySpec(), "y": KeySpec(("x",)), "z": KeySpec(("x",))},
         max_faults=1, features=ALL_FEATURES - {"fire-and-forget"},
