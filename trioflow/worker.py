@@ -556,10 +556,17 @@ class Worker:
 
     def _after_store(self, nbytes: int) -> None:
         """`nbytes` of values were just stored: if that is a lot (a hundredth
-        of the limit), measure now rather than at the next check, since a
-        few tasks can make big values faster than the watcher looks."""
+        of the limit), measure soon rather than at the next check, since a
+        few tasks can make big values faster than the watcher looks.
+
+        Soon, not now: the check is posted behind the handler that stored
+        the value, whose frames (and the inbox item that carried it) still
+        refer to it. Spilled now, the value would leave the store but not
+        the process, the memory would not fall, and the check would spill
+        everything else, then pause the worker for nothing.
+        """
         if self.memory is not None and nbytes >= self.memory.limit * PROMPT_CHECK_FRACTION:
-            self._check_memory()
+            self._post(self._check_memory)
 
     def _check_memory(self) -> None:
         """In the driver (the store is the driver's): spill, pause or resume."""
