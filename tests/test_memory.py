@@ -140,3 +140,15 @@ def test_the_fractions_spill_pause_and_resume_by_process_memory(tmp_path):
         "spilled_keys": 5.0, "paused": 0.0,
     }
     manager.close()
+
+
+def test_workers_with_a_limit_are_started_to_give_freed_memory_back():
+    """A nanny starts a worker that has a memory limit with glibc's trim
+    threshold set (freed values then leave the process, so spilling lowers
+    its memory), unless the user chose a value of their own."""
+    from trioflow.nanny import MALLOC_TRIM_THRESHOLD_BYTES, _returning_freed_memory
+
+    assert _returning_freed_memory({"PATH": "/bin"}) == {
+        "PATH": "/bin", "MALLOC_TRIM_THRESHOLD_": str(MALLOC_TRIM_THRESHOLD_BYTES)
+    }
+    assert _returning_freed_memory({"MALLOC_TRIM_THRESHOLD_": "0"}) == {"MALLOC_TRIM_THRESHOLD_": "0"}

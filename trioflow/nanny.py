@@ -33,7 +33,7 @@ import random
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import trio
@@ -112,6 +112,21 @@ class ProcessHandle:
             await self.process.wait()
 
 
+# glibc's malloc keeps freed memory for reuse instead of giving it back to
+# the system, and after the first large block is freed it serves blocks of
+# tens of MB from that heap too. A worker that spilled a value would then
+# see its resident memory stay where it was, spill everything else and
+# pause for nothing. Setting a trim threshold (any one of malloc's tuning
+# variables also turns off that growth) makes freed memory go back to the
+# system. dask.distributed's nanny sets the same variable to the same value.
+MALLOC_TRIM_THRESHOLD_BYTES = 65536
+
+
+def _returning_freed_memory(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with MALLOC_TRIM_THRESHOLD_ set, unless the user set it already."""
+    return {"MALLOC_TRIM_THRESHOLD_": str(MALLOC_TRIM_THRESHOLD_BYTES), **env}
+
+
 class ProcessLauncher:
     """Starts ``python -m trioflow worker ... --no-nanny`` child processes.
 
@@ -149,9 +164,11 @@ class ProcessLauncher:
             str(os.getpid()),
             *self.worker_args,
         ]
+        env = self.env
         if memory_limit is not None:
             command += ["--memory-limit", str(memory_limit)]
-        process = await trio.lowlevel.open_process(command, stdin=subprocess.DEVNULL, env=self.env)
+            env = _returning_freed_memory(os.environ if env is None else env)
+        process = await trio.lowlevel.open_process(command, stdin=subprocess.DEVNULL, env=env)
         return ProcessHandle(process)
 
 
