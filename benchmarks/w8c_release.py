@@ -41,6 +41,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import DASK, TRIOFLOW, Figure, Workload, median, no_cluster, now, parse_args, run_workload  # noqa: E402
 from w8_pending_memory import POLL_S, _wait_count, _wait_for_file, start_servers  # noqa: E402
 
+import cloudpickle  # noqa: E402
+import w8_pending_memory  # noqa: E402
+
+# W8's helpers (its scheduler-side task count among them) travel by value:
+# dask's scheduler process cannot import this directory's modules.
+cloudpickle.register_pickle_by_value(w8_pending_memory)
+
 
 def sleep_1s(i):
     import time

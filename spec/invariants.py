@@ -33,6 +33,7 @@ from spec.model import (
     Event,
     Outcome,
     Release,
+    ReplicaAdded,
     ReplicaLost,
     Restart,
     SchedulerRestarts,
@@ -66,6 +67,11 @@ def _must_compute(w: World, key: str) -> bool:
 def _available(tasks: dict, key: str) -> bool:
     t = tasks.get(key)
     return t is not None and t.state is MEMORY and bool(t.who_has)
+
+
+def _awaits(scope: Scope, key: str, t) -> bool:
+    """Scattered data released while a live worker fetches a copy (INV-AWAITED)."""
+    return t.state is RELEASED and scope.keys[key].scattered and bool(t.pending)
 
 
 def _can_take(scope: Scope, w: World, key: str, used: dict[str, dict[str, int]]) -> bool:
@@ -139,9 +145,15 @@ STATE_INVARIANTS: tuple[Invariant, ...] = (
     ),
     Invariant(
         "INV-LOST",
-        "Scattered data is only ever in memory or lost (never recomputed), and only "
-        "scattered data is ever lost.",
+        "Scattered data is only ever in memory or lost (never recomputed), or released while it "
+        "awaits a copy (INV-AWAITED), and only scattered data is ever lost.",
         "scattered data lost",
+    ),
+    Invariant(
+        "INV-AWAITED",
+        "Scattered data is released only while a live worker is fetching a copy of it (its last "
+        "holder left first), and copies are pending only for values or for such data.",
+        "scattered data lost (never while a live worker may hold a copy)",
     ),
     Invariant(
         "INV-HELD",
@@ -221,11 +233,12 @@ def state_violations(scope: Scope, w: World) -> Iterator[str]:  # noqa: C901 - f
             if not missing:
                 yield f"INV-WAITING: {at} has every input yet waits"
             for x in missing:
-                if x in tasks and tasks[x].state not in IN_PROGRESS:
+                # (Scattered data awaiting a copy is on its way to memory too.)
+                if x in tasks and tasks[x].state not in IN_PROGRESS and not _awaits(scope, x, tasks[x]):
                     yield f"INV-PROGRESS: {at} waits on {x} ({tasks[x].state.value})"
         if t.state in IN_PROGRESS and not _must_compute(w, key):
             yield f"INV-NEEDED: {at} in progress although nobody needs its value"
-        if t.state is RELEASED and _must_compute(w, key):
+        if t.state is RELEASED and _must_compute(w, key) and not _awaits(scope, key, t):
             yield f"INV-NEEDED: {at} released although its value is needed"
         killed_here = t.failure is not None and t.failure.kind == KILLED and t.failure.origin == key
         if t.suspicious > scope.allowed_failures:
@@ -240,8 +253,14 @@ def state_violations(scope: Scope, w: World) -> Iterator[str]:  # noqa: C901 - f
                     yield f"INV-ERR-DEPENDENTS: {at} has failed input {x}"
         if t.failure is not None and t.failure.origin != key and t.failure.origin not in scope.ancestors(key):
             yield f"INV-ORIGIN: {at} failure {t.failure} from outside its lineage"
-        if spec.scattered and t.state not in (MEMORY, LOST):
+        if spec.scattered and t.state not in (MEMORY, LOST) and not _awaits(scope, key, t):
             yield f"INV-LOST: scattered {at}"
+        if t.state is RELEASED and spec.scattered and not t.pending:
+            yield f"INV-AWAITED: scattered {at} awaits no copy"
+        if t.pending and not (t.state is MEMORY or _awaits(scope, key, t)):
+            yield f"INV-AWAITED: {at} has copies pending {sorted(t.pending)}"
+        if not t.pending <= w.live - t.who_has:
+            yield f"INV-AWAITED: {at} copies pending at {sorted(t.pending)}, not live non-holders"
         if t.state is LOST and not spec.scattered:
             yield f"INV-LOST: computed {at} is lost"
         if t.state is QUEUED and (spec.deps or spec.constrained):
@@ -436,9 +455,9 @@ LIVENESS: tuple[Invariant, ...] = (
     ),
     Invariant(
         "LIVE-PROGRESS",
-        "If faults stop, a worker is alive and paused workers resume, every held key ends in memory, "
-        "erred or lost (or released, its value at the client), unless it needs a task restricted to "
-        "absent workers.",
+        "If faults stop (copies on their way arrive), a worker is alive and paused workers resume, "
+        "every held key ends in memory, erred or lost (or released, its value at the client), unless "
+        "it needs a task restricted to absent workers.",
         "worker connection closes / a task keeps killing workers",
     ),
 )
@@ -488,10 +507,12 @@ def liveness_violations(scope: Scope, w: World) -> Iterator[str]:
     # Memory pressure ends too: a paused worker resumes (else nothing runs there).
     w = _run(scope, w, resume_one, len(w.paused) + 1)
 
-    def work(cur: World) -> TaskStarts | TaskFinishes | None:
+    def work(cur: World) -> TaskStarts | TaskFinishes | ReplicaAdded | None:
         for key, t in cur.tasks:
             if t.state is PROCESSING:
                 return TaskFinishes(key, t.processing_on) if t.running else TaskStarts(key)
+            if _awaits(scope, key, t):
+                return ReplicaAdded(key, min(t.pending))  # no fault: the awaited copy comes
         return None
 
     end = _run(scope, w, work, 4 * len(scope.keys) + 4)

@@ -24,8 +24,10 @@ effect: a record is created, a worker leaves, a value arrives. Then the
 world *settles*: the internal rules of `RULES` fire, in table order, until
 none is enabled. They are the knock-on effects a careful reader would
 expect: a needed task waits; a task whose input failed fails the same way;
-a value whose last copy vanished is recomputed, or lost if it was scattered;
-what nobody needs is released; what nothing refers to is forgotten. Last,
+a value whose last copy vanished is recomputed, or lost if it was scattered
+(unless a live worker is fetching a copy: then it waits for that copy,
+released); what nobody needs is released; what nothing refers to is
+forgotten. Last,
 every task that is ready (all inputs in memory) is *placed*: on a live
 worker that is not paused, in the queue (root tasks, when every such worker
 is saturated), or in no-worker (when no allowed worker is alive and not
@@ -250,8 +252,14 @@ def _guard(scope: Scope, w: World, ev: Event) -> bool:  # noqa: C901 - one case 
         case TaskRaises(key):
             return t is not None and t.state is PROCESSING
         case ReplicaAdded(key, worker):
+            if t is not None and _awaits_copy(scope, key, t):
+                return worker in t.pending  # the copy it waits for (and only that one)
             return t is not None and t.state is MEMORY and worker in w.live
         case ReplicaLost(key, holder, dependent, reporter):
+            if t is not None and _awaits_copy(scope, key, t):
+                # The copy it waits for failed: no holder is left to name
+                # (the one named is any other the reporter was given).
+                return dependent is None and reporter in t.pending and holder != reporter
             if t is None or t.state is not MEMORY or holder not in t.who_has:
                 return False
             if reporter is not None and (dependent is not None or reporter not in t.pending):
@@ -312,6 +320,8 @@ def _effect(d: _Draft, ev: Event) -> None:  # noqa: C901 - one case per event
             if worker in d.live:
                 if t is None or t.state is LOST:
                     d.move(key, MEMORY, who_has=frozenset({worker}))
+                elif t.state is RELEASED:  # it awaited a copy: here is one
+                    d.move(key, MEMORY, who_has=frozenset({worker}), pending=t.pending - {worker})
                 else:
                     d.update(key, who_has=t.who_has | {worker}, pending=t.pending - {worker})
             elif t is None:
@@ -335,6 +345,9 @@ def _effect(d: _Draft, ev: Event) -> None:  # noqa: C901 - one case per event
                 elif t.state in IN_PROGRESS or t.state is LOST:
                     # The value we were waiting for (or had lost) exists: take it.
                     d.move(k, MEMORY, who_has=frozenset({worker}))
+                elif _awaits_copy(scope, k, t):
+                    # Scattered data waiting for a copy: this is one.
+                    d.move(k, MEMORY, who_has=frozenset({worker}), pending=t.pending - {worker})
                 # released or erred: nobody needs that copy; it is freed
         case WorkerDies(worker):
             _worker_leaves(d, worker, suspect=True)
@@ -356,9 +369,20 @@ def _effect(d: _Draft, ev: Event) -> None:  # noqa: C901 - one case per event
             d.move(key, ERRED, failure=Failure(ERROR, key))
         case ReplicaAdded(key, worker):
             t = d.tasks[key]
-            d.update(key, who_has=t.who_has | {worker}, pending=t.pending - {worker})
+            if t.state is RELEASED:
+                # The copy awaited since its last holder left (rule
+                # "await-copy"): back in memory, and what waits on it runs.
+                d.move(key, MEMORY, who_has=frozenset({worker}), pending=t.pending - {worker})
+            else:
+                d.update(key, who_has=t.who_has | {worker}, pending=t.pending - {worker})
         case ReplicaLost(key, holder, dependent, reporter):
             t = d.tasks[key]
+            if t.state is RELEASED:
+                # An awaited copy failed; with none left on its way the data
+                # is lost (rule "copy-not-coming").
+                d.update(key, pending=t.pending - {reporter})
+                d.faults += 1
+                return
             if dependent is not None:
                 reporter = d.tasks[dependent].processing_on
             # The reporter is no holder either: a worker only reports inputs
@@ -512,13 +536,24 @@ def _rule_fired_done(d: _Draft, key: str, t: Task, ctx: _Context) -> list[_Draft
     return [d]
 
 
+def _awaits_copy(scope: Scope, key: str, t: Task) -> bool:
+    """Scattered data released: its last holder left while a live worker was
+    fetching a copy (`pending`), and it waits for that copy (INV-AWAITED)."""
+    return t.state is RELEASED and scope.keys[key].scattered
+
+
 def _rule_last_copy(d: _Draft, key: str, t: Task, ctx: _Context) -> list[_Draft] | None:
-    """memory, no copy left: recompute, release, forget, or lose it."""
+    """memory, no copy left: recompute, release, forget, await a copy, or lose it."""
     if t.who_has:
         return None
     scattered = d.scope.keys[key].scattered
     needed, referenced = key in ctx.needed, key in ctx.referenced
-    if scattered and (needed or referenced):
+    if scattered and (needed or referenced) and t.pending:
+        # A live worker is fetching a copy, which may exist already (its
+        # report on its way): wait for it, released; the pending copy is
+        # kept (await-copy).
+        d.move(key, RELEASED, pending=t.pending)
+    elif scattered and (needed or referenced):
         d.move(key, LOST, failure=Failure(LOST_DATA, key))  # last-copy-lost
     elif not needed and not referenced:
         d.move(key, FORGOTTEN)  # unreferenced
@@ -528,6 +563,17 @@ def _rule_last_copy(d: _Draft, key: str, t: Task, ctx: _Context) -> list[_Draft]
         d.move(key, WAITING)  # recompute
     else:
         d.move(key, RELEASED)  # not-needed, or its holders have the value (lineage kept)
+    return [d]
+
+
+def _rule_copy_not_coming(d: _Draft, key: str, t: Task, ctx: _Context) -> list[_Draft] | None:
+    """released scattered data, no copy on its way any more (the fetch
+    failed, or the worker fetching it left): lost now (if still kept)."""
+    if not d.scope.keys[key].scattered or t.pending:
+        return None
+    if key not in ctx.needed and key not in ctx.referenced:
+        return None  # unreferenced: forgotten
+    d.move(key, LOST, failure=Failure(LOST_DATA, key))
     return [d]
 
 
@@ -565,8 +611,9 @@ def _rule_not_needed(d: _Draft, key: str, t: Task, ctx: _Context) -> list[_Draft
 
 
 def _rule_needed(d: _Draft, key: str, t: Task, ctx: _Context) -> list[_Draft] | None:
-    """released, its value needed again: wait for (and recompute) its inputs."""
-    if key not in ctx.must_compute:
+    """released, its value needed again: wait for (and recompute) its inputs.
+    (Scattered data is never computed: released, it awaits a copy.)"""
+    if key not in ctx.must_compute or d.scope.keys[key].scattered:
         return None
     d.move(key, WAITING)
     return [d]
@@ -596,7 +643,8 @@ class Rule(NamedTuple):
 
 RULES: tuple[Rule, ...] = (
     Rule("fired-done", (MEMORY, ERRED, LOST), _rule_fired_done),
-    Rule("last-copy-lost / recompute", (MEMORY,), _rule_last_copy),
+    Rule("last-copy-lost / recompute / await-copy", (MEMORY,), _rule_last_copy),
+    Rule("copy-not-coming", (RELEASED,), _rule_copy_not_coming),
     Rule("input-failed", IN_PROGRESS, _rule_input_failed),
     # "needed" before "not-needed": a dependent about to wait makes its
     # inputs needed, so a value it will use is not dropped in between.
@@ -933,7 +981,7 @@ def enabled_events(scope: Scope, w: World) -> Iterator[Event]:
             yield WorkerJoins(wk)
             if "rejoin-with-data" in f:
                 for k, t in w.tasks:
-                    if t.state is MEMORY or t.state in IN_PROGRESS or t.state is LOST:
+                    if t.state is MEMORY or t.state in IN_PROGRESS or t.state is LOST or t.pending:
                         yield WorkerJoins(wk, (k,))
         else:
             if can_fault:
@@ -953,6 +1001,15 @@ def enabled_events(scope: Scope, w: World) -> Iterator[Event]:
             # all: the guard makes it a no-op, which the explorer checks.
             for wk in sorted(w.live - {t.processing_on}):
                 yield TaskFinishes(k, wk)
+        elif t.state is RELEASED and t.pending:
+            # Scattered data awaiting a copy: it comes, or (a fault) fails.
+            for wk in sorted(t.pending):
+                yield ReplicaAdded(k, wk)
+                if can_fault:
+                    for h in scope.workers:
+                        if h != wk:
+                            yield ReplicaLost(k, h, None, wk)
+                            break
         elif t.state is MEMORY:
             for wk in sorted(w.live - t.who_has):
                 yield ReplicaAdded(k, wk)

@@ -197,7 +197,9 @@ class Task(NamedTuple):
     failure: Failure | None = None
     # Copies a client asked to keep (0: no request).
     replicas: int = 0
-    # Live workers asked to fetch a copy, not holding one yet.
+    # Live workers asked to fetch a copy, not holding one yet. Only in
+    # memory, or for scattered data released while it awaits such a copy
+    # (its last holder left first: INV-AWAITED).
     pending: frozenset[str] = frozenset()
     # A steal asked of its worker (the victim) that has not answered yet:
     # the worker that will get it (THIEF_GONE if it left). Only while PROCESSING.
@@ -443,9 +445,10 @@ TRANSITIONS: dict[tuple[State, State], tuple[str, ...]] = {
     (FORGOTTEN, MEMORY): ("Scatter", "SchedulerRestarts"),
     (FORGOTTEN, LOST): ("Scatter",),  # its only holder died before it was recorded
     (RELEASED, ERRED): ("Submit",),  # an input the scheduler does not know
-    (RELEASED, LOST): ("SchedulerRestarts",),  # scattered, and nobody has it
+    (RELEASED, LOST): ("SchedulerRestarts", "copy-not-coming"),  # scattered, and nobody has it (or will)
     (RELEASED, WAITING): ("needed",),
-    (RELEASED, MEMORY): ("SchedulerRestarts",),  # scattered: resubmitted, then a worker brings it
+    # Scattered: resubmitted, then a worker brings it; or the copy it awaited came.
+    (RELEASED, MEMORY): ("SchedulerRestarts", "ReplicaAdded", "WorkerJoins", "Scatter"),
     (RELEASED, FORGOTTEN): ("unreferenced", "Restart"),
     (WAITING, PROCESSING): ("ready",),
     (WAITING, MEMORY): ("WorkerJoins",),  # the value exists after all
@@ -477,7 +480,7 @@ TRANSITIONS: dict[tuple[State, State], tuple[str, ...]] = {
     (PROCESSING, FORGOTTEN): ("Restart",),
     (MEMORY, WAITING): ("recompute",),  # after WorkerDies, ReplicaLost, CopyDropped
     (MEMORY, LOST): ("last-copy-lost",),
-    (MEMORY, RELEASED): ("not-needed",),
+    (MEMORY, RELEASED): ("not-needed", "await-copy"),  # await-copy: scattered, a copy on its way
     (MEMORY, FORGOTTEN): ("unreferenced", "Restart"),
     (ERRED, FORGOTTEN): ("unreferenced", "Restart"),
     (LOST, MEMORY): ("Scatter", "WorkerJoins"),  # a copy turned up again

@@ -139,6 +139,7 @@ SCHEDULER_BREAKS = {
     "names dead worker tcp://dead": lambda s: s.orphans["o"].holders.__setitem__(DEAD, None),
     "recovering run of 'x'": lambda s: s.recovering_runs.__setitem__("x", A),
     "awaited holder of 'x' is stale": lambda s: s.awaiting_holders.__setitem__("x", None),
+    "resources in use": lambda s: s.workers[A].used.__setitem__("GPU", 1.0),
     "a task is queued while a worker is idle": lambda s: s.idle.__setitem__(_saturated_worker(s), None),
 }
 

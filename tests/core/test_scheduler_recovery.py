@@ -191,3 +191,21 @@ def test_scattered_again_while_awaited_the_data_is_back(sched):
     msgs = sched.handle(DataScattered(sid(), "c1", {"s": (8, (B,))}))
     assert [(type(m), getattr(m, "key", None)) for m in msgs] == [(ReportFinished, "s"), (ComputeTask, "d")]
     assert not sched.awaits_holder("s")
+
+
+def test_scattered_data_resubmitted_after_the_recovery_is_lost_at_once():
+    """A client that reconnects after the recovery window closed resubmits
+    scattered data no worker brought back: it is lost at once (the client
+    hears LostData, its dependent errs), not left waiting for ever.
+
+    Kills the mutant that only marks such data awaited in
+    `_on_tasks_submitted` (the `LOST` transition for a closed window
+    removed): the client's future and its dependent would never end."""
+    state = SchedulerState(allowed_failures=3, worker_saturation=1.0)
+    state.handle(RecoveryEnded(sid()))
+    msgs = submit(state, scattered("s"), spec("d", "s"), wanted=["s", "d"])
+    s_ = msgs[0].stimulus_id
+    lost = DataLost("s")
+    assert msgs == [ReportErred(s_, "c1", "s", lost, "s"), ReportErred(s_, "c1", "d", lost, "s")]
+    assert state.tasks["s"].state is TaskState.LOST and state.tasks["d"].state is TaskState.ERRED
+    check_invariants(state)

@@ -4,6 +4,7 @@ from tests.core.conftest import sid
 from trioflow.core import DataLost, TaskState
 from trioflow.core.scheduler_events import (
     AcquireReplicas,
+    ComputeTask,
     DataScattered,
     FreeKeys,
     KeysReleased,
@@ -11,7 +12,13 @@ from trioflow.core.scheduler_events import (
     ReplicaMissing,
     ReplicationRequested,
     ReportErred,
+    ReportFinished,
+    ReportLost,
+    TaskFinished,
+    TasksSubmitted,
+    TaskSpec,
     WorkerConnected,
+    WorkerDisconnected,
 )
 
 A, B, C, D = "tcp://a", "tcp://b", "tcp://c", "tcp://d"
@@ -70,20 +77,120 @@ def test_a_failed_copy_is_asked_for_again(sched):
 
 def test_a_failed_copy_from_a_worker_never_asked_is_only_a_missing_holder(sched):
     """A holder that was not asked for a copy reports the value missing: it
-    and the holder it named stop counting, and the last copies being gone,
-    scattered data is lost."""
+    and the holder it named stop counting; the last copies being gone, the
+    scattered data waits for the copy still on its way to C, and is lost
+    when C cannot fetch it either."""
     join(sched, A, B, C)
     sched.handle(DataScattered(sid(), "c1", {"data": (100, (A, B))}))
     [acquire] = sched.handle(ReplicationRequested(sid(), "c1", ("data",), 3))
     assert acquire.worker == C
     msgs = sched.handle(ReplicaMissing(sid(), A, "data", (B,), None))
     s = msgs[0].stimulus_id
-    # A (the reporter) and B (the holder it tried) both stop counting: the
-    # value is lost, and the copy still on its way to C is no longer awaited.
-    assert msgs == [
-        FreeKeys(s, B, ("data",)),
-        FreeKeys(s, A, ("data",)),
-        ReportErred(s, "c1", "data", DataLost("data"), "data"),
-    ]
+    # A (the reporter) and B (the holder it tried) both stop counting; the
+    # copy on its way to C is awaited (it may have left before B lost it).
+    assert msgs == [FreeKeys(s, B, ("data",)), FreeKeys(s, A, ("data",))]
+    assert sched.tasks["data"].state is TaskState.RELEASED
+    assert list(sched.tasks["data"].replicas_pending) == [C]
+    msgs = sched.handle(ReplicaMissing(sid(), C, "data", (A, B), None))
+    assert msgs == [ReportErred(msgs[0].stimulus_id, "c1", "data", DataLost("data"), "data")]
     assert sched.tasks["data"].state is TaskState.LOST
     assert sched.tasks["data"].replicas_pending == {} and sched.workers[C].replicating == {}
+
+
+# --- the last holder leaves while a copy is on its way (chaos lab seed 23) --
+
+
+def _last_holder_leaves_while_a_copy_is_pending(sched):
+    """Scattered `data` on A only, its dependent `m` running there, a second
+    copy asked of B; then A leaves before B says it has the copy."""
+    join(sched, A, B, C)
+    sched.handle(DataScattered(sid(), "c1", {"data": (100, (A,))}))
+    [compute] = sched.handle(TasksSubmitted(sid(), "c1", (TaskSpec("m", "run-m", ("data",)),), ("m",)))
+    assert (compute.worker, compute.key) == (A, "m")
+    msgs = sched.handle(ReplicationRequested(sid(), "c1", ("data",), 2))
+    assert msgs == [AcquireReplicas(msgs[0].stimulus_id, B, {"data": (A,)}, {"data": 100})]
+    assert sched.handle(WorkerDisconnected(sid(), A)) == []  # no DataLost: B may have it
+    assert sched.tasks["data"].state is TaskState.RELEASED
+    assert list(sched.tasks["data"].replicas_pending) == [B]
+    assert list(sched.workers[B].replicating) == ["data"]
+    assert sched.awaits_holder("data")
+    assert sched.tasks["m"].state is TaskState.WAITING
+    assert list(sched.tasks["m"].waiting_on) == ["data"]
+
+
+def test_the_copy_on_its_way_brings_data_back_when_its_last_holder_leaves(sched):
+    """Scattered data whose last holder leaves while B fetches a copy is not
+    lost: B's ReplicaAdded brings it back to memory, the client hears it
+    finished, its dependent runs on B, and a second copy is asked of C."""
+    _last_holder_leaves_while_a_copy_is_pending(sched)
+    msgs = sched.handle(ReplicaAdded(sid(), B, "data", 100))
+    s = msgs[0].stimulus_id
+    assert msgs == [
+        AcquireReplicas(s, C, {"data": (B,)}, {"data": 100}),
+        ReportFinished(s, "c1", "data", (B,), False),
+        ComputeTask(s, B, "m", "run-m", (0, 2), {"data": (B,)}, {"data": 100}),
+    ]
+    assert sched.tasks["data"].state is TaskState.MEMORY
+    assert not sched.awaits_holder("data")
+    assert list(sched.tasks["data"].replicas_pending) == [C]
+
+
+def test_data_awaiting_a_copy_is_lost_when_the_fetch_fails(sched):
+    """The copy B was fetching fails (ReplicaMissing from B): no copy is on
+    its way any more, so the data is lost now, and its dependent errs."""
+    _last_holder_leaves_while_a_copy_is_pending(sched)
+    msgs = sched.handle(ReplicaMissing(sid(), B, "data", (A,), None))
+    s = msgs[0].stimulus_id
+    assert msgs == [
+        ReportErred(s, "c1", "data", DataLost("data"), "data"),
+        ReportErred(s, "c1", "m", DataLost("data"), "data"),
+    ]
+    assert sched.tasks["data"].state is TaskState.LOST
+    assert sched.tasks["m"].state is TaskState.ERRED
+    assert sched.workers[B].replicating == {}
+
+
+def test_data_awaiting_a_copy_is_lost_when_the_fetching_worker_leaves(sched):
+    """B, the worker fetching the awaited copy, leaves too: the data is lost now."""
+    _last_holder_leaves_while_a_copy_is_pending(sched)
+    msgs = sched.handle(WorkerDisconnected(sid(), B))
+    s = msgs[0].stimulus_id
+    assert msgs == [
+        ReportErred(s, "c1", "data", DataLost("data"), "data"),
+        ReportErred(s, "c1", "m", DataLost("data"), "data"),
+    ]
+    assert sched.tasks["data"].state is TaskState.LOST
+    assert sched.tasks["data"].replicas_pending == {}
+
+
+def test_a_copy_from_a_worker_not_asked_does_not_end_the_wait(sched):
+    """While data awaits B's copy, a ReplicaAdded from C (never asked) is
+    not believed: C is told to free it, and the data still awaits B's."""
+    _last_holder_leaves_while_a_copy_is_pending(sched)
+    msgs = sched.handle(ReplicaAdded(sid(), C, "data", 100))
+    assert msgs == [FreeKeys(msgs[0].stimulus_id, C, ("data",))]
+    assert sched.tasks["data"].state is TaskState.RELEASED
+
+
+def test_data_awaiting_a_copy_that_nobody_holds_any_more_is_forgotten(sched):
+    """The client lets go of the data and its dependent while the copy is on
+    its way: the record is forgotten and the copy is freed when it lands."""
+    _last_holder_leaves_while_a_copy_is_pending(sched)
+    assert sched.handle(KeysReleased(sid(), "c1", ("m", "data"))) == []
+    assert sched.tasks == {} and sched.workers[B].replicating == {}
+    msgs = sched.handle(ReplicaAdded(sid(), B, "data", 100))
+    assert msgs == [FreeKeys(msgs[0].stimulus_id, B, ("data",))]
+
+
+def test_computed_data_whose_last_holder_leaves_while_a_copy_is_pending_is_recomputed(sched):
+    """A key with lineage does not wait for the copy: it is computed again at
+    once (its holder told it is lost), and the pending copy is dropped."""
+    join(sched, A, B)
+    sched.handle(TasksSubmitted(sid(), "c1", (TaskSpec("x", "run-x", ()),), ("x",)))
+    sched.handle(TaskFinished(sid(), A, "x", 100))
+    [acquire] = sched.handle(ReplicationRequested(sid(), "c1", ("x",), 2))
+    assert acquire.worker == B
+    msgs = sched.handle(WorkerDisconnected(sid(), A))
+    s = msgs[0].stimulus_id
+    assert msgs == [ReportLost(s, "c1", "x"), ComputeTask(s, B, "x", "run-x", (0, 1), {}, {})]
+    assert sched.tasks["x"].replicas_pending == {} and sched.workers[B].replicating == {}

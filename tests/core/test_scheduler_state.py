@@ -584,3 +584,20 @@ def test_a_tasks_dicts_share_one_empty_dict_until_their_first_entry():
     assert ts.who_has.pop("k", None) is None and not NO_ENTRIES
     ts.own("who_has")["tcp://a:1"] = None
     assert ts.who_has == {"tcp://a:1": None} and ts.who_has is not NO_ENTRIES and not NO_ENTRIES
+
+
+def test_a_batch_goes_on_past_a_task_forgotten_by_an_earlier_one(sched):
+    """In one submission, an unwanted task listed first is forgotten and takes
+    its unwanted input with it; the task listed after them, which names a
+    key this scheduler never had, still errs with LostData naming that key.
+
+    Kills the mutant that stops `_on_tasks_submitted`'s placement loop at the
+    first task forgotten meanwhile (`continue` made `break`): "e" would then
+    be taken up only as a wanted key, and run without its missing input."""
+    join(sched, A)
+    msgs = submit(sched, spec("b", "a"), spec("a"), spec("e", "ghost"), wanted=["e"])
+    s_ = msgs[0].stimulus_id
+    assert msgs == [ReportErred(s_, "c1", "e", DataLost("ghost"), "ghost")]
+    assert "a" not in sched.tasks and "b" not in sched.tasks
+    assert state_of(sched, "e") is TaskState.ERRED
+    check_invariants(sched)

@@ -222,6 +222,18 @@ class SchedulerConformance(RuleBasedStateMachine):
         elif how == "copy-failed" and t.pending:
             self.step(m.ReplicaLost(key, holder, None, data.draw(st.sampled_from(sorted(t.pending)))))
 
+    @precondition(lambda self: any(t.state is m.RELEASED and t.pending for _, t in self.world.tasks))
+    @rule(data=st.data(), comes=st.booleans())
+    def awaited_copy(self, data, comes):
+        """Scattered data whose last holder left awaits a copy: it comes, or it fails."""
+        key = data.draw(st.sampled_from([k for k, t in self.world.tasks if t.state is m.RELEASED and t.pending]))
+        worker = data.draw(st.sampled_from(sorted(self.world.task(key).pending)))
+        if comes:
+            self.step(m.ReplicaAdded(key, worker))
+        else:
+            holder = next(w for w in SCOPE.workers if w != worker)
+            self.step(m.ReplicaLost(key, holder, None, worker))
+
     @precondition(lambda self: self.world.tasks)
     @rule(how=st.sampled_from(["client-restart", "scheduler-workers-first", "scheduler-clients-first"]))
     def restarts(self, how):
@@ -498,3 +510,42 @@ def test_a_fired_and_forgotten_task_runs_to_the_end_and_is_forgotten():
     assert ls.world.state_of("b") is m.PROCESSING
     ls.step(m.TaskFinishes("b", "w1"))
     assert ls.world.state_of("b") is m.FORGOTTEN and not ls.world.holds
+
+
+def _last_holder_leaves_while_a_copy_is_on_its_way() -> Lockstep:
+    """s on w1 only, e (needs a and s) waiting to run, a second copy of s asked
+    of w2; then w1 dies before w2 says it has the copy (chaos lab seed 23)."""
+    ls = run(
+        m.WorkerJoins("w1"),
+        m.WorkerJoins("w2"),
+        m.Scatter("c1", "s", "w1"),
+        m.Submit("c1", "e"),
+        m.Replicate("c1", "s", 2),
+    )
+    assert ls.world.task("s").pending == {"w2"}
+    ls.step(m.WorkerDies("w1"))
+    assert ls.world.state_of("s") is m.RELEASED and ls.world.task("s").pending == {"w2"}
+    return ls
+
+
+def test_the_copy_on_its_way_saves_scattered_data_whose_last_holder_left():
+    """Chaos lab seed 23: the last holder of scattered data left while a copy was
+    on its way; the core declared it lost at once, then freed the copy. It now
+    waits, released, and the copy brings it back to memory."""
+    ls = _last_holder_leaves_while_a_copy_is_on_its_way()
+    ls.step(m.ReplicaAdded("s", "w2"))
+    assert ls.world.task("s").who_has == {"w2"}
+
+
+def test_scattered_data_awaiting_a_copy_is_lost_when_the_copy_fails():
+    """The awaited copy fails (its worker cannot fetch it): the data is lost then."""
+    ls = _last_holder_leaves_while_a_copy_is_on_its_way()
+    ls.step(m.ReplicaLost("s", "w1", None, "w2"))
+    assert ls.world.state_of("s") is m.LOST
+
+
+def test_scattered_data_awaiting_a_copy_is_lost_when_its_worker_leaves():
+    """The worker fetching the awaited copy leaves too: the data is lost then."""
+    ls = _last_holder_leaves_while_a_copy_is_on_its_way()
+    ls.step(m.WorkerDies("w2"))
+    assert ls.world.state_of("s") is m.LOST

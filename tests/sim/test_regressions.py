@@ -14,6 +14,7 @@ import pytest
 from tests.core.conftest import sid
 from trioflow.core import SchedulerState, WorkerState, WorkerTaskState
 from trioflow.core.scheduler_events import (
+    AcquireReplicas,
     ComputeTask,
     DataDropped,
     DataScattered,
@@ -21,6 +22,9 @@ from trioflow.core.scheduler_events import (
     FreeKeys,
     ReplicaAdded,
     ReplicaMissing,
+    ReplicationRequested,
+    ReportErred,
+    ReportFinished,
     TaskFinished,
     TasksSubmitted,
     TaskSpec,
@@ -95,6 +99,8 @@ PLANS = {
     "restart@7.554:worker-3,crash@7.916:worker-2",
     805: "crash@0.124:worker-0,crash@2.041:worker-0,reset@2.906:worker-2,hang@4.676:worker-3/4.117,"
     "reset@5.687:worker-3",
+    23: "crash@0.784:worker-1,crash@1.477:worker-3,restart@1.561:worker-0,crash@1.892:worker-3,"
+    "crash@2.521:worker-2",
 }
 
 
@@ -337,3 +343,38 @@ def test_seed_805_a_ready_task_is_not_left_waiting():
     on (INV-WAITING; two futures never final). `_transitions` now recommends
     again the move a stale release may have replaced."""
     assert_clean(run_pinned(805))
+
+
+# ------------- seed 23: scattered data lost while a copy was on its way --
+
+
+def test_seed_23_scattered_data_is_not_lost_while_a_copy_is_on_its_way():
+    """Seed 23 (found by the 1,000-seed sweep of the default mix): data-0, scattered
+    with 2 copies wanted, lost one holder after another; with worker-0 its only
+    holder, a copy was asked of worker-2. worker-0 left (a restart) 1 ms before
+    worker-2's ReplicaAdded arrived: the core declared data-0 lost (LostData to
+    the client and ~25 dependents), then freed worker-2's copy. It now waits,
+    released, for the copy on its way (`_await_copy`), which brings it back."""
+    state = scheduler(A, B, ME)
+    state.handle(DataScattered(sid(), "c1", {"data-0": (8, (A, B))}))
+    state.handle(ReplicationRequested(sid(), "c1", ("data-0",), 2))
+    submit(state, "map-0", "data-0")
+    out = state.handle(WorkerDisconnected(sid(), B))
+    assert [m for m in out if isinstance(m, AcquireReplicas)] == [
+        AcquireReplicas(out[0].stimulus_id, ME, {"data-0": (A,)}, {"data-0": 8})
+    ]
+    out = state.handle(WorkerDisconnected(sid(), A))
+    assert not [m for m in out if isinstance(m, ReportErred)]  # no LostData
+    assert state.tasks["data-0"].state is TaskState.RELEASED
+    check_invariants(state)
+    out = state.handle(ReplicaAdded(sid(), ME, "data-0", 8))
+    assert frees(out, ME) == []  # the copy is the data now, not freed
+    assert ReportFinished(out[0].stimulus_id, "c1", "data-0", (ME,), False) in out
+    assert state.tasks["data-0"].state is TaskState.MEMORY
+    assert state.tasks["map-0"].processing_on == ME
+    check_invariants(state)
+
+
+def test_seed_23_run_passes():
+    """Seed 23's whole run (four crashes and a restart, scattered data replicated) passes."""
+    assert_clean(run_pinned(23))

@@ -83,11 +83,14 @@ def _violations(state: SchedulerState):  # noqa: C901 - a flat list of checks
                 yield f"{where}: wanted by {client!r}, which does not list it"
         needed = bool(ts.who_wants or ts.waiters)
         value_needed = bool(ts.waiters) or any(c not in ts.delivered for c in ts.who_wants)
-        awaited = key in state.awaiting_holders and state.recovery_open
+        awaited = key in state.awaiting_holders and (state.recovery_open or bool(ts.replicas_pending))
         if ts.state is S.RELEASED and value_needed and not awaited:
-            # (Resubmitted scattered data waits, released, for a worker to
-            # bring it back while the recovery window is open.)
+            # (Scattered data waits, released, for a worker to bring it back
+            # while the recovery window is open or a copy is on its way:
+            # INV-AWAITED below.)
             yield f"{where}: INV-NEEDED released although its value is needed"
+        if ts.state is S.RELEASED and not ts.has_lineage and not awaited:
+            yield f"{where}: INV-AWAITED scattered data released while awaiting no holder"
         if not set(ts.delivered) <= set(ts.who_wants):
             yield f"{where}: delivered to {sorted(ts.delivered)}, not all of whom hold it"
         if ts.state in IN_PROGRESS and not value_needed:
@@ -103,8 +106,10 @@ def _violations(state: SchedulerState):  # noqa: C901 - a flat list of checks
             ws = state.workers.get(address)
             if ws is None or key not in ws.replicating or address in ts.who_has:
                 yield f"{where}: INV-REPLICAS pending copy at {address} is not a live, distinct worker"
-        if ts.replicas_pending and ts.state is not S.MEMORY:
-            yield f"{where}: INV-REPLICAS copies pending outside memory"
+        if ts.replicas_pending and ts.state is not S.MEMORY and not (
+            ts.state is S.RELEASED and key in state.awaiting_holders
+        ):
+            yield f"{where}: INV-REPLICAS copies pending outside memory (and not awaited: INV-AWAITED)"
         if (ts.replicas_wanted > 1) != (key in state.replicated):
             yield f"{where}: replicas_wanted={ts.replicas_wanted} <-> replicated mismatch"
         if (ts.state is S.NO_WORKER) != (key in state.unrunnable):
@@ -185,12 +190,18 @@ def _violations(state: SchedulerState):  # noqa: C901 - a flat list of checks
         for address in [*orphan.holders, orphan.running_on]:
             if address is not None and address not in state.workers:
                 yield f"orphan {key!r} names dead worker {address}"
-    # Resubmitted scattered data that no worker has held since.
+    # INV-AWAITED: scattered data no worker is known to hold waits, released,
+    # only while the recovery window is open or a copy is on its way to a
+    # live worker (its last holder left first); else it is lost.
     for key in state.awaiting_holders:
         ts = state.tasks.get(key)
-        allowed = (S.RELEASED, S.LOST) if state.recovery_open else (S.LOST,)
+        waits = ts is not None and (state.recovery_open or bool(ts.replicas_pending))
+        allowed = (S.RELEASED, S.LOST) if waits else (S.LOST,)
         if ts is None or ts.has_lineage or ts.state not in allowed:
-            yield f"awaited holder of {key!r} is stale ({ts!r}, recovery open: {state.recovery_open})"
+            yield (
+                f"INV-AWAITED: awaited holder of {key!r} is stale ({ts!r}, "
+                f"recovery open: {state.recovery_open})"
+            )
     for key, address in state.recovering_runs.items():
         ts = state.tasks.get(key)
         if ts is None or ts.state not in (S.WAITING, S.QUEUED, S.NO_WORKER) or address not in state.workers:

@@ -251,10 +251,6 @@ class SchedulerWorker:
             self.used.get(name, 0) + amount <= self.resources.get(name, 0) for name, amount in resources.items()
         )
 
-    def has(self, resources: dict[str, float] | None) -> bool:
-        """Whether this worker declared at least `resources` (in use or not)."""
-        return not resources or all(amount <= self.resources.get(name, 0) for name, amount in resources.items())
-
     @property
     def occupancy(self) -> float:
         return len(self.processing) / self.nthreads

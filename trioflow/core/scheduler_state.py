@@ -22,7 +22,8 @@ Worker death is the interesting case (design.md §1, spec/README.md
 "WorkerDies"): each task that was *running* there is suspected once more
 and, past `allowed_failures`, erred with `WorkerDeaths`; the other tasks
 assigned there go back to waiting; values whose only copy was there are
-recomputed from lineage if needed, or LOST if they were scattered.
+recomputed from lineage if needed, or LOST if they were scattered (unless
+a live worker is fetching a copy: then they wait for it, `_await_copy`).
 
 After every event, a worker with an idle thread may steal a task that
 waits on another (`WorkStealing`, core/stealing.py); a worker whose
@@ -151,14 +152,18 @@ class SchedulerState(TaskTransitions, WorkStealing):
         # reconnecting client has resubmitted, since another may hold them.
         self.recovery_open = True
         self.unjudged: dict[str, None] = {}
-        # Scattered keys whose record a client's resubmission made and that
-        # no worker has held since. While the recovery window is open they
-        # wait, released, for a worker to bring them back (a client may
-        # reconnect before the workers do); once it has closed they are
-        # lost, and a worker that still brings one back is believed: nothing
-        # here contradicts it (docs/security.md, "Integrity").
-        # Invariant: each has a record without lineage; released only while
-        # the window is open, else lost (a holder takes it out).
+        # Scattered keys that no worker is known to hold, waiting for one
+        # to bring them back: those a client's resubmission made after a
+        # scheduler restart, and those whose last holder left while a
+        # worker was fetching a copy (`_await_copy`). While the recovery
+        # window is open, or while a copy is on its way, they wait,
+        # released (a client may reconnect before the workers do; the copy
+        # may already be there, its report on the wire); after that they
+        # are lost, and a worker that still brings one back is believed:
+        # nothing here contradicts it (docs/security.md, "Integrity").
+        # Invariant (INV-AWAITED): each has a record without lineage;
+        # released only while the window is open or a copy is pending
+        # (`replicas_pending`), else lost (a holder takes it out).
         self.awaiting_holders: dict[str, None] = {}
         # (key, from, to, stimulus_id) of recent transitions, for debugging.
         self.story: collections.deque[tuple[str, str, str, str]] = collections.deque(
@@ -400,7 +405,11 @@ class SchedulerState(TaskTransitions, WorkStealing):
         # (and what needs it errs) before the values brought back are
         # judged: an input of an erred task is not needed any more.
         self._transitions(
-            {key: LOST for key in self.awaiting_holders if self.tasks[key].state is RELEASED}
+            {
+                key: LOST
+                for key in self.awaiting_holders
+                if self.tasks[key].state is RELEASED and not self.tasks[key].replicas_pending
+            }
         )
         unjudged, self.unjudged = self.unjudged, {}
         for key in unjudged:
@@ -472,6 +481,11 @@ class SchedulerState(TaskTransitions, WorkStealing):
                 self._transitions({}, first=(ts, MEMORY, {"worker": live[0], "nbytes": nbytes}))
                 for ws in live[1:]:
                     self._add_replica(ts, ws)
+            elif ts.state is RELEASED and ts.replicas_pending:
+                # Every worker it was placed on died before we heard of it,
+                # but it awaits a copy on its way (`_await_copy`): its
+                # arrival, or its failure, is reported to every holder.
+                pass
             elif ts.state is RELEASED or ts.state is LOST:
                 # Every worker it was placed on died before we heard of it.
                 if ts.state is RELEASED:
@@ -539,10 +553,12 @@ class SchedulerState(TaskTransitions, WorkStealing):
         self.starving.pop(ev.worker, None)
         self.backlogged.pop(ev.worker, None)
         self._thief_left(ws)
-        for key in ws.replicating:
-            del self.tasks[key].replicas_pending[ev.worker]
-        self._forget_worker_orphans(ev.worker)
         recs: Recommendations = {}
+        for key in ws.replicating:
+            ts = self.tasks[key]
+            del ts.replicas_pending[ev.worker]
+            self._copy_not_coming(ts, recs)  # it was the copy data awaited
+        self._forget_worker_orphans(ev.worker)
         # First the data: drop this replica everywhere. Values with no copy
         # left are recommended first, so that by the time the rescheduled
         # tasks below look at their dependencies, those are no longer MEMORY.
@@ -665,6 +681,10 @@ class SchedulerState(TaskTransitions, WorkStealing):
             return
         if ts is not None and ts.state is MEMORY:
             self._add_replica(ts, ws)
+        elif ts is not None and ts.state is RELEASED and ev.worker in ts.replicas_pending:
+            # The copy that data whose last holder left was waiting for
+            # (`_await_copy`): back in memory, and what waits on it runs.
+            self._transitions({}, first=(ts, MEMORY, {"worker": ws, "nbytes": ev.nbytes}))
         elif ts is not None and ts.processing_on == ev.worker:
             # A copy fetched before the task was assigned there: the worker
             # answers the assignment with TaskFinished, which counts it. A
@@ -679,6 +699,8 @@ class SchedulerState(TaskTransitions, WorkStealing):
         The holders it names did not have the value (or did not answer), so
         they stop counting as holders; the dependent goes back to waiting and
         is sent again with fresh holders, or after the value is recomputed.
+        A worker asked for a copy stops being a pending copy: data that
+        awaited that copy (`_await_copy`) is lost if no other is coming.
         """
         recs: Recommendations = {}
         ts = self.tasks.get(ev.key)
@@ -701,6 +723,7 @@ class SchedulerState(TaskTransitions, WorkStealing):
         if ts is not None and ev.worker in ts.replicas_pending:
             del ts.replicas_pending[ev.worker]
             del self.workers[ev.worker].replicating[ts.key]
+            self._copy_not_coming(ts, recs)  # it was the copy data awaited
         self._transitions(recs)
         if ts is not None and ts.key in self.replicated and ts.key in self.tasks:
             self._replicate(ts)
@@ -783,9 +806,10 @@ class SchedulerState(TaskTransitions, WorkStealing):
             if key in held and ts is not None and ts.state in IN_PROGRESS | {RELEASED}:
                 ts.own("who_wants")[FIRE_AND_FORGET] = None
                 fired[key] = None
-                if ts.state is RELEASED:
+                if ts.state is RELEASED and ts.has_lineage:
                     # Its client had the value (a small one), but the
-                    # pseudo-client has not: it is computed again.
+                    # pseudo-client has not: it is computed again. (Data
+                    # awaiting a copy is held until the copy comes or not.)
                     recs[key] = WAITING
         self._transitions(recs)
 

@@ -22,7 +22,9 @@ dependent in progress still needs its value (`waiters`). A task that is no
 longer needed drops its value (RELEASED) but keeps its record, because a
 dependent's lineage may need it again; the record itself is FORGOTTEN once
 no dependent record and no client refers to it. Scattered data has no
-lineage, so its value is kept as long as its record is.
+lineage, so its value is kept as long as its record is; when its last copy
+goes it is LOST, unless a worker is fetching a copy right then: it waits
+for that copy, released (`_await_copy`).
 
 Its *value* is needed by a dependent in progress, or by a client holding it
 that does not have the value: small values travel to the clients with the
@@ -181,8 +183,9 @@ class TaskTransitions:
             if not self._is_available(dep):
                 ts.own("waiting_on")[dep.key] = None
                 if dep.state is RELEASED and dep.has_lineage:
-                    # (Scattered data never waits: a worker brings it back
-                    # after a scheduler restart, or it is lost.)
+                    # (Scattered data is never computed: a worker brings
+                    # it back, after a scheduler restart or with the copy
+                    # it was fetching, or it is lost.)
                     recs.setdefault(dep.key, WAITING)
         if not ts.waiting_on:
             recs[ts.key] = PROCESSING
@@ -302,6 +305,43 @@ class TaskTransitions:
         self._release_fired(ts, recs)
         self._recommend_release_if_unneeded(ts, recs)
 
+    def _memory_to_released(self, ts: SchedulerTask, recs: Recommendations) -> None:
+        """A value leaves memory without being lost: nobody needs it (lineage
+        kept), or scattered data whose last holder left while a copy was on
+        its way, which waits for that copy (`_await_copy`)."""
+        if not ts.has_lineage and not ts.who_has:
+            self._await_copy(ts, recs)
+        else:
+            self._to_released(ts, recs)
+
+    def _await_copy(self, ts: SchedulerTask, recs: Recommendations) -> None:
+        """Scattered data lost its last known holder while a live worker was
+        fetching a copy of it (`replicas_pending`): it is not lost yet.
+
+        That worker may well have the copy already, its `ReplicaAdded` still
+        on the wire (seed 23 of the chaos lab: the holder restarted 1 ms
+        before it arrived). So the data waits, released, in
+        `awaiting_holders`, as resubmitted scattered data does after a
+        scheduler restart: its pending copies are kept (unlike every other
+        move out of memory); the copy arriving brings it back to memory,
+        and the dependents that were about to use it wait for it meanwhile
+        (they cannot run anywhere without it). Only when no copy is on its
+        way any more (a failed fetch, or the fetching worker leaving too)
+        is it lost (`_copy_not_coming`). Clients are told nothing now: one
+        that looks for a holder meanwhile finds none and waits for the
+        report that comes either way. spec: rule "await-copy", INV-AWAITED.
+        """
+        assert ts.replicas_pending and not ts.who_has, ts
+        ts.state = RELEASED
+        self.awaiting_holders[ts.key] = None
+        self._invalidate_dependents(ts, recs)
+
+    def _copy_not_coming(self, ts: SchedulerTask, recs: Recommendations) -> None:
+        """Data awaiting a copy (`_await_copy`) saw its last pending copy
+        fail: recommend what the loss of its last copy means now."""
+        if ts.state is RELEASED and not ts.replicas_pending and not ts.has_lineage:
+            recs[ts.key] = self._target_for_lost_value(ts)
+
     def _to_released(self, ts: SchedulerTask, recs: Recommendations) -> None:
         """Nobody needs it any more: drop the run or the value, keep lineage."""
         if ts.state is MEMORY:
@@ -319,6 +359,8 @@ class TaskTransitions:
         assert not ts.who_wants and not ts.dependents, ts
         if ts.state is MEMORY:
             self._drop_all_replicas(ts)
+        else:
+            self._drop_pending_replicas(ts)  # data that awaited a copy
         ts.state = FORGOTTEN
         del self.tasks[ts.key]
         self.replicated.pop(ts.key, None)
@@ -382,9 +424,13 @@ class TaskTransitions:
             recs[ts.key] = FORGOTTEN
 
     def _target_for_lost_value(self, ts: SchedulerTask) -> TaskState:
-        """Where a MEMORY task goes when its last copy disappears."""
+        """Where a task goes when its last copy disappears (a MEMORY task, or
+        scattered data that awaited a copy that will not come)."""
         if not ts.has_lineage:
-            return LOST if (self._is_needed(ts) or ts.dependents) else FORGOTTEN
+            if not (self._is_needed(ts) or ts.dependents):
+                return FORGOTTEN
+            # A copy on its way may exist already: wait for it (`_await_copy`).
+            return RELEASED if ts.replicas_pending else LOST
         if self._value_needed(ts):
             return WAITING
         if ts.who_wants or ts.dependents:
@@ -555,7 +601,8 @@ class TaskTransitions:
             self._replicate(ts)
 
     def _drop_pending_replicas(self, ts: SchedulerTask) -> None:
-        """`ts` left memory: copies still on their way will be freed on arrival."""
+        """`ts` left memory (or stopped awaiting a copy): copies still on
+        their way will be freed on arrival."""
         for address in ts.replicas_pending:
             del self.workers[address].replicating[ts.key]
         ts.replicas_pending.clear()
@@ -629,7 +676,10 @@ class TaskTransitions:
 _T = TaskTransitions
 TRANSITIONS: dict[tuple[TaskState, TaskState], Callable[..., None]] = {
     (RELEASED, WAITING): _T._released_to_waiting,
-    (RELEASED, MEMORY): _T._to_memory,  # resubmitted scattered data a worker brings back
+    # Scattered data that awaited a holder (resubmitted after a scheduler
+    # restart, or its last holder left while a copy was on its way): a
+    # worker brings it back, or no copy is coming.
+    (RELEASED, MEMORY): _T._to_memory,
     (RELEASED, LOST): _T._to_lost,
     (RELEASED, ERRED): _T._to_erred,
     (RELEASED, FORGOTTEN): _T._to_forgotten,
@@ -654,7 +704,7 @@ TRANSITIONS: dict[tuple[TaskState, TaskState], Callable[..., None]] = {
     (PROCESSING, RELEASED): _T._to_released,
     (MEMORY, WAITING): _T._memory_to_waiting,
     (MEMORY, LOST): _T._to_lost,
-    (MEMORY, RELEASED): _T._to_released,
+    (MEMORY, RELEASED): _T._memory_to_released,  # not needed, or awaiting a copy
     (MEMORY, FORGOTTEN): _T._to_forgotten,
     (ERRED, FORGOTTEN): _T._to_forgotten,
     (LOST, FORGOTTEN): _T._to_forgotten,
