@@ -376,3 +376,35 @@ def test_undecodable_bytes_raise_serialization_error(serialized):
     """Bytes that do not unpickle raise SerializationError, not a raw pickle error."""
     with pytest.raises(SerializationError, match="could not deserialize"):
         loads(serialized)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(((5,), {}), id="small-task-arguments"),
+        pytest.param({"a": [1, 2.5, None, True], "b": ("x", 3j)}, id="nested-builtins"),
+        pytest.param(list(range(17)), id="longer-than-the-plain-check"),
+        pytest.param([[[[1]]]], id="deeper-than-the-plain-check"),
+        pytest.param((lambda x: x + 1, {}), id="a-lambda-among-builtins"),
+        pytest.param(((Point(1, 2),), {}), id="a-dataclass-among-builtins"),
+    ],
+)
+def test_values_round_trip_whichever_pickler_takes_them(value):
+    """Builtin-only values (the standard pickler's fast path) and anything else (cloudpickle) come back equal."""
+    back = loads(dumps(value))
+    if isinstance(value, tuple) and callable(value[0]):
+        assert back[0](1) == 2 and back[1] == {}
+    else:
+        assert back == value
+
+
+def test_a_function_defined_here_among_builtins_still_travels_by_value():
+    """A tuple holding a local function is not 'plain': it is pickled by value, not by a reference the peer lacks."""
+
+    def local(x):
+        return x * 3
+
+    serialized = dumps(((local, 1), {}))
+    assert b"local" in bytes(serialized.header)
+    (fn, arg), _ = loads(serialized)
+    assert fn(arg) == 3

@@ -482,6 +482,28 @@ def test_restart_cancels_every_held_future_and_flushes_state(sched):
     assert computes(submit(sched, spec("z")))
 
 
+def test_restart_frees_orphans_and_forgets_runs_taken_up_after_a_scheduler_restart(sched):
+    """ClusterRestarted also drops what a new scheduler was still sorting out:
+    an orphaned value is freed where it is held, and a run a registering
+    worker still had is forgotten with its task.
+
+    Kills the mutants that leave out the orphans' `FreeKeys` or the clearing
+    of `recovering_runs` in `_on_cluster_restarted` (a stale run that names
+    a forgotten task breaks the invariants)."""
+    sched.handle(WorkerConnected(sid(), A, 1, held={"o": 8}, running=("t",)))
+    sched.handle(WorkerConnected(sid(), B, 1))
+    submit(sched, spec("i"), spec("t", "i"), wanted=["t"])
+    assert sched.recovering_runs == {"t": A} and "o" in sched.orphans
+    msgs = sched.handle(ClusterRestarted(sid(), "restarted"))
+    s_ = msgs[0].stimulus_id
+    assert msgs == [
+        ReportErred(s_, "c1", "t", Cancelled("restarted"), "t"),
+        FreeKeys(s_, A, ("o",)),
+    ]
+    assert sched.recovering_runs == {} and sched.orphans == {}
+    check_invariants(sched)
+
+
 # --- a restarted scheduler: workers re-register, clients resubmit lineage ---
 
 
@@ -601,3 +623,25 @@ def test_a_batch_goes_on_past_a_task_forgotten_by_an_earlier_one(sched):
     assert "a" not in sched.tasks and "b" not in sched.tasks
     assert state_of(sched, "e") is TaskState.ERRED
     check_invariants(sched)
+
+
+def test_the_story_lists_every_move_of_a_key_with_its_stimulus():
+    """`story` (what the dashboard's recorder reads) holds each move of a key,
+    from and to, with the stimulus that caused it, ending in 'forgotten'.
+
+    Kills the mutant that leaves a forgotten record in its last state
+    (`ts.state = FORGOTTEN` removed from `_to_forgotten`): the story would
+    end in 'memory -> memory'."""
+    s = SchedulerState(allowed_failures=3, worker_saturation=1.0)
+    s.handle(WorkerConnected("join", A, 1))
+    s.handle(TasksSubmitted("sub", "c1", (spec("x"),), ("x",)))
+    s.handle(TaskStarted("start", A, "x"))
+    s.handle(TaskFinished("finish", A, "x", 8))
+    s.handle(KeysReleased("release", "c1", ("x",)))
+    assert list(s.story) == [
+        ("x", "released", "waiting", "sub"),
+        ("x", "waiting", "queued", "sub"),
+        ("x", "queued", "processing", "sub"),
+        ("x", "processing", "memory", "finish"),
+        ("x", "memory", "forgotten", "release"),
+    ]

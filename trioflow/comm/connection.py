@@ -53,6 +53,7 @@ from typing import Any
 import trio
 
 from trioflow.comm import messages
+from trioflow.comm.buffers import MAPPED_FRAME_BYTES, FrameBuffer, send_frames
 from trioflow.comm.frames import (
     EncodedMessage,
     FrameLimits,
@@ -71,8 +72,9 @@ from trioflow.nurseries import background_tasks
 logger = logging.getLogger("trioflow.comm")
 
 RECEIVE_CHUNK_BYTES = 256 * 1024
-# Frames at least this large are written with their own send_all, straight
-# from the caller's buffer, instead of being joined into one bytes object.
+# Frames at least this large are written straight from the caller's buffer
+# (an iovec of their own in one sendmsg), instead of being joined into one
+# bytes object with the small frames around them.
 LARGE_FRAME_BYTES = 64 * 1024
 MAX_MESSAGES_PER_WRITE = 50_000
 # The msgpack array header `batch_frames` puts before a batch of one message,
@@ -171,7 +173,7 @@ class _BatchProgress:
         self.total = 0
         self.budgeted = False  # `total` taken from the process's budget
         self.frames: list[Any] = []
-        self.partial: bytearray | None = None  # the big buffer being read
+        self.partial: bytearray | FrameBuffer | None = None  # the big buffer being read
 
     def enter(self, phase: str, allowance: float, scope: trio.CancelScope) -> None:
         self.phase = phase
@@ -381,17 +383,9 @@ class Connection:
         return batch
 
     async def _write(self, frames: list[Any]) -> None:
-        pending: list[Any] = []
-        for frame in frames:
-            if memoryview(frame).nbytes >= LARGE_FRAME_BYTES:
-                if pending:
-                    await self.stream.send_all(b"".join(pending))
-                    pending = []
-                await self.stream.send_all(frame)
-            else:
-                pending.append(frame)
-        if pending:
-            await self.stream.send_all(b"".join(pending))
+        # Large frames from their own memory, in one sendmsg with the rest
+        # on a plain socket (`buffers.send_frames`).
+        await send_frames(self.stream, frames, LARGE_FRAME_BYTES)
 
     # ---------------------------------------------------------- receiving --
 
@@ -479,7 +473,8 @@ class Connection:
             progress.enter(FRAMES, allowance, scope)
         frames, groups = progress.frames, progress.groups
         while len(frames) < len(groups):
-            frames.append(await self._read_frame(groups[len(frames)], progress))
+            # Frame 0 is the msgpack body: bytes, whatever its size.
+            frames.append(await self._read_frame(groups[len(frames)], progress, mapped=bool(frames)))
 
     def _late(self, progress: _BatchProgress) -> None:
         """The peer missed a deadline in our responsive time: say how.
@@ -542,21 +537,22 @@ class Connection:
             self.last_received = trio.current_time()
             buffer += chunk
 
-    async def _read_frame(self, n: int, progress: _BatchProgress) -> bytes | bytearray:
+    async def _read_frame(self, n: int, progress: _BatchProgress, mapped: bool = True) -> Any:
         """One buffer of `n` bytes (one frame, or the pieces of one), allocated
         as its bytes arrive.
 
-        A big buffer grows in place chunk by chunk: `bytearray` resizes by
-        ``realloc``, which for large blocks moves pages (``mremap``) rather
-        than copying, and grows at most an eighth ahead of what has
-        arrived. So memory follows bytes, and a value cut into several
-        frames ends up in ONE buffer, with no second copy: a header that
-        announces 3 GiB costs nothing until 3 GiB have come. (Allocating
-        the whole buffer at once, when its first piece arrives and the
-        budgets allow it, would save the reallocations but let a peer make
-        us commit memory it never sends.) The buffer being read is kept in
-        `progress`, so a receive that resumes after a stall of our own
-        loop loses nothing.
+        Small frames come out of the receive buffer as bytes. A frame of
+        `MAPPED_FRAME_BYTES` or more is read into a `FrameBuffer`: address
+        space for `n` bytes whose pages are made real in steps as the bytes
+        arrive (never ahead of them by more than a bounded step), and,
+        on a plain socket, written by the kernel itself (``recv_into``): no
+        copy in user space, no reallocation. So memory follows bytes, a
+        value cut into several frames ends up in ONE buffer, and a header
+        that announces 3 GiB costs nothing until 3 GiB have come. In
+        between, a buffer grows in place chunk by chunk (``realloc``, at
+        most an eighth ahead of what has arrived). The buffer being read is
+        kept in `progress`, so a receive that resumes after a stall of our
+        own loop loses nothing.
         """
         buffer = self._receive_buffer
         out = progress.partial
@@ -568,9 +564,20 @@ class Connection:
                 del buffer[:n]
                 return data
             # A big buffer: take what is buffered (all of it is ours: fewer
-            # than `n` bytes), then grow the buffer's own bytearray.
-            out = progress.partial = bytearray(buffer)
+            # than `n` bytes), then read the rest straight into it.
+            if mapped and n >= MAPPED_FRAME_BYTES:
+                out = progress.partial = FrameBuffer(n, buffer)
+            else:
+                out = progress.partial = bytearray(buffer)
             buffer.clear()
+        if isinstance(out, FrameBuffer):
+            while not out.complete:
+                if not await out.receive(self.stream, 4 * RECEIVE_CHUNK_BYTES):
+                    self._mark_closed("closed by the peer")
+                    raise CommClosedError(f"{self.peer} closed the connection mid-frame")
+                self.last_received = trio.current_time()
+            progress.partial = None
+            return out.map
         while len(out) < n:
             chunk = await self.stream.receive_some(min(n - len(out), 4 * RECEIVE_CHUNK_BYTES))
             if not chunk:

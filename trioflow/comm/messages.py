@@ -36,6 +36,7 @@ operators tune those; these are sanity bounds no honest peer comes near.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, ClassVar
 
@@ -159,6 +160,15 @@ def is_upload_name(name: str) -> bool:
     return bool(_UPLOAD_NAME(name)) and ".." not in name
 
 
+# Cached: the same few worker addresses come with every finished task (a
+# client checks each key_finished's who_has), and parsing one costs more
+# than the rest of the message's checks. Bounded, so a peer sending new
+# addresses can fill at most ADDRESS_CACHE_SIZE x MAX_ADDRESS_CHARS
+# (about 1 MB), and only with strings that passed the length check first.
+ADDRESS_CACHE_SIZE = 4096
+
+
+@functools.lru_cache(maxsize=ADDRESS_CACHE_SIZE)
 def _is_address(text: str) -> bool:
     try:
         scheme, host, _ = parse_address(text)

@@ -1,0 +1,96 @@
+"""`buffers`: big frames received in place with memory in steps, batches written by scatter I/O."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import trio
+import trio.testing
+
+from trioflow.comm.buffers import FIRST_STEP_BYTES, MAX_STEP_BYTES, FrameBuffer, raw_socket, send_frames
+
+GIB = 1 << 30
+
+
+def test_a_huge_frame_buffer_makes_pages_real_only_a_step_ahead_of_its_bytes():
+    """A FrameBuffer for 1 GiB holding 1,000 bytes has at most its first step of pages in use."""
+    buffer = FrameBuffer(GIB, b"x" * 1000)
+    assert buffer.got == 1000
+    assert buffer._ready <= FIRST_STEP_BYTES
+
+
+@pytest.mark.parametrize("arrived", [1, FIRST_STEP_BYTES, 3 * FIRST_STEP_BYTES + 5, 5 * MAX_STEP_BYTES + 1])
+def test_pages_in_use_stay_within_a_bounded_step_of_the_bytes_that_arrived(arrived):
+    """However the bytes arrive, pages in use never exceed the bytes + one step (at most doubling, at most MAX_STEP_BYTES)."""
+    buffer = FrameBuffer(GIB)
+    chunk = b"\x07" * (1 << 20)
+    while buffer.got < arrived:
+        buffer.write(chunk[: min(len(chunk), arrived - buffer.got)])
+        step = min(max(buffer.got, FIRST_STEP_BYTES), MAX_STEP_BYTES)
+        assert buffer.got <= buffer._ready <= buffer.got + step
+    assert buffer.got == arrived
+
+
+def test_a_frame_buffer_filled_in_odd_pieces_holds_the_bytes_in_order():
+    """Bytes written in pieces of odd sizes (and from a non-byte view) come out whole, and the buffer is complete."""
+    data = np.random.default_rng(1).integers(0, 256, 3 * FIRST_STEP_BYTES + 123, dtype=np.uint8)
+    words = data[: len(data) // 8 * 8].view(np.float64)  # a view whose format is not bytes
+    buffer = FrameBuffer(len(data), memoryview(words)[:1000])
+    start = 1000 * 8
+    for size in (1, 4095, 4097, FIRST_STEP_BYTES, 7 << 20):
+        buffer.write(data[start : start + size].tobytes())
+        start += size
+    buffer.write(data[start:].tobytes())
+    assert buffer.complete
+    assert bytes(buffer.map) == data.tobytes()
+
+
+FRAMES = [
+    b"header",
+    b"a small frame",
+    np.arange(3 << 20, dtype=np.float64),  # 24 MiB: more than a socket buffer takes at once
+    b"between",
+    memoryview(bytes(range(256)) * 1024),
+    b"",
+    b"last",
+]
+
+
+def _expected() -> bytes:
+    return b"".join(memoryview(f).cast("B").tobytes() if isinstance(f, np.ndarray) else bytes(f) for f in FRAMES)
+
+
+async def _read_all(stream: trio.abc.Stream, n: int) -> bytes:
+    got = bytearray()
+    while len(got) < n:
+        chunk = await stream.receive_some(1 << 20)
+        assert chunk, "the stream ended early"
+        got += chunk
+    return bytes(got)
+
+
+async def test_frames_written_by_scatter_io_over_tcp_arrive_in_order():
+    """send_frames over a real TCP stream (one sendmsg, resumed after partial sends) delivers every byte in order."""
+    expected = _expected()
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with trio.open_nursery() as nursery:
+        client = await trio.testing.open_stream_to_socket_listener(listeners[0])
+        server = await listeners[0].accept()
+        assert raw_socket(client) is not None
+        nursery.start_soon(send_frames, client, FRAMES, 64 * 1024)
+        with trio.fail_after(30):
+            assert await _read_all(server, len(expected)) == expected
+        await client.aclose()
+        await server.aclose()
+        await listeners[0].aclose()
+
+
+async def test_frames_written_to_a_stream_without_a_socket_arrive_in_order():
+    """send_frames over an in-memory stream (no socket: send_all per piece) delivers the same bytes."""
+    expected = _expected()
+    left, right = trio.testing.memory_stream_pair()
+    assert raw_socket(left) is None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_frames, left, FRAMES, 64 * 1024)
+        with trio.fail_after(30):
+            assert await _read_all(right, len(expected)) == expected

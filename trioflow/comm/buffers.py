@@ -1,0 +1,219 @@
+"""Large frames in and out of a socket with no copy the kernel does not make.
+
+Receiving a big value (`FrameBuffer`) and writing a batch of frames
+(`send_frames`) are where a transfer of hundreds of MiB spends its time. On
+this machine's loopback the kernel moves about 2 GB/s between two
+processes; everything trioflow adds on top is one of three costs, and this
+module removes or shrinks each:
+
+1. **A copy in user space.** ``stream.receive_some(k)`` returns a fresh
+   ``bytes`` of up to k bytes, which then had to be appended to the value's
+   buffer (and that buffer grown by ``realloc``). `FrameBuffer` has the
+   kernel write straight into the value's own memory (``recv_into``), so
+   the bytes are copied once, by the kernel, as with a raw socket. On the
+   sending side `send_frames` hands the kernel a list of buffers
+   (``sendmsg``, scatter/gather I/O): the batch header, the message body
+   and a NumPy array's memory go out in one system call with no join.
+2. **Page faults.** Fresh memory costs a page fault per 4 KiB the first
+   time it is written: for 256 MiB that was 180-350 ms here, more than the
+   kernel's copy itself. `FrameBuffer` has the kernel fault each step in
+   one call (``MADV_POPULATE_WRITE``, Linux 5.14+): 100-150 ms for 256 MiB.
+   Where that is missing the buffer still works, with ordinary faults.
+   This cost is not trioflow's but fresh memory's: raw loopback TCP into a
+   fresh buffer runs at 400-850 MB/s here, into a buffer faulted before the
+   clock at about 2,000 (benchmarks/w4_transfer.py measures both). Huge
+   pages (``MADV_HUGEPAGE``) made the faults 4x cheaper in a loop, but in
+   the workers some took half a second (the host behind this VM backing
+   the memory): W4 fell to 200-570 MB/s with them, so they are not asked
+   for.
+3. **Waiting on each other.** Nothing here: a value is one frame (or a few
+   pieces, `frames.CONTINUED`) and is read in as few calls as the kernel
+   allows.
+
+What it deliberately does not do (the security contract, design.md §6
+rule 3: memory follows bytes): it never commits memory ahead of the bytes
+that have arrived by more than a bounded step. A `FrameBuffer` *reserves*
+address space for the whole frame (an anonymous ``mmap``, which costs no
+memory until written; the frame's size has already been checked against
+the connection's and the process's budgets), but makes pages real only as
+the bytes come: the first `FIRST_STEP_BYTES` once the frame's first bytes
+are here, then steps that double with what has arrived, each at most
+`MAX_STEP_BYTES`. A header announcing 1 GiB followed by a trickle costs a
+few MiB. A reserved but untouched page is never counted in the RSS.
+
+In production: a server moving many large values would also recycle its
+receive buffers (a pool of already-faulted memory) and, across machines,
+let the NIC place bytes (io_uring, zero-copy receive); both are beyond a
+teaching codebase.
+"""
+
+from __future__ import annotations
+
+import mmap
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+# Frames at least this large are received into a `FrameBuffer`; smaller
+# ones into ordinary bytes (an mmap per small value would cost a system
+# call each and could exhaust the process's map count, vm.max_map_count).
+MAPPED_FRAME_BYTES = 1 << 20
+# Memory made real once a big frame's first bytes have arrived, and the
+# largest step after that (one populate call blocks the loop for its
+# duration: 32 MiB take 5-10 ms here).
+FIRST_STEP_BYTES = 4 << 20
+MAX_STEP_BYTES = 32 << 20
+_PAGE = mmap.PAGESIZE
+# MADV_POPULATE_WRITE (Linux 5.14): fault a range in, writable, in one
+# call. Python 3.11's mmap module does not name it.
+_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if sys.platform.startswith("linux") else None)
+# Turned off for the process at the first refusal (an older kernel).
+_can_populate = _POPULATE_WRITE is not None
+# At most this many buffers in one sendmsg call (Linux's IOV_MAX is 1024).
+IOV_MAX = 1024
+
+
+def raw_socket(stream: trio.abc.Stream) -> Any | None:
+    """The Trio socket under `stream`, when it is a plain TCP stream.
+
+    TLS streams (and the simulator's in-memory ones) have none: they are
+    read and written through their own methods, with one copy more.
+    """
+    if isinstance(stream, trio.SocketStream):
+        return stream.socket
+    return None
+
+
+class FrameBuffer:
+    """`n` bytes of address space, filled as the frame's bytes arrive.
+
+    Args:
+        n: the frame's announced size (already checked against the budgets).
+        initial: bytes of the frame already read (fewer than `n`).
+
+    Attributes:
+        got: how many bytes have arrived so far.
+    """
+
+    __slots__ = ("n", "map", "got", "_ready")
+
+    def __init__(self, n: int, initial: bytes | bytearray | memoryview = b""):
+        self.n = n
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+        self.map = mmap.mmap(-1, n, flags=flags)
+        self.got = 0
+        # Invariant: got <= _ready <= n; bytes [0, _ready) may be touched.
+        self._ready = 0
+        if initial:
+            self.write(initial)
+
+    @property
+    def complete(self) -> bool:
+        return self.got >= self.n
+
+    def _grow(self) -> None:
+        """Make the next step of pages real (see the module docstring)."""
+        global _can_populate
+        step = min(max(self._ready, FIRST_STEP_BYTES), MAX_STEP_BYTES)
+        start, end = self._ready, min(self.n, self._ready + step)
+        if _can_populate:
+            try:
+                self.map.madvise(_POPULATE_WRITE, start, end - start)
+            except OSError:
+                _can_populate = False
+        self._ready = end
+
+    def room(self) -> memoryview:
+        """A view of where the next bytes go (release it after use)."""
+        if self._ready <= self.got:
+            self._grow()
+        with memoryview(self.map) as whole:
+            return whole[self.got : self._ready]
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Copy `data` in (the path for streams without a raw socket)."""
+        with memoryview(data) as view:
+            view = view.cast("B") if view.ndim != 1 or view.itemsize != 1 else view
+            taken = 0
+            while taken < len(view):
+                with self.room() as room:
+                    k = min(len(room), len(view) - taken)
+                    room[:k] = view[taken : taken + k]
+                self.got += k
+                taken += k
+
+    async def receive(self, stream: trio.abc.Stream, max_bytes: int) -> int:
+        """Read the next bytes of the frame from `stream`; return how many (0: EOF).
+
+        With a raw socket the kernel writes into the buffer itself
+        (``recv_into``); otherwise up to `max_bytes` are read and copied in.
+
+        Cancellation: safe; a cancelled read consumes nothing.
+        """
+        sock = raw_socket(stream)
+        if sock is None:
+            chunk = await stream.receive_some(min(max_bytes, self.n - self.got))
+            if chunk:
+                self.write(chunk)
+            return len(chunk)
+        with self.room() as room:
+            k = await sock.recv_into(room)
+        self.got += k
+        return k
+
+
+async def send_frames(stream: trio.abc.Stream, frames: Sequence[Any], large: int) -> None:
+    """Write `frames` in order: small ones joined, large ones (>= `large`
+    bytes) from their own memory.
+
+    On a raw socket, one ``sendmsg`` takes the lot (scatter/gather I/O), and
+    a partial send resumes from where the kernel stopped. Elsewhere each
+    large frame is its own ``send_all`` and the small ones between are
+    joined.
+
+    Cancellation: a write cut short leaves the stream unusable (the caller,
+    `Connection.run_sender`, closes the connection).
+    """
+    pieces: list[Any] = []
+    pending: list[Any] = []
+    for frame in frames:
+        if memoryview(frame).nbytes >= large:
+            if pending:
+                pieces.append(b"".join(pending))
+                pending = []
+            pieces.append(frame)
+        else:
+            pending.append(frame)
+    if pending:
+        pieces.append(b"".join(pending) if len(pending) > 1 else pending[0])
+    sock = raw_socket(stream)
+    if sock is None or len(pieces) == 1:
+        for piece in pieces:
+            with _bytes_view(piece) as view:
+                await stream.send_all(view)
+        return
+    views = [_bytes_view(p) for p in pieces]
+    try:
+        while views:
+            sent = await sock.sendmsg(views[:IOV_MAX])
+            while sent:
+                first = views[0]
+                if sent >= len(first):
+                    sent -= len(first)
+                    views.pop(0).release()
+                else:
+                    views[0] = first[sent:]
+                    first.release()
+                    sent = 0
+    finally:
+        for view in views:
+            view.release()
+
+
+def _bytes_view(data: Any) -> memoryview:
+    view = memoryview(data)
+    if view.ndim != 1 or view.itemsize != 1:
+        return view.cast("B")
+    return view
