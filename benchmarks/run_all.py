@@ -3,7 +3,8 @@
 The scripts (picked up by name, in the order of their workload numbers):
 w1_throughput.py, w2_latency.py, w3_tree_sum.py, w4_transfer.py,
 w5_kill_during_map.py, w6_hung_worker.py, w7_poison_task.py,
-w8_pending_memory.py, w9_startup.py, w10_scaling.py.
+w8_pending_memory.py, w9_startup.py, w10_scaling.py, w11_skewed_tasks.py,
+w12_spill.py.
 
 Each script runs in its own subprocess (and its own process group, so that
 a timed-out script's worker processes go with it). Options given here that

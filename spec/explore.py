@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from spec import invariants, worker_model
-from spec.model import EMPTY, TRANSITIONS, KeySpec, Scope, World, apply, enabled_events, show
+from spec.model import ALL_FEATURES, EMPTY, TRANSITIONS, KeySpec, Scope, World, apply, enabled_events, show
 
 
 class Result(NamedTuple):
@@ -150,6 +150,14 @@ _NO_EXTRAS = frozenset({"cancel", "retire", "stale-finish"})
 _CI = frozenset(
     {"cancel", "scatter-to-dead", "rejoin-with-data", "replicate", "restart", "scheduler-restart"}
 )
+# Every event of the task lifecycle, without work stealing and pauses: the
+# scopes that existed before them keep their size (with both, "chain" grows
+# from 15 760 states to 126 465). The "steal" and "pause" scopes below
+# combine the two with the lifecycle's other events.
+_LIFECYCLE = ALL_FEATURES - {"steal", "pause"}
+# Work stealing with faults, pauses, cancellation and scheduler restarts:
+# the events that take a task away from its victim while a steal is pending.
+_STEALING = frozenset({"steal", "pause", "cancel", "retire", "reconnect", "stale-finish", "scheduler-restart"})
 
 SCOPES: dict[str, Scope] = {
     # Small enough for CI (tests/properties/test_model_exhaustive.py).
@@ -168,10 +176,34 @@ SCOPES: dict[str, Scope] = {
         {"a": KeySpec(), "b": KeySpec(priority=1), "l": KeySpec(("a",), restrict=("w2",), loose=True)},
         max_faults=0, features=frozenset({"fire-and-forget"}),
     ),
-    # The script's default: every event, two faults.
-    "chain": Scope({"x": KeySpec(small=True), "y": KeySpec(("x",))}, max_faults=2),
-    "scatter": Scope({"s": KeySpec(scattered=True), "y": KeySpec(("s",))}, max_faults=2),
-    "restricted": Scope({"x": KeySpec(), "y": KeySpec(("x",), restrict=("w1",))}, max_faults=2),
+    # Two tasks need x, so both go where x is and one waits: the other
+    # worker may steal it, while workers leave, reconnect and the scheduler
+    # restarts.
+    "ci-steal": Scope(
+        {"x": KeySpec(), "y": KeySpec(("x",)), "z": KeySpec(("x",))},
+        max_faults=1, features=frozenset({"steal", "retire", "scheduler-restart"}),
+    ),
+    # Workers pause and resume while x and y are placed (and stolen).
+    "ci-pause": Scope(
+        {"x": KeySpec(), "y": KeySpec(("x",))}, max_faults=1, features=frozenset({"pause", "steal"})
+    ),
+    # The script's default: every event of the lifecycle, two faults.
+    "chain": Scope({"x": KeySpec(small=True), "y": KeySpec(("x",))}, max_faults=2, features=_LIFECYCLE),
+    "scatter": Scope({"s": KeySpec(scattered=True), "y": KeySpec(("s",))}, max_faults=2, features=_LIFECYCLE),
+    "restricted": Scope(
+        {"x": KeySpec(), "y": KeySpec(("x",), restrict=("w1",))}, max_faults=2, features=_LIFECYCLE
+    ),
+    # Work stealing and pauses with what can interrupt them (default scopes).
+    "steal": Scope(
+        {"x": KeySpec(), "y": KeySpec(("x",)), "z": KeySpec(("x",))}, max_faults=1, features=_STEALING
+    ),
+    "pause": Scope({"x": KeySpec(small=True), "y": KeySpec(("x",))}, max_faults=1),
+    # Bigger (--all): stealing with every other event but fire-and-forget
+    # (the `options` scope explores fire-and-forget with scheduler restarts).
+    "steal-all": Scope(
+        {"x": KeySpec(), "y": KeySpec(("x",)), "z": KeySpec(("x",))},
+        max_faults=1, features=ALL_FEATURES - {"fire-and-forget"},
+    ),
     # Bigger (--all): resources, priority, loose restrictions, fire-and-forget.
     "options": Scope(
         {
@@ -179,21 +211,21 @@ SCOPES: dict[str, Scope] = {
             "g": KeySpec(resources=(("GPU", 1),), priority=1),
             "l": KeySpec(("a",), restrict=("w2",), loose=True),
         },
-        worker_resources={"w1": (("GPU", 1),)}, max_faults=2,
+        worker_resources={"w1": (("GPU", 1),)}, max_faults=2, features=_LIFECYCLE,
     ),
     "two-clients": Scope(
         {"x": KeySpec(small=True), "y": KeySpec(("x",))}, clients=("c1", "c2"), max_faults=1,
         features=_NO_EXTRAS,
     ),
     # Bigger (--all): minutes each.
-    "queue": Scope({"a": KeySpec(), "b": KeySpec(), "c": KeySpec()}, max_faults=2),
+    "queue": Scope({"a": KeySpec(), "b": KeySpec(), "c": KeySpec()}, max_faults=2, features=_LIFECYCLE),
     "diamond": Scope(
         {"x": KeySpec(), "y": KeySpec(("x",)), "z": KeySpec(("x", "y"))}, max_faults=3,
         features=_NO_EXTRAS | {"scheduler-restart"},
     ),
     "mixed": Scope(
         {"s": KeySpec(scattered=True), "x": KeySpec(), "y": KeySpec(("x", "s"), restrict=("w1",))},
-        max_faults=2,
+        max_faults=2, features=_LIFECYCLE,
     ),
     "three-workers": Scope(
         {"x": KeySpec(), "y": KeySpec(("x",))}, workers=("w1", "w2", "w3"), max_faults=3,
@@ -204,9 +236,9 @@ SCOPES: dict[str, Scope] = {
         workers=("w1", "w2", "w3"), max_faults=3, allowed_failures=3, features=frozenset(),
     ),
 }
-CI_SCOPES = ("ci-chain", "ci-scatter", "ci-restricted", "ci-resources", "ci-options")
-DEFAULT_SCOPES = ("chain", "scatter", "restricted", "two-clients")
-CI_WORKER_SCOPES = ("local-chain", "fetch-one")
+CI_SCOPES = ("ci-chain", "ci-scatter", "ci-restricted", "ci-resources", "ci-options", "ci-steal", "ci-pause")
+DEFAULT_SCOPES = ("chain", "scatter", "restricted", "two-clients", "steal", "pause")
+CI_WORKER_SCOPES = ("local-chain", "fetch-one", "steal-one")
 
 WORKER_SCOPES: dict[str, worker_model.WorkerScope] = worker_model.SCOPES
 

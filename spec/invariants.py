@@ -34,12 +34,19 @@ from spec.model import (
     Outcome,
     Release,
     ReplicaAdded,
+    ReplicaLost,
     Restart,
     SchedulerRestarts,
     Scope,
+    StealAnswered,
     TaskFinishes,
     TaskStarts,
+    THIEF_GONE,
     World,
+    WorkerDies,
+    WorkerJoins,
+    WorkerResumes,
+    WorkerRetires,
     apply,
 )
 
@@ -68,12 +75,16 @@ def _awaits(scope: Scope, key: str, t) -> bool:
 
 
 def _can_take(scope: Scope, w: World, key: str, used: dict[str, dict[str, int]]) -> bool:
-    """Some allowed live worker has `key`'s resources free."""
+    """Some allowed live worker, not paused, has `key`'s resources free."""
     spec = scope.keys[key]
     allowed = sorted(w.live) if spec.restrict is None else [x for x in spec.restrict if x in w.live]
     if spec.loose and not allowed:
         allowed = sorted(w.live)
-    return any(all(used[x].get(r, 0) + n <= scope.has(x, r) for r, n in spec.resources) for x in allowed)
+    return any(
+        all(used[x].get(r, 0) + n <= scope.has(x, r) for r, n in spec.resources)
+        for x in allowed
+        if x not in w.paused
+    )
 
 
 # ------------------------------------------------------- state invariants --
@@ -156,14 +167,28 @@ STATE_INVARIANTS: tuple[Invariant, ...] = (
     ),
     Invariant(
         "INV-QUEUED",
-        "A task is queued only if it is an unconstrained root task and every live worker is saturated.",
+        "A task is queued only if it is an unconstrained root task and every live worker that is "
+        "not paused is saturated.",
         "worker connection closes (queued work stays movable)",
     ),
     Invariant(
         "INV-NO-WORKER",
         "A task is in no-worker only if it is constrained (restrictions, resources) and no allowed "
-        "live worker has its resources free.",
-        "worker connection closes",
+        "live worker that is not paused has its resources free, or it has inputs and every live "
+        "worker is paused.",
+        "worker connection closes / memory (a paused worker)",
+    ),
+    Invariant(
+        "INV-STEAL",
+        "A steal is pending only on a processing task, toward a worker other than the one it is "
+        "processing on (or toward none, its thief gone): a task being stolen stays processing on "
+        "its victim, so no task is ever processing on two workers.",
+        "(work stealing)",
+    ),
+    Invariant(
+        "INV-PAUSED",
+        "Only live workers are paused.",
+        "memory (a paused worker)",
     ),
     Invariant(
         "INV-REPLICAS",
@@ -240,14 +265,22 @@ def state_violations(scope: Scope, w: World) -> Iterator[str]:  # noqa: C901 - f
             yield f"INV-LOST: computed {at} is lost"
         if t.state is QUEUED and (spec.deps or spec.constrained):
             yield f"INV-QUEUED: {at} is not an unconstrained root task"
-        if t.state is QUEUED and not all(saturated.values()):
+        if t.state is QUEUED and not all(v for wk, v in saturated.items() if wk not in w.paused):
             yield f"INV-QUEUED: {at} queued while a worker is below capacity"
-        if t.state is NO_WORKER and (not spec.constrained or _can_take(scope, w, key, used)):
+        if t.state is NO_WORKER and (
+            _can_take(scope, w, key, used) if spec.constrained else not spec.deps or bool(w.live - w.paused)
+        ):
             yield f"INV-NO-WORKER: {at} although an allowed worker could take it"
+        if t.thief is not None and (
+            t.state is not PROCESSING or t.thief == t.processing_on or t.thief not in (*w.live, THIEF_GONE)
+        ):
+            yield f"INV-STEAL: {at} stolen by {t.thief}"
         if t.state is MEMORY and t.replicas:
             copies = len(t.who_has) + len(t.pending)
             if copies < min(t.replicas, len(w.live)) or not t.pending <= w.live - t.who_has:
                 yield f"INV-REPLICAS: {at} holders {sorted(t.who_has)} pending {sorted(t.pending)}"
+    if not w.paused <= w.live:
+        yield f"INV-PAUSED: {sorted(w.paused - w.live)} paused but not live"
     for key in held:
         if key not in tasks:
             yield f"INV-HELD: held key {key} was forgotten"
@@ -301,6 +334,20 @@ STEP_INVARIANTS: tuple[Invariant, ...] = (
         "Every key a client holds that fails, is lost, or is cancelled is reported to that client.",
         "user function raises / scattered data lost / Client.restart()",
     ),
+    Invariant(
+        "STEP-STEAL",
+        "A steal is asked only of a task that has not started, for a live worker that is not paused "
+        "and has nothing to do; and a task moves to its thief only when its victim answered that it "
+        "gave it up, never once it had started: a stolen task was not running, and never runs twice "
+        "because of a steal.",
+        "(work stealing)",
+    ),
+    Invariant(
+        "STEP-PAUSED",
+        "No task is sent to a paused worker (after a scheduler restart, until the workers have "
+        "re-announced their pauses, excepted).",
+        "memory (a paused worker)",
+    ),
 )
 
 
@@ -342,6 +389,11 @@ def step_violations(scope: Scope, pre: World, event: Event, out: Outcome) -> Ite
             for r, _ in scope.keys[key].resources:
                 if held[r] > scope.has(worker, r):
                     yield f"STEP-RESOURCES: {key} sent to {worker}, which then holds {held[r]} {r} of {scope.has(worker, r)}"
+    yield from _steal_violations(pre, event, out)
+    if not isinstance(event, SchedulerRestarts):
+        for worker, key in sorted(out.computes):
+            if worker in post.paused:
+                yield f"STEP-PAUSED: {key} sent to paused {worker}"
     told = {(r.client, r.key) for r in out.reports if r.kind in ("erred", "cancelled")}
     voluntary = isinstance(event, (Release, ClientLeaves))
     for client, key in pre.holds:
@@ -361,6 +413,37 @@ def step_violations(scope: Scope, pre: World, event: Event, out: Outcome) -> Ite
                 yield f"STEP-REPORTED: {client} not told that {key} finished"
 
 
+def _steal_violations(pre: World, event: Event, out: Outcome) -> Iterator[str]:
+    """STEP-STEAL: how steals are asked and how stolen tasks move."""
+    post = out.world
+    if isinstance(event, (SchedulerRestarts,)):
+        return
+    load = {wk: 0 for wk in post.live}
+    for _, t in post.tasks:
+        if t.state is PROCESSING:
+            load[t.processing_on] += 1
+    for key, a in post.tasks:
+        b = pre.task(key)
+        if a.thief not in (None, THIEF_GONE) and (b is None or b.thief is None or b.state is not PROCESSING):
+            # A steal asked in this step.
+            if a.running or a.thief not in post.live or a.thief in post.paused or load[a.thief]:
+                yield f"STEP-STEAL: steal of {key} for {a.thief} (running={a.running}, load {load.get(a.thief)})"
+        if b is None or b.state is not PROCESSING or a.state is not PROCESSING:
+            continue
+        moved = a.processing_on != b.processing_on
+        answered = isinstance(event, StealAnswered) and event.key == key
+        if answered and moved and (not event.given_up or b.running):
+            yield f"STEP-STEAL: {key} moved to {a.processing_on} though {b.processing_on} kept it or ran it"
+        if answered and not event.given_up and moved:
+            yield f"STEP-STEAL: {key} moved though its victim kept it"
+        # (A task its victim dropped for another reason may be placed anywhere,
+        # its thief included: the victim left, or could not fetch an input.)
+        victim_left = isinstance(event, (WorkerDies, WorkerRetires, WorkerJoins)) and event.worker == b.processing_on
+        dropped = isinstance(event, ReplicaLost) and event.dependent == key
+        if moved and b.thief == a.processing_on and not (answered or victim_left or dropped):
+            yield f"STEP-STEAL: {key} moved to its thief {a.processing_on} before its victim answered"
+
+
 # -------------------------------------------------------------- liveness --
 
 LIVENESS: tuple[Invariant, ...] = (
@@ -372,9 +455,9 @@ LIVENESS: tuple[Invariant, ...] = (
     ),
     Invariant(
         "LIVE-PROGRESS",
-        "If faults stop (copies on their way arrive) and a worker is alive, every held key ends "
-        "in memory, erred or lost "
-        "(or released, its value at the client), unless it needs a task restricted to absent workers.",
+        "If faults stop (copies on their way arrive), a worker is alive and paused workers resume, "
+        "every held key ends in memory, erred or lost (or released, its value at the client), unless "
+        "it needs a task restricted to absent workers.",
         "worker connection closes / a task keeps killing workers",
     ),
 )
@@ -417,6 +500,12 @@ def liveness_violations(scope: Scope, w: World) -> Iterator[str]:
         yield f"LIVE-FORGET: after releasing everything, still kept: {end.describe()}"
     if not w.live:
         return
+
+    def resume_one(cur: World) -> WorkerResumes | None:
+        return WorkerResumes(min(cur.paused)) if cur.paused else None
+
+    # Memory pressure ends too: a paused worker resumes (else nothing runs there).
+    w = _run(scope, w, resume_one, len(w.paused) + 1)
 
     def work(cur: World) -> TaskStarts | TaskFinishes | ReplicaAdded | None:
         for key, t in cur.tasks:

@@ -29,8 +29,14 @@ a value whose last copy vanished is recomputed, or lost if it was scattered
 released); what nobody needs is released; what nothing refers to is
 forgotten. Last,
 every task that is ready (all inputs in memory) is *placed*: on a live
-worker, in the queue (root tasks, when every worker is saturated), or in
-no-worker (when no allowed worker is alive).
+worker that is not paused, in the queue (root tasks, when every such worker
+is saturated), or in no-worker (when no allowed worker is alive and not
+paused). Then, with the "steal" feature, a worker with nothing to do *may*
+ask for a task that waits on another (work stealing): the task moves only
+when its worker answers that it gave the task up, which it may do only if
+it had not started it (`StealAnswered`). Whether a steal is worth it is the
+core's cost model (core/stealing.py), so the model allows every steal
+the rules permit, and none.
 
 A key is *needed* while a client holds it or while a dependent record is in
 progress (waiting, queued, no-worker, processing). A record is kept while it
@@ -42,7 +48,8 @@ when something needs the value.
 
 What the model leaves out, on purpose: priorities and queue order, byte
 sizes and placement by data volume, retries of raising tasks (the model
-runs every task with ``retries=0``), worker threads, stimulus ids.
+runs every task with ``retries=0``), worker threads (each worker has one),
+task durations and the cost model of stealing, stimulus ids.
 """
 
 from __future__ import annotations
@@ -96,6 +103,10 @@ from spec.world import (  # noqa: F401 - re-exported: `spec.model` is the one im
     SchedulerRestarts,
     FireAndForget,
     FIRE_AND_FORGET,
+    THIEF_GONE,
+    StealAnswered,
+    WorkerPauses,
+    WorkerResumes,
     Event,
     show,
     TRANSITIONS,
@@ -110,7 +121,8 @@ class _Draft:
     """A mutable copy of a world while one event is applied to it."""
 
     __slots__ = (
-        "scope", "tasks", "live", "holds", "delivered", "faults", "cancelled", "moves", "recovering", "restarted"
+        "scope", "tasks", "live", "holds", "delivered", "faults", "cancelled", "moves", "recovering", "restarted",
+        "paused",
     )
 
     def __init__(self, scope: Scope, world: World):
@@ -119,6 +131,7 @@ class _Draft:
         self.live: set[str] = set(world.live)
         self.holds: set[tuple[str, str]] = set(world.holds)
         self.delivered: set[tuple[str, str]] = set(world.delivered)
+        self.paused: set[str] = set(world.paused)
         self.faults = world.faults
         self.cancelled: list[tuple[str, str]] = []  # holds dropped by cancellation
         self.moves: set[tuple[State, State]] = set()  # transitions taken (coverage)
@@ -134,6 +147,7 @@ class _Draft:
         other.scope, other.faults = self.scope, self.faults
         other.tasks, other.live, other.holds = dict(self.tasks), set(self.live), set(self.holds)
         other.delivered = set(self.delivered)
+        other.paused = set(self.paused)
         other.cancelled, other.moves = list(self.cancelled), set(self.moves)
         other.recovering = dict(self.recovering)
         other.restarted = self.restarted
@@ -147,6 +161,7 @@ class _Draft:
             self.faults,
             # A released (or cancelled) hold takes its delivered value with it.
             frozenset(self.delivered & self.holds),
+            frozenset(self.paused),
         )
 
     # -- queries --
@@ -167,6 +182,11 @@ class _Draft:
         t = self.tasks.get(key)
         return t is not None and t.state is MEMORY and bool(t.who_has)
 
+    def running(self) -> set[str]:
+        """The live workers that take new work: those not paused. (A new
+        scheduler places work before the workers re-announce their pauses.)"""
+        return set(self.live) if self.restarted else self.live - self.paused
+
     # -- the one way a state changes --
 
     def move(self, key: str, target: State, **changes) -> None:
@@ -182,6 +202,7 @@ class _Draft:
         if target is not PROCESSING:
             fields.setdefault("processing_on", None)
             fields.setdefault("running", False)
+            fields.setdefault("thief", None)  # a pending steal ends with the assignment
         if target is not MEMORY:
             fields.setdefault("who_has", frozenset())
             fields.setdefault("pending", frozenset())
@@ -249,6 +270,13 @@ def _guard(scope: Scope, w: World, ev: Event) -> bool:  # noqa: C901 - one case 
             return d is not None and d.state is PROCESSING and key in d.deps
         case CopyDropped(key, worker):
             return t is not None and t.state is MEMORY and worker in t.who_has
+        case StealAnswered(key, given_up):
+            # A worker gives a task up only if it has not started it.
+            return t is not None and t.state is PROCESSING and t.thief is not None and not (given_up and t.running)
+        case WorkerPauses(worker):
+            return worker in w.live and worker not in w.paused
+        case WorkerResumes(worker):
+            return worker in w.paused
         case Restart() | SchedulerRestarts():
             return True
     return False
@@ -368,6 +396,19 @@ def _effect(d: _Draft, ev: Event) -> None:  # noqa: C901 - one case per event
             d.update(key, who_has=t.who_has - {worker})
         case Replicate(client, key, n):
             d.update(key, replicas=n if n > 1 else 0)
+        case StealAnswered(key, given_up):
+            t = d.tasks[key]
+            if not given_up:
+                d.update(key, thief=None)  # it started (or finished): it stays
+            elif t.thief in d.live and t.thief not in d.paused:
+                # Only now, the victim having given it up, does the thief get it.
+                d.move(key, PROCESSING, processing_on=t.thief, running=False, thief=None)
+            else:
+                d.move(key, WAITING)  # its thief left or paused: placed afresh
+        case WorkerPauses(worker):
+            d.paused.add(worker)
+        case WorkerResumes(worker):
+            d.paused.discard(worker)
         case FireAndForget(client, key):
             # Held by the pseudo-client until it has a value or a failure
             # (rule "fired-done"); a key with its value already needs nothing.
@@ -393,7 +434,11 @@ def _worker_leaves(d: _Draft, worker: str, *, suspect: bool) -> None:
     rerouted.
     """
     d.live.discard(worker)
+    d.paused.discard(worker)
     for key, t in list(d.tasks.items()):
+        if t.thief == worker:
+            d.update(key, thief=THIEF_GONE)
+            t = d.tasks[key]
         if t.state is PROCESSING and t.processing_on == worker:
             if t.running and suspect:
                 n = t.suspicious + 1
@@ -630,7 +675,8 @@ def _settle(d: _Draft) -> list[_Draft]:
                 break
         if fired is None:
             for alt in _keep_replicas(cur):
-                done.extend(_place(alt))
+                for placed in _place(alt):
+                    done.extend(_steal(placed))
         else:
             todo.extend(fired)
     return done
@@ -671,7 +717,8 @@ def _allowed(d: _Draft, key: str) -> list[str]:
     allowed = sorted(d.live) if spec.restrict is None else [w for w in spec.restrict if w in d.live]
     if spec.loose and not allowed:
         allowed = sorted(d.live)
-    return [w for w in allowed if all(scope.has(w, r) >= n for r, n in spec.resources)]
+    running = d.running()
+    return [w for w in allowed if w in running and all(scope.has(w, r) >= n for r, n in spec.resources)]
 
 
 def _place(d: _Draft) -> list[_Draft]:
@@ -682,10 +729,13 @@ def _place(d: _Draft) -> list[_Draft]:
     worker with its resources free (the resources held by the tasks
     processing there counted), else to no-worker, and may stay there only
     while no such worker can take it. A task with inputs goes to a worker
-    holding one of them. A root task goes to a live worker below capacity,
-    or queues; it may stay queued only while every live worker is saturated,
-    and never while a root task of lower user priority is sent out. Which
-    worker is not the model's concern.
+    holding one of them (one that is not paused; if every holder is, any
+    worker that is not; if every worker is, it waits in no-worker). A root
+    task goes to a live worker below capacity, or queues; it may stay queued
+    only while every live worker is saturated, and never while a root task of
+    lower user priority is sent out. A paused worker gets nothing new (the
+    only exception: a run it still has after a scheduler restart is taken up
+    there). Which worker is not the model's concern.
     """
     ready = [
         k
@@ -703,6 +753,7 @@ def _place(d: _Draft) -> list[_Draft]:
             load[t.processing_on] += 1
             for r, n in scope.keys[k].resources:
                 used[t.processing_on][r] = used[t.processing_on].get(r, 0) + n
+    running = d.running()
     choices: list[list[tuple[State, str | None, bool]]] = []
     roots: list[bool] = []
     allowed: dict[str, list[str]] = {}
@@ -713,10 +764,12 @@ def _place(d: _Draft) -> list[_Draft]:
             opts = [(PROCESSING, w, False) for w in allowed[k]] + [(NO_WORKER, None, False)]
             root = False
         elif t.deps:
-            holders = sorted(set().union(*(d.tasks[x].who_has for x in t.deps)))
-            opts, root = [(PROCESSING, w, False) for w in holders], False
+            holders = sorted(set().union(*(d.tasks[x].who_has for x in t.deps)) & running) or sorted(running)
+            allowed[k] = sorted(running)
+            opts = [(PROCESSING, w, False) for w in holders] or [(NO_WORKER, None, False)]
+            root = False
         else:
-            opts = [(PROCESSING, w, False) for w in sorted(d.live)] + [(QUEUED, None, False)]
+            opts = [(PROCESSING, w, False) for w in sorted(running)] + [(QUEUED, None, False)]
             root = True
         if d.recovering.get(k) in d.live:
             # After a scheduler restart: the run its worker still has is
@@ -758,7 +811,7 @@ def _place(d: _Draft) -> list[_Draft]:
         ):
             continue  # a constrained task idles while an allowed worker could take it
         if any(s is QUEUED for s, _, _ in combo) and any(
-            total[w] < scope.capacity for w in d.live
+            total[w] < scope.capacity for w in running
         ):
             continue  # a root task may not queue while a worker is below capacity
         sent = [scope.keys[k].priority for k, (s, _, rec), root in zip(ready, combo, roots) if root and s is PROCESSING and not rec]
@@ -774,6 +827,53 @@ def _place(d: _Draft) -> list[_Draft]:
                     alt.move(k, state, processing_on=w, running=recovered)
         out.append(alt)
     assert out, f"no placement for {ready}"
+    return out
+
+
+def _steal(d: _Draft) -> list[_Draft]:
+    """Rule "steal" (the "steal" feature): a worker with nothing to do may ask
+    for a task that waits on another worker.
+
+    A *thief* is a live worker, not paused, with no task processing and no
+    steal pending toward it (workers have one thread). It may ask for any
+    task processing on another worker that has not started, has no steal
+    pending, has no restrictions or resources, and waits: its worker has
+    another task processing, or is paused. Each thief asks for one task or
+    none; whether it does is the core's cost model, so both are allowed. The
+    task does not move yet: its worker's answer decides (`StealAnswered`).
+    """
+    if "steal" not in d.scope.features:
+        return [d]
+    # (After a scheduler restart the new scheduler may steal for a worker
+    # that has not re-announced its pause yet, as it may place work there.)
+    running = d.running()
+    load = {w: 0 for w in d.live}
+    for t in d.tasks.values():
+        if t.state is PROCESSING:
+            load[t.processing_on] += 1
+    expected = {t.thief for t in d.tasks.values() if t.thief is not None}
+    thieves = [w for w in sorted(running) if load[w] == 0 and w not in expected]
+    candidates = [
+        k
+        for k, t in sorted(d.tasks.items())
+        if t.state is PROCESSING
+        and not t.running
+        and t.thief is None
+        and not d.scope.keys[k].constrained
+        and (t.processing_on in d.paused or load[t.processing_on] >= 2)
+    ]
+    if not thieves or not candidates:
+        return [d]
+    out = []
+    for combo in itertools.product(*([None, *candidates] for _ in thieves)):
+        picked = [k for k in combo if k is not None]
+        if len(picked) != len(set(picked)):
+            continue  # one steal per task
+        alt = d.copy() if picked else d
+        for thief, k in zip(thieves, combo):
+            if k is not None:
+                alt.update(k, thief=thief)
+        out.append(alt)
     return out
 
 
@@ -919,6 +1019,15 @@ def enabled_events(scope: Scope, w: World) -> Iterator[Event]:
                     for dk, dt in w.tasks:
                         if dt.state is PROCESSING and k in dt.deps:
                             yield ReplicaLost(k, h, dk)
+    if "steal" in f:
+        for k, t in w.tasks:
+            if t.state is PROCESSING and t.thief is not None:
+                yield StealAnswered(k, False)
+                if not t.running:
+                    yield StealAnswered(k, True)
+    if "pause" in f:
+        for wk in sorted(w.live):
+            yield WorkerResumes(wk) if wk in w.paused else WorkerPauses(wk)
     if "restart" in f and (w.tasks or w.holds):
         yield Restart()
     if "scheduler-restart" in f and can_fault:

@@ -25,6 +25,11 @@ Two situations make this more than a queue:
   reports the input missing and drops the tasks that needed it; the
   scheduler decides what happens next.
 
+Work stealing and memory add two requests. A `Steal` asks the worker to give
+a task up for another worker: it does so only if the task's thread has not
+started (waiting or ready), and says which. A `Pause` (memory past its pause
+fraction) stops new threads and new requests until `Resume`.
+
 Which ready task takes a free thread, and which holder a fetch goes to, are
 left open (the core uses priorities and holder order).
 """
@@ -70,6 +75,8 @@ class WorkerScope:
         nthreads: threads of this worker.
         max_gathers: peers fetched from at once.
         max_faults: failed or incomplete answers from peers the explorer injects.
+        steals: whether the explorer asks for steals of assigned tasks.
+        pauses: whether the explorer pauses and resumes the worker.
     """
 
     tasks: Mapping[str, tuple[str, ...]]
@@ -78,6 +85,8 @@ class WorkerScope:
     nthreads: int = 1
     max_gathers: int = 1
     max_faults: int = 2
+    steals: bool = False  # the explorer tries Steal
+    pauses: bool = False  # the explorer tries Pause and Resume
 
     def __hash__(self) -> int:
         return hash((tuple(self.tasks.items()), self.inputs, self.peers))
@@ -100,6 +109,7 @@ class WWorld(NamedTuple):
     threads: frozenset[str]  # keys whose thread runs (Execute sent, not done)
     gathers: frozenset[tuple[str, frozenset[str]]]  # outstanding requests: (peer, keys)
     faults: int
+    paused: bool = False  # memory past the pause fraction: nothing new starts
 
     def task(self, key: str) -> WTask | None:
         for k, t in self.tasks:
@@ -110,7 +120,8 @@ class WWorld(NamedTuple):
 
 # Instructions, as plain tuples: ("execute", key), ("gather", peer, keys),
 # ("drop", key), ("started", key), ("finished", key), ("erred", key),
-# ("replica-added", key), ("missing", key, dependent-or-None), ("dropped", key).
+# ("replica-added", key), ("missing", key, dependent-or-None), ("dropped", key),
+# ("steal-answer", key, given_up).
 Instruction = tuple
 
 
@@ -168,7 +179,21 @@ class GatherFailed(NamedTuple):
     peer: str
 
 
-WEvent = Compute | Free | Replicas | Put | ExecutionDone | GatherDone | GatherFailed
+class Steal(NamedTuple):
+    """The scheduler would move `key` to another worker if it has not started here."""
+
+    key: str
+
+
+class Pause(NamedTuple):
+    """This worker's memory passed its pause fraction."""
+
+
+class Resume(NamedTuple):
+    """This worker's memory is back under its pause fraction."""
+
+
+WEvent = Compute | Free | Replicas | Put | ExecutionDone | GatherDone | GatherFailed | Steal | Pause | Resume
 
 
 def show(event: WEvent) -> str:
@@ -191,14 +216,15 @@ def describe(w: WWorld) -> str:
             flags.append("tried=" + ",".join(sorted(t.tried)))
         parts.append(f"{k}:{t.state.value}" + (f"[{' '.join(flags)}]" if flags else ""))
     gathers = "; ".join(f"{p}<-{','.join(sorted(ks))}" for p, ks in sorted(w.gathers))
-    return f"tasks {{{'; '.join(parts)}}} threads {sorted(w.threads)} gathers {{{gathers}}} faults {w.faults}"
+    paused = " paused" if w.paused else ""
+    return f"tasks {{{'; '.join(parts)}}} threads {sorted(w.threads)} gathers {{{gathers}}} faults {w.faults}{paused}"
 
 
 # -------------------------------------------------------------- the draft --
 
 
 class _Draft:
-    __slots__ = ("scope", "tasks", "threads", "gathers", "faults", "out")
+    __slots__ = ("scope", "tasks", "threads", "gathers", "faults", "out", "paused")
 
     def __init__(self, scope: WorkerScope, w: WWorld):
         self.scope = scope
@@ -206,11 +232,12 @@ class _Draft:
         self.threads: set[str] = set(w.threads)
         self.gathers: dict[str, frozenset[str]] = dict(w.gathers)
         self.faults = w.faults
+        self.paused = w.paused
         self.out: set[Instruction] = set()
 
     def copy(self) -> _Draft:
         other = _Draft.__new__(_Draft)
-        other.scope, other.faults = self.scope, self.faults
+        other.scope, other.faults, other.paused = self.scope, self.faults, self.paused
         other.tasks, other.threads = dict(self.tasks), set(self.threads)
         other.gathers, other.out = dict(self.gathers), set(self.out)
         return other
@@ -221,6 +248,7 @@ class _Draft:
             frozenset(self.threads),
             frozenset(self.gathers.items()),
             self.faults,
+            self.paused,
         )
 
     def dependents(self, key: str) -> list[str]:
@@ -339,6 +367,12 @@ def _guard(scope: WorkerScope, w: WWorld, ev: WEvent) -> bool:
             return requested is not None and set(got) <= requested
         case GatherFailed(peer):
             return peer in dict(w.gathers)
+        case Steal(key):
+            return key in scope.tasks
+        case Pause():
+            return not w.paused
+        case Resume():
+            return w.paused
     return False
 
 
@@ -430,6 +464,18 @@ def _effect(d: _Draft, ev: WEvent) -> None:  # noqa: C901 - one case per event
         case GatherFailed(peer):
             d.gathers.pop(peer)
             d.faults += 1
+        case Steal(key):
+            t = d.tasks.get(key)
+            # Given up only if its thread has not started, and nothing here
+            # waits for its value; then it is forgotten, as if never assigned.
+            given_up = t is not None and t.assigned and t.state in (WAITING, READY) and not d.dependents(key)
+            if given_up:
+                d.forget(key)
+            d.out.add(("steal-answer", key, given_up))
+        case Pause():
+            d.paused = True
+        case Resume():
+            d.paused = False
 
 
 def _effects(d: _Draft, pre: WWorld, ev: WEvent) -> list[_Draft]:
@@ -476,7 +522,7 @@ def _start(d: _Draft) -> list[_Draft]:
     """Free threads take ready tasks (any of them: priority is policy)."""
     ready = sorted(k for k, t in d.tasks.items() if t.state is READY)
     free = d.scope.nthreads - len(d.threads)
-    if not ready or free <= 0:
+    if not ready or free <= 0 or d.paused:
         return [d]
     out = []
     for chosen in itertools.combinations(ready, min(free, len(ready))):
@@ -497,7 +543,7 @@ def _gather(d: _Draft) -> list[_Draft]:
     in flight, or the limit on concurrent requests is reached.
     """
     fetch = sorted(k for k, t in d.tasks.items() if t.state is FETCH)
-    if not fetch:
+    if not fetch or d.paused:
         return [d]
     busy = set(d.gathers)
     options = [[None, *sorted(d.tasks[k].holders - busy)] for k in fetch]
@@ -553,8 +599,8 @@ WORKER_INVARIANTS: tuple[WInvariant, ...] = (
                "waits on is being fetched or computed here."),
     WInvariant("W-INV-FETCH", "A value to fetch has a holder left to ask, and a value in flight "
                "has a request outstanding."),
-    WInvariant("W-INV-BUSY", "No thread idles while a task is ready, and no holder idles while a "
-               "fetch waits and the request limit allows."),
+    WInvariant("W-INV-BUSY", "Unless the worker is paused, no thread idles while a task is ready, and "
+               "no holder idles while a fetch waits and the request limit allows."),
     WInvariant("W-INV-ASSIGNED", "A task waits or is ready here only if the scheduler assigned it here."),
 )
 WORKER_STEP_INVARIANTS: tuple[WInvariant, ...] = (
@@ -562,6 +608,9 @@ WORKER_STEP_INVARIANTS: tuple[WInvariant, ...] = (
     WInvariant("W-STEP-REFETCH", "Data a failed or incomplete request did not bring is asked of "
                "another holder or reported missing."),
     WInvariant("W-STEP-KEEP", "No value is dropped while a task here still needs it."),
+    WInvariant("W-STEP-GIVE-UP", "A task is given up to a steal only if its thread had not started, and "
+               "then it is forgotten here: it never runs here and on its thief."),
+    WInvariant("W-STEP-PAUSED", "A paused worker starts no thread and sends no request."),
 )
 
 
@@ -601,9 +650,9 @@ def state_violations(scope: WorkerScope, w: WWorld) -> Iterator[str]:  # noqa: C
             # (A request may outlive the need for it: the value was put here
             # meanwhile, or the record forgotten. Its answer is then dropped.)
             yield f"W-INV-FETCH: {at} but no request for it is outstanding"
-        if t.state is READY and len(w.threads) < scope.nthreads:
+        if t.state is READY and len(w.threads) < scope.nthreads and not w.paused:
             yield f"W-INV-BUSY: {at} while a thread is free"
-        if t.state is FETCH and len(w.gathers) < scope.max_gathers and t.holders - busy:
+        if t.state is FETCH and len(w.gathers) < scope.max_gathers and t.holders - busy and not w.paused:
             yield f"W-INV-BUSY: {at} while {sorted(t.holders - busy)} could be asked"
         if t.state in (WAITING, READY) and not t.assigned:
             yield f"W-INV-ASSIGNED: {at} not assigned here"
@@ -636,6 +685,12 @@ def step_violations(scope: WorkerScope, pre: WWorld, ev: WEvent, out: WOutcome) 
                 if not users or any(u in post or u not in dropped_for for u in users):
                     yield f"W-STEP-REFETCH: {key} neither asked elsewhere nor reported missing"
     for i in out.instructions:
+        if i[0] == "steal-answer" and i[2]:
+            b = pre.task(i[1])
+            if b is None or b.state not in (WAITING, READY) or i[1] in post or i[1] in out.world.threads:
+                yield f"W-STEP-GIVE-UP: {i[1]} given up though it was {b} (now {post.get(i[1])})"
+        if out.world.paused and i[0] in ("execute", "gather"):
+            yield f"W-STEP-PAUSED: {i[0]} {i[1]} while paused"
         if i[0] == "drop":
             users = [k for k, t in post.items() if i[1] in t.deps and t.state in USES_INPUTS]
             if users and i[1] in post and post[i[1]].state is MEMORY:
@@ -667,6 +722,12 @@ def enabled_events(scope: WorkerScope, w: WWorld) -> Iterator[WEvent]:
     for key in sorted(w.threads):
         yield ExecutionDone(key, True)
         yield ExecutionDone(key, False)
+    if scope.steals:
+        for key in sorted(tasks):
+            if key in scope.tasks:
+                yield Steal(key)
+    if scope.pauses:
+        yield Resume() if w.paused else Pause()
     for peer, keys in sorted(w.gathers):
         yield GatherDone(peer, tuple(sorted(keys)))
         if w.faults < scope.max_faults:
@@ -683,4 +744,9 @@ SCOPES: dict[str, WorkerScope] = {
     "local-chain": WorkerScope({"t": (), "u": ("t",)}, inputs=(), nthreads=1),
     "two-threads": WorkerScope({"t": ("i",), "r": (), "u": ("t",)}, inputs=("i",), nthreads=2,
                                max_faults=1),
+    # Steals and pauses of a task that fetches its input and of one that needs none.
+    "steal-one": WorkerScope({"t": ("i",), "r": ()}, inputs=("i",), max_faults=1, steals=True, pauses=True),
+    # Steals and pauses while a task fetches an input, one runs, one waits.
+    "steal-pause": WorkerScope({"t": ("i",), "r": (), "u": ("t",)}, inputs=("i",), max_faults=1,
+                               steals=True, pauses=True),
 }

@@ -105,12 +105,18 @@ ALL_FEATURES = frozenset(
         "restart",  # Restart
         "scheduler-restart",  # SchedulerRestarts
         "fire-and-forget",  # FireAndForget
+        "steal",  # work stealing: the steal rule of `_place`, and StealAnswered
+        "pause",  # WorkerPauses, WorkerResumes
     }
 )
 
 # The pseudo-client that holds a key a client fired and forgot, until the
 # key has a value or a failure. It is told nothing and releases nothing.
 FIRE_AND_FORGET = "fire-and-forget"
+
+# `Task.thief` of a steal still pending whose thief left: if the victim
+# gives the task up, it is placed afresh.
+THIEF_GONE = "(gone)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +201,9 @@ class Task(NamedTuple):
     # memory, or for scattered data released while it awaits such a copy
     # (its last holder left first: INV-AWAITED).
     pending: frozenset[str] = frozenset()
+    # A steal asked of its worker (the victim) that has not answered yet:
+    # the worker that will get it (THIEF_GONE if it left). Only while PROCESSING.
+    thief: str | None = None
 
 
 class World(NamedTuple):
@@ -206,6 +215,8 @@ class World(NamedTuple):
     faults: int
     # Holds whose client got the value itself with the report (small values).
     delivered: frozenset[tuple[str, str]] = frozenset()
+    # Live workers whose memory passed their pause fraction: sent nothing new.
+    paused: frozenset[str] = frozenset()
 
     def task(self, key: str) -> Task | None:
         for k, t in self.tasks:
@@ -231,10 +242,13 @@ class World(NamedTuple):
                 extra.append(str(t.failure))
             if t.replicas or t.pending:
                 extra.append(f"n={t.replicas} pending={sorted(t.pending)}")
+            if t.thief is not None:
+                extra.append(f"stealing->{t.thief}")
             parts.append(f"{k}:{t.state.value}" + (f"[{' '.join(extra)}]" if extra else ""))
         holds = ",".join(f"{c}>{k}" + ("(has value)" if (c, k) in self.delivered else "") for c, k in sorted(self.holds))
+        paused = f" paused {sorted(self.paused)}" if self.paused else ""
         return (
-            f"tasks {{{'; '.join(parts)}}} live {sorted(self.live)} "
+            f"tasks {{{'; '.join(parts)}}} live {sorted(self.live)}{paused} "
             f"holds {{{holds}}} faults {self.faults}"
         )
 
@@ -373,6 +387,26 @@ class Replicate(NamedTuple):
     n: int
 
 
+class StealAnswered(NamedTuple):
+    """The worker `key` is processing on answers the steal asked of it: it
+    gave the task up (it had not started it), or it keeps it."""
+
+    key: str
+    given_up: bool
+
+
+class WorkerPauses(NamedTuple):
+    """`worker`'s memory passed its pause fraction: it starts nothing new."""
+
+    worker: str
+
+
+class WorkerResumes(NamedTuple):
+    """`worker`'s memory is back under its pause fraction."""
+
+    worker: str
+
+
 class FireAndForget(NamedTuple):
     """A client asks that `key` be computed even once nobody holds it."""
 
@@ -392,7 +426,7 @@ class SchedulerRestarts(NamedTuple):
 Event = (
     Submit | Release | Cancel | ClientLeaves | Scatter | WorkerJoins | WorkerDies | WorkerRetires
     | TaskStarts | TaskFinishes | TaskRaises | ReplicaAdded | ReplicaLost | CopyDropped | Replicate | Restart
-    | SchedulerRestarts | FireAndForget
+    | SchedulerRestarts | FireAndForget | StealAnswered | WorkerPauses | WorkerResumes
 )
 
 
@@ -428,14 +462,19 @@ TRANSITIONS: dict[tuple[State, State], tuple[str, ...]] = {
     (QUEUED, MEMORY): ("WorkerJoins",),
     (QUEUED, RELEASED): ("not-needed",),
     (QUEUED, FORGOTTEN): ("Restart",),
-    (NO_WORKER, PROCESSING): ("ready",),
+    (NO_WORKER, PROCESSING): ("ready",),  # an allowed worker joined, resumed, or has resources free
     (NO_WORKER, MEMORY): ("WorkerJoins",),
     (NO_WORKER, WAITING): ("input-gone",),
     (NO_WORKER, ERRED): ("input-failed",),
     (NO_WORKER, RELEASED): ("not-needed",),
     (NO_WORKER, FORGOTTEN): ("Restart",),
     (PROCESSING, MEMORY): ("TaskFinishes", "WorkerJoins"),
-    (PROCESSING, WAITING): ("WorkerDies", "WorkerRetires", "WorkerJoins", "ReplicaLost", "input-gone"),
+    # Stolen: its victim gave it up, and it moves to the thief.
+    (PROCESSING, PROCESSING): ("StealAnswered",),
+    (PROCESSING, WAITING): (
+        "WorkerDies", "WorkerRetires", "WorkerJoins", "ReplicaLost", "input-gone",
+        "StealAnswered",  # given up, but its thief left or paused: placed afresh
+    ),
     (PROCESSING, ERRED): ("TaskRaises", "WorkerDies", "WorkerJoins", "input-failed"),
     (PROCESSING, RELEASED): ("not-needed",),
     (PROCESSING, FORGOTTEN): ("Restart",),

@@ -159,7 +159,8 @@ def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
         "--memory-limit",
         type=_memory,
         default=None,
-        help="kill and restart the worker when its resident memory passes this (e.g. 4GB; needs a nanny)",
+        help="the worker's memory limit (e.g. 4GB): it spills values to disk and pauses past fractions of "
+        "it (--memory-*-fraction); its nanny restarts it past --memory-terminate-fraction",
     )
     parser.add_argument(
         "--resources",
@@ -278,8 +279,8 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Co
     if args.command == "worker" and args.no_nanny:
         from trioflow.worker import Worker
 
-        if args.memory_limit is not None:
-            parser.error("--memory-limit needs a nanny (drop --no-nanny)")
+        # (Without a nanny, nobody kills a worker past its terminate fraction:
+        # it still spills and pauses by its limit.)
         server = Worker(
             args.scheduler_address,
             nthreads=args.nthreads,
@@ -292,6 +293,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Co
             credentials=credentials,
             contact_address=args.contact_address,
             resources=args.resources,
+            memory_limit=args.memory_limit,
         )
         return trio.run(run_until_signalled, server.serve, "worker", server.say_goodbye)
     if args.command in ("worker", "nanny"):

@@ -102,6 +102,34 @@ class Config:
     """Tasks sent ahead to a worker, per thread, before the rest queue on
     the scheduler. Higher hides round trips; lower balances better when a
     worker dies or tasks differ in length. ``inf`` sends everything at once."""
+    work_stealing: bool = True
+    """Let a worker with an idle thread take a task that waits on another
+    worker (after asking that worker whether it has started it; see
+    trioflow/core/stealing.py). False: where a task is placed, it runs."""
+    bandwidth: float = 100e6
+    """Bytes per second a value is taken to move between workers: what a
+    steal's inputs cost to fetch, against what the task costs to run."""
+
+    # -- memory (docs/resilience.md, "A worker's memory fills up") ----------
+    # Fractions of a worker's memory limit (a nanny's --memory-limit; a
+    # worker without one manages nothing). dask.distributed's defaults.
+    memory_target_fraction: float = 0.6
+    """Past this much of its limit in values it holds, a worker writes the
+    least recently used ones to disk (and reads them back when needed)."""
+    memory_spill_fraction: float = 0.7
+    """Past this much of its limit in process memory (RSS, what the nanny
+    measures), a worker spills values until it is back under the target."""
+    memory_pause_fraction: float = 0.8
+    """Past this much of its limit in process memory, a worker starts no new
+    task and fetches nothing, and the scheduler sends it nothing new, until
+    it is back under it."""
+    memory_terminate_fraction: float = 0.95
+    """Past this much of its limit in process memory, the nanny kills the
+    worker (and starts another). Above 1: only past the limit itself."""
+    spill_directory: str = ""
+    """Where a worker makes its spill directory (``trioflow-spill-<pid>-*``,
+    removed when it exits, or by its nanny if it was killed). Empty: the
+    system's temporary directory."""
 
     # -- who may connect (docs/security.md) ---------------------------------
     auth: bool = True

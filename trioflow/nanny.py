@@ -9,8 +9,11 @@ all of that:
   tasks instead);
 * when the worker dies it starts a new one, after a capped, jittered,
   exponential backoff if the worker keeps dying young;
-* with a `memory_limit`, it checks the worker's resident memory (psutil)
-  every `Config.memory_check_interval` and kills a worker that passes it;
+* with a `memory_limit`, it hands the limit to the worker (which spills to
+  disk and pauses by it: `trioflow.memory`), checks the worker's resident
+  memory (psutil) every `Config.memory_check_interval`, and kills a worker
+  that passes `Config.memory_terminate_fraction` of it; after a worker dies
+  it removes the spill directory the worker could not;
 * it serves a small control port on which the scheduler asks for restarts
   (`Client.restart()` goes scheduler -> nanny, so a worker too busy or too
   hung to read messages is still restarted);
@@ -30,7 +33,7 @@ import random
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import trio
@@ -49,6 +52,7 @@ from trioflow.comm.security import Security
 from trioflow.backoff import Backoff
 from trioflow.config import Config, parse_bytes
 from trioflow.errors import CommClosedError, ProtocolError
+from trioflow.memory import remove_spill_directories
 from trioflow.nurseries import background_tasks
 
 logger = logging.getLogger("trioflow.nanny")
@@ -75,8 +79,9 @@ class WorkerHandle(Protocol):
 
 
 class Launcher(Protocol):
-    async def launch(self, nanny_address: str) -> WorkerHandle:
-        """Start a worker whose nanny listens at `nanny_address`."""
+    async def launch(self, nanny_address: str, memory_limit: int | None = None) -> WorkerHandle:
+        """Start a worker whose nanny listens at `nanny_address`, with
+        `memory_limit` bytes to stay under (None: no limit)."""
 
 
 class ProcessHandle:
@@ -107,6 +112,21 @@ class ProcessHandle:
             await self.process.wait()
 
 
+# glibc's malloc keeps freed memory for reuse instead of giving it back to
+# the system, and after the first large block is freed it serves blocks of
+# tens of MB from that heap too. A worker that spilled a value would then
+# see its resident memory stay where it was, spill everything else and
+# pause for nothing. Setting a trim threshold (any one of malloc's tuning
+# variables also turns off that growth) makes freed memory go back to the
+# system. dask.distributed's nanny sets the same variable to the same value.
+MALLOC_TRIM_THRESHOLD_BYTES = 65536
+
+
+def _returning_freed_memory(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with MALLOC_TRIM_THRESHOLD_ set, unless the user set it already."""
+    return {"MALLOC_TRIM_THRESHOLD_": str(MALLOC_TRIM_THRESHOLD_BYTES), **env}
+
+
 class ProcessLauncher:
     """Starts ``python -m trioflow worker ... --no-nanny`` child processes.
 
@@ -130,7 +150,7 @@ class ProcessLauncher:
         # The worker's token goes in its environment, never its argv.
         self.env = {**(os.environ if env is None else env), **child_environment(credentials)} if credentials else env
 
-    async def launch(self, nanny_address: str) -> ProcessHandle:
+    async def launch(self, nanny_address: str, memory_limit: int | None = None) -> ProcessHandle:
         command = [
             sys.executable,
             "-m",
@@ -144,7 +164,11 @@ class ProcessLauncher:
             str(os.getpid()),
             *self.worker_args,
         ]
-        process = await trio.lowlevel.open_process(command, stdin=subprocess.DEVNULL, env=self.env)
+        env = self.env
+        if memory_limit is not None:
+            command += ["--memory-limit", str(memory_limit)]
+            env = _returning_freed_memory(os.environ if env is None else env)
+        process = await trio.lowlevel.open_process(command, stdin=subprocess.DEVNULL, env=env)
         return ProcessHandle(process)
 
 
@@ -158,9 +182,10 @@ class Nanny:
             uses to reach the scheduler, as a worker does.
         port: the control port (0: any free one; give one to open it in a
             firewall).
-        memory_limit: bytes of resident memory after which the worker is
-            killed (None: no limit). Needs a launcher whose handles have a
-            real ``pid``.
+        memory_limit: the worker's memory limit in bytes (None: no limit):
+            the worker spills and pauses by it, and is killed past
+            `Config.memory_terminate_fraction` of it. The kill needs a
+            launcher whose handles have a real ``pid``.
         config: tunables (backoff, memory check interval).
         network: how to serve the control port.
         rng: for backoff jitter (seeded in the simulator).
@@ -236,7 +261,7 @@ class Nanny:
             self.address = advertised_address(bound, scheduler) if scheduler else bound
             backoff = Backoff(self.config.reconnect_backoff_min, self.config.reconnect_backoff_max, self.rng)
             while True:
-                self.worker = await self.launcher.launch(self.address)
+                self.worker = await self.launcher.launch(self.address, memory_limit=self.memory_limit)
                 self.launches += 1
                 self._launched.set()
                 self._launched = trio.Event()
@@ -285,20 +310,29 @@ class Nanny:
         finally:
             with trio.CancelScope(shield=True):
                 await worker.terminate(TERMINATE_GRACE_S)
+            if worker.pid is not None:
+                # A worker killed (by us, or SIGKILL) could not remove its
+                # spill directory; one that exited cleanly already did.
+                remove_spill_directories(self.config, worker.pid)
         return reason
 
     async def _watch_memory(self, worker: WorkerHandle, done: trio.Event) -> None:
         import psutil
 
+        assert self.memory_limit is not None
+        fraction = self.config.memory_terminate_fraction
+        threshold = fraction * self.memory_limit
         try:
             process = psutil.Process(worker.pid)
             while True:
                 rss = process.memory_info().rss
-                if rss > self.memory_limit:  # type: ignore[operator]
+                if rss > threshold:
                     logger.warning(
-                        "worker pid %s uses %d bytes of memory, over its limit of %d bytes; killing it",
+                        "worker pid %s uses %d bytes of memory, over %g%% of its limit of %d bytes "
+                        "(memory_terminate_fraction); killing it",
                         worker.pid,
                         rss,
+                        100 * fraction,
                         self.memory_limit,
                     )
                     worker.kill()

@@ -32,6 +32,8 @@ memory -> waiting          a value's last copy was lost: it is recomputed
 memory or released -> lost scattered data lost its last copy (LostData)
 processing -> erred        with a `WorkerDeaths` failure: KilledWorker
 processing -> waiting      a run was rescheduled (its worker left, a retry)
+processing -> processing   a task was stolen (counted, no cluster event:
+                           a busy cluster steals often)
 =========================  ================================================
 
 So no rule of the core is copied here. The transitions of one event are
@@ -92,6 +94,8 @@ COUNTERS = {
     "recomputed": "values computed again because their last copy was lost",
     "rescheduled": "runs sent again (their worker left, or a retry)",
     "restarts": "cluster restarts (Client.restart)",
+    "steal_requests": "tasks an idle worker asked a busy one to give up (work stealing)",
+    "stolen": "tasks moved to another worker by a steal (their first worker had not started them)",
 }
 
 # Kinds of the cluster events, as `trioflow.comm.messages.EVENT_KINDS` declares them.
@@ -212,6 +216,8 @@ class TransitionLog(collections.deque):
         kind = _WATCHED.get((entry[1], entry[2]))
         if kind is not None:
             self._recorder.transition(kind, entry[0], entry[3])
+        elif entry[1] == entry[2] == "processing":
+            self._recorder.counts["stolen"] += 1
 
 
 class ClusterRecorder:
@@ -283,6 +289,10 @@ class ClusterRecorder:
             counts["result_bytes"] += nbytes or 0
         else:
             counts["runs_erred"] += 1
+
+    def steal_requested(self) -> None:
+        """The core asked a worker to give a task up for an idle one."""
+        self.counts["steal_requests"] += 1
 
     def transferred(self, nbytes: int) -> None:
         """A worker holds a copy it fetched from another."""

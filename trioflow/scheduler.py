@@ -84,8 +84,10 @@ from trioflow.core.scheduler_events import (
     ReportErred,
     ReportFinished,
     ReportLost,
+    RequestSteal,
     SchedulerEvent,
     SchedulerMessage,
+    StealAnswered,
     TaskErred,
     TaskFinished,
     TaskSpec,
@@ -93,6 +95,8 @@ from trioflow.core.scheduler_events import (
     TaskStarted,
     WorkerConnected,
     WorkerDisconnected,
+    WorkerPaused,
+    WorkerResumed,
 )
 from trioflow.errors import CommClosedError, ProtocolError, SerializationError
 from trioflow.comm import dumps, loads
@@ -252,6 +256,8 @@ class Scheduler:
         self.state = SchedulerState(
             allowed_failures=self.config.allowed_failures,
             worker_saturation=self.config.worker_saturation,
+            work_stealing=self.config.work_stealing,
+            bandwidth=self.config.bandwidth,
         )
         # What happened, for people (the dashboard, get_task_stream): fed
         # here, never read by a decision. It watches the core's story.
@@ -310,6 +316,9 @@ class Scheduler:
             m.ReplicaAdded: self._on_replica_added,
             m.ReplicaMissing: self._on_replica_missing,
             m.DataDropped: self._on_data_dropped,
+            m.StealResponse: self._on_steal_response,
+            m.Paused: self._on_paused,
+            m.Resumed: self._on_resumed,
             m.Goodbye: self._on_goodbye,
             # Heartbeats are answered by the reader; one that overtakes the
             # welcome on its way to the driver is answered here.
@@ -764,6 +773,11 @@ class Scheduler:
                     nbytes=dict(message.nbytes),
                 )
             )
+        elif isinstance(message, RequestSteal):
+            worker = self.workers.get(message.worker)
+            if worker is not None:
+                self.recorder.steal_requested()
+                worker.send(m.StealRequest(key=message.key, steal_id=message.steal_id))
         elif isinstance(message, AcquireReplicas):
             worker = self.workers.get(message.worker)
             if worker is not None:
@@ -833,7 +847,8 @@ class Scheduler:
             # scheduler keeps no values.
             self._inline_values[msg.key] = msg.value
         return TaskFinished(
-            self._stimulus("task-finished"), link.address, msg.key, msg.nbytes, inline=msg.value is not None
+            self._stimulus("task-finished"), link.address, msg.key, msg.nbytes,
+            inline=msg.value is not None, duration=msg.duration,
         )
 
     def _on_task_erred(self, link: WorkerLink, msg: m.TaskErred) -> SchedulerEvent:
@@ -853,6 +868,21 @@ class Scheduler:
 
     def _on_data_dropped(self, link: WorkerLink, msg: m.DataDropped) -> SchedulerEvent:
         return DataDropped(self._stimulus("data-dropped"), link.address, tuple(msg.keys))
+
+    def _on_steal_response(self, link: WorkerLink, msg: m.StealResponse) -> SchedulerEvent:
+        if msg.given_up and self.state.steal_pending(msg.key, msg.steal_id, link.address):
+            # The worker forgot the task: its function may go from there
+            # (the thief gets it with its ComputeTask, if it lacks it).
+            self._task_left(link, msg.key)
+        return StealAnswered(self._stimulus("steal-answered"), link.address, msg.key, msg.steal_id, msg.given_up)
+
+    def _on_paused(self, link: WorkerLink, msg: m.Paused) -> SchedulerEvent:
+        logger.info("worker %s paused: its memory is past its pause fraction", link.address)
+        return WorkerPaused(self._stimulus("worker-paused"), link.address)
+
+    def _on_resumed(self, link: WorkerLink, msg: m.Resumed) -> SchedulerEvent:
+        logger.info("worker %s resumed", link.address)
+        return WorkerResumed(self._stimulus("worker-resumed"), link.address)
 
     def _on_heartbeat(self, link: WorkerLink, msg: m.Heartbeat) -> None:
         self._answered_by_reader(link, msg)

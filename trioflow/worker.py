@@ -11,7 +11,10 @@ A worker does three things at once, each a task in one nursery:
 
 As in the scheduler, one driver task (`_drive`) owns the core; executions,
 fetches and the scheduler reader report back through a memory channel.
-The values live in `self.data`, which only the driver writes.
+The values live in `self.data`, which only the driver writes: a dict, or,
+with a memory limit, the spilling store of `trioflow.memory`, which a fourth
+task watches (`_watch_memory`): past its fractions of the limit the worker
+spills values to disk, and pauses.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import psutil
@@ -79,15 +82,19 @@ from trioflow.core.worker_events import (
     Gather,
     GatherFailed,
     GatherSucceeded,
+    MemoryPaused,
+    MemoryResumed,
     Rejoin,
     ReplicasRequested,
     SchedulerLost,
     SendDataDropped,
+    SendStealAnswer,
     SendReplicaAdded,
     SendReplicaMissing,
     SendTaskErred,
     SendTaskFinished,
     SendTaskStarted,
+    StealRequested,
     TaskRejoining,
     TaskSeceded,
     WorkerEvent,
@@ -95,6 +102,7 @@ from trioflow.core.worker_events import (
 )
 from trioflow.errors import CommClosedError, ProtocolError, SerializationError
 from trioflow.executor import Executor, ThreadExecutor
+from trioflow.memory import MemoryManager, too_big_message
 from trioflow.nurseries import background_tasks
 from trioflow.comm.frames import max_value_bytes, too_big
 from trioflow.comm.messages import INLINE_VALUE_BYTES
@@ -121,6 +129,9 @@ GET_DATA_CHUNK = 1_000
 # A busy link carries no heartbeats (any message is a sign of life), but
 # the dashboard still wants a busy worker's memory and load this often.
 METRICS_INTERVAL_S = 1.0
+# Storing values of at least this fraction of the memory limit at once has
+# the memory measured at once (`_after_store`).
+PROMPT_CHECK_FRACTION = 0.01
 
 
 class Worker:
@@ -150,6 +161,10 @@ class Worker:
             ``TRIOFLOW_TOKEN`` or `Config.token_file`).
         resources: what this worker offers to tasks that ask for resources
             (``{"GPU": 2}``); the scheduler counts what its tasks hold.
+        memory_limit: bytes this worker's process should stay under (its
+            nanny's limit): past fractions of it (`Config.memory_*`) values
+            are spilled to disk and the worker pauses (`trioflow.memory`).
+            None: values stay in memory, whatever their size.
     """
 
     def __init__(
@@ -169,6 +184,7 @@ class Worker:
         credentials: Credentials | None = None,
         contact_address: str | None = None,
         resources: dict[str, float] | None = None,
+        memory_limit: int | None = None,
     ):
         if nthreads < 1:
             raise ValueError(f"a worker needs at least one thread, got nthreads={nthreads}")
@@ -192,20 +208,27 @@ class Worker:
         self.budget = ByteBudget(self.config.max_process_bytes)
         self.address: str | None = None
         self.state: WorkerState | None = None
+        # Our own process, for the memory a heartbeat reports (only a worker
+        # that is a process of its own reports it) and the memory manager.
+        self._process = psutil.Process() if pid is not None or memory_limit is not None else None
+        # With a limit: what spills values and pauses the worker.
+        self.memory: MemoryManager | None = None
+        if memory_limit is not None:
+            self.memory = MemoryManager(memory_limit, self.config, self._rss)
         # key -> value. Invariant: exactly the keys the core holds in MEMORY
         # (plus, briefly, results of cancelled runs about to be dropped).
-        self.data: dict[str, Any] = {}
+        # With a memory limit, some of them may be on disk.
+        self.data: MutableMapping[str, Any] = {} if self.memory is None else self.memory.data
         # function_id -> function, as the scheduler sent them; dropped when
         # the scheduler says no task here calls one any more (free_functions).
         self.functions: dict[str, SerializedFunction] = {}
         self.executions = 0  # functions run to completion or error, for tests
         # Small results of the execution being reported, sent with task_finished.
         self._inline: dict[str, Serialized] = {}
-        # (start, stop) of the execution being reported, for the task stream.
+        # (start, stop) of the execution being reported, for the task stream,
+        # and how long it ran by Trio's clock, for the scheduler's estimates.
         self._run_times: dict[str, tuple[float, float]] = {}
-        # Our own process, for the memory a heartbeat reports (only a worker
-        # that is a process of its own reports it).
-        self._process = psutil.Process() if pid is not None else None
+        self._durations: dict[str, float] = {}
         self._scheduler: Connection | None = None
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[Callable, tuple]](math.inf)
         self._stimulus_ids = itertools.count()
@@ -230,6 +253,7 @@ class Worker:
             m.FreeFunctions: self._on_free_functions,
             m.AcquireReplicas: self._on_acquire_replicas,
             m.PutData: self._on_put_data,
+            m.StealRequest: self._on_steal_request,
             m.RunEverywhere: self._on_run,
             m.UploadFile: self._on_upload_file,
             m.Close: self._on_close,
@@ -267,6 +291,8 @@ class Worker:
                 self.state = WorkerState(self.address, self.nthreads)
                 if self.parent_pid is not None:
                     nursery.start_soon(self._watch_parent, self.parent_pid)
+                if self.memory is not None:
+                    nursery.start_soon(self._watch_memory)
                 async with open_connection_pool(
                     self.network, self.limits, role="peer",
                     connect_timeout=self.config.connect_timeout,
@@ -280,6 +306,8 @@ class Worker:
         finally:
             await self._close_task_client()
             self._remove_local_directory()
+            if self.memory is not None:
+                self.memory.close()  # the spill directory goes with the worker
             self.closed.set()
 
     async def _stay_connected(self, task_status: trio.TaskStatus[str]) -> None:
@@ -447,6 +475,9 @@ class Worker:
                 self.scheduler_address,
             )
             self._link_registered = True
+            if self.memory is not None and self.memory.paused:
+                # A new scheduler (or the same one after a break) must know.
+                conn.send(m.Paused())
             if not self._registered:
                 self._registered = True
                 task_status.started(self.address)
@@ -504,7 +535,59 @@ class Worker:
                 metrics["memory"] = float(self._process.memory_info().rss)
             except psutil.Error:
                 pass
+        if self.memory is not None:
+            metrics.update(self.memory.metrics())
         return metrics
+
+    # ------------------------------------------------------------- memory --
+
+    def _rss(self) -> int:
+        assert self._process is not None
+        try:
+            return self._process.memory_info().rss
+        except psutil.Error:
+            return 0
+
+    async def _watch_memory(self) -> None:
+        """Every `memory_check_interval`, have the driver measure and act."""
+        while True:
+            await trio.sleep(self.config.memory_check_interval)
+            self._post(self._check_memory)
+
+    def _after_store(self, nbytes: int) -> None:
+        """`nbytes` of values were just stored: if that is a lot (a hundredth
+        of the limit), measure soon rather than at the next check, since a
+        few tasks can make big values faster than the watcher looks.
+
+        Soon, not now: the check is posted behind the handler that stored
+        the value, whose frames (and the inbox item that carried it) still
+        refer to it. Spilled now, the value would leave the store but not
+        the process, the memory would not fall, and the check would spill
+        everything else, then pause the worker for nothing.
+        """
+        if self.memory is not None and nbytes >= self.memory.limit * PROMPT_CHECK_FRACTION:
+            self._post(self._check_memory)
+
+    def _check_memory(self) -> None:
+        """In the driver (the store is the driver's): spill, pause or resume."""
+        assert self.memory is not None
+        change = self.memory.check()
+        if change is None:
+            return
+        rss, limit = self.memory.last_rss, self.memory.limit
+        if change:
+            logger.warning(
+                "worker %s paused: its process uses %d bytes, past %.0f%% of its memory limit of %d bytes "
+                "(%d values, %d bytes, spilled to disk)",
+                self.address, rss, 100 * self.config.memory_pause_fraction, limit,
+                len(self.memory.data.slow), self.memory.data.spilled_bytes,
+            )
+            self._apply(MemoryPaused(self._stimulus("paused")))
+            self._send(m.Paused())
+        else:
+            logger.info("worker %s resumed: its process uses %d bytes of %d", self.address, rss, limit)
+            self._apply(MemoryResumed(self._stimulus("resumed")))
+            self._send(m.Resumed())
 
     # ------------------------------------------------------------- driver --
 
@@ -548,7 +631,10 @@ class Worker:
             inline = self._inline.get(instruction.key)
             start, stop = self._run_times.get(instruction.key, (None, None))
             self._send(
-                m.TaskFinished(key=instruction.key, nbytes=instruction.nbytes, value=inline, start=start, stop=stop)
+                m.TaskFinished(
+                    key=instruction.key, nbytes=instruction.nbytes, value=inline, start=start, stop=stop,
+                    duration=self._durations.get(instruction.key),
+                )
             )
         elif isinstance(instruction, SendTaskErred):
             start, stop = self._run_times.get(instruction.key, (None, None))
@@ -556,6 +642,10 @@ class Worker:
             self._send(m.TaskErred(key=instruction.key, failure=failure, start=start, stop=stop))
         elif isinstance(instruction, SendReplicaAdded):
             self._send(m.ReplicaAdded(key=instruction.key, nbytes=instruction.nbytes))
+        elif isinstance(instruction, SendStealAnswer):
+            self._send(
+                m.StealResponse(key=instruction.key, steal_id=instruction.steal_id, given_up=instruction.given_up)
+            )
         elif isinstance(instruction, SendDataDropped):
             keys = list(instruction.keys)
             for start in range(0, len(keys), m.MAX_KEYS):
@@ -608,6 +698,9 @@ class Worker:
             )
         )
 
+    def _on_steal_request(self, conn: Connection, msg: m.StealRequest) -> None:
+        self._apply(StealRequested(self._stimulus("steal"), msg.key, msg.steal_id))
+
     def _on_free_keys(self, conn: Connection, msg: m.FreeKeys) -> None:
         self._apply(FreeRequested(self._stimulus("free"), tuple(msg.keys)))
 
@@ -639,7 +732,7 @@ class Worker:
             reply(conn, msg, error=str(exc))
             return
         self.data.update(values)
-        nbytes = {key: sizeof(self.data[key]) for key in msg.data}
+        nbytes = {key: self._size_of(key) for key in msg.data}
         self._apply(DataPut(self._stimulus("put-data"), nbytes))
         reply(conn, msg, m.PutDataReply(nbytes=nbytes))
 
@@ -747,27 +840,49 @@ class Worker:
             ok, outcome = run()
             return ok, outcome, (start, start + (time.perf_counter() - begun))
 
+        # How long it ran by Trio's clock (a decision's input, unlike `times`:
+        # the scheduler's duration estimates; virtual seconds in the simulator).
+        began = trio.current_time()
         ok, outcome, times = await self.executor.run(timed)
+        duration = trio.current_time() - began
         if ok:
-            self._post(self._executed, key, outcome, None, times)
+            self._post(self._executed, key, outcome, None, times, duration)
         else:
-            self._post(self._executed, key, None, outcome, times)
+            self._post(self._executed, key, None, outcome, times, duration)
 
-    def _executed(self, key: str, result: Any, failure: Any, times: tuple[float, float] | None = None) -> None:
+    def _executed(
+        self,
+        key: str,
+        result: Any,
+        failure: Any,
+        times: tuple[float, float] | None = None,
+        duration: float | None = None,
+    ) -> None:
         self.executions += 1
         if times is not None:
             self._run_times[key] = times
+        if duration is not None:
+            self._durations[key] = duration
         try:
             self._report_execution(key, result, failure)
         finally:
             self._run_times.clear()
+            self._durations.clear()
 
     def _report_execution(self, key: str, result: Any, failure: Any) -> None:
         if failure is not None:
             self._apply(ExecutionFailed(self._stimulus("execute-failed"), key, failure))
             return
-        self.data[key] = result
         nbytes = sizeof(result)
+        if self.memory is not None and self.memory.too_big(nbytes):
+            # Kept, it would push the process past its limit (the nanny kills
+            # it); spilled, it could never be read back. A clear error instead.
+            error = MemoryError(too_big_message(key, nbytes, self.memory.limit))
+            logger.warning("worker %s: %s", self.address, error)
+            del result
+            self._apply(ExecutionFailed(self._stimulus("execute-failed"), key, user_error_from_exception(error)))
+            return
+        self.data[key] = result
         if nbytes <= INLINE_VALUE_BYTES:
             # Small enough to ride along with task_finished: the client then
             # has the value without asking this worker for it.
@@ -781,6 +896,7 @@ class Worker:
             self._apply(ExecutionSucceeded(self._stimulus("executed"), key, nbytes))
         finally:
             self._inline.clear()
+        self._after_store(nbytes)
 
     # ---------------------------------------------------------- fetching --
 
@@ -821,6 +937,12 @@ class Worker:
                 failures[key] = user_error_from_exception(SerializationError(message))
         self._post(self._gathered, peer, loaded, tuple(k for k in missing if k in asked), failures)
 
+    def _size_of(self, key: str) -> int:
+        """The estimated size of a value held here (without reading it back from disk)."""
+        if self.memory is not None:
+            return self.memory.data.sizes[key]
+        return sizeof(self.data[key])
+
     def _gathered(self, peer: str, values: dict[str, Any], missing: tuple, failures: dict) -> None:
         assert self.state is not None
         nbytes = {}
@@ -830,6 +952,7 @@ class Worker:
                 self.data[key] = value
                 nbytes[key] = sizeof(value)
         self._apply(GatherSucceeded(self._stimulus("gathered"), peer, nbytes, missing, failures))
+        self._after_store(sum(nbytes.values()))
 
     # --------------------------------------------------------- serving data --
 
@@ -871,7 +994,8 @@ class Worker:
                 missing.append(key)
                 continue
             try:
-                value = dumps(self.data[key])
+                # A spilled value goes as the bytes on disk, never unpickled here.
+                value = self.memory.data.serialized(key) if self.memory is not None else dumps(self.data[key])
             except SerializationError as exc:
                 errors[key] = clip(f"the result of {key!r} cannot be sent: {exc}", m.MAX_REASON_CHARS - 20)
                 continue

@@ -105,9 +105,16 @@ def test_bad_memory_sizes_are_refused(text):
         parse_memory(text)
 
 
-def test_memory_limit_needs_a_nanny():
-    """--memory-limit with --no-nanny is refused with a clear message."""
-    from tests.cluster.test_cli import run_cli
-
-    result = run_cli("worker", "tcp://127.0.0.1:1", "--no-nanny", "--memory-limit", "1GB")
-    assert result.returncode == 2 and "--memory-limit needs a nanny" in result.stderr
+@pytest.mark.parametrize("nanny", [True, False], ids=["nanny", "no-nanny"])
+def test_the_worker_knows_its_memory_limit(spawn, scheduler, nanny):
+    """--memory-limit reaches the worker, which spills and pauses by it (a
+    nanny passes it on to the worker it starts; without a nanny the worker
+    takes it itself, and nobody terminates it): its heartbeat says so."""
+    spawn("worker", scheduler, "--memory-limit", "300MB", *(() if nanny else ("--no-nanny",)))
+    with trioflow.Client(scheduler) as client:
+        client.wait_for_workers(1, timeout=30)
+        poll(
+            lambda: [w["metrics"].get("memory_limit") for w in client.scheduler_info()["workers"].values()]
+            == [3e8],
+            message="the worker's heartbeat to carry its limit",
+        )

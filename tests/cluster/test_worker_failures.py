@@ -208,9 +208,9 @@ def test_innocent_tasks_on_a_poisoned_worker_are_rerouted_not_marked():
 
 
 def test_memory_hog_is_killed_by_its_nanny_and_the_cluster_recovers(caplog):
-    """A worker past memory_limit is killed by the nanny (logged with the
-    figure), the task counts as having killed it, and the restarted workers
-    serve new work."""
+    """A worker past memory_terminate_fraction (0.95) of its memory_limit is
+    killed by the nanny (logged with the figure), the task counts as having
+    killed it, and the restarted workers serve new work."""
     caplog.set_level(logging.WARNING, logger="trioflow.nanny")
     limit = 400 * 2**20
     config = trioflow.Config(allowed_failures=1)
@@ -221,11 +221,11 @@ def test_memory_hog_is_killed_by_its_nanny_and_the_cluster_recovers(caplog):
                 hog.result(timeout=120)
             poll(lambda: len(worker_pids(client)) == 2, message="workers back")
             assert client.submit(slow_inc, 1).result(timeout=30) == 2
-    kills = [r.getMessage() for r in caplog.records if "over its limit" in r.getMessage()]
+    kills = [r.getMessage() for r in caplog.records if "of its limit of" in r.getMessage()]
     assert kills, "the nanny did not log the kill"
     used = int(re.search(r"uses (\d+) bytes of memory", kills[0]).group(1))
-    assert used > limit
-    assert f"over its limit of {limit} bytes" in kills[0]
+    assert used > 0.95 * limit
+    assert f"over 95% of its limit of {limit} bytes (memory_terminate_fraction)" in kills[0]
 
 
 def test_scattered_data_is_lost_with_its_only_holder(cluster2):

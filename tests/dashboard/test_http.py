@@ -47,6 +47,8 @@ async def test_the_page_and_its_state_show_the_cluster(dashboard):
     assert {w["address"] for w in state["workers"]} == set(cluster.scheduler.state.workers)
     assert all(w["nthreads"] == 1 and w["processing"] == 0 and w["pid"] is None for w in state["workers"])
     assert all(w["seen_age"] >= 0 and (w["heartbeat_age"] is None or w["heartbeat_age"] >= 0) for w in state["workers"])
+    # No memory limit here: nothing spilled, nobody paused.
+    assert all(w["spilled"] is None and w["paused"] is False for w in state["workers"])
     assert state["tasks"]["memory"] == 5 and set(state["tasks"]) >= {"waiting", "processing", "erred"}
     assert [run[2] for run in state["runs"]] == ["inc"] * 5 and state["runs_newest"] == 5
     assert [e["kind"] for e in state["events"]] == ["worker-joined", "worker-joined"]
@@ -73,7 +75,8 @@ async def test_metrics_are_prometheus_text_with_every_family(dashboard):
         "trioflow_result_bytes", "trioflow_transfer_bytes", "trioflow_workers_joined", "trioflow_worker_deaths",
         "trioflow_workers_retired", "trioflow_killed_worker", "trioflow_lost_data", "trioflow_recomputations",
         "trioflow_rescheduled_runs", "trioflow_restarts", "trioflow_event_loop_lag_seconds",
-        "trioflow_event_loop_last_lag_seconds",
+        "trioflow_event_loop_last_lag_seconds", "trioflow_worker_spilled_bytes", "trioflow_steal_requests",
+        "trioflow_stolen",
     ):
         assert name in families, name
 

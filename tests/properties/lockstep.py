@@ -41,7 +41,9 @@ from trioflow.core.scheduler_events import (
     ReportFinished,
     RecoveryEnded,
     ReportLost,
+    RequestSteal,
     SchedulerEvent,
+    StealAnswered,
     TaskErred,
     TaskFinished,
     TaskSpec,
@@ -49,6 +51,8 @@ from trioflow.core.scheduler_events import (
     TaskStarted,
     WorkerConnected,
     WorkerDisconnected,
+    WorkerPaused,
+    WorkerResumed,
 )
 from trioflow.core.scheduler_invariants import check_invariants
 
@@ -70,7 +74,9 @@ def make_core(scope: m.Scope) -> SchedulerState:
     # One thread per worker and saturation 1.0 give capacity 1, which is
     # what `scope.capacity` says.
     assert scope.capacity == 1
-    return SchedulerState(allowed_failures=scope.allowed_failures, worker_saturation=1.0)
+    return SchedulerState(
+        allowed_failures=scope.allowed_failures, worker_saturation=1.0, work_stealing="steal" in scope.features
+    )
 
 
 def started_core(scope: m.Scope) -> SchedulerState:
@@ -109,8 +115,11 @@ def restart_events(scope: m.Scope, world: m.World, *, clients_first: bool) -> li
             for k in lineage
         )
         clients.append(TasksSubmitted(sid(), client, specs, tuple(held)))
-    # The window closes once everyone who reconnected in time has spoken.
-    return [*(clients + workers if clients_first else workers + clients), RecoveryEnded(sid())]
+    # The window closes once everyone who reconnected in time has spoken;
+    # a paused worker says so again right after its welcome (the new
+    # scheduler may have placed work on it before it heard).
+    pauses = [WorkerPaused(sid(), w) for w in sorted(world.paused)]
+    return [*(clients + workers if clients_first else workers + clients), RecoveryEnded(sid()), *pauses]
 
 
 def task_spec(scope: m.Scope, key: str, run_spec) -> TaskSpec:
@@ -120,8 +129,9 @@ def task_spec(scope: m.Scope, key: str, run_spec) -> TaskSpec:
     return TaskSpec(key, run_spec, spec.deps, 0, spec.restrict, spec.loose, resources, spec.priority)
 
 
-def to_core(scope: m.Scope, world: m.World, event: m.Event) -> SchedulerEvent:
-    """The core event that means the same as the model's `event`."""
+def to_core(scope: m.Scope, world: m.World, event: m.Event, core: SchedulerState | None = None) -> SchedulerEvent:
+    """The core event that means the same as the model's `event` (a steal's
+    answer needs the `core`, for the id of the steal it answers)."""
     match event:
         case m.Submit(client, key):
             specs = tuple(task_spec(scope, k, f"run-{k}") for k in scope.lineage(key) if not scope.keys[k].scattered)
@@ -161,6 +171,13 @@ def to_core(scope: m.Scope, world: m.World, event: m.Event) -> SchedulerEvent:
             return ReplicationRequested(sid(), client, (key,), n)
         case m.Restart():
             return ClusterRestarted(sid())
+        case m.StealAnswered(key, given_up):
+            pending = core.stealing[key]
+            return StealAnswered(sid(), pending.victim, key, pending.steal_id, given_up)
+        case m.WorkerPauses(worker):
+            return WorkerPaused(sid(), worker)
+        case m.WorkerResumes(worker):
+            return WorkerResumed(sid(), worker)
     raise NotImplementedError(f"the core has no event for {m.show(event)} yet")
 
 
@@ -197,12 +214,22 @@ def abstract(core: SchedulerState, faults: int) -> m.World:
                     failure=failure_of(ts.failure, ts.failure_origin),
                     replicas=ts.replicas_wanted if key in core.replicated else 0,
                     pending=frozenset(ts.replicas_pending),
+                    thief=_thief(core, key),
                 ),
             )
         )
     holds = frozenset((c, k) for c, keys in core.clients.items() for k in keys)
     delivered = frozenset((c, k) for k, ts in core.tasks.items() for c in ts.delivered)
-    return m.World(tuple(sorted(tasks)), frozenset(core.workers), holds, faults, delivered)
+    paused = frozenset(a for a, ws in core.workers.items() if ws.paused)
+    return m.World(tuple(sorted(tasks)), frozenset(core.workers), holds, faults, delivered, paused)
+
+
+def _thief(core: SchedulerState, key: str) -> str | None:
+    """The model's `Task.thief` of a core task: its pending steal's thief."""
+    pending = core.stealing.get(key)
+    if pending is None:
+        return None
+    return m.THIEF_GONE if pending.thief is None else pending.thief
 
 
 def reports_of(messages) -> set[m.Report]:
@@ -258,7 +285,7 @@ class Lockstep:
                 messages += self.core.handle(core_event)
         else:
             if core_event is None:
-                core_event = to_core(self.scope, pre, event)
+                core_event = to_core(self.scope, pre, event, self.core)
             self.trace.append(m.show(event) if event is not None else f"(core only) {core_event}")
             messages = self.core.handle(core_event)
         try:
@@ -295,6 +322,7 @@ class Lockstep:
             )
             if not there and not moved:
                 self.fail(f"ComputeTask({worker}, {key}) but the task is neither processing nor held there")
+        self._check_steals_asked(pre, seen, messages)
         self._check_failures_named(seen)
         problems = list(spec_invariants.state_violations(self.scope, seen))
         if event is not None:
@@ -315,6 +343,15 @@ class Lockstep:
         }[r.kind]
         if not ok:
             self.fail(f"core sent an untrue report {r} (key is {post.state_of(r.key).value})")
+
+    def _check_steals_asked(self, pre: m.World, post: m.World, messages) -> None:
+        """Every steal that began in this step was asked of its victim."""
+        asked = {(msg.worker, msg.key) for msg in messages if isinstance(msg, RequestSteal)}
+        for key, t in post.tasks:
+            before = pre.task(key)
+            if t.thief not in (None, m.THIEF_GONE) and (before is None or before.thief is None):
+                if (t.processing_on, key) not in asked:
+                    self.fail(f"steal of {key} pending, but no RequestSteal was sent to {t.processing_on}")
 
     def _check_failures_named(self, world: m.World) -> None:
         """KilledWorker names the key and the count; LostData names the key."""

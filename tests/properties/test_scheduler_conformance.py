@@ -186,6 +186,23 @@ class SchedulerConformance(RuleBasedStateMachine):
         key = data.draw(st.sampled_from(self.keys_in(m.PROCESSING)))
         self.step(m.TaskRaises(key))
 
+    # -- work stealing and memory --
+
+    @precondition(lambda self: any(t.thief is not None for _, t in self.world.tasks))
+    @rule(data=st.data(), given_up=st.booleans())
+    def victim_answers(self, data, given_up):
+        """The victim of a pending steal answers: it gave the task up (possible
+        only if it had not started it), or it keeps it."""
+        key = data.draw(st.sampled_from([k for k, t in self.world.tasks if t.thief is not None]))
+        self.step(m.StealAnswered(key, given_up and not self.world.task(key).running))
+
+    @precondition(lambda self: self.world.live)
+    @rule(data=st.data())
+    def memory_pressure(self, data):
+        """A worker's memory passes its pause fraction, or falls back under it."""
+        worker = data.draw(st.sampled_from(sorted(self.world.live)))
+        self.step(m.WorkerResumes(worker) if worker in self.world.paused else m.WorkerPauses(worker))
+
     # -- data --
 
     @precondition(lambda self: self.keys_in(m.MEMORY))
@@ -433,6 +450,58 @@ def test_a_loose_task_runs_elsewhere_while_its_worker_is_away():
     """f prefers w2; with only w1 alive it runs on w1."""
     ls = run(m.WorkerJoins("w1"), m.Submit("c1", "f"), m.TaskFinishes("p", "w1"), m.TaskFinishes("b", "w1"))
     assert ls.world.task("f").processing_on == "w1"
+
+
+# Work stealing and paused workers: minimal sequences, core and model step by step.
+
+
+def test_a_waiting_task_is_stolen_only_once_its_victim_gave_it_up():
+    """d and e both need a (on w1): one waits there; w2, idle, asks for it,
+    and gets it only when w1 answers that it gave it up."""
+    ls = run(
+        m.WorkerJoins("w1"), m.Scatter("c1", "s", "w1"), m.Submit("c1", "a"), m.TaskFinishes("a", "w1"),
+        m.Submit("c1", "d"), m.Submit("c1", "e"), m.TaskFinishes("b", "w1"), m.WorkerJoins("w2"),
+    )
+    [stolen] = [k for k, t in ls.world.tasks if t.thief == "w2"]
+    assert ls.world.task(stolen).processing_on == "w1"
+    ls.step(m.StealAnswered(stolen, True))
+    assert ls.world.task(stolen).processing_on == "w2" and ls.world.task(stolen).thief is None
+
+
+def test_a_task_that_started_is_kept_by_its_victim():
+    """The victim started the task before the request arrived: it stays there."""
+    ls = run(
+        m.WorkerJoins("w1"), m.Scatter("c1", "s", "w1"), m.Submit("c1", "a"), m.TaskFinishes("a", "w1"),
+        m.Submit("c1", "d"), m.Submit("c1", "e"), m.TaskFinishes("b", "w1"), m.WorkerJoins("w2"),
+    )
+    [stolen] = [k for k, t in ls.world.tasks if t.thief == "w2"]
+    ls.step(m.TaskStarts(stolen))
+    ls.step(m.StealAnswered(stolen, False))
+    assert ls.world.task(stolen).processing_on == "w1" and ls.world.task(stolen).running
+
+
+def test_a_task_given_up_after_its_thief_died_is_placed_again():
+    """The thief died while the victim was asked: the task, given up, is placed afresh."""
+    ls = run(
+        m.WorkerJoins("w1"), m.Scatter("c1", "s", "w1"), m.Submit("c1", "a"), m.TaskFinishes("a", "w1"),
+        m.Submit("c1", "d"), m.Submit("c1", "e"), m.TaskFinishes("b", "w1"), m.WorkerJoins("w2"),
+    )
+    [stolen] = [k for k, t in ls.world.tasks if t.thief == "w2"]
+    ls.step(m.WorkerDies("w2"))
+    assert ls.world.task(stolen).thief == m.THIEF_GONE
+    ls.step(m.StealAnswered(stolen, True))
+    assert ls.world.task(stolen).processing_on == "w1"
+
+
+def test_a_paused_worker_gets_nothing_new_and_its_waiting_task_is_stolen():
+    """w1 pauses with b assigned; w2 joins and asks for b at once (a paused
+    worker's waiting task is always worth stealing); p goes to w2, not w1."""
+    ls = run(m.WorkerJoins("w1"), m.Submit("c1", "b"), m.WorkerPauses("w1"), m.WorkerJoins("w2"))
+    assert ls.world.task("b").thief == "w2"
+    ls.step(m.Submit("c1", "p"))
+    assert ls.world.task("p").processing_on == "w2"
+    ls.step(m.StealAnswered("b", True))
+    assert ls.world.task("b").processing_on == "w2"
 
 
 def test_a_fired_and_forgotten_task_runs_to_the_end_and_is_forgotten():

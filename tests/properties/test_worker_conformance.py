@@ -31,6 +31,8 @@ from trioflow.core.worker_events import (
     Gather,
     GatherFailed,
     GatherSucceeded,
+    MemoryPaused,
+    MemoryResumed,
     ReplicasRequested,
     SendDataDropped,
     SendReplicaAdded,
@@ -38,6 +40,8 @@ from trioflow.core.worker_events import (
     SendTaskErred,
     SendTaskFinished,
     SendTaskStarted,
+    SendStealAnswer,
+    StealRequested,
     WorkerEvent,
 )
 from trioflow.core.worker_invariants import check_worker_invariants
@@ -50,6 +54,8 @@ SCOPE = wm.WorkerScope(
     peers=("p1", "p2"),
     nthreads=2,
     max_gathers=1,
+    steals=True,
+    pauses=True,
 )
 HOLDERS = st.lists(st.sampled_from(["p1", "p2", wm.ME]), min_size=1, max_size=2, unique=True).map(tuple)
 BOOM = UserError(exception=None, type_name="ValueError", message="boom", traceback="")
@@ -77,6 +83,12 @@ def to_core(event: wm.WEvent, world: wm.WWorld) -> WorkerEvent:
             return GatherSucceeded(sid, peer, {k: NBYTES for k in got}, tuple(sorted(requested - set(got))))
         case wm.GatherFailed(peer):
             return GatherFailed(sid, peer, tuple(sorted(dict(world.gathers)[peer])))
+        case wm.Steal(key):
+            return StealRequested(sid, key, next(_ids))
+        case wm.Pause():
+            return MemoryPaused(sid)
+        case wm.Resume():
+            return MemoryResumed(sid)
     raise NotImplementedError(event)
 
 
@@ -102,6 +114,8 @@ def instructions_of(out) -> set[tuple]:
                 result.add(("missing", key, dependent))
             case SendDataDropped(keys=keys):
                 result.update(("dropped", k) for k in keys)
+            case SendStealAnswer(key=key, given_up=given_up):
+                result.add(("steal-answer", key, given_up))
     return result
 
 
@@ -124,7 +138,7 @@ def abstract(core: WorkerState, faults: int) -> wm.WWorld:
         )
     )
     gathers = frozenset((peer, frozenset(keys)) for peer, keys in core.in_flight.items())
-    return wm.WWorld(tasks, frozenset(core.executing), gathers, faults)
+    return wm.WWorld(tasks, frozenset(core.executing), gathers, faults, core.paused)
 
 
 class WorkerLockstep:
@@ -257,6 +271,16 @@ class WorkerConformance(RuleBasedStateMachine):
             got = data.draw(st.lists(st.sampled_from(sorted(keys)), unique=True))
             self.step(wm.GatherDone(peer, tuple(sorted(got))))
 
+    @rule(key=st.sampled_from(sorted(SCOPE.tasks)))
+    def steal(self, key):
+        """The scheduler asks for a task back, for an idle worker."""
+        self.step(wm.Steal(key))
+
+    @rule()
+    def memory(self):
+        """The memory manager pauses the worker, or lets it resume."""
+        self.step(wm.Resume() if self.world.paused else wm.Pause())
+
     @invariant()
     def threads_are_real(self):
         """The core's count of running threads matches the threads started."""
@@ -321,6 +345,23 @@ def test_a_freed_key_is_not_computed_when_its_fetch_fails():
         wm.Free("t"),  # ... and freed again
         wm.GatherFailed("p1"),  # the core now computes t, unasked
     )
+
+
+def test_a_task_waiting_for_its_input_is_given_up_and_one_running_is_kept():
+    """Steals: t waits for i (given up, forgotten, its fetch dropped); r runs (kept)."""
+    ls = run(wm.Compute("r", ()), wm.Compute("t", (("i", ("p1",)),)))
+    ls.step(wm.Steal("r"))
+    assert ls.world.task("r").state is wm.EXECUTING
+    ls.step(wm.Steal("t"))
+    assert ls.world.task("t") is None
+
+
+def test_a_paused_worker_starts_nothing_until_it_resumes():
+    """r is ready but does not start while paused; resuming starts it."""
+    ls = run(wm.Pause(), wm.Compute("r", ()))
+    assert ls.world.task("r").state is wm.READY and not ls.world.threads
+    ls.step(wm.Resume())
+    assert ls.world.threads == {"r"}
 
 
 def test_a_cancelled_run_feeds_the_task_that_needs_it():

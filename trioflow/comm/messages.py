@@ -137,6 +137,8 @@ INLINE_VALUE_BYTES = 1024
 # Wall-clock times (seconds since the epoch; virtual seconds in the
 # simulator): up to the year 5138.
 MAX_TIMESTAMP_S = 1e11
+# How long a task may be said to have run (about 30 years).
+MAX_DURATION_S = 1e9
 # Task runs in one `get_task_stream` reply (the scheduler also ends a page
 # at half of `max_body_bytes`), and most runs one call may ask for.
 MAX_STREAM_PAGE = 5_000
@@ -836,6 +838,8 @@ class TaskFinished(Message, op="task_finished", channels=(WORKER_TO_SCHEDULER,))
 
     `start` and `stop` are when the function ran, by the worker's wall
     clock: the task stream (docs/dashboard.md), never a decision.
+    `duration` is how long it ran by the worker's Trio clock (virtual
+    seconds in the simulator): work stealing's estimates are made of it.
     """
 
     key = KEY
@@ -843,6 +847,7 @@ class TaskFinished(Message, op="task_finished", channels=(WORKER_TO_SCHEDULER,))
     value = Optional(Pickled(max_bytes=INLINE_VALUE_BYTES))
     start = Optional(TIMESTAMP)
     stop = Optional(TIMESTAMP)
+    duration = Optional(Nullable(Float(0.0, MAX_DURATION_S)))
 
     check_fields = _check_run_times
 
@@ -886,6 +891,24 @@ class Goodbye(Message, op="goodbye", channels=(WORKER_TO_SCHEDULER,)):
     """Leaving on purpose: running tasks are not suspected."""
 
 
+class StealResponse(Message, op="steal_response", channels=(WORKER_TO_SCHEDULER,)):
+    """The answer to `steal_request` `steal_id`: the task was given up (it had
+    not started here, and will not), or kept."""
+
+    key = KEY
+    steal_id = SEQ
+    given_up = Bool()
+
+
+class Paused(Message, op="paused", channels=(WORKER_TO_SCHEDULER,)):
+    """This worker's memory passed its pause fraction: send it nothing new.
+    (Sent again after a reconnection while it lasts.)"""
+
+
+class Resumed(Message, op="resumed", channels=(WORKER_TO_SCHEDULER,)):
+    """This worker's memory is back under its pause fraction."""
+
+
 # ---------------------------------------------------- scheduler -> worker --
 
 
@@ -903,6 +926,14 @@ class ComputeTask(Message, op="compute_task", channels=(SCHEDULER_TO_WORKER,)):
     priority = List(Int(-(1 << 63), (1 << 63) - 1), 8)
     who_has = INPUTS_WHO_HAS
     nbytes = INPUTS_NBYTES
+
+
+class StealRequest(Message, op="steal_request", channels=(SCHEDULER_TO_WORKER,)):
+    """Give this task up for another worker if it has not started here;
+    answer with `steal_response` carrying `steal_id`."""
+
+    key = KEY
+    steal_id = SEQ
 
 
 class FreeKeys(Message, op="free_keys", channels=(SCHEDULER_TO_WORKER,)):

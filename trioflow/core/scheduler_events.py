@@ -164,6 +164,9 @@ class TaskFinished(SchedulerEvent):
     # The value came along, small enough to go on with the report to the
     # clients holding the key: they will have the value itself.
     inline: bool = False
+    # Seconds the function ran, by the worker's (Trio) clock: feeds the
+    # estimates work stealing weighs (core/durations.py). None: not measured.
+    duration: float | None = None
 
 
 @frozen
@@ -171,6 +174,31 @@ class TaskErred(SchedulerEvent):
     worker: str
     key: str
     failure: UserError
+
+
+@frozen
+class StealAnswered(SchedulerEvent):
+    """The victim of steal `steal_id` answered: it gave `key` up (it had not
+    started it, and never will), or it keeps it (started, finished, unknown)."""
+
+    worker: str
+    key: str
+    steal_id: int
+    given_up: bool
+
+
+@frozen
+class WorkerPaused(SchedulerEvent):
+    """`worker`'s memory passed its pause fraction: it starts nothing new."""
+
+    worker: str
+
+
+@frozen
+class WorkerResumed(SchedulerEvent):
+    """`worker`'s memory is back under its pause fraction: it takes work again."""
+
+    worker: str
 
 
 @frozen
@@ -248,6 +276,16 @@ class ComputeTask(SchedulerMessage):
     priority: tuple[int, ...]
     who_has: Mapping[str, tuple[str, ...]]
     nbytes: Mapping[str, int]
+
+
+@frozen
+class RequestSteal(SchedulerMessage):
+    """Ask `worker` (the victim) to give `key` up if it has not started it;
+    its answer (`StealAnswered`) carries `steal_id` back."""
+
+    worker: str
+    key: str
+    steal_id: int
 
 
 @frozen

@@ -146,12 +146,41 @@ def _violations(state: SchedulerState):  # noqa: C901 - a flat list of checks
         # worker still has is taken up where it runs, even if the new
         # scheduler placed another task on those resources first. A task
         # is never *sent* where its resources are not free: spec STEP-RESOURCES.)
-        # Idle workers take root tasks: never saturated ones, always hungry ones.
-        if (address in state.idle and ws.saturated) or (ws.hungry and address not in state.idle):
-            yield f"worker {address}: idle={address in state.idle} saturated={ws.saturated} hungry={ws.hungry}"
+        # Idle workers take root tasks: never saturated or paused ones, always
+        # hungry ones that are not paused.
+        idle = address in state.idle
+        if (idle and (ws.saturated or ws.paused)) or (ws.hungry and not ws.paused and not idle):
+            yield f"worker {address}: idle={idle} saturated={ws.saturated} hungry={ws.hungry} paused={ws.paused}"
+        # Work stealing's bookkeeping (core/stealing.py).
+        prefixes: dict[str, int] = {}
+        for key in ws.processing:
+            ts = state.tasks.get(key)
+            if ts is not None:
+                prefixes[ts.prefix] = prefixes.get(ts.prefix, 0) + 1
+        if prefixes != ws.prefixes:
+            yield f"worker {address}: prefixes {ws.prefixes} != those of its processing tasks {prefixes}"
+        if (address in state.starving) != ws.starving or (address in state.backlogged) != ws.backlogged:
+            yield f"worker {address}: starving/backlogged out of date"
+        for key in ws.incoming:
+            pending = state.stealing.get(key)
+            if pending is None or pending.thief != address:
+                yield f"worker {address}: expects {key!r}, which no pending steal brings it (INV-STEAL)"
     for address in state.idle:
         if address not in state.workers:
             yield f"idle worker {address} is not live"
+    for address in (*state.starving, *state.backlogged):
+        if address not in state.workers:
+            yield f"starving or backlogged worker {address} is not live"
+    # INV-STEAL: a steal is pending only on a task processing on its victim,
+    # toward another worker (or none, if its thief left).
+    for key, pending in state.stealing.items():
+        ts = state.tasks.get(key)
+        if ts is None or ts.state is not S.PROCESSING or ts.processing_on != pending.victim:
+            yield f"INV-STEAL: steal of {key!r} from {pending.victim} pending, but the task is {ts!r}"
+        if pending.thief is not None:
+            thief = state.workers.get(pending.thief)
+            if pending.thief == pending.victim or thief is None or key not in thief.incoming:
+                yield f"INV-STEAL: steal of {key!r} toward {pending.thief}, which does not expect it"
     # INV-ORPHANS: what workers reported and no task claimed yet.
     for key, orphan in state.orphans.items():
         if key in state.tasks:

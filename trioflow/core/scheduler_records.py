@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from trioflow.core.failures import TaskFailure
+from trioflow.core.durations import key_prefix
 
 
 class TaskState(enum.Enum):
@@ -95,6 +96,7 @@ class SchedulerTask:
 
     __slots__ = (
         "key",
+        "prefix",
         "run_spec",
         "priority",
         "retries_left",
@@ -131,6 +133,9 @@ class SchedulerTask:
         resources: dict[str, float] | None = None,
     ):
         self.key = key
+        # The function part of the key ("inc" for "inc-9f2c..."): tasks with
+        # the same prefix are taken to last about as long (core/durations.py).
+        self.prefix = key_prefix(key)
         # What a worker runs; None for scattered data, which has no lineage.
         self.run_spec = run_spec
         # Lower runs first: one int that orders like (-user priority,
@@ -201,7 +206,8 @@ class SchedulerWorker:
     """What the scheduler knows about one live worker."""
 
     __slots__ = (
-        "address", "nthreads", "capacity", "refill_at", "processing", "has_what", "replicating", "resources", "used"
+        "address", "nthreads", "capacity", "refill_at", "processing", "has_what", "replicating", "resources", "used",
+        "paused", "prefixes", "incoming",
     )
 
     def __init__(self, address: str, nthreads: int, saturation: float, resources: dict[str, float] | None = None):
@@ -227,6 +233,17 @@ class SchedulerWorker:
         self.has_what: dict[str, None] = {}
         # Keys we were asked to fetch a copy of (their replicas_pending lists us).
         self.replicating: dict[str, None] = {}
+        # The worker said its memory passed its pause fraction: it starts
+        # nothing new, so nothing new is sent to it (docs/resilience.md).
+        self.paused = False
+        # How many of the tasks in `processing` have each key prefix: with
+        # the average durations per prefix this gives the worker's backlog
+        # in seconds at any time, in O(prefixes) (core/stealing.py).
+        # Invariant: exactly the prefixes of `processing`, counted.
+        self.prefixes: dict[str, int] = {}
+        # Keys this worker asked to steal whose victim has not answered yet.
+        # Invariant: exactly the pending steals whose thief is this worker.
+        self.incoming: dict[str, None] = {}
 
     def fits(self, resources: dict[str, float] | None) -> bool:
         """Whether a task needing `resources` may start here now."""
@@ -237,6 +254,16 @@ class SchedulerWorker:
     @property
     def occupancy(self) -> float:
         return len(self.processing) / self.nthreads
+
+    @property
+    def starving(self) -> bool:
+        """A thread here has, or will soon have, nothing to run: it may steal."""
+        return not self.paused and len(self.processing) + len(self.incoming) < self.nthreads
+
+    @property
+    def backlogged(self) -> bool:
+        """Some task here waits for a thread (or for the pause to end): it may be stolen."""
+        return len(self.processing) > (0 if self.paused else self.nthreads)
 
     @property
     def saturated(self) -> bool:

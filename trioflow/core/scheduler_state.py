@@ -24,14 +24,21 @@ and, past `allowed_failures`, erred with `WorkerDeaths`; the other tasks
 assigned there go back to waiting; values whose only copy was there are
 recomputed from lineage if needed, or LOST if they were scattered (unless
 a live worker is fetching a copy: then they wait for it, `_await_copy`).
+
+After every event, a worker with an idle thread may steal a task that
+waits on another (`WorkStealing`, core/stealing.py); a worker whose
+memory passed its pause fraction (`WorkerPaused`) is sent nothing new
+until it resumes, and its waiting tasks are the first to be stolen.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import operator
 from collections.abc import Callable, Iterable
 
+from trioflow.core.durations import TaskDurations, key_prefix
 from trioflow.core.failures import Cancelled, DataLost, WorkerDeaths
 from trioflow.core.scheduler_events import (
     ClientConnected,
@@ -52,12 +59,15 @@ from trioflow.core.scheduler_events import (
     ReportErred,
     SchedulerEvent,
     SchedulerMessage,
+    StealAnswered,
     TaskErred,
     TaskFinished,
     TasksSubmitted,
     TaskStarted,
     WorkerConnected,
     WorkerDisconnected,
+    WorkerPaused,
+    WorkerResumed,
 )
 from trioflow.core.scheduler_records import (
     FAILED,
@@ -82,13 +92,14 @@ from trioflow.core.scheduler_transitions import (
     Recommendations,
     TaskTransitions,
 )
+from trioflow.core.stealing import PendingSteal, WorkStealing
 
 __all__ = ["TRANSITIONS", "InvalidTransition", "SchedulerState"]
 
 _STATE_OF = operator.attrgetter("state")
 
 
-class SchedulerState(TaskTransitions):
+class SchedulerState(TaskTransitions, WorkStealing):
     """Tasks, workers and clients, and the rules that move tasks between states.
 
     Args:
@@ -96,6 +107,10 @@ class SchedulerState(TaskTransitions):
             is marked bad (`Config.allowed_failures`).
         worker_saturation: tasks per thread sent ahead to a worker before
             root tasks queue here (`Config.worker_saturation`).
+        work_stealing: whether idle workers steal waiting tasks from busy
+            ones (`Config.work_stealing`; core/stealing.py).
+        bandwidth: bytes per second a value is taken to move between
+            workers, for the cost of a steal (`Config.bandwidth`).
         story_length: how many recent transitions to keep in `story`.
     """
 
@@ -104,10 +119,14 @@ class SchedulerState(TaskTransitions):
         *,
         allowed_failures: int = 3,
         worker_saturation: float = 4.0,
+        work_stealing: bool = True,
+        bandwidth: float = 100e6,
         story_length: int = 10_000,
     ):
         self.allowed_failures = allowed_failures
         self.worker_saturation = worker_saturation
+        self.work_stealing = work_stealing
+        self.bandwidth = bandwidth
         self.tasks: dict[str, SchedulerTask] = {}
         self.workers: dict[str, SchedulerWorker] = {}
         # client id -> the keys it holds futures for
@@ -150,6 +169,14 @@ class SchedulerState(TaskTransitions):
         self.story: collections.deque[tuple[str, str, str, str]] = collections.deque(
             maxlen=story_length
         )
+        # Work stealing (core/stealing.py): how long tasks take, by prefix;
+        # the steals asked of victims that have not answered; the workers
+        # with a thread to spare and those with tasks waiting for one.
+        self.durations = TaskDurations()
+        self.stealing: dict[str, PendingSteal] = {}
+        self.starving: dict[str, None] = {}
+        self.backlogged: dict[str, None] = {}
+        self._steal_ids = itertools.count(1)
         self._submitted = 0
         # Set when a task gave its resources back: tasks waiting in
         # no-worker for resources are placed again before `handle` returns.
@@ -176,6 +203,9 @@ class SchedulerState(TaskTransitions):
             ClusterRestarted: self._on_cluster_restarted,
             OrphansExpired: self._on_orphans_expired,
             RecoveryEnded: self._on_recovery_ended,
+            StealAnswered: self._on_steal_answered,
+            WorkerPaused: self._on_worker_paused,
+            WorkerResumed: self._on_worker_resumed,
         }
 
     # ------------------------------------------------------------ entry --
@@ -189,6 +219,7 @@ class SchedulerState(TaskTransitions):
                 self._resources_freed = False
                 self._transitions({k: PROCESSING for k in self.unrunnable if self.tasks[k].resources})
             self._fill_idle_workers()
+            self._balance()
         finally:
             out, self._out = self._out, []
         return out
@@ -476,6 +507,7 @@ class SchedulerState(TaskTransitions):
         ws = SchedulerWorker(ev.worker, ev.nthreads, self.worker_saturation, dict(ev.resources))
         self.workers[ev.worker] = ws
         self.idle[ev.worker] = None
+        self._refresh_balance(ws)
         # Every value the worker brings is taken first; only then do their
         # knock-on effects run (one of them may be what made another
         # needed).
@@ -518,6 +550,9 @@ class SchedulerState(TaskTransitions):
         if ws is None:
             return  # already removed (a close after a missed heartbeat)
         self.idle.pop(ev.worker, None)
+        self.starving.pop(ev.worker, None)
+        self.backlogged.pop(ev.worker, None)
+        self._thief_left(ws)
         recs: Recommendations = {}
         for key in ws.replicating:
             ts = self.tasks[key]
@@ -568,6 +603,9 @@ class SchedulerState(TaskTransitions):
         ws = self.workers.get(ev.worker)
         if ws is None:
             return  # a message from a worker we already declared dead
+        if ev.duration is not None:
+            # Any run that really happened says how long such tasks take.
+            self.durations.observe(ts.prefix if ts is not None else key_prefix(ev.key), ev.duration)
         if ts is None:
             orphan = self.orphans.get(ev.key)
             if orphan is not None and orphan.running_on == ev.worker:
@@ -602,6 +640,28 @@ class SchedulerState(TaskTransitions):
         else:
             # Nobody needs this value any more (released, erred).
             self._emit(FreeKeys(self._stimulus_id, ev.worker, (ev.key,)))
+
+    def _on_worker_paused(self, ev: WorkerPaused) -> None:
+        """Its memory is high: nothing new goes there (placement, the queue,
+        steals) until it resumes. What it has stays: its running tasks go on,
+        and those waiting there are the first a starving worker steals."""
+        ws = self.workers.get(ev.worker)
+        if ws is None or ws.paused:
+            return
+        ws.paused = True
+        self.idle.pop(ev.worker, None)
+        self._refresh_balance(ws)
+
+    def _on_worker_resumed(self, ev: WorkerResumed) -> None:
+        ws = self.workers.get(ev.worker)
+        if ws is None or not ws.paused:
+            return
+        ws.paused = False
+        if ws.hungry:
+            self.idle[ev.worker] = None
+        self._refresh_balance(ws)
+        # Tasks that waited for a worker that is not paused may go now.
+        self._transitions({key: PROCESSING for key in self.unrunnable})
 
     def _on_task_erred(self, ev: TaskErred) -> None:
         ts = self.tasks.get(ev.key)
@@ -713,12 +773,16 @@ class SchedulerState(TaskTransitions):
         self.tasks.clear()
         for wanted in self.clients.values():
             wanted.clear()
+        self.stealing.clear()
         for ws in self.workers.values():
             ws.processing.clear()
             ws.has_what.clear()
             ws.replicating.clear()
             ws.used.clear()
-        self.idle = dict.fromkeys(self.workers)
+            ws.prefixes.clear()
+            ws.incoming.clear()
+            self._refresh_balance(ws)
+        self.idle = {address: None for address, ws in self.workers.items() if not ws.paused}
         self.queued.clear()
         self.unrunnable.clear()
         self.replicated.clear()

@@ -97,6 +97,9 @@ class TaskTransitions:
     _stimulus_id: str
     _out: list[SchedulerMessage]
     _resources_freed: bool
+    # From `WorkStealing` (core/stealing.py), which `SchedulerState` also inherits.
+    _refresh_balance: Callable[[SchedulerWorker], None]
+    _drop_steal: Callable[[str], None]
 
     # ------------------------------------------------ the transition engine --
 
@@ -212,7 +215,10 @@ class TaskTransitions:
             ws = self._choose_worker(ts)
         if ws is not None:
             self._assign(ts, ws)
-        elif pool is not None:
+        elif pool is not None or ts.dependencies:
+            # Constrained, and no allowed worker can take it now; or it has
+            # inputs and every worker is paused: it waits for a worker to
+            # join, resume, or give resources back.
             ts.state = NO_WORKER
             self.unrunnable[ts.key] = None
         else:
@@ -251,11 +257,18 @@ class TaskTransitions:
         self._release_fired(ts, recs)
         self._recommend_release_if_unneeded(ts, recs)
 
-    def _to_waiting_again(self, ts: SchedulerTask, recs: Recommendations) -> None:
-        """Rerouted (worker died, input lost, retry): wait and run again."""
-        self._leave_placement(ts)
+    def _to_waiting_again(self, ts: SchedulerTask, recs: Recommendations, *, cancel: bool = True) -> None:
+        """Rerouted (worker died, input lost, retry, or given up to a thief
+        that left: then there is no run to cancel): wait and run again."""
+        self._leave_placement(ts, cancel=cancel)
         ts.state = WAITING
         self._wait_for_dependencies(ts, recs)
+
+    def _to_thief(self, ts: SchedulerTask, recs: Recommendations, *, thief: SchedulerWorker) -> None:
+        """Stolen: its victim gave it up (it had not started it and never
+        will), so it moves to the thief (core/stealing.py). spec: StealAnswered."""
+        self._unassign(ts, cancel=False)
+        self._assign(ts, thief)
 
     def _memory_to_waiting(self, ts: SchedulerTask, recs: Recommendations) -> None:
         """The value's last copy is gone and it is still needed: recompute it."""
@@ -479,6 +492,8 @@ class TaskTransitions:
                 pool = list(self.workers.values())
         else:
             pool = list(self.workers.values())
+        # A paused worker starts nothing new: it takes nothing new either.
+        pool = [ws for ws in pool if not ws.paused]
         if ts.resources:
             pool = [ws for ws in pool if ws.fits(ts.resources)]
         return pool
@@ -491,16 +506,22 @@ class TaskTransitions:
         tasks, taken from the queue best priority first, go to the next
         worker below capacity, round-robin; when all are saturated they
         stay queued here, which keeps work movable if a worker dies. Costs
-        are bounded by the task's own inputs, never by cluster size.
+        are bounded by the task's own inputs, never by cluster size, but
+        for one case: when every holder of its inputs is paused, the least
+        busy worker that is not is looked for (None if there is none: the
+        task then waits in no-worker).
         """
         if ts.dependencies:
             held: dict[str, int] = {}
             for dep in ts.dependencies.values():
                 for address in dep.who_has:
-                    held[address] = held.get(address, 0) + dep.nbytes + 1
+                    if not self.workers[address].paused:
+                        held[address] = held.get(address, 0) + dep.nbytes + 1
             if held:
                 best = max(held, key=lambda a: (held[a], -self.workers[a].occupancy))
                 return self.workers[best]
+            running = [ws for ws in self.workers.values() if not ws.paused]
+            return min(running, key=lambda ws: ws.occupancy, default=None)
         if not self.idle:
             return None
         address = next(iter(self.idle))
@@ -511,6 +532,8 @@ class TaskTransitions:
         ts.processing_on = ws.address
         ts.running = False
         ws.processing[ts.key] = None
+        ws.prefixes[ts.prefix] = ws.prefixes.get(ts.prefix, 0) + 1
+        self._refresh_balance(ws)
         for name, amount in (ts.resources or {}).items():
             ws.used[name] = ws.used.get(name, 0) + amount
         if ws.address in self.idle:
@@ -534,10 +557,19 @@ class TaskTransitions:
     def _unassign(self, ts: SchedulerTask, *, cancel: bool) -> None:
         """Take `ts` off its worker (telling the worker to drop it if `cancel`)."""
         address, ts.processing_on, ts.running = ts.processing_on, None, False
+        # A steal of it that is pending is over (the victim's answer will
+        # match nothing): the assignment it was about is.
+        self._drop_steal(ts.key)
         ws = self.workers.get(address) if address is not None else None
         if ws is None:
             return
         del ws.processing[ts.key]
+        left = ws.prefixes[ts.prefix] - 1
+        if left:
+            ws.prefixes[ts.prefix] = left
+        else:
+            del ws.prefixes[ts.prefix]
+        self._refresh_balance(ws)
         if ts.resources:
             for name, amount in ts.resources.items():
                 left = ws.used[name] - amount
@@ -546,7 +578,7 @@ class TaskTransitions:
                 else:
                     del ws.used[name]
             self._resources_freed = True
-        if ws.hungry:
+        if ws.hungry and not ws.paused:
             self.idle.setdefault(ws.address, None)
         if cancel:
             self._emit(FreeKeys(self._stimulus_id, ws.address, (ts.key,)))
@@ -666,6 +698,7 @@ TRANSITIONS: dict[tuple[TaskState, TaskState], Callable[..., None]] = {
     (NO_WORKER, WAITING): _T._to_waiting_again,
     (NO_WORKER, MEMORY): _T._to_memory,
     (PROCESSING, MEMORY): _T._to_memory,
+    (PROCESSING, PROCESSING): _T._to_thief,  # stolen (core/stealing.py)
     (PROCESSING, WAITING): _T._to_waiting_again,
     (PROCESSING, ERRED): _T._to_erred,
     (PROCESSING, RELEASED): _T._to_released,

@@ -67,6 +67,26 @@ class SchedulerLost(WorkerEvent):
 
 
 @frozen
+class StealRequested(WorkerEvent):
+    """The scheduler would move `key` to another worker (work stealing) if
+    this worker has not started it; the answer must carry `steal_id`."""
+
+    key: str
+    steal_id: int
+
+
+@frozen
+class MemoryPaused(WorkerEvent):
+    """The process's memory passed its pause fraction (the shell's memory
+    manager measured it): start no new task and fetch nothing new."""
+
+
+@frozen
+class MemoryResumed(WorkerEvent):
+    """The process's memory is back under its pause fraction."""
+
+
+@frozen
 class ExecutionSucceeded(WorkerEvent):
     key: str
     nbytes: int
@@ -187,6 +207,16 @@ class SendReplicaMissing(WorkerInstruction):
     key: str
     holders: tuple[str, ...]
     dependent: str | None
+
+
+@frozen
+class SendStealAnswer(WorkerInstruction):
+    """Tell the scheduler whether `key` was given up (it had not started
+    here, and never will unless assigned here again) for steal `steal_id`."""
+
+    key: str
+    steal_id: int
+    given_up: bool
 
 
 @frozen

@@ -28,6 +28,18 @@ Values stay until the scheduler frees them: the scheduler's `who_has` is the
 single account of where data lives, so a fetched copy is reported
 (`SendReplicaAdded`) and then kept until `FreeRequested`.
 
+Two more requests change what runs here:
+
+* A steal (`StealRequested`): the scheduler would give a task assigned
+  here to an idle worker. This worker gives it up only if it has not
+  started it (it waits for inputs, or is ready): then it forgets it and
+  answers so; otherwise it keeps it and answers that. The scheduler moves
+  the task only on a "given up", so a task never runs here and there.
+* A pause (`MemoryPaused`, from the shell's memory manager): while the
+  process's memory is past its pause fraction, no new task starts and no
+  new fetch goes out (both would add to the memory); running threads go on,
+  and rejoining ones get their slots. `MemoryResumed` lifts it.
+
 A task that waits on other tasks (a task that submits tasks, through
 `trioflow.worker_client`) can give its thread slot back: `TaskSeceded`
 moves it from `executing` (the slots, at most `nthreads`) to `seceded`,
@@ -56,15 +68,19 @@ from trioflow.core.worker_events import (
     Gather,
     GatherFailed,
     GatherSucceeded,
+    MemoryPaused,
+    MemoryResumed,
     Rejoin,
     ReplicasRequested,
     SchedulerLost,
     SendDataDropped,
+    SendStealAnswer,
     SendReplicaAdded,
     SendReplicaMissing,
     SendTaskErred,
     SendTaskFinished,
     SendTaskStarted,
+    StealRequested,
     TaskRejoining,
     TaskSeceded,
     WorkerEvent,
@@ -161,6 +177,8 @@ class WorkerState:
         self.ready: list[tuple[tuple[int, ...], str]] = []  # heap, lazily pruned
         self.fetch: dict[str, None] = {}  # FETCH tasks, oldest first
         self.in_flight: dict[str, tuple[str, ...]] = {}  # peer -> keys requested
+        # The memory manager paused this worker: nothing new starts.
+        self.paused = False
         self._stimulus_id = ""
         self._out: list[WorkerInstruction] = []
         self._handlers: dict[type, Callable[[Any], None]] = {
@@ -175,6 +193,9 @@ class WorkerState:
             SchedulerLost: self._on_scheduler_lost,
             TaskSeceded: self._on_seceded,
             TaskRejoining: self._on_rejoining,
+            StealRequested: self._on_steal_requested,
+            MemoryPaused: self._on_memory_paused,
+            MemoryResumed: self._on_memory_resumed,
         }
 
     def handle(self, event: WorkerEvent) -> list[WorkerInstruction]:
@@ -316,6 +337,22 @@ class WorkerState:
                 ts.assigned = False
                 ts.compute_request = None
 
+    def _on_steal_requested(self, ev: StealRequested) -> None:
+        """Give `key` up if its thread has not started; say which (module docstring)."""
+        ts = self.tasks.get(ev.key)
+        given_up = ts is not None and ts.assigned and ts.state in (WAITING, READY) and not ts.dependents
+        if given_up:
+            # Forgotten here: its inputs go too, unless other work needs them
+            # (a fetch in flight lands and is offered as a copy, as usual).
+            self._forget(ts)
+        self._emit(SendStealAnswer(self._stimulus_id, ev.key, ev.steal_id, given_up))
+
+    def _on_memory_paused(self, ev: MemoryPaused) -> None:
+        self.paused = True
+
+    def _on_memory_resumed(self, ev: MemoryResumed) -> None:
+        self.paused = False
+
     def _on_seceded(self, ev: TaskSeceded) -> None:
         if ev.key in self.executing:
             del self.executing[ev.key]
@@ -409,7 +446,7 @@ class WorkerState:
             del self.seceded[key]
             self.executing[key] = None
             self._emit(Rejoin(self._stimulus_id, key))
-        while self.ready and len(self.executing) < self.nthreads:
+        while self.ready and len(self.executing) < self.nthreads and not self.paused:
             _, key = heapq.heappop(self.ready)
             ts = self.tasks.get(key)
             if ts is None or ts.state is not READY:
@@ -421,7 +458,7 @@ class WorkerState:
 
     def _ensure_gathering(self) -> None:
         """Bundle FETCH keys into one request per idle peer, oldest first."""
-        if not self.fetch or len(self.in_flight) >= self.max_gathers:
+        if not self.fetch or len(self.in_flight) >= self.max_gathers or self.paused:
             return
         batches: dict[str, list[str]] = {}
         for key in self.fetch:

@@ -27,6 +27,9 @@ trioflow_lost_data_total                  counter    scattered values lost (Lost
 trioflow_recomputations_total             counter    values recomputed after a loss
 trioflow_rescheduled_runs_total           counter    runs sent again (worker left, retry)
 trioflow_restarts_total                   counter    cluster restarts
+trioflow_steal_requests_total             counter    tasks asked of a busy worker for an idle one
+trioflow_stolen_total                     counter    tasks moved by a steal
+trioflow_worker_spilled_bytes{worker}     gauge      bytes of values each worker holds on disk
 trioflow_event_loop_lag_seconds           histogram  how late the scheduler's loop woke
 trioflow_event_loop_last_lag_seconds      gauge      the latest of those measurements
 ========================================  =========  ==================================
@@ -54,6 +57,8 @@ PROMETHEUS_COUNTERS = {
     "recomputed": "trioflow_recomputations",
     "rescheduled": "trioflow_rescheduled_runs",
     "restarts": "trioflow_restarts",
+    "steal_requests": "trioflow_steal_requests",
+    "stolen": "trioflow_stolen",
 }
 
 
@@ -100,14 +105,22 @@ class SchedulerCollector:
             "trioflow_worker_memory_bytes", "Resident memory of each worker process, at its last heartbeat",
             labels=["worker"],
         )
+        spilled = GaugeMetricFamily(
+            "trioflow_worker_spilled_bytes", "Bytes of values each worker holds on disk, at its last heartbeat",
+            labels=["worker"],
+        )
         for address, ws in workers.items():
             processing.add_metric([address], len(ws.processing))
             link = scheduler.workers.get(address)
             rss = None if link is None else link.last_heartbeat.get("memory")
             if rss is not None and math.isfinite(rss):
                 memory.add_metric([address], rss)
+            on_disk = None if link is None else link.last_heartbeat.get("spilled_bytes")
+            if on_disk is not None and math.isfinite(on_disk):
+                spilled.add_metric([address], on_disk)
         yield processing
         yield memory
+        yield spilled
         yield GaugeMetricFamily("trioflow_clients", "Clients connected to the scheduler", value=len(scheduler.clients))
 
         counters = recorder.counters()

@@ -49,6 +49,10 @@ def cluster_state(scheduler: Any, *, runs_after: int = 0, events_after: int = 0)
                 "executing": _number(metrics.get("executing")),
                 "keys": len(ws.has_what),
                 "memory": _number(metrics.get("memory")),
+                # Only a worker with a memory limit spills and pauses
+                # (trioflow/memory.py); the others report neither.
+                "spilled": _number(metrics.get("spilled_bytes")),
+                "paused": bool(ws.paused),
                 "heartbeat_age": None if link is None else _age(now, link.last_heartbeat_at),
                 "seen_age": None if link is None else _age(now, link.conn.last_received),
                 "nanny": link is not None and bool(link.nanny),

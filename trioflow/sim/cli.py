@@ -191,6 +191,7 @@ def _replay(args: argparse.Namespace, settings: Any, run: Any = None) -> int:
         print(f"  workload: {report.workload}")
         print(f"  plan: {format_plan(report.plan) or 'no faults'}")
         print(f"  outcomes: {_counts(report.outcomes)}")
+        print(f"  steals: {report.steals['requested']} asked, {report.steals['stolen']} moved")
         print(f"  simulated {report.sim_seconds:.1f} s in {wall:.2f} s; trace sha256 {report.trace_sha256}")
         if args.trace:
             print(f"  trace written to {args.trace} (open it at https://ui.perfetto.dev)")
@@ -227,7 +228,10 @@ def _summary(reports: list, wall: float, settings: Any) -> dict[str, Any]:
 
     faults: dict[str, int] = {}
     outcomes: dict[str, int] = {}
+    steals = {"requested": 0, "stolen": 0}
     for report in reports:
+        for kind, n in report.steals.items():
+            steals[kind] += n
         for kind, n in report.faults.items():
             faults[kind] = faults.get(kind, 0) + n
         for kind, n in report.outcomes.items():
@@ -245,6 +249,8 @@ def _summary(reports: list, wall: float, settings: Any) -> dict[str, Any]:
         "runs_per_minute": round(60 * len(reports) / wall, 1) if wall else None,
         "faults": faults,
         "outcomes": outcomes,
+        "steals": steals,
+        "runs_with_steals": sum(1 for r in reports if r.steals.get("stolen")),
         "violations": sum(len(r.violations) for r in reports),
         "failed_seeds": [r.seed for r in reports if not r.ok],
         "results": [
@@ -278,6 +284,11 @@ def _print_summary(summary: dict[str, Any], reports: list, real: bool = False) -
         )
     print(f"faults injected: {_counts(summary['faults']) or 'none'}")
     print(f"outcomes: {_counts(summary['outcomes'])}")
+    steals = summary["steals"]
+    print(
+        f"work stealing: {steals['requested']} steals asked, {steals['stolen']} tasks moved "
+        f"(in {summary['runs_with_steals']} of {runs} runs); the rest were kept by their victims or cancelled"
+    )
     failed = [r for r in reports if not r.ok]
     print(f"violations: {summary['violations']} in {len(failed)} of {runs} runs")
     for report in failed:

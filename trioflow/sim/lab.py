@@ -115,6 +115,9 @@ class RunReport:
     recovery_s: float | None = None
     # Known, harmless oddities of the shells seen during the run.
     notes: list[str] = dataclasses.field(default_factory=list)
+    # Work stealing in this run, summed over every scheduler incarnation:
+    # "requested" (asked of a victim) and "stolen" (moved to the thief).
+    steals: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -175,6 +178,7 @@ def run_seed(seed: int, settings: LabSettings | None = None, plan: list[Fault] |
         outcomes=run.outcome_counts(),
         recovery_s=run.recovery_s,
         notes=run.notes,
+        steals=run.steal_counts(),
     )
 
 
@@ -193,6 +197,14 @@ class _Run:
         self.sim_seconds = 0.0
         self.recovery_s: float | None = None
         self.cluster: SimCluster | None = None
+
+    def steal_counts(self) -> dict[str, int]:
+        counts = {"requested": 0, "stolen": 0}
+        for scheduler in self.cluster.schedulers if self.cluster is not None else ():
+            counters = scheduler.recorder.counters()
+            counts["requested"] += int(counters["steal_requests"])
+            counts["stolen"] += int(counters["stolen"])
+        return counts
 
     def outcome_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

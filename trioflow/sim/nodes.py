@@ -16,6 +16,11 @@ the two interfaces design.md §3 asks every shell to take:
   poison function raises `WorkerCrash`, which the executor turns into a
   `kill` of its own worker.
 
+Each worker is watched for one promise of work stealing (`_witness_steals`):
+a task it gave up to a steal never runs there afterwards, unless the
+scheduler assigned it there again. A break is an error of its handle, so
+a violation of the run.
+
 What this does not model: threads inside a worker (a task's function runs
 in one go, in the worker's Trio thread, at the end of its duration), memory
 (no nanny memory limit: the handle has no pid), and a process that ignores
@@ -301,7 +306,7 @@ class SimLauncher:
     def current(self) -> SimWorkerHandle | None:
         return self.handles[-1] if self.handles else None
 
-    async def launch(self, nanny_address: str) -> SimWorkerHandle:
+    async def launch(self, nanny_address: str, memory_limit: int | None = None) -> SimWorkerHandle:
         from trioflow.sim.determinism import derive_rng
         from trioflow.worker import Worker
 
@@ -329,9 +334,42 @@ class SimLauncher:
             rng=derive_rng(self.seed, self.node, incarnation, "reconnect"),
             credentials=self.credentials,
         )
+        _witness_steals(worker, handle)
         self.handles.append(handle)
         self.trace.add(self.node, f"launched incarnation={incarnation}")
         self.nursery.start_soon(handle.run, worker, name=f"{self.node}#{incarnation}")
         await trio.lowlevel.checkpoint()
         return handle
 
+
+
+def _witness_steals(worker: Worker, handle: SimWorkerHandle) -> None:
+    """Watch `worker`'s core: after it answers that it gave a task up to a
+    steal, it must not execute that task unless assigned it again. (The
+    scheduler moves a stolen task only on that answer: together, a steal
+    never makes a task run twice.)
+
+    It wraps two methods of this one `Worker` object, the simulation's own:
+    the shell stays as in production.
+    """
+    from trioflow.core.worker_events import ComputeRequested, Execute, SendStealAnswer
+
+    given_up: dict[str, None] = {}
+    apply, carry_out = worker._apply, worker._carry_out
+
+    def observed_apply(event: Any) -> None:
+        if isinstance(event, ComputeRequested):
+            given_up.pop(event.key, None)  # assigned here again: it may run here
+        apply(event)
+
+    def observed_carry_out(instruction: Any) -> None:
+        if isinstance(instruction, SendStealAnswer) and instruction.given_up:
+            given_up[instruction.key] = None
+        elif isinstance(instruction, Execute) and instruction.key in given_up:
+            handle.errors.append(
+                f"{handle.node}: ran {instruction.key} after giving it up to a steal (it may run twice)"
+            )
+        carry_out(instruction)
+
+    worker._apply = observed_apply  # type: ignore[method-assign]
+    worker._carry_out = observed_carry_out  # type: ignore[method-assign]

@@ -107,7 +107,7 @@
   function renderWorkers(s) {
     const body = $("workers").querySelector("tbody");
     if (!s.workers.length) {
-      body.replaceChildren(el("tr", {}, el("td", { colspan: 9, class: "empty" }, "no worker is registered")));
+      body.replaceChildren(el("tr", {}, el("td", { colspan: 10, class: "empty" }, "no worker is registered")));
     } else {
       body.replaceChildren(...s.workers.map((w) => el("tr", { "data-address": w.address },
         el("td", { class: "mono", "data-field": "address" }, shortAddress(w.address)),
@@ -116,7 +116,8 @@
         el("td", { "data-field": "processing" }, fmtCount(w.processing)),
         el("td", { "data-field": "executing" }, w.executing === null ? "—" : fmtCount(w.executing)),
         el("td", { "data-field": "keys" }, fmtCount(w.keys)),
-        el("td", { "data-field": "memory" }, fmtBytes(w.memory)),
+        el("td", { "data-field": "memory" }, fmtBytes(w.memory) + (w.paused ? " (paused)" : "")),
+        el("td", { "data-field": "spilled" }, w.spilled === null ? "—" : fmtBytes(w.spilled)),
         age(w.heartbeat_age, "heartbeat_age"),
         age(w.seen_age, "seen_age"))));
     }
