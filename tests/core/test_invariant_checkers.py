@@ -239,6 +239,10 @@ WORKER_BREAKS = {
     "waiting to run but not assigned here": lambda s: _set(W(s, "r"), assigned=False),
     "fetch queue holds forgotten": lambda s: s.fetch.__setitem__("ghost", None),
     "gathers in flight, limit 0": lambda s: _set(s, max_gathers=0),
+    # Each half of the seceded check alone (a task both executing and
+    # seceded; a task rejoining that never seceded).
+    "seceded ['x'], rejoining [] overlap": lambda s: s.seceded.__setitem__("x", None),
+    "seceded [], rejoining ['x'] overlap": lambda s: (s.executing.pop("x"), s.rejoining.__setitem__("x", None)),
 }
 
 

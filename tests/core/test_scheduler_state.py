@@ -645,3 +645,15 @@ def test_the_story_lists_every_move_of_a_key_with_its_stimulus():
         ("x", "processing", "memory", "finish"),
         ("x", "memory", "forgotten", "release"),
     ]
+
+
+def test_a_replication_request_goes_on_past_a_key_it_does_not_know(sched):
+    """replicate() naming a key this scheduler has forgotten, then one it
+    holds: the second still gets its copy.
+
+    Kills the mutant that stops `_on_replication_requested` at the first
+    unknown key (`continue` made `break`)."""
+    join(sched, A, B)
+    sched.handle(DataScattered(sid(), "c1", {"data": (100, (A,))}))
+    msgs = sched.handle(ReplicationRequested("rep", "c1", ("gone", "data"), 2))
+    assert msgs == [AcquireReplicas("rep", B, {"data": (A,)}, {"data": 100})]
