@@ -266,3 +266,12 @@ async def connect_with_timeout(network: Network, address: str, timeout: float) -
         raise CommClosedError(f"could not connect to {address}: {exc.strerror or exc}") from None
     except ValueError as exc:  # an address we cannot reach (scheme, no TLS files)
         raise CommClosedError(str(exc)) from None
+
+
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server
+    started later, by another process, at a fixed address: the real-process
+    chaos runs restart their scheduler there)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -57,7 +57,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -70,6 +69,7 @@ import trio
 
 from trioflow.client import AsyncClient
 from trioflow.comm.auth import Credentials
+from trioflow.comm.network import free_loopback_port
 from trioflow.config import Config
 from trioflow.errors import CommClosedError, LostData
 from trioflow.sim import netns
@@ -277,12 +277,6 @@ class _Processes:
         return problems[:20]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # ------------------------------------------------------------------ run --
 
 
@@ -323,7 +317,7 @@ class _RealRun:
     def hosts(self) -> Iterator[netns.Lan | None]:
         if not self.use_netns:
             self.scheduler_host = self.worker_host = "127.0.0.1"
-            self.scheduler_port = _free_port()
+            self.scheduler_port = free_loopback_port()
             yield None
             return
         names = ["s", *(f"w{i}" for i in range(self.settings.n_workers)), "c"]
