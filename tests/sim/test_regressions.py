@@ -440,3 +440,39 @@ def test_seed_439_run_passes():
     """Seed 439 of `--mix hang=1` (five hangs): data-1 was declared lost
     while worker-2 (registered, hung) held a copy."""
     assert_clean(run_pinned(439))
+
+
+def test_seed_75_a_refetch_from_a_peer_that_did_not_answer_waits():
+    """The shell side of the fix: a holder that did not answer stays a holder,
+    so the scheduler may send the dependent straight back naming it. A fetch
+    from a peer that failed to answer waits until `heartbeat_interval` after
+    that failure (a peer refusing at once cannot make a loop that takes no
+    time); a fetch from another peer does not wait."""
+    import trio
+    import trio.testing
+
+    from trioflow.config import Config
+    from trioflow.errors import CommClosedError
+    from trioflow.worker import Worker
+
+    worker = Worker("sim://scheduler:8786", config=Config(heartbeat_interval=0.5))
+    attempts: list[float] = []
+    posted: list = []
+
+    class RefusingPool:
+        async def call(self, address, message):
+            attempts.append(trio.current_time())
+            raise CommClosedError(f"{address} refused the connection")
+
+    worker._pool = RefusingPool()
+    worker._post = lambda handler, *args: posted.append(args[0])
+
+    async def fetch_twice():
+        await worker._gather(Gather("s1", A, ("data-2",)))
+        await trio.sleep(0.1)
+        await worker._gather(Gather("s2", A, ("data-2",)))  # waits until 0.5 s after the failure
+        await worker._gather(Gather("s3", B, ("data-2",)))  # another peer: at once
+
+    trio.run(fetch_twice, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert [round(t - attempts[0], 6) for t in attempts] == [0.0, 0.5, 0.5]
+    assert [type(ev).__name__ for ev in posted] == ["GatherFailed"] * 3
