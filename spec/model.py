@@ -260,7 +260,7 @@ def _guard(scope: Scope, w: World, ev: Event) -> bool:  # noqa: C901 - one case 
                 # The copy it waits for failed: no holder is left to name
                 # (the one named is any other the reporter was given).
                 return dependent is None and reporter in t.pending and holder != reporter
-            if t is None or t.state is not MEMORY or holder not in t.who_has:
+            if t is None or t.state is not MEMORY or (holder is not None and holder not in t.who_has):
                 return False
             if reporter is not None and (dependent is not None or reporter not in t.pending):
                 return False
@@ -386,7 +386,8 @@ def _effect(d: _Draft, ev: Event) -> None:  # noqa: C901 - one case per event
             if dependent is not None:
                 reporter = d.tasks[dependent].processing_on
             # The reporter is no holder either: a worker only reports inputs
-            # it does not have.
+            # it does not have. Only a holder that answered without the value
+            # is named (`holder`); one that did not answer stays a holder.
             d.update(key, who_has=t.who_has - {holder, reporter}, pending=t.pending - {reporter})
             if dependent is not None:
                 d.move(dependent, WAITING)
@@ -973,6 +974,8 @@ def enabled_events(scope: Scope, w: World) -> Iterator[Event]:
             for h in sorted(t.who_has):
                 for r in sorted(t.pending):
                     yield ReplicaLost(k, h, None, r)
+            for r in sorted(t.pending):
+                yield ReplicaLost(k, None, None, r)  # no holder answered
     if "client-leaves" in f:
         for c in sorted({c for c, _ in w.holds} - {FIRE_AND_FORGET}):
             yield ClientLeaves(c)
@@ -1019,6 +1022,9 @@ def enabled_events(scope: Scope, w: World) -> Iterator[Event]:
                     for dk, dt in w.tasks:
                         if dt.state is PROCESSING and k in dt.deps:
                             yield ReplicaLost(k, h, dk)
+                for dk, dt in w.tasks:
+                    if dt.state is PROCESSING and k in dt.deps:
+                        yield ReplicaLost(k, None, dk)  # no holder answered
     if "steal" in f:
         for k, t in w.tasks:
             if t.state is PROCESSING and t.thief is not None:

@@ -102,6 +102,10 @@ class WTask(NamedTuple):
     # FLIGHT, and the scheduler asked us to compute it too: the `who_has` of
     # that request, used if the fetch fails.
     request: tuple | None = None
+    # Of `tried`, the peers that answered that they lack it (the others did
+    # not answer: they may still hold it). Only these are named when the
+    # value is reported missing (chaos lab seeds 75 and 439 of the hang mix).
+    lacking: frozenset[str] = frozenset()
 
 
 class WWorld(NamedTuple):
@@ -120,7 +124,7 @@ class WWorld(NamedTuple):
 
 # Instructions, as plain tuples: ("execute", key), ("gather", peer, keys),
 # ("drop", key), ("started", key), ("finished", key), ("erred", key),
-# ("replica-added", key), ("missing", key, dependent-or-None), ("dropped", key),
+# ("replica-added", key), ("missing", key, dependent-or-None, holders named), ("dropped", key),
 # ("steal-answer", key, given_up).
 Instruction = tuple
 
@@ -214,6 +218,8 @@ def describe(w: WWorld) -> str:
             flags.append("holders=" + ",".join(sorted(t.holders)))
         if t.tried:
             flags.append("tried=" + ",".join(sorted(t.tried)))
+        if t.lacking:
+            flags.append("lacking=" + ",".join(sorted(t.lacking)))
         parts.append(f"{k}:{t.state.value}" + (f"[{' '.join(flags)}]" if flags else ""))
     gathers = "; ".join(f"{p}<-{','.join(sorted(ks))}" for p, ks in sorted(w.gathers))
     paused = " paused" if w.paused else ""
@@ -289,40 +295,45 @@ class _Draft:
         if t.state is MEMORY or t.state is CANCELLED:
             self.out.add(("drop", key))
         self.release_inputs(key, t.deps)
-        self.set(key, state=FETCH, assigned=False, holders=frozenset(), tried=frozenset())
+        self.set(key, state=FETCH, assigned=False, holders=frozenset(), tried=frozenset(), lacking=frozenset())
 
     def arrived(self, key: str) -> None:
         """A fetched (or put) value is here: keep it and tell the scheduler."""
         t = self.tasks[key]
-        self.tasks[key] = t._replace(state=MEMORY, holders=frozenset(), tried=frozenset(), request=None)
+        self.tasks[key] = t._replace(
+            state=MEMORY, holders=frozenset(), tried=frozenset(), lacking=frozenset(), request=None
+        )
         if not t.freed:  # a freed copy only serves local work: not offered
             self.out.add(("replica-added", key))
         if t.assigned:
             self.out.add(("finished", key))
 
-    def retry_elsewhere(self, peer: str, keys) -> None:
+    def retry_elsewhere(self, peer: str, keys, answered: bool) -> None:
         """`peer` did not provide `keys`: ask another holder, or compute it here
-        if the scheduler asked for that meanwhile."""
+        if the scheduler asked for that meanwhile. `answered`: the peer said
+        it lacks them (rather than not answering)."""
         for k in keys:
             t = self.tasks.get(k)
             if t is None or t.state is not FLIGHT:
                 continue
             if t.request is not None:
-                self.set(k, state=WAITING, holders=frozenset(), tried=frozenset(), request=None)
+                self.set(k, state=WAITING, holders=frozenset(), tried=frozenset(), lacking=frozenset(), request=None)
                 self.start_compute(k, t.request)
             else:
-                self.set(k, state=FETCH, holders=t.holders - {peer}, tried=t.tried | {peer})
+                lacking = t.lacking | {peer} if answered else t.lacking
+                self.set(k, state=FETCH, holders=t.holders - {peer}, tried=t.tried | {peer}, lacking=lacking)
                 self.give_up_if_hopeless(k)
 
     def give_up_if_hopeless(self, key: str) -> bool:
         """Rule "hopeless": a fetch with nobody left to ask is reported missing
-        (for each task here that needed it), and those tasks are dropped."""
+        (for each task here that needed it), naming only the holders that
+        answered that they lack it, and those tasks are dropped."""
         t = self.tasks.get(key)
         if t is None or t.state is not FETCH or t.holders:
             return False
         users = self.dependents(key)
         for u in users or [None]:
-            self.out.add(("missing", key, u))
+            self.out.add(("missing", key, u, t.lacking))
         for u in users:
             if self.tasks[u].state in (WAITING, READY):
                 self.abandon(u)
@@ -388,7 +399,7 @@ def _effect(d: _Draft, ev: WEvent) -> None:  # noqa: C901 - one case per event
                 d.start_compute(key, who_has)
             elif t.state is FETCH:
                 # A copy was wanted, not yet asked for: compute it instead.
-                d.set(key, state=WAITING, holders=frozenset(), tried=frozenset())
+                d.set(key, state=WAITING, holders=frozenset(), tried=frozenset(), lacking=frozenset())
                 d.start_compute(key, who_has)
             elif t.state is FLIGHT:
                 # On its way: report it when it lands, compute it if that fails.
@@ -488,7 +499,7 @@ def _effects(d: _Draft, pre: WWorld, ev: WEvent) -> list[_Draft]:
     out = []
     for order in itertools.permutations(unanswered):
         e = d.copy()
-        e.retry_elsewhere(ev.peer, order)
+        e.retry_elsewhere(ev.peer, order, answered=isinstance(ev, GatherDone))
         out.append(e)
     return out
 
@@ -611,6 +622,8 @@ WORKER_STEP_INVARIANTS: tuple[WInvariant, ...] = (
     WInvariant("W-STEP-GIVE-UP", "A task is given up to a steal only if its thread had not started, and "
                "then it is forgotten here: it never runs here and on its thief."),
     WInvariant("W-STEP-PAUSED", "A paused worker starts no thread and sends no request."),
+    WInvariant("W-STEP-NAMED", "A value reported missing names only holders that answered that they lack "
+               "it, never one that did not answer (it may still hold it)."),
 )
 
 
@@ -684,6 +697,11 @@ def step_violations(scope: WorkerScope, pre: WWorld, ev: WEvent, out: WOutcome) 
                 users = [k for k, t in pre.tasks if key in t.deps]
                 if not users or any(u in post or u not in dropped_for for u in users):
                     yield f"W-STEP-REFETCH: {key} neither asked elsewhere nor reported missing"
+    for i in out.instructions:
+        if i[0] == "missing" and isinstance(ev, GatherFailed) and ev.peer in i[3]:
+            b = pre.task(i[1])
+            if b is None or ev.peer not in b.lacking:
+                yield f"W-STEP-NAMED: {i[1]} reported missing naming {ev.peer}, which did not answer"
     for i in out.instructions:
         if i[0] == "steal-answer" and i[2]:
             b = pre.task(i[1])

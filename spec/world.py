@@ -359,14 +359,17 @@ class ReplicaAdded(NamedTuple):
 
 
 class ReplicaLost(NamedTuple):
-    """`holder` no longer has `key` (a fetch from it failed) (a fault).
+    """A fetch of `key` failed (a fault): `holder` answered that it no longer
+    has it; `holder` None: no holder it tried answered at all (hung or
+    unreachable: no proof that they lack it, so each stays a holder and its
+    liveness is judged by heartbeats; seeds 75 and 439 of the hang mix).
 
     `dependent`, if given, is the task whose worker needed the value;
     `reporter`, if given, is a worker asked for a copy that could not get it.
     """
 
     key: str
-    holder: str
+    holder: str | None
     dependent: str | None = None
     reporter: str | None = None
 

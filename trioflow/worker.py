@@ -234,6 +234,14 @@ class Worker:
         self._stimulus_ids = itertools.count()
         self._nursery: trio.Nursery | None = None
         self._pool = None
+        # Peers that did not answer a fetch, and when: the next fetch from
+        # one waits until `heartbeat_interval` after that failure. A holder
+        # that did not answer is not reported as lacking the value (the
+        # scheduler judges its liveness), so the scheduler may send the
+        # dependent straight back naming it again: without this pause, a
+        # peer that refuses at once while still registered would make that
+        # a loop that takes no time.
+        self._unanswered: dict[str, float] = {}
         self.closed = trio.Event()
         self._registered = False
         self._link_registered = False
@@ -905,6 +913,9 @@ class Worker:
         values: dict[str, Serialized] = {}
         missing: list[str] = []
         errors: dict[str, str] = {}
+        failed_at = self._unanswered.get(peer)
+        if failed_at is not None:
+            await trio.sleep_until(failed_at + self.config.heartbeat_interval)
         try:
             todo = keys
             while todo:
@@ -920,8 +931,14 @@ class Worker:
                 todo = [key for key in later if key not in values]
         except (CommClosedError, RequestFailed, ProtocolError) as exc:
             logger.info("could not fetch %d keys from %s: %s", len(keys), peer, clip(str(exc), 300))
+            now = trio.current_time()
+            for other, at in list(self._unanswered.items()):
+                if at + self.config.heartbeat_interval <= now:
+                    del self._unanswered[other]  # long past: forget it
+            self._unanswered[peer] = now
             self._post(self._apply, GatherFailed(self._stimulus("gather-failed"), peer, instruction.keys))
             return
+        self._unanswered.pop(peer, None)
         asked = set(keys)
         loaded: dict[str, Any] = {}
         failures = {}

@@ -194,3 +194,48 @@ def test_computed_data_whose_last_holder_leaves_while_a_copy_is_pending_is_recom
     s = msgs[0].stimulus_id
     assert msgs == [ReportLost(s, "c1", "x"), ComputeTask(s, B, "x", "run-x", (0, 1), {}, {})]
     assert sched.tasks["x"].replicas_pending == {} and sched.workers[B].replicating == {}
+
+
+# --- a holder that did not answer is no proof that it lacks the value ------
+# (seeds 75 and 439 of the chaos lab's hang mix: a hung holder was dropped and
+# scattered data declared lost while that holder, alive, still held it)
+
+
+def _scattered_with_dependent_on(sched, worker):
+    """`data` scattered to A and C; `y` (needs it) processing on `worker`."""
+    join(sched, A, B, C)
+    sched.handle(DataScattered(sid(), "c1", {"data": (100, (A, C))}))
+    msgs = sched.handle(TasksSubmitted(sid(), "c1", (TaskSpec("y", "run-y", ("data",), 0, (worker,)),), ("y",)))
+    assert [(type(m), m.worker, m.key) for m in msgs] == [(ComputeTask, worker, "y")]
+    return msgs[0]
+
+
+def test_a_holder_that_did_not_answer_is_kept_and_one_that_answered_missing_is_dropped(sched):
+    """B fetched `data` for `y` from A (no answer: hung) and from C (answered
+    that it does not have it). The worker names only C: C stops counting and
+    is told to free the key; A, perhaps only slow, is still a holder; the
+    data is not lost, and `y` is sent again with A as its holder."""
+    first = _scattered_with_dependent_on(sched, B)
+    msgs = sched.handle(ReplicaMissing(sid(), B, "data", (C,), "y"))
+    s = msgs[0].stimulus_id
+    assert msgs == [
+        FreeKeys(s, C, ("data",)),
+        FreeKeys(s, B, ("y",)),  # back to waiting: the old assignment is withdrawn
+        ComputeTask(s, B, "y", "run-y", first.priority, {"data": (A,)}, {"data": 100}),
+    ]
+    assert list(sched.tasks["data"].who_has) == [A]
+    assert sched.tasks["data"].state is TaskState.MEMORY
+
+
+def test_holders_that_did_not_answer_are_all_kept(sched):
+    """No holder answered (the report names nobody): both stay holders, no
+    key is freed, and `y` is sent again naming both."""
+    first = _scattered_with_dependent_on(sched, B)
+    msgs = sched.handle(ReplicaMissing(sid(), B, "data", (), "y"))
+    s = msgs[0].stimulus_id
+    assert msgs == [
+        FreeKeys(s, B, ("y",)),  # back to waiting: the old assignment is withdrawn
+        ComputeTask(s, B, "y", "run-y", first.priority, {"data": (A, C)}, {"data": 100}),
+    ]
+    assert list(sched.tasks["data"].who_has) == [A, C]
+    assert sched.tasks["data"].state is TaskState.MEMORY

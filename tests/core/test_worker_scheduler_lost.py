@@ -83,5 +83,6 @@ def test_a_withdrawn_compute_request_on_a_copy_in_flight_is_not_acted_upon(worke
     worker.handle(SchedulerLost(sid()))
     assert worker.tasks["k"].assigned is False
     out = worker.handle(GatherFailed(sid(), PEER, ("k",)))
-    assert out == [SendReplicaMissing(out[0].stimulus_id, "k", (PEER,), None)]
+    # PEER did not answer: not named as lacking the value (seed 75 of the hang mix).
+    assert out == [SendReplicaMissing(out[0].stimulus_id, "k", (), None)]
     assert worker.tasks == {}

@@ -81,6 +81,28 @@ def test_an_input_nobody_can_provide_is_reported_and_its_task_dropped(worker):
     assert worker.tasks == {}
 
 
+def test_only_holders_that_answered_without_the_value_are_named_missing(worker):
+    """A holder that did not answer (hung, unreachable) is no proof that it
+    lacks the value: the report names only the one that answered without it
+    (seeds 75 and 439 of the chaos lab's hang mix)."""
+    worker.handle(compute("z", {"a": (PEER, OTHER)}))
+    out = worker.handle(GatherFailed(sid(), PEER, ("a",)))
+    assert out == [Gather(out[0].stimulus_id, OTHER, ("a",))]
+    out = worker.handle(GatherSucceeded(sid(), OTHER, {}, missing=("a",)))
+    assert out == [SendReplicaMissing(out[0].stimulus_id, "a", (OTHER,), "z")]
+    assert worker.tasks == {}
+
+
+def test_an_input_no_holder_answered_for_is_reported_naming_nobody(worker):
+    """Every holder failed to answer: the input is reported missing (the
+    task goes back to the scheduler) naming no holder."""
+    worker.handle(compute("z", {"a": (PEER, OTHER)}))
+    worker.handle(GatherFailed(sid(), PEER, ("a",)))
+    out = worker.handle(GatherSucceeded(sid(), OTHER, {}))  # answered, but not for "a"
+    assert out == [SendReplicaMissing(out[0].stimulus_id, "a", (), "z")]
+    assert worker.tasks == {}
+
+
 def test_an_unsendable_input_errs_its_dependent(worker):
     """A holder that cannot serialize the input: the dependent errs with that error."""
     worker.handle(compute("z", {"a": (PEER,)}))

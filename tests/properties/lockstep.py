@@ -164,7 +164,8 @@ def to_core(scope: m.Scope, world: m.World, event: m.Event, core: SchedulerState
         case m.ReplicaLost(key, holder, dependent, reporter):
             if dependent is not None:
                 reporter = world.task(dependent).processing_on
-            return ReplicaMissing(sid(), reporter or "client:c1", key, (holder,), dependent)
+            holders = () if holder is None else (holder,)  # None: no holder answered
+            return ReplicaMissing(sid(), reporter or "client:c1", key, holders, dependent)
         case m.CopyDropped(key, worker):
             return DataDropped(sid(), worker, (key,))
         case m.Replicate(client, key, n):

@@ -212,15 +212,18 @@ class SchedulerConformance(RuleBasedStateMachine):
         key = data.draw(st.sampled_from(self.keys_in(m.MEMORY)))
         t = self.world.task(key)
         holder = data.draw(st.sampled_from(sorted(t.who_has)))
+        # A failed fetch names the holder that answered without the value,
+        # or (None) none: those that did not answer stay holders.
+        named = data.draw(st.sampled_from([holder, None]))
         if how == "added" and t.who_has != self.world.live:
             self.step(m.ReplicaAdded(key, data.draw(st.sampled_from(sorted(self.world.live - t.who_has)))))
         elif how == "missing":
             users = [k for k, u in self.world.tasks if u.state is m.PROCESSING and key in u.deps]
-            self.step(m.ReplicaLost(key, holder, data.draw(st.sampled_from([None, *users]))))
+            self.step(m.ReplicaLost(key, named, data.draw(st.sampled_from([None, *users]))))
         elif how == "dropped":
             self.step(m.CopyDropped(key, holder))
         elif how == "copy-failed" and t.pending:
-            self.step(m.ReplicaLost(key, holder, None, data.draw(st.sampled_from(sorted(t.pending)))))
+            self.step(m.ReplicaLost(key, named, None, data.draw(st.sampled_from(sorted(t.pending)))))
 
     @precondition(lambda self: any(t.state is m.RELEASED and t.pending for _, t in self.world.tasks))
     @rule(data=st.data(), comes=st.booleans())

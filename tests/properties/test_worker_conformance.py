@@ -110,8 +110,8 @@ def instructions_of(out) -> set[tuple]:
                 result.add(("erred", key))
             case SendReplicaAdded(key=key):
                 result.add(("replica-added", key))
-            case SendReplicaMissing(key=key, dependent=dependent):
-                result.add(("missing", key, dependent))
+            case SendReplicaMissing(key=key, holders=holders, dependent=dependent):
+                result.add(("missing", key, dependent, frozenset(holders)))
             case SendDataDropped(keys=keys):
                 result.update(("dropped", k) for k in keys)
             case SendStealAnswer(key=key, given_up=given_up):
@@ -132,6 +132,7 @@ def abstract(core: WorkerState, faults: int) -> wm.WWorld:
                     frozenset(ts.holders),
                     frozenset(ts.tried),
                     None if ts.compute_request is None else tuple(ts.compute_request.who_has.items()),
+                    frozenset(peer for peer, answered in ts.tried.items() if answered),
                 ),
             )
             for key, ts in core.tasks.items()

@@ -42,9 +42,11 @@ from trioflow.core.worker_events import (
     ExecutionSucceeded,
     FreeRequested,
     Gather,
+    GatherFailed,
     GatherSucceeded,
     SendDataDropped,
     SendReplicaAdded,
+    SendReplicaMissing,
     SendTaskFinished,
 )
 from trioflow.core.worker_invariants import check_worker_invariants
@@ -101,6 +103,11 @@ PLANS = {
     "reset@5.687:worker-3",
     23: "crash@0.784:worker-1,crash@1.477:worker-3,restart@1.561:worker-0,crash@1.892:worker-3,"
     "crash@2.521:worker-2",
+    # --mix hang=1
+    75: "hang@1.954:worker-0/2.679,hang@2.617:worker-2/5.454,hang@4.511:worker-3/0.836,"
+    "hang@5.088:worker-0/0.905,hang@5.732:worker-2/4.13",
+    439: "hang@0.39:worker-1/4.084,hang@1.273:worker-2/5.244,hang@4.953:worker-3/5.168,"
+    "hang@5.843:worker-2/2.867,hang@7.574:worker-2/3.079",
 }
 
 
@@ -378,3 +385,94 @@ def test_seed_23_scattered_data_is_not_lost_while_a_copy_is_on_its_way():
 def test_seed_23_run_passes():
     """Seed 23's whole run (four crashes and a restart, scattered data replicated) passes."""
     assert_clean(run_pinned(23))
+
+
+# ---- seeds 75 and 439 (hang mix): a holder that did not answer was dropped --
+
+
+def test_seed_75_a_holder_that_did_not_answer_is_not_named_missing():
+    """Seed 75 of `--mix hang=1`, worker side: worker-1 (ME here) fetched
+    data-2 for tree-047 from worker-0 (A), hung, and worker-3 (PEER), gone:
+    neither answered. It reported data-2 missing naming both, and the
+    scheduler took that as proof that neither held it. It now names only the
+    holders that answered without the value: here none."""
+    worker = WorkerState(ME, nthreads=1)
+    worker.handle(compute("tree-047", {"data-2": (A, PEER)}))
+    worker.handle(GatherFailed(sid(), A, ("data-2",)))  # hung: no answer
+    out = worker.handle(GatherFailed(sid(), PEER, ("data-2",)))  # gone: refused
+    assert out == [SendReplicaMissing(out[0].stimulus_id, "data-2", (), "tree-047")]
+    assert worker.tasks == {}
+    check_worker_invariants(worker)
+
+
+def test_seed_75_scattered_data_held_by_a_hung_worker_is_not_lost():
+    """Seed 75, scheduler side: data-2 (scattered, no lineage) on worker-0 (A)
+    and worker-3 (PEER); worker-3 leaves; worker-1 (B) reports it could not
+    fetch data-2 for tree-047, naming no holder that answered. worker-0, hung
+    but registered, stays a holder: no FreeKeys to it, no LostData, and
+    tree-047 is sent again naming worker-0 (which serves it once it thaws,
+    or leaves by worker_ttl and then the worker-left path decides)."""
+    state = scheduler(A, B, PEER)
+    state.handle(DataScattered(sid(), "c1", {"data-2": (8, (A, PEER))}))
+    tree = TaskSpec("tree-047", "run-tree-047", ("data-2",), 0, (B,))
+    out = state.handle(TasksSubmitted(sid(), "c1", (tree,), ("tree-047",)))
+    [first] = [m for m in out if isinstance(m, ComputeTask)]
+    assert (first.worker, dict(first.who_has)) == (B, {"data-2": (A, PEER)})
+    state.handle(WorkerDisconnected(sid(), PEER))
+    out = state.handle(ReplicaMissing(sid(), B, "data-2", (), "tree-047"))
+    s = out[0].stimulus_id
+    assert out == [
+        FreeKeys(s, B, ("tree-047",)),
+        ComputeTask(s, B, "tree-047", "run-tree-047", first.priority, {"data-2": (A,)}, {"data-2": 8}),
+    ]
+    assert state.tasks["data-2"].state is TaskState.MEMORY
+    assert list(state.tasks["data-2"].who_has) == [A]
+    check_invariants(state)
+
+
+def test_seed_75_run_passes():
+    """Seed 75 of `--mix hang=1` (five hangs): data-2 was declared lost at
+    5.461 while worker-0 (registered, hung) held a copy."""
+    assert_clean(run_pinned(75))
+
+
+def test_seed_439_run_passes():
+    """Seed 439 of `--mix hang=1` (five hangs): data-1 was declared lost
+    while worker-2 (registered, hung) held a copy."""
+    assert_clean(run_pinned(439))
+
+
+def test_seed_75_a_refetch_from_a_peer_that_did_not_answer_waits():
+    """The shell side of the fix: a holder that did not answer stays a holder,
+    so the scheduler may send the dependent straight back naming it. A fetch
+    from a peer that failed to answer waits until `heartbeat_interval` after
+    that failure (a peer refusing at once cannot make a loop that takes no
+    time); a fetch from another peer does not wait."""
+    import trio
+    import trio.testing
+
+    from trioflow.config import Config
+    from trioflow.errors import CommClosedError
+    from trioflow.worker import Worker
+
+    worker = Worker("sim://scheduler:8786", config=Config(heartbeat_interval=0.5))
+    attempts: list[float] = []
+    posted: list = []
+
+    class RefusingPool:
+        async def call(self, address, message):
+            attempts.append(trio.current_time())
+            raise CommClosedError(f"{address} refused the connection")
+
+    worker._pool = RefusingPool()
+    worker._post = lambda handler, *args: posted.append(args[0])
+
+    async def fetch_twice():
+        await worker._gather(Gather("s1", A, ("data-2",)))
+        await trio.sleep(0.1)
+        await worker._gather(Gather("s2", A, ("data-2",)))  # waits until 0.5 s after the failure
+        await worker._gather(Gather("s3", B, ("data-2",)))  # another peer: at once
+
+    trio.run(fetch_twice, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert [round(t - attempts[0], 6) for t in attempts] == [0.0, 0.5, 0.5]
+    assert [type(ev).__name__ for ev in posted] == ["GatherFailed"] * 3

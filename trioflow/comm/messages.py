@@ -874,7 +874,11 @@ class ReplicaAdded(Message, op="replica_added", channels=(WORKER_TO_SCHEDULER,))
 
 
 class ReplicaMissing(Message, op="replica_missing", channels=(WORKER_TO_SCHEDULER,)):
-    """None of `holders` could provide `key` (for `dependent`, or a requested copy)."""
+    """No holder could provide `key` (for `dependent`, or a requested copy).
+
+    `holders` names those that answered that they do not have it; a holder
+    that did not answer (hung, unreachable) is not named: it may still hold
+    it, and the scheduler judges its liveness."""
 
     key = KEY
     holders = ADDRESSES

@@ -212,7 +212,11 @@ class ReplicaAdded(SchedulerEvent):
 
 @frozen
 class ReplicaMissing(SchedulerEvent):
-    """`worker` could not get `key` from any of `holders` to run `dependent`."""
+    """`worker` could not get `key` to run `dependent` (or as a copy asked for).
+
+    `holders` are those that answered that they do not have it; holders that
+    did not answer (hung, unreachable) are not named: they may still have it.
+    """
 
     worker: str
     key: str

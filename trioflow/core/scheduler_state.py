@@ -696,9 +696,13 @@ class SchedulerState(TaskTransitions, WorkStealing):
     def _on_replica_missing(self, ev: ReplicaMissing) -> None:
         """A worker could not fetch `key` from any holder it was given.
 
-        The holders it names did not have the value (or did not answer), so
-        they stop counting as holders; the dependent goes back to waiting and
-        is sent again with fresh holders, or after the value is recomputed.
+        The holders it names answered that they do not have the value, so
+        they stop counting as holders. A holder the worker tried but that did
+        not answer (hung, unreachable) is not named: that is no proof that it
+        lacks the value, and its liveness is judged here (`worker_ttl`), so
+        it stays a holder (seeds 75 and 439 of the chaos lab's hang mix).
+        The dependent goes back to waiting and is sent again with fresh
+        holders, or after the value is recomputed.
         A worker asked for a copy stops being a pending copy: data that
         awaited that copy (`_await_copy`) is lost if no other is coming.
         """

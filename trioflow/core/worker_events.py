@@ -202,7 +202,10 @@ class SendReplicaAdded(WorkerInstruction):
 
 @frozen
 class SendReplicaMissing(WorkerInstruction):
-    """No holder of `key` could provide it (for `dependent`, if any)."""
+    """No holder of `key` could provide it (for `dependent`, if any).
+
+    `holders`: those that answered that they do not have it (not those that
+    did not answer: they may still hold it)."""
 
     key: str
     holders: tuple[str, ...]

@@ -21,8 +21,11 @@ Two situations make this more than a queue:
   otherwise its result is dropped when the thread ends.
 * A fetch can fail (the holder died or no longer has the value). The next
   holder is tried; when none is left the worker reports the input missing
-  and forgets the task that needed it. The scheduler, which knows more,
-  decides what happens next.
+  and forgets the task that needed it. The report names only the holders
+  that *answered* without the value: one that did not answer (hung,
+  unreachable) is no proof that it lacks it, and the scheduler judges its
+  liveness itself (`worker_ttl`). The scheduler, which knows more, decides
+  what happens next.
 
 Values stay until the scheduler frees them: the scheduler's `who_has` is the
 single account of where data lives, so a fetched copy is reported
@@ -137,9 +140,11 @@ class WorkerTask:
         self.dependents: dict[str, WorkerTask] = {}
         # Invariant: for WAITING tasks, the inputs not yet in MEMORY.
         self.waiting_on: dict[str, None] = {}
-        # Peers said to hold the value (FETCH/FLIGHT), and those that failed.
+        # Peers said to hold the value (FETCH/FLIGHT), and those that failed:
+        # True if that peer answered that it does not have the value, False
+        # if it did not answer (connection refused, broke or timed out).
         self.holders: dict[str, None] = {}
-        self.tried: dict[str, None] = {}
+        self.tried: dict[str, bool] = {}
         self.nbytes = 0
         # The scheduler freed this key while local work still needed it:
         # forget it as soon as that work is done.
@@ -425,11 +430,11 @@ class WorkerState:
             if ts is not None and ts.state is FLIGHT:
                 self._unobtainable(ts, failure)
         done = ev.nbytes.keys() | ev.errors.keys()
-        self._retry_elsewhere(ev.peer, [k for k in requested if k not in done])
+        self._retry_elsewhere(ev.peer, [k for k in requested if k not in done], lacking=set(ev.missing))
 
     def _on_gather_failed(self, ev: GatherFailed) -> None:
         requested = self.in_flight.pop(ev.peer, ev.keys)
-        self._retry_elsewhere(ev.peer, requested)
+        self._retry_elsewhere(ev.peer, requested, lacking=())
 
     # ----------------------------------------------------------- helpers --
 
@@ -495,8 +500,12 @@ class WorkerState:
                 if not dependent.waiting_on:
                     self._make_ready(dependent)
 
-    def _retry_elsewhere(self, peer: str, keys) -> None:
-        """`peer` failed to provide `keys`: try their other holders."""
+    def _retry_elsewhere(self, peer: str, keys, lacking) -> None:
+        """`peer` failed to provide `keys`: try their other holders.
+
+        `lacking`: those of `keys` the peer answered that it does not have
+        (the others it did not answer for: it may still hold them).
+        """
         for key in keys:
             ts = self.tasks.get(key)
             if ts is None or ts.state is not FLIGHT:
@@ -509,17 +518,25 @@ class WorkerState:
                 self._start_compute(ts, request)
                 continue
             ts.holders.pop(peer, None)
-            ts.tried[peer] = None
+            ts.tried[peer] = key in lacking
             ts.state = FETCH
             self.fetch[key] = None
             self._fail_fetch_if_hopeless(ts)
 
     def _fail_fetch_if_hopeless(self, ts: WorkerTask) -> None:
-        """No holder left to try: report the value missing, drop who needed it."""
+        """No holder left to try: report the value missing, drop who needed it.
+
+        The report names only the holders that answered that they do not
+        have the value. A holder that did not answer (hung, unreachable) may
+        still hold it: the scheduler judges its liveness (`worker_ttl`) and
+        sends the dependent again with fresh holders. Naming it made the
+        scheduler drop a live holder's copy and declare scattered data lost
+        (seeds 75 and 439 of the chaos lab's hang mix).
+        """
         if ts.holders:
             return
         self.fetch.pop(ts.key, None)
-        holders = tuple(ts.tried)
+        holders = tuple(peer for peer, answered in ts.tried.items() if answered)
         if not ts.dependents:
             self._emit(SendReplicaMissing(self._stimulus_id, ts.key, holders, None))
         for dependent in list(ts.dependents.values()):
