@@ -68,6 +68,15 @@ def test_chaos_exits_1_and_names_each_failing_seed(monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)["failed_seeds"] == [2]
 
 
+def test_the_replay_hint_repeats_the_flags_that_shaped_the_runs(monkeypatch, capsys):
+    """A seed names a run only with its mix and shape: the hint printed for a
+    failing seed of ``--mix hang=1 --tasks 50`` carries both."""
+    monkeypatch.setattr(lab, "run_seed", _failing_report)
+    assert main(["chaos", "--seeds", "3", "--mix", "hang=1", "--tasks", "50"]) == 1
+    out = capsys.readouterr().out
+    assert "replay one with: trioflow chaos --tasks 50 --mix hang=1 --seed 2 --print-trace" in out
+
+
 @pytest.mark.parametrize(
     "argv",
     [["chaos", "--print-trace"], ["chaos", "--seeds", "2", "--trace", "x.json"], ["chaos", "--seed", "1", "--workers", "0"]],

@@ -219,8 +219,20 @@ def _sweep(args: argparse.Namespace, settings: Any, seeds: range, run: Any = Non
     if args.json:
         print(json.dumps(summary))
     else:
-        _print_summary(summary, reports, real=args.real)
+        _print_summary(summary, reports, real=args.real, shape=_shape_flags(args))
     return 1 if summary["failed_seeds"] else 0
+
+
+def _shape_flags(args: argparse.Namespace) -> str:
+    """The flags that shaped this sweep's runs, as typed: a seed names a run
+    only together with them, so the replay hint must repeat them."""
+    flags = []
+    for name, default in (("workers", 4), ("threads", 2), ("tasks", 200), ("faults", 5)):
+        if getattr(args, name) != default:
+            flags.append(f"--{name} {getattr(args, name)}")
+    if args.mix:
+        flags.append(f"--mix {args.mix}")
+    return "".join(f"{flag} " for flag in flags)
 
 
 def _summary(reports: list, wall: float, settings: Any) -> dict[str, Any]:
@@ -267,7 +279,7 @@ def _summary(reports: list, wall: float, settings: Any) -> dict[str, Any]:
     }
 
 
-def _print_summary(summary: dict[str, Any], reports: list, real: bool = False) -> None:
+def _print_summary(summary: dict[str, Any], reports: list, real: bool = False, shape: str = "") -> None:
     runs = summary["runs"]
     print(
         f"chaos {'(real processes)' if real else 'lab'}: {runs} runs, {summary['workers']} workers x "
@@ -299,7 +311,7 @@ def _print_summary(summary: dict[str, Any], reports: list, real: bool = False) -
         for note in report.notes:
             print(f"  seed {report.seed}: {note}")
     if failed:
-        again = "--real " if real else ""
+        again = ("--real " if real else "") + shape
         print(f"replay one with: trioflow chaos {again}--seed {failed[0].seed} --print-trace")
 
 
