@@ -111,6 +111,8 @@ PLANS = {
     # --mix restart=1
     356: "restart@4.813:worker-2,restart@6.417:worker-3,restart@6.544:worker-2,restart@6.731:worker-3,"
     "restart@6.931:worker-2",
+    # --mix reset=1
+    789: "reset@5.24:worker-0,reset@5.274:worker-3,reset@5.331:worker-2,reset@5.734:worker-1,reset@5.751:worker-3",
 }
 
 
@@ -454,6 +456,16 @@ def test_seed_356_of_the_restart_mix_leaves_no_record_behind():
     Seed 454 of the same mix showed the same on earlier code. A strict
     xfail until the worker core forgets it."""
     assert_clean(run_pinned(356))
+
+
+@pytest.mark.xfail(strict=True, reason="open bug (issue 19): data-2 is declared lost at 5.382 while worker-1, "
+                   "registered, holds a copy")
+def test_seed_789_of_the_reset_mix_loses_no_data_a_registered_worker_holds():
+    """Seed 789 of `--mix reset=1` (five connection resets within half a
+    second, found by the sweep of issue 19): scattered data declared lost
+    while a registered, unharmed worker held a copy. A strict xfail until
+    the scheduler keeps that copy."""
+    assert_clean(run_pinned(789))
 
 
 def test_seed_75_a_refetch_from_a_peer_that_did_not_answer_waits():
