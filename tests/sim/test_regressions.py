@@ -113,6 +113,8 @@ PLANS = {
     "restart@6.931:worker-2",
     # --mix reset=1
     789: "reset@5.24:worker-0,reset@5.274:worker-3,reset@5.331:worker-2,reset@5.734:worker-1,reset@5.751:worker-3",
+    # --mix crash=1
+    829: "crash@0.578:worker-0,crash@3.107:worker-2,crash@4.824:worker-2,crash@6.599:worker-0,crash@6.73:worker-3",
 }
 
 
@@ -466,6 +468,15 @@ def test_seed_789_of_the_reset_mix_loses_no_data_a_registered_worker_holds():
     while a registered, unharmed worker held a copy. A strict xfail until
     the scheduler keeps that copy."""
     assert_clean(run_pinned(789))
+
+
+@pytest.mark.xfail(strict=True, reason="open bug (issue 19): data-0 is declared lost at 6.766 while worker-2, "
+                   "registered, holds a copy")
+def test_seed_829_of_the_crash_mix_loses_no_data_a_registered_worker_holds():
+    """Seed 829 of `--mix crash=1` (found by the sweep of issue 19): like
+    seed 789, scattered data declared lost while a registered worker held a
+    copy. A strict xfail until the scheduler keeps that copy."""
+    assert_clean(run_pinned(829))
 
 
 def test_seed_75_a_refetch_from_a_peer_that_did_not_answer_waits():
