@@ -46,7 +46,6 @@ from __future__ import annotations
 import collections
 import functools
 import math
-import re
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
@@ -55,6 +54,7 @@ from typing import Any
 import trio
 
 from trioflow.comm import messages as m
+from trioflow.core.durations import key_prefix
 from trioflow.core.failures import WorkerDeaths
 
 __all__ = [
@@ -472,26 +472,12 @@ def event_record(event: tuple) -> m.ClusterEvent:
     return m.ClusterEvent(seq=seq, time=at, kind=kind, text=text[: m.MAX_REASON_CHARS], worker=worker, count=count)
 
 
-# Keys ending in a hex digest or a number, the way trioflow and dask make them.
-_HEX_RE = re.compile(r"[0-9a-f]{8,}")
-
-
 @functools.lru_cache(maxsize=4096)
 def key_name(key: str) -> str:
     """The function part of a key: ``inc-9f2c...`` -> ``inc``, ``('sum-ab12', 3)`` -> ``sum``.
 
     The task stream colours runs by it and the reports group by it, as
-    dask's ``key_split`` does.
+    dask's ``key_split`` does; the scheduler core's duration estimates group
+    keys the same way (`key_prefix`), so the rule is written once, there.
     """
-    text = key
-    if text[:2] in ("('", '("'):
-        text = text[2:].split(text[1], 1)[0]
-    words = text.split("-")
-    name = words[0].strip("_'()\" ") or key
-    for word in words[1:]:
-        if not word.isalpha() or _HEX_RE.fullmatch(word):
-            break
-        name += "-" + word
-    if _HEX_RE.fullmatch(name) and len(name) >= 16:
-        return "data"
-    return name
+    return key_prefix(key)
