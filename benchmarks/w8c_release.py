@@ -49,6 +49,13 @@ import w8_pending_memory  # noqa: E402
 cloudpickle.register_pickle_by_value(w8_pending_memory)
 
 
+# The task functions are W8's, written again on purpose: dask pickles a
+# function of an importable module by reference, and its scheduler cannot
+# import this directory (imported from w8_pending_memory, the dask side
+# fails to deserialize its graph); defined here, in __main__, they travel
+# by value.
+
+
 def sleep_1s(i):
     import time
 
