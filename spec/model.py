@@ -549,11 +549,19 @@ def _rule_last_copy(d: _Draft, key: str, t: Task, ctx: _Context) -> list[_Draft]
         return None
     scattered = d.scope.keys[key].scattered
     needed, referenced = key in ctx.needed, key in ctx.referenced
-    if scattered and (needed or referenced) and t.pending:
-        # A live worker is fetching a copy, which may exist already (its
-        # report on its way): wait for it, released; the pending copy is
-        # kept (await-copy).
-        d.move(key, RELEASED, pending=t.pending)
+    # A live worker is fetching a copy when asked to (replication: pending)
+    # and when it was sent a dependent that needs the value; the latter
+    # answers with the copy or with its failure even once that dependent
+    # is taken back (seeds 789 and 829 of the chaos lab).
+    fetching = t.pending | {
+        x.processing_on
+        for x in d.tasks.values()
+        if x.state is PROCESSING and key in x.deps and x.processing_on in d.live
+    }
+    if scattered and (needed or referenced) and fetching:
+        # The copy may exist already (its report on its way): wait for it,
+        # released; the pending copies are kept (await-copy).
+        d.move(key, RELEASED, pending=frozenset(fetching))
     elif scattered and (needed or referenced):
         d.move(key, LOST, failure=Failure(LOST_DATA, key))  # last-copy-lost
     elif not needed and not referenced:

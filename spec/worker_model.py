@@ -278,7 +278,13 @@ class _Draft:
             dep = self.tasks.get(d)
             if dep is None or self.dependents(d):
                 continue
-            if (dep.state is FETCH and not dep.assigned) or (dep.state is MEMORY and dep.freed):
+            if dep.state is FETCH and not dep.assigned:
+                # A fetch that never began ends: said, naming no holder (the
+                # scheduler may await this copy of scattered data whose last
+                # holder left; its rule "await-copy").
+                self.out.add(("missing", d, None, frozenset()))
+                self.forget(d)
+            elif dep.state is MEMORY and dep.freed:
                 self.forget(d)
 
     def abandon(self, key: str) -> None:
@@ -334,10 +340,10 @@ class _Draft:
         users = self.dependents(key)
         for u in users or [None]:
             self.out.add(("missing", key, u, t.lacking))
+        self.tasks.pop(key, None)  # (reported: dropping its users says nothing more)
         for u in users:
             if self.tasks[u].state in (WAITING, READY):
                 self.abandon(u)
-        self.tasks.pop(key, None)
         return True
 
     def start_compute(self, key: str, who_has) -> None:

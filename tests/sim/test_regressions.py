@@ -25,6 +25,7 @@ from trioflow.core.scheduler_events import (
     ReplicationRequested,
     ReportErred,
     ReportFinished,
+    StealAnswered,
     TaskFinished,
     TasksSubmitted,
     TaskSpec,
@@ -50,7 +51,7 @@ from trioflow.core.worker_events import (
     SendTaskFinished,
 )
 from trioflow.core.worker_invariants import check_worker_invariants
-from trioflow.core import UserError, WorkerDeaths
+from trioflow.core import DataLost, UserError, WorkerDeaths
 from trioflow.sim.faults import parse_plan
 from trioflow.sim.lab import LabSettings, run_seed
 
@@ -460,22 +461,84 @@ def test_seed_356_of_the_restart_mix_leaves_no_record_behind():
     assert_clean(run_pinned(356))
 
 
-@pytest.mark.xfail(strict=True, reason="open bug (issue 19): data-2 is declared lost at 5.382 while worker-1, "
-                   "registered, holds a copy")
-def test_seed_789_of_the_reset_mix_loses_no_data_a_registered_worker_holds():
-    """Seed 789 of `--mix reset=1` (five connection resets within half a
-    second, found by the sweep of issue 19): scattered data declared lost
-    while a registered, unharmed worker held a copy. A strict xfail until
-    the scheduler keeps that copy."""
+# -- seeds 789 (reset mix) and 829 (crash mix): a dependent's copy on its way --
+
+
+def scheduled_on_me(key: str = "data-2"):
+    """Scattered `key` held by A only, with dependent k1 on A and k2 stolen
+    to ME: ME was sent k2 naming A as the holder of `key`."""
+    state = scheduler(A, ME)
+    state.handle(DataScattered(sid(), "c1", {key: (8, (A,))}))
+    submit(state, "k1", key)
+    submit(state, "k2", key)
+    state.handle(StealAnswered(sid(), A, "k2", 1, True))
+    assert (state.tasks["k1"].processing_on, state.tasks["k2"].processing_on) == (A, ME)
+    return state
+
+
+def test_seeds_789_and_829_scattered_data_awaits_the_copy_a_dependents_worker_fetches():
+    """Seeds 789 and 829 (found by the 1,000-seed sweeps of the reset and
+    crash mixes): data-2's last holder left 20 ms after worker-1 was sent a
+    dependent that needs it; worker-1 had fetched the copy, and its
+    ReplicaAdded arrived 3 ms after the core had declared data-2 lost
+    (LostData to the client and nine dependents) — the core counted only
+    copies it had asked for by replication. A worker sent a dependent is
+    fetching a copy too: the data now waits for it, released."""
+    state = scheduled_on_me()
+    ev = WorkerDisconnected(sid(), A)
+    out = state.handle(ev)
+    # k1 (on A) and k2 (on ME) wait for the copy; ME drops k2 meanwhile.
+    assert out == [FreeKeys(ev.stimulus_id, ME, ("k2",))]
+    assert state.tasks["data-2"].state is TaskState.RELEASED
+    assert dict(state.tasks["data-2"].replicas_pending) == {ME: None}
+    assert {state.tasks[k].state for k in ("k1", "k2")} == {TaskState.WAITING}
+    check_invariants(state)
+    ev = ReplicaAdded(sid(), ME, "data-2", 8)
+    out = state.handle(ev)
+    assert out[0] == ReportFinished(ev.stimulus_id, "c1", "data-2", (ME,), False)
+    assert sorted(m.key for m in out if isinstance(m, ComputeTask)) == ["k1", "k2"]
+    assert all(m.worker == ME for m in out[1:]) and len(out) == 3, out
+    assert state.tasks["data-2"].state is TaskState.MEMORY
+    check_invariants(state)
+
+
+def test_seeds_789_and_829_a_dependents_worker_that_dropped_its_fetch_makes_the_data_lost():
+    """The other ending: the worker dropped its fetch (it had not begun, or
+    it failed): the data is lost, and its dependents with it."""
+    state = scheduled_on_me()
+    state.handle(WorkerDisconnected(sid(), A))
+    ev = ReplicaMissing(sid(), ME, "data-2", (), None)
+    out = state.handle(ev)
+    assert state.tasks["data-2"].state is TaskState.LOST
+    assert out == [
+        ReportErred(ev.stimulus_id, "c1", key, DataLost("data-2"), "data-2") for key in ("data-2", "k1", "k2")
+    ]
+    check_invariants(state)
+
+
+def test_seeds_789_and_829_a_worker_dropping_a_fetch_it_had_not_begun_says_so():
+    """The worker side: a dependent dropped before its input's fetch began
+    ends that fetch, and the scheduler may be counting on it, so the worker
+    reports it missing, naming no holder. A fetch already reported hopeless
+    is not reported twice."""
+    worker = WorkerState(ME, nthreads=1, max_gathers=1)
+    worker.handle(compute("t1", {"x": (A,)}))  # x's fetch takes the one slot
+    worker.handle(compute("t2", {"y": (A,)}))  # y waits for a slot: FETCH
+    assert worker.tasks["y"].state is WorkerTaskState.FETCH
+    ev = FreeRequested(sid(), ("t2",))
+    out = worker.handle(ev)
+    assert out == [SendReplicaMissing(ev.stimulus_id, "y", (), None)]
+    assert "y" not in worker.tasks
+    check_worker_invariants(worker)
+
+
+def test_seed_789_of_the_reset_mix_run_passes():
+    """Seed 789 of `--mix reset=1` (five connection resets within half a second)."""
     assert_clean(run_pinned(789))
 
 
-@pytest.mark.xfail(strict=True, reason="open bug (issue 19): data-0 is declared lost at 6.766 while worker-2, "
-                   "registered, holds a copy")
-def test_seed_829_of_the_crash_mix_loses_no_data_a_registered_worker_holds():
-    """Seed 829 of `--mix crash=1` (found by the sweep of issue 19): like
-    seed 789, scattered data declared lost while a registered worker held a
-    copy. A strict xfail until the scheduler keeps that copy."""
+def test_seed_829_of_the_crash_mix_run_passes():
+    """Seed 829 of `--mix crash=1`."""
     assert_clean(run_pinned(829))
 
 

@@ -694,7 +694,8 @@ class SchedulerState(TaskTransitions, WorkStealing):
             self._emit(FreeKeys(self._stimulus_id, ev.worker, (ev.key,)))
 
     def _on_replica_missing(self, ev: ReplicaMissing) -> None:
-        """A worker could not fetch `key` from any holder it was given.
+        """A worker could not fetch `key` from any holder it was given, or
+        dropped a fetch it had not begun (no holder named, no dependent).
 
         The holders it names answered that they do not have the value, so
         they stop counting as holders. A holder the worker tried but that did

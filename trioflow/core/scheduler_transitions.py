@@ -316,7 +316,11 @@ class TaskTransitions:
 
     def _await_copy(self, ts: SchedulerTask, recs: Recommendations) -> None:
         """Scattered data lost its last known holder while a live worker was
-        fetching a copy of it (`replicas_pending`): it is not lost yet.
+        fetching a copy of it: it is not lost yet. A worker fetches a copy
+        when asked to (`replicas_pending`, replication) and when it was sent
+        a dependent that needs the value (`_fetchers`: seeds 789 and 829 of
+        the chaos lab, a dependent's worker whose copy arrived 3 ms after the
+        last holder left); the latter join `replicas_pending` now.
 
         That worker may well have the copy already, its `ReplicaAdded` still
         on the wire (seed 23 of the chaos lab: the holder restarted 1 ms
@@ -331,10 +335,28 @@ class TaskTransitions:
         that looks for a holder meanwhile finds none and waits for the
         report that comes either way. spec: rule "await-copy", INV-AWAITED.
         """
-        assert ts.replicas_pending and not ts.who_has, ts
+        assert not ts.who_has, ts
+        for ws in self._fetchers(ts):
+            ts.own("replicas_pending")[ws.address] = None
+            ws.replicating[ts.key] = None
         ts.state = RELEASED
         self.awaiting_holders[ts.key] = None
+        # The dependents wait for the copy; their workers are told to drop
+        # them, and a worker that drops a fetch it had not begun says so
+        # (the worker core's `_release_inputs`), so every copy counted here
+        # ends in `ReplicaAdded` or `ReplicaMissing`.
         self._invalidate_dependents(ts, recs)
+        self._copy_not_coming(ts, recs)  # (the fetchers may have left meanwhile)
+
+    def _fetchers(self, ts: SchedulerTask) -> list[SchedulerWorker]:
+        """Live workers fetching a copy of `ts` for a dependent assigned there."""
+        fetchers = []
+        for key in ts.waiters:
+            address = self.tasks[key].processing_on
+            ws = self.workers.get(address) if address is not None else None
+            if ws is not None and address not in ts.who_has and address not in ts.replicas_pending:
+                fetchers.append(ws)
+        return fetchers
 
     def _copy_not_coming(self, ts: SchedulerTask, recs: Recommendations) -> None:
         """Data awaiting a copy (`_await_copy`) saw its last pending copy
@@ -430,7 +452,7 @@ class TaskTransitions:
             if not (self._is_needed(ts) or ts.dependents):
                 return FORGOTTEN
             # A copy on its way may exist already: wait for it (`_await_copy`).
-            return RELEASED if ts.replicas_pending else LOST
+            return RELEASED if ts.replicas_pending or self._fetchers(ts) else LOST
         if self._value_needed(ts):
             return WAITING
         if ts.who_wants or ts.dependents:

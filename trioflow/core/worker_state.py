@@ -571,6 +571,13 @@ class WorkerState:
             if dep.dependents:
                 continue
             if dep.state is FETCH and not dep.assigned:
+                # The scheduler may be counting on this copy: scattered data
+                # whose last holder left waits for the copies of workers that
+                # were sent its dependents (its `_await_copy`). A fetch that
+                # never began ends here, so say so, naming no holder (unless
+                # it was reported hopeless already: no longer in `fetch`).
+                if dep.key in self.fetch:
+                    self._emit(SendReplicaMissing(self._stimulus_id, dep.key, (), None))
                 self._forget(dep)
             elif dep.state is MEMORY and dep.freed:
                 self._forget(dep)
