@@ -450,14 +450,15 @@ def test_seed_439_run_passes():
     assert_clean(run_pinned(439))
 
 
-@pytest.mark.xfail(strict=True, reason="open bug (issue 19): after worker restarts, worker-1 keeps a record of "
-                   "tree-014 once the scheduler has forgotten it (the lab's leak check)")
 def test_seed_356_of_the_restart_mix_leaves_no_record_behind():
     """Seed 356 of `--mix restart=1` (five polite restarts, found by the
-    sweep of issue 19): tree-014 ran three times (its holders restarted),
-    and once the client had left, worker-1 still had a record of it.
-    Seed 454 of the same mix showed the same on earlier code. A strict
-    xfail until the worker core forgets it."""
+    sweep of issue 19): worker-1 connected to worker-2 to fetch tree-014
+    1 ms before worker-2 stopped for a restart; the handler of that
+    connection was cancelled before it had authenticated, and the stream
+    stayed open, so worker-1's fetch waited out its whole connect timeout
+    (10 s) and the run ended with tree-014 still in flight (the lab's leak
+    check). The door now closes the streams it was given however its
+    handler ends (`tests/comm/test_door.py`). Seed 454 showed the same."""
     assert_clean(run_pinned(356))
 
 

@@ -75,7 +75,12 @@ class Door:
     async def admit(self, stream: trio.abc.Stream) -> AsyncIterator[tuple[Connection, m.Hello] | None]:
         """The connection and its hello, for the block; None if it was refused.
 
-        The connection closes when the block ends.
+        The door owns `stream`: it is closed when the block ends, however it
+        ends. A server stopping (a polite restart) cancels handlers that may
+        not have opened their connection yet; a stream left open then kept
+        its peer waiting out its whole connect timeout for an authentication
+        answer (seed 356 of the chaos lab's restart mix: a fetch stalled
+        10 s on a connection accepted 1 ms before the server stopped).
         """
         if not self.gate.try_enter():
             await stream.aclose()
@@ -114,3 +119,4 @@ class Door:
                 yield conn, hello
         finally:
             self.gate.leave()
+            await trio.aclose_forcefully(stream)
