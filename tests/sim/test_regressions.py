@@ -25,6 +25,7 @@ from trioflow.core.scheduler_events import (
     ReplicationRequested,
     ReportErred,
     ReportFinished,
+    ReportLost,
     StealAnswered,
     TaskFinished,
     TasksSubmitted,
@@ -358,6 +359,40 @@ def test_seed_805_a_ready_task_is_not_left_waiting():
     on (INV-WAITING; two futures never final). `_transitions` now recommends
     again the move a stale release may have replaced."""
     assert_clean(run_pinned(805))
+
+
+def test_a_stale_release_does_not_place_a_task_whose_input_is_gone():
+    """The other half of seed 805's fix, found by a differential fuzzer over
+    random event sequences (the mutant `_recommend_due_move::not#1` of
+    tests/mutation, which no seed reached). A's death loses k0 and k1 (k0
+    -> k1 -> k2 -> k7, all computed on A); k1 is recommended to wait (k8,
+    running on A, needs it), then released as k8 dies for good
+    (KilledWorker), then needed again by k2, which the client's k7 needs.
+    The stale release recommends k1's due move again: it waits for k0,
+    which is being recomputed; it is not placed without its input."""
+    state = SchedulerState(allowed_failures=1, worker_saturation=1.0)
+    state.handle(WorkerConnected(sid(), A, 1))
+    state.handle(WorkerConnected(sid(), B, 1))
+    graph = {"k0": (), "k1": ("k0",), "k2": ("k1",), "k3": ("k0",), "k4": ("k3",), "k6": (), "k7": ("k2",),
+             "k8": ("k1", "k3", "k4", "k6")}
+    specs = tuple(TaskSpec(key, f"run-{key}", deps) for key, deps in graph.items())
+    state.handle(TasksSubmitted(sid(), "c1", specs, ("k0", "k6", "k7", "k8")))
+    for key, where in [("k0", A), ("k1", A), ("k6", B), ("k2", A), ("k7", A), ("k3", A), ("k4", A)]:
+        assert state.tasks[key].processing_on == where, key
+        state.handle(TaskFinished(sid(), where, key, 8))
+    state.handle(TaskStarted(sid(), A, "k8"))
+    ev = WorkerDisconnected(sid(), A)
+    out = state.handle(ev)
+    assert out == [
+        ReportLost(ev.stimulus_id, "c1", "k0"),
+        ReportLost(ev.stimulus_id, "c1", "k7"),
+        ReportErred(ev.stimulus_id, "c1", "k8", WorkerDeaths("k8", 1, A), "k8"),
+        ComputeTask(ev.stimulus_id, B, "k0", "run-k0", (0, 1), {}, {}),
+    ]
+    states = {key: state.tasks[key].state.value for key in ("k0", "k1", "k2", "k7")}
+    assert states == {"k0": "processing", "k1": "waiting", "k2": "waiting", "k7": "waiting"}
+    assert dict(state.tasks["k1"].waiting_on) == {"k0": None}
+    check_invariants(state)
 
 
 # ------------- seed 23: scattered data lost while a copy was on its way --
