@@ -35,13 +35,23 @@ def test_the_least_recently_used_values_go_to_disk_past_the_target(buffer):
 
 
 def test_a_spilled_value_is_read_back_when_asked_for(buffer):
-    """Reading a spilled value brings it back into memory (and spills another)."""
+    """Reading a spilled value brings it back into memory (and spills another);
+    its file stays, so pushing it out again writes nothing."""
     buffer["a"] = "a:60"
     buffer["b"] = "b:60"
-    assert list(buffer.slow) == ["a"]
+    assert list(buffer.slow) == ["a"] and buffer.spills == 1
+    [(a_file, a_bytes)] = buffer.slow.values()
     assert buffer["a"] == "a:60"
-    assert (list(buffer.fast), list(buffer.slow)) == (["a"], ["b"])
+    assert (list(buffer.fast), sorted(buffer.slow)) == (["a"], ["a", "b"])
     assert buffer.unspills == 1 and len(buffer) == 2 and "b" in buffer and set(buffer) == {"a", "b"}
+    assert buffer.spills == 2  # b was written; a's file is still there
+    assert buffer["b"] == "b:60"  # pushes a out: a clean copy, nothing written
+    assert (list(buffer.fast), sorted(buffer.slow)) == (["b"], ["a", "b"])
+    assert buffer.spills == 2 and buffer.slow["a"] == (a_file, a_bytes) and os.path.exists(a_file)
+    assert buffer.fast_bytes == 60 and buffer["a"] == "a:60"
+    del buffer["a"]  # in memory and on disk: both go
+    assert "a" not in buffer and not os.path.exists(a_file) and list(buffer.slow) == ["b"]
+    assert buffer.spilled_bytes == buffer.slow["b"][1]
 
 
 def test_a_value_bigger_than_the_target_goes_straight_to_disk_and_stays_there(buffer):

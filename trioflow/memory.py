@@ -33,7 +33,12 @@ process memory catches the rest, from spilling to pausing to being killed.
 use first) or in files of a spill directory, and which reads a spilled value
 back, into memory, whenever it is asked for (by a task that needs it, or
 to answer a ``get_data``: then the bytes on disk are sent as they are,
-without unpickling them). `MemoryManager` measures and decides.
+without unpickling them). A value read back keeps its file: values are
+never changed in place (a task that mutates its input breaks that rule for
+every copy, not just this one), so when it is pushed out again nothing is
+written, it is only dropped from memory. A workload that reads spilled
+values back in turn (W12) writes each once instead of once per reading.
+`MemoryManager` measures and decides.
 
 Why our own small store rather than zict (the one dask uses): the worker
 needs the pickled bytes of a spilled value to answer a peer without
@@ -116,7 +121,8 @@ class SpillBuffer(MutableMapping[str, Any]):
         self.sizes: dict[str, int] = {}
         # Invariant: the sum of `sizes` over `fast`.
         self.fast_bytes = 0
-        # Spilled: key -> (its file, bytes in that file).
+        # On disk: key -> (its file, bytes in that file). A key may be in
+        # `fast` too (read back: its file is kept, a clean copy).
         self.slow: dict[str, tuple[str, int]] = {}
         # Invariant: the sum of the file bytes of `slow`.
         self.slow_bytes = 0
@@ -133,14 +139,13 @@ class SpillBuffer(MutableMapping[str, Any]):
     # ------------------------------------------------------------ mapping --
 
     def __len__(self) -> int:
-        return len(self.fast) + len(self.slow)
+        return len(self.sizes)
 
     def __iter__(self) -> Iterator[str]:
-        yield from list(self.fast)
-        yield from list(self.slow)
+        yield from list(self.sizes)
 
     def __contains__(self, key: object) -> bool:
-        return key in self.fast or key in self.slow
+        return key in self.sizes
 
     def __getitem__(self, key: str) -> Any:
         if key in self.fast:
@@ -152,9 +157,8 @@ class SpillBuffer(MutableMapping[str, Any]):
         value = loads(self._read(key))
         self.unspills += 1
         if self.sizes[key] > self.target:
-            return value  # too big to keep in memory: it stays on disk too
-        self._forget_file(key)
-        self.fast[key] = value
+            return value  # too big to keep in memory: it stays on disk only
+        self.fast[key] = value  # its file stays: pushed out again, nothing is written
         self.fast_bytes += self.sizes[key]
         self._keep_target(but=key)
         return value
@@ -193,9 +197,9 @@ class SpillBuffer(MutableMapping[str, Any]):
         Raises:
             KeyError: not held. SerializationError: the value does not pickle.
         """
-        if key in self.slow:
-            return self._read(key)
-        return dumps(self.fast[key])
+        if key in self.fast:
+            return dumps(self.fast[key])
+        return self._read(key)
 
     def evict(self) -> bool:
         """Write the least recently used value to disk; False if none could be."""
@@ -219,7 +223,7 @@ class SpillBuffer(MutableMapping[str, Any]):
 
     @property
     def spilled_bytes(self) -> int:
-        """Bytes on disk."""
+        """Bytes on disk (including the files of values read back since)."""
         return self.slow_bytes
 
     # ----------------------------------------------------------- internal --
@@ -233,6 +237,10 @@ class SpillBuffer(MutableMapping[str, Any]):
                 return
 
     def _spill(self, key: str) -> bool:
+        if key in self.slow:  # read back earlier: its file is still there
+            del self.fast[key]
+            self.fast_bytes -= self.sizes[key]
+            return True
         value = self.fast[key]
         try:
             serialized = dumps(value)
@@ -296,7 +304,7 @@ class SpillBuffer(MutableMapping[str, Any]):
         if key in self.fast:
             del self.fast[key]
             self.fast_bytes -= self.sizes[key]
-        else:
+        if key in self.slow:
             self._forget_file(key)
         del self.sizes[key]
         self.unspillable.pop(key, None)
