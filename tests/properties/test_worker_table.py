@@ -209,3 +209,26 @@ def test_only_move_changes_a_task_state():
                             writers.append(fn.name)
     # WorkerTask.__init__ gives a new record its first state; `_new` checks it.
     assert sorted(writers) == ["__init__", "_move"]
+
+
+def test_records_are_born_in_new_and_die_in_forget():
+    """In worker_state.py, `tasks` gains a record only in `_new` and loses one only in `_forget`."""
+    tree = ast.parse(pathlib.Path(worker_state.__file__).read_text())
+
+    def is_tasks(node) -> bool:
+        return isinstance(node, ast.Attribute) and node.attr == "tasks"
+
+    changers = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.FunctionDef):
+            continue
+        for node in ast.walk(fn):
+            targets = []
+            if isinstance(node, (ast.Assign, ast.Delete)):
+                targets = node.targets
+            if any(isinstance(t, ast.Subscript) and is_tasks(t.value) for t in targets):
+                changers.append(fn.name)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                if is_tasks(node.func.value) and node.func.attr in ("pop", "popitem", "clear", "update", "setdefault"):
+                    changers.append(fn.name)
+    assert sorted(changers) == ["_forget", "_new"]

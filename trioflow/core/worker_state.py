@@ -344,10 +344,13 @@ class WorkerState:
         if ts is None:
             ts = self._new(ev.key, COMPUTE, WAITING)
         elif ts.state is CANCELLED:
+            # Released while its thread ran, wanted again: that thread's
+            # result will be reported. Never start a second run.
             ts.assigned = True
             self._move(ts, COMPUTE, EXECUTING)
             return
         elif ts.state is FETCH:
+            # A copy was wanted but not yet asked for: compute it instead.
             del self.fetch[ts.key]
             ts.holders.clear()
             ts.tried.clear()
@@ -542,6 +545,7 @@ class WorkerState:
         self._forget(ts, EXECUTION_DONE)
 
     def _on_gather_succeeded(self, ev: GatherSucceeded) -> None:
+        # The peer is free for another request once this event is done.
         requested = self.in_flight.pop(ev.peer, ())
         for key, nbytes in ev.nbytes.items():
             ts = self.tasks.get(key)
@@ -563,16 +567,19 @@ class WorkerState:
         )
 
     def _on_gather_failed(self, ev: GatherFailed) -> None:
+        # Nothing came back: every key asked of that peer is tried elsewhere.
         requested = self.in_flight.pop(ev.peer, ev.keys)
         self._retry_elsewhere(ev.peer, requested, lacking=(), event=GATHER_FAILED)
 
     # ----------------------------------------------------------- helpers --
 
     def _make_ready(self, ts: WorkerTask) -> None:
+        """`ts` has every input here: queue it for a thread, by priority."""
         self._move(ts, INPUTS_HERE, READY)
         heapq.heappush(self.ready, (ts.priority, ts.key))
 
     def _ensure_executing(self) -> None:
+        """Fill free thread slots: rejoining threads first, then READY tasks."""
         # Threads that gave their slot back and want it again come first:
         # they hold work in progress (and perhaps memory).
         while self.rejoining and len(self.executing) < self.nthreads:
@@ -625,6 +632,7 @@ class WorkerState:
             self._emit(SendTaskFinished(self._stimulus_id, ts.key, nbytes))
 
     def _now_in_memory(self, ts: WorkerTask, event: TaskEvent, nbytes: int) -> None:
+        """`ts`'s value is in the store: tasks here waiting only for it are ready."""
         self._move(ts, event, MEMORY)
         ts.nbytes = nbytes
         for dependent in ts.dependents.values():
@@ -645,6 +653,9 @@ class WorkerState:
                 self._unchanged(key, event)  # a late answer (see UNCHANGED)
                 continue
             if ts.compute_request is not None:
+                # The scheduler asked us to compute it while the copy was on
+                # its way: do that now. (Its inputs' records are created as
+                # by the request itself, hence COMPUTE in `_start_compute`.)
                 request, ts.compute_request = ts.compute_request, None
                 ts.holders.clear()
                 ts.tried.clear()
