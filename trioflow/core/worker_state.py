@@ -81,7 +81,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from trioflow.core.worker_events import (
     ComputeRequested,
@@ -326,7 +326,9 @@ class WorkerState:
         if (state, event) not in UNCHANGED:
             self._refuse(key, state, event, state)
 
-    def _refuse(self, key: str, state, event: TaskEvent, target) -> None:
+    def _refuse(self, key: str, state, event: TaskEvent, target) -> NoReturn:
+        """Raise `InvalidWorkerTransition`: no row allows `state` --`event`--> `target`."""
+
         def name(s):
             return "absent" if s is None else s.value
 
