@@ -482,9 +482,11 @@ class WorkerState:
         self.paused = False
 
     # Secede and rejoin move a running task between thread slots; its state
-    # stays. The shell sends them from the task's own thread, but the
-    # driver handles them later: by then the run may have ended (its slot
-    # is gone), or the thread may secede twice. Nothing to give back then.
+    # stays, so they have no row in the table. The shell sends them only
+    # from a running task's thread, each at most once in turn
+    # (worker_client.py keeps track), and before that thread's end: the key
+    # holds a slot. One that does not (a stray event, as in a test) changes
+    # nothing, rather than miscounting the slots.
 
     def _on_seceded(self, ev: TaskSeceded) -> None:
         if ev.key in self.executing:

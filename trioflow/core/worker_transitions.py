@@ -26,7 +26,8 @@ What moves a record is a `TaskEvent`. Eight are the model's events, things
 that happened outside the worker's control: the scheduler assigned, freed,
 wanted a copy or asked for a task back; a client put data here; a thread
 ended; a peer answered or failed. Five are the worker's own follow-ups,
-which the model does in `_settle` after every event: a task whose inputs
+which the model runs as rules of their own (`_settle`, `_start`,
+`_gather`, `give_up_if_hopeless`, `release_inputs`): a task whose inputs
 are all here is ready; a free thread takes a ready task; an idle peer is
 asked for values to fetch; a fetch nobody can serve is given up, with the
 tasks that needed it; an input nothing here needs any more is dropped.
@@ -102,7 +103,7 @@ class TaskEvent(enum.Enum):
     GATHER_FAILED = "GatherFailed"  # a request to a peer failed (dead, unreachable)
     STEAL = "Steal"  # the scheduler asks for a task back, for another worker
     # What the worker does next, by itself (the model's `_settle`).
-    INPUTS_HERE = "InputsHere"  # the last missing input arrived
+    INPUTS_HERE = "InputsHere"  # every input is here (on assignment, or the last one arrived)
     THREAD_FREE = "ThreadFree"  # a thread slot is free for a ready task (`_start`)
     PEER_FREE = "PeerFree"  # a holder has no request from us out (`_gather`)
     HOPELESS = "Hopeless"  # nobody is left to fetch from (`give_up_if_hopeless`)
@@ -206,6 +207,7 @@ TRANSITIONS: dict[tuple[State, TaskEvent], tuple[State, ...]] = {
 
 
 def _same(reason: str, *pairs: tuple[State, TaskEvent]) -> dict[tuple[State, TaskEvent], str]:
+    """One reason for several rows of UNCHANGED."""
     return {pair: reason for pair in pairs}
 
 
@@ -252,7 +254,10 @@ UNCHANGED: dict[tuple[State, TaskEvent], str] = {
         (EXECUTING, GATHER_FAILED), (CANCELLED, GATHER_FAILED), (FETCH, GATHER_FAILED),
         (MEMORY, GATHER_FAILED),
     ),
-    (None, STEAL): "not here (done and freed, or never arrived): answered 'kept', so the scheduler moves nothing",
+    (None, STEAL): (
+        "not here (finished and freed meanwhile, or dropped when the scheduler was lost): "
+        "nothing to give up; the answer says 'not given up', and the scheduler moves a task only on 'given up'"
+    ),
     **_same(
         "its thread has started: kept, so that it never runs here and on the thief",
         (EXECUTING, STEAL), (CANCELLED, STEAL),
