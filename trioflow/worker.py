@@ -964,8 +964,7 @@ class Worker:
         assert self.state is not None
         nbytes = {}
         for key, value in values.items():
-            ts = self.state.tasks.get(key)
-            if ts is not None and ts.state.value == "flight":
+            if self.state.awaits_from_peer(key):
                 self.data[key] = value
                 nbytes[key] = sizeof(value)
         self._apply(GatherSucceeded(self._stimulus("gathered"), peer, nbytes, missing, failures))

@@ -5,13 +5,18 @@ threads (it will list them when it registers again) and drops every task
 that has not started: the next scheduler sends what it still wants, and a
 task kept here as well would run a second time (docs/resilience.md, "The
 scheduler dies").
+
+As in test_worker_state.py, each test compares whole lists of instructions,
+with the stimulus id of the event it fed in.
 """
 
 from tests.core.conftest import sid
 from trioflow.core import WorkerState, WorkerTaskState
 from trioflow.core.worker_events import (
     ComputeRequested,
+    Execute,
     ExecutionSucceeded,
+    Gather,
     GatherFailed,
     GatherSucceeded,
     ReplicasRequested,
@@ -19,6 +24,7 @@ from trioflow.core.worker_events import (
     SendReplicaAdded,
     SendReplicaMissing,
     SendTaskFinished,
+    SendTaskStarted,
 )
 from trioflow.core.worker_invariants import check_worker_invariants
 
@@ -34,9 +40,12 @@ def test_work_not_started_is_dropped_so_it_never_runs_twice(worker):
     """Kills the mutant that skips `_forget` of WAITING and READY tasks in
     `_on_scheduler_lost`: the READY task then starts when the thread frees
     up, while the next scheduler assigns it again (it runs twice)."""
-    worker.handle(compute("running", priority=(1,)))
-    worker.handle(compute("ready", priority=(2,)))
-    worker.handle(compute("waiting", {"i": (PEER,)}, priority=(3,)))
+    ev = compute("running", priority=(1,))
+    assert worker.handle(ev) == [SendTaskStarted(ev.stimulus_id, "running"),
+                                 Execute(ev.stimulus_id, "running", "run-running", ())]
+    assert worker.handle(compute("ready", priority=(2,))) == []
+    ev = compute("waiting", {"i": (PEER,)}, priority=(3,))
+    assert worker.handle(ev) == [Gather(ev.stimulus_id, PEER, ("i",))]
     assert worker.tasks["ready"].state is WorkerTaskState.READY
     assert worker.tasks["waiting"].state is WorkerTaskState.WAITING
     assert worker.handle(SchedulerLost(sid())) == []
@@ -44,8 +53,9 @@ def test_work_not_started_is_dropped_so_it_never_runs_twice(worker):
     assert worker.running() == ["running"]
     assert worker.memory() == {}
     assert sorted(worker.tasks) == ["i", "running"]
-    out = worker.handle(ExecutionSucceeded(sid(), "running", 8))
-    assert out == [SendTaskFinished(out[0].stimulus_id, "running", 8)]
+    s = sid()
+    # Nothing else starts: "ready" was dropped with the scheduler.
+    assert worker.handle(ExecutionSucceeded(s, "running", 8)) == [SendTaskFinished(s, "running", 8)]
     assert worker.memory() == {"running": 8}
     check_worker_invariants(worker)
 
@@ -55,10 +65,10 @@ def test_an_input_in_flight_is_kept_and_offered_when_it_lands(worker):
     reported (the next scheduler counts it like any other copy)."""
     worker.handle(compute("t", {"i": (PEER,)}))
     assert worker.tasks["i"].state is WorkerTaskState.FLIGHT
-    worker.handle(SchedulerLost(sid()))
+    assert worker.handle(SchedulerLost(sid())) == []
     assert "t" not in worker.tasks and worker.tasks["i"].dependents == {}
-    out = worker.handle(GatherSucceeded(sid(), PEER, {"i": 10}))
-    assert out == [SendReplicaAdded(out[0].stimulus_id, "i", 10)]
+    s = sid()
+    assert worker.handle(GatherSucceeded(s, PEER, {"i": 10})) == [SendReplicaAdded(s, "i", 10)]
     assert worker.memory() == {"i": 10}
 
 
@@ -66,8 +76,9 @@ def test_a_copy_not_yet_requested_is_dropped():
     """A replica still queued for fetching (FETCH, nobody here needs it) is
     forgotten: the next scheduler asks again if it still wants it."""
     state = WorkerState(ME, nthreads=1, max_gathers=1)
-    state.handle(ReplicasRequested(sid(), {"a": (PEER,)}, {"a": 10}))
-    state.handle(ReplicasRequested(sid(), {"b": (OTHER,)}, {"b": 10}))
+    s = sid()
+    assert state.handle(ReplicasRequested(s, {"a": (PEER,)}, {"a": 10})) == [Gather(s, PEER, ("a",))]
+    assert state.handle(ReplicasRequested(sid(), {"b": (OTHER,)}, {"b": 10})) == []  # one request at a time
     assert (state.tasks["a"].state, state.tasks["b"].state) == (WorkerTaskState.FLIGHT, WorkerTaskState.FETCH)
     assert state.handle(SchedulerLost(sid())) == []
     assert sorted(state.tasks) == ["a"] and state.fetch == {}
@@ -78,11 +89,13 @@ def test_a_withdrawn_compute_request_on_a_copy_in_flight_is_not_acted_upon(worke
     """A value in flight that the old scheduler had also asked us to compute:
     if the fetch fails after the scheduler is gone, it is reported missing,
     not computed (nobody asks for that computation any more)."""
-    worker.handle(ReplicasRequested(sid(), {"k": (PEER,)}, {"k": 10}))
+    s = sid()
+    assert worker.handle(ReplicasRequested(s, {"k": (PEER,)}, {"k": 10})) == [Gather(s, PEER, ("k",))]
     assert worker.handle(compute("k")) == []
-    worker.handle(SchedulerLost(sid()))
+    assert worker.handle(SchedulerLost(sid())) == []
     assert worker.tasks["k"].assigned is False
-    out = worker.handle(GatherFailed(sid(), PEER, ("k",)))
+    s = sid()
+    out = worker.handle(GatherFailed(s, PEER, ("k",)))
     # PEER did not answer: not named as lacking the value (seed 75 of the hang mix).
-    assert out == [SendReplicaMissing(out[0].stimulus_id, "k", (), None)]
+    assert out == [SendReplicaMissing(s, "k", (), None)]
     assert worker.tasks == {}

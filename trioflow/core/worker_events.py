@@ -3,6 +3,28 @@
 Events are facts: the scheduler asked for something, a thread finished, a
 peer answered. Instructions are what the worker shell must do: execute a
 function, fetch data from a peer, drop data, tell the scheduler something.
+
+Every event carries a `stimulus_id` chosen by the shell (for example
+``"gathered-17"``), and every instruction carries the id of the event that
+caused it. A log of both rebuilds a task's story: which message made the
+worker fetch, start or drop what.
+
+The formal model (`spec/worker_model.py`) names fewer events; the worker's
+transition table (`worker_transitions.TaskEvent`) uses its names:
+
+    this module                              spec/worker_model.py, TaskEvent
+    ---------------------------------------  -------------------------------
+    ComputeRequested                         Compute
+    FreeRequested                            Free
+    ReplicasRequested                        Replicas
+    DataPut                                  Put
+    ExecutionSucceeded, ExecutionFailed      ExecutionDone(ok)
+    GatherSucceeded                          GatherDone
+    GatherFailed                             GatherFailed
+    StealRequested                           Steal
+    MemoryPaused, MemoryResumed              Pause, Resume (move no task)
+    SchedulerLost                            (not in the model)
+    TaskSeceded, TaskRejoining               (not in the model; move no task)
 """
 
 from __future__ import annotations
@@ -21,7 +43,9 @@ frozen = dataclasses.dataclass(frozen=True, slots=True)
 
 @frozen
 class WorkerEvent:
-    stimulus_id: str
+    """A fact the worker core must take into account."""
+
+    stimulus_id: str  # names this event in logs and in the instructions it causes
 
 
 @frozen
@@ -88,12 +112,16 @@ class MemoryResumed(WorkerEvent):
 
 @frozen
 class ExecutionSucceeded(WorkerEvent):
+    """The function of `key` returned; the shell stored its value (`nbytes` in size)."""
+
     key: str
     nbytes: int
 
 
 @frozen
 class ExecutionFailed(WorkerEvent):
+    """The function of `key` raised; `failure` carries the exception and its traceback."""
+
     key: str
     failure: UserError
 
@@ -138,7 +166,9 @@ class GatherFailed(WorkerEvent):
 
 @frozen
 class WorkerInstruction:
-    stimulus_id: str
+    """Something the worker shell must do."""
+
+    stimulus_id: str  # the id of the event that caused it
 
 
 @frozen
@@ -167,6 +197,8 @@ class Gather(WorkerInstruction):
 
 @frozen
 class DropData(WorkerInstruction):
+    """Delete these values from the store (a key may be absent: it is then a no-op)."""
+
     keys: tuple[str, ...]
 
 
@@ -184,18 +216,24 @@ class SendTaskStarted(WorkerInstruction):
 
 @frozen
 class SendTaskFinished(WorkerInstruction):
+    """Tell the scheduler that `key`, assigned here, has its value here."""
+
     key: str
     nbytes: int
 
 
 @frozen
 class SendTaskErred(WorkerInstruction):
+    """Tell the scheduler that `key` failed: its function raised, or an input could not be sent."""
+
     key: str
     failure: UserError
 
 
 @frozen
 class SendReplicaAdded(WorkerInstruction):
+    """Tell the scheduler that a copy of `key` is here now, and offered to others."""
+
     key: str
     nbytes: int
 
