@@ -19,14 +19,17 @@ Theory of operation
 -------------------
 A client holds one `FutureRecord` per key it has handles for. Its status
 moves between five values (``pending``, ``finished``, ``error``,
-``cancelled``, ``lost``) on the scheduler's reports (`TaskFinished`,
-`TaskErred`, `TaskLost`, `ClusterRestarted`, `TasksRefused`), on the
+``cancelled``, ``lost``) on the scheduler's reports (`FinishReported`,
+`FailureReported`, `LossReported`, `RestartReported`, `RefusalReported`), on the
 client's own decisions (`FuturesCancelled`, `GaveUp`) and on what the
 fetcher learns (`HoldersLearned`). A record is *done* once it has a value or
 a final failure; a done record can become pending again (its value was lost
-and is being recomputed), which is why "done" is a flag beside the status
+and is being recomputed), which is why `done()` is a flag beside the status
 and not a status of its own. Each change bumps `version`, so an answer
-computed before a change is recognised as stale (`HoldersLearned`).
+computed before a change is recognised as stale (`HoldersLearned`). The
+statuses are no lifecycle of the model's (see below), so there is no
+transition table: a record's status changes in `_on_finish_reported` and
+in the three helpers `_fail`, `_fail_locally` and `_reopen`, nowhere else.
 
 Handles are counted, not tracked (`HandlesMade`, `HandlesDropped`): when the
 last handle goes, the record goes, the scheduler is told the key is
@@ -47,31 +50,63 @@ never sees a wire message (the shell converts both ways).
 
 The model
 ---------
-`spec/` models the *scheduler's* view of clients: which client holds which
-key (``World.holds``), and which reports each must receive
-(``Outcome.reports``). It does not model a client's own records, so there is
-no transition table to conform to here. What the spec does say about a
-client, this core must agree with, and tests/core/test_client_state.py
-checks it: each kind of report the model sends (finished, erred with a
-failure kind, lost, cancelled) maps onto one status here (`STATUS_OF_REPORT`
-in the test), and a key the model says a client holds is a key with a record
-here.
+`spec/` does not model a client. It models the *scheduler's* view of
+clients: which client holds which key (``World.holds``) and which reports
+each must receive (``Outcome.reports``); there is no client state machine
+and no client transition table in it to conform to. What it does say of
+clients, this core must agree with: tests/properties/test_client_conformance.py
+walks the model at random, feeds each client's core the model's reports
+and the client-side half of its events, and checks after every step that
+each held key has a record whose status is the one the model's state and
+failure kind promise (design.md §1), and that a resubmission wants every
+held key not failed for good. Two places where the client decides from what
+it has seen itself, and the model from what the scheduler knows, are listed
+there (a failed key after a scheduler restart; a task on an input that
+failed for good here).
+
+Events and outputs are declared in `trioflow.core.client_events`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
+from trioflow.core.client_events import (
+    CallsSubmitted,
+    ClientEvent,
+    ClientOutput,
+    ClosingRequested,
+    ConnectionEnded,
+    CopiesRequested,
+    FailureReported,
+    FetchFailed,
+    FinishReported,
+    FiredAndForgotten,
+    FutureDone,
+    FuturesCancelled,
+    GaveUp,
+    HandlesDropped,
+    HandlesMade,
+    HoldersLearned,
+    LineageTask,
+    LossReported,
+    RefusalReported,
+    RequestReplicas,
+    RestartReported,
+    SchedulerConnected,
+    SchedulerDisconnected,
+    SendCancelKeys,
+    SendFireAndForget,
+    SendMissingData,
+    SendReleaseKeys,
+    SendTasks,
+    ValuesScattered,
+)
 from trioflow.core.failures import Cancelled, DataLost, TaskFailure
 
 # Tasks a client keeps for a scheduler that is away before it refuses more.
 MAX_QUEUED_WHILE_AWAY = 100_000
-
-frozen = dataclasses.dataclass(frozen=True, slots=True)
-
 
 class FutureStatus(str, enum.Enum):
     """A future's status, spelled as `Future.status` shows it."""
@@ -110,14 +145,15 @@ class FutureRecord:
     machinery is made by the shell only for the records someone waits on).
     """
 
-    __slots__ = ("key", "status", "done", "failure", "local_error", "who_has", "value", "version", "refs", "waiters")
+    __slots__ = ("key", "status", "_done", "failure", "local_error", "who_has", "value", "version", "refs", "waiters")
 
     def __init__(self, key: str):
         self.key = key
         self.status = PENDING
-        # Invariant: FINISHED is done, PENDING is not; a done record that is
-        # not FINISHED has a failure or a local error (`check_invariants`).
-        self.done = False
+        # Whether done() (set by the machine only). Invariant: FINISHED is
+        # done, PENDING is not; a done record that is not FINISHED has a
+        # failure or a local error (`check_invariants`).
+        self._done = False
         self.failure: TaskFailure | None = None
         # An error of this client's own (its scheduler is gone for good, or
         # refused the task): raised as it is, not through the failure table.
@@ -137,20 +173,18 @@ class FutureRecord:
         # Never read or written here; it lives and dies with the record.
         self.waiters: Any = None
 
+    def done(self) -> bool:
+        """Whether the key has a value or a final failure (it may become
+        pending again: a lost value being recomputed)."""
+        return self._done
+
     def failed_for_good(self) -> bool:
         """Done with a failure of the cluster (not a connection of this
         client's that gave up, which a new client could still get past)."""
-        return self.done and self.status is not FINISHED and self.failure is not None
+        return self.done() and self.status is not FINISHED and self.failure is not None
 
     def __repr__(self) -> str:
-        return f"<FutureRecord {self.key!r} {self.status.value}{' done' if self.done else ''}>"
-
-
-class LineageTask(Protocol):
-    """What the lineage needs to know of a kept task (the rest is the shell's)."""
-
-    dependencies: Iterable[str]
-    function_id: str | None
+        return f"<FutureRecord {self.key!r} {self.status.value}{' done' if self.done() else ''}>"
 
 
 class Lineage:
@@ -219,223 +253,6 @@ class Lineage:
                 stack.append(dep)
 
 
-# ------------------------------------------------------------------ events --
-
-
-@frozen
-class ClientEvent:
-    stimulus_id: str
-
-
-@frozen
-class HandlesMade(ClientEvent):
-    """The user got a new `Future` handle for each of `keys` (a key listed
-    twice got two). A key cancelled before is pending again."""
-
-    keys: tuple[str, ...]
-
-
-@frozen
-class HandlesDropped(ClientEvent):
-    """These handles were dropped (garbage collected or released)."""
-
-    keys: tuple[str, ...]
-
-
-@frozen
-class TasksSubmitted(ClientEvent):
-    """The user submitted these tasks (their handles are already made).
-
-    `tasks[i]` is the kept form of the task of `keys[i]`; `functions` maps
-    the function ids they call to their pickled payloads.
-    """
-
-    keys: tuple[str, ...]
-    tasks: tuple[LineageTask, ...]
-    functions: Mapping[str, Any]
-
-
-@frozen
-class DataScattered(ClientEvent):
-    """The user scattered data under these keys (handles already made);
-    `tasks[i]` is the lineage-less marker kept for `keys[i]`."""
-
-    keys: tuple[str, ...]
-    tasks: tuple[LineageTask, ...]
-
-
-@frozen
-class FuturesCancelled(ClientEvent):
-    """The user cancelled these keys."""
-
-    keys: tuple[str, ...]
-    reason: str
-
-
-@frozen
-class FiredAndForgotten(ClientEvent):
-    """The user wants these keys computed even once no handle is left."""
-
-    keys: tuple[str, ...]
-
-
-@frozen
-class ReplicasRequested(ClientEvent):
-    """The user asked for `n` copies of each of `keys` (``n == 1`` ends it)."""
-
-    keys: tuple[str, ...]
-    n: int
-
-
-@frozen
-class TaskFinished(ClientEvent):
-    """The scheduler reports `key`'s value: where it is, or the value itself."""
-
-    key: str
-    who_has: tuple[str, ...]
-    value: Any = None
-
-
-@frozen
-class TaskErred(ClientEvent):
-    """The scheduler reports these keys failed, all with `failure`."""
-
-    keys: tuple[str, ...]
-    failure: TaskFailure
-
-
-@frozen
-class TaskLost(ClientEvent):
-    """The scheduler reports `key`'s value gone; it is being recomputed."""
-
-    key: str
-
-
-@frozen
-class ClusterRestarted(ClientEvent):
-    """The scheduler reports a `Client.restart()`: every task was flushed."""
-
-
-@frozen
-class TasksRefused(ClientEvent):
-    """The scheduler refused these tasks (they break its rules)."""
-
-    keys: tuple[str, ...]
-    reason: str
-
-
-@frozen
-class HoldersLearned(ClientEvent):
-    """The fetcher asked the scheduler who holds these keys.
-
-    `answers[key]` is ``(version, holders)``: the record's version when the
-    question was asked, and the workers named in the answer (none: the
-    value is gone and being recomputed).
-    """
-
-    answers: Mapping[str, tuple[int, tuple[str, ...]]]
-
-
-@frozen
-class FetchFailed(ClientEvent):
-    """The fetcher did not get these values from the holders it asked.
-
-    `lacking[key]` is a holder that *answered* that it does not have the
-    value; `unreachable[key]` one that did not answer (refused, broke, hung).
-    """
-
-    lacking: Mapping[str, str]
-    unreachable: Mapping[str, str]
-
-
-@frozen
-class SchedulerConnected(ClientEvent):
-    """Registered with a scheduler; `recovering` if it is not the first."""
-
-    recovering: bool
-
-
-@frozen
-class SchedulerLost(ClientEvent):
-    """The scheduler connection ended (or a new one could not be made)."""
-
-
-@frozen
-class GaveUp(ClientEvent):
-    """No scheduler for too long (or one that will never take us): every
-    future not done fails with `error`."""
-
-    error: BaseException
-
-
-@frozen
-class ClosingRequested(ClientEvent):
-    """The user closes the client."""
-
-
-@frozen
-class ConnectionEnded(ClientEvent):
-    """The shell's connection task ended: nothing will be sent again."""
-
-
-# ----------------------------------------------------------------- outputs --
-
-
-@frozen
-class ClientOutput:
-    stimulus_id: str
-
-
-@frozen
-class SendTasks(ClientOutput):
-    """Submit the lineage's tasks for `keys` (in this order) to the scheduler;
-    `wanted`: those the client holds a handle for."""
-
-    keys: tuple[str, ...]
-    wanted: tuple[str, ...]
-
-
-@frozen
-class SendReleaseKeys(ClientOutput):
-    """Tell the scheduler this client no longer wants these keys."""
-
-    keys: tuple[str, ...]
-
-
-@frozen
-class SendCancelKeys(ClientOutput):
-    keys: tuple[str, ...]
-    reason: str
-
-
-@frozen
-class SendFireAndForget(ClientOutput):
-    keys: tuple[str, ...]
-
-
-@frozen
-class SendMissingData(ClientOutput):
-    """Tell the scheduler these holders answered that they lack `key`."""
-
-    key: str
-    holders: tuple[str, ...]
-
-
-@frozen
-class RequestReplicas(ClientOutput):
-    """Ask the (new) scheduler again for `n` copies of `keys`; nobody waits for the answer."""
-
-    keys: tuple[str, ...]
-    n: int
-
-
-@frozen
-class FutureDone(ClientOutput):
-    """`key`'s record became done: wake whoever waits on it."""
-
-    key: str
-
-
 # -------------------------------------------------------------- the machine --
 
 
@@ -465,20 +282,20 @@ class ClientState:
         self._handlers = {
             HandlesMade: self._on_handles_made,
             HandlesDropped: self._on_handles_dropped,
-            TasksSubmitted: self._on_tasks_submitted,
-            DataScattered: self._on_data_scattered,
+            CallsSubmitted: self._on_calls_submitted,
+            ValuesScattered: self._on_values_scattered,
             FuturesCancelled: self._on_futures_cancelled,
             FiredAndForgotten: self._on_fired_and_forgotten,
-            ReplicasRequested: self._on_replicas_requested,
-            TaskFinished: self._on_task_finished,
-            TaskErred: self._on_task_erred,
-            TaskLost: self._on_task_lost,
-            ClusterRestarted: self._on_cluster_restarted,
-            TasksRefused: self._on_tasks_refused,
+            CopiesRequested: self._on_copies_requested,
+            FinishReported: self._on_finish_reported,
+            FailureReported: self._on_failure_reported,
+            LossReported: self._on_loss_reported,
+            RestartReported: self._on_restart_reported,
+            RefusalReported: self._on_refusal_reported,
             HoldersLearned: self._on_holders_learned,
             FetchFailed: self._on_fetch_failed,
             SchedulerConnected: self._on_scheduler_connected,
-            SchedulerLost: self._on_scheduler_lost,
+            SchedulerDisconnected: self._on_scheduler_disconnected,
             GaveUp: self._on_gave_up,
             ClosingRequested: self._on_closing_requested,
             ConnectionEnded: self._on_connection_ended,
@@ -528,7 +345,7 @@ class ClientState:
 
     def wanted_again(self) -> list[str]:
         """The keys a resubmission wants: every held future not failed for good."""
-        return [k for k, rec in self.futures.items() if not rec.done or rec.status is FINISHED]
+        return [k for k, rec in self.futures.items() if not rec.done() or rec.status is FINISHED]
 
     # ----------------------------------------------------------- handles --
 
@@ -562,7 +379,7 @@ class ClientState:
 
     # ------------------------------------------------------- submissions --
 
-    def _on_tasks_submitted(self, ev: TasksSubmitted) -> None:
+    def _on_calls_submitted(self, ev: CallsSubmitted) -> None:
         """Keep and send the tasks; a task whose input already failed for
         good fails at once instead, with that failure (design.md §1: a
         dependent of a failed task raises the same error). The scheduler
@@ -574,7 +391,7 @@ class ClientState:
             failed = next((self.futures[d] for d in task.dependencies if self._failed_for_good(d)), None)
             if failed is not None:
                 rec = self.futures[key]
-                if not rec.done:
+                if not rec.done():
                     assert failed.failure is not None
                     self._fail(rec, failed.failure)
                 continue
@@ -591,7 +408,7 @@ class ClientState:
         rec = self.futures.get(key)
         return rec is not None and rec.failed_for_good()
 
-    def _on_data_scattered(self, ev: DataScattered) -> None:
+    def _on_values_scattered(self, ev: ValuesScattered) -> None:
         # The values travel in the scatter request itself; the marker lets a
         # new scheduler know the key (it waits for a worker to bring it back).
         for key, task in zip(ev.keys, ev.tasks, strict=True):
@@ -602,7 +419,7 @@ class ClientState:
         failure = Cancelled(ev.reason)
         for key in keys:
             rec = self.futures[key]
-            if not rec.done:
+            if not rec.done():
                 self._fail(rec, failure)
         # While reconnecting there is nothing to send: cancelled keys are
         # left out of the resubmission (they are done and not finished).
@@ -614,7 +431,7 @@ class ClientState:
         if ev.keys and self.connected:
             self._emit(SendFireAndForget(self._stimulus_id, ev.keys))
 
-    def _on_replicas_requested(self, ev: ReplicasRequested) -> None:
+    def _on_copies_requested(self, ev: CopiesRequested) -> None:
         for key in ev.keys:
             if key in self.futures:
                 if ev.n > 1:
@@ -624,7 +441,7 @@ class ClientState:
 
     # ------------------------------------------------------------ reports --
 
-    def _on_task_finished(self, ev: TaskFinished) -> None:
+    def _on_finish_reported(self, ev: FinishReported) -> None:
         rec = self.futures.get(ev.key)
         if rec is None:
             return  # released meanwhile: the report crossed our release
@@ -633,28 +450,28 @@ class ClientState:
         rec.who_has, rec.value = ev.who_has, ev.value
         self._set_done(rec)
 
-    def _on_task_erred(self, ev: TaskErred) -> None:
+    def _on_failure_reported(self, ev: FailureReported) -> None:
         for key in ev.keys:
             rec = self.futures.get(key)
             if rec is not None:
                 self._fail(rec, ev.failure)
 
-    def _on_task_lost(self, ev: TaskLost) -> None:
+    def _on_loss_reported(self, ev: LossReported) -> None:
         rec = self.futures.get(ev.key)
         if rec is not None:
             self._reopen(rec, LOST)
 
-    def _on_cluster_restarted(self, ev: ClusterRestarted) -> None:
+    def _on_restart_reported(self, ev: RestartReported) -> None:
         # Every future, done or not: a finished value is gone with its worker.
         failure = Cancelled("the cluster was restarted")
         for rec in self.futures.values():
             self._fail(rec, failure)
 
-    def _on_tasks_refused(self, ev: TasksRefused) -> None:
+    def _on_refusal_reported(self, ev: RefusalReported) -> None:
         error = ValueError(f"the scheduler refused the task: {ev.reason}")
         for key in ev.keys:
             rec = self.futures.get(key)
-            if rec is not None and not rec.done:
+            if rec is not None and not rec.done():
                 self._fail_locally(rec, error)
 
     # ----------------------------------------------------------- fetching --
@@ -715,7 +532,7 @@ class ClientState:
         for n, keys in sorted(by_n.items()):
             self._emit(RequestReplicas(self._stimulus_id, tuple(keys), n))
 
-    def _on_scheduler_lost(self, ev: SchedulerLost) -> None:
+    def _on_scheduler_disconnected(self, ev: SchedulerDisconnected) -> None:
         if self.status in (ClientStatus.RUNNING, ClientStatus.NEW, ClientStatus.RECONNECTING):
             self.status = ClientStatus.RECONNECTING
 
@@ -723,7 +540,7 @@ class ClientState:
         self.status = ClientStatus.CLOSING
         self.queued_while_away = 0
         for rec in self.futures.values():
-            if not rec.done:
+            if not rec.done():
                 self._fail_locally(rec, ev.error)
 
     def _on_closing_requested(self, ev: ClosingRequested) -> None:
@@ -763,13 +580,13 @@ class ClientState:
     def _reopen(self, rec: FutureRecord, status: FutureStatus) -> None:
         """Not done any more: lost and being recomputed, or submitted anew."""
         rec.version += 1
-        rec.status, rec.who_has, rec.value, rec.done = status, (), None, False
+        rec.status, rec.who_has, rec.value, rec._done = status, (), None, False
 
     def _set_done(self, rec: FutureRecord) -> None:
         # Only the step from not done to done wakes anyone: a record that
         # was done already (a second report) has no waiters left.
-        if not rec.done:
-            rec.done = True
+        if not rec.done():
+            rec._done = True
             self._emit(FutureDone(self._stimulus_id, rec.key))
 
 
@@ -781,11 +598,11 @@ def check_invariants(state: ClientState) -> list[str]:
             problems.append(f"{key}: record is for {rec.key}")
         if rec.refs <= 0:
             problems.append(f"{key}: held with {rec.refs} handles")
-        if rec.status is FINISHED and not rec.done:
+        if rec.status is FINISHED and not rec.done():
             problems.append(f"{key}: finished but not done")
-        if rec.status is PENDING and rec.done:
+        if rec.status is PENDING and rec.done():
             problems.append(f"{key}: pending but done")
-        if rec.done and rec.status is not FINISHED and rec.failure is None and rec.local_error is None:
+        if rec.done() and rec.status is not FINISHED and rec.failure is None and rec.local_error is None:
             problems.append(f"{key}: done with status {rec.status.value} and no failure")
     for key in state.replicas:
         if key not in state.futures:
