@@ -10,6 +10,8 @@ out what the core answers. The other jobs live next door:
   away (pure; events in, outputs out);
 * `trioflow.packing` -- calls turned into named, pickled tasks;
 * `trioflow.fetching` -- values fetched from the workers that hold them;
+* `trioflow.cluster_requests` -- questions and orders about the cluster
+  (run a function everywhere, upload a file, the task stream...);
 * `trioflow.sync_client` -- the blocking `Client`, which runs one of these
   in a background Trio thread through its portal.
 
@@ -34,11 +36,9 @@ The path of a task, as seen from here:
 from __future__ import annotations
 
 import collections
-import functools
 import itertools
 import logging
 import math
-import os
 import random
 import sys
 import threading
@@ -49,6 +49,7 @@ from typing import Any
 
 import trio
 
+import trioflow.cluster_requests as cluster_requests
 from trioflow.backoff import Backoff
 from trioflow.comm import (
     Connection,
@@ -61,7 +62,6 @@ from trioflow.comm import (
     await_welcome,
     clip,
     dumps,
-    loads,
     open_connection,
     open_connection_pool,
     say_hello,
@@ -94,16 +94,15 @@ from trioflow.packing import (
     is_future,
     map_calls,
     pack,
+    plan_tasks,
     submit_messages,
 )
 from trioflow.protocol import (
     clip_text,
     failure_from_wire,
-    failure_to_exception,
     replace_futures,
     substitute,
 )
-from trioflow.recorder import key_name
 from trioflow.task_options import TaskOptions, task_options
 
 logger = logging.getLogger("trioflow.client")
@@ -781,18 +780,7 @@ class AsyncClient:
         if unknown:
             raise KeyError(f"the graph refers to {unknown[0]!r}, which is neither in it nor a future of this client")
         self._admit(len(plan.tasks))
-        fields = options.wire_fields()
-        tasks = [
-            m.TaskWire(
-                key=task.key,
-                function_id=plan.function.function_id,
-                args=payload,
-                dependencies=list(dict.fromkeys(task.inputs.values())),
-                scattered=False,
-                **fields,
-            )
-            for task, payload in plan.pickled
-        ]
+        tasks = plan_tasks(plan, options)
         handles = dict(zip((task.key for task in tasks), self._futures([task.key for task in tasks]), strict=True))
         self._submit_tasks(tasks, {plan.function.function_id: plan.function.payload})
         return {dask_key: handles.get(key) or plan.futures.get(key) or self._future(key)
@@ -904,20 +892,7 @@ class AsyncClient:
             Exception: the first exception a worker's call raised.
             RuntimeError: `workers` names an address that is no worker here.
         """
-        if isinstance(workers, str):
-            workers = [workers]
-        restrict = None if workers is None else [str(w) for w in workers]
-        payload = dumps(functools.partial(function, *args, **kwargs) if args or kwargs else function)
-        answer = await self._request(m.RunEverywhere(function=payload, workers=restrict))
-        results = {}
-        for address, outcome in sorted(answer.results.items()):
-            if outcome.result is not None:
-                results[address] = loads(outcome.result)
-            elif outcome.failure is not None:
-                raise failure_to_exception(failure_from_wire(outcome.failure))
-            else:
-                raise CommClosedError(f"worker {address}: {outcome.error}")
-        return results
+        return await cluster_requests.run_everywhere(self._request, function, args, kwargs, workers)
 
     async def run_on_scheduler(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call ``function(*args, **kwargs)`` in the scheduler's process; return its result.
@@ -929,11 +904,7 @@ class AsyncClient:
         Raises:
             Exception: what the function raised.
         """
-        payload = dumps(functools.partial(function, *args, **kwargs) if args or kwargs else function)
-        answer = await self._request(m.RunOnScheduler(function=payload))
-        if answer.failure is not None:
-            raise failure_to_exception(failure_from_wire(answer.failure))
-        return loads(answer.result)
+        return await cluster_requests.run_on_scheduler(self._request, function, args, kwargs)
 
     async def upload_file(self, path: str) -> None:
         """Send a ``.py``, ``.zip`` or ``.egg`` file to every worker, now and later.
@@ -947,21 +918,7 @@ class AsyncClient:
             ValueError: not such a file, or larger than `MAX_UPLOAD_BYTES`.
             RuntimeError: a worker could not store it (named, with why).
         """
-        filename = os.path.basename(path)
-        if not m.is_upload_name(filename):
-            raise ValueError(
-                f"upload_file takes a .py, .zip or .egg file with a plain name (letters, digits, '_', '-', '.'), "
-                f"got {filename!r}"
-            )
-        size = os.path.getsize(path)
-        if size > m.MAX_UPLOAD_BYTES:
-            raise ValueError(f"{filename} has {size} bytes; upload_file takes at most {m.MAX_UPLOAD_BYTES}")
-        data = await trio.Path(path).read_bytes()
-        answer = await self._request(m.UploadFile(filename=filename, data=dumps(data)))
-        failed = {address: why for address, why in sorted(answer.results.items()) if why}
-        if failed:
-            address, why = next(iter(failed.items()))
-            raise RuntimeError(f"{len(failed)} workers could not store {filename}; {address}: {why}")
+        await cluster_requests.upload_file(self._request, path)
 
     async def replicate(self, futures: Any, n: int = 2) -> None:
         """Keep `n` copies of each future's value, on different workers.
@@ -1016,14 +973,7 @@ class AsyncClient:
 
     async def scheduler_info(self) -> dict[str, Any]:
         """The scheduler's address, its workers and its task counts (a dict)."""
-        info = (await self._request(m.GetSchedulerInfo())).info
-        return {
-            "address": info.address,
-            "workers": {address: dict(w.__dict__) for address, w in info.workers.items()},
-            "tasks": info.tasks,
-            "clients": info.clients,
-            "dashboard": info.dashboard,
-        }
+        return await cluster_requests.scheduler_info(self._request)
 
     async def get_task_stream(
         self, start: float | None = None, stop: float | None = None, count: int | None = None
@@ -1047,27 +997,7 @@ class AsyncClient:
             ValueError: a bound that is not a number of seconds since the
                 epoch, or a `count` that is not an int >= 0.
         """
-        for name, value in (("start", start), ("stop", stop)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= m.MAX_TIMESTAMP_S
-            ):
-                raise ValueError(f"{name} must be seconds since the epoch (like time.time()), got {value!r}")
-        if count is not None and (
-            isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= m.MAX_STREAM_COUNT
-        ):
-            raise ValueError(f"count must be an int between 0 and {m.MAX_STREAM_COUNT}, got {count!r}")
-        runs: list[m.TaskRun] = []
-        after, until = 0, None
-        while True:
-            # The first page fixes the newest run (`until`); later pages
-            # continue after the last run received, up to it.
-            page = await self._request(
-                m.GetTaskStream(start=start, stop=stop, count=count if until is None else None, after=after, until=until)
-            )
-            runs.extend(page.runs)
-            if not page.more or not page.runs:
-                return [_task_run_dict(run) for run in runs]
-            after, until = page.runs[-1].seq, page.until
+        return await cluster_requests.task_stream(self._request, start, stop, count)
 
     async def get_cluster_metrics(self, events_after: int = 0) -> dict[str, Any]:
         """The scheduler's counters, its tasks by state, its worker count and recent cluster events.
@@ -1078,13 +1008,7 @@ class AsyncClient:
         histograms. ``events`` are dicts (``seq``, ``time``, ``kind``,
         ``text``, ``worker``, ``count``) numbered after `events_after`.
         """
-        reply = await self._request(m.GetClusterMetrics(events_after=events_after))
-        return {
-            "counters": dict(reply.counters),
-            "tasks": dict(reply.tasks),
-            "workers": reply.workers,
-            "events": [dict(event.__dict__) for event in reply.events],
-        }
+        return await cluster_requests.cluster_metrics(self._request, events_after)
 
     async def wait_for_workers(self, n: int, timeout: float | None = None) -> None:
         """Return once at least `n` workers are connected."""
@@ -1145,21 +1069,3 @@ def _slices(items: Any, size: int) -> Iterable[Any]:
     """`items` (a list or tuple) in consecutive slices of at most `size`."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def _task_run_dict(run: m.TaskRun) -> dict[str, Any]:
-    """One run of the task stream as `get_task_stream` returns it (dask's shape, plus ``name``)."""
-    out: dict[str, Any] = {
-        "key": run.key,
-        "name": key_name(run.key),
-        "worker": run.worker,
-        "status": run.status,
-        "startstops": ({"action": "compute", "start": run.start, "stop": run.stop},),
-    }
-    if run.nbytes is not None:
-        out["nbytes"] = run.nbytes
-    if run.error is not None:
-        out["error"] = run.error
-    return out
-
-

@@ -107,6 +107,23 @@ def pack(
     return packed
 
 
+def plan_tasks(plan: Any, options: TaskOptions) -> list[m.TaskWire]:
+    """The tasks of a dask graph plan (trioflow/graph.py: already ordered and
+    pickled), as wire tasks with the same `options` for all."""
+    fields = options.wire_fields()
+    return [
+        m.TaskWire(
+            key=task.key,
+            function_id=plan.function.function_id,
+            args=payload,
+            dependencies=list(dict.fromkeys(task.inputs.values())),
+            scattered=False,
+            **fields,
+        )
+        for task, payload in plan.pickled
+    ]
+
+
 def submit_messages(tasks: list[m.TaskWire], functions: Mapping[str, Serialized], wanted: Iterable[str]):
     """`submit` messages for `tasks`, at most `SUBMIT_SLICE` tasks and
     `SUBMIT_BYTES` of arguments each (a task with bigger ones goes alone).
