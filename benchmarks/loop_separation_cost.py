@@ -33,6 +33,7 @@ from _harness import median, now, percentile  # noqa: E402
 
 import trioflow  # noqa: E402
 from trioflow.client import AsyncClient  # noqa: E402
+from trioflow.sync_client import BlockingPortal  # noqa: E402
 
 _inputs = itertools.count()
 
@@ -47,7 +48,7 @@ class SharedLoopClient:
     def __init__(self, cluster: trioflow.LocalCluster):
         self._loop = cluster.loop
         self._client = AsyncClient(cluster)
-        self._client._blocking = self._loop.run
+        self._client._portal = BlockingPortal(self._loop)
         self._loop.start(self._client._run)
 
     def submit(self, fn, *args, **kwargs):

@@ -1,32 +1,44 @@
 """`AsyncClient`: submit Python functions to a trioflow cluster, from Trio.
 
-This is the client itself; `trioflow.Client` is a thin blocking wrapper that
-runs one of these in a background Trio thread.
+This module is the client's shell: it owns the scheduler connection, keeps
+it up (reconnecting with backoff, resubmitting after a scheduler restart),
+turns the scheduler's reports into events for the client's core and carries
+out what the core answers. The other jobs live next door:
+
+* `trioflow.core.client_state` -- the core: futures, their handle counts,
+  their lineage, report handling, the tasks kept while the scheduler is
+  away (pure; events in, outputs out);
+* `trioflow.packing` -- calls turned into named, pickled tasks;
+* `trioflow.fetching` -- values fetched from the workers that hold them;
+* `trioflow.cluster_requests` -- questions and orders about the cluster
+  (run a function everywhere, upload a file, the task stream...);
+* `trioflow.sync_client` -- the blocking `Client`, which runs one of these
+  in a background Trio thread through its portal.
 
 The path of a task, as seen from here:
 
-1. `submit` pickles the function once (cached) and the arguments once,
-   swapping every `Future` found in them for a `TaskRef`; those keys are the
-   task's dependencies. The key is a digest of function and arguments
-   (``pure=True``), so the same call gives the same key.
-2. The task goes to the scheduler in a ``submit`` message; the future is
-   pending.
+1. `submit` packs the call (`packing.pack`): the function pickled once
+   (cached), the arguments once, every `Future` in them swapped for a
+   `TaskRef`; those keys are the task's dependencies. The key is a digest
+   of function and arguments (``pure=True``), so the same call gives the
+   same key.
+2. The core counts the new handle and keeps the task in the lineage
+   (`HandlesMade`, `CallsSubmitted`); it answers `SendTasks`, and the task
+   goes to the scheduler in a ``submit`` message. The future is pending.
 3. The scheduler reports ``key_finished`` (with the workers holding the
    value), ``key_erred`` (with a failure record) or ``key_lost`` (being
-   recomputed). The reader task updates the `FutureState`.
-4. `result` waits for that, then fetches the value straight from a worker
-   that holds it (``get_data``); never through the scheduler.
+   recomputed). The reader task hands each to the core, which updates the
+   `FutureRecord` and answers `FutureDone`: the shell wakes the waiters.
+4. `result` waits for that, then the `Fetcher` gets the value straight
+   from a worker that holds it (``get_data``); never through the scheduler.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
-import hashlib
 import itertools
 import logging
 import math
-import os
 import random
 import sys
 import threading
@@ -37,6 +49,8 @@ from typing import Any
 
 import trio
 
+import trioflow.cluster_requests as cluster_requests
+from trioflow.backoff import Backoff
 from trioflow.comm import (
     Connection,
     FrameLimits,
@@ -48,8 +62,6 @@ from trioflow.comm import (
     await_welcome,
     clip,
     dumps,
-    dumps_function,
-    loads,
     open_connection,
     open_connection_pool,
     say_hello,
@@ -59,11 +71,13 @@ from trioflow.comm.auth import CLIENT, Credentials, connect_authenticated, crede
 from trioflow.comm.frames import max_value_bytes, too_big
 from trioflow.comm.security import Security
 from trioflow.comm.serialize import Serialized, SerializedFunction, content_digest
-from trioflow.backoff import Backoff
 from trioflow.config import Config
-from trioflow.core.failures import Cancelled
-from trioflow.errors import AuthenticationError, CommClosedError, ProtocolError, SerializationError
-from trioflow.future import FINISHED, Future, FutureState
+from trioflow.core import client_events as ce
+from trioflow.core import client_state as cs
+from trioflow.core.client_state import FINISHED, ClientState, ClientStatus, FutureRecord
+from trioflow.errors import AuthenticationError, CommClosedError, ProtocolError
+from trioflow.fetching import Fetcher
+from trioflow.future import Future, exception_of, wait_done, wake
 from trioflow.graph import (
     compute_plan,
     flatten_keys,
@@ -71,46 +85,55 @@ from trioflow.graph import (
     persist_plan,
     shape_like,
 )
-from trioflow.lineage import Lineage
+from trioflow.lineage import keep, resubmission
 from trioflow.nurseries import background_tasks
-from trioflow.recorder import key_name
-from trioflow.task_options import TaskOptions, task_options
+from trioflow.packing import (
+    byte_slices,
+    future_keys,
+    graph_options,
+    is_future,
+    map_calls,
+    pack,
+    plan_tasks,
+    submit_messages,
+)
 from trioflow.protocol import (
     clip_text,
     failure_from_wire,
-    failure_to_exception,
-    raise_serialization_error,
     replace_futures,
     substitute,
 )
+from trioflow.task_options import TaskOptions, task_options
 
 logger = logging.getLogger("trioflow.client")
 
-# Tasks a client keeps for a scheduler that is away before submit() refuses more.
-MAX_QUEUED_WHILE_AWAY = 100_000
-# Tasks per `submit` message, and bytes of arguments (a task whose
-# arguments are bigger goes alone).
-SUBMIT_SLICE = 1_000
-SUBMIT_BYTES = 64 << 20
-# Keys per `release_keys`, `cancel_keys`, `who_has` and `get_data` message:
-# a message body must stay within `max_body_bytes`.
+# Tasks a client keeps for a scheduler that is away before submit() refuses
+# more (read when a client is made: the core enforces it).
+MAX_QUEUED_WHILE_AWAY = cs.MAX_QUEUED_WHILE_AWAY
+# Keys per `release_keys`, `cancel_keys`, `fire_and_forget` and `who_has`
+# message: a message body must stay within `max_body_bytes`.
 KEYS_SLICE = m.MAX_KEYS
-GET_DATA_SLICE = 1_000
 # Values per `scatter` request (each value is one frame or more).
 SCATTER_SLICE = 1_000
 # Keys a step of `_flush_releases` forgets before it yields the loop.
 RELEASE_SLICE = 10_000
-# States `gather` waits for, and values it unpickles, between two yields.
-GATHER_SLICE = 10_000
 # Futures `cancel` fails between two yields.
 CANCEL_SLICE = 10_000
-# A task without dependencies shares this empty tuple (the field's default;
-# a list per task was 56 bytes of every future's lineage).
-NO_DEPENDENCIES: tuple[str, ...] = ()
 
 
-def _is_future(obj: Any) -> bool:
-    return type(obj) is Future
+class InLoopPortal:
+    """How `AsyncClient` is called: from its own Trio loop, so a method's
+    coroutine is returned to be awaited and a plain call runs now. (The
+    blocking `Client` replaces it with a portal from another thread:
+    `trioflow.sync_client.BlockingPortal`.)"""
+
+    blocking = False
+
+    def call(self, async_fn: Callable[..., Any], *args: Any) -> Any:
+        return async_fn(*args)
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        fn(*args)
 
 
 class AsyncClient:
@@ -162,36 +185,42 @@ class AsyncClient:
         self._rng = rng or random.Random()
         self.id = f"client-{self._random_hex()}"
         self.limits = FrameLimits.from_config(self.config)
-        self.futures: dict[str, FutureState] = {}
-        self.status = "new"
+        # Every decision about futures is the core's; this shell only reads it.
+        self.core = ClientState(MAX_QUEUED_WHILE_AWAY)
+        self._stimulus_ids = itertools.count()
         self._conn: Connection | None = None
         self._requests: Requests | None = None
         self._pool = None
+        self._fetcher = Fetcher(self, retry_pause_s=self.config.heartbeat_interval)
         self._closed = trio.Event()
         self._finished = trio.Event()
         # Set while a scheduler connection is up (replaced when it drops).
         self._connected = trio.Event()
         self._registered = False
         self._reader_scope: trio.CancelScope | None = None
-        # What to resubmit after a scheduler restart.
-        self._lineage = Lineage()
-        # key -> the copies this client asked to keep (`replicate`): a new
-        # scheduler knows nothing of them, so they are asked for again
-        # after each resubmission (`_replicate_again`).
-        self._replicas: dict[str, int] = {}
-        self._queued_while_away = 0
+        # Replicate requests the core wants made again of a new scheduler.
+        self._replicas_to_ask: list[ce.RequestReplicas] = []
         self._stack: AsyncExitStack | None = None
-        # Set by the blocking `Client`: runs an async method in our thread.
-        self._blocking: Callable[..., Any] | None = None
+        # How this client is called (replaced by the blocking `Client`).
+        self._portal: Any = InLoopPortal()
         self._token: trio.lowlevel.TrioToken | None = None
         # Keys whose handles were collected, from any thread; drained in ours.
         self._released: collections.deque[str] = collections.deque()
         self._release_lock = threading.Lock()
         self._release_scheduled = False
-        self._scatter_ids = itertools.count()
 
     def _random_hex(self) -> str:
         return uuid.UUID(int=self._rng.getrandbits(128), version=4).hex
+
+    @property
+    def status(self) -> str:
+        """'new', 'running', 'reconnecting', 'closing' or 'closed'."""
+        return self.core.status.value
+
+    @property
+    def futures(self) -> dict[str, FutureRecord]:
+        """The core's record of every key this client holds a handle for."""
+        return self.core.futures
 
     # ------------------------------------------------------------ lifetime --
 
@@ -218,9 +247,10 @@ class AsyncClient:
         The first connection must succeed (or this raises `CommClosedError`).
         After that a lost scheduler is retried with capped, jittered
         exponential backoff; on reconnecting, the client resubmits the
-        lineage of every future it holds (`_resubmit`). Pending futures wait
-        through the outage. Only after `scheduler_timeout` seconds without a
-        scheduler do they fail, with `CommClosedError`.
+        lineage of every future it holds (the core's `SchedulerConnected`).
+        Pending futures wait through the outage. Only after
+        `scheduler_timeout` seconds without a scheduler do they fail, with
+        `CommClosedError`.
 
         Cancellation: closing the client ends this; nothing is resubmitted.
         """
@@ -237,15 +267,15 @@ class AsyncClient:
             ) as self._pool:
                 await self._stay_connected(task_status)
         finally:
-            self.status = "closed"
             self._conn = None
+            self._apply(ce.ConnectionEnded(self._stimulus("ended")))
             self._finished.set()
 
     async def _stay_connected(self, task_status: trio.TaskStatus[None]) -> None:
         backoff = Backoff(self.config.reconnect_backoff_min, self.config.reconnect_backoff_max, self._rng)
         unreachable_since = trio.current_time()
         first = True
-        while self.status != "closing":
+        while self.core.status is not ClientStatus.CLOSING:
             try:
                 stream = await connect_authenticated(
                     self.network, self.scheduler_address, self.credentials, CLIENT, self.config.connect_timeout
@@ -268,13 +298,9 @@ class AsyncClient:
                 first = False
                 backoff.reset()
                 unreachable_since = trio.current_time()
-            if self.status == "closing":
+            if self.core.status is ClientStatus.CLOSING:
                 return
-            if self.status != "reconnecting":
-                self.status = "reconnecting"
-                logger.warning(
-                    "client %s lost the scheduler %s (%s); reconnecting", self.id, self.scheduler_address, reason
-                )
+            self._scheduler_lost(reason)
             if trio.current_time() - unreachable_since >= self.config.scheduler_timeout:
                 self._give_up(reason)
                 return
@@ -297,7 +323,7 @@ class AsyncClient:
                 role="client",
                 protocol=m.PROTOCOL_VERSION,
                 client_id=self.id,
-                recovering=recovering and bool(self._lineage),
+                recovering=recovering and bool(self.core.lineage),
             )
             try:
                 await say_hello(conn, hello)
@@ -309,10 +335,10 @@ class AsyncClient:
             except CommClosedError as exc:
                 raise CommClosedError(f"registration with {self.scheduler_address} failed: {exc}") from None
             self._conn, self._requests = conn, Requests(conn, m.CLIENT_TO_SCHEDULER)
-            self.status = "running"
             if recovering:
                 logger.info("client %s reconnected to %s; resubmitting its lineage", self.id, self.scheduler_address)
-                self._resubmit()
+            self._replicas_to_ask = []
+            self._apply(ce.SchedulerConnected(self._stimulus("connected"), recovering))
             self._connected.set()
             if not self._registered:
                 self._registered = True
@@ -321,14 +347,24 @@ class AsyncClient:
             try:
                 async with background_tasks() as helpers:
                     helpers.start_soon(self._heartbeats, conn)
-                    if recovering and self._replicas:
-                        helpers.start_soon(self._replicate_again)
+                    if self._replicas_to_ask:
+                        helpers.start_soon(self._replicate_again, self._replicas_to_ask)
                     with trio.CancelScope() as self._reader_scope:
                         return await self._listen(conn), True
                     return "closed", True
             finally:
                 self._conn = None
                 self._connected = trio.Event()
+                self._scheduler_lost("the connection ended")
+
+    def _scheduler_lost(self, reason: str) -> None:
+        """Nothing goes to the scheduler until a new one is there (logged once per outage)."""
+        before = self.core.status
+        self._apply(ce.SchedulerDisconnected(self._stimulus("lost")))
+        if before is not ClientStatus.RECONNECTING and self.core.status is ClientStatus.RECONNECTING:
+            logger.warning(
+                "client %s lost the scheduler %s (%s); reconnecting", self.id, self.scheduler_address, reason
+            )
 
     async def _heartbeats(self, conn: Connection) -> None:
         """Keep an idle connection from being closed as idle by the scheduler."""
@@ -363,40 +399,19 @@ class AsyncClient:
             self.scheduler_address,
             self.config.scheduler_timeout,
         )
-        self.status = "closing"
         error = CommClosedError(f"lost the connection to the scheduler for good: {reason}")
-        for state in self.futures.values():
-            if not state.done():
-                state.fail_locally(error)
+        self._apply(ce.GaveUp(self._stimulus("gave-up"), error))
 
     async def close(self) -> None:
         """Release every key and disconnect. Idempotent."""
-        if self.status in ("closing", "closed"):
+        if self.core.status in (ClientStatus.CLOSING, ClientStatus.CLOSED):
             return
-        self.status = "closing"
-        if self._conn is not None:
-            keys = list(self.futures)
-            try:
-                for start in range(0, len(keys), KEYS_SLICE):
-                    self._conn.send(m.ReleaseKeys(keys=keys[start : start + KEYS_SLICE]))
-            except CommClosedError:
-                pass
+        self._apply(ce.ClosingRequested(self._stimulus("close")))
         self._closed.set()
         if self._reader_scope is not None:
             self._reader_scope.cancel()
 
-    def _resubmit(self) -> None:
-        """Send the kept lineage to a new scheduler (after a reconnect)."""
-        assert self._conn is not None
-        self._queued_while_away = 0
-        for message in submit_messages(self._lineage.messages(), self._lineage.functions, self._resubmitted()):
-            self._conn.send(message)
-
-    def _resubmitted(self) -> list[str]:
-        """The keys a resubmission wants: every future not failed for good."""
-        return [k for k, st in self.futures.items() if not st.done() or st.status == FINISHED]
-
-    async def _replicate_again(self) -> None:
+    async def _replicate_again(self, requests: list[ce.RequestReplicas]) -> None:
         """Ask a new scheduler for the copies asked of the old one.
 
         Sent right behind the resubmission (the scheduler handles them in
@@ -405,16 +420,12 @@ class AsyncClient:
         restart silently ends every `replicate`, and the next worker death
         can lose data its client kept two copies of.
         """
-        wanted = set(self._resubmitted())
-        by_n: dict[int, list[str]] = {}
-        for key, n in self._replicas.items():
-            if key in wanted:
-                by_n.setdefault(n, []).append(key)
         assert self._requests is not None
-        for n, keys in sorted(by_n.items()):
+        for request in requests:
+            keys = request.keys
             for start in range(0, len(keys), KEYS_SLICE):
                 try:
-                    await self._requests.call(m.Replicate(keys=keys[start : start + KEYS_SLICE], n=n))
+                    await self._requests.call(m.Replicate(keys=list(keys[start : start + KEYS_SLICE]), n=request.n))
                 except (CommClosedError, RequestFailed) as exc:
                     # Gone again (the next resubmission asks anew), or not
                     # all in memory: the scheduler keeps the request anyway.
@@ -429,18 +440,64 @@ class AsyncClient:
     # ---------------------------------------------------- calling conventions --
 
     def _call(self, async_fn: Callable[..., Any], *args: Any) -> Any:
-        """Blocking (`Client`) or awaitable (`AsyncClient`), as the owner wants."""
-        if self._blocking is None:
-            return async_fn(*args)
-        return self._blocking(async_fn, *args)
+        """Blocking (`Client`) or awaitable (`AsyncClient`), as the portal says."""
+        return self._portal.call(async_fn, *args)
 
     def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run `fn` in our Trio thread (now, if we are in it)."""
-        if self._blocking is None:
-            fn(*args)
-        else:
-            assert self._token is not None
-            trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+        self._portal.call_soon(fn, *args)
+
+    # ---------------------------------------------------------------- core --
+
+    def _stimulus(self, what: str) -> str:
+        return f"{what}-{next(self._stimulus_ids)}"
+
+    def _apply(self, event: ce.ClientEvent, fresh: Mapping[str, m.TaskWire] | None = None) -> None:
+        """Feed one event to the core and carry out what it answers.
+
+        `fresh`: the wire form of tasks just packed (a `SendTasks` for them
+        sends these; other keys are rebuilt from the lineage).
+        """
+        for output in self.core.handle(event):
+            kind = type(output)
+            if kind is ce.FutureDone:
+                record = self.core.futures.get(output.key)
+                if record is not None:
+                    wake(record)
+            elif kind is ce.SendTasks:
+                if fresh is not None:
+                    tasks = [fresh[key] for key in output.keys]
+                else:
+                    tasks = resubmission(self.core.lineage, output.keys)
+                self._send_all(submit_messages(tasks, self.core.lineage.functions, output.wanted))
+            elif kind is ce.SendReleaseKeys:
+                self._send_all(m.ReleaseKeys(keys=list(part)) for part in _slices(output.keys, KEYS_SLICE))
+            elif kind is ce.SendCancelKeys:
+                reason = clip_text(output.reason, m.MAX_REASON_CHARS)
+                self._send_all(m.CancelKeys(keys=list(part), reason=reason) for part in _slices(output.keys, KEYS_SLICE))
+            elif kind is ce.SendFireAndForget:
+                self._send_all(m.FireAndForget(keys=list(part)) for part in _slices(output.keys, KEYS_SLICE))
+            elif kind is ce.SendMissingData:
+                self._send_all([m.MissingData(key=output.key, holders=list(output.holders))])
+            elif kind is ce.RequestReplicas:
+                self._replicas_to_ask.append(output)
+            else:
+                raise AssertionError(f"no handler for the client core's {kind.__name__}")
+
+    def _send_all(self, messages: Iterable[m.Message]) -> None:
+        """Send to the scheduler; if the connection just broke, drop the rest.
+
+        Nothing is lost by that: the core asks only while connected, and a
+        broken connection means a new scheduler, which gets the lineage of
+        every held key anew and knows nothing the dropped messages said.
+        """
+        if self._conn is None:
+            return
+        try:
+            for message in messages:
+                self._conn.send(message)
+        except CommClosedError:
+            pass
 
     # ------------------------------------------------------------ reports --
 
@@ -451,44 +508,35 @@ class AsyncClient:
                 assert self._requests is not None
                 self._requests.deliver(message)
             elif kind is m.KeyFinished:
-                state = self.futures.get(message.key)
-                if state is not None:
-                    state.finish(tuple(message.who_has), message.value)
+                sid = self._stimulus("key-finished")
+                self._apply(ce.FinishReported(sid, message.key, tuple(message.who_has), message.value))
             elif kind is m.KeyErred:
-                state = self.futures.get(message.key)
-                if state is not None:
-                    state.fail(failure_from_wire(message.failure))
+                failure = failure_from_wire(message.failure)
+                self._apply(ce.FailureReported(self._stimulus("key-erred"), (message.key,), failure))
             elif kind is m.KeysErred:
                 failure = failure_from_wire(message.failure)
-                for key in message.keys:
-                    state = self.futures.get(key)
-                    if state is not None:
-                        state.fail(failure)
+                self._apply(ce.FailureReported(self._stimulus("keys-erred"), tuple(message.keys), failure))
             elif kind is m.KeyLost:
-                state = self.futures.get(message.key)
-                if state is not None:
-                    state.lose()
+                self._apply(ce.LossReported(self._stimulus("key-lost"), message.key))
             elif kind is m.Restarted:
-                for state in self.futures.values():
-                    state.fail(Cancelled("the cluster was restarted"))
+                self._apply(ce.RestartReported(self._stimulus("restarted")))
             elif kind is m.SubmitRefused:
                 logger.error("the scheduler refused %d tasks: %s", len(message.keys), clip(message.reason, 300))
-                error = ValueError(f"the scheduler refused the task: {message.reason}")
-                for key in message.keys:
-                    state = self.futures.get(key)
-                    if state is not None and not state.done():
-                        state.fail_locally(error)
+                self._apply(ce.RefusalReported(self._stimulus("refused"), tuple(message.keys), message.reason))
             # welcome (repeated) and anything else harmless are ignored
 
-    # -------------------------------------------------- futures bookkeeping --
+    # ------------------------------------------------------------ handles --
 
     def _future(self, key: str) -> Future:
-        state = self.futures.get(key)
-        if state is None:
-            state = self.futures[key] = FutureState(key)
-        elif state.status == "cancelled":
-            state.reset()
-        return Future(key, self, state)
+        """A new handle on `key` (its record made, or pending again if cancelled)."""
+        self._apply(ce.HandlesMade(self._stimulus("handle"), (key,)))
+        return Future(self, self.core.futures[key])
+
+    def _futures(self, keys: list[str]) -> list[Future]:
+        """`_future` for many keys, in one step of the core."""
+        self._apply(ce.HandlesMade(self._stimulus("handles"), tuple(keys)))
+        futures = self.core.futures
+        return [Future(self, futures[key]) for key in keys]
 
     def _release_ref(self, key: str) -> None:
         """A handle on `key` went away (any thread, possibly during GC)."""
@@ -503,7 +551,7 @@ class AsyncClient:
             pass
 
     def _flush_releases(self) -> None:
-        """Forget the keys whose last handle went, at most `RELEASE_SLICE` a step.
+        """Hand the core the dropped handles, at most `RELEASE_SLICE` a step.
 
         Dropping a million futures queues a million keys; each step takes
         a slice and, if more are left, queues itself again behind whatever
@@ -511,24 +559,9 @@ class AsyncClient:
         """
         with self._release_lock:
             self._release_scheduled = False
-        released = []
-        for _ in range(min(len(self._released), RELEASE_SLICE)):
-            key = self._released.popleft()
-            state = self.futures.get(key)
-            if state is None:
-                continue
-            state.refs -= 1
-            if state.refs <= 0:
-                del self.futures[key]
-                self._replicas.pop(key, None)
-                released.append(key)
-                self._lineage.forget(key, self.futures.__contains__)
-        if released and self._conn is not None and self.status == "running":
-            try:
-                for start in range(0, len(released), KEYS_SLICE):
-                    self._conn.send(m.ReleaseKeys(keys=released[start : start + KEYS_SLICE]))
-            except CommClosedError:
-                pass
+        dropped = [self._released.popleft() for _ in range(min(len(self._released), RELEASE_SLICE))]
+        if dropped:
+            self._apply(ce.HandlesDropped(self._stimulus("dropped"), tuple(dropped)))
         if self._released:
             with self._release_lock:
                 if self._release_scheduled:
@@ -621,130 +654,63 @@ class AsyncClient:
         options: TaskOptions,
         prefix: str | None = None,
     ) -> list[tuple[m.TaskWire, SerializedFunction]]:
-        """Pickle each call and name its task; touches no state of the
-        client, so any thread may run it (the blocking `Client` runs it in
-        the caller's, off the client's loop)."""
-        function = dumps_function(fn)
-        name = prefix or _function_name(fn)
-        fields = options.wire_fields()
-        packed = []
-        for (args, kwargs), key in zip(calls, keys, strict=True):
-            dependencies: dict[str, None] = {}
-            call = replace_futures((args, kwargs), _is_future, dependencies)
-            used = function
-            failure = None
-            try:
-                payload = dumps(call)
-            except SerializationError as exc:
-                # Fail the task, not the call: it errs on a worker like any
-                # user error, and so does every task that depends on it.
-                failure = f"could not serialize the arguments of {name}: {exc}"
-                key = key or f"{name}-{self._random_hex()}"
-            if key is None:
-                if pure:
-                    digest = hashlib.blake2b(digest_size=16)
-                    digest.update(function.function_id.encode())
-                    digest.update(payload.header)
-                    for buffer in payload.buffers:
-                        digest.update(buffer)
-                    key = f"{name}-{digest.hexdigest()}"
-                else:
-                    key = f"{name}-{self._random_hex()}"
-            if failure is None and payload.nbytes > max_value_bytes(self.limits):
-                # It could never reach the scheduler: fail the task, naming
-                # it and its size (the same way, and for the same reason).
-                failure = too_big(f"the arguments of task {key!r}", payload.nbytes, self.limits, verb="are")
-            if failure is not None:
-                used = dumps_function(raise_serialization_error)
-                payload = dumps(((failure,), {}))
-            task = m.TaskWire(
-                key=key,
-                function_id=used.function_id,
-                args=payload,
-                dependencies=list(dependencies) if dependencies else NO_DEPENDENCIES,
-                scattered=False,
-                **fields,
-            )
-            packed.append((task, used))
-        return packed
+        """`packing.pack` with this client's limits and random source; any
+        thread may run it (the blocking `Client` runs it in the caller's)."""
+        return pack(fn, calls, keys, pure, options, self.limits, self._random_hex, prefix)
 
     def _submit_packed(self, packed: list[tuple[m.TaskWire, SerializedFunction]]) -> list[Future]:
-        """Futures and lineage for packed tasks, then the tasks on their way
+        """Handles and lineage for packed tasks, then the tasks on their way
         (in the client's loop; refused like `submit` if they could be
-        neither sent nor kept).
-
-        No task goes for a call that depends on a future that has already
-        failed for good: its future fails at once, with that failure
-        (design.md §1: a dependent of a failed task raises the same error).
-        The scheduler would say the same, unless it restarted since: a new
-        scheduler knows nothing of a failure, and a failed future's task is
-        not resubmitted.
-        """
+        neither sent nor kept). A task whose input already failed for good
+        is not sent: its future fails at once, with that failure (the
+        core's `CallsSubmitted`)."""
         self._admit(len(packed))
-        futures = []
-        sent = []
-        for task, used in packed:
-            future = self._future(task.key)
-            futures.append(future)
-            failed = next(
-                (self.futures[d] for d in task.dependencies if d in self.futures and _failed_for_good(self.futures[d])),
-                None,
-            )
-            if failed is not None:
-                if not future._state.done():
-                    assert failed.failure is not None
-                    future._state.fail(failed.failure)
-                continue
-            self._lineage.remember(task, used)
-            sent.append(task)
-        if sent:
-            self._send_tasks(sent, [task.key for task in sent])
+        futures = self._futures([task.key for task, _ in packed])
+        self._submit_tasks([task for task, _ in packed], {used.function_id: used.payload for _, used in packed})
         return futures
+
+    def _submit_tasks(self, tasks: list[m.TaskWire], functions: dict[str, Serialized]) -> None:
+        """Hand the core tasks whose handles exist; it keeps and sends them."""
+        keys = tuple(task.key for task in tasks)
+        event = ce.CallsSubmitted(self._stimulus("submit"), keys, tuple(keep(task) for task in tasks), functions)
+        self._apply(event, fresh={task.key: task for task in tasks})
 
     def _admit(self, n_tasks: int) -> None:
         """Refuse `n_tasks` new tasks now, before any future or lineage
-        exists for them, if they could be neither sent nor kept.
-
-        While reconnecting, submitted tasks wait in the lineage and go with
-        the resubmission; at most `MAX_QUEUED_WHILE_AWAY` of them, after
-        which `submit` raises rather than hold back unbounded work.
-        """
-        if self.status == "reconnecting":
-            if self._queued_while_away + n_tasks > MAX_QUEUED_WHILE_AWAY:
-                raise CommClosedError(
-                    f"the scheduler at {self.scheduler_address} is unreachable and "
-                    f"{self._queued_while_away} tasks are already waiting for it "
-                    f"(at most {MAX_QUEUED_WHILE_AWAY})"
-                )
-        else:
-            self._require_connection()
-
-    def _send_tasks(self, tasks: list[m.TaskWire], wanted: list[str]) -> None:
-        """Send new tasks (admitted by `_admit`), or, while the scheduler is
-        away, keep them in the lineage for the resubmission."""
-        if self.status == "reconnecting":
-            self._queued_while_away += len(tasks)
+        exists for them, if they could be neither sent nor kept (the core's
+        `refusal`: while reconnecting, at most `MAX_QUEUED_WHILE_AWAY` wait
+        for the resubmission)."""
+        why = self.core.refusal(n_tasks)
+        if why is None:
             return
-        conn = self._require_connection()
-        for message in submit_messages(tasks, self._lineage.functions, wanted):
-            conn.send(message)
+        if self.core.status is ClientStatus.RECONNECTING:
+            raise CommClosedError(f"the scheduler at {self.scheduler_address} is unreachable and {why}")
+        self._require_connection()
 
     def _require_connection(self) -> Connection:
-        if self._conn is None or self.status != "running":
+        if self._conn is None or not self.core.connected:
             raise CommClosedError(f"client {self.id} is {self.status}, not connected to a scheduler")
         return self._conn
 
     async def _connection(self, timeout: float | None) -> Connection:
         """The scheduler connection, waiting up to `timeout` s for a reconnect."""
-        if self.status in ("closing", "closed", "new"):
+        if self.core.status in (ClientStatus.CLOSING, ClientStatus.CLOSED, ClientStatus.NEW):
             return self._require_connection()
         with trio.move_on_after(math.inf if timeout is None else timeout):
-            while self._conn is None or self.status != "running":
+            # A connection that broke is not the one to use, even before the
+            # reader task has noticed (`_connected` is then still set, and
+            # its wait a checkpoint that lets the reader run).
+            while self._conn is None or self._conn.closed or not self.core.connected:
                 await self._connected.wait()
             return self._conn
         raise CommClosedError(
             f"no connection to the scheduler at {self.scheduler_address} within {timeout:g} s"
         )
+
+    async def _call_scheduler(self, message: m.Message) -> Any:
+        """A request on the current connection (`CommClosedError` if it breaks)."""
+        assert self._requests is not None
+        return await self._requests.call(message)
 
     # ------------------------------------------------------------- graphs --
 
@@ -765,8 +731,8 @@ class AsyncClient:
             KeyError: a key is not in the graph.
             ImportError: dask is not installed.
         """
-        checked = task_options(**_graph_options(options))
-        plan = await trio.to_thread.run_sync(graph_plan, dsk, flatten_keys(keys), _is_future)
+        checked = task_options(**graph_options(options))
+        plan = await trio.to_thread.run_sync(graph_plan, dsk, flatten_keys(keys), is_future)
         futures = self._submit_plan(plan, checked)
         return await self.gather(shape_like(keys, futures))
 
@@ -777,9 +743,9 @@ class AsyncClient:
         are not dask collections pass through). The value of the future is
         what ``collection.compute()`` returns. Options as in `get`.
         """
-        checked = task_options(**_graph_options(options))
+        checked = task_options(**graph_options(options))
         (singleton, items), plan, where = await trio.to_thread.run_sync(
-            compute_plan, collections, optimize_graph, _is_future
+            compute_plan, collections, optimize_graph, is_future
         )
         futures = self._submit_plan(plan, checked)
         out = [futures[where[i]] if i in where else item for i, item in enumerate(items)]
@@ -792,8 +758,8 @@ class AsyncClient:
         holds one `Future` per key (the values stay on the cluster). A list
         gives a list. Options as in `get`.
         """
-        checked = task_options(**_graph_options(options))
-        singleton, plan, rebuild = await trio.to_thread.run_sync(persist_plan, collections, optimize_graph, _is_future)
+        checked = task_options(**graph_options(options))
+        singleton, plan, rebuild = await trio.to_thread.run_sync(persist_plan, collections, optimize_graph, is_future)
         futures = self._submit_plan(plan, checked)
         out = rebuild(futures)
         return out[0] if singleton else out
@@ -810,39 +776,27 @@ class AsyncClient:
         for key, future in plan.futures.items():
             if future.client is not self:
                 raise ValueError(f"the graph holds a future of another client ({key!r})")
-        unknown = [key for key in plan.external if key not in self.futures]
+        unknown = [key for key in plan.external if key not in self.core.futures]
         if unknown:
             raise KeyError(f"the graph refers to {unknown[0]!r}, which is neither in it nor a future of this client")
         self._admit(len(plan.tasks))
-        fields = options.wire_fields()
-        tasks, handles = [], {}
-        for task, payload in plan.pickled:
-            wire = m.TaskWire(
-                key=task.key,
-                function_id=plan.function.function_id,
-                args=payload,
-                dependencies=list(dict.fromkeys(task.inputs.values())),
-                scattered=False,
-                **fields,
-            )
-            handles[task.key] = self._future(task.key)
-            self._lineage.remember(wire, plan.function)
-            tasks.append(wire)
-        self._send_tasks(tasks, list(handles))
+        tasks = plan_tasks(plan, options)
+        handles = dict(zip((task.key for task in tasks), self._futures([task.key for task in tasks]), strict=True))
+        self._submit_tasks(tasks, {plan.function.function_id: plan.function.payload})
         return {dask_key: handles.get(key) or plan.futures.get(key) or self._future(key)
                 for dask_key, key in plan.keys.items()}
 
     # ------------------------------------------------------------ results --
 
     async def _result(self, future: Future, timeout: float | None) -> Any:
-        values = await self._gather_states([future._state], timeout)
+        values = await self._gather_records([future._state], timeout)
         return values[future.key]
 
     async def _exception(self, future: Future, timeout: float | None) -> BaseException | None:
         with _timeout(timeout):
-            await future._state.wait()
-        state = future._state
-        return None if state.status == FINISHED else state.exception()
+            await wait_done(future._state)
+        record = future._state
+        return None if record.status is FINISHED else exception_of(record)
 
     async def gather(self, futures: Any, timeout: float | None = None) -> Any:
         """The values of `futures` (a future, or a list/tuple/dict nesting them).
@@ -850,122 +804,17 @@ class AsyncClient:
         Raises the failure of the first failed future, in order.
         """
         found: dict[str, None] = {}
-        structure = replace_futures(futures, _is_future, found)
-        states = [self.futures[key] for key in found if key in self.futures]
-        if len(states) != len(found):
+        structure = replace_futures(futures, is_future, found)
+        records = [self.core.futures[key] for key in found if key in self.core.futures]
+        if len(records) != len(found):
             raise ValueError("gather() was given a future of another (or closed) client")
-        values = await self._gather_states(states, timeout)
+        values = await self._gather_records(records, timeout)
         return substitute(structure, values)
 
-    async def _gather_states(self, states: list[FutureState], timeout: float | None) -> dict[str, Any]:
-        """Wait for every state, then fetch the values straight from workers."""
-        values: dict[str, Any] = {}
+    async def _gather_records(self, records: list[FutureRecord], timeout: float | None) -> dict[str, Any]:
+        """Wait for every record, then fetch the values straight from workers."""
         with _timeout(timeout):
-            todo = states
-            while todo:
-                for i, state in enumerate(todo):
-                    if not state.done():
-                        await state.wait()
-                    elif i % GATHER_SLICE == GATHER_SLICE - 1:
-                        await trio.lowlevel.checkpoint()
-                for state in todo:
-                    if state.status != FINISHED:
-                        raise state.exception()
-                todo = await self._fetch(todo, values)
-        return values
-
-    async def _fetch(self, states: list[FutureState], values: dict[str, Any]) -> list[FutureState]:
-        """Fetch what the holders have; return the states to wait on again."""
-        by_worker: dict[str, list[FutureState]] = {}
-        failed: dict[str, str | None] = {}  # key -> the holder that failed us
-        retry: list[FutureState] = []
-        for state in states:
-            if state.value is not None:
-                values[state.key] = state.value  # came with the report
-            elif state.who_has:
-                by_worker.setdefault(state.who_has[0], []).append(state)
-            else:
-                retry.append(state)
-                failed[state.key] = None
-
-        unsendable: list[str] = []
-
-        async def fetch_from(worker: str, group: list[FutureState]) -> None:
-            data: dict[str, Serialized] = {}
-            errors: dict[str, str] = {}
-            todo = [s.key for s in group]
-            try:
-                while todo:
-                    later: list[str] = []
-                    for start in range(0, len(todo), GET_DATA_SLICE):
-                        answer = await self._pool.call(worker, m.GetData(keys=todo[start : start + GET_DATA_SLICE]))
-                        data.update(answer.data)
-                        errors.update(answer.errors)
-                        later.extend(answer.later or ())
-                    # Values too big to come with the others: asked for
-                    # again (an answer's first value always comes or errs).
-                    todo = [key for key in later if key not in data]
-            except (CommClosedError, RequestFailed, ProtocolError):
-                pass  # what did not come is asked for again below
-            for state in group:
-                if state.key in errors:
-                    unsendable.append(errors[state.key])
-                elif state.key in data:
-                    values[state.key] = data[state.key]
-                else:
-                    retry.append(state)
-                    failed[state.key] = worker
-
-        async with trio.open_nursery() as nursery:
-            for worker, group in by_worker.items():
-                nursery.start_soon(fetch_from, worker, group)
-        if unsendable:
-            raise SerializationError(unsendable[0])
-        for i, (key, value) in enumerate(values.items()):
-            if isinstance(value, Serialized):
-                values[key] = loads(value)
-            if i % GATHER_SLICE == GATHER_SLICE - 1:
-                await trio.lowlevel.checkpoint()
-        if retry:
-            await self._refresh_holders(retry, failed)
-        return retry
-
-    async def _refresh_holders(self, states: list[FutureState], failed: dict[str, str | None]) -> None:
-        """Tell the scheduler which holders failed us and learn the current ones.
-
-        A report can overtake the answer: the reader may handle a
-        `key_finished` that came right behind the `who_has` reply before this
-        task resumes. So an answer is applied only to states that did not
-        change since the question was asked. Waits through a scheduler
-        outage (the caller's timeout still applies).
-        """
-        while True:
-            conn = await self._connection(None)
-            asked = {state.key: state.version for state in states}
-            for state in states:
-                holder = failed.get(state.key)
-                if holder is not None:
-                    conn.send(m.MissingData(key=state.key, holders=[holder]))
-            assert self._requests is not None
-            keys = list(asked)
-            who_has: dict[str, list[str]] = {}
-            try:
-                for start in range(0, len(keys), KEYS_SLICE):
-                    answer = await self._requests.call(m.WhoHas(keys=keys[start : start + KEYS_SLICE]))
-                    who_has.update(answer.who_has)
-                break
-            except CommClosedError:
-                continue  # the scheduler went away meanwhile: wait for the next one
-        for state in states:
-            if state.version != asked[state.key] or state.status != FINISHED:
-                continue  # newer news arrived meanwhile
-            if state.value is not None:
-                continue  # the value itself came meanwhile: no holder needed
-            holders = tuple(who_has.get(state.key) or ())
-            if holders:
-                state.who_has = holders
-            else:
-                state.lose()  # being recomputed: wait for key_finished
+            return await self._fetcher.gather(records)
 
     # ------------------------------------------------------- other requests --
 
@@ -1002,11 +851,11 @@ class AsyncClient:
                 raise ValueError(too_big(f"the value scattered as {key!r}", serialized.nbytes, self.limits))
             payloads[key] = serialized
             keys.append(key)
-        futures = {key: self._future(key) for key in keys}
-        for key in keys:
-            self._lineage.remember(m.TaskWire(key=key, scattered=True), None)
+        futures = dict(zip(keys, self._futures(keys), strict=True))
+        markers = tuple(keep(m.TaskWire(key=key, scattered=True)) for key in keys)
+        self._apply(ce.ValuesScattered(self._stimulus("scatter"), tuple(keys), markers))
         with _timeout(timeout):
-            for part in _byte_slices(list(payloads.items()), SCATTER_SLICE, max_value_bytes(self.limits)):
+            for part in byte_slices(list(payloads.items()), SCATTER_SLICE, max_value_bytes(self.limits)):
                 await self._request(m.Scatter(data=dict(part), broadcast=broadcast))
         if isinstance(data, Mapping):
             return {key: futures[key] for key in keys}
@@ -1016,13 +865,7 @@ class AsyncClient:
 
     def _fire_and_forget(self, keys: list[str]) -> None:
         """Tell the scheduler to compute `keys` even once no client holds them."""
-        if self._conn is None:
-            return  # (reconnecting: the resubmission carries only held keys)
-        for start in range(0, len(keys), KEYS_SLICE):
-            try:
-                self._conn.send(m.FireAndForget(keys=keys[start : start + KEYS_SLICE]))
-            except CommClosedError:
-                return
+        self._apply(ce.FiredAndForgotten(self._stimulus("fire-and-forget"), tuple(keys)))
 
     async def cancel(self, futures: Any, reason: str = "cancelled by the client") -> None:
         """Cancel the tasks of `futures` and every dependent this client holds.
@@ -1030,20 +873,11 @@ class AsyncClient:
         Their futures raise `trioflow.CancelledError`. Other clients'
         futures for the same keys are not affected.
         """
-        keys = [k for k in future_keys(futures) if k in self.futures]
-        failure = Cancelled(reason)
-        for i, key in enumerate(keys):
-            state = self.futures.get(key)
-            if state is not None and not state.done():
-                state.fail(failure)
-            if i % CANCEL_SLICE == CANCEL_SLICE - 1:
+        keys = [k for k in future_keys(futures) if k in self.core.futures]
+        for part in _slices(keys, CANCEL_SLICE):
+            self._apply(ce.FuturesCancelled(self._stimulus("cancel"), tuple(part), reason))
+            if len(part) == CANCEL_SLICE:
                 await trio.lowlevel.checkpoint()
-        if keys and self._conn is not None:
-            # (While reconnecting there is nothing to send: cancelled keys are
-            # left out of the resubmission.)
-            reason = clip_text(reason, m.MAX_REASON_CHARS)
-            for start in range(0, len(keys), KEYS_SLICE):
-                self._conn.send(m.CancelKeys(keys=keys[start : start + KEYS_SLICE], reason=reason))
 
     async def run(
         self, function: Callable[..., Any], *args: Any, workers: Iterable[str] | None = None, **kwargs: Any
@@ -1058,20 +892,7 @@ class AsyncClient:
             Exception: the first exception a worker's call raised.
             RuntimeError: `workers` names an address that is no worker here.
         """
-        if isinstance(workers, str):
-            workers = [workers]
-        restrict = None if workers is None else [str(w) for w in workers]
-        payload = dumps(functools.partial(function, *args, **kwargs) if args or kwargs else function)
-        answer = await self._request(m.RunEverywhere(function=payload, workers=restrict))
-        results = {}
-        for address, outcome in sorted(answer.results.items()):
-            if outcome.result is not None:
-                results[address] = loads(outcome.result)
-            elif outcome.failure is not None:
-                raise failure_to_exception(failure_from_wire(outcome.failure))
-            else:
-                raise CommClosedError(f"worker {address}: {outcome.error}")
-        return results
+        return await cluster_requests.run_everywhere(self._request, function, args, kwargs, workers)
 
     async def run_on_scheduler(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Call ``function(*args, **kwargs)`` in the scheduler's process; return its result.
@@ -1083,11 +904,7 @@ class AsyncClient:
         Raises:
             Exception: what the function raised.
         """
-        payload = dumps(functools.partial(function, *args, **kwargs) if args or kwargs else function)
-        answer = await self._request(m.RunOnScheduler(function=payload))
-        if answer.failure is not None:
-            raise failure_to_exception(failure_from_wire(answer.failure))
-        return loads(answer.result)
+        return await cluster_requests.run_on_scheduler(self._request, function, args, kwargs)
 
     async def upload_file(self, path: str) -> None:
         """Send a ``.py``, ``.zip`` or ``.egg`` file to every worker, now and later.
@@ -1101,21 +918,7 @@ class AsyncClient:
             ValueError: not such a file, or larger than `MAX_UPLOAD_BYTES`.
             RuntimeError: a worker could not store it (named, with why).
         """
-        filename = os.path.basename(path)
-        if not m.is_upload_name(filename):
-            raise ValueError(
-                f"upload_file takes a .py, .zip or .egg file with a plain name (letters, digits, '_', '-', '.'), "
-                f"got {filename!r}"
-            )
-        size = os.path.getsize(path)
-        if size > m.MAX_UPLOAD_BYTES:
-            raise ValueError(f"{filename} has {size} bytes; upload_file takes at most {m.MAX_UPLOAD_BYTES}")
-        data = await trio.Path(path).read_bytes()
-        answer = await self._request(m.UploadFile(filename=filename, data=dumps(data)))
-        failed = {address: why for address, why in sorted(answer.results.items()) if why}
-        if failed:
-            address, why = next(iter(failed.items()))
-            raise RuntimeError(f"{len(failed)} workers could not store {filename}; {address}: {why}")
+        await cluster_requests.upload_file(self._request, path)
 
     async def replicate(self, futures: Any, n: int = 2) -> None:
         """Keep `n` copies of each future's value, on different workers.
@@ -1127,16 +930,11 @@ class AsyncClient:
         after resubmitting its lineage. ``n=1`` ends it.
         """
         found: dict[str, None] = {}
-        replace_futures(futures, _is_future, found)
+        replace_futures(futures, is_future, found)
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= m.MAX_WORKERS:
             raise ValueError(f"n must be an int between 1 and {m.MAX_WORKERS}, got {n!r}")
-        for key in found:
-            if key in self.futures:
-                # Remembered for the next scheduler should this one die.
-                if n > 1:
-                    self._replicas[key] = n
-                else:
-                    self._replicas.pop(key, None)
+        # Remembered by the core, for the next scheduler should this one die.
+        self._apply(ce.CopiesRequested(self._stimulus("replicate"), tuple(found), n))
         await self._request(m.Replicate(keys=list(found), n=n))
 
     async def restart(self, timeout: float | None = None) -> None:
@@ -1161,7 +959,7 @@ class AsyncClient:
         keys = None
         if futures is not None:
             found: dict[str, None] = {}
-            replace_futures(futures, _is_future, found)
+            replace_futures(futures, is_future, found)
             keys = list(found)
         return (await self._request(m.WhoHas(keys=keys))).who_has
 
@@ -1175,14 +973,7 @@ class AsyncClient:
 
     async def scheduler_info(self) -> dict[str, Any]:
         """The scheduler's address, its workers and its task counts (a dict)."""
-        info = (await self._request(m.GetSchedulerInfo())).info
-        return {
-            "address": info.address,
-            "workers": {address: dict(w.__dict__) for address, w in info.workers.items()},
-            "tasks": info.tasks,
-            "clients": info.clients,
-            "dashboard": info.dashboard,
-        }
+        return await cluster_requests.scheduler_info(self._request)
 
     async def get_task_stream(
         self, start: float | None = None, stop: float | None = None, count: int | None = None
@@ -1206,27 +997,7 @@ class AsyncClient:
             ValueError: a bound that is not a number of seconds since the
                 epoch, or a `count` that is not an int >= 0.
         """
-        for name, value in (("start", start), ("stop", stop)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= m.MAX_TIMESTAMP_S
-            ):
-                raise ValueError(f"{name} must be seconds since the epoch (like time.time()), got {value!r}")
-        if count is not None and (
-            isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= m.MAX_STREAM_COUNT
-        ):
-            raise ValueError(f"count must be an int between 0 and {m.MAX_STREAM_COUNT}, got {count!r}")
-        runs: list[m.TaskRun] = []
-        after, until = 0, None
-        while True:
-            # The first page fixes the newest run (`until`); later pages
-            # continue after the last run received, up to it.
-            page = await self._request(
-                m.GetTaskStream(start=start, stop=stop, count=count if until is None else None, after=after, until=until)
-            )
-            runs.extend(page.runs)
-            if not page.more or not page.runs:
-                return [_task_run_dict(run) for run in runs]
-            after, until = page.runs[-1].seq, page.until
+        return await cluster_requests.task_stream(self._request, start, stop, count)
 
     async def get_cluster_metrics(self, events_after: int = 0) -> dict[str, Any]:
         """The scheduler's counters, its tasks by state, its worker count and recent cluster events.
@@ -1237,13 +1008,7 @@ class AsyncClient:
         histograms. ``events`` are dicts (``seq``, ``time``, ``kind``,
         ``text``, ``worker``, ``count``) numbered after `events_after`.
         """
-        reply = await self._request(m.GetClusterMetrics(events_after=events_after))
-        return {
-            "counters": dict(reply.counters),
-            "tasks": dict(reply.tasks),
-            "workers": reply.workers,
-            "events": [dict(event.__dict__) for event in reply.events],
-        }
+        return await cluster_requests.cluster_metrics(self._request, events_after)
 
     async def wait_for_workers(self, n: int, timeout: float | None = None) -> None:
         """Return once at least `n` workers are connected."""
@@ -1254,6 +1019,8 @@ class AsyncClient:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} {self.scheduler_address} {self.status}>"
+
+
 
 
 def fire_and_forget(futures: Any) -> None:
@@ -1268,7 +1035,7 @@ def fire_and_forget(futures: Any) -> None:
     by_client: dict[int, tuple[AsyncClient, list[str]]] = {}
 
     def collect(obj: Any) -> bool:
-        if _is_future(obj):
+        if is_future(obj):
             by_client.setdefault(id(obj.client), (obj.client, []))[1].append(obj.key)
             return True
         return False
@@ -1297,114 +1064,8 @@ class _timeout:
         return handled
 
 
-def _failed_for_good(state: FutureState) -> bool:
-    """Whether the key failed with a failure of the cluster (not pending, not
-    recomputing, not a connection of this client's that gave up)."""
-    return state.done() and state.status != FINISHED and state.failure is not None
 
-
-def submit_messages(tasks: list[m.TaskWire], functions: Mapping[str, Serialized], wanted: Iterable[str]):
-    """`submit` messages for `tasks`, at most `SUBMIT_SLICE` tasks and
-    `SUBMIT_BYTES` of arguments each (a task with bigger ones goes alone).
-
-    The scheduler handles one message at a time, so slices keep each of
-    those steps short. A wanted key travels with its own task (the
-    scheduler ignores wants of keys it has not seen yet). Each message
-    carries the functions its tasks call (the scheduler keeps a function
-    only while tasks refer to it, so it cannot be sent once for all time).
-    """
-    wanted_keys = set(wanted)
-    sized = [(t, 0 if t.args is None else t.args.nbytes) for t in tasks]
-    for part in _byte_slices(sized, SUBMIT_SLICE, SUBMIT_BYTES) if tasks else [[]]:
-        part_tasks = [t for t, _ in part]
-        used = {t.function_id: functions[t.function_id] for t in part_tasks if t.function_id in functions}
-        yield m.Submit(tasks=part_tasks, functions=used, wanted=[t.key for t in part_tasks if t.key in wanted_keys])
-
-
-def _byte_slices(items: list[tuple[Any, Any]], most: int, max_bytes: int) -> Iterable[list[tuple[Any, Any]]]:
-    """`items` ``(thing, size or Serialized)`` in slices of at most `most`
-    things and `max_bytes` bytes (a bigger thing goes alone)."""
-    part: list[tuple[Any, Any]] = []
-    size = 0
-    for item in items:
-        n = item[1] if isinstance(item[1], int) else item[1].nbytes
-        if part and (len(part) >= most or size + n > max_bytes):
-            yield part
-            part, size = [], 0
-        part.append(item)
-        size += n
-    if part:
-        yield part
-
-
-def future_keys(obj: Any) -> dict[str, None]:
-    """The keys of the futures in `obj` (a future, or lists, tuples, sets and
-    dict values holding them), in order, without copying `obj` the way
-    `replace_futures` does (cancelling 100,000 futures made as many
-    `TaskRef`s to throw away)."""
-    found: dict[str, None] = {}
-    stack = [obj]
-    while stack:
-        item = stack.pop()
-        if type(item) is Future:
-            found[item.key] = None
-        elif isinstance(item, (list, tuple)):
-            stack.extend(reversed(item))
-        elif isinstance(item, (set, frozenset)):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            stack.extend(reversed(item.values()))
-    return found
-
-
-def map_calls(
-    fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], key: Any, kwargs: dict[str, Any]
-) -> tuple[list[tuple[tuple, dict]], list[str | None], str | None]:
-    """`map`'s calls, their keys (None: to be named) and the key prefix.
-
-    Raises:
-        TypeError: `fn` is not callable.
-        ValueError: a list of keys whose length is not the number of calls.
-    """
-    if not callable(fn):
-        raise TypeError(f"map() expects a callable, got {type(fn).__name__}")
-    calls = [(args, kwargs) for args in zip(*iterables, strict=False)]
-    if isinstance(key, list):
-        if len(key) != len(calls):
-            raise ValueError(f"map() got {len(key)} keys for {len(calls)} calls")
-        return calls, list(key), None
-    return calls, [None] * len(calls), key if isinstance(key, str) else None
-
-
-def _task_run_dict(run: m.TaskRun) -> dict[str, Any]:
-    """One run of the task stream as `get_task_stream` returns it (dask's shape, plus ``name``)."""
-    out: dict[str, Any] = {
-        "key": run.key,
-        "name": key_name(run.key),
-        "worker": run.worker,
-        "status": run.status,
-        "startstops": ({"action": "compute", "start": run.start, "stop": run.stop},),
-    }
-    if run.nbytes is not None:
-        out["nbytes"] = run.nbytes
-    if run.error is not None:
-        out["error"] = run.error
-    return out
-
-
-def _graph_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The options of `get`/`compute`/`persist`, refusing unknown ones by name.
-
-    (dask passes the keywords of ``dask.compute`` on to the scheduler; a
-    graph has no function to give them to, so an unknown one is a mistake.)
-    """
-    known = {"retries", "workers", "allow_other_workers", "resources", "priority"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise TypeError(f"unknown option {unknown[0]!r} (known: {', '.join(sorted(known))})")
-    return options
-
-
-def _function_name(fn: Any) -> str:
-    name = getattr(fn, "__name__", None) or type(fn).__name__
-    return "lambda" if name == "<lambda>" else name
+def _slices(items: Any, size: int) -> Iterable[Any]:
+    """`items` (a list or tuple) in consecutive slices of at most `size`."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -1,11 +1,12 @@
 """`Future`: a handle on a task's eventual value, held by user code.
 
-Each key a client knows has one `FutureState` (its status, failure and
-holders), owned by the client's Trio thread. A `Future` is a cheap handle on
-it; a key may have many handles. When the last handle is garbage collected
-the client tells the scheduler it no longer wants the key, which is how
-results get freed (design.md §2: "keys that no client holds ... are
-forgotten").
+Each key a client knows has one `FutureRecord` (its status, failure and
+holders), kept by the client's core (trioflow/core/client_state.py) in the
+client's Trio thread. A `Future` is a cheap handle on it; a key may have
+many handles. When the last handle is garbage collected the client tells
+the scheduler it no longer wants the key, which is how results get freed
+(design.md §2: "keys that no client holds ... are forgotten"). Waiting on a
+record (`wait_done`, `call_when_done`) is the shell's part, here.
 
 The same `Future` class serves both clients. With `AsyncClient`, blocking
 methods return awaitables (``await f``, ``await f.result()``); with `Client`
@@ -16,137 +17,102 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
-from trioflow.comm.serialize import Serialized
-from trioflow.core.failures import Cancelled, DataLost, TaskFailure
+from trioflow.core.client_state import FutureRecord, FutureStatus
 from trioflow.protocol import failure_to_exception
-
-if TYPE_CHECKING:
-    from trioflow.client import AsyncClient
 
 logger = logging.getLogger("trioflow.client")
 
-PENDING = "pending"
-FINISHED = "finished"
-ERROR = "error"
-CANCELLED = "cancelled"
-LOST = "lost"
+# The statuses as `Future.status` spells them.
+PENDING = FutureStatus.PENDING.value
+FINISHED = FutureStatus.FINISHED.value
+ERROR = FutureStatus.ERROR.value
+CANCELLED = FutureStatus.CANCELLED.value
+LOST = FutureStatus.LOST.value
 
 
-class FutureState:
-    """What the client knows about one key. Touched only in the Trio thread.
+class Waiters:
+    """Whoever waits on one record: a `trio.Event` and done callbacks.
 
-    Kept small: a client may hold a million of these. The `trio.Event` a
-    waiter needs (with its set of waiting tasks, 272 bytes) and the list of
-    callbacks are made only for the states someone waits on or watches.
+    Made only for the records someone waits on or watches (a client may
+    hold a million records; the event and its set of waiting tasks are 272
+    bytes). It hangs on the record (`FutureRecord.waiters`, a slot the core
+    keeps for the shell and never reads) and is woken by the shell when the
+    core says the record is done (`FutureDone`). Touched only in the
+    client's Trio thread.
     """
 
-    __slots__ = (
-        "key", "status", "failure", "local_error", "who_has", "value", "version", "refs", "callbacks",
-        "_done", "_event",
-    )
+    __slots__ = ("event", "callbacks")
 
-    def __init__(self, key: str):
-        self.key = key
-        self.status = PENDING
-        self.failure: TaskFailure | None = None
-        # An error of this client's own (its scheduler connection is gone).
-        self.local_error: BaseException | None = None
-        # Workers the scheduler last said hold the value.
-        self.who_has: tuple[str, ...] = ()
-        # The pickled value itself, when it was small enough to come with
-        # the report (no need to fetch it from a worker).
-        self.value: Serialized | None = None
-        # Bumped by every change, so an answer computed before a change can
-        # be recognised as stale.
-        self.version = 0
-        # Live `Future` handles for this key.
-        self.refs = 0
-        # Called once when the state is done (None: nobody asked).
+    def __init__(self) -> None:
+        self.event: trio.Event | None = None
+        # Called once when the record is next done (None: nobody asked).
         self.callbacks: list[Callable[[], None]] | None = None
-        self._done = False
-        # Set when done; made by the first waiter (None: nobody waits).
-        self._event: trio.Event | None = None
 
-    def done(self) -> bool:
-        return self._done
 
-    async def wait(self) -> None:
-        if self._done:
-            await trio.lowlevel.checkpoint()
-            return
-        if self._event is None:
-            self._event = trio.Event()
-        await self._event.wait()
+def _waiters(record: FutureRecord) -> Waiters:
+    if record.waiters is None:
+        record.waiters = Waiters()
+    return record.waiters
 
-    def finish(self, who_has: tuple[str, ...], value: Serialized | None = None) -> None:
-        self.version += 1
-        self.status, self.failure, self.local_error, self.who_has = FINISHED, None, None, who_has
-        self.value = value
-        self._set_done()
 
-    def fail(self, failure: TaskFailure) -> None:
-        self.version += 1
-        if isinstance(failure, Cancelled):
-            self.status = CANCELLED
-        elif isinstance(failure, DataLost):
-            self.status = LOST
-        else:
-            self.status = ERROR
-        self.failure = failure
-        self._set_done()
+async def wait_done(record: FutureRecord) -> None:
+    """Return once `record` is done (at once, after a checkpoint, if it is)."""
+    if record.done():
+        await trio.lowlevel.checkpoint()
+        return
+    waiters = _waiters(record)
+    if waiters.event is None or waiters.event.is_set():
+        # (Set but not done: it was done, and is pending again since.)
+        waiters.event = trio.Event()
+    await waiters.event.wait()
 
-    def fail_locally(self, error: BaseException) -> None:
-        self.version += 1
-        self.status, self.local_error = ERROR, error
-        self._set_done()
 
-    def lose(self) -> None:
-        """The value is gone and is being recomputed: not done any more."""
-        self.version += 1
-        self.status = LOST
-        self.who_has = ()
-        self.value = None
-        self._not_done()
+def call_when_done(record: FutureRecord, callback: Callable[[], None]) -> None:
+    """Call `callback()` once, when `record` is next done."""
+    waiters = _waiters(record)
+    if waiters.callbacks is None:
+        waiters.callbacks = []
+    waiters.callbacks.append(callback)
 
-    def reset(self) -> None:
-        """Pending again (a cancelled key submitted anew)."""
-        self.version += 1
-        self.status, self.failure, self.local_error, self.who_has = PENDING, None, None, ()
-        self._not_done()
 
-    def exception(self) -> BaseException:
-        if self.local_error is not None:
-            return self.local_error
-        assert self.failure is not None
-        return failure_to_exception(self.failure)
+def wake(record: FutureRecord) -> None:
+    """`record` became done: wake its waiters and run its callbacks (once)."""
+    waiters = record.waiters
+    if waiters is None:
+        return
+    if waiters.event is not None:
+        waiters.event.set()
+    callbacks, waiters.callbacks = waiters.callbacks, None
+    for callback in callbacks or ():
+        try:
+            callback()
+        except Exception:
+            logger.exception("a done callback of %r raised", record.key)
 
-    def add_callback(self, callback: Callable[[], None]) -> None:
-        """Call `callback()` once, when this state is next done."""
-        if self.callbacks is None:
-            self.callbacks = []
-        self.callbacks.append(callback)
 
-    def _not_done(self) -> None:
-        if self._done:
-            self._done = False
-            self._event = None  # the next waiter makes a fresh one
+def exception_of(record: FutureRecord) -> BaseException:
+    """The exception a failed record raises: the client's own error, or the
+    one the failure table promises for the cluster's failure."""
+    if record.local_error is not None:
+        return record.local_error
+    assert record.failure is not None
+    return failure_to_exception(record.failure)
 
-    def _set_done(self) -> None:
-        if self._event is not None:
-            self._event.set()
-        if self._done:
-            return
-        self._done = True
-        callbacks, self.callbacks = self.callbacks, None
-        for callback in callbacks or ():
-            try:
-                callback()
-            except Exception:
-                logger.exception("a done callback of %r raised", self.key)
+
+class FutureOwner(Protocol):
+    """What a `Future` needs of its client (`AsyncClient`; typed here so
+    that this module need not import the client, which imports it)."""
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any: ...
+    def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None: ...
+    async def _result(self, future: Future, timeout: float | None) -> Any: ...
+    async def _exception(self, future: Future, timeout: float | None) -> BaseException | None: ...
+    async def cancel(self, futures: Any, reason: str = ...) -> None: ...
+    def _release_ref(self, key: str) -> None: ...
 
 
 class Future:
@@ -163,10 +129,11 @@ class Future:
     # reference to the future's key.
     __dask_future__ = True
 
-    def __init__(self, key: str, client: AsyncClient, state: FutureState):
+    def __init__(self, client: FutureOwner, state: FutureRecord):
+        # (The record's handle count is the core's: the client counts this
+        # handle in when it makes it, `HandlesMade`.)
         self._client = client
         self._state = state
-        state.refs += 1
 
     @property
     def key(self) -> str:
@@ -178,10 +145,10 @@ class Future:
     @property
     def status(self) -> str:
         """'pending', 'finished', 'error', 'cancelled' or 'lost'."""
-        return self._state.status
+        return self._state.status.value
 
     @property
-    def client(self) -> AsyncClient:
+    def client(self) -> Any:
         return self._client
 
     def done(self) -> bool:
@@ -221,7 +188,7 @@ class Future:
         if self._state.done():
             fn(self)
         else:
-            self._state.add_callback(lambda: fn(self))
+            call_when_done(self._state, lambda: fn(self))
 
     def cancel(self) -> Any:
         """Cancel this future's task (see `Client.cancel`)."""

@@ -1,23 +1,19 @@
-"""`Lineage`: what a client keeps to submit its work again after a scheduler restart.
+"""How a client's lineage keeps a task: compact, and as a wire task again.
 
-A scheduler that dies forgets every task. Its workers survive with their
-values, but only the clients know *how* each value was made. So each client
-keeps the task message of every key it holds a future for, and of every key
-those depend on (transitively: recomputing a lost value may need its
-inputs' recipes too), together with the pickled functions they use. On
-reconnecting it sends them all again in one `submit` (design.md §1,
-"scheduler dies").
-
-A record goes as soon as nothing needs it: no future for the key and no
-kept record that depends on it. That is reference counting, done by hand
-because the references are keys, not objects.
+Which tasks a client keeps, and for how long, is decided by its core
+(`trioflow.core.client_state.Lineage`, reference counting by key). The core
+never sees a wire message; this module is the shell's side of it: what is
+kept of a `TaskWire` (`KeptTask`, a third of its size), and the `TaskWire`
+made from it again for a resubmission (design.md §1, "scheduler dies").
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from trioflow.comm.messages import TaskWire
-from trioflow.comm.serialize import Serialized, SerializedFunction
+from trioflow.comm.serialize import Serialized
+from trioflow.core.client_state import Lineage
+
+__all__ = ["KeptTask", "Lineage", "keep", "resubmission"]
 
 
 class KeptTask:
@@ -56,58 +52,12 @@ class KeptTask:
         )
 
 
-class Lineage:
-    """The task messages (and functions) needed to rebuild held keys."""
+def keep(task: TaskWire) -> KeptTask:
+    """The compact form of `task` that a client's lineage keeps."""
+    return KeptTask(task)
 
-    def __init__(self) -> None:
-        # key -> the task as first submitted, in submission order (inputs
-        # before dependents, which is the order a resubmission needs).
-        self.tasks: dict[str, KeptTask] = {}
-        # key -> how many kept tasks list it as a dependency
-        self._dependents: dict[str, int] = {}
-        self.functions: dict[str, Serialized] = {}
-        self._function_users: dict[str, int] = {}
 
-    def __bool__(self) -> bool:
-        return bool(self.tasks)
-
-    def __len__(self) -> int:
-        return len(self.tasks)
-
-    def messages(self) -> list[TaskWire]:
-        """Every kept task, as `submit` messages carry them, inputs first."""
-        return [kept.message(key) for key, kept in self.tasks.items()]
-
-    def remember(self, task: TaskWire, function: SerializedFunction | None) -> None:
-        """Keep `task` (a task of a `submit`, or scattered data)."""
-        key = task.key
-        if key in self.tasks:
-            return
-        self.tasks[key] = KeptTask(task)
-        for dep in task.dependencies:
-            self._dependents[dep] = self._dependents.get(dep, 0) + 1
-        if function is not None:
-            self.functions[function.function_id] = function.payload
-            self._function_users[function.function_id] = self._function_users.get(function.function_id, 0) + 1
-
-    def forget(self, key: str, held: Callable[[str], bool]) -> None:
-        """Drop `key`'s record if nothing needs it, then its inputs' likewise.
-
-        `held(key)` says whether the client still holds a future for a key.
-        """
-        stack = [key]
-        while stack:
-            key = stack.pop()
-            if key not in self.tasks or held(key) or self._dependents.get(key, 0):
-                continue
-            task = self.tasks.pop(key)
-            self._dependents.pop(key, None)
-            function_id = task.function_id
-            if function_id is not None:
-                self._function_users[function_id] -= 1
-                if not self._function_users[function_id]:
-                    del self._function_users[function_id]
-                    del self.functions[function_id]
-            for dep in task.dependencies:
-                self._dependents[dep] -= 1
-                stack.append(dep)
+def resubmission(lineage: Lineage, keys) -> list[TaskWire]:
+    """The kept tasks of `keys` (in this order), as `submit` messages carry them."""
+    tasks = lineage.tasks
+    return [tasks[key].message(key) for key in keys]  # type: ignore[attr-defined]

@@ -4,6 +4,12 @@ It runs an `AsyncClient` in a background Trio thread (`LoopThread`) and
 forwards each call there: the work and the state live in that one thread,
 the caller just waits. ``Client()`` with no address first starts a
 `LocalCluster` and closes it again with the client.
+
+The bridge between the two is `BlockingPortal`, which the `AsyncClient`
+calls through whenever a `Future` (or `wait`, `as_completed`) needs its
+client: with a portal the call crosses into the loop thread and blocks
+until it is done, without one it returns an awaitable. The async client
+knows no more of threads than that.
 """
 
 from __future__ import annotations
@@ -13,13 +19,14 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from trioflow.client import AsyncClient, _graph_options, _is_future, map_calls
+from trioflow.client import AsyncClient
 from trioflow.comm.auth import Credentials
 from trioflow.cluster import LocalCluster
 from trioflow.config import Config
 from trioflow.future import Future
 from trioflow.graph import compute_plan, flatten_keys, graph_plan, persist_plan, shape_like
 from trioflow.loop_thread import LoopThread
+from trioflow.packing import graph_options, is_future, map_calls
 from trioflow.task_options import task_options
 
 # The client opened last and not yet closed: what `trioflow.performance_report`
@@ -37,6 +44,28 @@ def default_client() -> Client:
     if client is None or client.status in ("closed", "closing"):
         raise ValueError("no trioflow.Client is open: create one first, or pass client=")
     return client
+
+
+class BlockingPortal:
+    """How a blocking `Client`'s `AsyncClient` is called: from other threads.
+
+    `call` runs a coroutine function in the client's loop thread and blocks
+    the caller until it returns (its exception is raised in the caller);
+    `call_soon` runs a plain function there, also blocking until done.
+    Neither may be called from the loop thread itself (trio refuses: that
+    would wait on itself forever).
+    """
+
+    blocking = True
+
+    def __init__(self, loop: LoopThread):
+        self._loop = loop
+
+    def call(self, async_fn: Callable[..., Any], *args: Any) -> Any:
+        return self._loop.run(async_fn, *args)
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._loop.run_sync(fn, *args)
 
 
 # Calls `Client.map` pickles in the caller's thread before handing them to
@@ -79,7 +108,7 @@ class Client:
         # client and scheduler on every message (W2: benchmarks/README.md).
         self._loop = LoopThread("trioflow-client")
         self._client = AsyncClient(address, config=config, credentials=credentials)
-        self._client._blocking = self._loop.run
+        self._client._portal = BlockingPortal(self._loop)
         try:
             self._loop.start(self._client._run)
         except BaseException:
@@ -173,8 +202,8 @@ class Client:
         ``dask.compute(x, scheduler=client.get)`` and
         ``dask.config.set(scheduler=client.get)`` call this.
         """
-        checked = task_options(**_graph_options(options))
-        plan = graph_plan(dsk, flatten_keys(keys), _is_future)
+        checked = task_options(**graph_options(options))
+        plan = graph_plan(dsk, flatten_keys(keys), is_future)
         futures = self._loop.run_sync(self._client._submit_plan, plan, checked)
         return self.gather(shape_like(keys, futures))
 
@@ -183,8 +212,8 @@ class Client:
 
         With ``sync=True``, the values themselves (as dask.distributed).
         """
-        checked = task_options(**_graph_options(options))
-        (singleton, items), plan, where = compute_plan(collections, optimize_graph, _is_future)
+        checked = task_options(**graph_options(options))
+        (singleton, items), plan, where = compute_plan(collections, optimize_graph, is_future)
         futures = self._loop.run_sync(self._client._submit_plan, plan, checked)
         out = [futures[where[i]] if i in where else item for i, item in enumerate(items)]
         if sync:
@@ -196,8 +225,8 @@ class Client:
 
         ``dask.persist(x, scheduler=client.get)`` calls this (with a list).
         """
-        checked = task_options(**_graph_options(options))
-        singleton, plan, rebuild = persist_plan(collections, optimize_graph, _is_future)
+        checked = task_options(**graph_options(options))
+        singleton, plan, rebuild = persist_plan(collections, optimize_graph, is_future)
         futures = self._loop.run_sync(self._client._submit_plan, plan, checked)
         out = rebuild(futures)
         return out[0] if singleton else out

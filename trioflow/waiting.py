@@ -131,7 +131,7 @@ class as_completed:
             self.add(future)
 
     def add(self, future: Future) -> None:
-        asynchronous = future.client._blocking is None
+        asynchronous = not future.client._portal.blocking
         if self._asynchronous is None:
             self._asynchronous = asynchronous
             if asynchronous:

@@ -10,6 +10,7 @@ import trio.testing
 
 import trioflow
 from tests.conftest import wait_until
+from trioflow.core.client_state import FinishReported, LossReported
 
 
 def inc(x):
@@ -243,17 +244,17 @@ async def test_wait_is_linear_in_the_number_of_futures(client, monkeypatch):
         for i, future in enumerate(futures):
             await trio.testing.wait_all_tasks_blocked()  # the waiter sleeps until the next completion
             if i == n // 2:
-                client.futures[futures[0].key].lose()  # one goes back to pending: counted again
-                client.futures[futures[0].key].finish(("tcp://somewhere:1",))
-            future._state.finish(("tcp://somewhere:1",))
+                client._apply(LossReported("test", futures[0].key))  # one goes back to pending: counted again
+                client._apply(FinishReported("test", futures[0].key, ("tcp://somewhere:1",)))
+            client._apply(FinishReported("test", future.key, ("tcp://somewhere:1",)))
     assert looks < 20 * n  # re-checking all on each completion would be about n * n / 2
 
 
 async def test_wait_first_completed_after_a_done_future_was_lost(client):
     """FIRST_COMPLETED is not met by a future that was done and went back to pending."""
     a, b = client._future("wait-lost-a"), client._future("wait-lost-b")
-    a._state.finish(("tcp://somewhere:1",))
-    a._state.lose()
+    client._apply(FinishReported("test", a.key, ("tcp://somewhere:1",)))
+    client._apply(LossReported("test", a.key))
     async with trio.open_nursery() as nursery:
         result = []
 
@@ -263,7 +264,7 @@ async def test_wait_first_completed_after_a_done_future_was_lost(client):
         nursery.start_soon(wait_first)
         await trio.testing.wait_all_tasks_blocked()
         assert not result
-        b._state.finish(("tcp://somewhere:1",))
+        client._apply(FinishReported("test", b.key, ("tcp://somewhere:1",)))
     [(done, not_done)] = result
     assert done == {b} and not_done == {a}
 

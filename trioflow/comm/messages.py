@@ -649,7 +649,7 @@ class CancelKeys(Message, op="cancel_keys", channels=(CLIENT_TO_SCHEDULER,)):
 
 
 class MissingData(Message, op="missing_data", channels=(CLIENT_TO_SCHEDULER,)):
-    """A worker the client fetched `key` from did not have it."""
+    """These holders answered the client that they do not have `key` (one that did not answer is not named)."""
 
     key = KEY
     holders = ADDRESSES
