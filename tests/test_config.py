@@ -168,3 +168,32 @@ def test_cli_byte_size_flags_take_units():
     )
     assert config_from_args(args).max_frame_bytes == 2**30
     assert args.resources == {"GPU": 2.0}
+
+
+def test_the_scheduler_core_keeps_no_default_of_its_own_that_differs_from_config():
+    """The core's parameters named like Config fields default to Config's values; worker_saturation has no default."""
+    import dataclasses
+    import inspect
+
+    from trioflow.core.scheduler_state import SchedulerState
+
+    config_defaults = {field.name: field.default for field in dataclasses.fields(Config)}
+    shared = {
+        name: parameter.default
+        for name, parameter in inspect.signature(SchedulerState).parameters.items()
+        if name in config_defaults
+    }
+    assert set(shared) == {"allowed_failures", "worker_saturation", "work_stealing", "bandwidth"}
+    assert shared.pop("worker_saturation") is inspect.Parameter.empty
+    assert shared == {name: config_defaults[name] for name in shared}
+
+
+def test_the_scheduler_builds_its_core_from_its_config():
+    """Scheduler(config=...) hands every scheduling field of its Config to its core."""
+    from trioflow.scheduler import Scheduler
+
+    config = Config(auth=False, allowed_failures=5, worker_saturation=7.5, work_stealing=False, bandwidth=1e6)
+    state = Scheduler(config=config).state
+    assert (state.allowed_failures, state.worker_saturation, state.work_stealing, state.bandwidth) == (
+        5, 7.5, False, 1e6
+    )

@@ -127,7 +127,9 @@ class Config:
     worker_saturation: float = 64.0
     """Tasks sent ahead to a worker, per thread, before the rest queue on
     the scheduler. Higher hides round trips; lower balances better when a
-    worker dies or tasks differ in length. ``inf`` sends everything at once."""
+    worker dies or tasks differ in length. ``inf`` sends everything at once.
+    This is the only default: the scheduler's core takes the value from the
+    shell that builds it, and core tests choose their own (usually 1)."""
     work_stealing: bool = True
     """Let a worker with an idle thread take a task that waits on another
     worker (after asking that worker whether it has started it; see
