@@ -44,8 +44,38 @@ def test_unknown_override_and_wrong_types_are_refused():
         Config.from_env({}, worker_tll=3)
     with pytest.raises(ConfigError, match="allowed_failures must be an int"):
         Config(allowed_failures="3")
-    with pytest.raises(ConfigError, match="reconnect_backoff_min must not exceed"):
+    with pytest.raises(ConfigError, match="reconnect_backoff_min .* must not exceed"):
         Config(reconnect_backoff_min=5, reconnect_backoff_max=1)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(heartbeat_interval=3.0, worker_ttl=3.0),
+         r"Config.heartbeat_interval \(3 s\) must be less than Config.worker_ttl \(3 s\): .*declare it dead"),
+        (dict(heartbeat_interval=5.0, worker_ttl=2.0, scheduler_ttl=10.0),
+         r"Config.heartbeat_interval \(5 s\) must be less than Config.worker_ttl \(2 s\)"),
+        (dict(heartbeat_interval=1.5, scheduler_ttl=1.0),
+         r"Config.heartbeat_interval \(1.5 s\) must be less than Config.scheduler_ttl \(1 s\): .*healthy scheduler"),
+        (dict(reconnect_backoff_min=5, reconnect_backoff_max=1),
+         r"Config.reconnect_backoff_min \(5 s\) must not exceed Config.reconnect_backoff_max \(1 s\)"),
+    ],
+)
+def test_fields_that_must_agree_are_refused_together(fields, message):
+    """A heartbeat no shorter than a ttl (or backoff bounds upside down) is refused, naming both fields and values."""
+    with pytest.raises(ConfigError, match=message):
+        Config(**fields)
+
+
+def test_rules_between_fields_hold_on_every_path_and_just_inside_the_bounds():
+    """replace() and TRIOFLOW_* variables are checked too; a heartbeat just under both ttls is accepted."""
+    with pytest.raises(ConfigError, match=r"heartbeat_interval \(0.5 s\) .*worker_ttl \(0.5 s\)"):
+        Config().replace(worker_ttl=0.5)
+    with pytest.raises(ConfigError, match=r"heartbeat_interval \(4 s\) .*scheduler_ttl \(3 s\)"):
+        Config.from_env({"TRIOFLOW_HEARTBEAT_INTERVAL": "4", "TRIOFLOW_WORKER_TTL": "9"})
+    config = Config(heartbeat_interval=0.99, worker_ttl=1.0, scheduler_ttl=1.0)
+    assert config.heartbeat_interval < config.worker_ttl
+    assert Config(worker_ttl=math.inf, scheduler_ttl=math.inf).worker_ttl == math.inf
 
 
 def test_dashboard_fields_from_the_environment():
@@ -138,3 +168,32 @@ def test_cli_byte_size_flags_take_units():
     )
     assert config_from_args(args).max_frame_bytes == 2**30
     assert args.resources == {"GPU": 2.0}
+
+
+def test_the_scheduler_core_keeps_no_default_of_its_own_that_differs_from_config():
+    """The core's parameters named like Config fields default to Config's values; worker_saturation has no default."""
+    import dataclasses
+    import inspect
+
+    from trioflow.core.scheduler_state import SchedulerState
+
+    config_defaults = {field.name: field.default for field in dataclasses.fields(Config)}
+    shared = {
+        name: parameter.default
+        for name, parameter in inspect.signature(SchedulerState).parameters.items()
+        if name in config_defaults
+    }
+    assert set(shared) == {"allowed_failures", "worker_saturation", "work_stealing", "bandwidth"}
+    assert shared.pop("worker_saturation") is inspect.Parameter.empty
+    assert shared == {name: config_defaults[name] for name in shared}
+
+
+def test_the_scheduler_builds_its_core_from_its_config():
+    """Scheduler(config=...) hands every scheduling field of its Config to its core."""
+    from trioflow.scheduler import Scheduler
+
+    config = Config(auth=False, allowed_failures=5, worker_saturation=7.5, work_stealing=False, bandwidth=1e6)
+    state = Scheduler(config=config).state
+    assert (state.allowed_failures, state.worker_saturation, state.work_stealing, state.bandwidth) == (
+        5, 7.5, False, 1e6
+    )

@@ -28,6 +28,7 @@ from trioflow.future import Future
 from trioflow.reports import performance_report, write_perfetto_trace
 from trioflow.scheduler import Scheduler
 from trioflow.sync_client import Client
+from trioflow.version import __version__
 from trioflow.waiting import (
     ALL_COMPLETED,
     FIRST_COMPLETED,
@@ -38,8 +39,6 @@ from trioflow.waiting import (
 )
 from trioflow.worker import Worker
 from trioflow.worker_client import get_client, get_worker, rejoin, secede, worker_client
-
-__version__ = "0.1.0"
 
 # Where log records go is the application's choice (the CLI sets up readable
 # logs); the library only makes sure that none are printed by default.

@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import trio
@@ -27,16 +26,6 @@ logger = logging.getLogger("trioflow.cli")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # How long a shutting-down server may spend on its last words.
 BEFORE_STOP_TIMEOUT_S = 2.0
-
-
-def wall_seconds() -> float:
-    """Seconds on the wall clock, for telling a person how long a command took.
-
-    The one place outside the simulator's own clock where trioflow reads real
-    time: commands report durations with it; nothing decides anything by it
-    (design.md §3 rule 2).
-    """
-    return time.perf_counter()
 
 
 def _positive_int(text: str) -> int:
@@ -173,7 +162,7 @@ def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from trioflow import __version__
+    from trioflow.version import __version__
 
     # prog is spelled out so that `python -m trioflow` prints the same usage
     # lines as the `trioflow` script (argparse would otherwise say __main__.py).
@@ -211,13 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_chaos_parser(commands)
     return parser
-
-
-def _resources_flag(resources: dict[str, float]) -> list[str]:
-    """``--resources`` for a worker process, or nothing."""
-    if not resources:
-        return []
-    return ["--resources", ",".join(f"{name}={amount!r}" for name, amount in resources.items())]
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -298,13 +280,14 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Co
         return trio.run(run_until_signalled, server.serve, "worker", server.say_goodbye)
     if args.command in ("worker", "nanny"):
         from trioflow.nanny import Nanny, ProcessLauncher
+        from trioflow.task_options import resources_flag
 
         worker_args = [
             "--nthreads", str(args.nthreads),
             "--host", args.host,
             "--port", str(args.port),
             "--log-level", args.log_level,
-            *_resources_flag(args.resources),
+            *resources_flag(args.resources),
         ]
         if args.contact_address:
             worker_args += ["--contact-address", args.contact_address]

@@ -28,6 +28,7 @@ from trioflow.loop_thread import LoopThread
 from trioflow.nanny import Nanny, ProcessLauncher
 from trioflow.nurseries import background_tasks
 from trioflow.scheduler import Scheduler
+from trioflow.task_options import check_resources, resources_flag
 from trioflow.worker import Worker
 
 logger = logging.getLogger("trioflow.cluster")
@@ -113,8 +114,6 @@ class AsyncLocalCluster:
         dashboard_port: int | None = None,
         resources: dict[str, float] | None = None,
     ):
-        from trioflow.task_options import check_resources
-
         self.resources = check_resources(resources, "LocalCluster(resources=...)") or {}
         self.nanny = nanny and processes
         self.memory_limit = memory_limit
@@ -206,7 +205,7 @@ class AsyncLocalCluster:
             launcher = ProcessLauncher(
                 self.scheduler_address,
                 ["--nthreads", str(self.threads_per_worker), "--host", self.host, "--log-level", self.worker_log_level,
-                 *_resources_flag(self.resources)],
+                 *resources_flag(self.resources)],
                 env={**os.environ, **self.config.to_env()},
                 credentials=self.credentials,
             )
@@ -231,7 +230,7 @@ class AsyncLocalCluster:
                 self.host,
                 "--log-level",
                 self.worker_log_level,
-                *_resources_flag(self.resources),
+                *resources_flag(self.resources),
             ]
             handle = WorkerProcess(name, command)
             self.workers[name] = handle
@@ -277,13 +276,6 @@ class AsyncLocalCluster:
     async def __aexit__(self, *exc_info: Any) -> None:
         assert self._stack is not None
         await self._stack.__aexit__(*exc_info)
-
-
-def _resources_flag(resources: dict[str, float]) -> list[str]:
-    """``--resources`` for a worker process, or nothing."""
-    from trioflow.cli import _resources_flag as flag
-
-    return flag(resources)
 
 
 async def terminate(process: trio.Process, grace: float = TERMINATE_GRACE_S) -> None:

@@ -31,6 +31,31 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """Every tunable of one trioflow process, checked when it is made.
+
+    Each field alone must have its type and be positive (ports: 0..65535;
+    strings and booleans are free). Some fields only make sense together;
+    a `Config` that breaks one of these rules is refused with a
+    `ConfigError` naming both fields and their values:
+
+    - ``heartbeat_interval < worker_ttl``. The scheduler declares a worker
+      dead after `worker_ttl` seconds without a message from it, and a quiet
+      worker speaks once every `heartbeat_interval`: with a ttl no longer
+      than the interval, every idle worker would be declared dead between
+      two of its heartbeats.
+    - ``heartbeat_interval < scheduler_ttl``. A scheduler never speaks to an
+      idle worker unprompted; the worker hears from it through the
+      `heartbeat_ack` to each heartbeat. A `scheduler_ttl` no longer than
+      the interval would have every idle worker give up on a healthy
+      scheduler and reconnect, again and again.
+    - ``reconnect_backoff_min <= reconnect_backoff_max``: the cap of the
+      reconnect delays cannot be below the first delay.
+
+    Not a rule: `recovery_grace` is best above `reconnect_backoff_max` (see
+    its comment), but a shorter grace only costs recomputation, never a
+    result, and tests shorten it on purpose.
+    """
+
     # -- liveness -------------------------------------------------------
     heartbeat_interval: float = 0.5
     """Seconds between a worker's heartbeats to the scheduler."""
@@ -59,8 +84,9 @@ class Config:
     recovery_grace: float = 2.5
     """Seconds a newly started scheduler holds back lineage that reconnecting
     clients resubmit, so that surviving workers can re-register first and
-    their values are reused rather than recomputed. Exceed
-    reconnect_backoff_max."""
+    their values are reused rather than recomputed. Best above
+    reconnect_backoff_max, the longest a worker waits between two attempts
+    to reconnect (not enforced: a shorter grace costs recomputation only)."""
     orphan_timeout: float = 60.0
     """Seconds a scheduler keeps values re-registered by workers that no
     client has claimed (after a restart) before freeing them."""
@@ -101,7 +127,9 @@ class Config:
     worker_saturation: float = 64.0
     """Tasks sent ahead to a worker, per thread, before the rest queue on
     the scheduler. Higher hides round trips; lower balances better when a
-    worker dies or tasks differ in length. ``inf`` sends everything at once."""
+    worker dies or tasks differ in length. ``inf`` sends everything at once.
+    This is the only default: the scheduler's core takes the value from the
+    shell that builds it, and core tests choose their own (usually 1)."""
     work_stealing: bool = True
     """Let a worker with an idle thread take a task that waits on another
     worker (after asking that worker whether it has started it; see
@@ -196,9 +224,24 @@ class Config:
                 raise ConfigError(f"Config.{field.name} must be positive, got {value!r}")
         if not self.dashboard_host.strip():
             raise ConfigError("Config.dashboard_host must name an interface, e.g. 127.0.0.1 or 0.0.0.0")
+        self._check_rules_between_fields()
+
+    def _check_rules_between_fields(self) -> None:
+        """The rules of the class docstring (each field is already valid alone).
+
+        Raises:
+            ConfigError: naming the two fields, their values and why they clash.
+        """
+        for ttl in ("worker_ttl", "scheduler_ttl"):
+            if not self.heartbeat_interval < getattr(self, ttl):
+                raise ConfigError(
+                    f"Config.heartbeat_interval ({self.heartbeat_interval:g} s) must be less than "
+                    f"Config.{ttl} ({getattr(self, ttl):g} s): " + _TTL_REASONS[ttl]
+                )
         if self.reconnect_backoff_min > self.reconnect_backoff_max:
             raise ConfigError(
-                "Config.reconnect_backoff_min must not exceed reconnect_backoff_max"
+                f"Config.reconnect_backoff_min ({self.reconnect_backoff_min:g} s) must not exceed "
+                f"Config.reconnect_backoff_max ({self.reconnect_backoff_max:g} s)"
             )
 
     @classmethod
@@ -235,6 +278,13 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+# Why each ttl must outlast a heartbeat, said in the error (see the Config docstring).
+_TTL_REASONS = {
+    "worker_ttl": "an idle worker speaks once per heartbeat_interval, so the scheduler "
+    "would declare it dead between two heartbeats",
+    "scheduler_ttl": "an idle worker hears from its scheduler only in answer to a heartbeat, "
+    "so it would give up on a healthy scheduler between two heartbeats",
+}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 # Fields holding a TCP port: 0..65535, where 0 means any free port.
 _PORT_FIELDS = ("dashboard_port",)

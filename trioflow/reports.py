@@ -131,7 +131,7 @@ class performance_report:
         }
 
     def _write(self, runs: list[dict[str, Any]], after: dict[str, Any], stop: float) -> None:
-        from trioflow import __version__
+        from trioflow.version import __version__
         from trioflow.dashboard.assets import report_html
 
         data = report_data(runs, self._before["counters"], after, self._start, stop)

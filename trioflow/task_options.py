@@ -144,3 +144,14 @@ def parse_resources(text: str) -> dict[str, float]:
         except ValueError:
             raise ValueError(f"resources: {part!r} is not NAME=NUMBER (e.g. GPU=2)") from None
     return check_resources(out, "resources") or {}
+
+
+def resources_flag(resources: Mapping[str, float]) -> list[str]:
+    """``--resources`` for a worker process, or nothing: `parse_resources` read backwards.
+
+    The CLI and `LocalCluster` both start worker processes; the flag is
+    spelled here, beside its parser, so the two cannot drift apart.
+    """
+    if not resources:
+        return []
+    return ["--resources", ",".join(f"{name}={amount!r}" for name, amount in resources.items())]

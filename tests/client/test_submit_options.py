@@ -164,3 +164,14 @@ def test_worker_resources_flag_parses_and_refuses_nonsense():
         parse_resources("GPU")
     with pytest.raises(ValueError, match="must be positive"):
         parse_resources("GPU=0")
+
+
+def test_resources_flag_is_what_parse_resources_reads():
+    """The --resources flag a cluster passes to a worker process parses back to the same resources."""
+    from trioflow.task_options import parse_resources, resources_flag
+
+    resources = {"GPU": 2.0, "MEM": 4e9, "fraction": 0.1}
+    flag, value = resources_flag(resources)
+    assert flag == "--resources"
+    assert parse_resources(value) == resources
+    assert resources_flag({}) == []

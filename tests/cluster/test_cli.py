@@ -105,6 +105,8 @@ def run_cli(*args, env=None):
         (["worker", "tcp://127.0.0.1:1", "--nthreads", "0"], None, "--nthreads: 0 is not at least 1"),
         (["scheduler", "--port", "99999"], None, "port 99999 is outside 0..65535"),
         (["scheduler", "--worker-ttl", "-1"], None, "worker_ttl must be positive"),
+        (["scheduler", "--worker-ttl", "0.25"], None,
+         "Config.heartbeat_interval (0.5 s) must be less than Config.worker_ttl (0.25 s)"),
         (["scheduler", "--allowed-failures", "two"], None, "invalid int value: 'two'"),
         (["scheduler"], {"TRIOFLOW_WORKER_TTL": "soon"}, "TRIOFLOW_WORKER_TTL='soon' is not a number"),
         (["bogus"], None, "invalid choice: 'bogus'"),

@@ -59,7 +59,7 @@ def test_what_a_client_holds_and_a_worker_may_claim():
 
 def test_scattered_data_goes_to_every_worker_or_round_robin_from_the_least_loaded():
     """Broadcast: every worker; otherwise one each, starting with the workers holding fewest values."""
-    state = SchedulerState()
+    state = SchedulerState(worker_saturation=1.0)
     assert state.scatter_targets(["a"], broadcast=False) == {}
     for worker in (A, B, C):
         state.handle(WorkerConnected(sid(), worker, 1))

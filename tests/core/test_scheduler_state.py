@@ -225,7 +225,7 @@ def test_retries_do_not_spare_a_task_that_kills_workers():
     """`retries` counts user exceptions only: a task with retries left is
     still marked bad on its allowed_failures-th worker death, and those
     deaths leave its retries untouched."""
-    sched = SchedulerState(allowed_failures=2)
+    sched = SchedulerState(allowed_failures=2, worker_saturation=1.0)
     join(sched, A, B, C)
     submit(sched, spec("poison", retries=5))
     for _ in range(2):

@@ -52,7 +52,7 @@ from typing import Any
 
 import trio
 
-from trioflow.comm import messages
+import trioflow.comm.messages as messages
 from trioflow.comm.buffers import MAPPED_FRAME_BYTES, FrameBuffer, send_frames
 from trioflow.comm.frames import (
     EncodedMessage,

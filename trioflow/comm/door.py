@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from trioflow.comm import messages as m
+import trioflow.comm.messages as m
 from trioflow.comm.auth import Credentials, accept_authenticated
 from trioflow.comm.connection import ByteBudget, Connection, open_connection
 from trioflow.comm.frames import FrameLimits

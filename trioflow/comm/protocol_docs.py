@@ -16,7 +16,7 @@ import argparse
 import pathlib
 import sys
 
-from trioflow.comm import messages as m
+import trioflow.comm.messages as m
 from trioflow.comm.schema import REQUIRED, Record
 
 BEGIN = "<!-- BEGIN generated op tables (python -m trioflow.comm.protocol_docs --write docs/protocol.md) -->"

@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from trioflow.comm import messages
+import trioflow.comm.messages as messages
 from trioflow.comm.auth import CLIENT, CLUSTER, Credentials, connect_authenticated
 from trioflow.comm.connection import ByteBudget, Connection, open_connection
 from trioflow.comm.frames import FrameLimits

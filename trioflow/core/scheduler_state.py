@@ -118,7 +118,7 @@ class SchedulerState(TaskTransitions, WorkStealing):
         self,
         *,
         allowed_failures: int = 3,
-        worker_saturation: float = 4.0,
+        worker_saturation: float,
         work_stealing: bool = True,
         bandwidth: float = 100e6,
         story_length: int = 10_000,

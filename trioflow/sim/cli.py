@@ -18,7 +18,7 @@ import json
 import sys
 from typing import Any
 
-from trioflow.cli import wall_seconds
+from trioflow.wall_clock import wall_seconds
 
 DEFAULT_SEEDS = 100
 DEFAULT_REAL_SEEDS = 3
