@@ -107,7 +107,7 @@ from trioflow.nurseries import background_tasks
 from trioflow.comm.frames import max_value_bytes, too_big
 from trioflow.comm.messages import INLINE_VALUE_BYTES
 from trioflow.task_options import check_resources
-from trioflow.worker_client import running_task
+from trioflow.task_context import running_task
 from trioflow.protocol import (
     failure_to_wire,
     sizeof,
@@ -358,17 +358,17 @@ class Worker:
 
     # ------------------------------------------------ tasks that submit tasks --
 
-    def task_client(self) -> Any:
-        """The blocking `Client` tasks here use (`trioflow.get_client`); made once.
+    def task_client(self, make: Callable[..., Any]) -> Any:
+        """The blocking client tasks here use (`trioflow.get_client`); made once.
 
-        Called from task threads. It reaches the scheduler this worker
-        reaches, with this worker's `Config`.
+        Called from task threads. `make` is the client's class: the worker
+        does not import it (the client may start a local cluster, which
+        imports the worker). It reaches the scheduler this worker reaches,
+        with this worker's `Config`.
         """
-        from trioflow.sync_client import Client  # (sync_client imports this module)
-
         with self._task_client_lock:
             if self._task_client is None or self._task_client.status in ("closing", "closed"):
-                self._task_client = Client(
+                self._task_client = make(
                     self.scheduler_address, config=self.config, credentials=self.credentials.client_only()
                 )
             return self._task_client

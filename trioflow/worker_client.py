@@ -28,51 +28,24 @@ connects to the worker's own scheduler address with the worker's own
 has too.
 
 How a thread knows its task: the worker sets a thread-local record
-(`TaskContext`) around each function call (`Worker._execute`).
+(`trioflow.task_context.TaskContext`) around each function call
+(`Worker._execute`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from trioflow.sync_client import Client
+from trioflow.task_context import current_task
+
 if TYPE_CHECKING:
-    from trioflow.sync_client import Client
     from trioflow.worker import Worker
-
-_local = threading.local()
-
-
-@dataclasses.dataclass
-class TaskContext:
-    """The task the current thread runs, set by the worker around the call."""
-
-    worker: Worker
-    key: str
-    seceded: bool = False
-
-
-@contextlib.contextmanager
-def running_task(worker: Worker, key: str) -> Iterator[TaskContext]:
-    """Mark the current thread as running `key` on `worker` (the worker's use)."""
-    context = _local.task = TaskContext(worker, key)
-    try:
-        yield context
-    finally:
-        _local.task = None
-
-
-def _context(what: str) -> TaskContext:
-    context = getattr(_local, "task", None)
-    if context is None:
-        raise ValueError(f"{what}() works only inside a task running on a trioflow worker")
-    return context
-
 
 def get_worker() -> Worker:
     """The `Worker` running the current task.
@@ -80,7 +53,7 @@ def get_worker() -> Worker:
     Raises:
         ValueError: not called from a task.
     """
-    return _context("get_worker").worker
+    return current_task("get_worker").worker
 
 
 def get_task_key() -> str:
@@ -89,7 +62,7 @@ def get_task_key() -> str:
     Raises:
         ValueError: not called from a task.
     """
-    return _context("get_task_key").key
+    return current_task("get_task_key").key
 
 
 def get_client() -> Client:
@@ -101,7 +74,7 @@ def get_client() -> Client:
     Raises:
         ValueError: not called from a task.
     """
-    return _context("get_client").worker.task_client()
+    return current_task("get_client").worker.task_client(Client)
 
 
 def secede() -> None:
@@ -114,7 +87,7 @@ def secede() -> None:
     Raises:
         ValueError: not called from a task.
     """
-    context = _context("secede")
+    context = current_task("secede")
     if context.seceded:
         return
     context.seceded = True
@@ -129,7 +102,7 @@ def rejoin() -> None:
     Raises:
         ValueError: not called from a task.
     """
-    context = _context("rejoin")
+    context = current_task("rejoin")
     if not context.seceded:
         return
     resumed = threading.Event()
