@@ -436,7 +436,7 @@ def test_a_transition_outside_the_table_raises_and_changes_nothing(sched):
     finish(sched, A, "x")
     ts = sched.tasks["x"]
     with pytest.raises(InvalidTransition):
-        sched._transition(ts, TaskState.PROCESSING, {})
+        sched.transitions.move(ts, TaskState.PROCESSING, {})
     assert ts.state is TaskState.MEMORY
 
 

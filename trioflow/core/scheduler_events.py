@@ -265,6 +265,32 @@ class ClusterRestarted(SchedulerEvent):
 # -------------------------------------------------------------- messages --
 
 
+class Outbox:
+    """The messages one event has produced so far, and that event's id.
+
+    `SchedulerState.handle` opens it for each event (`open`) and hands what
+    it collected to the shell (`close`); its collaborators (the transition
+    engine, work stealing) append to the same one, so the messages leave in
+    the order they were decided.
+    """
+
+    __slots__ = ("stimulus_id", "messages")
+
+    def __init__(self) -> None:
+        self.stimulus_id = ""
+        self.messages: list[SchedulerMessage] = []
+
+    def open(self, stimulus_id: str) -> None:
+        self.stimulus_id = stimulus_id
+
+    def emit(self, message: SchedulerMessage) -> None:
+        self.messages.append(message)
+
+    def close(self) -> list[SchedulerMessage]:
+        out, self.messages = self.messages, []
+        return out
+
+
 @frozen
 class SchedulerMessage:
     stimulus_id: str
