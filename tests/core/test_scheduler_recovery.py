@@ -14,11 +14,14 @@ from trioflow.core.scheduler_events import (
     DataScattered,
     FreeKeys,
     KeysReleased,
+    OrphansExpired,
     RecoveryEnded,
     ReportErred,
     ReportFinished,
+    SchedulerStarted,
     TaskSpec,
     TasksSubmitted,
+    WakeAfter,
     WorkerConnected,
     WorkerDisconnected,
 )
@@ -209,3 +212,39 @@ def test_scattered_data_resubmitted_after_the_recovery_is_lost_at_once():
     assert msgs == [ReportErred(s_, "c1", "s", lost, "s"), ReportErred(s_, "c1", "d", lost, "s")]
     assert state.tasks["s"].state is TaskState.LOST and state.tasks["d"].state is TaskState.ERRED
     check_invariants(state)
+
+
+# ------------------------------------------------------------- timers --
+
+
+def test_the_start_sets_the_timer_that_closes_the_recovery_window():
+    """The core decides how long the window stays open: its start asks the
+    shell for `RecoveryEnded` after `recovery_grace_s`, and the window stays
+    open until that event comes back."""
+    state = SchedulerState(recovery_grace_s=2.5)
+    started = SchedulerStarted(sid())
+    closes = RecoveryEnded(f"recovery-ended-after-{started.stimulus_id}")
+    assert state.handle(started) == [WakeAfter(started.stimulus_id, 2.5, closes)]
+    assert state.in_recovery()
+    assert state.handle(closes) == []
+    assert not state.in_recovery()
+    check_invariants(state)
+
+
+def test_values_nobody_claims_set_the_timer_of_their_expiry():
+    """A worker bringing keys nobody knows asks for their expiry after
+    `orphan_timeout_s`; the expiry frees what is still unclaimed."""
+    state = SchedulerState(orphan_timeout_s=60.0)
+    joined = WorkerConnected(sid(), A, 1, held={"x": 8}, running=("y",))
+    expires = OrphansExpired(f"orphans-expired-after-{joined.stimulus_id}", ("x", "y"))
+    assert state.handle(joined) == [WakeAfter(joined.stimulus_id, 60.0, expires)]
+    assert state.handle(expires) == [FreeKeys(expires.stimulus_id, A, ("x",))]
+    assert state.orphans == {}
+    check_invariants(state)
+
+
+def test_a_worker_bringing_only_known_values_sets_no_timer(sched):
+    """No orphan, no timer: the value of a known task is taken at once."""
+    submit(sched, TaskSpec("s", None))
+    joined = WorkerConnected(sid(), A, 1, held={"s": 8})
+    assert sched.handle(joined) == [ReportFinished(joined.stimulus_id, "c1", "s", (A,))]

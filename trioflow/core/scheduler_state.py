@@ -63,6 +63,7 @@ from trioflow.core.scheduler_events import (
     ReportErred,
     SchedulerEvent,
     SchedulerMessage,
+    SchedulerStarted,
     StealAnswered,
     Outbox,
     TaskErred,
@@ -72,6 +73,7 @@ from trioflow.core.scheduler_events import (
     WorkerConnected,
     WorkerDisconnected,
     WorkerPaused,
+    WakeAfter,
     WorkerResumed,
 )
 from trioflow.core.scheduler_records import (
@@ -116,6 +118,10 @@ class SchedulerState:
             ones (`Config.work_stealing`; core/stealing.py).
         bandwidth: bytes per second a value is taken to move between
             workers, for the cost of a steal (`Config.bandwidth`).
+        recovery_grace_s: how long after `SchedulerStarted` the recovery
+            window stays open (`Config.recovery_grace`).
+        orphan_timeout_s: how long values nobody claimed after a restart
+            are kept (`Config.orphan_timeout`).
         story_length: how many recent transitions to keep in `story`.
     """
 
@@ -126,10 +132,14 @@ class SchedulerState:
         worker_saturation: float = 4.0,
         work_stealing: bool = True,
         bandwidth: float = 100e6,
+        recovery_grace_s: float = 2.5,
+        orphan_timeout_s: float = 60.0,
         story_length: int = 10_000,
     ):
         self.allowed_failures = allowed_failures
         self.worker_saturation = worker_saturation
+        self.recovery_grace_s = recovery_grace_s
+        self.orphan_timeout_s = orphan_timeout_s
         self.tasks: dict[str, SchedulerTask] = {}
         self.workers: dict[str, SchedulerWorker] = {}
         # client id -> the keys it holds futures for
@@ -168,10 +178,6 @@ class SchedulerState:
         # released only while the window is open or a copy is pending
         # (`replicas_pending`), else lost (a holder takes it out).
         self.awaiting_holders: dict[str, None] = {}
-        # (key, from, to, stimulus_id) of recent transitions, for debugging.
-        self.story: collections.deque[tuple[str, str, str, str]] = collections.deque(
-            maxlen=story_length
-        )
         self._submitted = 0
         # The messages of the event being handled, shared with the two
         # collaborators below so they leave in the order they were decided.
@@ -204,7 +210,8 @@ class SchedulerState:
             recovering_runs=self.recovering_runs,
             replicated=self.replicated,
             awaiting_holders=self.awaiting_holders,
-            story=self.story,
+            # (key, from, to, stimulus_id) of recent transitions, for debugging.
+            story=collections.deque(maxlen=story_length),
             outbox=self.outbox,
             balancer=self.balancer,
         )
@@ -215,6 +222,7 @@ class SchedulerState:
             KeysReleased: self._on_keys_released,
             KeysCancelled: self._on_keys_cancelled,
             DataScattered: self._on_data_scattered,
+            SchedulerStarted: self._on_scheduler_started,
             WorkerConnected: self._on_worker_connected,
             WorkerDisconnected: self._on_worker_disconnected,
             TaskStarted: self._on_task_started,
@@ -232,6 +240,17 @@ class SchedulerState:
             WorkerPaused: self._on_worker_paused,
             WorkerResumed: self._on_worker_resumed,
         }
+
+    @property
+    def story(self) -> collections.deque[tuple[str, str, str, str]]:
+        """(key, from, to, stimulus_id) of the recent transitions, oldest
+        first; the transition engine writes it."""
+        return self.transitions.story
+
+    @story.setter
+    def story(self, log: collections.deque[tuple[str, str, str, str]]) -> None:
+        # A watcher may put its own deque in (trioflow/recorder.py).
+        self.transitions.story = log
 
     # ------------------------------------------------------------ entry --
 
@@ -287,6 +306,11 @@ class SchedulerState:
         worker has held since (a worker's claim to hold it contradicts
         nothing this scheduler knows)."""
         return key in self.awaiting_holders
+
+    def in_recovery(self) -> bool:
+        """Whether the recovery window is open: what recovering clients send
+        is held back until `RecoveryEnded` (see that event)."""
+        return self.recovery_open
 
     def wants(self, client: str, key: str) -> bool:
         """Whether `client` holds a future for `key`."""
@@ -522,11 +546,21 @@ class SchedulerState:
 
     # -------------------------------------------------- worker events --
 
+    def _on_scheduler_started(self, ev: SchedulerStarted) -> None:
+        """The recovery window opens (it is open from the start) and closes
+        `recovery_grace_s` from now: workers that survived a scheduler
+        restart re-register first, and the lineage clients resubmit then
+        finds their values."""
+        self.outbox.emit(
+            WakeAfter(ev.stimulus_id, self.recovery_grace_s, RecoveryEnded(f"recovery-ended-after-{ev.stimulus_id}"))
+        )
+
     def _on_worker_connected(self, ev: WorkerConnected) -> None:
+        held, running = ev.held, ev.running
         if ev.worker in self.workers:
             # A new connection from an address we still think is alive: the
             # old incarnation is gone.
-            self._on_worker_disconnected(WorkerDisconnected(ev.stimulus_id, ev.worker))
+            self._remove_worker(ev.worker, expected=False)
         ws = SchedulerWorker(ev.worker, ev.nthreads, self.worker_saturation, dict(ev.resources))
         self.workers[ev.worker] = ws
         self.idle[ev.worker] = None
@@ -535,7 +569,7 @@ class SchedulerState:
         # knock-on effects run (one of them may be what made another
         # needed).
         recs: Recommendations = {}
-        for key, nbytes in ev.held.items():
+        for key, nbytes in held.items():
             ts = self.tasks.get(key)
             if ts is None:
                 orphan = self.orphans.setdefault(key, Orphan())
@@ -549,7 +583,7 @@ class SchedulerState:
             else:
                 self.outbox.emit(FreeKeys(self.outbox.stimulus_id, ev.worker, (key,)))
         self.transitions.run(recs)
-        for key in ev.running:
+        for key in running:
             ts = self.tasks.get(key)
             if ts is None:
                 self.orphans.setdefault(key, Orphan()).running_on = ev.worker
@@ -560,34 +594,44 @@ class SchedulerState:
             # Tried again: the newcomer may be allowed, have the resources,
             # or be the first live worker a loose task may fall back on.
             recs[key] = PROCESSING
-        for key in ev.running:
+        for key in running:
             ts = self.tasks.get(key)
             if ts is not None and ts.state is QUEUED:
                 recs[key] = PROCESSING
         self.transitions.run(recs)
         for key in self.replicated:
             self.transitions.replicate(self.tasks[key])
+        # What it brought that nobody has claimed is kept for a while, for
+        # a client that will resubmit its lineage.
+        orphans = tuple(key for key in (*held, *running) if key in self.orphans)
+        if orphans:
+            expired = OrphansExpired(f"orphans-expired-after-{ev.stimulus_id}", orphans)
+            self.outbox.emit(WakeAfter(ev.stimulus_id, self.orphan_timeout_s, expired))
 
     def _on_worker_disconnected(self, ev: WorkerDisconnected) -> None:
-        ws = self.workers.pop(ev.worker, None)
-        if ws is None:
+        if ev.worker not in self.workers:
             return  # already removed (a close after a missed heartbeat)
-        self.idle.pop(ev.worker, None)
-        self.starving.pop(ev.worker, None)
-        self.backlogged.pop(ev.worker, None)
+        self._remove_worker(ev.worker, ev.expected)
+
+    def _remove_worker(self, address: str, expected: bool) -> None:
+        """Take a worker out: reroute its work, recompute or lose its data."""
+        ws = self.workers.pop(address)
+        self.idle.pop(address, None)
+        self.starving.pop(address, None)
+        self.backlogged.pop(address, None)
         self.balancer.thief_left(ws)
         recs: Recommendations = {}
         for key in ws.replicating:
             ts = self.tasks[key]
-            del ts.replicas_pending[ev.worker]
+            del ts.replicas_pending[address]
             self.transitions.copy_not_coming(ts, recs)  # it was the copy data awaited
-        self._forget_worker_orphans(ev.worker)
+        self._forget_worker_orphans(address)
         # First the data: drop this replica everywhere. Values with no copy
         # left are recommended first, so that by the time the rescheduled
         # tasks below look at their dependencies, those are no longer MEMORY.
         for key in ws.has_what:
             ts = self.tasks[key]
-            del ts.who_has[ev.worker]
+            del ts.who_has[address]
             if not ts.who_has:
                 recs[key] = self.transitions.target_for_lost_value(ts)
         # Then the work: every task assigned there is detached. A task that
@@ -595,13 +639,13 @@ class SchedulerState:
         for key in ws.processing:
             ts = self.tasks[key]
             was_running, ts.running, ts.processing_on = ts.running, False, None
-            if was_running and not ev.expected:
+            if was_running and not expected:
                 ts.suspicious += 1
-                ts.last_worker = ev.worker
+                ts.last_worker = address
                 if ts.suspicious >= self.allowed_failures:
                     # spec: INV-KILLED. Marked on the allowed_failures-th
                     # death; it never runs again.
-                    ts.failure = WorkerDeaths(key, ts.suspicious, ev.worker)
+                    ts.failure = WorkerDeaths(key, ts.suspicious, address)
                     ts.failure_origin = key
                     recs[key] = ERRED
                     continue
