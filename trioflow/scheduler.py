@@ -100,7 +100,8 @@ from trioflow.core.scheduler_events import (
     WorkerPaused,
     WorkerResumed,
 )
-from trioflow.errors import CommClosedError, ProtocolError, SerializationError
+from trioflow.drivers import run_driver
+from trioflow.errors import CommClosedError, DriverStopped, ProtocolError, SerializationError
 from trioflow.comm import dumps, loads
 from trioflow.protocol import RunSpec, failure_from_wire, failure_to_wire, user_error_from_exception, wants_keyword
 from trioflow.recorder import ClusterRecorder, error_text, event_record, run_record
@@ -357,7 +358,22 @@ class Scheduler:
         cancellation: every connection closes; workers keep their data and
         running tasks and clients keep their futures (what they do next is
         theirs to decide).
+
+        Raises:
+            DriverStopped: a bug stopped the scheduler (`_drive`); the same
+                happens to the connections as on shutdown.
         """
+        stopped: DriverStopped | None = None
+        try:
+            await self._serve(task_status)
+        except* DriverStopped as group:
+            stopped = group.exceptions[0]  # type: ignore[assignment]
+        if stopped is not None:
+            # Out of the nursery's group as itself (its message is the point),
+            # and raised here so that the group is not chained onto it.
+            raise stopped
+
+    async def _serve(self, task_status: trio.TaskStatus[str]) -> None:
         async with open_connection_pool(
             self.network,
             self.limits,
@@ -524,14 +540,16 @@ class Scheduler:
     # ------------------------------------------------------------- driver --
 
     async def _drive(self) -> None:
-        """The one task that touches `self.state`."""
-        async for handler, args in self._inbox:
-            try:
-                handler(*args)
-            except Exception:
-                # A bug, not bad input (that raises ProtocolError and closes
-                # one connection). Keep serving everyone else, loudly.
-                logger.exception("internal error in the scheduler while running %s", handler.__name__)
+        """The one task that touches `self.state`.
+
+        Crash-only (trioflow/drivers.py says why): a handler that raises is
+        a bug (bad input raises ProtocolError, which closes one connection
+        in `_handle`, before it gets here), and the core may have applied
+        part of the event and lost its messages. So the scheduler stops,
+        with `DriverStopped` naming the event and the exception; restarted,
+        it is rebuilt by the workers and clients that reconnect.
+        """
+        await run_driver(self._inbox, lambda: f"the scheduler at {self.address}", logger)
 
     def _stimulus(self, what: str) -> str:
         return f"{what}-{next(self._stimulus_ids)}"
