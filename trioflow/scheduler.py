@@ -413,7 +413,7 @@ class Scheduler:
 
     async def wait_for_workers(self, n: int) -> None:
         """Return once at least `n` workers are registered."""
-        while len(self.state.workers) < n:
+        while len(self.state.worker_addresses()) < n:
             await self._membership_changed.wait()
 
     async def wait_for(self, condition: Callable[[], bool]) -> None:
@@ -657,10 +657,10 @@ class Scheduler:
             else:
                 logger.warning("worker %s left: %s", link.address, reason)
             stimulus_id = self._stimulus("worker-left")
-            ws = self.state.workers.get(link.address)
+            _, processing, held = self.state.worker_load(link.address) or (0, 0, 0)
             self.recorder.worker_left(
                 link.address, reason, expected=link.retiring, stimulus_id=stimulus_id,
-                processing=0 if ws is None else len(ws.processing), held=0 if ws is None else len(ws.has_what),
+                processing=processing, held=held,
             )
             self._apply(WorkerDisconnected(stimulus_id, link.address, expected=link.retiring))
             self._membership_changed.set()
@@ -1027,12 +1027,13 @@ class Scheduler:
 
     def _on_scheduler_info(self, link: ClientLink, msg: m.GetSchedulerInfo) -> None:
         workers = {}
-        for address, ws in self.state.workers.items():
+        for address in self.state.worker_addresses():
+            nthreads, processing, held = self.state.worker_load(address)  # type: ignore[misc]
             worker = self.workers.get(address)
             workers[address] = m.WorkerInfo(
-                nthreads=ws.nthreads,
-                processing=len(ws.processing),
-                keys=len(ws.has_what),
+                nthreads=nthreads,
+                processing=processing,
+                keys=held,
                 pid=None if worker is None else worker.pid,
                 metrics={} if worker is None else worker.last_heartbeat,
             )
@@ -1056,7 +1057,7 @@ class Scheduler:
         metrics = m.ClusterMetricsReply(
             counters=self.recorder.counters(),
             tasks=self.state.count_by_state(),
-            workers=len(self.state.workers),
+            workers=len(self.state.worker_addresses()),
             events=[event_record(e) for e in self.recorder.events_after(msg.events_after)],
         )
         reply(link.conn, msg, metrics)
@@ -1064,7 +1065,7 @@ class Scheduler:
     def _on_wait_for_workers(self, link: ClientLink, msg: m.WaitForWorkers) -> None:
         async def wait() -> None:
             await self.wait_for_workers(msg.n)
-            reply(link.conn, msg, m.CountReply(n=len(self.state.workers)))
+            reply(link.conn, msg, m.CountReply(n=len(self.state.worker_addresses())))
 
         self._spawn(wait, link=link)
 
@@ -1118,7 +1119,7 @@ class Scheduler:
 
     def _on_run(self, link: ClientLink, msg: m.RunEverywhere) -> None:
         if msg.workers is not None:
-            unknown = [w for w in msg.workers if w not in self.state.workers]
+            unknown = [w for w in msg.workers if not self.state.is_registered(w)]
             if unknown:
                 reply(link.conn, msg, error=f"no worker at {clip(unknown[0])} (field 'workers')")
                 return
@@ -1247,10 +1248,10 @@ class Scheduler:
     # ------------------------------------------- what exchanges may ask --
 
     def live_workers(self) -> list[str]:
-        return list(self.state.workers)
+        return self.state.worker_addresses()
 
     def registrations_since(self, serial: int) -> int:
-        return sum(link.serial > serial for link in self.workers.values() if link.address in self.state.workers)
+        return sum(link.serial > serial for link in self.workers.values() if self.state.is_registered(link.address))
 
     def scatter_targets(self, keys: list[str], broadcast: bool) -> dict[str, tuple[str, ...]]:
         return self.state.scatter_targets(keys, broadcast)

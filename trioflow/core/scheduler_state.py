@@ -277,6 +277,19 @@ class SchedulerState:
     def has_what(self) -> dict[str, list[str]]:
         return {a: list(ws.has_what) for a, ws in self.workers.items()}
 
+    def worker_addresses(self) -> list[str]:
+        """The registered workers, in registration order."""
+        return list(self.workers)
+
+    def is_registered(self, address: str) -> bool:
+        return address in self.workers
+
+    def worker_load(self, address: str) -> tuple[int, int, int] | None:
+        """(threads, tasks processing there, values held there) of a
+        registered worker; None if it is not registered."""
+        ws = self.workers.get(address)
+        return None if ws is None else (ws.nthreads, len(ws.processing), len(ws.has_what))
+
     def nthreads(self) -> dict[str, int]:
         return {a: ws.nthreads for a, ws in self.workers.items()}
 
