@@ -14,6 +14,10 @@ durations are decided here and the shell only sleeps.
 Both are frozen dataclasses carrying the `stimulus_id` of the event that
 caused them, so a task's whole story can be rebuilt from a log.
 
+A message's name is the core's name of an order; the wire and the
+receiving core name it in their own styles (`compute_task`,
+`ComputeRequested`): `trioflow.protocol.ORDERS` maps the three.
+
 Addresses are opaque strings to the core ("tcp://127.0.0.1:40123" for a
 worker, any unique id for a client). `run_spec` and failure payloads are
 opaque objects the core stores and passes on without looking inside.
