@@ -9,11 +9,21 @@ from trioflow.core.scheduler_invariants import check_invariants
 from trioflow.core.worker_invariants import check_worker_invariants
 
 _ids = itertools.count()
+_last = ""
 
 
 def sid() -> str:
     """A fresh stimulus id."""
-    return f"test-{next(_ids)}"
+    global _last
+    _last = f"test-{next(_ids)}"
+    return _last
+
+
+def last_sid() -> str:
+    """The id `sid()` made last: the id of the event just handled, when that
+    event was made last (what its messages must carry; a test compares
+    with this, never with an id copied from the messages themselves)."""
+    return _last
 
 
 @pytest.fixture

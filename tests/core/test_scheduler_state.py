@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.core.conftest import sid
+from tests.core.conftest import last_sid, sid
 from trioflow.core import Cancelled, DataLost, TaskState, UserError, WorkerDeaths
 from trioflow.core.scheduler_events import (
     AcquireReplicas,
@@ -73,7 +73,7 @@ def test_submit_runs_on_a_worker_and_reports_to_the_client(sched):
     assert computes(msgs) == [(A, "x")]
     assert state_of(sched, "x") is TaskState.PROCESSING
     msgs = finish(sched, A, "x")
-    assert msgs == [ReportFinished(msgs[0].stimulus_id, "c1", "x", (A,))]
+    assert msgs == [ReportFinished(last_sid(), "c1", "x", (A,))]
     assert state_of(sched, "x") is TaskState.MEMORY
 
 
@@ -415,7 +415,7 @@ def test_a_finish_from_a_worker_the_task_is_not_on_is_ignored_and_freed(sched):
     assigned = sched.tasks["x"].processing_on
     other = B if assigned == A else A
     msgs = sched.handle(TaskFinished(sid(), other, "x", 8))
-    assert msgs == [FreeKeys(msgs[0].stimulus_id, other, ("x",))]
+    assert msgs == [FreeKeys(last_sid(), other, ("x",))]
     assert state_of(sched, "x") is TaskState.PROCESSING
     assert sched.tasks["x"].processing_on == assigned and not sched.tasks["x"].who_has
     msgs = sched.handle(TaskFinished(sid(), assigned, "x", 8))
@@ -495,7 +495,7 @@ def test_restart_frees_orphans_and_forgets_runs_taken_up_after_a_scheduler_resta
     submit(sched, spec("i"), spec("t", "i"), wanted=["t"])
     assert sched.recovering_runs == {"t": A} and "o" in sched.orphans
     msgs = sched.handle(ClusterRestarted(sid(), "restarted"))
-    s_ = msgs[0].stimulus_id
+    s_ = last_sid()
     assert msgs == [
         ReportErred(s_, "c1", "t", Cancelled("restarted"), "t"),
         FreeKeys(s_, A, ("o",)),
@@ -544,9 +544,9 @@ def test_resubmitted_scattered_data_is_found_or_lost(sched):
     nobody -> LostData once the recovery window closes."""
     sched.handle(WorkerConnected(sid(), A, 1, held={"kept": 8}))
     msgs = submit(sched, TaskSpec("kept", None), TaskSpec("gone", None))
-    assert msgs == [ReportFinished(msgs[0].stimulus_id, "c1", "kept", (A,))]
+    assert msgs == [ReportFinished(last_sid(), "c1", "kept", (A,))]
     msgs = sched.handle(RecoveryEnded(sid()))
-    assert msgs == [ReportErred(msgs[0].stimulus_id, "c1", "gone", DataLost("gone"), "gone")]
+    assert msgs == [ReportErred(last_sid(), "c1", "gone", DataLost("gone"), "gone")]
 
 
 def test_unclaimed_orphans_expire_and_are_freed(sched):
@@ -618,7 +618,7 @@ def test_a_batch_goes_on_past_a_task_forgotten_by_an_earlier_one(sched):
     be taken up only as a wanted key, and run without its missing input."""
     join(sched, A)
     msgs = submit(sched, spec("b", "a"), spec("a"), spec("e", "ghost"), wanted=["e"])
-    s_ = msgs[0].stimulus_id
+    s_ = last_sid()
     assert msgs == [ReportErred(s_, "c1", "e", DataLost("ghost"), "ghost")]
     assert "a" not in sched.tasks and "b" not in sched.tasks
     assert state_of(sched, "e") is TaskState.ERRED
