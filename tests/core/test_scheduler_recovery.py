@@ -6,7 +6,7 @@ drive a fresh `SchedulerState` through that recovery (spec/README.md,
 "Scheduler restart"; docs/resilience.md, "The scheduler dies").
 """
 
-from tests.core.conftest import last_sid, sid
+from tests.core.conftest import last_sid, said, sid
 from trioflow.core import DataLost, SchedulerState, TaskState, WorkerDeaths
 from trioflow.core.scheduler_records import wire_priority
 from trioflow.core.scheduler_events import (
@@ -96,7 +96,7 @@ def test_a_run_reclaimed_from_the_queue_counts_its_workers_death():
     state = SchedulerState(allowed_failures=1, worker_saturation=1.0)
     state.handle(WorkerConnected(sid(), B, 1))
     msgs = submit(state, spec("t0"), spec("t1"), spec("t2"), spec("t3"))
-    assert [(m.worker, m.key) for m in msgs if isinstance(m, ComputeTask)] == [(B, "t0")]
+    assert said(msgs) == [("compute", B, "t0")]
     assert [state.tasks[k].state for k in ("t1", "t2", "t3")] == [TaskState.QUEUED] * 3
     msgs = state.handle(WorkerConnected(sid(), A, 1, running=("t3",)))
     assert [(type(m), m.worker, m.key) for m in msgs] == [(ComputeTask, A, "t3")]
@@ -104,7 +104,7 @@ def test_a_run_reclaimed_from_the_queue_counts_its_workers_death():
     assert [state.tasks[k].state for k in ("t1", "t2")] == [TaskState.QUEUED] * 2
     msgs = state.handle(WorkerDisconnected(sid(), A))
     failure = WorkerDeaths("t3", 1, A)
-    assert [(m.key, m.failure) for m in msgs if isinstance(m, ReportErred)] == [("t3", failure)]
+    assert said(msgs) == [("erred", "c1", "t3", failure, "t3")]
     assert state.tasks["t3"].state is TaskState.ERRED
     check_invariants(state)
 
