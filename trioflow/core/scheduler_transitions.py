@@ -738,10 +738,10 @@ TRANSITIONS: dict[tuple[TaskState, TaskState], Callable[..., None]] = {
     (WAITING, MEMORY): _T._to_memory,  # a value a (re-)registering worker brings
     (WAITING, ERRED): _T._to_erred,
     (WAITING, RELEASED): _T._to_released,
+    # A queued task is a root task (`_to_processing`): no input of it can
+    # fail or vanish, so it never errs or waits again from the queue.
     (QUEUED, PROCESSING): _T._to_processing,
-    (QUEUED, ERRED): _T._to_erred,
     (QUEUED, RELEASED): _T._to_released,
-    (QUEUED, WAITING): _T._to_waiting_again,
     (QUEUED, MEMORY): _T._to_memory,
     (NO_WORKER, PROCESSING): _T._to_processing,
     (NO_WORKER, ERRED): _T._to_erred,
