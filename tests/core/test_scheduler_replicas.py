@@ -55,7 +55,7 @@ def test_a_failed_copy_is_asked_for_again(sched):
 
     Kills the mutants that keep the failed request pending (`del
     ts.replicas_pending[...]` dropped: only one new request) or that do not
-    ask again (the final `_replicate` call dropped: none)."""
+    ask again (the final `replicate` call dropped: none)."""
     join(sched, A, B, C, D)
     sched.handle(DataScattered(sid(), "c1", {"data": (100, (A, B))}))
     [acquire] = sched.handle(ReplicationRequested(sid(), "c1", ("data",), 3))

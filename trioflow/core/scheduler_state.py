@@ -4,10 +4,15 @@ Rules of this module (and of everything in `trioflow.core`):
 
 * Everything that decides what happens to a task lives here: which worker
   runs it, when it is retried, when it is bad, what is recomputed, what is
-  forgotten. The Trio shell (`trioflow.scheduler`) only turns bytes into
-  events and messages into bytes.
-* No I/O, no clock, no randomness, no threads. Time and identity arrive on
-  events. Given the same events, the same messages come out.
+  forgotten, how long the recovery window stays open, how long an orphan
+  is kept. The Trio shell (`trioflow.scheduler`) only turns bytes into
+  events and messages into bytes, and sleeps when asked to.
+* No I/O, no clock, no randomness, no threads. No event carries a time:
+  where a decision waits for time to pass, the core asks the shell to hand
+  it an event later (`WakeAfter`; scheduler_events.py). Given the same
+  events, the same messages come out.
+* Every state change goes through the transition table, but those listed
+  in `OUTSIDE_THE_TABLE` (scheduler_transitions.py).
 * Iteration is over insertion-ordered dicts, never over sets of strings.
 
 Theory of operation
@@ -31,9 +36,9 @@ a live worker is fetching a copy: then they wait for it, `_await_copy`).
 
 After every event, a worker with an idle thread may steal a task that
 waits on another (`WorkStealing`, core/stealing.py, this class's
-`balancer`); a worker whose
-memory passed its pause fraction (`WorkerPaused`) is sent nothing new
-until it resumes, and its waiting tasks are the first to be stolen.
+`balancer`); a worker whose memory passed its pause fraction
+(`WorkerPaused`) is sent nothing new until it resumes, and its waiting
+tasks are the first to be stolen.
 """
 
 from __future__ import annotations

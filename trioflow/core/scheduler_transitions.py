@@ -13,7 +13,7 @@ Theory of operation
 A change to one task can make others change: a value arriving makes
 dependents ready; a failure errs dependents; a task finishing makes its
 inputs unneeded. Those knock-on changes are *recommendations*,
-``{key: target_state}``, which `_transitions` works off, oldest first,
+``{key: target_state}``, which `run` works off, oldest first,
 until none are left. Every state change goes through `TRANSITIONS`, the
 table at the end of this file (drawn as a diagram in spec/README.md), but
 for the few listed in `OUTSIDE_THE_TABLE`; a (from, to) pair not in it
