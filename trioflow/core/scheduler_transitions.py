@@ -87,11 +87,14 @@ class TaskTransitions:
         tasks, workers, clients: the scheduler's records of each (shared:
             `SchedulerState` and this engine change the same dicts, and
             neither ever rebinds them).
-        placement: the scheduler's placement bookkeeping (`idle`, `queued`,
-            `unrunnable`, `recovering_runs`; see `SchedulerState`).
+        idle, queued, unrunnable, recovering_runs: where ready tasks are
+            placed or wait (workers below capacity, the root-task heap, tasks
+            no worker may run now, runs a re-registered worker reported;
+            each described where `SchedulerState` makes it).
         replicated, awaiting_holders: keys kept in several copies, and
             scattered keys waiting for a holder (see `SchedulerState`).
-        story: where each transition is logged.
+        story: where each transition is logged (a watcher may put its own
+            deque here: `SchedulerState.story`).
         outbox: where the messages a transition implies go.
         balancer: work stealing, told when a worker's load changes.
     """
