@@ -93,6 +93,20 @@ class AuthenticationError(ProtocolError):
     """A peer did not prove that it holds the cluster's shared secret."""
 
 
+class DriverStopped(TrioflowError):
+    """A server's driver met a bug and stopped the server (crash-only).
+
+    Raised out of `Scheduler.serve` or `Worker.serve` when handling one
+    event raised: from the core (part of the event's transitions may be
+    applied, and its messages are lost) or from the shell's own code around
+    it. The message names the event and the exception. Whoever started the
+    server restarts it (a nanny does so for its worker; a scheduler is
+    restarted by its supervisor or its user), and trioflow recovers from
+    that restart as from any other (docs/architecture.md, "When the core
+    raises").
+    """
+
+
 class RemoteTraceback(Exception):
     """The formatted traceback of an exception raised in another process.
 

@@ -273,3 +273,34 @@ def sizeof(value: Any) -> int:
         return sys.getsizeof(value)
     except Exception:
         return 64
+
+
+# ------------------------------------------------------- names of an order --
+
+# One order has a name in each place it passes through, each in that place's
+# style: the scheduler's core decides it (an imperative message of
+# `trioflow.core.scheduler_events`), the wire carries it (a snake_case op of
+# `trioflow.comm.messages`, docs/protocol.md), and the receiving core hears
+# it (a past-tense event: the worker's core is told that it was requested).
+# This table is where the three names meet; a test checks that every order
+# the scheduler's core can give is here, that every name exists, and that
+# the worker's shell turns each op into the event named. docs/architecture.md
+# shows the same table.
+#
+#   (core message,     wire op(s),                  who hears it, as what)
+ORDERS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
+    ("ComputeTask", ("compute_task",), "worker", "ComputeRequested"),
+    ("RequestSteal", ("steal_request",), "worker", "StealRequested"),
+    ("FreeKeys", ("free_keys",), "worker", "FreeRequested"),
+    ("AcquireReplicas", ("acquire_replicas",), "worker", "ReplicasRequested"),
+    # The client's futures hear the reports; it has no core of its own yet.
+    ("ReportFinished", ("key_finished",), "client", "the future finishes"),
+    # One failure reported for many keys travels once (`keys_erred`).
+    ("ReportErred", ("key_erred", "keys_erred"), "client", "the future fails"),
+    ("ReportLost", ("key_lost",), "client", "the future waits again"),
+)
+
+# Messages of the scheduler's core that never go on the wire.
+NOT_ON_THE_WIRE: dict[str, str] = {
+    "WakeAfter": "a timer: the shell sleeps, then hands the event back to the core",
+}

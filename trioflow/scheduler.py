@@ -87,18 +87,21 @@ from trioflow.core.scheduler_events import (
     RequestSteal,
     SchedulerEvent,
     SchedulerMessage,
+    SchedulerStarted,
     StealAnswered,
     TaskErred,
     TaskFinished,
     TaskSpec,
     TasksSubmitted,
     TaskStarted,
+    WakeAfter,
     WorkerConnected,
     WorkerDisconnected,
     WorkerPaused,
     WorkerResumed,
 )
-from trioflow.errors import CommClosedError, ProtocolError, SerializationError
+from trioflow.drivers import run_driver
+from trioflow.errors import CommClosedError, DriverStopped, ProtocolError, SerializationError
 from trioflow.comm import dumps, loads
 from trioflow.protocol import RunSpec, failure_from_wire, failure_to_wire, user_error_from_exception, wants_keyword
 from trioflow.recorder import ClusterRecorder, error_text, event_record, run_record
@@ -192,12 +195,14 @@ class WorkerLink(_Link):
 
 
 class ClientLink(_Link):
-    def __init__(self, conn: Connection, client_id: str):
+    def __init__(self, conn: Connection, client_id: str, recovering: bool = False):
         super().__init__(conn, client_id, m.CLIENT_TO_SCHEDULER)
         self.client_id = client_id
-        # A reconnecting client's messages wait here until this time (the
-        # recovery grace); -inf when they are handled at once.
-        self.held_until = -math.inf
+        # It reconnected after a scheduler restart (it resubmits lineage).
+        self.recovering = recovering
+        # Whether its messages wait in `held_back` until the core's recovery
+        # window closes (`RecoveryEnded`); decided when it joins.
+        self.holding = False
         self.held_back: list[m.Message] = []
 
 
@@ -258,6 +263,8 @@ class Scheduler:
             worker_saturation=self.config.worker_saturation,
             work_stealing=self.config.work_stealing,
             bandwidth=self.config.bandwidth,
+            recovery_grace_s=self.config.recovery_grace,
+            orphan_timeout_s=self.config.orphan_timeout,
         )
         # What happened, for people (the dashboard, get_task_stream): fed
         # here, never read by a decision. It watches the core's story.
@@ -288,10 +295,6 @@ class Scheduler:
         self._state_changed: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
         self._pool: ConnectionPool | None = None
-        self._started_at = -math.inf
-        # Set `recovery_grace` after the start: from then on a reconnecting
-        # client's lineage is handled at once.
-        self._recovery_over = False
         # free_keys and free_functions held back per worker until `_apply` ends.
         self._frees: dict[str, list[str]] = {}
         self._function_frees: dict[str, list[str]] = {}
@@ -355,7 +358,22 @@ class Scheduler:
         cancellation: every connection closes; workers keep their data and
         running tasks and clients keep their futures (what they do next is
         theirs to decide).
+
+        Raises:
+            DriverStopped: a bug stopped the scheduler (`_drive`); the same
+                happens to the connections as on shutdown.
         """
+        stopped: DriverStopped | None = None
+        try:
+            await self._serve(task_status)
+        except* DriverStopped as group:
+            stopped = group.exceptions[0]  # type: ignore[assignment]
+        if stopped is not None:
+            # Out of the nursery's group as itself (its message is the point),
+            # and raised here so that the group is not chained onto it.
+            raise stopped
+
+    async def _serve(self, task_status: trio.TaskStatus[str]) -> None:
         async with open_connection_pool(
             self.network,
             self.limits,
@@ -367,12 +385,14 @@ class Scheduler:
             budget=self.budget,
         ) as self._pool, trio.open_nursery() as nursery:
             self._nursery = nursery
-            self._started_at = trio.current_time()
+            # The core's recovery window opens now; it asks to be woken when
+            # it closes (`WakeAfter`). Applied here, before the driver runs:
+            # nothing else touches the core yet.
+            self._apply(SchedulerStarted(self._stimulus("scheduler-started")))
             # This loop's stalls (a metric; the deadlines use it through
             # their connections).
             self.loop_lag = loop_lag()
             nursery.start_soon(self._drive)
-            nursery.start_soon(self._close_recovery_window)
             self.address = await nursery.start(
                 self.network.serve, self._serve_stream, self.host, self.port
             )
@@ -393,7 +413,7 @@ class Scheduler:
 
     async def wait_for_workers(self, n: int) -> None:
         """Return once at least `n` workers are registered."""
-        while len(self.state.workers) < n:
+        while len(self.state.worker_addresses()) < n:
             await self._membership_changed.wait()
 
     async def wait_for(self, condition: Callable[[], bool]) -> None:
@@ -431,12 +451,7 @@ class Scheduler:
         """The link for a hello (and a worker's registration)."""
         if hello.role == "client":
             conn.idle_timeout = self.config.idle_timeout
-            link = ClientLink(conn, hello.client_id)
-            if hello.recovering and not self._recovery_over:
-                # Lineage from before a scheduler restart: hold it back
-                # until surviving workers have had time to re-register.
-                link.held_until = self._started_at + self.config.recovery_grace
-            return link, {}, ()
+            return ClientLink(conn, hello.client_id, recovering=hello.recovering), {}, ()
         held, running = await self._registration(conn)
         return WorkerLink(conn, hello, next(self._serials)), held, tuple(running)
 
@@ -525,14 +540,16 @@ class Scheduler:
     # ------------------------------------------------------------- driver --
 
     async def _drive(self) -> None:
-        """The one task that touches `self.state`."""
-        async for handler, args in self._inbox:
-            try:
-                handler(*args)
-            except Exception:
-                # A bug, not bad input (that raises ProtocolError and closes
-                # one connection). Keep serving everyone else, loudly.
-                logger.exception("internal error in the scheduler while running %s", handler.__name__)
+        """The one task that touches `self.state`.
+
+        Crash-only (trioflow/drivers.py says why): a handler that raises is
+        a bug (bad input raises ProtocolError, which closes one connection
+        in `_handle`, before it gets here), and the core may have applied
+        part of the event and lost its messages. So the scheduler stops,
+        with `DriverStopped` naming the event and the exception; restarted,
+        it is rebuilt by the workers and clients that reconnect.
+        """
+        await run_driver(self._inbox, lambda: f"the scheduler at {self.address}", logger)
 
     def _stimulus(self, what: str) -> str:
         return f"{what}-{next(self._stimulus_ids)}"
@@ -572,12 +589,6 @@ class Scheduler:
                     self._stimulus("worker-joined"), link.address, link.nthreads, held, running, link.resources
                 )
             )
-            orphans = tuple(k for k in (*held, *running) if k in self.state.orphans)
-            if orphans:
-                logger.info(
-                    "worker %s re-registered %d values or runs nobody has claimed yet", link.address, len(orphans)
-                )
-                self._spawn(self._expire_orphans, orphans)
             logger.info("worker %s joined (%d threads)", link.address, link.nthreads)
             self.recorder.worker_joined(link.address, link.nthreads, link.pid)
             self._membership_changed.set()
@@ -588,6 +599,11 @@ class Scheduler:
             if old is not None:
                 old.close("replaced by a new connection with the same client id")
             self.clients[link.client_id] = link
+            if link.recovering and self.state.in_recovery():
+                # Lineage from before a scheduler restart: held back until
+                # the core's recovery window closes, so that surviving
+                # workers re-register first.
+                link.holding = True
             self._apply(ClientConnected(self._stimulus("client-joined"), link.client_id))
 
     def _checked_claims(
@@ -597,7 +613,7 @@ class Scheduler:
 
         A claim is taken when the key is unknown here (it stays an orphan,
         unconfirmed, until a client's resubmission claims it or it
-        expires), while this scheduler's recovery window is open (a new
+        expires), while the core's recovery window is open (a new
         scheduler has no record to check a claim against: the workers that
         come back are the record), when this address held or ran the key
         when it left, or when the key is scattered data a client
@@ -611,7 +627,7 @@ class Scheduler:
 
         def credible(key: str) -> bool:
             return (
-                not self._recovery_over
+                self.state.in_recovery()
                 or key in allowed
                 or not self.state.knows(key)
                 or self.state.awaits_holder(key)
@@ -641,10 +657,10 @@ class Scheduler:
             else:
                 logger.warning("worker %s left: %s", link.address, reason)
             stimulus_id = self._stimulus("worker-left")
-            ws = self.state.workers.get(link.address)
+            _, processing, held = self.state.worker_load(link.address) or (0, 0, 0)
             self.recorder.worker_left(
                 link.address, reason, expected=link.retiring, stimulus_id=stimulus_id,
-                processing=0 if ws is None else len(ws.processing), held=0 if ws is None else len(ws.has_what),
+                processing=processing, held=held,
             )
             self._apply(WorkerDisconnected(stimulus_id, link.address, expected=link.retiring))
             self._membership_changed.set()
@@ -665,27 +681,25 @@ class Scheduler:
         if self._departed.get(address, (None,))[0] == serial:
             del self._departed[address]
 
-    async def _expire_orphans(self, keys: tuple[str, ...]) -> None:
-        await trio.sleep(self.config.orphan_timeout)
-        self._post(self._apply, OrphansExpired(self._stimulus("orphans-expired"), keys))
+    async def _wake_after(self, delay_s: float, event: SchedulerEvent) -> None:
+        """The core's timer (`WakeAfter`): `event` goes back to it after `delay_s`."""
+        await trio.sleep(delay_s)
+        self._post(self._timer_fired, event)
 
-    async def _close_recovery_window(self) -> None:
-        await trio.sleep_until(self._started_at + self.config.recovery_grace)
-        self._post(self._end_recovery)
-
-    def _end_recovery(self) -> None:
-        """Every client that reconnected within `recovery_grace` resubmits
-        now, all in one go (so that a value one client's lineage brings back
-        is still there when another client that holds it resubmits); then the
-        core judges which of the values workers brought back are needed."""
-        self._recovery_over = True
-        for link in list(self.clients.values()):
-            if link.held_until > -math.inf:
-                self._flush_held_client(link)
-        self._apply(RecoveryEnded(self._stimulus("recovery-ended")))
+    def _timer_fired(self, event: SchedulerEvent) -> None:
+        if isinstance(event, RecoveryEnded):
+            # The recovery window closes. Every client that reconnected
+            # within it resubmits now, all in one go (so that a value one
+            # client's lineage brings back is still there when another
+            # client that holds it resubmits); only then is the core told,
+            # and judges which of the values workers brought back are needed.
+            for link in list(self.clients.values()):
+                if link.holding:
+                    self._flush_held_client(link)
+        self._apply(event)
 
     def _flush_held_client(self, link: ClientLink) -> None:
-        link.held_until = -math.inf
+        link.holding = False
         held_back, link.held_back = link.held_back, []
         if held_back:
             self._handle(link, held_back)
@@ -696,7 +710,7 @@ class Scheduler:
             link.caught_up.set()
         if link.scope.cancel_called:
             return  # being closed: ignore whatever else it sent
-        if isinstance(link, ClientLink) and link.held_until > -math.inf:
+        if isinstance(link, ClientLink) and link.holding:
             link.held_back.extend(messages)
             return
         self._handle(link, messages)
@@ -750,7 +764,11 @@ class Scheduler:
         worker_address = getattr(message, "worker", None)
         if worker_address in self._frees or worker_address in self._function_frees:
             self._flush_frees(worker_address)
-        if isinstance(message, ComputeTask):
+        if isinstance(message, WakeAfter):
+            if isinstance(message.event, OrphansExpired):
+                logger.info("%d values or runs re-registered that nobody has claimed yet", len(message.event.keys))
+            self._spawn(self._wake_after, message.delay_s, message.event)
+        elif isinstance(message, ComputeTask):
             worker = self.workers.get(message.worker)
             if worker is None:
                 return
@@ -1009,12 +1027,13 @@ class Scheduler:
 
     def _on_scheduler_info(self, link: ClientLink, msg: m.GetSchedulerInfo) -> None:
         workers = {}
-        for address, ws in self.state.workers.items():
+        for address in self.state.worker_addresses():
+            nthreads, processing, held = self.state.worker_load(address)  # type: ignore[misc]
             worker = self.workers.get(address)
             workers[address] = m.WorkerInfo(
-                nthreads=ws.nthreads,
-                processing=len(ws.processing),
-                keys=len(ws.has_what),
+                nthreads=nthreads,
+                processing=processing,
+                keys=held,
                 pid=None if worker is None else worker.pid,
                 metrics={} if worker is None else worker.last_heartbeat,
             )
@@ -1038,7 +1057,7 @@ class Scheduler:
         metrics = m.ClusterMetricsReply(
             counters=self.recorder.counters(),
             tasks=self.state.count_by_state(),
-            workers=len(self.state.workers),
+            workers=len(self.state.worker_addresses()),
             events=[event_record(e) for e in self.recorder.events_after(msg.events_after)],
         )
         reply(link.conn, msg, metrics)
@@ -1046,7 +1065,7 @@ class Scheduler:
     def _on_wait_for_workers(self, link: ClientLink, msg: m.WaitForWorkers) -> None:
         async def wait() -> None:
             await self.wait_for_workers(msg.n)
-            reply(link.conn, msg, m.CountReply(n=len(self.state.workers)))
+            reply(link.conn, msg, m.CountReply(n=len(self.state.worker_addresses())))
 
         self._spawn(wait, link=link)
 
@@ -1100,7 +1119,7 @@ class Scheduler:
 
     def _on_run(self, link: ClientLink, msg: m.RunEverywhere) -> None:
         if msg.workers is not None:
-            unknown = [w for w in msg.workers if w not in self.state.workers]
+            unknown = [w for w in msg.workers if not self.state.is_registered(w)]
             if unknown:
                 reply(link.conn, msg, error=f"no worker at {clip(unknown[0])} (field 'workers')")
                 return
@@ -1229,10 +1248,10 @@ class Scheduler:
     # ------------------------------------------- what exchanges may ask --
 
     def live_workers(self) -> list[str]:
-        return list(self.state.workers)
+        return self.state.worker_addresses()
 
     def registrations_since(self, serial: int) -> int:
-        return sum(link.serial > serial for link in self.workers.values() if link.address in self.state.workers)
+        return sum(link.serial > serial for link in self.workers.values() if self.state.is_registered(link.address))
 
     def scatter_targets(self, keys: list[str], broadcast: bool) -> dict[str, tuple[str, ...]]:
         return self.state.scatter_targets(keys, broadcast)

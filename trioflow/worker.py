@@ -100,6 +100,7 @@ from trioflow.core.worker_events import (
     WorkerEvent,
     WorkerInstruction,
 )
+from trioflow.drivers import run_driver
 from trioflow.errors import CommClosedError, ProtocolError, SerializationError
 from trioflow.executor import Executor, ThreadExecutor
 from trioflow.memory import MemoryManager, too_big_message
@@ -603,12 +604,15 @@ class Worker:
         self._inbox_send.send_nowait((handler, args))
 
     async def _drive(self) -> None:
-        """The one task that touches `self.state` and writes `self.data`."""
-        async for handler, args in self._inbox:
-            try:
-                handler(*args)
-            except Exception:
-                logger.exception("internal error in worker %s while running %s", self.address, handler.__name__)
+        """The one task that touches `self.state` and writes `self.data`.
+
+        Crash-only (trioflow/drivers.py says why): a handler that raises is
+        a bug, and the core may have applied part of the event and lost its
+        instructions. So the worker stops, with `DriverStopped` naming the
+        event and the exception; its nanny starts a new one, and the
+        scheduler reroutes what this one held and ran.
+        """
+        await run_driver(self._inbox, lambda: f"worker {self.address}", logger)
 
     def _stimulus(self, what: str) -> str:
         return f"{what}-{next(self._stimulus_ids)}"

@@ -21,7 +21,7 @@ async def test_a_client_reconnecting_after_the_recovery_window_is_served():
             held = client.submit(inc, 1)
             assert await held == 2
             scheduler = cluster.scheduler
-            await wait_until(lambda: scheduler._recovery_over, message="the recovery window to close")
+            await wait_until(lambda: not scheduler.state.in_recovery(), message="the recovery window to close")
             old = scheduler.clients[client.id]
             old.close("test: the connection broke")
             await wait_until(

@@ -736,7 +736,7 @@ async def test_a_waiter_that_hangs_up_leaves_nothing_behind():
     async with trioflow.AsyncLocalCluster(1, processes=False, config=config) as cluster:
         scheduler = cluster.scheduler
         # The recovery window's own task ends after recovery_grace: let it.
-        await wait_until(lambda: scheduler._recovery_over, timeout=5, message="the recovery window to end")
+        await wait_until(lambda: not scheduler.state.in_recovery(), timeout=5, message="the recovery window to end")
         await trio.sleep(0.1)
         before = len(scheduler._nursery.child_tasks)
         async with rp.connect(cluster.scheduler_address) as peer:
@@ -964,7 +964,7 @@ async def cluster_past_recovery():
     back after a scheduler restart."""
     config = trioflow.Config(recovery_grace=0.05)
     async with trioflow.AsyncLocalCluster(2, processes=False, config=config) as cluster:
-        await wait_until(lambda: cluster.scheduler._recovery_over, timeout=5, message="the recovery window to end")
+        await wait_until(lambda: not cluster.scheduler.state.in_recovery(), timeout=5, message="the recovery window to end")
         yield cluster
 
 

@@ -76,3 +76,48 @@ def test_replicas_are_counted_in_copies():
     state.handle(ReplicationRequested(sid(), "c1", ("s",), 2))
     assert state.copies(["s"]) == {"s": 1}
     assert list(state.tasks["s"].replicas_pending) == [A]
+
+
+def _state_reads(module) -> list[str]:
+    """Every `<x>.state.<name>` the module's source reads."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(module))
+    return [
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Attribute)
+        and node.value.attr == "state"
+    ]
+
+
+def test_the_scheduler_shell_asks_its_core_only_through_query_methods():
+    """scheduler.py and scheduler_exchanges.py reach the core through its
+    public methods (never its records), and never spell a task state."""
+    import inspect
+
+    from trioflow import scheduler, scheduler_exchanges
+    from trioflow.core import TaskState
+
+    reads = _state_reads(scheduler) + _state_reads(scheduler_exchanges)
+    assert reads, "the scheduler shell should use its core"
+    not_queries = sorted(
+        {name for name in reads if name.startswith("_") or not callable(getattr(SchedulerState, name, None))}
+    )
+    assert not_queries == []
+    source = inspect.getsource(scheduler) + inspect.getsource(scheduler_exchanges)
+    spelled = [s.value for s in TaskState if f'"{s.value}"' in source or f"'{s.value}'" in source]
+    assert spelled == []
+
+
+def test_the_workers_registration_order_and_load():
+    """`worker_addresses`, `is_registered` and `worker_load` (threads,
+    processing, held) answer for registered workers only."""
+    state = cluster()
+    assert state.worker_addresses() == [A, B]
+    assert state.is_registered(B) and not state.is_registered(C)
+    assert state.worker_load(A) == (2, 1, 1)
+    assert state.worker_load(B) == (1, 0, 1)
+    assert state.worker_load(C) is None

@@ -6,7 +6,7 @@ drive a fresh `SchedulerState` through that recovery (spec/README.md,
 "Scheduler restart"; docs/resilience.md, "The scheduler dies").
 """
 
-from tests.core.conftest import sid
+from tests.core.conftest import last_sid, said, sid
 from trioflow.core import DataLost, SchedulerState, TaskState, WorkerDeaths
 from trioflow.core.scheduler_records import wire_priority
 from trioflow.core.scheduler_events import (
@@ -14,11 +14,14 @@ from trioflow.core.scheduler_events import (
     DataScattered,
     FreeKeys,
     KeysReleased,
+    OrphansExpired,
     RecoveryEnded,
     ReportErred,
     ReportFinished,
+    SchedulerStarted,
     TaskSpec,
     TasksSubmitted,
+    WakeAfter,
     WorkerConnected,
     WorkerDisconnected,
 )
@@ -42,13 +45,13 @@ def test_an_adopted_value_nobody_needs_is_freed_when_the_recovery_ends(sched):
     a worker brought back that no resubmitted lineage needs stays for ever."""
     sched.handle(WorkerConnected(sid(), A, 1, held={"a": 8, "d": 8}))
     msgs = submit(sched, spec("a"), spec("b"), spec("d", "a", "b"), wanted=["d"])
-    assert msgs == [ReportFinished(msgs[0].stimulus_id, "c1", "d", (A,))]
+    assert msgs == [ReportFinished(last_sid(), "c1", "d", (A,))]
     # a is d's lineage only, and d is done: a is not needed, but another
     # client's resubmission may still name it, so it waits for the verdict.
     assert sched.tasks["a"].state is TaskState.MEMORY
     assert list(sched.unjudged) == ["a", "d"]
     msgs = sched.handle(RecoveryEnded(sid()))
-    assert msgs == [FreeKeys(msgs[0].stimulus_id, A, ("a",))]
+    assert msgs == [FreeKeys(last_sid(), A, ("a",))]
     assert sched.tasks["a"].state is TaskState.RELEASED
     assert sched.unjudged == {} and sched.recovery_open is False
 
@@ -61,7 +64,7 @@ def test_an_adopted_value_another_client_holds_is_kept(sched):
     sched.handle(WorkerConnected(sid(), A, 1, held={"a": 8, "d": 8}))
     submit(sched, spec("a"), spec("b"), spec("d", "a", "b"), wanted=["d"], client="c1")
     msgs = submit(sched, spec("a"), client="c2")
-    assert msgs == [ReportFinished(msgs[0].stimulus_id, "c2", "a", (A,))]
+    assert msgs == [ReportFinished(last_sid(), "c2", "a", (A,))]
     assert sched.handle(RecoveryEnded(sid())) == []
     assert sched.tasks["a"].state is TaskState.MEMORY and list(sched.tasks["a"].who_has) == [A]
 
@@ -73,7 +76,7 @@ def test_after_the_recovery_an_adopted_value_is_judged_at_once():
     state.handle(RecoveryEnded(sid()))
     state.handle(WorkerConnected(sid(), A, 1, held={"a": 8, "d": 8}))
     msgs = submit(state, spec("a"), spec("b"), spec("d", "a", "b"), wanted=["d"])
-    sid_ = msgs[0].stimulus_id
+    sid_ = last_sid()
     assert msgs == [ReportFinished(sid_, "c1", "d", (A,)), FreeKeys(sid_, A, ("a",))]
     assert state.unjudged == {}
     check_invariants(state)
@@ -93,7 +96,7 @@ def test_a_run_reclaimed_from_the_queue_counts_its_workers_death():
     state = SchedulerState(allowed_failures=1, worker_saturation=1.0)
     state.handle(WorkerConnected(sid(), B, 1))
     msgs = submit(state, spec("t0"), spec("t1"), spec("t2"), spec("t3"))
-    assert [(m.worker, m.key) for m in msgs if isinstance(m, ComputeTask)] == [(B, "t0")]
+    assert said(msgs) == [("compute", B, "t0")]
     assert [state.tasks[k].state for k in ("t1", "t2", "t3")] == [TaskState.QUEUED] * 3
     msgs = state.handle(WorkerConnected(sid(), A, 1, running=("t3",)))
     assert [(type(m), m.worker, m.key) for m in msgs] == [(ComputeTask, A, "t3")]
@@ -101,7 +104,7 @@ def test_a_run_reclaimed_from_the_queue_counts_its_workers_death():
     assert [state.tasks[k].state for k in ("t1", "t2")] == [TaskState.QUEUED] * 2
     msgs = state.handle(WorkerDisconnected(sid(), A))
     failure = WorkerDeaths("t3", 1, A)
-    assert [(m.key, m.failure) for m in msgs if isinstance(m, ReportErred)] == [("t3", failure)]
+    assert said(msgs) == [("erred", "c1", "t3", failure, "t3")]
     assert state.tasks["t3"].state is TaskState.ERRED
     check_invariants(state)
 
@@ -127,7 +130,7 @@ def test_scattered_data_waits_for_its_holder_while_the_recovery_is_open(sched):
     assert sched.tasks["d"].state is TaskState.WAITING and list(sched.tasks["d"].waiting_on) == ["s"]
     check_invariants(sched)
     msgs = sched.handle(WorkerConnected(sid(), A, 1, held={"s": 8}))
-    s_ = msgs[0].stimulus_id
+    s_ = last_sid()
     assert msgs == [
         ReportFinished(s_, "c1", "s", (A,)),
         ComputeTask(s_, A, "d", "run-d", wire_priority(sched.tasks["d"].priority), {"s": (A,)}, {"s": 8}),
@@ -147,13 +150,13 @@ def test_scattered_data_nobody_brings_back_in_time_is_lost_and_a_late_holder_res
     awaited data lost (the dependent would wait for ever)."""
     submit(sched, scattered("s"), spec("d", "s"), wanted=["s", "d"])
     msgs = sched.handle(RecoveryEnded(sid()))
-    s_ = msgs[0].stimulus_id
+    s_ = last_sid()
     lost = DataLost("s")
     assert msgs == [ReportErred(s_, "c1", "s", lost, "s"), ReportErred(s_, "c1", "d", lost, "s")]
     assert sched.awaits_holder("s")  # still: a late worker may bring it
     check_invariants(sched)
     msgs = sched.handle(WorkerConnected(sid(), A, 1, held={"s": 8}))
-    assert msgs == [ReportFinished(msgs[0].stimulus_id, "c1", "s", (A,))]
+    assert msgs == [ReportFinished(last_sid(), "c1", "s", (A,))]
     assert sched.tasks["s"].state is TaskState.MEMORY and not sched.awaits_holder("s")
     assert sched.tasks["d"].state is TaskState.ERRED
 
@@ -168,7 +171,7 @@ def test_scattered_data_held_since_is_no_longer_awaited():
     submit(state, scattered("s"))
     assert state.tasks["s"].state is TaskState.MEMORY and not state.awaits_holder("s")
     msgs = state.handle(WorkerDisconnected(sid(), A))
-    assert msgs == [ReportErred(msgs[0].stimulus_id, "c1", "s", DataLost("s"), "s")]
+    assert msgs == [ReportErred(last_sid(), "c1", "s", DataLost("s"), "s")]
     assert not state.awaits_holder("s")
     check_invariants(state)
 
@@ -204,8 +207,44 @@ def test_scattered_data_resubmitted_after_the_recovery_is_lost_at_once():
     state = SchedulerState(allowed_failures=3, worker_saturation=1.0)
     state.handle(RecoveryEnded(sid()))
     msgs = submit(state, scattered("s"), spec("d", "s"), wanted=["s", "d"])
-    s_ = msgs[0].stimulus_id
+    s_ = last_sid()
     lost = DataLost("s")
     assert msgs == [ReportErred(s_, "c1", "s", lost, "s"), ReportErred(s_, "c1", "d", lost, "s")]
     assert state.tasks["s"].state is TaskState.LOST and state.tasks["d"].state is TaskState.ERRED
     check_invariants(state)
+
+
+# ------------------------------------------------------------- timers --
+
+
+def test_the_start_sets_the_timer_that_closes_the_recovery_window():
+    """The core decides how long the window stays open: its start asks the
+    shell for `RecoveryEnded` after `recovery_grace_s`, and the window stays
+    open until that event comes back."""
+    state = SchedulerState(recovery_grace_s=2.5)
+    started = SchedulerStarted(sid())
+    closes = RecoveryEnded(f"recovery-ended-after-{started.stimulus_id}")
+    assert state.handle(started) == [WakeAfter(started.stimulus_id, 2.5, closes)]
+    assert state.in_recovery()
+    assert state.handle(closes) == []
+    assert not state.in_recovery()
+    check_invariants(state)
+
+
+def test_values_nobody_claims_set_the_timer_of_their_expiry():
+    """A worker bringing keys nobody knows asks for their expiry after
+    `orphan_timeout_s`; the expiry frees what is still unclaimed."""
+    state = SchedulerState(orphan_timeout_s=60.0)
+    joined = WorkerConnected(sid(), A, 1, held={"x": 8}, running=("y",))
+    expires = OrphansExpired(f"orphans-expired-after-{joined.stimulus_id}", ("x", "y"))
+    assert state.handle(joined) == [WakeAfter(joined.stimulus_id, 60.0, expires)]
+    assert state.handle(expires) == [FreeKeys(expires.stimulus_id, A, ("x",))]
+    assert state.orphans == {}
+    check_invariants(state)
+
+
+def test_a_worker_bringing_only_known_values_sets_no_timer(sched):
+    """No orphan, no timer: the value of a known task is taken at once."""
+    submit(sched, TaskSpec("s", None))
+    joined = WorkerConnected(sid(), A, 1, held={"s": 8})
+    assert sched.handle(joined) == [ReportFinished(joined.stimulus_id, "c1", "s", (A,))]

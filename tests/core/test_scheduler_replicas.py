@@ -1,6 +1,6 @@
 """Copies a client asked for (`Client.replicate`) and copies reported missing, exact outputs."""
 
-from tests.core.conftest import sid
+from tests.core.conftest import last_sid, sid
 from trioflow.core import DataLost, TaskState
 from trioflow.core.scheduler_events import (
     AcquireReplicas,
@@ -40,7 +40,7 @@ def test_a_missing_replica_of_a_forgotten_key_changes_nothing(sched):
     [acquire] = sched.handle(ReplicationRequested(sid(), "c1", ("data",), 2))
     assert (type(acquire), acquire.worker) == (AcquireReplicas, B)
     msgs = sched.handle(KeysReleased(sid(), "c1", ("data",)))
-    assert msgs == [FreeKeys(msgs[0].stimulus_id, A, ("data",))]
+    assert msgs == [FreeKeys(last_sid(), A, ("data",))]
     assert sched.tasks == {} and sched.workers[B].replicating == {}
     assert sched.handle(ReplicaMissing(sid(), B, "data", (A,), None)) == []
     assert sched.handle(ReplicaMissing(sid(), B, "data", (A,), "gone-too")) == []
@@ -55,13 +55,13 @@ def test_a_failed_copy_is_asked_for_again(sched):
 
     Kills the mutants that keep the failed request pending (`del
     ts.replicas_pending[...]` dropped: only one new request) or that do not
-    ask again (the final `_replicate` call dropped: none)."""
+    ask again (the final `replicate` call dropped: none)."""
     join(sched, A, B, C, D)
     sched.handle(DataScattered(sid(), "c1", {"data": (100, (A, B))}))
     [acquire] = sched.handle(ReplicationRequested(sid(), "c1", ("data",), 3))
     assert (acquire.worker, dict(acquire.who_has)) == (C, {"data": (A, B)})
     msgs = sched.handle(ReplicaMissing(sid(), C, "data", (A,), None))
-    s = msgs[0].stimulus_id
+    s = last_sid()
     assert msgs == [
         FreeKeys(s, A, ("data",)),
         AcquireReplicas(s, A, {"data": (B,)}, {"data": 100}),
@@ -85,14 +85,14 @@ def test_a_failed_copy_from_a_worker_never_asked_is_only_a_missing_holder(sched)
     [acquire] = sched.handle(ReplicationRequested(sid(), "c1", ("data",), 3))
     assert acquire.worker == C
     msgs = sched.handle(ReplicaMissing(sid(), A, "data", (B,), None))
-    s = msgs[0].stimulus_id
+    s = last_sid()
     # A (the reporter) and B (the holder it tried) both stop counting; the
     # copy on its way to C is awaited (it may have left before B lost it).
     assert msgs == [FreeKeys(s, B, ("data",)), FreeKeys(s, A, ("data",))]
     assert sched.tasks["data"].state is TaskState.RELEASED
     assert list(sched.tasks["data"].replicas_pending) == [C]
     msgs = sched.handle(ReplicaMissing(sid(), C, "data", (A, B), None))
-    assert msgs == [ReportErred(msgs[0].stimulus_id, "c1", "data", DataLost("data"), "data")]
+    assert msgs == [ReportErred(last_sid(), "c1", "data", DataLost("data"), "data")]
     assert sched.tasks["data"].state is TaskState.LOST
     assert sched.tasks["data"].replicas_pending == {} and sched.workers[C].replicating == {}
 
@@ -108,7 +108,7 @@ def _last_holder_leaves_while_a_copy_is_pending(sched):
     [compute] = sched.handle(TasksSubmitted(sid(), "c1", (TaskSpec("m", "run-m", ("data",)),), ("m",)))
     assert (compute.worker, compute.key) == (A, "m")
     msgs = sched.handle(ReplicationRequested(sid(), "c1", ("data",), 2))
-    assert msgs == [AcquireReplicas(msgs[0].stimulus_id, B, {"data": (A,)}, {"data": 100})]
+    assert msgs == [AcquireReplicas(last_sid(), B, {"data": (A,)}, {"data": 100})]
     assert sched.handle(WorkerDisconnected(sid(), A)) == []  # no DataLost: B may have it
     assert sched.tasks["data"].state is TaskState.RELEASED
     assert list(sched.tasks["data"].replicas_pending) == [B]
@@ -124,7 +124,7 @@ def test_the_copy_on_its_way_brings_data_back_when_its_last_holder_leaves(sched)
     finished, its dependent runs on B, and a second copy is asked of C."""
     _last_holder_leaves_while_a_copy_is_pending(sched)
     msgs = sched.handle(ReplicaAdded(sid(), B, "data", 100))
-    s = msgs[0].stimulus_id
+    s = last_sid()
     assert msgs == [
         AcquireReplicas(s, C, {"data": (B,)}, {"data": 100}),
         ReportFinished(s, "c1", "data", (B,), False),
@@ -140,7 +140,7 @@ def test_data_awaiting_a_copy_is_lost_when_the_fetch_fails(sched):
     its way any more, so the data is lost now, and its dependent errs."""
     _last_holder_leaves_while_a_copy_is_pending(sched)
     msgs = sched.handle(ReplicaMissing(sid(), B, "data", (A,), None))
-    s = msgs[0].stimulus_id
+    s = last_sid()
     assert msgs == [
         ReportErred(s, "c1", "data", DataLost("data"), "data"),
         ReportErred(s, "c1", "m", DataLost("data"), "data"),
@@ -154,7 +154,7 @@ def test_data_awaiting_a_copy_is_lost_when_the_fetching_worker_leaves(sched):
     """B, the worker fetching the awaited copy, leaves too: the data is lost now."""
     _last_holder_leaves_while_a_copy_is_pending(sched)
     msgs = sched.handle(WorkerDisconnected(sid(), B))
-    s = msgs[0].stimulus_id
+    s = last_sid()
     assert msgs == [
         ReportErred(s, "c1", "data", DataLost("data"), "data"),
         ReportErred(s, "c1", "m", DataLost("data"), "data"),
@@ -168,7 +168,7 @@ def test_a_copy_from_a_worker_not_asked_does_not_end_the_wait(sched):
     not believed: C is told to free it, and the data still awaits B's."""
     _last_holder_leaves_while_a_copy_is_pending(sched)
     msgs = sched.handle(ReplicaAdded(sid(), C, "data", 100))
-    assert msgs == [FreeKeys(msgs[0].stimulus_id, C, ("data",))]
+    assert msgs == [FreeKeys(last_sid(), C, ("data",))]
     assert sched.tasks["data"].state is TaskState.RELEASED
 
 
@@ -179,7 +179,7 @@ def test_data_awaiting_a_copy_that_nobody_holds_any_more_is_forgotten(sched):
     assert sched.handle(KeysReleased(sid(), "c1", ("m", "data"))) == []
     assert sched.tasks == {} and sched.workers[B].replicating == {}
     msgs = sched.handle(ReplicaAdded(sid(), B, "data", 100))
-    assert msgs == [FreeKeys(msgs[0].stimulus_id, B, ("data",))]
+    assert msgs == [FreeKeys(last_sid(), B, ("data",))]
 
 
 def test_computed_data_whose_last_holder_leaves_while_a_copy_is_pending_is_recomputed(sched):
@@ -191,7 +191,7 @@ def test_computed_data_whose_last_holder_leaves_while_a_copy_is_pending_is_recom
     [acquire] = sched.handle(ReplicationRequested(sid(), "c1", ("x",), 2))
     assert acquire.worker == B
     msgs = sched.handle(WorkerDisconnected(sid(), A))
-    s = msgs[0].stimulus_id
+    s = last_sid()
     assert msgs == [ReportLost(s, "c1", "x"), ComputeTask(s, B, "x", "run-x", (0, 1), {}, {})]
     assert sched.tasks["x"].replicas_pending == {} and sched.workers[B].replicating == {}
 
@@ -217,7 +217,7 @@ def test_a_holder_that_did_not_answer_is_kept_and_one_that_answered_missing_is_d
     data is not lost, and `y` is sent again with A as its holder."""
     first = _scattered_with_dependent_on(sched, B)
     msgs = sched.handle(ReplicaMissing(sid(), B, "data", (C,), "y"))
-    s = msgs[0].stimulus_id
+    s = last_sid()
     assert msgs == [
         FreeKeys(s, C, ("data",)),
         FreeKeys(s, B, ("y",)),  # back to waiting: the old assignment is withdrawn
@@ -232,7 +232,7 @@ def test_holders_that_did_not_answer_are_all_kept(sched):
     key is freed, and `y` is sent again naming both."""
     first = _scattered_with_dependent_on(sched, B)
     msgs = sched.handle(ReplicaMissing(sid(), B, "data", (), "y"))
-    s = msgs[0].stimulus_id
+    s = last_sid()
     assert msgs == [
         FreeKeys(s, B, ("y",)),  # back to waiting: the old assignment is withdrawn
         ComputeTask(s, B, "y", "run-y", first.priority, {"data": (A, C)}, {"data": 100}),

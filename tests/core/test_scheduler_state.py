@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.core.conftest import sid
+from tests.core.conftest import last_sid, said, sid
 from trioflow.core import Cancelled, DataLost, TaskState, UserError, WorkerDeaths
 from trioflow.core.scheduler_events import (
     AcquireReplicas,
@@ -21,7 +21,6 @@ from trioflow.core.scheduler_events import (
     ReplicationRequested,
     ReportErred,
     ReportFinished,
-    ReportLost,
     TaskErred,
     TaskFinished,
     TaskSpec,
@@ -46,10 +45,6 @@ def submit(s, *specs, client="c1", wanted=None):
     return s.handle(TasksSubmitted(sid(), client, tuple(specs), wanted))
 
 
-def computes(msgs):
-    return [(m.worker, m.key) for m in msgs if isinstance(m, ComputeTask)]
-
-
 def finish(s, worker, key, nbytes=8):
     s.handle(TaskStarted(sid(), worker, key))
     return s.handle(TaskFinished(sid(), worker, key, nbytes))
@@ -70,10 +65,10 @@ def test_submit_runs_on_a_worker_and_reports_to_the_client(sched):
     """A task goes waiting -> processing -> memory and the client hears of it."""
     join(sched, A)
     msgs = submit(sched, spec("x"))
-    assert computes(msgs) == [(A, "x")]
+    assert said(msgs) == [("compute", A, "x")]
     assert state_of(sched, "x") is TaskState.PROCESSING
     msgs = finish(sched, A, "x")
-    assert msgs == [ReportFinished(msgs[0].stimulus_id, "c1", "x", (A,))]
+    assert msgs == [ReportFinished(last_sid(), "c1", "x", (A,))]
     assert state_of(sched, "x") is TaskState.MEMORY
 
 
@@ -83,7 +78,7 @@ def test_a_released_key_is_forgotten_and_its_data_freed(sched):
     submit(sched, spec("x"))
     finish(sched, A, "x")
     msgs = sched.handle(KeysReleased(sid(), "c1", ("x",)))
-    assert [(m.worker, m.keys) for m in msgs if isinstance(m, FreeKeys)] == [(A, ("x",))]
+    assert said(msgs) == [("free", A, ("x",))]
     assert "x" not in sched.tasks
     assert sched.workers[A].has_what == {}
 
@@ -92,9 +87,10 @@ def test_dependencies_wait_then_run_where_the_data_is(sched):
     """A dependent waits for its inputs and is sent to the worker holding them."""
     join(sched, A, B)
     msgs = submit(sched, spec("x"), spec("y", "x"), wanted=["y"])
-    assert computes(msgs) == [(A, "x")]
+    assert said(msgs) == [("compute", A, "x")]
     assert state_of(sched, "y") is TaskState.WAITING
     msgs = finish(sched, A, "x")
+    assert said(msgs) == [("compute", A, "y")]
     [compute] = [m for m in msgs if isinstance(m, ComputeTask)]
     assert (compute.worker, compute.key, dict(compute.who_has)) == (A, "y", {"x": (A,)})
     finish(sched, A, "y")
@@ -112,6 +108,7 @@ def test_inputs_on_different_workers_go_to_the_larger_holder(sched):
     finish(sched, A, "small", nbytes=10)
     finish(sched, B, "big", nbytes=10_000)
     msgs = submit(sched, spec("sum", "small", "big"))
+    assert said(msgs) == [("compute", B, "sum")]
     [compute] = [m for m in msgs if isinstance(m, ComputeTask)]
     assert compute.worker == B
     assert dict(compute.who_has) == {"small": (A,), "big": (B,)}
@@ -123,12 +120,15 @@ def test_user_error_errs_dependents_with_the_same_failure(sched):
     submit(sched, spec("x"), spec("y", "x"), spec("z", "y"), wanted=["x", "z"])
     sched.handle(TaskStarted(sid(), A, "x"))
     msgs = sched.handle(TaskErred(sid(), A, "x", BOOM))
-    reports = [(m.key, m.failure, m.origin) for m in msgs if isinstance(m, ReportErred)]
-    assert reports == [("x", BOOM, "x"), ("z", BOOM, "x")]
+    assert said(msgs) == [
+        ("free", A, ("x",)),
+        ("erred", "c1", "x", BOOM, "x"),
+        ("erred", "c1", "z", BOOM, "x"),
+    ]
     assert state_of(sched, "y") is TaskState.ERRED
     # A dependent submitted later errs at once, with the same failure.
     msgs = submit(sched, spec("w", "x"))
-    assert [(m.key, m.failure) for m in msgs if isinstance(m, ReportErred)] == [("w", BOOM)]
+    assert said(msgs) == [("erred", "c1", "w", BOOM, "x")]
 
 
 def test_retries_run_a_raising_task_again(sched):
@@ -136,10 +136,9 @@ def test_retries_run_a_raising_task_again(sched):
     join(sched, A)
     submit(sched, spec("x", retries=1))
     msgs = sched.handle(TaskErred(sid(), A, "x", BOOM))
-    assert computes(msgs) == [(A, "x")]
-    assert not [m for m in msgs if isinstance(m, ReportErred)]
+    assert said(msgs) == [("free", A, ("x",)), ("compute", A, "x")]
     msgs = sched.handle(TaskErred(sid(), A, "x", BOOM))
-    assert [m.key for m in msgs if isinstance(m, ReportErred)] == ["x"]
+    assert said(msgs) == [("free", A, ("x",)), ("erred", "c1", "x", BOOM, "x")]
 
 
 def test_worker_death_reroutes_pending_work(sched):
@@ -149,10 +148,10 @@ def test_worker_death_reroutes_pending_work(sched):
     assert (sched.tasks["x"].processing_on, sched.tasks["y"].processing_on) == (A, B)
     msgs = sched.handle(WorkerDisconnected(sid(), A))
     # B is saturated (saturation 1.0, one thread), so x queues for it.
-    assert not computes(msgs)
+    assert said(msgs) == []
     assert state_of(sched, "x") is TaskState.QUEUED
     msgs = finish(sched, B, "y")
-    assert computes(msgs) == [(B, "x")]
+    assert said(msgs) == [("finished", "c1", "y", (B,)), ("compute", B, "x")]
     assert sched.tasks["x"].suspicious == 0
 
 
@@ -165,10 +164,10 @@ def test_lost_value_is_recomputed_from_lineage(sched):
     assert sched.tasks["y"].processing_on == A
     finish(sched, B, "other")
     msgs = sched.handle(WorkerDisconnected(sid(), A))
-    assert computes(msgs) == [(B, "x")]
+    assert said(msgs) == [("compute", B, "x")]
     assert state_of(sched, "y") is TaskState.WAITING
     msgs = finish(sched, B, "x")
-    assert computes(msgs) == [(B, "y")]
+    assert said(msgs) == [("compute", B, "y")]
 
 
 def test_finished_futures_hear_that_their_value_is_being_recomputed(sched):
@@ -177,10 +176,9 @@ def test_finished_futures_hear_that_their_value_is_being_recomputed(sched):
     submit(sched, spec("x"))
     finish(sched, A, "x")
     msgs = sched.handle(WorkerDisconnected(sid(), A))
-    assert [m.key for m in msgs if isinstance(m, ReportLost)] == ["x"]
-    assert computes(msgs) == [(B, "x")]
+    assert said(msgs) == [("lost", "c1", "x"), ("compute", B, "x")]
     msgs = finish(sched, B, "x")
-    assert [m.who_has for m in msgs if isinstance(m, ReportFinished)] == [(B,)]
+    assert said(msgs) == [("finished", "c1", "x", (B,))]
 
 
 def test_poison_task_is_marked_bad_after_allowed_failures_deaths(sched):
@@ -193,14 +191,10 @@ def test_poison_task_is_marked_bad_after_allowed_failures_deaths(sched):
         msgs = sched.handle(WorkerDisconnected(sid(), worker))
         assert sched.tasks["bad"].suspicious == n
         if n < 3:
-            assert computes(msgs) and computes(msgs)[0][1] == "bad"
+            assert said(msgs) == [("compute", (A, B, C)[n], "bad")]
             sched.handle(WorkerConnected(sid(), worker, 1))  # the nanny restarts it
     failure = WorkerDeaths("bad", 3, worker)
-    assert [(m.key, m.failure) for m in msgs if isinstance(m, ReportErred)] == [
-        ("bad", failure),
-        ("after", failure),
-    ]
-    assert not computes(msgs)
+    assert said(msgs) == [("erred", "c1", "bad", failure, "bad"), ("erred", "c1", "after", failure, "bad")]
 
 
 def test_innocent_bystanders_are_not_suspected():
@@ -217,7 +211,10 @@ def test_innocent_bystanders_are_not_suspected():
     assert sched.tasks["queued-there"].suspicious == 0
     assert state_of(sched, "queued-there") is TaskState.PROCESSING
     assert sched.tasks["queued-there"].processing_on == B
-    assert computes(msgs) == [(B, "queued-there")]
+    assert said(msgs) == [
+        ("erred", "c1", "runs", WorkerDeaths(key="runs", deaths=1, last_worker=A), "runs"),
+        ("compute", B, "queued-there"),
+    ]
     check_invariants(sched)
 
 
@@ -252,11 +249,10 @@ def test_a_value_its_clients_already_have_is_not_recomputed_until_needed(sched):
     assert list(sched.tasks["x"].delivered) == ["c1"]
     msgs = sched.handle(WorkerDisconnected(sid(), worker))
     assert state_of(sched, "x") is TaskState.RELEASED
-    assert not computes(msgs)
-    assert not [m for m in msgs if isinstance(m, ReportLost)]
+    assert said(msgs) == []
     check_invariants(sched)
     msgs = submit(sched, spec("y", "x"))
-    assert [key for _, key in computes(msgs)] == ["x"]
+    assert said(msgs) == [("compute", B, "x")]
     check_invariants(sched)
 
 
@@ -268,8 +264,7 @@ def test_a_value_sent_without_its_payload_is_recomputed_at_once(sched):
     worker = sched.tasks["x"].processing_on
     finish(sched, worker, "x")
     msgs = sched.handle(WorkerDisconnected(sid(), worker))
-    assert [key for _, key in computes(msgs)] == ["x"]
-    assert [m.key for m in msgs if isinstance(m, ReportLost)] == ["x"]
+    assert said(msgs) == [("lost", "c1", "x"), ("compute", B, "x")]
 
 
 def test_a_client_that_did_not_get_the_value_makes_it_computed_again(sched):
@@ -283,7 +278,7 @@ def test_a_client_that_did_not_get_the_value_makes_it_computed_again(sched):
     submit(sched, spec("x"), client="c2")
     assert list(sched.tasks["x"].delivered) == ["c1"]
     msgs = sched.handle(WorkerDisconnected(sid(), worker))
-    assert [key for _, key in computes(msgs)] == ["x"]
+    assert said(msgs) == [("lost", "c2", "x"), ("compute", B, "x")]
     sched.handle(KeysReleased(sid(), "c2", ("x",)))
     check_invariants(sched)
 
@@ -302,12 +297,13 @@ def test_scattered_data_is_lost_with_its_last_holder(sched):
     """Scattered data has no lineage: losing it errs it and its dependents."""
     join(sched, A, B)
     msgs = sched.handle(DataScattered(sid(), "c1", {"data": (100, (A,))}))
-    assert [m.key for m in msgs if isinstance(m, ReportFinished)] == ["data"]
+    assert said(msgs) == [("finished", "c1", "data", (A,))]
     submit(sched, spec("use", "data"))
     msgs = sched.handle(WorkerDisconnected(sid(), A))
-    reports = {m.key: m.failure for m in msgs if isinstance(m, ReportErred)}
-    assert reports == {"data": DataLost("data"), "use": DataLost("data")}
-    assert not computes(msgs)
+    assert said(msgs) == [
+        ("erred", "c1", "data", DataLost(key="data"), "data"),
+        ("erred", "c1", "use", DataLost(key="data"), "data"),
+    ]
 
 
 def test_a_second_replica_survives_the_first(sched):
@@ -316,7 +312,7 @@ def test_a_second_replica_survives_the_first(sched):
     sched.handle(DataScattered(sid(), "c1", {"data": (100, (A,))}))
     sched.handle(ReplicaAdded(sid(), B, "data", 100))
     msgs = sched.handle(WorkerDisconnected(sid(), A))
-    assert not [m for m in msgs if isinstance(m, ReportErred)]
+    assert said(msgs) == []
     assert list(sched.tasks["data"].who_has) == [B]
 
 
@@ -337,9 +333,11 @@ def test_cancel_reports_the_key_and_its_dependents(sched):
     join(sched, A)
     submit(sched, spec("x"), spec("y", "x"), wanted=["x", "y"])
     msgs = sched.handle(KeysCancelled(sid(), "c1", ("x",)))
-    reports = [(m.key, m.failure) for m in msgs if isinstance(m, ReportErred)]
-    assert sorted(reports) == [("x", Cancelled("cancelled by the client")), ("y", Cancelled("cancelled by the client"))]
-    assert [(m.worker, m.keys) for m in msgs if isinstance(m, FreeKeys)] == [(A, ("x",))]
+    assert said(msgs) == [
+        ("erred", "c1", "x", Cancelled(reason="cancelled by the client"), "x"),
+        ("erred", "c1", "y", Cancelled(reason="cancelled by the client"), "y"),
+        ("free", A, ("x",)),
+    ]
     assert sched.tasks == {}
 
 
@@ -349,10 +347,10 @@ def test_cancel_leaves_other_clients_work_alone(sched):
     submit(sched, spec("x"), client="c1")
     submit(sched, spec("x"), client="c2")
     msgs = sched.handle(KeysCancelled(sid(), "c1", ("x",)))
-    assert [m.client for m in msgs if isinstance(m, ReportErred)] == ["c1"]
+    assert said(msgs) == [("erred", "c1", "x", Cancelled(reason="cancelled by the client"), "x")]
     assert state_of(sched, "x") is TaskState.PROCESSING
     msgs = finish(sched, A, "x")
-    assert [m.client for m in msgs if isinstance(m, ReportFinished)] == ["c2"]
+    assert said(msgs) == [("finished", "c2", "x", (A,))]
 
 
 def test_client_disconnect_releases_its_keys(sched):
@@ -368,12 +366,12 @@ def test_root_tasks_queue_beyond_saturation_and_fill_on_completion(sched):
     """With saturation 1, a 1-thread worker holds one task; the rest queue."""
     join(sched, A)
     msgs = submit(sched, *(spec(f"t{i}") for i in range(5)))
-    assert computes(msgs) == [(A, "t0")]
+    assert said(msgs) == [("compute", A, "t0")]
     assert [state_of(sched, f"t{i}") for i in range(1, 5)] == [TaskState.QUEUED] * 4
     msgs = finish(sched, A, "t0")
-    assert computes(msgs) == [(A, "t1")]
+    assert said(msgs) == [("finished", "c1", "t0", (A,)), ("compute", A, "t1")]
     msgs = join(sched, B)
-    assert computes(msgs) == [(B, "t2")]
+    assert said(msgs) == [("compute", B, "t2")]
 
 
 def test_no_worker_then_worker_joins(sched):
@@ -382,7 +380,7 @@ def test_no_worker_then_worker_joins(sched):
     submit(sched, spec("x", workers=(B,)))
     assert state_of(sched, "x") is TaskState.NO_WORKER
     msgs = join(sched, B)
-    assert computes(msgs) == [(B, "x")]
+    assert said(msgs) == [("compute", B, "x")]
 
 
 def test_missing_replica_sends_the_dependent_elsewhere(sched):
@@ -392,8 +390,7 @@ def test_missing_replica_sends_the_dependent_elsewhere(sched):
     finish(sched, A, "x")
     assert sched.tasks["y"].processing_on == B
     msgs = sched.handle(ReplicaMissing(sid(), B, "x", (A,), "y"))
-    assert (A, ("x",)) in [(m.worker, m.keys) for m in msgs if isinstance(m, FreeKeys)]
-    assert (A, "x") in computes(msgs) or (B, "x") in computes(msgs)
+    assert said(msgs) == [("free", A, ("x",)), ("free", B, ("y",)), ("compute", A, "x")]
     assert state_of(sched, "y") is TaskState.WAITING
 
 
@@ -403,7 +400,7 @@ def test_stale_finish_from_a_released_task_is_freed(sched):
     submit(sched, spec("x"))
     sched.handle(KeysReleased(sid(), "c1", ("x",)))
     msgs = sched.handle(TaskFinished(sid(), A, "x", 8))
-    assert [(m.worker, m.keys) for m in msgs if isinstance(m, FreeKeys)] == [(A, ("x",))]
+    assert said(msgs) == [("free", A, ("x",))]
 
 
 def test_a_finish_from_a_worker_the_task_is_not_on_is_ignored_and_freed(sched):
@@ -415,7 +412,7 @@ def test_a_finish_from_a_worker_the_task_is_not_on_is_ignored_and_freed(sched):
     assigned = sched.tasks["x"].processing_on
     other = B if assigned == A else A
     msgs = sched.handle(TaskFinished(sid(), other, "x", 8))
-    assert msgs == [FreeKeys(msgs[0].stimulus_id, other, ("x",))]
+    assert msgs == [FreeKeys(last_sid(), other, ("x",))]
     assert state_of(sched, "x") is TaskState.PROCESSING
     assert sched.tasks["x"].processing_on == assigned and not sched.tasks["x"].who_has
     msgs = sched.handle(TaskFinished(sid(), assigned, "x", 8))
@@ -426,7 +423,7 @@ def test_unknown_dependency_errs_with_lost_data(sched):
     """A task naming a key the scheduler never had errs with DataLost(key)."""
     join(sched, A)
     msgs = submit(sched, spec("y", "ghost"))
-    assert [(m.key, m.failure) for m in msgs if isinstance(m, ReportErred)] == [("y", DataLost("ghost"))]
+    assert said(msgs) == [("erred", "c1", "y", DataLost(key="ghost"), "ghost")]
 
 
 def test_a_transition_outside_the_table_raises_and_changes_nothing(sched):
@@ -436,7 +433,7 @@ def test_a_transition_outside_the_table_raises_and_changes_nothing(sched):
     finish(sched, A, "x")
     ts = sched.tasks["x"]
     with pytest.raises(InvalidTransition):
-        sched._transition(ts, TaskState.PROCESSING, {})
+        sched.transitions.move(ts, TaskState.PROCESSING, {})
     assert ts.state is TaskState.MEMORY
 
 
@@ -445,6 +442,7 @@ def test_replicate_asks_workers_for_copies_and_restores_them(sched):
     join(sched, A, B, C)
     sched.handle(DataScattered(sid(), "c1", {"data": (100, (A,))}))
     msgs = sched.handle(ReplicationRequested(sid(), "c1", ("data",), 2))
+    assert said(msgs) == [("acquire", B, {"data": (A,)})]
     [acquire] = [m for m in msgs if isinstance(m, AcquireReplicas)]
     assert dict(acquire.who_has) == {"data": (A,)}
     target = acquire.worker
@@ -452,7 +450,7 @@ def test_replicate_asks_workers_for_copies_and_restores_them(sched):
     sched.handle(ReplicaAdded(sid(), target, "data", 100))
     assert list(sched.tasks["data"].who_has) == [A, target]
     msgs = sched.handle(WorkerDisconnected(sid(), A))
-    assert not [m for m in msgs if isinstance(m, ReportErred)]
+    assert said(msgs) == [("acquire", C, {"data": (B,)})]
     [acquire] = [m for m in msgs if isinstance(m, AcquireReplicas)]
     assert acquire.worker not in (A, target)
     assert dict(acquire.who_has) == {"data": (target,)}
@@ -464,6 +462,7 @@ def test_a_pending_copy_lost_with_its_worker_is_asked_elsewhere(sched):
     sched.handle(DataScattered(sid(), "c1", {"data": (100, (A,))}))
     [acquire] = [m for m in sched.handle(ReplicationRequested(sid(), "c1", ("data",), 2)) if isinstance(m, AcquireReplicas)]
     msgs = sched.handle(WorkerDisconnected(sid(), acquire.worker))
+    assert said(msgs) == [("acquire", C, {"data": (A,)})]
     [again] = [m for m in msgs if isinstance(m, AcquireReplicas)]
     assert again.worker not in (A, acquire.worker)
 
@@ -474,12 +473,15 @@ def test_restart_cancels_every_held_future_and_flushes_state(sched):
     submit(sched, spec("x"), spec("y", "x"), wanted=["x", "y"])
     finish(sched, A, "x")
     msgs = sched.handle(ClusterRestarted(sid(), "the cluster was restarted"))
-    reports = sorted((m.key, m.failure) for m in msgs if isinstance(m, ReportErred))
-    assert reports == [("x", Cancelled("the cluster was restarted")), ("y", Cancelled("the cluster was restarted"))]
+    assert said(msgs) == [
+        ("erred", "c1", "x", Cancelled(reason="the cluster was restarted"), "x"),
+        ("erred", "c1", "y", Cancelled(reason="the cluster was restarted"), "y"),
+    ]
     assert sched.tasks == {} and sched.clients["c1"] == {}
     assert all(not ws.processing and not ws.has_what for ws in sched.workers.values())
     # The cluster takes new work at once.
-    assert computes(submit(sched, spec("z")))
+    msgs = submit(sched, spec("z"))
+    assert said(msgs) == [("compute", A, "z")]
 
 
 def test_restart_frees_orphans_and_forgets_runs_taken_up_after_a_scheduler_restart(sched):
@@ -495,7 +497,7 @@ def test_restart_frees_orphans_and_forgets_runs_taken_up_after_a_scheduler_resta
     submit(sched, spec("i"), spec("t", "i"), wanted=["t"])
     assert sched.recovering_runs == {"t": A} and "o" in sched.orphans
     msgs = sched.handle(ClusterRestarted(sid(), "restarted"))
-    s_ = msgs[0].stimulus_id
+    s_ = last_sid()
     assert msgs == [
         ReportErred(s_, "c1", "t", Cancelled("restarted"), "t"),
         FreeKeys(s_, A, ("o",)),
@@ -513,8 +515,7 @@ def test_a_value_a_worker_still_holds_is_not_recomputed(sched):
     sched.handle(WorkerConnected(sid(), A, 1, held={"x": 8}))
     assert "x" in sched.orphans
     msgs = submit(sched, spec("x"), spec("y", "x"))
-    assert [m.key for m in msgs if isinstance(m, ReportFinished)] == ["x"]
-    assert computes(msgs) == [(A, "y")]
+    assert said(msgs) == [("finished", "c1", "x", (A,)), ("compute", A, "y")]
     assert sched.orphans == {}
 
 
@@ -523,10 +524,10 @@ def test_a_task_still_running_is_not_started_twice(sched):
     join(sched, B)
     sched.handle(WorkerConnected(sid(), A, 1, running=("x",)))
     msgs = submit(sched, spec("x"))
-    assert computes(msgs) == [(A, "x")]
+    assert said(msgs) == [("compute", A, "x")]
     assert sched.tasks["x"].running
     msgs = sched.handle(TaskFinished(sid(), A, "x", 8))
-    assert [m.key for m in msgs if isinstance(m, ReportFinished)] == ["x"]
+    assert said(msgs) == [("finished", "c1", "x", (A,))]
 
 
 def test_a_run_that_finishes_before_its_lineage_returns_is_kept(sched):
@@ -535,8 +536,7 @@ def test_a_run_that_finishes_before_its_lineage_returns_is_kept(sched):
     sched.handle(WorkerConnected(sid(), A, 1, running=("x",)))
     assert sched.handle(TaskFinished(sid(), A, "x", 8)) == []
     msgs = submit(sched, spec("x"))
-    assert [m.key for m in msgs if isinstance(m, ReportFinished)] == ["x"]
-    assert not computes(msgs)
+    assert said(msgs) == [("finished", "c1", "x", (A,))]
 
 
 def test_resubmitted_scattered_data_is_found_or_lost(sched):
@@ -544,16 +544,16 @@ def test_resubmitted_scattered_data_is_found_or_lost(sched):
     nobody -> LostData once the recovery window closes."""
     sched.handle(WorkerConnected(sid(), A, 1, held={"kept": 8}))
     msgs = submit(sched, TaskSpec("kept", None), TaskSpec("gone", None))
-    assert msgs == [ReportFinished(msgs[0].stimulus_id, "c1", "kept", (A,))]
+    assert msgs == [ReportFinished(last_sid(), "c1", "kept", (A,))]
     msgs = sched.handle(RecoveryEnded(sid()))
-    assert msgs == [ReportErred(msgs[0].stimulus_id, "c1", "gone", DataLost("gone"), "gone")]
+    assert msgs == [ReportErred(last_sid(), "c1", "gone", DataLost("gone"), "gone")]
 
 
 def test_unclaimed_orphans_expire_and_are_freed(sched):
     """Orphans no client claims are freed on their holders when they expire."""
     sched.handle(WorkerConnected(sid(), A, 1, held={"stale": 8}))
     msgs = sched.handle(OrphansExpired(sid(), ("stale",)))
-    assert [(m.worker, m.keys) for m in msgs if isinstance(m, FreeKeys)] == [(A, ("stale",))]
+    assert said(msgs) == [("free", A, ("stale",))]
     assert sched.orphans == {}
 
 
@@ -563,8 +563,7 @@ def test_a_late_worker_brings_a_value_being_recomputed(sched):
     submit(sched, spec("x"))
     assert sched.tasks["x"].processing_on == B
     msgs = sched.handle(WorkerConnected(sid(), A, 1, held={"x": 8}))
-    assert [m.key for m in msgs if isinstance(m, ReportFinished)] == ["x"]
-    assert (B, ("x",)) in [(m.worker, m.keys) for m in msgs if isinstance(m, FreeKeys)]
+    assert said(msgs) == [("free", B, ("x",)), ("finished", "c1", "x", (A,))]
 
 
 def test_orphans_of_a_dead_worker_are_dropped(sched):
@@ -573,7 +572,8 @@ def test_orphans_of_a_dead_worker_are_dropped(sched):
     sched.handle(WorkerDisconnected(sid(), A))
     assert sched.orphans == {}
     join(sched, B)
-    assert computes(submit(sched, spec("x"))) == [(B, "x")]
+    msgs = submit(sched, spec("x"))
+    assert said(msgs) == [("compute", B, "x")]
 
 
 def test_a_saturated_worker_is_topped_up_in_batches():
@@ -583,9 +583,16 @@ def test_a_saturated_worker_is_topped_up_in_batches():
     state = SchedulerState(allowed_failures=3, worker_saturation=4.0)
     join(state, A)
     msgs = submit(state, *(spec(f"t{i}") for i in range(10)))
-    assert [k for _, k in computes(msgs)] == ["t0", "t1", "t2", "t3"]
-    assert not computes(finish(state, A, "t0"))
-    assert [k for _, k in computes(finish(state, A, "t1"))] == ["t4", "t5"]
+    assert said(msgs) == [
+        ("compute", A, "t0"),
+        ("compute", A, "t1"),
+        ("compute", A, "t2"),
+        ("compute", A, "t3"),
+    ]
+    msgs = finish(state, A, "t0")
+    assert said(msgs) == [("finished", "c1", "t0", (A,))]
+    msgs = finish(state, A, "t1")
+    assert said(msgs) == [("finished", "c1", "t1", (A,)), ("compute", A, "t4"), ("compute", A, "t5")]
     check_invariants(state)
 
 
@@ -618,7 +625,7 @@ def test_a_batch_goes_on_past_a_task_forgotten_by_an_earlier_one(sched):
     be taken up only as a wanted key, and run without its missing input."""
     join(sched, A)
     msgs = submit(sched, spec("b", "a"), spec("a"), spec("e", "ghost"), wanted=["e"])
-    s_ = msgs[0].stimulus_id
+    s_ = last_sid()
     assert msgs == [ReportErred(s_, "c1", "e", DataLost("ghost"), "ghost")]
     assert "a" not in sched.tasks and "b" not in sched.tasks
     assert state_of(sched, "e") is TaskState.ERRED

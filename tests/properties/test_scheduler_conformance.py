@@ -301,9 +301,7 @@ def test_core_transition_table_is_within_the_model():
         ends = _READY_ENDS if a is m.PROCESSING else (a,)
         if not any((b, end) in m.TRANSITIONS for end in ends):
             outside.append(f"{b.value}->{a.value}")
-    # Two entries are unreachable: a queued task is a root task and has no
-    # input that could fail or vanish. They are harmless; see spec/README.md.
-    assert sorted(outside) == ["queued->erred", "queued->waiting"]
+    assert outside == []
 
 
 # --------------------------------------------- discrepancies, as sequences --

@@ -356,7 +356,7 @@ def test_seed_805_a_ready_task_is_not_left_waiting():
     KilledWorker made it unneeded ("-> released" replaced the
     recommendation), then another dependent needed it again: the release
     was dropped as stale, and the task waited for ever with nothing to wait
-    on (INV-WAITING; two futures never final). `_transitions` now recommends
+    on (INV-WAITING; two futures never final). `TaskTransitions.run` now recommends
     again the move a stale release may have replaced."""
     assert_clean(run_pinned(805))
 

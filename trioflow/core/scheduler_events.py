@@ -1,10 +1,22 @@
 """What goes into `SchedulerState.handle` and what comes out.
 
 Events are past-tense facts the shell observed (a message arrived, a
-connection closed, a heartbeat deadline passed). Messages are imperative
-orders the shell must carry out (send this to that worker or client).
+connection closed, a heartbeat deadline passed, a timer the core set went
+off). Messages are imperative orders the shell must carry out (send this to
+that worker or client, wake me later).
+
+Time: the core reads no clock and no event carries a time. When a decision
+depends on time passing (the recovery window after a start, how long an
+orphaned value is kept), the core asks for
+it with `WakeAfter(delay_s, event)`, and the shell hands `event` back after
+that many seconds of its clock (Trio's, virtual in the simulator). So the
+durations are decided here and the shell only sleeps.
 Both are frozen dataclasses carrying the `stimulus_id` of the event that
 caused them, so a task's whole story can be rebuilt from a log.
+
+A message's name is the core's name of an order; the wire and the
+receiving core name it in their own styles (`compute_task`,
+`ComputeRequested`): `trioflow.protocol.ORDERS` maps the three.
 
 Addresses are opaque strings to the core ("tcp://127.0.0.1:40123" for a
 worker, any unique id for a client). `run_spec` and failure payloads are
@@ -104,13 +116,21 @@ class DataScattered(SchedulerEvent):
 
 
 @frozen
+class SchedulerStarted(SchedulerEvent):
+    """The shell started serving: the recovery window opens now, for
+    `recovery_grace_s` (the core answers with a `WakeAfter` for `RecoveryEnded`)."""
+
+
+@frozen
 class WorkerConnected(SchedulerEvent):
     """A worker registered.
 
     After a scheduler restart a surviving worker re-registers with the values
     it holds (`held`, ``{key: nbytes}``) and the tasks still running in its
     threads (`running`); keys this scheduler does not know yet are kept as
-    orphans until a client resubmits their lineage (`OrphansExpired`).
+    orphans until a client resubmits their lineage (`OrphansExpired`, a
+    timer the core sets then). The shell has dropped the claims it cannot
+    believe (`Scheduler._checked_claims`).
     """
 
     worker: str
@@ -123,7 +143,8 @@ class WorkerConnected(SchedulerEvent):
 
 @frozen
 class OrphansExpired(SchedulerEvent):
-    """No client claimed these orphaned keys in time: free them."""
+    """No client claimed these orphaned keys in time: free them (a timer
+    the core set when a worker brought them, `orphan_timeout_s`)."""
 
     keys: tuple[str, ...]
 
@@ -131,8 +152,15 @@ class OrphansExpired(SchedulerEvent):
 @frozen
 class RecoveryEnded(SchedulerEvent):
     """The clients that reconnected in time have all resubmitted their
-    lineage (the shell sends this `recovery_grace` after it starts): values
-    workers brought back that none of those lineages needs may go now."""
+    lineage: values workers brought back that none of those lineages needs
+    may go now.
+
+    A timer: the core asks for it when it starts (`SchedulerStarted`, after
+    `recovery_grace_s`). The shell holds back what recovering clients send
+    while the window is open (`SchedulerState.in_recovery`) and, when the
+    timer goes off, hands all of it in first: that is what makes this event
+    true.
+    """
 
 
 @frozen
@@ -265,9 +293,44 @@ class ClusterRestarted(SchedulerEvent):
 # -------------------------------------------------------------- messages --
 
 
+class Outbox:
+    """The messages one event has produced so far, and that event's id.
+
+    `SchedulerState.handle` opens it for each event (`open`) and hands what
+    it collected to the shell (`close`); its collaborators (the transition
+    engine, work stealing) append to the same one, so the messages leave in
+    the order they were decided.
+    """
+
+    __slots__ = ("stimulus_id", "messages")
+
+    def __init__(self) -> None:
+        self.stimulus_id = ""
+        self.messages: list[SchedulerMessage] = []
+
+    def open(self, stimulus_id: str) -> None:
+        self.stimulus_id = stimulus_id
+
+    def emit(self, message: SchedulerMessage) -> None:
+        self.messages.append(message)
+
+    def close(self) -> list[SchedulerMessage]:
+        out, self.messages = self.messages, []
+        return out
+
+
 @frozen
 class SchedulerMessage:
     stimulus_id: str
+
+
+@frozen
+class WakeAfter(SchedulerMessage):
+    """Hand `event` back to the core `delay_s` seconds from now (the core
+    has no clock: its timers are the shell's sleeps)."""
+
+    delay_s: float
+    event: SchedulerEvent
 
 
 @frozen

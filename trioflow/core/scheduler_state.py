@@ -4,10 +4,15 @@ Rules of this module (and of everything in `trioflow.core`):
 
 * Everything that decides what happens to a task lives here: which worker
   runs it, when it is retried, when it is bad, what is recomputed, what is
-  forgotten. The Trio shell (`trioflow.scheduler`) only turns bytes into
-  events and messages into bytes.
-* No I/O, no clock, no randomness, no threads. Time and identity arrive on
-  events. Given the same events, the same messages come out.
+  forgotten, how long the recovery window stays open, how long an orphan
+  is kept. The Trio shell (`trioflow.scheduler`) only turns bytes into
+  events and messages into bytes, and sleeps when asked to.
+* No I/O, no clock, no randomness, no threads. No event carries a time:
+  where a decision waits for time to pass, the core asks the shell to hand
+  it an event later (`WakeAfter`; scheduler_events.py). Given the same
+  events, the same messages come out.
+* Every state change goes through the transition table, but those listed
+  in `OUTSIDE_THE_TABLE` (scheduler_transitions.py).
 * Iteration is over insertion-ordered dicts, never over sets of strings.
 
 Theory of operation
@@ -15,8 +20,12 @@ Theory of operation
 `handle(event)` applies one fact and returns the messages it implies. Each
 event has a handler here (`_on_<event>`) that updates what the fact changes
 and asks for the task moves it implies; the moves themselves, and the rules
-that make one move lead to others, live in `scheduler_transitions.py`
-(`TaskTransitions`, which this class inherits, and the `TRANSITIONS` table).
+that make one move lead to others, live in `scheduler_transitions.py`: the
+`TRANSITIONS` table and `TaskTransitions`, the engine this class owns (its
+`transitions`) and hands the records it needs when it is made. So a
+stimulus reads top to bottom: `handle(event)` -> `_on_<event>` here ->
+`self.transitions.run({key: target})` -> the table's method for each move
+-> messages in the event's `Outbox` -> returned by `handle`.
 
 Worker death is the interesting case (design.md §1, spec/README.md
 "WorkerDies"): each task that was *running* there is suspected once more
@@ -26,15 +35,15 @@ recomputed from lineage if needed, or LOST if they were scattered (unless
 a live worker is fetching a copy: then they wait for it, `_await_copy`).
 
 After every event, a worker with an idle thread may steal a task that
-waits on another (`WorkStealing`, core/stealing.py); a worker whose
-memory passed its pause fraction (`WorkerPaused`) is sent nothing new
-until it resumes, and its waiting tasks are the first to be stolen.
+waits on another (`WorkStealing`, core/stealing.py, this class's
+`balancer`); a worker whose memory passed its pause fraction
+(`WorkerPaused`) is sent nothing new until it resumes, and its waiting
+tasks are the first to be stolen.
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
 import operator
 from collections.abc import Callable, Iterable
 
@@ -59,7 +68,9 @@ from trioflow.core.scheduler_events import (
     ReportErred,
     SchedulerEvent,
     SchedulerMessage,
+    SchedulerStarted,
     StealAnswered,
+    Outbox,
     TaskErred,
     TaskFinished,
     TasksSubmitted,
@@ -67,6 +78,7 @@ from trioflow.core.scheduler_events import (
     WorkerConnected,
     WorkerDisconnected,
     WorkerPaused,
+    WakeAfter,
     WorkerResumed,
 )
 from trioflow.core.scheduler_records import (
@@ -92,14 +104,14 @@ from trioflow.core.scheduler_transitions import (
     Recommendations,
     TaskTransitions,
 )
-from trioflow.core.stealing import PendingSteal, WorkStealing
+from trioflow.core.stealing import WorkStealing
 
 __all__ = ["TRANSITIONS", "InvalidTransition", "SchedulerState"]
 
 _STATE_OF = operator.attrgetter("state")
 
 
-class SchedulerState(TaskTransitions, WorkStealing):
+class SchedulerState:
     """Tasks, workers and clients, and the rules that move tasks between states.
 
     Args:
@@ -111,6 +123,10 @@ class SchedulerState(TaskTransitions, WorkStealing):
             ones (`Config.work_stealing`; core/stealing.py).
         bandwidth: bytes per second a value is taken to move between
             workers, for the cost of a steal (`Config.bandwidth`).
+        recovery_grace_s: how long after `SchedulerStarted` the recovery
+            window stays open (`Config.recovery_grace`).
+        orphan_timeout_s: how long values nobody claimed after a restart
+            are kept (`Config.orphan_timeout`).
         story_length: how many recent transitions to keep in `story`.
     """
 
@@ -121,12 +137,14 @@ class SchedulerState(TaskTransitions, WorkStealing):
         worker_saturation: float,
         work_stealing: bool = True,
         bandwidth: float = 100e6,
+        recovery_grace_s: float = 2.5,
+        orphan_timeout_s: float = 60.0,
         story_length: int = 10_000,
     ):
         self.allowed_failures = allowed_failures
         self.worker_saturation = worker_saturation
-        self.work_stealing = work_stealing
-        self.bandwidth = bandwidth
+        self.recovery_grace_s = recovery_grace_s
+        self.orphan_timeout_s = orphan_timeout_s
         self.tasks: dict[str, SchedulerTask] = {}
         self.workers: dict[str, SchedulerWorker] = {}
         # client id -> the keys it holds futures for
@@ -165,24 +183,43 @@ class SchedulerState(TaskTransitions, WorkStealing):
         # released only while the window is open or a copy is pending
         # (`replicas_pending`), else lost (a holder takes it out).
         self.awaiting_holders: dict[str, None] = {}
-        # (key, from, to, stimulus_id) of recent transitions, for debugging.
-        self.story: collections.deque[tuple[str, str, str, str]] = collections.deque(
-            maxlen=story_length
-        )
+        self._submitted = 0
+        # The messages of the event being handled, shared with the two
+        # collaborators below so they leave in the order they were decided.
+        self.outbox = Outbox()
         # Work stealing (core/stealing.py): how long tasks take, by prefix;
         # the steals asked of victims that have not answered; the workers
         # with a thread to spare and those with tasks waiting for one.
         self.durations = TaskDurations()
-        self.stealing: dict[str, PendingSteal] = {}
-        self.starving: dict[str, None] = {}
-        self.backlogged: dict[str, None] = {}
-        self._steal_ids = itertools.count(1)
-        self._submitted = 0
-        # Set when a task gave its resources back: tasks waiting in
-        # no-worker for resources are placed again before `handle` returns.
-        self._resources_freed = False
-        self._stimulus_id = ""
-        self._out: list[SchedulerMessage] = []
+        self.balancer = WorkStealing(
+            tasks=self.tasks,
+            workers=self.workers,
+            outbox=self.outbox,
+            durations=self.durations,
+            enabled=work_stealing,
+            bandwidth=bandwidth,
+        )
+        self.stealing = self.balancer.pending
+        self.starving = self.balancer.starving
+        self.backlogged = self.balancer.backlogged
+        # The rules of a task's life (core/scheduler_transitions.py), over
+        # the records above. Invariant: none of the containers handed to it
+        # is ever rebound, only changed in place.
+        self.transitions = TaskTransitions(
+            tasks=self.tasks,
+            workers=self.workers,
+            clients=self.clients,
+            idle=self.idle,
+            queued=self.queued,
+            unrunnable=self.unrunnable,
+            recovering_runs=self.recovering_runs,
+            replicated=self.replicated,
+            awaiting_holders=self.awaiting_holders,
+            # (key, from, to, stimulus_id) of recent transitions, for debugging.
+            story=collections.deque(maxlen=story_length),
+            outbox=self.outbox,
+            balancer=self.balancer,
+        )
         self._handlers: dict[type, Callable[[SchedulerEvent], None]] = {
             ClientConnected: self._on_client_connected,
             ClientDisconnected: self._on_client_disconnected,
@@ -190,6 +227,7 @@ class SchedulerState(TaskTransitions, WorkStealing):
             KeysReleased: self._on_keys_released,
             KeysCancelled: self._on_keys_cancelled,
             DataScattered: self._on_data_scattered,
+            SchedulerStarted: self._on_scheduler_started,
             WorkerConnected: self._on_worker_connected,
             WorkerDisconnected: self._on_worker_disconnected,
             TaskStarted: self._on_task_started,
@@ -208,20 +246,31 @@ class SchedulerState(TaskTransitions, WorkStealing):
             WorkerResumed: self._on_worker_resumed,
         }
 
+    @property
+    def story(self) -> collections.deque[tuple[str, str, str, str]]:
+        """(key, from, to, stimulus_id) of the recent transitions, oldest
+        first; the transition engine writes it."""
+        return self.transitions.story
+
+    @story.setter
+    def story(self, log: collections.deque[tuple[str, str, str, str]]) -> None:
+        # A watcher may put its own deque in (trioflow/recorder.py).
+        self.transitions.story = log
+
     # ------------------------------------------------------------ entry --
 
     def handle(self, event: SchedulerEvent) -> list[SchedulerMessage]:
         """Apply one event; return the messages the shell must send, in order."""
-        self._stimulus_id = event.stimulus_id
+        self.outbox.open(event.stimulus_id)
         try:
             self._handlers[type(event)](event)
-            if self._resources_freed:
-                self._resources_freed = False
-                self._transitions({k: PROCESSING for k in self.unrunnable if self.tasks[k].resources})
-            self._fill_idle_workers()
-            self._balance()
+            if self.transitions.resources_freed:
+                self.transitions.resources_freed = False
+                self.transitions.run({k: PROCESSING for k in self.unrunnable if self.tasks[k].resources})
+            self.transitions.fill_idle_workers()
+            self.balancer.balance()
         finally:
-            out, self._out = self._out, []
+            out = self.outbox.close()
         return out
 
     # ---------------------------------------------------------- queries --
@@ -232,6 +281,19 @@ class SchedulerState(TaskTransitions, WorkStealing):
 
     def has_what(self) -> dict[str, list[str]]:
         return {a: list(ws.has_what) for a, ws in self.workers.items()}
+
+    def worker_addresses(self) -> list[str]:
+        """The registered workers, in registration order."""
+        return list(self.workers)
+
+    def is_registered(self, address: str) -> bool:
+        return address in self.workers
+
+    def worker_load(self, address: str) -> tuple[int, int, int] | None:
+        """(threads, tasks processing there, values held there) of a
+        registered worker; None if it is not registered."""
+        ws = self.workers.get(address)
+        return None if ws is None else (ws.nthreads, len(ws.processing), len(ws.has_what))
 
     def nthreads(self) -> dict[str, int]:
         return {a: ws.nthreads for a, ws in self.workers.items()}
@@ -262,6 +324,11 @@ class SchedulerState(TaskTransitions, WorkStealing):
         worker has held since (a worker's claim to hold it contradicts
         nothing this scheduler knows)."""
         return key in self.awaiting_holders
+
+    def in_recovery(self) -> bool:
+        """Whether the recovery window is open: what recovering clients send
+        is held back until `RecoveryEnded` (see that event)."""
+        return self.recovery_open
 
     def wants(self, client: str, key: str) -> bool:
         """Whether `client` holds a future for `key`."""
@@ -304,8 +371,8 @@ class SchedulerState(TaskTransitions, WorkStealing):
             if ts is not None:
                 ts.who_wants.pop(ev.client, None)
                 ts.delivered.pop(ev.client, None)
-                self._recommend_release_if_unneeded(ts, recs)
-        self._transitions(recs)
+                self.transitions.recommend_release_if_unneeded(ts, recs)
+        self.transitions.run(recs)
 
     def _on_tasks_submitted(self, ev: TasksSubmitted) -> None:
         wanted = self.clients.setdefault(ev.client, {})
@@ -351,9 +418,9 @@ class SchedulerState(TaskTransitions, WorkStealing):
             # second copy of it (90 bytes a task for nothing).
             wanted[ts.key] = None
             if ts.state is MEMORY:
-                self._report_finished(ev.client, ts)
+                self.transitions.report_finished(ev.client, ts)
             elif ts.state in FAILED:
-                self._report_failure(ev.client, ts)
+                self.transitions.report_failure(ev.client, ts)
         # One task at a time, in submission order, each with its knock-on
         # effects, so that earlier work is placed first.
         adopted: list[SchedulerTask] = []
@@ -363,7 +430,7 @@ class SchedulerState(TaskTransitions, WorkStealing):
             if ts.state is MEMORY:  # took an orphaned value above
                 adopted.append(ts)
             elif ts.failure is not None:
-                self._transitions({ts.key: ERRED})
+                self.transitions.run({ts.key: ERRED})
             elif not ts.has_lineage:
                 # Scattered data resubmitted after a scheduler restart that
                 # no surviving worker has brought back: it cannot be
@@ -371,17 +438,17 @@ class SchedulerState(TaskTransitions, WorkStealing):
                 # window is open (whoever reconnects first); then it is lost.
                 self.awaiting_holders[ts.key] = None
                 if not self.recovery_open:
-                    self._transitions({ts.key: LOST})
-            elif self._is_needed(ts):
-                self._transitions({ts.key: WAITING})
+                    self.transitions.run({ts.key: LOST})
+            elif self.transitions.is_needed(ts):
+                self.transitions.run({ts.key: WAITING})
             elif ts.state is RELEASED and not ts.dependents:
                 # Submitted, never wanted, needed by nothing: nothing to do.
-                self._transitions({ts.key: FORGOTTEN})
+                self.transitions.run({ts.key: FORGOTTEN})
         # Known keys kept only as lineage (released) that are wanted again.
         for key in ev.wanted:
             ts = self.tasks.get(key)
             if ts is not None and ts.state is RELEASED and ts.has_lineage:
-                self._transitions({key: WAITING})
+                self.transitions.run({key: WAITING})
         # A value taken from an orphan may be an input of a task submitted
         # after it in this same batch, or, while the recovery is open, of
         # another client's resubmission still to come: judge whether it is
@@ -396,22 +463,23 @@ class SchedulerState(TaskTransitions, WorkStealing):
         ts = self.tasks.get(key)
         if ts is not None and ts.state is MEMORY:
             recs: Recommendations = {}
-            self._recommend_release_if_unneeded(ts, recs)
-            self._transitions(recs)
+            self.transitions.recommend_release_if_unneeded(ts, recs)
+            self.transitions.run(recs)
 
     def _on_recovery_ended(self, ev: RecoveryEnded) -> None:
         self.recovery_open = False
         # Resubmitted scattered data no worker brought back in time is lost
         # (and what needs it errs) before the values brought back are
         # judged: an input of an erred task is not needed any more.
-        self._transitions(
+        self.transitions.run(
             {
                 key: LOST
                 for key in self.awaiting_holders
                 if self.tasks[key].state is RELEASED and not self.tasks[key].replicas_pending
             }
         )
-        unjudged, self.unjudged = self.unjudged, {}
+        unjudged = list(self.unjudged)
+        self.unjudged.clear()
         for key in unjudged:
             self._judge_adopted(key)
 
@@ -424,8 +492,8 @@ class SchedulerState(TaskTransitions, WorkStealing):
             if ts is not None and ev.client in ts.who_wants:
                 del ts.who_wants[ev.client]
                 ts.delivered.pop(ev.client, None)
-                self._recommend_release_if_unneeded(ts, recs)
-        self._transitions(recs)
+                self.transitions.recommend_release_if_unneeded(ts, recs)
+        self.transitions.run(recs)
 
     def _on_keys_cancelled(self, ev: KeysCancelled) -> None:
         """The client gives up `keys` and every dependent of them it holds.
@@ -448,9 +516,9 @@ class SchedulerState(TaskTransitions, WorkStealing):
                 del ts.who_wants[ev.client]
                 ts.delivered.pop(ev.client, None)
                 wanted.pop(ts.key, None)
-                self._emit(ReportErred(self._stimulus_id, ev.client, ts.key, failure, ts.key))
-                self._recommend_release_if_unneeded(ts, recs)
-        self._transitions(recs)
+                self.outbox.emit(ReportErred(self.outbox.stimulus_id, ev.client, ts.key, failure, ts.key))
+                self.transitions.recommend_release_if_unneeded(ts, recs)
+        self.transitions.run(recs)
 
     def _on_data_scattered(self, ev: DataScattered) -> None:
         wanted = self.clients.setdefault(ev.client, {})
@@ -464,23 +532,20 @@ class SchedulerState(TaskTransitions, WorkStealing):
             wanted[key] = None
             if ts.state is MEMORY:
                 for ws in live:
-                    self._add_replica(ts, ws)
-                self._report_finished(ev.client, ts)
+                    self.transitions.add_replica(ts, ws)
+                self.transitions.report_finished(ev.client, ts)
             elif ts.state is RELEASED and live and key not in self.awaiting_holders:
                 # New (or only lineage): the scattered value is its value.
-                self._log(ts, MEMORY)
-                ts.state, ts.nbytes = MEMORY, nbytes
-                for ws in live:
-                    self._add_replica(ts, ws)
+                self.transitions.adopt_value(ts, nbytes, live)
                 for client in ts.who_wants:
-                    self._report_finished(client, ts)
+                    self.transitions.report_finished(client, ts)
             elif ts.state in (RELEASED, LOST) and live:
                 # Lost data placed again, or resubmitted data nobody had
                 # brought back yet: everyone who holds it hears it is back,
                 # and what waits on it runs.
-                self._transitions({}, first=(ts, MEMORY, {"worker": live[0], "nbytes": nbytes}))
+                self.transitions.run({}, first=(ts, MEMORY, {"worker": live[0], "nbytes": nbytes}))
                 for ws in live[1:]:
-                    self._add_replica(ts, ws)
+                    self.transitions.add_replica(ts, ws)
             elif ts.state is RELEASED and ts.replicas_pending:
                 # Every worker it was placed on died before we heard of it,
                 # but it awaits a copy on its way (`_await_copy`): its
@@ -489,44 +554,54 @@ class SchedulerState(TaskTransitions, WorkStealing):
             elif ts.state is RELEASED or ts.state is LOST:
                 # Every worker it was placed on died before we heard of it.
                 if ts.state is RELEASED:
-                    self._transitions({key: LOST})
+                    self.transitions.run({key: LOST})
                 else:
-                    self._report_failure(ev.client, ts)
+                    self.transitions.report_failure(ev.client, ts)
             else:
                 # The key is already being computed; keep that, drop the copies.
                 for ws in live:
-                    self._emit(FreeKeys(self._stimulus_id, ws.address, (key,)))
+                    self.outbox.emit(FreeKeys(self.outbox.stimulus_id, ws.address, (key,)))
 
     # -------------------------------------------------- worker events --
 
+    def _on_scheduler_started(self, ev: SchedulerStarted) -> None:
+        """The recovery window opens (it is open from the start) and closes
+        `recovery_grace_s` from now: workers that survived a scheduler
+        restart re-register first, and the lineage clients resubmit then
+        finds their values."""
+        self.outbox.emit(
+            WakeAfter(ev.stimulus_id, self.recovery_grace_s, RecoveryEnded(f"recovery-ended-after-{ev.stimulus_id}"))
+        )
+
     def _on_worker_connected(self, ev: WorkerConnected) -> None:
+        held, running = ev.held, ev.running
         if ev.worker in self.workers:
             # A new connection from an address we still think is alive: the
             # old incarnation is gone.
-            self._on_worker_disconnected(WorkerDisconnected(ev.stimulus_id, ev.worker))
+            self._remove_worker(ev.worker, expected=False)
         ws = SchedulerWorker(ev.worker, ev.nthreads, self.worker_saturation, dict(ev.resources))
         self.workers[ev.worker] = ws
         self.idle[ev.worker] = None
-        self._refresh_balance(ws)
+        self.balancer.refresh(ws)
         # Every value the worker brings is taken first; only then do their
         # knock-on effects run (one of them may be what made another
         # needed).
         recs: Recommendations = {}
-        for key, nbytes in ev.held.items():
+        for key, nbytes in held.items():
             ts = self.tasks.get(key)
             if ts is None:
                 orphan = self.orphans.setdefault(key, Orphan())
                 orphan.holders[ev.worker] = None
                 orphan.nbytes = nbytes
             elif ts.state is MEMORY:
-                self._add_replica(ts, ws)
+                self.transitions.add_replica(ts, ws)
             elif ts.state in IN_PROGRESS or ts.state is LOST or key in self.awaiting_holders:
                 # The value we were waiting for already exists: take it.
-                self._transition(ts, MEMORY, recs, worker=ws, nbytes=nbytes)
+                self.transitions.move(ts, MEMORY, recs, worker=ws, nbytes=nbytes)
             else:
-                self._emit(FreeKeys(self._stimulus_id, ev.worker, (key,)))
-        self._transitions(recs)
-        for key in ev.running:
+                self.outbox.emit(FreeKeys(self.outbox.stimulus_id, ev.worker, (key,)))
+        self.transitions.run(recs)
+        for key in running:
             ts = self.tasks.get(key)
             if ts is None:
                 self.orphans.setdefault(key, Orphan()).running_on = ev.worker
@@ -537,58 +612,68 @@ class SchedulerState(TaskTransitions, WorkStealing):
             # Tried again: the newcomer may be allowed, have the resources,
             # or be the first live worker a loose task may fall back on.
             recs[key] = PROCESSING
-        for key in ev.running:
+        for key in running:
             ts = self.tasks.get(key)
             if ts is not None and ts.state is QUEUED:
                 recs[key] = PROCESSING
-        self._transitions(recs)
+        self.transitions.run(recs)
         for key in self.replicated:
-            self._replicate(self.tasks[key])
+            self.transitions.replicate(self.tasks[key])
+        # What it brought that nobody has claimed is kept for a while, for
+        # a client that will resubmit its lineage.
+        orphans = tuple(key for key in (*held, *running) if key in self.orphans)
+        if orphans:
+            expired = OrphansExpired(f"orphans-expired-after-{ev.stimulus_id}", orphans)
+            self.outbox.emit(WakeAfter(ev.stimulus_id, self.orphan_timeout_s, expired))
 
     def _on_worker_disconnected(self, ev: WorkerDisconnected) -> None:
-        ws = self.workers.pop(ev.worker, None)
-        if ws is None:
+        if ev.worker not in self.workers:
             return  # already removed (a close after a missed heartbeat)
-        self.idle.pop(ev.worker, None)
-        self.starving.pop(ev.worker, None)
-        self.backlogged.pop(ev.worker, None)
-        self._thief_left(ws)
+        self._remove_worker(ev.worker, ev.expected)
+
+    def _remove_worker(self, address: str, expected: bool) -> None:
+        """Take a worker out: reroute its work, recompute or lose its data."""
+        ws = self.workers.pop(address)
+        self.idle.pop(address, None)
+        self.starving.pop(address, None)
+        self.backlogged.pop(address, None)
+        self.balancer.thief_left(ws)
         recs: Recommendations = {}
         for key in ws.replicating:
             ts = self.tasks[key]
-            del ts.replicas_pending[ev.worker]
-            self._copy_not_coming(ts, recs)  # it was the copy data awaited
-        self._forget_worker_orphans(ev.worker)
+            del ts.replicas_pending[address]
+            self.transitions.copy_not_coming(ts, recs)  # it was the copy data awaited
+        self._forget_worker_orphans(address)
         # First the data: drop this replica everywhere. Values with no copy
         # left are recommended first, so that by the time the rescheduled
         # tasks below look at their dependencies, those are no longer MEMORY.
         for key in ws.has_what:
             ts = self.tasks[key]
-            del ts.who_has[ev.worker]
+            del ts.who_has[address]
             if not ts.who_has:
-                recs[key] = self._target_for_lost_value(ts)
+                recs[key] = self.transitions.target_for_lost_value(ts)
         # Then the work: every task assigned there is detached. A task that
         # was *running* when the worker died is suspected of killing it.
         for key in ws.processing:
             ts = self.tasks[key]
             was_running, ts.running, ts.processing_on = ts.running, False, None
-            if was_running and not ev.expected:
+            if was_running and not expected:
                 ts.suspicious += 1
-                ts.last_worker = ev.worker
+                ts.last_worker = address
                 if ts.suspicious >= self.allowed_failures:
                     # spec: INV-KILLED. Marked on the allowed_failures-th
                     # death; it never runs again.
-                    ts.failure = WorkerDeaths(key, ts.suspicious, ev.worker)
+                    ts.failure = WorkerDeaths(key, ts.suspicious, address)
                     ts.failure_origin = key
                     recs[key] = ERRED
                     continue
             recs.setdefault(key, WAITING)
-        self._transitions(recs)
+        self.transitions.run(recs)
         # Copies a client asked for are restored on the survivors.
         for key in (*ws.has_what, *ws.replicating):
             ts = self.tasks.get(key)
             if ts is not None and key in self.replicated:
-                self._replicate(ts)
+                self.transitions.replicate(ts)
         ws.processing.clear()
         ws.has_what.clear()
         ws.replicating.clear()
@@ -615,7 +700,7 @@ class SchedulerState(TaskTransitions, WorkStealing):
                 orphan.holders[ev.worker] = None
                 orphan.nbytes = ev.nbytes
             else:
-                self._emit(FreeKeys(self._stimulus_id, ev.worker, (ev.key,)))
+                self.outbox.emit(FreeKeys(self.outbox.stimulus_id, ev.worker, (ev.key,)))
         elif ts.state is MEMORY:
             if ev.worker not in ts.who_has:
                 # A second run of a task whose value already came from
@@ -625,9 +710,9 @@ class SchedulerState(TaskTransitions, WorkStealing):
                 # worker may be dropping its value right now: do not count
                 # it as a copy, free it (again). Found by seed 2 of the
                 # chaos lab (tests/sim/test_regressions.py).
-                self._emit(FreeKeys(self._stimulus_id, ev.worker, (ev.key,)))
+                self.outbox.emit(FreeKeys(self.outbox.stimulus_id, ev.worker, (ev.key,)))
         elif ts.state is PROCESSING and ts.processing_on == ev.worker:
-            self._transitions({}, first=(ts, MEMORY, {"worker": ws, "nbytes": ev.nbytes, "inline": ev.inline}))
+            self.transitions.run({}, first=(ts, MEMORY, {"worker": ws, "nbytes": ev.nbytes, "inline": ev.inline}))
         elif ts.state in IN_PROGRESS:
             # spec: a result counts only from the worker the task is
             # processing on. This one comes from a run the task was taken
@@ -636,10 +721,21 @@ class SchedulerState(TaskTransitions, WorkStealing):
             # is told to drop it. (Taking it would save a computation, but
             # would let any worker put a value of its choosing in front of
             # the clients that wait for this key.)
-            self._emit(FreeKeys(self._stimulus_id, ev.worker, (ev.key,)))
+            self.outbox.emit(FreeKeys(self.outbox.stimulus_id, ev.worker, (ev.key,)))
         else:
             # Nobody needs this value any more (released, erred).
-            self._emit(FreeKeys(self._stimulus_id, ev.worker, (ev.key,)))
+            self.outbox.emit(FreeKeys(self.outbox.stimulus_id, ev.worker, (ev.key,)))
+
+    def _on_steal_answered(self, ev: StealAnswered) -> None:
+        move = self.balancer.answer(ev)
+        if move is not None:
+            self.transitions.run({}, first=move)
+
+    def steal_pending(self, key: str, steal_id: int, victim: str) -> bool:
+        """Whether `victim`'s answer with `steal_id` is about the steal of `key`
+        still pending (the shell asks, to know whether the victim's copy of
+        the task is gone)."""
+        return self.balancer.steal_pending(key, steal_id, victim)
 
     def _on_worker_paused(self, ev: WorkerPaused) -> None:
         """Its memory is high: nothing new goes there (placement, the queue,
@@ -650,7 +746,7 @@ class SchedulerState(TaskTransitions, WorkStealing):
             return
         ws.paused = True
         self.idle.pop(ev.worker, None)
-        self._refresh_balance(ws)
+        self.balancer.refresh(ws)
 
     def _on_worker_resumed(self, ev: WorkerResumed) -> None:
         ws = self.workers.get(ev.worker)
@@ -659,9 +755,9 @@ class SchedulerState(TaskTransitions, WorkStealing):
         ws.paused = False
         if ws.hungry:
             self.idle[ev.worker] = None
-        self._refresh_balance(ws)
+        self.balancer.refresh(ws)
         # Tasks that waited for a worker that is not paused may go now.
-        self._transitions({key: PROCESSING for key in self.unrunnable})
+        self.transitions.run({key: PROCESSING for key in self.unrunnable})
 
     def _on_task_erred(self, ev: TaskErred) -> None:
         ts = self.tasks.get(ev.key)
@@ -669,10 +765,10 @@ class SchedulerState(TaskTransitions, WorkStealing):
             return  # stale: the task was rerouted or released meanwhile
         if ts.retries_left > 0:
             ts.retries_left -= 1
-            self._transitions({ts.key: WAITING})
+            self.transitions.run({ts.key: WAITING})
             return
         ts.failure, ts.failure_origin = ev.failure, ts.key
-        self._transitions({ts.key: ERRED})
+        self.transitions.run({ts.key: ERRED})
 
     def _on_replica_added(self, ev: ReplicaAdded) -> None:
         ts = self.tasks.get(ev.key)
@@ -680,18 +776,18 @@ class SchedulerState(TaskTransitions, WorkStealing):
         if ws is None:
             return
         if ts is not None and ts.state is MEMORY:
-            self._add_replica(ts, ws)
+            self.transitions.add_replica(ts, ws)
         elif ts is not None and ts.state is RELEASED and ev.worker in ts.replicas_pending:
             # The copy that data whose last holder left was waiting for
             # (`_await_copy`): back in memory, and what waits on it runs.
-            self._transitions({}, first=(ts, MEMORY, {"worker": ws, "nbytes": ev.nbytes}))
+            self.transitions.run({}, first=(ts, MEMORY, {"worker": ws, "nbytes": ev.nbytes}))
         elif ts is not None and ts.processing_on == ev.worker:
             # A copy fetched before the task was assigned there: the worker
             # answers the assignment with TaskFinished, which counts it. A
             # free now would cross that answer (seed 5 of the chaos lab).
             pass
         else:
-            self._emit(FreeKeys(self._stimulus_id, ev.worker, (ev.key,)))
+            self.outbox.emit(FreeKeys(self.outbox.stimulus_id, ev.worker, (ev.key,)))
 
     def _on_replica_missing(self, ev: ReplicaMissing) -> None:
         """A worker could not fetch `key` from any holder it was given, or
@@ -719,19 +815,19 @@ class SchedulerState(TaskTransitions, WorkStealing):
                 if ws is not None and address in ts.who_has:
                     del ts.who_has[address]
                     del ws.has_what[ts.key]
-                    self._emit(FreeKeys(self._stimulus_id, address, (ts.key,)))
+                    self.outbox.emit(FreeKeys(self.outbox.stimulus_id, address, (ts.key,)))
             if not ts.who_has:
-                recs[ts.key] = self._target_for_lost_value(ts)
+                recs[ts.key] = self.transitions.target_for_lost_value(ts)
         dependent = self.tasks.get(ev.dependent) if ev.dependent else None
         if dependent is not None and dependent.processing_on == ev.worker:
             recs.setdefault(dependent.key, WAITING)
         if ts is not None and ev.worker in ts.replicas_pending:
             del ts.replicas_pending[ev.worker]
             del self.workers[ev.worker].replicating[ts.key]
-            self._copy_not_coming(ts, recs)  # it was the copy data awaited
-        self._transitions(recs)
+            self.transitions.copy_not_coming(ts, recs)  # it was the copy data awaited
+        self.transitions.run(recs)
         if ts is not None and ts.key in self.replicated and ts.key in self.tasks:
-            self._replicate(ts)
+            self.transitions.replicate(ts)
 
     def _on_data_dropped(self, ev: DataDropped) -> None:
         """The worker dropped these values (it was told to; the message may
@@ -747,10 +843,10 @@ class SchedulerState(TaskTransitions, WorkStealing):
             del ts.who_has[ev.worker]
             del ws.has_what[key]
             if not ts.who_has:
-                recs[key] = self._target_for_lost_value(ts)
+                recs[key] = self.transitions.target_for_lost_value(ts)
             elif key in self.replicated:
-                self._replicate(ts)
-        self._transitions(recs)
+                self.transitions.replicate(ts)
+        self.transitions.run(recs)
 
     def _on_replication_requested(self, ev: ReplicationRequested) -> None:
         for key in ev.keys:
@@ -762,7 +858,7 @@ class SchedulerState(TaskTransitions, WorkStealing):
                 self.replicated[key] = None
             else:
                 self.replicated.pop(key, None)
-            self._replicate(ts)
+            self.transitions.replicate(ts)
 
     def _on_cluster_restarted(self, ev: ClusterRestarted) -> None:
         """Flush every task: each held future hears that it was cancelled.
@@ -773,8 +869,8 @@ class SchedulerState(TaskTransitions, WorkStealing):
         failure = Cancelled(ev.reason)
         for key, ts in self.tasks.items():
             for client in ts.who_wants:
-                self._emit(ReportErred(self._stimulus_id, client, key, failure, key))
-            self.story.append((key, ts.state.value, FORGOTTEN.value, self._stimulus_id))
+                self.outbox.emit(ReportErred(self.outbox.stimulus_id, client, key, failure, key))
+            self.story.append((key, ts.state.value, FORGOTTEN.value, self.outbox.stimulus_id))
         self.tasks.clear()
         for wanted in self.clients.values():
             wanted.clear()
@@ -786,14 +882,15 @@ class SchedulerState(TaskTransitions, WorkStealing):
             ws.used.clear()
             ws.prefixes.clear()
             ws.incoming.clear()
-            self._refresh_balance(ws)
-        self.idle = {address: None for address, ws in self.workers.items() if not ws.paused}
+            self.balancer.refresh(ws)
+        self.idle.clear()
+        self.idle.update((address, None) for address, ws in self.workers.items() if not ws.paused)
         self.queued.clear()
         self.unrunnable.clear()
         self.replicated.clear()
         for key, orphan in self.orphans.items():
             for address in orphan.holders:
-                self._emit(FreeKeys(self._stimulus_id, address, (key,)))
+                self.outbox.emit(FreeKeys(self.outbox.stimulus_id, address, (key,)))
         self.orphans.clear()
         self.recovering_runs.clear()
         self.unjudged.clear()
@@ -816,7 +913,7 @@ class SchedulerState(TaskTransitions, WorkStealing):
                     # pseudo-client has not: it is computed again. (Data
                     # awaiting a copy is held until the copy comes or not.)
                     recs[key] = WAITING
-        self._transitions(recs)
+        self.transitions.run(recs)
 
     def _on_orphans_expired(self, ev: OrphansExpired) -> None:
         for key in ev.keys:
@@ -824,15 +921,12 @@ class SchedulerState(TaskTransitions, WorkStealing):
             if orphan is None:
                 continue
             for address in orphan.holders:
-                self._emit(FreeKeys(self._stimulus_id, address, (key,)))
+                self.outbox.emit(FreeKeys(self.outbox.stimulus_id, address, (key,)))
 
     def _claim_orphan(self, ts: SchedulerTask, orphan: Orphan) -> None:
         """A resubmitted task takes what workers said they hold or run for it."""
         if orphan.holders:
-            ts.state, ts.nbytes = MEMORY, orphan.nbytes
-            for address in orphan.holders:
-                self._add_replica(ts, self.workers[address])
-            self.story.append((ts.key, RELEASED.value, MEMORY.value, self._stimulus_id))
+            self.transitions.adopt_value(ts, orphan.nbytes, [self.workers[a] for a in orphan.holders])
         elif orphan.running_on is not None:
             self.recovering_runs[ts.key] = orphan.running_on
 

@@ -1,21 +1,23 @@
 """How a task moves between states: the transition engine and its table.
 
 Rules: the same as every module of `trioflow.core` (pure; ordered dicts
-only). This is the half of the scheduler's state machine that knows the
-*rules* of a task's life; `scheduler_state.py` is the half that turns
-*facts* (events) into those moves. `SchedulerState` inherits these methods
-and owns the data they work on.
+only). This module knows the *rules* of a task's life; `scheduler_state.py`
+turns *facts* (events) into the moves these rules make. `SchedulerState`
+owns one `TaskTransitions` (its `transitions`) and hands it, when it is
+made, the records the rules read and change; a handler there asks for a
+move with `transitions.run(recommendations)`, and the messages the moves
+imply go to the event's `Outbox`, in the order they were decided.
 
 Theory of operation
 -------------------
 A change to one task can make others change: a value arriving makes
 dependents ready; a failure errs dependents; a task finishing makes its
 inputs unneeded. Those knock-on changes are *recommendations*,
-``{key: target_state}``, which `_transitions` works off, oldest first,
+``{key: target_state}``, which `run` works off, oldest first,
 until none are left. Every state change goes through `TRANSITIONS`, the
-table at the end of this file (drawn as a diagram in spec/README.md); a
-(from, to) pair not in it raises `InvalidTransition` and leaves the task as
-it was.
+table at the end of this file (drawn as a diagram in spec/README.md), but
+for the few listed in `OUTSIDE_THE_TABLE`; a (from, to) pair not in it
+raises `InvalidTransition` and leaves the task as it was.
 
 A task is *needed* while a client holds a future for it (`who_wants`) or a
 dependent in progress still needs its value (`waiters`). A task that is no
@@ -48,18 +50,18 @@ from trioflow.core.scheduler_events import (
     FreeKeys,
     ReportErred,
     ReportFinished,
+    Outbox,
     ReportLost,
-    SchedulerMessage,
 )
 from trioflow.core.scheduler_records import (
     FAILED,
     IN_PROGRESS,
-    Orphan,
     SchedulerTask,
     SchedulerWorker,
     TaskState,
     wire_priority,
 )
+from trioflow.core.stealing import WorkStealing
 
 RELEASED = TaskState.RELEASED
 WAITING = TaskState.WAITING
@@ -79,31 +81,59 @@ class InvalidTransition(RuntimeError):
 
 
 class TaskTransitions:
-    """The transition rules, as methods over the state `SchedulerState` holds."""
+    """The transition rules, over the records `SchedulerState` hands it.
 
-    # The data these methods work on; `SchedulerState.__init__` creates it.
-    tasks: dict[str, SchedulerTask]
-    workers: dict[str, SchedulerWorker]
-    clients: dict[str, dict[str, None]]
-    idle: dict[str, None]
-    queued: list[tuple[int, str]]
-    unrunnable: dict[str, None]
-    replicated: dict[str, None]
-    orphans: dict[str, Orphan]
-    recovering_runs: dict[str, str]
-    awaiting_holders: dict[str, None]
-    story: collections.deque[tuple[str, str, str, str]]
-    allowed_failures: int
-    _stimulus_id: str
-    _out: list[SchedulerMessage]
-    _resources_freed: bool
-    # From `WorkStealing` (core/stealing.py), which `SchedulerState` also inherits.
-    _refresh_balance: Callable[[SchedulerWorker], None]
-    _drop_steal: Callable[[str], None]
+    Args:
+        tasks, workers, clients: the scheduler's records of each (shared:
+            `SchedulerState` and this engine change the same dicts, and
+            neither ever rebinds them).
+        idle, queued, unrunnable, recovering_runs: where ready tasks are
+            placed or wait (workers below capacity, the root-task heap, tasks
+            no worker may run now, runs a re-registered worker reported;
+            each described where `SchedulerState` makes it).
+        replicated, awaiting_holders: keys kept in several copies, and
+            scattered keys waiting for a holder (see `SchedulerState`).
+        story: where each transition is logged (a watcher may put its own
+            deque here: `SchedulerState.story`).
+        outbox: where the messages a transition implies go.
+        balancer: work stealing, told when a worker's load changes.
+    """
+
+    def __init__(
+        self,
+        *,
+        tasks: dict[str, SchedulerTask],
+        workers: dict[str, SchedulerWorker],
+        clients: dict[str, dict[str, None]],
+        idle: dict[str, None],
+        queued: list[tuple[int, str]],
+        unrunnable: dict[str, None],
+        recovering_runs: dict[str, str],
+        replicated: dict[str, None],
+        awaiting_holders: dict[str, None],
+        story: collections.deque[tuple[str, str, str, str]],
+        outbox: Outbox,
+        balancer: WorkStealing,
+    ):
+        self.tasks = tasks
+        self.workers = workers
+        self.clients = clients
+        self.idle = idle
+        self.queued = queued
+        self.unrunnable = unrunnable
+        self.recovering_runs = recovering_runs
+        self.replicated = replicated
+        self.awaiting_holders = awaiting_holders
+        self.story = story
+        self.outbox = outbox
+        self.balancer = balancer
+        # Set when a task gave its resources back: `SchedulerState.handle`
+        # then places the tasks waiting in no-worker for resources again.
+        self.resources_freed = False
 
     # ------------------------------------------------ the transition engine --
 
-    def _transitions(
+    def run(
         self,
         recs: Recommendations,
         first: tuple[SchedulerTask, TaskState, dict] | None = None,
@@ -124,7 +154,7 @@ class TaskTransitions:
         recs = collections.OrderedDict(recs)
         if first is not None:
             ts, target, kwargs = first
-            self._transition(ts, target, recs, **kwargs)
+            self.move(ts, target, recs, **kwargs)
         while recs:
             key, target = recs.popitem(last=False)
             ts = self.tasks.get(key)
@@ -133,7 +163,7 @@ class TaskTransitions:
             if ts.state is MEMORY and not ts.who_has:
                 # Its last copy vanished: where it goes depends on whether it
                 # is needed now, not when the recommendation was made.
-                target = self._target_for_lost_value(ts)
+                target = self.target_for_lost_value(ts)
             elif target in (RELEASED, FORGOTTEN) and self._keeps(ts):
                 # Stale: needed again since. This recommendation may have
                 # replaced one still due (a ready task's "-> processing"):
@@ -149,20 +179,20 @@ class TaskTransitions:
                 continue  # ready to run, but its value arrived meanwhile
             if ts.state is target:
                 continue
-            self._transition(ts, target, recs)
+            self.move(ts, target, recs)
 
-    def _transition(
+    def move(
         self, ts: SchedulerTask, target: TaskState, recs: Recommendations, **kwargs
     ) -> None:
         method = TRANSITIONS.get((ts.state, target))
         if method is None:
             raise InvalidTransition(
                 f"{ts.key!r}: no transition {ts.state.value} -> {target.value} "
-                f"(stimulus {self._stimulus_id!r})"
+                f"(stimulus {self.outbox.stimulus_id!r})"
             )
         before = ts.state
         method(self, ts, recs, **kwargs)
-        self.story.append((ts.key, before.value, ts.state.value, self._stimulus_id))
+        self.story.append((ts.key, before.value, ts.state.value, self.outbox.stimulus_id))
 
     # ------------------------------------------------------ transitions --
 
@@ -208,7 +238,7 @@ class TaskTransitions:
         elif not ts.dependencies and previous is not QUEUED:
             # A root task always passes through the queue: the root tasks
             # made ready by one event then go out best priority first
-            # (`_fill_idle_workers`, before the event's messages are
+            # (`fill_idle_workers`, before the event's messages are
             # returned), whatever order the event made them ready in.
             ws = None
         else:
@@ -244,9 +274,9 @@ class TaskTransitions:
         ts.state, ts.nbytes = MEMORY, nbytes
         ts.failure = ts.failure_origin = None
         ts.waiting_on.clear()
-        self._add_replica(ts, worker)
+        self.add_replica(ts, worker)
         for client in ts.who_wants:
-            self._report_finished(client, ts, with_value=inline)
+            self.report_finished(client, ts, with_value=inline)
         for key in ts.waiters:
             dependent = self.tasks[key]
             if dependent.state is WAITING:
@@ -255,7 +285,7 @@ class TaskTransitions:
                     recs[key] = PROCESSING
         self._stop_waiting(ts, recs)
         self._release_fired(ts, recs)
-        self._recommend_release_if_unneeded(ts, recs)
+        self.recommend_release_if_unneeded(ts, recs)
 
     def _to_waiting_again(self, ts: SchedulerTask, recs: Recommendations, *, cancel: bool = True) -> None:
         """Rerouted (worker died, input lost, retry, or given up to a thief
@@ -276,7 +306,7 @@ class TaskTransitions:
         self._drop_pending_replicas(ts)
         for client in ts.who_wants:
             if client not in ts.delivered:  # one that has the value keeps it
-                self._emit(ReportLost(self._stimulus_id, client, ts.key))
+                self.outbox.emit(ReportLost(self.outbox.stimulus_id, client, ts.key))
         self._invalidate_dependents(ts, recs)
         ts.state = WAITING
         self._wait_for_dependencies(ts, recs)
@@ -287,10 +317,10 @@ class TaskTransitions:
         ts.state = LOST
         ts.failure, ts.failure_origin = DataLost(ts.key), ts.key
         for client in ts.who_wants:
-            self._report_failure(client, ts)
+            self.report_failure(client, ts)
         self._err_dependents(ts, recs)
         self._release_fired(ts, recs)
-        self._recommend_release_if_unneeded(ts, recs)
+        self.recommend_release_if_unneeded(ts, recs)
 
     def _to_erred(self, ts: SchedulerTask, recs: Recommendations) -> None:
         """`ts.failure` is set: keep it, tell clients, and err the dependents."""
@@ -299,11 +329,11 @@ class TaskTransitions:
         ts.waiting_on.clear()
         self.recovering_runs.pop(ts.key, None)
         for client in ts.who_wants:
-            self._report_failure(client, ts)
+            self.report_failure(client, ts)
         self._stop_waiting(ts, recs)
         self._err_dependents(ts, recs)
         self._release_fired(ts, recs)
-        self._recommend_release_if_unneeded(ts, recs)
+        self.recommend_release_if_unneeded(ts, recs)
 
     def _memory_to_released(self, ts: SchedulerTask, recs: Recommendations) -> None:
         """A value leaves memory without being lost: nobody needs it (lineage
@@ -331,7 +361,7 @@ class TaskTransitions:
         and the dependents that were about to use it wait for it meanwhile
         (they cannot run anywhere without it). Only when no copy is on its
         way any more (a failed fetch, or the fetching worker leaving too)
-        is it lost (`_copy_not_coming`). Clients are told nothing now: one
+        is it lost (`copy_not_coming`). Clients are told nothing now: one
         that looks for a holder meanwhile finds none and waits for the
         report that comes either way. spec: rule "await-copy", INV-AWAITED.
         """
@@ -358,11 +388,11 @@ class TaskTransitions:
                 fetchers.append(ws)
         return fetchers
 
-    def _copy_not_coming(self, ts: SchedulerTask, recs: Recommendations) -> None:
+    def copy_not_coming(self, ts: SchedulerTask, recs: Recommendations) -> None:
         """Data awaiting a copy (`_await_copy`) saw its last pending copy
         fail: recommend what the loss of its last copy means now."""
         if ts.state is RELEASED and not ts.replicas_pending and not ts.has_lineage:
-            recs[ts.key] = self._target_for_lost_value(ts)
+            recs[ts.key] = self.target_for_lost_value(ts)
 
     def _to_released(self, ts: SchedulerTask, recs: Recommendations) -> None:
         """Nobody needs it any more: drop the run or the value, keep lineage."""
@@ -390,7 +420,7 @@ class TaskTransitions:
         for dep in ts.dependencies.values():
             dep.dependents.pop(ts.key, None)
             dep.waiters.pop(ts.key, None)
-            self._recommend_release_if_unneeded(dep, recs)
+            self.recommend_release_if_unneeded(dep, recs)
 
     # ------------------------------------------------------------ helpers --
 
@@ -403,12 +433,12 @@ class TaskTransitions:
         elif ts.state is NO_WORKER:
             del self.unrunnable[ts.key]
 
-    def _is_needed(self, ts: SchedulerTask) -> bool:
+    def is_needed(self, ts: SchedulerTask) -> bool:
         return bool(ts.who_wants or ts.waiters)
 
     def _keeps(self, ts: SchedulerTask) -> bool:
         """Whether `ts` keeps its run (in progress) or its value and record."""
-        return self._value_needed(ts) if ts.state in IN_PROGRESS else self._is_needed(ts)
+        return self._value_needed(ts) if ts.state in IN_PROGRESS else self.is_needed(ts)
 
     def _value_needed(self, ts: SchedulerTask) -> bool:
         """Needed by work in progress or by a client that lacks the value."""
@@ -424,7 +454,7 @@ class TaskTransitions:
         # recommendation is pending): it is not available.
         return ts.state is MEMORY and bool(ts.who_has)
 
-    def _recommend_release_if_unneeded(self, ts: SchedulerTask, recs: Recommendations) -> None:
+    def recommend_release_if_unneeded(self, ts: SchedulerTask, recs: Recommendations) -> None:
         if ts.state in IN_PROGRESS:
             # Work goes on only while its value is needed (a client that has
             # the value does not need it computed again). Unless it is
@@ -434,7 +464,7 @@ class TaskTransitions:
             if not self._value_needed(ts) and ts.failure is None:
                 recs[ts.key] = RELEASED
             return
-        if self._is_needed(ts):
+        if self.is_needed(ts):
             return
         unreferenced = not ts.dependents
         if ts.state is MEMORY:
@@ -445,11 +475,11 @@ class TaskTransitions:
         elif unreferenced:  # RELEASED, ERRED, LOST
             recs[ts.key] = FORGOTTEN
 
-    def _target_for_lost_value(self, ts: SchedulerTask) -> TaskState:
+    def target_for_lost_value(self, ts: SchedulerTask) -> TaskState:
         """Where a task goes when its last copy disappears (a MEMORY task, or
         scattered data that awaited a copy that will not come)."""
         if not ts.has_lineage:
-            if not (self._is_needed(ts) or ts.dependents):
+            if not (self.is_needed(ts) or ts.dependents):
                 return FORGOTTEN
             # A copy on its way may exist already: wait for it (`_await_copy`).
             return RELEASED if ts.replicas_pending or self._fetchers(ts) else LOST
@@ -472,7 +502,7 @@ class TaskTransitions:
         """`ts` no longer needs its inputs' values: they may be released."""
         for dep in ts.dependencies.values():
             if dep.waiters.pop(ts.key, 0) is None:
-                self._recommend_release_if_unneeded(dep, recs)
+                self.recommend_release_if_unneeded(dep, recs)
 
     def _invalidate_dependents(self, ts: SchedulerTask, recs: Recommendations) -> None:
         """`ts` lost its value: dependents that were about to use it wait again."""
@@ -555,7 +585,7 @@ class TaskTransitions:
         ts.running = False
         ws.processing[ts.key] = None
         ws.prefixes[ts.prefix] = ws.prefixes.get(ts.prefix, 0) + 1
-        self._refresh_balance(ws)
+        self.balancer.refresh(ws)
         for name, amount in (ts.resources or {}).items():
             ws.used[name] = ws.used.get(name, 0) + amount
         if ws.address in self.idle:
@@ -564,9 +594,9 @@ class TaskTransitions:
             if not ws.saturated:
                 self.idle[ws.address] = None
         deps = ts.dependencies.values()
-        self._emit(
+        self.outbox.emit(
             ComputeTask(
-                self._stimulus_id,
+                self.outbox.stimulus_id,
                 ws.address,
                 ts.key,
                 ts.run_spec,
@@ -581,7 +611,7 @@ class TaskTransitions:
         address, ts.processing_on, ts.running = ts.processing_on, None, False
         # A steal of it that is pending is over (the victim's answer will
         # match nothing): the assignment it was about is.
-        self._drop_steal(ts.key)
+        self.balancer.drop(ts.key)
         ws = self.workers.get(address) if address is not None else None
         if ws is None:
             return
@@ -591,7 +621,7 @@ class TaskTransitions:
             ws.prefixes[ts.prefix] = left
         else:
             del ws.prefixes[ts.prefix]
-        self._refresh_balance(ws)
+        self.balancer.refresh(ws)
         if ts.resources:
             for name, amount in ts.resources.items():
                 left = ws.used[name] - amount
@@ -599,28 +629,28 @@ class TaskTransitions:
                     ws.used[name] = left
                 else:
                     del ws.used[name]
-            self._resources_freed = True
+            self.resources_freed = True
         if ws.hungry and not ws.paused:
             self.idle.setdefault(ws.address, None)
         if cancel:
-            self._emit(FreeKeys(self._stimulus_id, ws.address, (ts.key,)))
+            self.outbox.emit(FreeKeys(self.outbox.stimulus_id, ws.address, (ts.key,)))
 
-    def _fill_idle_workers(self) -> None:
+    def fill_idle_workers(self) -> None:
         """Hand queued root tasks to workers below capacity, best priority first."""
         while self.idle and self.queued:
             _, key = heapq.heappop(self.queued)
             ts = self.tasks.get(key)
             if ts is None or ts.state is not QUEUED:
                 continue  # released while queued
-            self._transitions({key: PROCESSING})
+            self.run({key: PROCESSING})
 
-    def _add_replica(self, ts: SchedulerTask, ws: SchedulerWorker) -> None:
+    def add_replica(self, ts: SchedulerTask, ws: SchedulerWorker) -> None:
         ts.own("who_has")[ws.address] = None
         ws.has_what[ts.key] = None
         if ts.replicas_pending.pop(ws.address, 0) is None:
             del ws.replicating[ts.key]
         if ts.key in self.replicated:
-            self._replicate(ts)
+            self.replicate(ts)
 
     def _drop_pending_replicas(self, ts: SchedulerTask) -> None:
         """`ts` left memory (or stopped awaiting a copy): copies still on
@@ -633,7 +663,7 @@ class TaskTransitions:
         self._drop_pending_replicas(ts)
         for address in ts.who_has:
             del self.workers[address].has_what[ts.key]
-            self._emit(FreeKeys(self._stimulus_id, address, (ts.key,)))
+            self.outbox.emit(FreeKeys(self.outbox.stimulus_id, address, (ts.key,)))
         ts.who_has.clear()
 
     def _release_fired(self, ts: SchedulerTask, recs: Recommendations) -> None:
@@ -641,9 +671,9 @@ class TaskTransitions:
         if FIRE_AND_FORGET in ts.who_wants:
             del ts.who_wants[FIRE_AND_FORGET]
             self.clients[FIRE_AND_FORGET].pop(ts.key, None)
-            self._recommend_release_if_unneeded(ts, recs)
+            self.recommend_release_if_unneeded(ts, recs)
 
-    def _report_finished(self, client: str, ts: SchedulerTask, with_value: bool = False) -> None:
+    def report_finished(self, client: str, ts: SchedulerTask, with_value: bool = False) -> None:
         if client == FIRE_AND_FORGET:
             return  # nobody to tell
         # A client keeps the value of the latest report only: `delivered`
@@ -652,22 +682,30 @@ class TaskTransitions:
             ts.own("delivered")[client] = None
         else:
             ts.delivered.pop(client, None)
-        self._emit(ReportFinished(self._stimulus_id, client, ts.key, tuple(ts.who_has), with_value))
+        self.outbox.emit(ReportFinished(self.outbox.stimulus_id, client, ts.key, tuple(ts.who_has), with_value))
 
-    def _report_failure(self, client: str, ts: SchedulerTask) -> None:
+    def report_failure(self, client: str, ts: SchedulerTask) -> None:
         if client == FIRE_AND_FORGET:
             return  # nobody to tell
         assert ts.failure is not None and ts.failure_origin is not None
         ts.delivered.pop(client, None)
-        self._emit(ReportErred(self._stimulus_id, client, ts.key, ts.failure, ts.failure_origin))
+        self.outbox.emit(ReportErred(self.outbox.stimulus_id, client, ts.key, ts.failure, ts.failure_origin))
 
-    def _emit(self, message: SchedulerMessage) -> None:
-        self._out.append(message)
+    def adopt_value(self, ts: SchedulerTask, nbytes: int, holders: list[SchedulerWorker]) -> None:
+        """OUTSIDE THE TABLE (`OUTSIDE_THE_TABLE`): a released record with no
+        run and no waiter takes a value workers already hold.
 
-    def _log(self, ts: SchedulerTask, target: TaskState) -> None:
-        self.story.append((ts.key, ts.state.value, target.value, self._stimulus_id))
+        Nothing that a move out of RELEASED does applies: no run to cancel,
+        no dependent waiting on it, no client to tell yet (the caller reports
+        to whom it must, once every holder is counted).
+        """
+        assert ts.state is RELEASED and not ts.who_has, ts
+        self.story.append((ts.key, RELEASED.value, MEMORY.value, self.outbox.stimulus_id))
+        ts.state, ts.nbytes = MEMORY, nbytes
+        for ws in holders:
+            self.add_replica(ts, ws)
 
-    def _replicate(self, ts: SchedulerTask) -> None:
+    def replicate(self, ts: SchedulerTask) -> None:
         """Ask workers for copies of `ts` until `replicas_wanted` exist or are coming.
 
         Copies go to the workers holding the fewest values. Scanning the
@@ -688,10 +726,26 @@ class TaskTransitions:
         for ws in candidates[:missing]:
             ts.own("replicas_pending")[ws.address] = None
             ws.replicating[ts.key] = None
-            self._emit(
-                AcquireReplicas(self._stimulus_id, ws.address, {ts.key: tuple(ts.who_has)}, {ts.key: ts.nbytes})
+            self.outbox.emit(
+                AcquireReplicas(self.outbox.stimulus_id, ws.address, {ts.key: tuple(ts.who_has)}, {ts.key: ts.nbytes})
             )
 
+
+# WARNING: the state changes that do not go through `TRANSITIONS`. Each is
+# a record that appears or disappears wholesale rather than a task moving
+# through its life, so none of the table's knock-on rules applies. A test
+# (tests/core/test_scheduler_table.py) checks that any other code setting a
+# task's state runs only inside a move of the table.
+OUTSIDE_THE_TABLE: dict[str, str] = {
+    "TaskTransitions.adopt_value": (
+        "released -> memory, for a record a client just made (scatter of a new key, or "
+        "a resubmitted key that workers said they hold): no run, no waiter, nobody told yet"
+    ),
+    "SchedulerState._on_cluster_restarted": (
+        "every state -> forgotten at once (Client.restart): every record is dropped, each "
+        "client told its futures are cancelled; nothing is left for a knock-on rule to move"
+    ),
+}
 
 # The transition table: every allowed (from, to) pair and the method doing it.
 # spec/README.md draws the same table as a diagram.
@@ -709,10 +763,10 @@ TRANSITIONS: dict[tuple[TaskState, TaskState], Callable[..., None]] = {
     (WAITING, MEMORY): _T._to_memory,  # a value a (re-)registering worker brings
     (WAITING, ERRED): _T._to_erred,
     (WAITING, RELEASED): _T._to_released,
+    # A queued task is a root task (`_to_processing`): no input of it can
+    # fail or vanish, so it never errs or waits again from the queue.
     (QUEUED, PROCESSING): _T._to_processing,
-    (QUEUED, ERRED): _T._to_erred,
     (QUEUED, RELEASED): _T._to_released,
-    (QUEUED, WAITING): _T._to_waiting_again,
     (QUEUED, MEMORY): _T._to_memory,
     (NO_WORKER, PROCESSING): _T._to_processing,
     (NO_WORKER, ERRED): _T._to_erred,

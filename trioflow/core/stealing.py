@@ -3,8 +3,9 @@
 Rules: the same as every module of `trioflow.core` (pure; ordered dicts
 only; no clock: durations arrive on events). This is the part of the
 scheduler's state machine that moves a task from one worker to another
-*after* it was placed; `SchedulerState` inherits these methods and owns
-the data they work on. The model is `spec/model.py` (the steal rule of
+*after* it was placed. `SchedulerState` owns one `WorkStealing`, which it
+hands the task and worker records; the transition engine tells it when a
+worker's load changed (`refresh`) and when a task left its worker (`drop`). The model is `spec/model.py` (the steal rule of
 `_place` and the `StealAnswered` event); spec/README.md, "Work stealing".
 
 Why
@@ -90,10 +91,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
 
 from trioflow.core.durations import TaskDurations
-from trioflow.core.scheduler_events import RequestSteal, SchedulerMessage, StealAnswered
+from trioflow.core.scheduler_events import Outbox, RequestSteal, StealAnswered
 from trioflow.core.scheduler_records import SchedulerTask, SchedulerWorker, TaskState
 
 __all__ = ["STEAL_OVERHEAD_S", "STEAL_SCAN", "PendingSteal", "WorkStealing"]
@@ -129,28 +129,44 @@ class PendingSteal:
 
 
 class WorkStealing:
-    """The stealing rules, as methods over the state `SchedulerState` holds."""
+    """Which tasks move from busy workers to idle ones, and the steals pending.
 
-    # The data these methods work on; `SchedulerState.__init__` creates it.
-    tasks: dict[str, SchedulerTask]
-    workers: dict[str, SchedulerWorker]
-    work_stealing: bool
-    bandwidth: float
-    durations: TaskDurations
-    # key -> its pending steal. Invariant: the task is processing on the victim.
-    stealing: dict[str, PendingSteal]
-    # Workers that could run more than they have (`SchedulerWorker.starving`),
-    # and workers with tasks waiting for a thread (`backlogged`).
-    starving: dict[str, None]
-    backlogged: dict[str, None]
-    _steal_ids: itertools.count
-    _stimulus_id: str
-    _emit: Callable[[SchedulerMessage], None]
-    _transitions: Callable[..., None]
+    Args:
+        tasks, workers: the scheduler's records (read here; a steal changes
+            only `SchedulerWorker.incoming` and the sets below).
+        outbox: where `RequestSteal` messages go.
+        durations: how long tasks take, by prefix (fed by `SchedulerState`).
+        enabled: `Config.work_stealing`.
+        bandwidth: `Config.bandwidth`, bytes per second.
+    """
+
+    def __init__(
+        self,
+        *,
+        tasks: dict[str, SchedulerTask],
+        workers: dict[str, SchedulerWorker],
+        outbox: Outbox,
+        durations: TaskDurations,
+        enabled: bool,
+        bandwidth: float,
+    ):
+        self.tasks = tasks
+        self.workers = workers
+        self.outbox = outbox
+        self.durations = durations
+        self.enabled = enabled
+        self.bandwidth = bandwidth
+        # key -> its pending steal. Invariant: the task is processing on the victim.
+        self.pending: dict[str, PendingSteal] = {}
+        # Workers that could run more than they have (`SchedulerWorker.starving`),
+        # and workers with tasks waiting for a thread (`backlogged`).
+        self.starving: dict[str, None] = {}
+        self.backlogged: dict[str, None] = {}
+        self._steal_ids = itertools.count(1)
 
     # ------------------------------------------------------ bookkeeping --
 
-    def _refresh_balance(self, ws: SchedulerWorker) -> None:
+    def refresh(self, ws: SchedulerWorker) -> None:
         """Keep `starving` and `backlogged` true of `ws` (after any change to
         its processing tasks, its incoming steals, or its pause)."""
         address = ws.address
@@ -163,36 +179,36 @@ class WorkStealing:
         else:
             self.backlogged.pop(address, None)
 
-    def _drop_steal(self, key: str) -> None:
+    def drop(self, key: str) -> None:
         """The pending steal of `key`, if any, is over: the thief's reserved
         thread is free again."""
-        pending = self.stealing.pop(key, None)
+        pending = self.pending.pop(key, None)
         if pending is None or pending.thief is None:
             return
         thief = self.workers.get(pending.thief)
         if thief is not None:
             del thief.incoming[key]
-            self._refresh_balance(thief)
+            self.refresh(thief)
 
-    def _thief_left(self, ws: SchedulerWorker) -> None:
+    def thief_left(self, ws: SchedulerWorker) -> None:
         """`ws` left with steals pending toward it: a task its victim gives up
         will be placed afresh."""
         for key in ws.incoming:
-            self.stealing[key].thief = None
+            self.pending[key].thief = None
         ws.incoming.clear()
 
     def steal_pending(self, key: str, steal_id: int, victim: str) -> bool:
         """Whether `victim`'s answer with `steal_id` is about the steal of `key`
         still pending (the shell asks, to know whether the victim's copy of
         the task is gone)."""
-        pending = self.stealing.get(key)
+        pending = self.pending.get(key)
         return pending is not None and pending.steal_id == steal_id and pending.victim == victim
 
     # ---------------------------------------------------------- stealing --
 
-    def _balance(self) -> None:
+    def balance(self) -> None:
         """Let every starving worker steal what is worth stealing (module docstring)."""
-        if not (self.work_stealing and self.starving and self.backlogged):
+        if not (self.enabled and self.starving and self.backlogged):
             return
         for address in list(self.starving):
             thief = self.workers[address]
@@ -236,7 +252,7 @@ class WorkStealing:
             ts = self.tasks[key]
             duration = estimate(ts.prefix)
             ahead -= duration
-            if ts.running or key in self.stealing or ts.restrictions is not None or ts.resources:
+            if ts.running or key in self.pending or ts.restrictions is not None or ts.resources:
                 continue
             wait = math.inf if victim.paused else max(ahead, 0.0) / victim.nthreads
             missing = sum(dep.nbytes for dep in ts.dependencies.values() if thief.address not in dep.who_has)
@@ -247,26 +263,30 @@ class WorkStealing:
 
     def _request_steal(self, ts: SchedulerTask, victim: SchedulerWorker, thief: SchedulerWorker) -> None:
         steal_id = next(self._steal_ids)
-        self.stealing[ts.key] = PendingSteal(victim.address, thief.address, steal_id)
+        self.pending[ts.key] = PendingSteal(victim.address, thief.address, steal_id)
         thief.incoming[ts.key] = None
-        self._refresh_balance(thief)
-        self._emit(RequestSteal(self._stimulus_id, victim.address, ts.key, steal_id))
+        self.refresh(thief)
+        self.outbox.emit(RequestSteal(self.outbox.stimulus_id, victim.address, ts.key, steal_id))
 
-    def _on_steal_answered(self, ev: StealAnswered) -> None:
-        """The victim answered (module docstring, "the confirmation exchange")."""
+    def answer(self, ev: StealAnswered) -> tuple[SchedulerTask, TaskState, dict] | None:
+        """The victim answered (module docstring, "the confirmation exchange").
+
+        Returns the move the answer calls for, for `SchedulerState` to put
+        through the transition table: to the thief, or (the thief left or
+        paused) back to waiting to be placed afresh; None if the task stays.
+        """
         if not self.steal_pending(ev.key, ev.steal_id, ev.worker):
-            return  # the steal was cancelled meanwhile: nothing to decide
+            return None  # the steal was cancelled meanwhile: nothing to decide
         ts = self.tasks[ev.key]
-        pending = self.stealing[ev.key]
+        pending = self.pending[ev.key]
         if not ev.given_up or ts.running:
             # Kept (it started, or finished): the steal is off, the task stays.
-            self._drop_steal(ev.key)
-            return
+            self.drop(ev.key)
+            return None
         thief = self.workers.get(pending.thief) if pending.thief is not None else None
         if thief is not None and not thief.paused:
             # spec: StealAnswered (given up). The victim will never run it:
             # only now does the thief get it.
-            self._transitions({}, first=(ts, PROCESSING, {"thief": thief}))
-        else:
-            # The thief left or paused: the task, given up, is placed afresh.
-            self._transitions({}, first=(ts, TaskState.WAITING, {"cancel": False}))
+            return ts, PROCESSING, {"thief": thief}
+        # The thief left or paused: the task, given up, is placed afresh.
+        return ts, TaskState.WAITING, {"cancel": False}
