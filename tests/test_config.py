@@ -178,12 +178,15 @@ def test_the_scheduler_core_keeps_no_default_of_its_own_that_differs_from_config
     from trioflow.core.scheduler_state import SchedulerState
 
     config_defaults = {field.name: field.default for field in dataclasses.fields(Config)}
+    # The core names its durations with their unit: recovery_grace_s is Config.recovery_grace.
     shared = {
-        name: parameter.default
+        name.removesuffix("_s"): parameter.default
         for name, parameter in inspect.signature(SchedulerState).parameters.items()
-        if name in config_defaults
+        if name.removesuffix("_s") in config_defaults
     }
-    assert set(shared) == {"allowed_failures", "worker_saturation", "work_stealing", "bandwidth"}
+    assert set(shared) == {
+        "allowed_failures", "worker_saturation", "work_stealing", "bandwidth", "recovery_grace", "orphan_timeout"
+    }
     assert shared.pop("worker_saturation") is inspect.Parameter.empty
     assert shared == {name: config_defaults[name] for name in shared}
 
@@ -192,8 +195,12 @@ def test_the_scheduler_builds_its_core_from_its_config():
     """Scheduler(config=...) hands every scheduling field of its Config to its core."""
     from trioflow.scheduler import Scheduler
 
-    config = Config(auth=False, allowed_failures=5, worker_saturation=7.5, work_stealing=False, bandwidth=1e6)
-    state = Scheduler(config=config).state
-    assert (state.allowed_failures, state.worker_saturation, state.work_stealing, state.bandwidth) == (
-        5, 7.5, False, 1e6
+    config = Config(
+        auth=False, allowed_failures=5, worker_saturation=7.5, work_stealing=False, bandwidth=1e6,
+        recovery_grace=1.5, orphan_timeout=30.0,
     )
+    state = Scheduler(config=config).state
+    assert (
+        state.allowed_failures, state.worker_saturation, state.balancer.enabled, state.balancer.bandwidth,
+        state.recovery_grace_s, state.orphan_timeout_s,
+    ) == (5, 7.5, False, 1e6, 1.5, 30.0)

@@ -221,7 +221,7 @@ def test_the_start_sets_the_timer_that_closes_the_recovery_window():
     """The core decides how long the window stays open: its start asks the
     shell for `RecoveryEnded` after `recovery_grace_s`, and the window stays
     open until that event comes back."""
-    state = SchedulerState(recovery_grace_s=2.5)
+    state = SchedulerState(worker_saturation=1.0, recovery_grace_s=2.5)
     started = SchedulerStarted(sid())
     closes = RecoveryEnded(f"recovery-ended-after-{started.stimulus_id}")
     assert state.handle(started) == [WakeAfter(started.stimulus_id, 2.5, closes)]
@@ -234,7 +234,7 @@ def test_the_start_sets_the_timer_that_closes_the_recovery_window():
 def test_values_nobody_claims_set_the_timer_of_their_expiry():
     """A worker bringing keys nobody knows asks for their expiry after
     `orphan_timeout_s`; the expiry frees what is still unclaimed."""
-    state = SchedulerState(orphan_timeout_s=60.0)
+    state = SchedulerState(worker_saturation=1.0, orphan_timeout_s=60.0)
     joined = WorkerConnected(sid(), A, 1, held={"x": 8}, running=("y",))
     expires = OrphansExpired(f"orphans-expired-after-{joined.stimulus_id}", ("x", "y"))
     assert state.handle(joined) == [WakeAfter(joined.stimulus_id, 60.0, expires)]

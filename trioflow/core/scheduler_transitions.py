@@ -376,7 +376,7 @@ class TaskTransitions:
         # (the worker core's `_release_inputs`), so every copy counted here
         # ends in `ReplicaAdded` or `ReplicaMissing`.
         self._invalidate_dependents(ts, recs)
-        self._copy_not_coming(ts, recs)  # (the fetchers may have left meanwhile)
+        self.copy_not_coming(ts, recs)  # (the fetchers may have left meanwhile)
 
     def _fetchers(self, ts: SchedulerTask) -> list[SchedulerWorker]:
         """Live workers fetching a copy of `ts` for a dependent assigned there."""
