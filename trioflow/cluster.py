@@ -177,7 +177,7 @@ class AsyncLocalCluster:
                         await self.scheduler.wait_for_workers(self.n_workers)
                 except trio.TooSlowError:
                     raise RuntimeError(
-                        f"only {len(self.scheduler.state.workers)} of {self.n_workers} workers "
+                        f"only {len(self.scheduler.state.worker_addresses())} of {self.n_workers} workers "
                         f"registered within {STARTUP_TIMEOUT_S:g} s"
                     ) from None
                 task_status.started(self.scheduler_address)
