@@ -27,26 +27,33 @@ FIRST_SEED, SEEDS = 8, 2
 SHAPE = ["--workers", "2", "--tasks", "40", "--faults", "4", "--mix", "kill=1,stop=1,scheduler=1,cut=1"]
 
 
-def _ours_left() -> list[str]:
-    return [name for name in netns._our_namespaces() if name.startswith(f"{netns.PREFIX}")]
+def _left_by(pid: int) -> list[str]:
+    """Namespaces the run with process id `pid` made and did not remove.
+    (Only its own: another run on the machine may have some at any time.)"""
+    return [name for name in netns._our_namespaces() if name.startswith(f"{netns.PREFIX}{pid}-")]
 
 
 def test_a_short_real_sweep_passes_every_oracle():
     """Two seeds of the real processes under SIGKILL, SIGSTOP, scheduler restarts (and cuts): no violation."""
     namespaces = netns.unavailable() is None
-    before = set(_ours_left()) if namespaces else set()
-    done = subprocess.run(
+    sweep = subprocess.Popen(
         [
             sys.executable, "-m", "trioflow", "chaos", "--real", "--seeds", str(SEEDS),
             "--first-seed", str(FIRST_SEED), "--json", *SHAPE,
         ],
-        capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    summary = json.loads(done.stdout)
+    try:
+        stdout, stderr = sweep.communicate(timeout=SWEEP_TIMEOUT_S)
+    finally:
+        if sweep.poll() is None:  # timed out (or the test was interrupted): end it
+            sweep.kill()
+            sweep.communicate()
+    assert sweep.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    summary = json.loads(stdout)
     assert summary["runs"] == SEEDS and summary["violations"] == 0
     kinds = set(summary["faults"]) - {"poison"}
     assert kinds == ({"kill", "stop", "scheduler", "cut"} if namespaces else {"kill", "stop", "scheduler"})
     if namespaces:
-        assert set(_ours_left()) == before, "the sweep left network namespaces behind"
+        assert _left_by(sweep.pid) == [], "the sweep left network namespaces behind"
     assert summary["outcomes"].get("value", 0) > 40
