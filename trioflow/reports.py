@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from trioflow.recorder import COUNTERS
 from trioflow.trace_events import chrome_trace
+from trioflow.wall_clock import epoch_seconds
 
 __all__ = ["performance_report", "perfetto_trace", "write_perfetto_trace"]
 
@@ -104,7 +104,7 @@ class performance_report:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        stop = time.time()
+        stop = epoch_seconds()
         after = self._client.get_cluster_metrics(self._before["events_newest"])
         self._write(self._client.get_task_stream(start=self._start), after, stop)
 
@@ -117,14 +117,14 @@ class performance_report:
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        stop = time.time()
+        stop = epoch_seconds()
         after = await self._client.get_cluster_metrics(self._before["events_newest"])
         self._write(await self._client.get_task_stream(start=self._start), after, stop)
 
     # -- both -----------------------------------------------------------------------
 
     def _begin(self, metrics: dict[str, Any]) -> None:
-        self._start = time.time()
+        self._start = epoch_seconds()
         self._before = {
             "counters": metrics["counters"],
             "events_newest": max((event["seq"] for event in metrics["events"]), default=0),

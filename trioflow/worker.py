@@ -30,7 +30,6 @@ import shutil
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
@@ -116,6 +115,7 @@ from trioflow.protocol import (
     user_error_from_exception,
     wants_keyword,
 )
+from trioflow.wall_clock import epoch_seconds, wall_seconds
 
 logger = logging.getLogger("trioflow.worker")
 
@@ -848,9 +848,9 @@ class Worker:
             """`run`, with its wall-clock start and stop for the task stream
             (never a decision). The duration comes from the monotonic clock,
             so a step of the wall clock cannot make a run end before it began."""
-            start, begun = time.time(), time.perf_counter()
+            start, begun = epoch_seconds(), wall_seconds()
             ok, outcome = run()
-            return ok, outcome, (start, start + (time.perf_counter() - begun))
+            return ok, outcome, (start, start + (wall_seconds() - begun))
 
         # How long it ran by Trio's clock (a decision's input, unlike `times`:
         # the scheduler's duration estimates; virtual seconds in the simulator).

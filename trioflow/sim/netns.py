@@ -50,6 +50,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from itertools import count
 
+from trioflow.wall_clock import wall_seconds
+
 PREFIX = "tfnet-"
 # A private range nobody routes; every LAN is its own, so all use the same.
 SUBNET = "10.213.0"
@@ -113,12 +115,12 @@ def _pid_alive(pid: int) -> bool:
 
 def _kill_inside(namespace: str) -> None:
     """SIGKILL every process in `namespace` and wait until they are gone."""
-    deadline = time.monotonic() + REAP_TIMEOUT_S
+    deadline = wall_seconds() + REAP_TIMEOUT_S
     while True:
         pids = [int(p) for p in ip("netns", "pids", namespace, check=False).stdout.split()]
         if not pids:
             return
-        if time.monotonic() > deadline:
+        if wall_seconds() > deadline:
             raise RuntimeError(f"processes {pids} in namespace {namespace} survive SIGKILL")
         for pid in pids:
             try:
@@ -284,10 +286,10 @@ class HostProcess:
         for line in self.lines[after:]:
             if text in line:
                 return line
-        deadline = time.monotonic() + timeout
+        deadline = wall_seconds() + timeout
         while True:
             try:
-                line = self._take(deadline - time.monotonic())
+                line = self._take(deadline - wall_seconds())
             except queue.Empty:
                 raise AssertionError(
                     f"[{self.host}] no line with {text!r} within {timeout} s; output:\n{self.output()}"

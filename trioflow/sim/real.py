@@ -60,7 +60,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -80,6 +79,7 @@ from trioflow.sim.oracles import check_deliveries, check_outcomes
 from trioflow.sim.real_tasks import read_run_logs, run_logged
 from trioflow.sim.trace import Trace, logs_into
 from trioflow.sim.workload import Ref, evaluate
+from trioflow.wall_clock import epoch_seconds
 
 REAL_KINDS = ("kill", "stop", "scheduler", "cut")
 DEFAULT_REAL_MIX: dict[str, float] = {"kill": 4, "stop": 2, "scheduler": 1, "cut": 2}
@@ -569,10 +569,10 @@ class _RealRun:
             if fault.kind == "kill":
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                self.struck.append((time.time(), pids, f"{fault}"))
+                self.struck.append((epoch_seconds(), pids, f"{fault}"))
             elif fault.kind == "stop":
                 os.kill(pid, signal.SIGSTOP)
-                self.struck.append((time.time(), pids, f"{fault}"))
+                self.struck.append((epoch_seconds(), pids, f"{fault}"))
                 try:
                     await trio.sleep(fault.duration)
                 finally:
@@ -581,7 +581,7 @@ class _RealRun:
             elif fault.kind == "cut":
                 assert self.lan is not None
                 self.lan.cut(f"w{i}")
-                self.struck.append((time.time(), pids, f"{fault}"))
+                self.struck.append((epoch_seconds(), pids, f"{fault}"))
                 try:
                     await trio.sleep(fault.duration)
                 finally:
@@ -600,7 +600,7 @@ class _RealRun:
     async def _restart_scheduler(self, fault: RealFault) -> None:
         assert self.scheduler is not None
         _Processes.end(self.scheduler)
-        self.struck.append((time.time(), frozenset(), f"{fault}"))
+        self.struck.append((epoch_seconds(), frozenset(), f"{fault}"))
         await trio.sleep(fault.duration)
         self._start_scheduler()
 

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from trioflow.sim.workload import FUNCTIONS
+from trioflow.wall_clock import epoch_seconds
 
 # The exit status of a process the poison task ended.
 POISON_EXIT = 86
@@ -43,7 +44,7 @@ def run_logged(log_dir: str, seed: int, durations: tuple[float, float], op: str,
 def _log(path: str, what: str, label: str) -> None:
     # One write per line, appended: lines of two threads never interleave.
     with open(path, "a") as log:
-        log.write(f"{what} {label} {time.time():.6f}\n")
+        log.write(f"{what} {label} {epoch_seconds():.6f}\n")
 
 
 def read_run_logs(log_dir: str) -> list[tuple[str, str, int, float]]:
