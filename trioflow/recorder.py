@@ -72,8 +72,6 @@ DURATION_BUCKETS_S = (
 )
 # Upper bounds of the buckets of the event-loop lag histogram, in seconds.
 LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-# How often the event loop's lag is measured.
-LOOP_PROBE_INTERVAL_S = 0.5
 # How much of an exception's text a run in the stream keeps.
 ERROR_TEXT_CHARS = 200
 # Keys an aggregated event names as examples, and how much of each.
@@ -345,19 +343,13 @@ class ClusterRecorder:
         if len(entry[2]) < EXAMPLE_KEYS:
             entry[2].append(key if len(key) <= EXAMPLE_KEY_CHARS else key[:EXAMPLE_KEY_CHARS] + "...")
 
-    async def watch_event_loop(self, interval: float = LOOP_PROBE_INTERVAL_S) -> None:
-        """Forever: sleep `interval`, and record how late the wake-up came.
-
-        That lateness is the event loop's lag: how long anything that
+    def note_loop_lag(self, lag: float) -> None:
+        """How late the event loop woke at one tick of its monitor
+        (`trioflow.comm.liveness.LoopLag.watch`): how long anything that
         becomes ready (a heartbeat to answer, a message to route) waits for
-        its turn. Cancellation: the only way out.
-        """
-        while True:
-            due = trio.current_time() + interval
-            await trio.sleep_until(due)
-            lag = max(0.0, trio.current_time() - due)
-            self.last_loop_lag = lag
-            self.loop_lag.observe(lag)
+        its turn."""
+        self.last_loop_lag = lag
+        self.loop_lag.observe(lag)
 
     # ----------------------------------------------------------- reading --
 

@@ -389,15 +389,15 @@ class Scheduler:
             # it closes (`WakeAfter`). Applied here, before the driver runs:
             # nothing else touches the core yet.
             self._apply(SchedulerStarted(self._stimulus("scheduler-started")))
-            # This loop's stalls (a metric; the deadlines use it through
-            # their connections).
+            # This loop's stalls: the deadlines use them through their
+            # connections, and the recorder shows every tick's lateness.
             self.loop_lag = loop_lag()
+            self.loop_lag.watch(self.recorder.note_loop_lag)
             nursery.start_soon(self._drive)
             self.address = await nursery.start(
                 self.network.serve, self._serve_stream, self.host, self.port
             )
             logger.info("trioflow scheduler listening at %s", self.address)
-            nursery.start_soon(self.recorder.watch_event_loop)
             if self.config.dashboard_port is not None:
                 from trioflow.dashboard import serve_dashboard
 

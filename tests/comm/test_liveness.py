@@ -120,3 +120,27 @@ async def test_a_stall_in_the_middle_of_a_big_frame_resumes_where_it_was():
     assert bytes(message["value"].buffers[0]) == payload
     await receiver.aclose()
     await left.aclose()
+
+
+async def test_a_watcher_hears_every_tick_and_is_held_weakly():
+    """The recorder's lag histogram hears each wake-up of the one ticker
+    (`LoopLag.watch`), stall or not; a watcher nobody else holds is dropped."""
+    lag = LoopLag(tick=0.01)
+    heard: list[float] = []
+
+    class Recorder:
+        def note(self, late: float) -> None:
+            heard.append(late)
+
+    kept, dropped = Recorder(), Recorder()
+    lag.watch(kept.note)
+    lag.watch(dropped.note)
+    del dropped
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lag.run)
+        with trio.fail_after(5):
+            while len(heard) < 3:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert all(late >= 0 for late in heard)
+    assert len(lag._watchers) == 1  # the dropped one's reference is gone

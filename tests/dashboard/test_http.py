@@ -96,15 +96,16 @@ async def test_metrics_are_prometheus_text_with_every_family(dashboard):
 
 
 async def test_the_event_loop_lag_is_measured(dashboard):
-    """A loop blocked for 1 s (twice the probe's interval) shows a lag of at least half a second."""
+    """A loop blocked for 1 s shows in the lag histogram: a wake-up at least
+    half a second late (the ticks after it are on time again)."""
     cluster, client, url = dashboard
     recorder = cluster.scheduler.recorder
-    seen = recorder.loop_lag.count
+    seen, total = recorder.loop_lag.count, recorder.loop_lag.sum
     time.sleep(1.0)  # this test runs in the scheduler's own loop: block it
     with trio.fail_after(5):
         while recorder.loop_lag.count == seen:
             await trio.sleep(0.05)
-    assert recorder.last_loop_lag >= 0.45
+    assert recorder.loop_lag.sum - total >= 0.45
 
 
 @pytest.mark.parametrize(

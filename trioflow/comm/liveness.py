@@ -40,6 +40,10 @@ stalled. From the outside a frozen process and a busy one look the same
 `worker_ttl`); that is why the heavy work of every process is kept off the
 loop that talks to its peers, or sliced into short steps.
 
+The same ticks feed the lag a person sees (the dashboard's and /metrics'
+event-loop lag): a watcher (`LoopLag.watch`) hears how late every wake-up
+came, so one task measures the loop for deadlines and for display alike.
+
 Under a virtual clock (`trio.testing.MockClock`, the chaos lab) code takes
 no time and the loop cannot lag, so no ticker runs and every stall is zero.
 """
@@ -49,6 +53,8 @@ from __future__ import annotations
 import collections
 import math
 import sys
+import weakref
+from collections.abc import Callable
 
 import trio
 
@@ -85,6 +91,14 @@ class LoopLag:
         self._due = math.inf
         self.max_stall = 0.0
         self.total_stall = 0.0
+        self._watchers: list[weakref.WeakMethod] = []
+
+    def watch(self, watcher: Callable[[float], None]) -> None:
+        """Call `watcher(seconds late)`, a bound method, at every wake-up of
+        the ticker, stall or not (the recorder's lag histogram). It must be
+        quick, and raise nothing: it runs in the ticker. Held weakly: a
+        scheduler restarted in the same run leaves no old recorder behind."""
+        self._watchers.append(weakref.WeakMethod(watcher))  # type: ignore[arg-type]
 
     async def run(self) -> None:
         """Tick until cancelled, noting every late wake-up. Never returns."""
@@ -95,10 +109,21 @@ class LoopLag:
             await trio.sleep_until(self._due)
             woke = trio.current_time()
             late = woke - self._due
+            if self._watchers:
+                self._tell_watchers(max(0.0, late))
             if late > MIN_STALL_S:
                 self._stalls.append((self._due, woke))
                 self.total_stall += late
                 self.max_stall = max(self.max_stall, late)
+
+    def _tell_watchers(self, late: float) -> None:
+        alive = []
+        for ref in self._watchers:
+            watcher = ref()
+            if watcher is not None:
+                watcher(late)
+                alive.append(ref)
+        self._watchers = alive
 
     def stalled_between(self, since: float, until: float | None = None) -> float:
         """Seconds of [since, until] (until: now) during which this loop was stalled.
