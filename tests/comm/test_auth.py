@@ -212,6 +212,31 @@ async def test_a_wrong_token_fails_at_once_on_both_sides():
     assert isinstance(result["server"], CommClosedError)
 
 
+async def test_a_server_hanging_up_before_the_clients_proof_is_a_closed_connection():
+    """The server answered, then hung up (it was stopping) before the client's
+    proof went out: the client's last send breaks, and that is a
+    CommClosedError like every other break in the exchange. A raw
+    BrokenResourceError ended the task making the connection (a client's
+    connection pool, with the client: seed 78 of the chaos lab)."""
+    credentials = Credentials.generate()
+    left, right = trio.testing.memory_stream_pair()
+
+    class HangsUpAfterItsAnswer(CountingStream):
+        async def send_all(self, data) -> None:
+            await self.inner.send_all(data)
+            await self.inner.aclose()
+
+    async def server() -> None:
+        with pytest.raises(CommClosedError):
+            await authenticate_acceptor(HangsUpAfterItsAnswer(right), credentials, auth.ANY_CREDENTIAL, 5)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server)
+            with pytest.raises(CommClosedError, match=ADDRESS):
+                await authenticate_connector(left, credentials, CLUSTER, ADDRESS, 5)
+
+
 async def test_a_client_credential_cannot_ask_for_the_cluster_role():
     """A client holds no cluster secret: it cannot even start a cluster exchange."""
     credentials = Credentials.generate()

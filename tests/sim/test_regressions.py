@@ -115,6 +115,8 @@ PLANS = {
     "restart@6.931:worker-2",
     # --mix reset=1
     789: "reset@5.24:worker-0,reset@5.274:worker-3,reset@5.331:worker-2,reset@5.734:worker-1,reset@5.751:worker-3",
+    # default mix, found by the sweep of the final code (issue 19)
+    78: "crash@1.465:worker-1,reset@2.347:worker-3,restart@3.05:worker-3,crash@3.544:worker-1,crash@6.602:worker-0",
     # --mix crash=1
     829: "crash@0.578:worker-0,crash@3.107:worker-2,crash@4.824:worker-2,crash@6.599:worker-0,crash@6.73:worker-3",
 }
@@ -495,6 +497,21 @@ def test_seed_356_of_the_restart_mix_leaves_no_record_behind():
     check). The door now closes the streams it was given however its
     handler ends (`tests/comm/test_door.py`). Seed 454 showed the same."""
     assert_clean(run_pinned(356))
+
+
+# ------ seed 78: a server hanging up during authentication ended a client --
+
+
+def test_seed_78_run_passes():
+    """Seed 78 of the default mix (the 1,000-seed sweep of this issue's final
+    code): the client's gather connected to worker-3 as it stopped for a
+    restart; the worker, now closing the stream of a handler cancelled
+    before its connection opened (seed 356's fix), hung up right after its
+    authentication answer, and the client's proof, the last send of the
+    exchange, raised a raw BrokenResourceError, which ended the client's
+    connection pool and the client with it. Every break in the exchange is
+    now a CommClosedError (`tests/comm/test_auth.py`)."""
+    assert_clean(run_pinned(78))
 
 
 # -- seeds 789 (reset mix) and 829 (crash mix): a dependent's copy on its way --

@@ -308,7 +308,13 @@ async def authenticate_connector(
             f"{address} does not hold our {role} credential: the tokens differ (check {hint}), "
             f"one side runs with --no-auth, or it is not the cluster you meant"
         )
-    await stream.send_all(_proof(key, b"client", role, nonce_c, nonce_s))
+    try:
+        await stream.send_all(_proof(key, b"client", role, nonce_c, nonce_s))
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        # The server hung up after its answer (stopping, say): a broken
+        # connection like any other, never an error of another type that
+        # would end the task making the connection (seed 78 of the chaos lab).
+        raise CommClosedError(f"authentication with {address} failed: {exc!r}") from None
 
 
 async def authenticate_acceptor(
