@@ -67,7 +67,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 CORE = ROOT / "trioflow" / "core"
 EQUIVALENT_FILE = pathlib.Path(__file__).with_name("equivalent.txt")
 # What the private copy holds: enough to import trioflow and run the tests.
-COPIED = ("trioflow", "tests", "spec", "pyproject.toml")
+# What a workspace holds: everything the stages' tests read (docs/ too: a
+# test compares docs/state-machines.md with the tables).
+COPIED = ("trioflow", "tests", "spec", "docs", "pyproject.toml")
 # (name, test paths, timeout in seconds), fastest first. The timeouts are
 # generous (each stage takes a few seconds to a minute here): a mutant that
 # makes the tests spin for ever counts as killed when one passes. "{side}"
@@ -312,11 +314,42 @@ class Workspace:
             os._exit(99)
 
 
+def check_baseline(space: Workspace, stages) -> None:
+    """Run every stage on the copy with no mutant: each must pass.
+
+    A stage that fails without any mutant (a file the copy lacks, a test
+    broken on this machine) would make every mutant look killed: a score of
+    100% that means nothing. So a failing baseline ends the run, naming the
+    stage and its output.
+
+    Raises:
+        SystemExit: a stage failed or outlasted its timeout unmutated.
+    """
+    for name, paths, timeout in stages:
+        paths = [p for path in paths for p in (_CONFORMANCE["scheduler"] if path == "{side}" else (path,))]
+        pid = space.fork_stage(paths)
+        deadline = time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise SystemExit(f"stage {name!r} outlasted its {timeout:g} s without any mutant")
+            time.sleep(0.05)
+        if os.waitstatus_to_exitcode(status) != 0:
+            tail = space.log.read_text(errors="replace")[-3000:]
+            raise SystemExit(f"stage {name!r} fails without any mutant, so no score would mean anything:\n{tail}")
+        print(f"baseline: stage {name} passes unmutated", flush=True)
+
+
 def run_all(mutants: list[Mutant], stages, jobs: int, show: bool, on_result) -> list[Result]:
     """Test every mutant, `jobs` at a time, each stage a forked pytest run."""
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="trioflow-mutants-") as scratch:
         free = [Workspace(pathlib.Path(scratch), f"job-{i}") for i in range(max(1, jobs))]
+        check_baseline(free[0], stages)
         todo = list(mutants)
         running: dict[int, tuple[Workspace, Mutant, int, float, float]] = {}  # pid -> (space, mutant, stage, started, deadline)
 
