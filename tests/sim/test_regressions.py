@@ -46,6 +46,7 @@ from trioflow.core.worker_events import (
     Gather,
     GatherFailed,
     GatherSucceeded,
+    ReplicasRequested,
     SendDataDropped,
     SendReplicaAdded,
     SendReplicaMissing,
@@ -91,6 +92,9 @@ PLANS = {
     "crash@3.768:worker-2,hang@7.638:worker-1/4.942",
     56: "crash@0.64:worker-3,hang@1.375:worker-3/4.539,crash@2.256:worker-1,"
     "partition@2.975:worker-1+worker-2/4.644,crash@3.612:worker-3",
+    # --mix partition=1, found by the sweep of the final code (issue 19)
+    271: "partition@0.119:worker-0+worker-1+worker-2/2.999,partition@3.356:worker-1/3.763,"
+    "partition@3.485:worker-3/4.332,partition@5.539:worker-0/1.171,partition@7.21:worker-1+worker-3/3.449",
     163: "reset@0.436:worker-1,partition@2.078:worker-2/0.575,crash@2.973:worker-0,"
     "hang@3.052:worker-2/3.453,hang@4.925:worker-3/1.901",
     314: "scheduler_restart@1.539:scheduler/3.083,crash@3.279:worker-1,restart@4.951:worker-3,"
@@ -540,8 +544,12 @@ def test_seeds_789_and_829_scattered_data_awaits_the_copy_a_dependents_worker_fe
     state = scheduled_on_me()
     ev = WorkerDisconnected(sid(), A)
     out = state.handle(ev)
-    # k1 (on A) and k2 (on ME) wait for the copy; ME drops k2 meanwhile.
-    assert out == [FreeKeys(ev.stimulus_id, ME, ("k2",))]
+    # ME is asked for its copy outright (no holder to fetch from); k1 (on
+    # A) and k2 (on ME) wait for it, and ME drops k2 meanwhile.
+    assert out == [
+        AcquireReplicas(ev.stimulus_id, ME, {"data-2": ()}, {"data-2": 8}),
+        FreeKeys(ev.stimulus_id, ME, ("k2",)),
+    ]
     assert state.tasks["data-2"].state is TaskState.RELEASED
     assert dict(state.tasks["data-2"].replicas_pending) == {ME: None}
     assert {state.tasks[k].state for k in ("k1", "k2")} == {TaskState.WAITING}
@@ -583,6 +591,30 @@ def test_seeds_789_and_829_a_worker_dropping_a_fetch_it_had_not_begun_says_so():
     assert out == [SendReplicaMissing(ev.stimulus_id, "y", (), None)]
     assert "y" not in worker.tasks
     check_worker_invariants(worker)
+
+
+def test_seed_271_a_dependents_worker_with_no_fetch_answers_at_once():
+    """Seed 271 of the partition mix (the sweep of this issue's final code):
+    the worker counted as fetching data-0 for a dependent had no fetch at
+    all (the dependent's earlier run, cancelled, was going there again), so
+    nothing ever came: data-0 waited, released, for ever, and 37 futures
+    with it. Asked outright with no holder, a worker without the value
+    answers ReplicaMissing at once, and the data is lost then."""
+    worker = WorkerState(ME, nthreads=1)
+    ev = ReplicasRequested(sid(), {"data-0": ()}, {"data-0": 8})
+    assert worker.handle(ev) == [SendReplicaMissing(ev.stimulus_id, "data-0", (), None)]
+    assert "data-0" not in worker.tasks
+    state = scheduled_on_me("data-0")
+    state.handle(WorkerDisconnected(sid(), A))
+    ev = ReplicaMissing(sid(), ME, "data-0", (), None)
+    state.handle(ev)
+    assert state.tasks["data-0"].state is TaskState.LOST
+    check_invariants(state)
+
+
+def test_seed_271_run_passes():
+    """Seed 271 of `--mix partition=1` (five partitions)."""
+    assert_clean(run_pinned(271))
 
 
 def test_seed_789_of_the_reset_mix_run_passes():

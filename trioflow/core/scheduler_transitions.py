@@ -367,8 +367,14 @@ class TaskTransitions:
         """
         assert not ts.who_has, ts
         for ws in self._fetchers(ts):
+            # Asked outright, with no holder to fetch from: a worker with the
+            # copy (or a fetch of it under way) answers with it, one without
+            # answers ReplicaMissing at once. A dependent's worker may have
+            # no fetch at all (a run of it already going there, restarted:
+            # seed 271 of the partition mix waited for ever on such a one).
             ts.own("replicas_pending")[ws.address] = None
             ws.replicating[ts.key] = None
+            self.outbox.emit(AcquireReplicas(self.outbox.stimulus_id, ws.address, {ts.key: ()}, {ts.key: ts.nbytes}))
         ts.state = RELEASED
         self.awaiting_holders[ts.key] = None
         # The dependents wait for the copy; their workers are told to drop
