@@ -239,3 +239,16 @@ def test_holders_that_did_not_answer_are_all_kept(sched):
     ]
     assert list(sched.tasks["data"].who_has) == [A, C]
     assert sched.tasks["data"].state is TaskState.MEMORY
+
+
+def test_a_copy_goes_to_the_worker_holding_the_fewest_values(sched):
+    """Replication asks the workers that hold the fewest values first (its
+    docstring's policy; the model allows any): B holds three values and C
+    none, so C is asked, though B comes first in registration order.
+
+    Kills `TaskTransitions.replicate::stmt#3` (the sort dropped)."""
+    join(sched, A, B, C)
+    sched.handle(DataScattered(sid(), "c1", {"data": (100, (A,))}))
+    sched.handle(DataScattered(sid(), "c1", {f"other-{i}": (8, (B,)) for i in range(3)}))
+    msgs = sched.handle(ReplicationRequested(sid(), "c1", ("data",), 2))
+    assert msgs == [AcquireReplicas(last_sid(), C, {"data": (A,)}, {"data": 100})]

@@ -213,6 +213,44 @@ def test_a_task_that_would_wait_less_than_a_steal_costs_stays(sched):
     assert said(msgs, of="x-done") == [("compute", A, "y1"), ("compute", A, "y2"), ("compute", A, "y3")]
 
 
+def test_a_task_is_stolen_for_the_work_ahead_of_it_not_its_own(sched):
+    """The wait a steal saves is the work ahead of the task, not counting the
+    task itself: tasks of a third of the steal overhead leave the last of
+    three waiting two thirds of it (it stays); tasks of 0.6 of it leave it
+    waiting 1.2 (it is stolen).
+
+    Kills `WorkStealing._candidate::arith#2` (the task's own duration added
+    to the wait ahead of it instead of taken off)."""
+    for prefix in ("y1", "y2", "y3"):
+        sched.durations.observe(prefix, STEAL_OVERHEAD_S / 3)
+    msgs = fan_out_on_a(sched)
+    assert said(msgs, of="x-done") == [("compute", A, "y1"), ("compute", A, "y2"), ("compute", A, "y3")]
+    state = SchedulerState(worker_saturation=1.0)
+    for prefix in ("y1", "y2", "y3"):
+        state.durations.observe(prefix, STEAL_OVERHEAD_S * 0.6)
+    msgs = fan_out_on_a(state)
+    assert msgs[-1] == RequestSteal("x-done", A, "y3", 1)
+    check_invariants(state)
+
+
+def test_every_idle_worker_steals_in_the_same_event(sched):
+    """B and C both idle while four tasks wait on A: one event lets each of
+    them ask for a task (the last two assigned), not just the first.
+
+    Kills `WorkStealing.balance::not#2` (stopping after the first thief
+    while work is still backlogged)."""
+    sched.handle(WorkerConnected(sid(), A, 1))
+    sched.handle(WorkerConnected(sid(), B, 1))
+    sched.handle(WorkerConnected(sid(), C, 1))
+    submit(sched, task("x"), *(task(f"y{i}", "x") for i in range(1, 5)), wanted=[f"y{i}" for i in range(1, 5)])
+    assert sched.tasks["x"].processing_on == A
+    sched.handle(TaskStarted(sid(), A, "x"))
+    msgs = sched.handle(TaskFinished("x-done", A, "x", 8))
+    steals = [m for m in msgs if isinstance(m, RequestSteal)]
+    assert [(m.worker, m.key) for m in steals] == [(A, "y4"), (A, "y3")]
+    assert {sched.stealing[key].thief for key in ("y4", "y3")} == {B, C}
+
+
 def test_stealing_can_be_switched_off():
     """work_stealing=False (Config.work_stealing): placement is final."""
     state = SchedulerState(worker_saturation=1.0, work_stealing=False)

@@ -33,7 +33,7 @@ from trioflow.core.worker_events import (
     TaskSeceded,
 )
 from trioflow.core.worker_invariants import check_worker_invariants
-from trioflow.core.worker_transitions import InvalidWorkerTransition
+from trioflow.core.worker_transitions import InvalidWorkerTransition, TaskEvent
 
 ME, PEER, OTHER = "tcp://w1", "tcp://peer", "tcp://other"
 BOOM = UserError(None, "ValueError", "boom", "tb")
@@ -307,3 +307,16 @@ def test_a_put_of_a_key_computed_here_is_refused_whole(worker):
     with pytest.raises(InvalidWorkerTransition, match="'x': no rule for executing --Put--> executing"):
         worker.handle(DataPut(sid(), {"a": 10, "x": 10}))
     assert sorted(worker.tasks) == ["x"] and worker.tasks["x"].state is WorkerTaskState.EXECUTING
+
+
+def test_a_move_the_table_does_not_allow_is_refused(worker):
+    """The one place a state changes checks the table: a move it does not
+    list raises and leaves the record as it was (a bug in the core would be
+    named, not carried on).
+
+    Kills `WorkerState._move::stmt#2` (the refusal dropped)."""
+    worker.handle(compute("x"))
+    ts = worker.tasks["x"]
+    with pytest.raises(InvalidWorkerTransition, match="'x': no rule for executing --Steal--> ready"):
+        worker._move(ts, TaskEvent.STEAL, WorkerTaskState.READY)
+    assert ts.state is WorkerTaskState.EXECUTING
