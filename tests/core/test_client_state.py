@@ -213,6 +213,16 @@ def test_an_input_stays_in_the_lineage_while_a_held_dependent_needs_it(client):
     assert not client.lineage
 
 
+def test_a_function_is_kept_while_a_kept_task_calls_it(client):
+    """Two tasks calling f: dropping one keeps f for the other; dropping the last drops f with it."""
+    running(client, "x", "y")
+    assert (len(client.lineage), client.lineage.functions) == (2, {"f": b"pickled f"})
+    client.handle(HandlesDropped(sid(), ("x",)))
+    assert (len(client.lineage), client.lineage.functions) == (1, {"f": b"pickled f"})
+    client.handle(HandlesDropped(sid(), ("y",)))
+    assert (len(client.lineage), client.lineage.functions) == (0, {})
+
+
 def test_handles_dropped_while_away_are_forgotten_without_a_message(client):
     """Reconnecting: the record goes, nothing is sent (the resubmission leaves it out)."""
     running(client, "x")
@@ -254,11 +264,14 @@ def test_a_report_for_a_key_not_held_is_ignored(client):
     ],
 )
 def test_each_kind_of_failure_sets_its_status(client, failure, status):
-    """FailureReported: the status follows the failure's kind, and every key listed wakes, in order."""
+    """FailureReported: the status follows the failure's kind, every key listed wakes, in order, and
+    its version is bumped (a holders answer asked before the failure is stale)."""
     running(client, "x", "y")
+    versions = [client.futures[k].version for k in "xy"]
     ev = FailureReported(sid(), ("y", "x"), failure)
     assert client.handle(ev) == [FutureDone(ev.stimulus_id, "y"), FutureDone(ev.stimulus_id, "x")]
     assert [(client.futures[k].status, client.futures[k].failure) for k in "xy"] == [(status, failure)] * 2
+    assert all(client.futures[k].version > v for k, v in zip("xy", versions, strict=True))
 
 
 def test_a_lost_value_makes_the_future_pending_again(client):

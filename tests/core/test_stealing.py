@@ -69,6 +69,7 @@ def fan_out_on_a(s, n=3, duration=None):
         ("step_big-003", "step_big"),
         ("('sum-ab12cd34ef', 3)", "sum"),
         ("my-task", "my-task"),
+        ("load_training_batch-7", "load_training_batch"),
         ("0123456789abcdef0123", "data"),
     ],
 )
