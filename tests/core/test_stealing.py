@@ -2,6 +2,8 @@
 messages out (no I/O). The cost model and the confirmation exchange are
 core/stealing.py; a paused worker's rules are in `SchedulerState`."""
 
+import math
+
 import pytest
 
 from tests.core.conftest import said, sid
@@ -22,6 +24,7 @@ from trioflow.core.scheduler_events import (
     WorkerResumed,
 )
 from trioflow.core.scheduler_invariants import check_invariants
+from trioflow.core import stealing
 from trioflow.core.stealing import STEAL_OVERHEAD_S
 
 A, B, C = "tcp://a", "tcp://b", "tcp://c"
@@ -231,6 +234,25 @@ def test_a_task_is_stolen_for_the_work_ahead_of_it_not_its_own(sched):
         state.durations.observe(prefix, STEAL_OVERHEAD_S * 0.6)
     msgs = fan_out_on_a(state)
     assert msgs[-1] == RequestSteal("x-done", A, "y3", 1)
+    check_invariants(state)
+
+
+@pytest.mark.parametrize("duration, stolen", [(0.125, False), (0.1875, True)])
+def test_a_steal_must_save_more_than_it_costs(monkeypatch, duration, stolen):
+    """A steal is made only when the wait it saves is strictly more than its
+    cost: with a cost of exactly 0.25 s (no bytes to move, the overhead set
+    to 0.25), the last of three tasks of 0.125 s would wait exactly 0.25 s
+    (it stays); of 0.1875 s, 0.375 s (it is stolen). The figures are exact
+    in binary, so the boundary is the comparison's own.
+
+    Kills `WorkStealing._candidate::cmp#7` (``>=`` for ``>``)."""
+    monkeypatch.setattr(stealing, "STEAL_OVERHEAD_S", 0.25)
+    state = SchedulerState(worker_saturation=1.0, bandwidth=math.inf)
+    for prefix in ("y1", "y2", "y3"):
+        state.durations.observe(prefix, duration)
+    msgs = fan_out_on_a(state)
+    steals = [m for m in msgs if isinstance(m, RequestSteal)]
+    assert steals == ([RequestSteal("x-done", A, "y3", 1)] if stolen else [])
     check_invariants(state)
 
 
