@@ -66,3 +66,29 @@ def test_servers_serve_with_task_status():
     """Scheduler and Worker have serve(*, task_status) for nursery.start."""
     for cls in (trioflow.Scheduler, trioflow.Worker):
         assert "task_status" in inspect.signature(cls.serve).parameters
+
+
+def test_every_public_name_has_one_home():
+    """The lazily imported names are exactly the public ones."""
+    assert set(trioflow._HOMES) == set(trioflow.__all__)
+    assert set(dir(trioflow)) >= set(trioflow.__all__)
+
+
+def test_a_worker_process_does_not_import_the_client_or_the_scheduler():
+    """``python -m trioflow worker`` imports what a worker needs, nothing more.
+
+    Every worker process pays its imports at start (W9 in
+    docs/performance.md): the client, the cluster, the scheduler's core and
+    the chaos lab are ~60 ms of CPU a worker never uses. The check runs in
+    a fresh interpreter (this one has imported everything already).
+    """
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, trioflow.cli, trioflow.worker; "
+        "print(sorted(m for m in sys.modules if m in {'trioflow.client', 'trioflow.cluster', "
+        "'trioflow.scheduler', 'trioflow.core.scheduler_state', 'trioflow.sim.network', 'psutil'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

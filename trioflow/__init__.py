@@ -9,36 +9,93 @@ it). Start with `Client`::
         assert future.result() == 1024
 """
 
+import importlib as _importlib
 import logging as _logging
+from typing import TYPE_CHECKING
 
-from trioflow.client import AsyncClient, fire_and_forget
-from trioflow.cluster import AsyncLocalCluster, LocalCluster
-from trioflow.config import Config, ConfigError
-from trioflow.errors import (
-    AuthenticationError,
-    CancelledError,
-    CommClosedError,
-    KilledWorker,
-    LostData,
-    ProtocolError,
-    RemoteTraceback,
-    SerializationError,
-)
-from trioflow.future import Future
-from trioflow.reports import performance_report, write_perfetto_trace
-from trioflow.scheduler import Scheduler
-from trioflow.sync_client import Client
-from trioflow.version import __version__
-from trioflow.waiting import (
-    ALL_COMPLETED,
-    FIRST_COMPLETED,
-    FIRST_EXCEPTION,
-    as_completed,
-    progress,
-    wait,
-)
-from trioflow.worker import Worker
-from trioflow.worker_client import get_client, get_worker, rejoin, secede, worker_client
+if TYPE_CHECKING:  # what a type checker or an editor reads; nothing at run time
+    from trioflow.client import AsyncClient, fire_and_forget
+    from trioflow.cluster import AsyncLocalCluster, LocalCluster
+    from trioflow.config import Config, ConfigError
+    from trioflow.errors import (
+        AuthenticationError,
+        CancelledError,
+        CommClosedError,
+        KilledWorker,
+        LostData,
+        ProtocolError,
+        RemoteTraceback,
+        SerializationError,
+    )
+    from trioflow.future import Future
+    from trioflow.reports import performance_report, write_perfetto_trace
+    from trioflow.scheduler import Scheduler
+    from trioflow.sync_client import Client
+    from trioflow.version import __version__
+    from trioflow.waiting import (
+        ALL_COMPLETED,
+        FIRST_COMPLETED,
+        FIRST_EXCEPTION,
+        as_completed,
+        progress,
+        wait,
+    )
+    from trioflow.worker import Worker
+    from trioflow.worker_client import get_client, get_worker, rejoin, secede, worker_client
+
+# Each public name and the module that defines it. They are imported on first
+# use (PEP 562), not here: a worker process is started with ``python -m
+# trioflow worker``, which imports this package first, and it has no use for
+# the client, the cluster or the scheduler. Importing them all cost every
+# worker start about 60 ms of CPU (docs/performance.md, W9).
+_HOMES = {
+    "AsyncClient": "trioflow.client",
+    "fire_and_forget": "trioflow.client",
+    "AsyncLocalCluster": "trioflow.cluster",
+    "LocalCluster": "trioflow.cluster",
+    "Config": "trioflow.config",
+    "ConfigError": "trioflow.config",
+    "AuthenticationError": "trioflow.errors",
+    "CancelledError": "trioflow.errors",
+    "CommClosedError": "trioflow.errors",
+    "KilledWorker": "trioflow.errors",
+    "LostData": "trioflow.errors",
+    "ProtocolError": "trioflow.errors",
+    "RemoteTraceback": "trioflow.errors",
+    "SerializationError": "trioflow.errors",
+    "Future": "trioflow.future",
+    "performance_report": "trioflow.reports",
+    "write_perfetto_trace": "trioflow.reports",
+    "Scheduler": "trioflow.scheduler",
+    "Client": "trioflow.sync_client",
+    "__version__": "trioflow.version",
+    "ALL_COMPLETED": "trioflow.waiting",
+    "FIRST_COMPLETED": "trioflow.waiting",
+    "FIRST_EXCEPTION": "trioflow.waiting",
+    "as_completed": "trioflow.waiting",
+    "progress": "trioflow.waiting",
+    "wait": "trioflow.waiting",
+    "Worker": "trioflow.worker",
+    "get_client": "trioflow.worker_client",
+    "get_worker": "trioflow.worker_client",
+    "rejoin": "trioflow.worker_client",
+    "secede": "trioflow.worker_client",
+    "worker_client": "trioflow.worker_client",
+}
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'trioflow' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(home), name)
+    globals()[name] = value  # the next lookup is an ordinary one
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))
+
 
 # Where log records go is the application's choice (the CLI sets up readable
 # logs); the library only makes sure that none are printed by default.

@@ -63,7 +63,7 @@ from trioflow.comm.door import Door
 from trioflow.comm.security import Security
 from trioflow.comm.serialize import Serialized, SerializedFunction, content_digest, verify_function
 from trioflow.config import Config
-from trioflow.core import SchedulerState
+from trioflow.core.scheduler_state import SchedulerState
 from trioflow.core.scheduler_events import (
     AcquireReplicas,
     ClientConnected,

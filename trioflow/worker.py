@@ -33,7 +33,6 @@ import threading
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
-import psutil
 import trio
 
 from trioflow.comm import (
@@ -69,7 +68,7 @@ from trioflow.comm.security import Security
 from trioflow.comm.serialize import Serialized, SerializedFunction, verify_function
 from trioflow.backoff import Backoff
 from trioflow.config import Config
-from trioflow.core import WorkerState
+from trioflow.core.worker_state import WorkerState
 from trioflow.core.worker_events import (
     ComputeRequested,
     DataPut,
@@ -209,9 +208,12 @@ class Worker:
         self.budget = ByteBudget(self.config.max_process_bytes)
         self.address: str | None = None
         self.state: WorkerState | None = None
-        # Our own process, for the memory a heartbeat reports (only a worker
-        # that is a process of its own reports it) and the memory manager.
-        self._process = psutil.Process() if pid is not None or memory_limit is not None else None
+        # Whether to read our own process's memory, for the heartbeat (only a
+        # worker that is a process of its own reports it) and the memory
+        # manager. psutil is imported on the first read, not at start: it is
+        # ~8 ms of a worker process's start (docs/performance.md, W9).
+        self._measures_memory = pid is not None or memory_limit is not None
+        self._process: Any = None
         # With a limit: what spills values and pauses the worker.
         self.memory: MemoryManager | None = None
         if memory_limit is not None:
@@ -539,11 +541,10 @@ class Worker:
             # The longest stall of this worker's loop so far, seconds.
             "max_stall_s": loop_lag().max_stall,
         }
-        if self._process is not None:
-            try:
-                metrics["memory"] = float(self._process.memory_info().rss)
-            except psutil.Error:
-                pass
+        if self._measures_memory:
+            rss = self._rss()
+            if rss:
+                metrics["memory"] = float(rss)
         if self.memory is not None:
             metrics.update(self.memory.metrics())
         return metrics
@@ -551,8 +552,12 @@ class Worker:
     # ------------------------------------------------------------- memory --
 
     def _rss(self) -> int:
-        assert self._process is not None
+        """This process's resident memory in bytes (0 if it cannot be read)."""
+        import psutil
+
         try:
+            if self._process is None:
+                self._process = psutil.Process()
             return self._process.memory_info().rss
         except psutil.Error:
             return 0

@@ -7,17 +7,23 @@ Only tests and the CLI import this package. The entry point is
 (workload.py), oracles (oracles.py) and `Trace` (trace.py).
 
 The lab's names are loaded on first use, so that ``trioflow --help`` (which
-registers the ``chaos`` subcommand) does not import the whole cluster.
+registers the ``chaos`` subcommand, and so does every worker process as it
+starts) does not import the whole cluster.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from trioflow.sim.network import ConnectionInfo, NetworkView, SimNetwork, SimStream
+if TYPE_CHECKING:
+    from trioflow.sim.network import ConnectionInfo, NetworkView, SimNetwork, SimStream
 
 _LAZY = {
+    "ConnectionInfo": "trioflow.sim.network",
+    "NetworkView": "trioflow.sim.network",
+    "SimNetwork": "trioflow.sim.network",
+    "SimStream": "trioflow.sim.network",
     "run_seed": "trioflow.sim.lab",
     "LabSettings": "trioflow.sim.lab",
     "RunReport": "trioflow.sim.lab",
@@ -30,7 +36,7 @@ _LAZY = {
     "Trace": "trioflow.sim.trace",
 }
 
-__all__ = ["ConnectionInfo", "NetworkView", "SimNetwork", "SimStream", *_LAZY]
+__all__ = [*_LAZY]
 
 
 def __getattr__(name: str) -> Any:
