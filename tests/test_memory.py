@@ -6,6 +6,8 @@ import os
 import numpy as np
 import pytest
 
+from trioflow import memory
+from trioflow.comm.buffers import FrameBuffer, WarmBuffers
 from trioflow.comm.serialize import dumps, loads
 from trioflow.config import Config
 from trioflow.memory import SPILL_PREFIX, MemoryManager, SpillBuffer, remove_spill_directories
@@ -162,3 +164,25 @@ def test_workers_with_a_limit_are_started_to_give_freed_memory_back():
         "PATH": "/bin", "MALLOC_TRIM_THRESHOLD_": str(MALLOC_TRIM_THRESHOLD_BYTES)
     }
     assert _returning_freed_memory({"MALLOC_TRIM_THRESHOLD_": "0"}) == {"MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def test_kept_receive_buffers_are_given_back_before_any_value_is_spilled(tmp_path, monkeypatch):
+    """A worker's warm receive buffers (comm/buffers.py) are memory it holds
+    beyond its values: past the spill fraction they go first, and a value
+    goes to disk only if that was not enough."""
+    pool = WarmBuffers()
+    pool.configure(64 << 20, 30.0, lambda: 0.0)
+    monkeypatch.setattr(memory, "WARM", pool)
+    received = FrameBuffer(2 << 20, warm=pool)
+    received.write(b"w" * (2 << 20))
+    frame = received.frame()
+    del received, frame  # the value in it was dropped: a free, kept buffer
+    assert pool.free_bytes() == 2 << 20
+    # The process is past its spill fraction (700 of 1000) while it keeps the
+    # buffer, and under the target (600) once it gives it back.
+    manager = MemoryManager(1000, Config(spill_directory=str(tmp_path)), lambda: 750 if pool.kept_bytes else 550)
+    manager.data.size_of = lambda value: 100
+    manager.data["a"] = "a"
+    assert manager.check() is None
+    assert pool.kept_bytes == 0
+    assert list(manager.data.slow) == [] and "a" in manager.data

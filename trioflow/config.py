@@ -154,6 +154,16 @@ class Config:
     memory_terminate_fraction: float = 0.95
     """Past this much of its limit in process memory, the nanny kills the
     worker (and starts another). Above 1: only past the limit itself."""
+    warm_buffers: bool = True
+    """Let a worker process keep the memory of big values it received (1 MiB
+    or more) once they are dropped, to receive the next ones into: their
+    pages are real already, which makes a transfer up to twice as fast
+    (docs/performance.md, W4). Given back after `warm_buffer_idle`, and all
+    at once when the worker needs memory (spilling)."""
+    warm_buffer_bytes: int = 512 << 20
+    """Most memory a worker process keeps that way, in bytes."""
+    warm_buffer_idle: float = 30.0
+    """Seconds a kept buffer may go unused before it is given back."""
     spill_directory: str = ""
     """Where a worker makes its spill directory (``trioflow-spill-<pid>-*``,
     removed when it exits, or by its nanny if it was killed). Empty: the

@@ -65,6 +65,7 @@ import tempfile
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
+from trioflow.comm.buffers import WARM
 from trioflow.comm.serialize import Serialized, dumps, loads
 from trioflow.config import Config
 from trioflow.errors import SerializationError
@@ -340,10 +341,16 @@ class MemoryManager:
         now, None if nothing changes.
         """
         rss = self.last_rss = self.rss()
+        if rss > self.spill_bytes and WARM.release():
+            # Kept receive buffers are the cheapest memory to give back.
+            rss = self.last_rss = self.rss()
         if rss > self.spill_bytes:
             # Down to the target, not just under the spill fraction: a margin,
-            # so that the next few values do not spill again at once.
+            # so that the next few values do not spill again at once. A
+            # value received into a kept buffer leaves its memory there when
+            # it goes: give such buffers back before measuring again.
             while rss > self.target_bytes and self.data.evict():
+                WARM.release()
                 rss = self.last_rss = self.rss()
         if not self.paused and rss > self.pause_bytes:
             self.paused = True

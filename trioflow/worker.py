@@ -62,6 +62,7 @@ from trioflow.comm.auth import (
     connect_authenticated,
     credentials_for,
 )
+from trioflow.comm.buffers import WARM
 from trioflow.comm.door import Door
 from trioflow.comm.network import advertised_address
 from trioflow.comm.security import Security
@@ -213,6 +214,7 @@ class Worker:
         # manager. psutil is imported on the first read, not at start: it is
         # ~8 ms of a worker process's start (docs/performance.md, W9).
         self._measures_memory = pid is not None or memory_limit is not None
+        self._warm_buffers = False  # set in serve (_keep_warm_buffers)
         self._process: Any = None
         # With a limit: what spills values and pauses the worker.
         self.memory: MemoryManager | None = None
@@ -300,6 +302,7 @@ class Worker:
                     hint=": point clients at the scheduler's address, not a worker's",
                 )
                 self.state = WorkerState(self.address, self.nthreads)
+                self._keep_warm_buffers()
                 if self.parent_pid is not None:
                     nursery.start_soon(self._watch_parent, self.parent_pid)
                 if self.memory is not None:
@@ -315,11 +318,29 @@ class Worker:
                     nursery.start_soon(self._drive)
                     await self._stay_connected(task_status)
         finally:
+            if self._warm_buffers:
+                WARM.configure(0, 0.0, trio.current_time)
             await self._close_task_client()
             self._remove_local_directory()
             if self.memory is not None:
                 self.memory.close()  # the spill directory goes with the worker
             self.closed.set()
+
+    def _keep_warm_buffers(self) -> None:
+        """Receive big values into the memory of dropped ones (comm/buffers.py).
+
+        Only a worker that is a process of its own: the pool is the
+        process's, and an in-process worker shares its process with a
+        client, other workers or a test. With a memory limit, a quarter of
+        it at most, so kept buffers cannot push the worker into spilling.
+        """
+        self._warm_buffers = self.pid is not None and self.config.warm_buffers
+        if not self._warm_buffers:
+            return
+        limit = self.config.warm_buffer_bytes
+        if self.memory is not None:
+            limit = min(limit, self.memory.limit // 4)
+        WARM.configure(limit, self.config.warm_buffer_idle, trio.current_time)
 
     async def _stay_connected(self, task_status: trio.TaskStatus[str]) -> None:
         """Register with the scheduler, and register again whenever the link is lost.
@@ -526,6 +547,7 @@ class Worker:
             assert self.state is not None
             due = min(min(conn.last_sent, conn.last_received) + interval, metrics_sent + METRICS_INTERVAL_S)
             if trio.current_time() >= due:
+                WARM.trim()  # buffers idle too long go back (a no-op when none are kept)
                 self._send(m.Heartbeat(metrics=self._metrics()))
                 metrics_sent = trio.current_time()
                 due = metrics_sent + min(interval, METRICS_INTERVAL_S)
@@ -547,6 +569,9 @@ class Worker:
                 metrics["memory"] = float(rss)
         if self.memory is not None:
             metrics.update(self.memory.metrics())
+        if self._warm_buffers:
+            metrics["warm_buffer_bytes"] = float(WARM.kept_bytes)
+            metrics["warm_buffer_reuses"] = float(WARM.reused)
         return metrics
 
     # ------------------------------------------------------------- memory --

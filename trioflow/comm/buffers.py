@@ -41,17 +41,26 @@ are here, then steps that double with what has arrived, each at most
 `MAX_STEP_BYTES`. A header announcing 1 GiB followed by a trickle costs a
 few MiB. A reserved but untouched page is never counted in the RSS.
 
-In production: a server moving many large values would also recycle its
-receive buffers (a pool of already-faulted memory) and, across machines,
-let the NIC place bytes (io_uring, zero-copy receive); both are beyond a
-teaching codebase.
+**Warm buffers** (`WarmBuffers`, a worker process's only): the page faults
+of item 2 are paid again for every new value, although the memory of the
+value received before it is often free by then. A worker process keeps the
+memory of big frames it received, up to a cap, and receives the next big
+frame into one that no value uses any more: its pages are real already, so
+the transfer runs at the speed of the kernel's copy (W4 in
+docs/performance.md). The cap bounds what it holds beyond its values; a
+buffer unused for `WarmBuffers.idle_s` is given back, and so is every free
+one when the worker's memory manager needs memory. Across machines a
+production server would also let the NIC place bytes (io_uring, zero-copy
+receive); that is beyond a teaching codebase.
 """
 
 from __future__ import annotations
 
 import mmap
 import sys
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -97,21 +106,37 @@ class FrameBuffer:
         got: how many bytes have arrived so far.
     """
 
-    __slots__ = ("n", "map", "got", "_ready")
+    __slots__ = ("n", "map", "got", "_ready", "_warm")
 
-    def __init__(self, n: int, initial: bytes | bytearray | memoryview = b""):
+    def __init__(self, n: int, initial: bytes | bytearray | memoryview = b"", warm: WarmBuffers | None = None):
         self.n = n
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
-        self.map = mmap.mmap(-1, n, flags=flags)
+        self._warm = warm
+        recycled = warm.take(n) if warm is not None else None
+        if recycled is not None:
+            self.map, ready = recycled
+        else:
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+            self.map, ready = mmap.mmap(-1, n, flags=flags), 0
         self.got = 0
-        # Invariant: got <= _ready <= n; bytes [0, _ready) may be touched.
-        self._ready = 0
+        # Invariant: got <= n, and bytes [0, _ready) may be touched. A
+        # recycled buffer's pages are real already (_ready may pass n).
+        self._ready = ready
         if initial:
             self.write(initial)
 
     @property
     def complete(self) -> bool:
         return self.got >= self.n
+
+    def frame(self) -> Any:
+        """The received frame, once complete: the buffer, or its first `n`
+        bytes when it is a recycled one that is larger. Keeps it warm."""
+        if self._warm is not None:
+            self._warm.keep(self.map, max(self._ready, self.n))
+        if len(self.map) == self.n:
+            return self.map
+        with memoryview(self.map) as whole:
+            return whole[: self.n]
 
     def _grow(self) -> None:
         """Make the next step of pages real (see the module docstring)."""
@@ -130,7 +155,7 @@ class FrameBuffer:
         if self._ready <= self.got:
             self._grow()
         with memoryview(self.map) as whole:
-            return whole[self.got : self._ready]
+            return whole[self.got : min(self._ready, self.n)]
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Copy `data` in (the path for streams without a raw socket)."""
@@ -162,6 +187,133 @@ class FrameBuffer:
             k = await sock.recv_into(room)
         self.got += k
         return k
+
+
+@dataclass(eq=False)
+class _Kept:
+    map: mmap.mmap
+    warm_bytes: int  # how much of it has real pages
+    used_at: float  # when a frame was last received into it
+
+
+class WarmBuffers:
+    """Memory of big received frames, kept to receive the next ones into.
+
+    A kept buffer is *free* when nothing but this pool refers to it: every
+    view of an ``mmap`` (a NumPy array's, a memoryview slice's) holds a
+    reference to it, so the reference count says, exactly, whether a value
+    still lives in it (CPython's counts; a free buffer is one whose only
+    reference is its `_Kept` entry). A free buffer of the right size is
+    handed to the next big frame. Nothing else changes for a value: its
+    memory is a buffer like any other until it is dropped.
+
+    Off (`limit` 0) until `configure` turns it on: only a worker process
+    does, and only for its own event loop's thread (a task's client, on a
+    thread of its own, receives as before). A client or a scheduler rarely
+    receives big values in a row, and a process that holds memory after its
+    user dropped a value would be a surprise.
+    """
+
+    # A free buffer at most this much larger than a frame is used for it
+    # (a quarter): values of similar sizes share buffers, a small value
+    # does not take a huge one.
+    SLACK = 0.25
+
+    def __init__(self) -> None:
+        self.limit = 0
+        self.idle_s = 30.0
+        self._kept: list[_Kept] = []
+        self._now: Any = None
+        self._thread: int | None = None
+        self.reused = 0  # frames received into a kept buffer (a heartbeat reports it)
+
+    def configure(self, limit: int, idle_s: float, now: Any) -> None:
+        """Keep up to `limit` bytes of buffers (0: none), each at most `idle_s`
+        seconds after its last frame, for frames received on this thread;
+        `now()` reads the clock (Trio's, in a worker)."""
+        self.limit, self.idle_s, self._now = limit, idle_s, now
+        self._thread = threading.get_ident()
+        if not limit:
+            self.release()
+
+    def _mine(self) -> bool:
+        return bool(self.limit) and threading.get_ident() == self._thread
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of buffers held, free or holding a value."""
+        return sum(len(k.map) for k in self._kept)
+
+    def free_bytes(self) -> int:
+        """Bytes of buffers held that no value uses (memory held beyond values)."""
+        return sum(len(k.map) for k in self._kept if _is_free(k))
+
+    def take(self, n: int) -> tuple[mmap.mmap, int] | None:
+        """A free buffer for a frame of `n` bytes and how much of it is warm,
+        or None. The smallest that fits, and not more than `SLACK` too big."""
+        if not self._mine():
+            return None
+        self.trim()
+        best: _Kept | None = None
+        for kept in self._kept:
+            size = len(kept.map)
+            if n <= size <= n * (1 + self.SLACK) and _is_free(kept) and (best is None or size < len(best.map)):
+                best = kept
+        if best is None:
+            return None
+        best.used_at = self._now()
+        self.reused += 1
+        return best.map, best.warm_bytes
+
+    def keep(self, buffer: mmap.mmap, warm_bytes: int) -> None:
+        """A big frame was received into `buffer`: keep it if there is room."""
+        if not self._mine():
+            return
+        for kept in self._kept:
+            if kept.map is buffer:
+                kept.warm_bytes = max(kept.warm_bytes, min(warm_bytes, len(buffer)))
+                kept.used_at = self._now()
+                return
+        self.trim()
+        if self.kept_bytes + len(buffer) <= self.limit:
+            self._kept.append(_Kept(buffer, min(warm_bytes, len(buffer)), self._now()))
+
+    def trim(self) -> int:
+        """Give back free buffers idle past `idle_s`; return the bytes given back."""
+        if not self._kept:
+            return 0
+        horizon = self._now() - self.idle_s
+        return self._give_back(lambda kept: kept.used_at < horizon)
+
+    def release(self) -> int:
+        """Give back every free buffer (the memory manager needs memory);
+        return the bytes given back. Those still holding values stay kept."""
+        return self._give_back(lambda kept: True)
+
+    def _give_back(self, wanted: Any) -> int:
+        given, still = 0, []
+        for kept in self._kept:
+            size = len(kept.map)
+            if wanted(kept) and _is_free(kept):
+                try:
+                    kept.map.close()
+                except BufferError:  # a view the count missed: keep it, never crash
+                    still.append(kept)
+                    continue
+                given += size
+            else:
+                still.append(kept)
+        self._kept = still
+        return given
+
+
+def _is_free(kept: _Kept) -> bool:
+    # The entry's own reference, and getrefcount's argument.
+    return sys.getrefcount(kept.map) <= 2
+
+
+# The process's pool of warm buffers: off until a worker process turns it on.
+WARM = WarmBuffers()
 
 
 async def send_frames(stream: trio.abc.Stream, frames: Sequence[Any], large: int) -> None:

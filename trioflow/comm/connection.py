@@ -53,7 +53,7 @@ from typing import Any
 import trio
 
 import trioflow.comm.messages as messages
-from trioflow.comm.buffers import MAPPED_FRAME_BYTES, FrameBuffer, send_frames
+from trioflow.comm.buffers import MAPPED_FRAME_BYTES, WARM, FrameBuffer, send_frames
 from trioflow.comm.frames import (
     EncodedMessage,
     FrameLimits,
@@ -566,7 +566,7 @@ class Connection:
             # A big buffer: take what is buffered (all of it is ours: fewer
             # than `n` bytes), then read the rest straight into it.
             if mapped and n >= MAPPED_FRAME_BYTES:
-                out = progress.partial = FrameBuffer(n, buffer)
+                out = progress.partial = FrameBuffer(n, buffer, warm=WARM)
             else:
                 out = progress.partial = bytearray(buffer)
             buffer.clear()
@@ -577,7 +577,7 @@ class Connection:
                     raise CommClosedError(f"{self.peer} closed the connection mid-frame")
                 self.last_received = trio.current_time()
             progress.partial = None
-            return out.map
+            return out.frame()
         while len(out) < n:
             chunk = await self.stream.receive_some(min(n - len(out), 4 * RECEIVE_CHUNK_BYTES))
             if not chunk:

@@ -248,11 +248,10 @@ class ConnectionPool:
                 async with background_tasks() as helpers:
                     helpers.start_soon(self._watch, conn, link.requests, address)
                     while True:
-                        for message in await conn.receive():
-                            if type(message) is messages.Refused:
-                                raise HandshakeRefused(f"{address} refused the connection: {message.reason}")
-                            if not link.requests.deliver(message):
-                                raise ProtocolError(f"unexpected {message.OP!r} from {address}")
+                        # Handed over in a call, so that no local variable here
+                        # keeps the last answer (and the value it carried) alive
+                        # while the next one is awaited.
+                        _deliver(link.requests, address, await conn.receive())
         except HandshakeRefused as exc:
             link.error, error_type = str(exc), HandshakeRefused
         except (CommClosedError, ProtocolError) as exc:
@@ -308,3 +307,12 @@ async def open_connection_pool(
         yield ConnectionPool(
             network, limits, role, connect_timeout, nursery, peer_timeout, idle_timeout, budget, credentials
         )
+
+
+def _deliver(requests: Requests, address: str, batch: list) -> None:
+    """Hand each answer of `batch` to the request waiting for it."""
+    for message in batch:
+        if type(message) is messages.Refused:
+            raise HandshakeRefused(f"{address} refused the connection: {message.reason}")
+        if not requests.deliver(message):
+            raise ProtocolError(f"unexpected {message.OP!r} from {address}")
