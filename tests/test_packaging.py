@@ -184,3 +184,21 @@ def test_version_flag_prints_the_version():
     assert done.returncode == 0
     assert done.stdout.strip() == f"trioflow {trioflow.__version__}"
     assert importlib.metadata.version("trioflow") == trioflow.__version__
+
+
+def test_a_command_parses_the_same_with_only_its_own_flags():
+    """`build_parser(command)` (what a worker process builds as it starts)
+    reads that command's arguments exactly as the whole parser does."""
+    from trioflow.cli import build_parser
+
+    cases = [
+        ["worker", "tcp://127.0.0.1:1", "--no-nanny", "--nthreads", "2", "--memory-limit", "1GB",
+         "--heartbeat-interval", "0.5", "--no-work-stealing", "--parent-pid", "7"],
+        ["nanny", "tcp://127.0.0.1:1", "--resources", "GPU=2", "--warm-buffer-bytes", "64MiB"],
+        ["scheduler", "--port", "0", "--worker-ttl", "30"],
+        ["chaos", "--seeds", "3"],
+        ["demo"],
+    ]
+    for argv in cases:
+        assert vars(build_parser(argv[0]).parse_args(argv)) == vars(build_parser().parse_args(argv)), argv
+    assert build_parser("worker").format_help() == build_parser().format_help()

@@ -161,8 +161,22 @@ def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
     _add_server_flags(parser, default_port=0)
 
 
-def build_parser() -> argparse.ArgumentParser:
+CHAOS_HELP = "run the whole cluster under seeded faults in one simulated process"
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or, given `command`, every command but only
+    that one's flags.
+
+    A nanny starts each worker process with ``worker ...``, and the flags of
+    all the commands (a flag per Config field, three times) cost a few
+    milliseconds of each worker's start (W9, docs/performance.md); a
+    command's own flags, usage and errors are the same either way.
+    """
     from trioflow.version import __version__
+
+    def wanted(name: str) -> bool:
+        return command is None or command == name
 
     # prog is spelled out so that `python -m trioflow` prints the same usage
     # lines as the `trioflow` script (argparse would otherwise say __main__.py).
@@ -171,21 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     scheduler = commands.add_parser("scheduler", help="run a scheduler")
-    _add_server_flags(scheduler, default_port=8786)
+    if wanted("scheduler"):
+        _add_server_flags(scheduler, default_port=8786)
 
     worker = commands.add_parser("worker", help="run a worker (under a nanny unless --no-nanny)")
-    _add_worker_flags(worker)
-    worker.add_argument(
-        "--no-nanny",
-        action="store_true",
-        help="run the worker in this process, with nobody to restart it",
-    )
-    # Set by a nanny for the worker it starts; not for people.
-    worker.add_argument("--nanny-address", help=argparse.SUPPRESS)
-    worker.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    if wanted("worker"):
+        _add_worker_flags(worker)
+        worker.add_argument(
+            "--no-nanny",
+            action="store_true",
+            help="run the worker in this process, with nobody to restart it",
+        )
+        # Set by a nanny for the worker it starts; not for people.
+        worker.add_argument("--nanny-address", help=argparse.SUPPRESS)
+        worker.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
 
     nanny = commands.add_parser("nanny", help="run a worker under a nanny (what 'worker' does by default)")
-    _add_worker_flags(nanny)
+    if wanted("nanny"):
+        _add_worker_flags(nanny)
 
     commands.add_parser("demo", help="a guided tour on a local cluster")
     certs = commands.add_parser(
@@ -196,9 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", action="append", default=None, metavar="NAME",
         help="a host name or address to put in the certificates (repeat; default 127.0.0.1 and localhost)",
     )
-    from trioflow.sim.cli import add_chaos_parser
+    if wanted("chaos"):
+        from trioflow.sim.cli import add_chaos_parser
 
-    add_chaos_parser(commands)
+        add_chaos_parser(commands, help=CHAOS_HELP)
+    else:
+        commands.add_parser("chaos", help=CHAOS_HELP)
     return parser
 
 
@@ -212,8 +232,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(words[0] if words and not words[0].startswith("-") else None)
+    args = parser.parse_args(words)
     if args.command == "demo":
         from trioflow.demo import run_demo
 

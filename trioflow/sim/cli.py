@@ -67,11 +67,11 @@ def _count(text: str) -> int:
     return value
 
 
-def add_chaos_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_chaos_parser(subparsers: Any, help: str) -> argparse.ArgumentParser:
     """Add the ``chaos`` subcommand to `subparsers` (of ``trioflow``'s parser)."""
     parser = subparsers.add_parser(
         "chaos",
-        help="run the whole cluster under seeded faults in one simulated process",
+        help=help,
         description=(
             "Run the real scheduler, nannies, workers and client on a simulated "
             "network and clock, inject seeded faults, and check every outcome. "
