@@ -41,7 +41,6 @@ if TYPE_CHECKING:  # what a type checker or an editor reads; nothing at run time
         wait,
     )
     from trioflow.worker import Worker
-    from trioflow.worker_client import get_client, get_worker, rejoin, secede, worker_client
 
 # Each public name and the module that defines it. They are imported on first
 # use (PEP 562), not here: a worker process is started with ``python -m
@@ -76,12 +75,15 @@ _HOMES = {
     "progress": "trioflow.waiting",
     "wait": "trioflow.waiting",
     "Worker": "trioflow.worker",
-    "get_client": "trioflow.worker_client",
-    "get_worker": "trioflow.worker_client",
-    "rejoin": "trioflow.worker_client",
-    "secede": "trioflow.worker_client",
-    "worker_client": "trioflow.worker_client",
 }
+
+
+# Imported now, not on first use: the function `worker_client` and the module
+# `trioflow.worker_client` share a name, and importing the module (which the
+# first use of any of these would do) would make `trioflow.worker_client` the
+# module. Bound here, after the module is imported, the name is the function.
+# (The module is light: it imports the client only when a task asks for one.)
+from trioflow.worker_client import get_client, get_worker, rejoin, secede, worker_client  # noqa: E402
 
 
 def __getattr__(name: str):

@@ -9,7 +9,9 @@ seeded duration instead.
 
 from __future__ import annotations
 
-import math
+import itertools
+import queue
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -25,12 +27,21 @@ class Executor(Protocol):
 
 
 class ThreadExecutor:
-    """Run functions in worker threads.
+    """Run functions in worker threads of the executor's own.
 
     How many run at once is the worker core's decision (`WorkerState`
     starts at most `nthreads`, and starts another when one `secede`s), so
-    the limiter here does not bound them; it only lifts Trio's default cap
-    on threads, which seceded tasks waiting on their children could reach.
+    there is no cap here: a job finds an idle thread or starts one. Threads
+    wait `IDLE_S` for the next job, then end.
+
+    Why not ``trio.to_thread.run_sync``: every task crosses to a thread and
+    back, and Trio's general-purpose crossing (a capacity limiter, a
+    context copy, support for calls back into Trio) cost ~40 us of CPU of
+    the ~140 us a round trip costs here (W1, docs/performance.md). A
+    thread waiting on a queue and a result handed back with
+    `TrioToken.run_sync_soon` is the whole of what a task needs; a task
+    calling back into its worker (`secede`, `rejoin`) passes the worker's
+    token explicitly (`TaskContext.trio_token`).
 
     Cancellation: the thread cannot be interrupted. A cancelled `run`
     returns at once and the thread finishes in the background (its result
@@ -38,12 +49,65 @@ class ThreadExecutor:
     long task runs.
     """
 
+    IDLE_S = 10.0
+
     def __init__(self, nthreads: int):
         self.nthreads = nthreads
-        self.limiter = trio.CapacityLimiter(math.inf)
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0  # threads waiting for a job that no submitter has claimed
+        self._started = itertools.count()
 
     async def run(self, fn: Callable[[], Any]) -> Any:
-        return await trio.to_thread.run_sync(fn, limiter=self.limiter, abandon_on_cancel=True)
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        box: list[tuple[bool, Any]] = []
+
+        def deliver(ok: bool, value: Any) -> None:  # in the Trio thread
+            box.append((ok, value))
+            done.set()
+
+        def job() -> None:  # in a task thread
+            try:
+                ok, value = True, fn()
+            except BaseException as exc:  # handed to the caller, raised there
+                ok, value = False, exc
+            try:
+                token.run_sync_soon(deliver, ok, value)
+            except trio.RunFinishedError:
+                pass  # the worker is gone; the result goes with it
+
+        self._submit(job)
+        await done.wait()
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
 
     async def run_now(self, fn: Callable[[], Any]) -> Any:
         return await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            start = self._idle == 0
+            if not start:
+                self._idle -= 1
+        self._jobs.put(job)
+        if start:
+            name = f"trioflow-task-{next(self._started)}"
+            threading.Thread(target=self._work, name=name, daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=self.IDLE_S)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle > 0:  # nobody counts on a waiting thread: end one
+                        self._idle -= 1
+                        return
+                continue  # a job is on its way to us
+            job()
+            del job  # nothing of the last job stays alive while we wait
+            with self._lock:
+                self._idle += 1

@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from trioflow.worker import Worker
@@ -27,13 +27,14 @@ class TaskContext:
 
     worker: Worker
     key: str
+    trio_token: Any = None  # the worker's loop, for calls back into it
     seceded: bool = False
 
 
 @contextlib.contextmanager
-def running_task(worker: Worker, key: str) -> Iterator[TaskContext]:
+def running_task(worker: Worker, key: str, trio_token: Any = None) -> Iterator[TaskContext]:
     """Mark the current thread as running `key` on `worker` (the worker's use)."""
-    context = _local.task = TaskContext(worker, key)
+    context = _local.task = TaskContext(worker, key, trio_token)
     try:
         yield context
     finally:

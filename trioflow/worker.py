@@ -856,6 +856,8 @@ class Worker:
             except CommClosedError:
                 pass
 
+        token = trio.lowlevel.current_trio_token()
+
         def run() -> tuple[bool, Any]:
             """In the thread: unpack, call, and capture a failure right here,
             so its traceback starts at the user's function, not in trioflow."""
@@ -869,7 +871,7 @@ class Worker:
             except (Exception, SystemExit) as exc:
                 return False, user_error_from_exception(exc)
             try:
-                with running_task(self, key):
+                with running_task(self, key, token):
                     return True, fn(*call_args, **call_kwargs)
             except (Exception, SystemExit) as exc:
                 return False, user_error_from_exception(exc, skip_frames=1)

@@ -41,8 +41,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from trioflow.sync_client import Client
 from trioflow.task_context import current_task
+
+if TYPE_CHECKING:
+    from trioflow.sync_client import Client
 
 if TYPE_CHECKING:
     from trioflow.worker import Worker
@@ -74,6 +76,11 @@ def get_client() -> Client:
     Raises:
         ValueError: not called from a task.
     """
+    # Imported here: this module is imported with the package (its
+    # `worker_client` must win over the module of the same name), and a
+    # worker process has no use for the client until a task asks for one.
+    from trioflow.sync_client import Client
+
     return current_task("get_client").worker.task_client(Client)
 
 
@@ -91,7 +98,7 @@ def secede() -> None:
     if context.seceded:
         return
     context.seceded = True
-    trio.from_thread.run_sync(context.worker.task_seceded, context.key)
+    trio.from_thread.run_sync(context.worker.task_seceded, context.key, trio_token=context.trio_token)
 
 
 def rejoin() -> None:
@@ -106,7 +113,7 @@ def rejoin() -> None:
     if not context.seceded:
         return
     resumed = threading.Event()
-    trio.from_thread.run_sync(context.worker.task_rejoining, context.key, resumed)
+    trio.from_thread.run_sync(context.worker.task_rejoining, context.key, resumed, trio_token=context.trio_token)
     resumed.wait()
     context.seceded = False
 
