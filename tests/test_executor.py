@@ -81,3 +81,31 @@ def test_idle_threads_end(monkeypatch):
     assert ident not in before
     assert poll(lambda: ident not in {t.ident for t in threading.enumerate()})
     assert executor._idle == 0
+
+
+async def test_one_function_after_another_use_one_thread():
+    """A thread is idle again before its result is reported, so the next
+    function (which the result often triggers) finds it instead of
+    starting another."""
+    executor = ThreadExecutor(1)
+    loop_thread = threading.get_ident()
+
+    class SlowInThreads:
+        """The executor's lock, slow to take in its threads: it widens the
+        window in which a result reported before its thread is idle again
+        would send the next function to a new thread."""
+
+        def __init__(self):
+            self.lock = threading.Lock()
+
+        def __enter__(self):
+            if threading.get_ident() != loop_thread:
+                time.sleep(0.01)
+            return self.lock.__enter__()
+
+        def __exit__(self, *exc):
+            return self.lock.__exit__(*exc)
+
+    executor._lock = SlowInThreads()
+    threads = {await executor.run(threading.get_ident) for _ in range(10)}
+    assert len(threads) == 1

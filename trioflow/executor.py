@@ -53,7 +53,7 @@ class ThreadExecutor:
 
     def __init__(self, nthreads: int):
         self.nthreads = nthreads
-        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Callable[[], Callable[[], None]]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0  # threads waiting for a job that no submitter has claimed
         self._started = itertools.count()
@@ -67,15 +67,12 @@ class ThreadExecutor:
             box.append((ok, value))
             done.set()
 
-        def job() -> None:  # in a task thread
+        def job() -> Callable[[], None]:  # in a task thread; returns how to report
             try:
                 ok, value = True, fn()
             except BaseException as exc:  # handed to the caller, raised there
                 ok, value = False, exc
-            try:
-                token.run_sync_soon(deliver, ok, value)
-            except trio.RunFinishedError:
-                pass  # the worker is gone; the result goes with it
+            return lambda: token.run_sync_soon(deliver, ok, value)
 
         self._submit(job)
         await done.wait()
@@ -87,7 +84,7 @@ class ThreadExecutor:
     async def run_now(self, fn: Callable[[], Any]) -> Any:
         return await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
 
-    def _submit(self, job: Callable[[], None]) -> None:
+    def _submit(self, job: Callable[[], Callable[[], None]]) -> None:
         with self._lock:
             start = self._idle == 0
             if not start:
@@ -107,7 +104,14 @@ class ThreadExecutor:
                         self._idle -= 1
                         return
                 continue  # a job is on its way to us
-            job()
-            del job  # nothing of the last job stays alive while we wait
+            report = job()
+            # Idle *before* the result is reported: the worker's answer to
+            # it is often the next job, which should find this thread
+            # rather than start another.
             with self._lock:
                 self._idle += 1
+            try:
+                report()
+            except trio.RunFinishedError:
+                pass  # the worker is gone; the result goes with it
+            del job, report  # nothing of the last job stays alive while we wait
