@@ -11,6 +11,7 @@ the scheduler's and each worker's share can be read off.
     python benchmarks/flame.py w1 -o benchmarks/profiles/w1-after.svg
     python benchmarks/flame.py w2 -o /tmp/w2.svg --rate 500
     python benchmarks/flame.py w4 -o /tmp/w4.svg --idle
+    python benchmarks/flame.py w9 -o /tmp/w9.svg --rate 1000 --repeat 10
 
 Needs ``pip install py-spy`` and the right to ptrace our own children.
 """
@@ -81,9 +82,22 @@ class W4:
         wait(self.arrays)
 
     def __call__(self, client, args):
-        for x in self.arrays:
+        # Each array is dropped once summed, as in w4_transfer.py, so that B
+        # may receive the next into the memory of the last (warm buffers).
+        while self.arrays:
+            x = self.arrays.pop(0)
             client.submit(total, x, workers=[self.b], pure=False).result()
+            del x
             time.sleep(0.05)
+
+
+def w9(args):
+    """Start a 2-worker cluster, a client, one task, and close: `args.repeat` times."""
+    import trioflow
+
+    for _ in range(args.repeat):
+        with trioflow.LocalCluster(n_workers=2, threads_per_worker=1) as cluster, trioflow.Client(cluster) as client:
+            client.submit(inc, 1, pure=False).result()
 
 
 def start_pyspy(out: str, rate: int, idle: bool) -> subprocess.Popen:
@@ -101,7 +115,7 @@ def start_pyspy(out: str, rate: int, idle: bool) -> subprocess.Popen:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("workload", choices=("w1", "w2", "w3", "w4"))
+    parser.add_argument("workload", choices=("w1", "w2", "w3", "w4", "w9"))
     parser.add_argument("-o", "--out", required=True, help="the SVG to write (.txt: collapsed stacks instead)")
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--idle", action="store_true", help="also sample threads that wait")
@@ -110,9 +124,20 @@ def main() -> None:
     parser.add_argument("--leaves", type=int, default=8192, help="W3 leaves")
     parser.add_argument("--mib", type=int, default=256, help="W4 array size")
     parser.add_argument("--transfers", type=int, default=4, help="W4 arrays moved")
-    parser.add_argument("--repeat", type=int, default=2, help="timed runs (W1..W3)")
+    parser.add_argument("--repeat", type=int, default=2, help="timed runs (W1..W3), clusters started (W9)")
     args = parser.parse_args()
 
+    if args.workload == "w9":
+        import trioflow  # noqa: F401  (imported before py-spy, as W9 does before its clock)
+
+        spy = start_pyspy(args.out, args.rate, args.idle)
+        start = now()
+        w9(args)
+        seconds = now() - start
+        spy.send_signal(signal.SIGINT)
+        _, err = spy.communicate(timeout=120)
+        print(f"w9: {seconds:.3f} s profiled; {args.out}: rc {spy.returncode} {err.decode()[-300:]}")
+        return
     workers = 1 if args.workload == "w2" else 2
     run = W4() if args.workload == "w4" else {"w1": w1, "w2": w2, "w3": w3}[args.workload]
     with trioflow_client(workers, 1) as client:
