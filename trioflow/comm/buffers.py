@@ -101,6 +101,9 @@ class FrameBuffer:
     Args:
         n: the frame's announced size (already checked against the budgets).
         initial: bytes of the frame already read (fewer than `n`).
+        warm: the process's `WarmBuffers`: the frame is received into a
+            free kept buffer if there is one, and its buffer is offered to
+            be kept once complete (`frame`). None: a fresh buffer, not kept.
 
     Attributes:
         got: how many bytes have arrived so far.
