@@ -45,8 +45,6 @@ from trioflow.task_context import current_task
 
 if TYPE_CHECKING:
     from trioflow.sync_client import Client
-
-if TYPE_CHECKING:
     from trioflow.worker import Worker
 
 def get_worker() -> Worker:
