@@ -120,6 +120,9 @@ RELEASE_SLICE = 10_000
 # Futures `cancel` fails between two yields.
 CANCEL_SLICE = 10_000
 
+# A task as `_pack` makes it: its wire form and the function it calls.
+Packed = tuple[m.TaskWire, SerializedFunction]
+
 
 class InLoopPortal:
     """How `AsyncClient` is called: from its own Trio loop, so a method's
@@ -208,6 +211,10 @@ class AsyncClient:
         self._released: collections.deque[str] = collections.deque()
         self._release_lock = threading.Lock()
         self._release_scheduled = False
+        # Tasks a blocking client's caller submitted, with the handles it
+        # was given, not yet taken in here (`_submit_from_thread`).
+        self._submissions: collections.deque[tuple[list[Packed], list[Future]]] = collections.deque()
+        self._submission_scheduled = False
 
     def _random_hex(self) -> str:
         return uuid.UUID(int=self._rng.getrandbits(128), version=4).hex
@@ -530,13 +537,13 @@ class AsyncClient:
     def _future(self, key: str) -> Future:
         """A new handle on `key` (its record made, or pending again if cancelled)."""
         self._apply(ce.HandlesMade(self._stimulus("handle"), (key,)))
-        return Future(self, self.core.futures[key])
+        return Future(self, key, self.core.futures[key])
 
     def _futures(self, keys: list[str]) -> list[Future]:
         """`_future` for many keys, in one step of the core."""
         self._apply(ce.HandlesMade(self._stimulus("handles"), tuple(keys)))
         futures = self.core.futures
-        return [Future(self, futures[key]) for key in keys]
+        return [Future(self, key, futures[key]) for key in keys]
 
     def _release_ref(self, key: str) -> None:
         """A handle on `key` went away (any thread, possibly during GC)."""
@@ -559,6 +566,8 @@ class AsyncClient:
         """
         with self._release_lock:
             self._release_scheduled = False
+        # A handle dropped may be one whose task is not taken in yet.
+        self._take_submissions()
         dropped = [self._released.popleft() for _ in range(min(len(self._released), RELEASE_SLICE))]
         if dropped:
             self._apply(ce.HandlesDropped(self._stimulus("dropped"), tuple(dropped)))
@@ -653,12 +662,12 @@ class AsyncClient:
         pure: bool,
         options: TaskOptions,
         prefix: str | None = None,
-    ) -> list[tuple[m.TaskWire, SerializedFunction]]:
+    ) -> list[Packed]:
         """`packing.pack` with this client's limits and random source; any
         thread may run it (the blocking `Client` runs it in the caller's)."""
         return pack(fn, calls, keys, pure, options, self.limits, self._random_hex, prefix)
 
-    def _submit_packed(self, packed: list[tuple[m.TaskWire, SerializedFunction]]) -> list[Future]:
+    def _submit_packed(self, packed: list[Packed]) -> list[Future]:
         """Handles and lineage for packed tasks, then the tasks on their way
         (in the client's loop; refused like `submit` if they could be
         neither sent nor kept). A task whose input already failed for good
@@ -668,6 +677,61 @@ class AsyncClient:
         futures = self._futures([task.key for task, _ in packed])
         self._submit_tasks([task for task, _ in packed], {used.function_id: used.payload for _, used in packed})
         return futures
+
+    def _submit_from_thread(self, packed: list[Packed]) -> list[Future] | None:
+        """Handles for packed tasks, returned without waiting for our loop
+        (called by a blocking `Client` in its caller's thread), or None if
+        the caller must wait for `_submit_packed` instead.
+
+        Waiting cost each `submit` two thread hand-offs, and with a
+        `LocalCluster` each waits for the interpreter lock the scheduler's
+        thread holds: 0.9 ms a call in a loop of submits (W3, docs/
+        performance.md). Instead the tasks queue here and the loop takes
+        them in, in order, in its next step (`_take_submissions`); every
+        later call from any thread reaches the loop behind them, since Trio
+        runs `run_sync_soon` callbacks in the order they came. Only a
+        running client takes this path: one reconnecting or closing is
+        asked and refuses at once, as before. If it stops running in
+        between, the handles fail with the refusal instead (`CallsRefused`).
+        """
+        token = self._token
+        if token is None or self.core.status is not ClientStatus.RUNNING:
+            return None
+        futures = [Future(self, task.key, None) for task, _ in packed]
+        self._submissions.append((packed, futures))
+        with self._release_lock:
+            if self._submission_scheduled:
+                return futures
+            self._submission_scheduled = True
+        try:
+            token.run_sync_soon(self._take_submissions)
+        except trio.RunFinishedError:
+            raise CommClosedError(f"client {self.id} is closed") from None
+        return futures
+
+    def _take_submissions(self) -> None:
+        """Take in every task `_submit_from_thread` queued (in our loop)."""
+        with self._release_lock:
+            self._submission_scheduled = False
+        while self._submissions:
+            packed, futures = self._submissions.popleft()
+            keys = [future.key for future in futures]
+            new = tuple(key for key in keys if key not in self.core.futures)
+            why = self.core.refusal(len(packed))
+            self._apply(ce.HandlesMade(self._stimulus("handles"), tuple(keys)))
+            records = self.core.futures
+            for future in futures:
+                future._state = records[future.key]
+            if why is not None:
+                error = CommClosedError(f"client {self.id} could not take the task: {why}")
+                self._apply(ce.CallsRefused(self._stimulus("refused"), new, error))
+                continue
+            self._submit_tasks([task for task, _ in packed], {used.function_id: used.payload for _, used in packed})
+
+    def _take_submissions_now(self) -> None:
+        """Have our loop take in the queued tasks before this returns (even
+        with none queued: the loop may be taking one in right now)."""
+        self._call_soon(self._take_submissions)
 
     def _submit_tasks(self, tasks: list[m.TaskWire], functions: dict[str, Serialized]) -> None:
         """Hand the core tasks whose handles exist; it keeps and sends them."""

@@ -113,6 +113,7 @@ class FutureOwner(Protocol):
     async def _exception(self, future: Future, timeout: float | None) -> BaseException | None: ...
     async def cancel(self, futures: Any, reason: str = ...) -> None: ...
     def _release_ref(self, key: str) -> None: ...
+    def _take_submissions_now(self) -> None: ...
 
 
 class Future:
@@ -122,30 +123,37 @@ class Future:
         key: the task's unique name.
     """
 
-    __slots__ = ("_client", "_state", "__weakref__")
+    __slots__ = ("_client", "_state", "key", "__weakref__")
 
     # dask recognises this as a future inside a graph (a persisted
     # collection's graph maps each key to one): dask._task_spec makes it a
     # reference to the future's key.
     __dask_future__ = True
 
-    def __init__(self, client: FutureOwner, state: FutureRecord):
+    def __init__(self, client: FutureOwner, key: str, state: FutureRecord | None):
         # (The record's handle count is the core's: the client counts this
-        # handle in when it makes it, `HandlesMade`.)
+        # handle in when it makes it, `HandlesMade`.) The record is None
+        # only for a handle a blocking client's `submit` returned before
+        # its loop took the task in; the loop fills it in (`_take_submissions`).
         self._client = client
+        self.key = key
         self._state = state
 
-    @property
-    def key(self) -> str:
-        """The task's unique name (its state's: a handle need not keep it too)."""
-        return self._state.key
+    def _record(self) -> FutureRecord:
+        """The record, for reading from any thread: if the client's loop
+        has not yet taken this future's task in, it is asked to now."""
+        if self._state is None:
+            self._client._take_submissions_now()
+            if self._state is None:
+                raise RuntimeError(f"the future {self.key!r} was never taken in by its client, which has ended")
+        return self._state
 
     # -- status -----------------------------------------------------------
 
     @property
     def status(self) -> str:
         """'pending', 'finished', 'error', 'cancelled' or 'lost'."""
-        return self._state.status.value
+        return self._record().status.value
 
     @property
     def client(self) -> Any:
@@ -153,7 +161,7 @@ class Future:
 
     def done(self) -> bool:
         """True once the task has a value or a final failure."""
-        return self._state.done()
+        return self._record().done()
 
     # -- results ------------------------------------------------------------
 
@@ -206,7 +214,8 @@ class Future:
             client._release_ref(self.key)
 
     def __repr__(self) -> str:
-        return f"<Future {self.key!r} {self.status}>"
+        status = "submitted" if self._state is None else self._state.status.value
+        return f"<Future {self.key!r} {status}>"
 
     def __dask_tokenize__(self) -> str:
         return self.key

@@ -149,15 +149,20 @@ class Client:
         priority: int = 0,
         **kwargs: Any,
     ) -> Future:
-        """See `AsyncClient.submit`. The call is pickled in this thread."""
+        """See `AsyncClient.submit`.
+
+        The call is pickled in this thread and handed to the client's loop
+        without waiting for it (`AsyncClient._submit_from_thread`), unless
+        the client is not running: then the loop is asked, and refuses.
+        """
         if not callable(fn):
             raise TypeError(f"submit() expects a callable, got {type(fn).__name__}")
         options = task_options(retries, workers, allow_other_workers, resources, priority)
         packed = self._client._pack(fn, [(args, kwargs)], [key], pure, options)
-        # One call into the loop (it refuses the task there if it can be
-        # neither sent nor kept): each call is a thread hop, on W2's path.
-        [future] = self._loop.run_sync(self._client._submit_packed, packed)
-        return future
+        futures = self._client._submit_from_thread(packed)
+        if futures is None:
+            futures = self._loop.run_sync(self._client._submit_packed, packed)
+        return futures[0]
 
     def map(
         self,

@@ -19,6 +19,7 @@ from trioflow.core.client_state import (
     FINISHED,
     LOST,
     PENDING,
+    CallsRefused,
     CallsSubmitted,
     ClientState,
     ClientStatus,
@@ -304,6 +305,20 @@ def test_refused_tasks_fail_with_the_schedulers_reason(client):
     assert client.handle(ev) == [FutureDone(ev.stimulus_id, "x")]
     error = client.futures["x"].local_error
     assert isinstance(error, ValueError) and str(error) == "the scheduler refused the task: too many resources"
+    assert client.futures["y"].status is FINISHED
+
+
+def test_calls_refused_after_their_handles_were_made_fail_locally(client):
+    """CallsRefused: a blocking client's handles, made before its loop found
+    it could not take the tasks, fail with the given error; a key listed
+    that is done is left as it is; nothing is sent."""
+    running(client, "y")
+    client.handle(FinishReported(sid(), "y", (W1,)))
+    client.handle(HandlesMade(sid(), ("x",)))
+    error = CommClosedError("client c could not take the task: the client is closing")
+    ev = CallsRefused(sid(), ("x", "y"), error)
+    assert client.handle(ev) == [FutureDone(ev.stimulus_id, "x")]
+    assert client.futures["x"].status is ERROR and client.futures["x"].local_error is error
     assert client.futures["y"].status is FINISHED
 
 

@@ -62,6 +62,21 @@ class CallsSubmitted(ClientEvent):
 
 
 @frozen
+class CallsRefused(ClientEvent):
+    """Tasks the client could not take after their handles were handed out.
+
+    A blocking client's `submit` does not wait for the client's loop: the
+    handles exist before the loop checks whether the tasks can be taken
+    (the `refusal` of a client that began closing, or that waits for its
+    scheduler with too many tasks queued already). Each of `keys` not done
+    fails with `error`, on this client only; nothing was sent for them.
+    """
+
+    keys: tuple[str, ...]
+    error: BaseException
+
+
+@frozen
 class ValuesScattered(ClientEvent):
     """The user scattered data under these keys (handles already made);
     `tasks[i]` is the lineage-less marker kept for `keys[i]`."""

@@ -73,6 +73,7 @@ import enum
 from typing import Any
 
 from trioflow.core.client_events import (
+    CallsRefused,
     CallsSubmitted,
     ClientEvent,
     ClientOutput,
@@ -283,6 +284,7 @@ class ClientState:
             HandlesMade: self._on_handles_made,
             HandlesDropped: self._on_handles_dropped,
             CallsSubmitted: self._on_calls_submitted,
+            CallsRefused: self._on_calls_refused,
             ValuesScattered: self._on_values_scattered,
             FuturesCancelled: self._on_futures_cancelled,
             FiredAndForgotten: self._on_fired_and_forgotten,
@@ -466,6 +468,12 @@ class ClientState:
         failure = Cancelled("the cluster was restarted")
         for rec in self.futures.values():
             self._fail(rec, failure)
+
+    def _on_calls_refused(self, ev: CallsRefused) -> None:
+        for key in ev.keys:
+            rec = self.futures.get(key)
+            if rec is not None and not rec.done():
+                self._fail_locally(rec, ev.error)
 
     def _on_refusal_reported(self, ev: RefusalReported) -> None:
         error = ValueError(f"the scheduler refused the task: {ev.reason}")
