@@ -102,7 +102,7 @@ def test_a_future_dropped_before_its_task_was_taken_in_is_released(client):
         del earlier
         dropped = client.submit(inc, 1, pure=False)
         key = dropped.key
-        del dropped
+        dropped.release()  # (`del` would wait: the queue holds the handle)
         kept = client.submit(inc, 2)
     assert kept.result() == 3  # (asked after both steps above have run)
     assert key not in client._client.core.futures
@@ -121,7 +121,7 @@ def test_tasks_the_client_can_no_longer_take_fail_their_futures(client):
         run_in_loop_soon(client, lambda: close_in_this_step(client))
         future = client.submit(inc, 1)
     with pytest.raises(CommClosedError, match="could not take the task: the client is closing"):
-        future.result()
+        future.result(timeout=BOUND_S)
 
 
 def test_submits_from_many_threads_all_arrive(client):
