@@ -2,14 +2,16 @@
 
 It runs an `AsyncClient` in a background Trio thread (`LoopThread`) and
 forwards each call there: the work and the state live in that one thread,
-the caller just waits. ``Client()`` with no address first starts a
+the caller waits. ``Client()`` with no address first starts a
 `LocalCluster` and closes it again with the client.
 
 The bridge between the two is `BlockingPortal`, which the `AsyncClient`
 calls through whenever a `Future` (or `wait`, `as_completed`) needs its
 client: with a portal the call crosses into the loop thread and blocks
-until it is done, without one it returns an awaitable. The async client
-knows no more of threads than that.
+until it is done, without one it returns an awaitable. The one call that
+does not wait is `submit` (a loop of them would wait 8,000 times for a
+thread busy elsewhere): the async client queues its task from the
+caller's thread and takes it in at its next step (`_submit_from_thread`).
 """
 
 from __future__ import annotations
