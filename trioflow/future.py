@@ -123,7 +123,7 @@ class Future:
         key: the task's unique name.
     """
 
-    __slots__ = ("_client", "_state", "key", "__weakref__")
+    __slots__ = ("_client", "_state", "_key", "__weakref__")
 
     # dask recognises this as a future inside a graph (a persisted
     # collection's graph maps each key to one): dask._task_spec makes it a
@@ -136,8 +136,13 @@ class Future:
         # only for a handle a blocking client's `submit` returned before
         # its loop took the task in; the loop fills it in (`_take_submissions`).
         self._client = client
-        self.key = key
+        self._key = key
         self._state = state
+
+    @property
+    def key(self) -> str:
+        """The task's unique name."""
+        return self._key
 
     def _record(self) -> FutureRecord:
         """The record, for reading from any thread: if the client's loop
