@@ -566,9 +566,16 @@ class AsyncClient:
         """
         with self._release_lock:
             self._release_scheduled = False
-        # A handle dropped may be one whose task is not taken in yet.
+        # A blocking client's caller queues tasks without waiting (from
+        # another thread, `_submit_from_thread`): a handle dropped may be
+        # the input of a task queued before it was dropped, or that task's
+        # own. Every task queued before the releases counted here is taken
+        # in first; a release queued meanwhile waits for the next step (its
+        # task may have been queued after this take), or the scheduler
+        # would forget an input a task it has not yet been sent needs.
+        releases = min(len(self._released), RELEASE_SLICE)
         self._take_submissions()
-        dropped = [self._released.popleft() for _ in range(min(len(self._released), RELEASE_SLICE))]
+        dropped = [self._released.popleft() for _ in range(releases)]
         if dropped:
             self._apply(ce.HandlesDropped(self._stimulus("dropped"), tuple(dropped)))
         if self._released:
@@ -710,23 +717,39 @@ class AsyncClient:
         return futures
 
     def _take_submissions(self) -> None:
-        """Take in every task `_submit_from_thread` queued (in our loop)."""
+        """Take in every task `_submit_from_thread` queued (in our loop).
+
+        All at once, as one submission (one step of the core here and one
+        `submit` message to the scheduler, however many calls queued them),
+        when the client can take them all; else each call's on its own, so
+        that each is refused as its caller would have been.
+        """
         with self._release_lock:
             self._submission_scheduled = False
-        while self._submissions:
-            packed, futures = self._submissions.popleft()
-            keys = [future.key for future in futures]
-            new = tuple(key for key in keys if key not in self.core.futures)
-            why = self.core.refusal(len(packed))
-            self._apply(ce.HandlesMade(self._stimulus("handles"), tuple(keys)))
-            records = self.core.futures
-            for future in futures:
-                future._state = records[future.key]
-            if why is not None:
-                error = CommClosedError(f"client {self.id} could not take the task: {why}")
-                self._apply(ce.CallsRefused(self._stimulus("refused"), new, error))
-                continue
-            self._submit_tasks([task for task, _ in packed], {used.function_id: used.payload for _, used in packed})
+        queued = [self._submissions.popleft() for _ in range(len(self._submissions))]
+        if not queued:
+            return
+        if self.core.refusal(sum(len(packed) for packed, _ in queued)) is None:
+            self._take_in([task for packed, _ in queued for task in packed], [f for _, fs in queued for f in fs])
+        else:
+            for packed, futures in queued:
+                self._take_in(packed, futures)
+
+    def _take_in(self, packed: list[Packed], futures: list[Future]) -> None:
+        """Make the records of handles given out already; submit their
+        tasks, or fail the handles if the client cannot take the tasks."""
+        keys = [future.key for future in futures]
+        new = tuple(key for key in keys if key not in self.core.futures)
+        why = self.core.refusal(len(packed))
+        self._apply(ce.HandlesMade(self._stimulus("handles"), tuple(keys)))
+        records = self.core.futures
+        for future in futures:
+            future._state = records[future.key]
+        if why is not None:
+            error = CommClosedError(f"client {self.id} could not take the task: {why}")
+            self._apply(ce.CallsRefused(self._stimulus("refused"), new, error))
+            return
+        self._submit_tasks([task for task, _ in packed], {used.function_id: used.payload for _, used in packed})
 
     def _take_submissions_now(self) -> None:
         """Have our loop take in the queued tasks before this returns (even

@@ -134,3 +134,30 @@ def test_submits_from_many_threads_all_arrive(client):
     futures = [future for caller in callers for future in caller.value]
     assert client.gather(futures) == [1000 * n + i + 1 for n in range(4) for i in range(200)]
 
+
+
+def test_a_release_never_overtakes_a_task_queued_before_it(client, monkeypatch):
+    """The caller's thread may queue a task on `a` and then drop `a` while
+    the loop is between taking in the queued tasks and taking the dropped
+    handles; `a`'s release must then wait for the next step, or the
+    scheduler forgets `a` before it hears of the task that needs it."""
+    a = client.submit(inc, 1, pure=False)
+    assert a.result() == 2
+    trigger = client.submit(inc, 0, pure=False)
+    assert trigger.result() == 1
+    inner = client._client
+    take_submissions = inner._take_submissions
+    raced: list[trioflow.Future] = []
+
+    def take_then_race() -> None:
+        take_submissions()
+        if not raced:  # what the caller's thread can do right after the take
+            raced.append(client.submit(inc, a, pure=False))
+            a.release()
+
+    monkeypatch.setattr(inner, "_take_submissions", take_then_race)
+    with loop_held(client):
+        trigger.release()  # queues a release step: the race runs inside it
+    client._loop.run_sync(lambda: None)  # (queued behind that step)
+    assert len(raced) == 1, "the release step never ran"
+    assert raced[0].result(timeout=BOUND_S) == 3
