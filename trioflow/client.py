@@ -697,9 +697,11 @@ class AsyncClient:
         them in, in order, in its next step (`_take_submissions`); every
         later call from any thread reaches the loop behind them, since Trio
         runs `run_sync_soon` callbacks in the order they came. Only a
-        running client takes this path: one reconnecting or closing is
-        asked and refuses at once, as before. If it stops running in
-        between, the handles fail with the refusal instead (`CallsRefused`).
+        running client takes this path (a look at the core's status from
+        the caller's thread, which changes nothing; the loop decides
+        again): one reconnecting or closing is asked and refuses at once,
+        as before. If it stops running in between, the handles fail with
+        the refusal instead (`CallsRefused`).
         """
         token = self._token
         if token is None or self.core.status is not ClientStatus.RUNNING:

@@ -21,7 +21,7 @@ A client holds one `FutureRecord` per key it has handles for. Its status
 moves between five values (``pending``, ``finished``, ``error``,
 ``cancelled``, ``lost``) on the scheduler's reports (`FinishReported`,
 `FailureReported`, `LossReported`, `RestartReported`, `RefusalReported`), on the
-client's own decisions (`FuturesCancelled`, `GaveUp`) and on what the
+client's own decisions (`FuturesCancelled`, `GaveUp`, `CallsRefused`) and on what the
 fetcher learns (`HoldersLearned`). A record is *done* once it has a value or
 a final failure; a done record can become pending again (its value was lost
 and is being recomputed), which is why `done()` is a flag beside the status
