@@ -59,14 +59,17 @@ class LostData(TrioflowError):
     """Data with no lineage (from `Client.scatter`) lost its last copy.
 
     Scattered data cannot be recomputed, so when the last worker holding it
-    dies the future and every future that depends on it raise this.
+    dies the future and every future that depends on it raise this. A task
+    whose input the scheduler does not know at all (it never had it, or
+    forgot it) fails with it too: the scheduler has neither a copy nor a
+    lineage for that input.
     """
 
     def __init__(self, key: str):
         self.key = key
         super().__init__(
-            f"the data of {key!r} was scattered, has no lineage to recompute "
-            f"it from, and its last copy was lost with its worker"
+            f"the data of {key!r} is lost: no worker holds a copy and the scheduler has no lineage "
+            f"to recompute it from (scattered data whose last holder is gone, or a key it no longer knows)"
         )
 
     def __reduce__(self):
