@@ -135,7 +135,6 @@ def test_submits_from_many_threads_all_arrive(client):
     assert client.gather(futures) == [1000 * n + i + 1 for n in range(4) for i in range(200)]
 
 
-
 def test_a_release_never_overtakes_a_task_queued_before_it(client, monkeypatch):
     """The caller's thread may queue a task on `a` and then drop `a` while
     the loop is between taking in the queued tasks and taking the dropped
