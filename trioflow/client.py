@@ -124,6 +124,12 @@ CANCEL_SLICE = 10_000
 Packed = tuple[m.TaskWire, SerializedFunction]
 
 
+def unpacked(packed: list[Packed]) -> tuple[list[m.TaskWire], dict[str, Serialized]]:
+    """Packed tasks as `_submit_tasks` takes them: the tasks, and the
+    payload of each function they call by its id."""
+    return [task for task, _ in packed], {used.function_id: used.payload for _, used in packed}
+
+
 class InLoopPortal:
     """How `AsyncClient` is called: from its own Trio loop, so a method's
     coroutine is returned to be awaited and a plain call runs now. (The
@@ -682,7 +688,7 @@ class AsyncClient:
         core's `CallsSubmitted`)."""
         self._admit(len(packed))
         futures = self._futures([task.key for task, _ in packed])
-        self._submit_tasks([task for task, _ in packed], {used.function_id: used.payload for _, used in packed})
+        self._submit_tasks(*unpacked(packed))
         return futures
 
     def _submit_from_thread(self, packed: list[Packed]) -> list[Future] | None:
@@ -751,7 +757,7 @@ class AsyncClient:
             error = CommClosedError(f"client {self.id} could not take the task: {why}")
             self._apply(ce.CallsRefused(self._stimulus("refused"), new, error))
             return
-        self._submit_tasks([task for task, _ in packed], {used.function_id: used.payload for _, used in packed})
+        self._submit_tasks(*unpacked(packed))
 
     def _take_submissions_now(self) -> None:
         """Have our loop take in the queued tasks before this returns (even
