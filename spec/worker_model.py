@@ -145,9 +145,13 @@ class Compute(NamedTuple):
 
 
 class Free(NamedTuple):
-    """The scheduler no longer needs `key` here (its value or its run)."""
+    """The scheduler no longer needs `key` here (its value or its run).
+
+    `heard`: the scheduler had heard every report of `key` from here when
+    it sent the free, so no report can be crossing it."""
 
     key: str
+    heard: bool = False
 
 
 class Replicas(NamedTuple):
@@ -417,10 +421,10 @@ def _effect(d: _Draft, ev: WEvent) -> None:  # noqa: C901 - one case per event
                 elif t.state is MEMORY:
                     d.out.add(("finished", key))
                 # WAITING, READY, EXECUTING: a repeat
-        case Free(key):
+        case Free(key, heard):
             t = d.tasks[key]
             d.set(key, assigned=False, request=None)
-            if t.state is MEMORY:
+            if t.state is MEMORY and not heard:
                 # Say so: the free may have crossed a report of this value,
                 # and the scheduler must not count a copy that is going away.
                 d.out.add(("dropped", key))
@@ -739,6 +743,8 @@ def enabled_events(scope: WorkerScope, w: WWorld) -> Iterator[WEvent]:
             yield Compute(key, tuple(zip(deps, combo)))
     for key in sorted(tasks):
         yield Free(key)
+        if tasks[key].state is MEMORY:
+            yield Free(key, heard=True)
     for key in scope.inputs:
         if key not in tasks:
             yield Replicas(key, scope.peers[:1])

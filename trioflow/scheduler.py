@@ -180,6 +180,12 @@ class WorkerLink(_Link):
         # connection are ordered, so both sides always agree.
         self.task_functions: dict[str, str] = {}
         self.function_users: dict[str, int] = {}
+        # How many value reports (task_finished, replica_added) the driver
+        # has handled from this connection. Every free_keys carries it: the
+        # worker answers a free with data_dropped only for values whose
+        # last report this count does not cover, i.e. whose report may be
+        # crossing the free on the wire (`Worker._on_free_keys`).
+        self.reports_heard = 0
 
     def task_done(self, key: str) -> str | None:
         """`key` left this worker; the function id it no longer needs, if any."""
@@ -642,7 +648,7 @@ class Scheduler:
                 link.address, len(dropped), len(running) - len(kept_running), clip((dropped or list(running))[:3]),
             )
             for start in range(0, len(dropped), m.MAX_KEYS):
-                link.send(m.FreeKeys(keys=dropped[start : start + m.MAX_KEYS]))
+                link.send(m.FreeKeys(keys=dropped[start : start + m.MAX_KEYS], reports_heard=link.reports_heard))
         return kept_held, kept_running
 
     def _left(self, link: _Link, reason: str) -> None:
@@ -739,7 +745,7 @@ class Scheduler:
             worker = self.workers.get(address)
             if keys and worker is not None:
                 for start in range(0, len(keys), m.MAX_KEYS):
-                    worker.send(m.FreeKeys(keys=keys[start : start + m.MAX_KEYS]))
+                    worker.send(m.FreeKeys(keys=keys[start : start + m.MAX_KEYS], reports_heard=worker.reports_heard))
                 for key in keys:
                     self._task_left(worker, key)
         for address in list(self._function_frees) if address is None else [address]:
@@ -851,6 +857,7 @@ class Scheduler:
         return TaskStarted(self._stimulus("task-started"), link.address, msg.key)
 
     def _on_task_finished(self, link: WorkerLink, msg: m.TaskFinished) -> SchedulerEvent:
+        link.reports_heard += 1  # before the core hears it: a free it causes counts it
         self._task_left(link, msg.key)  # its run there is over, counted or not
         assigned = self.state.assigned_to(msg.key)
         if assigned is not None and assigned != link.address:
@@ -876,6 +883,7 @@ class Scheduler:
         return TaskErred(self._stimulus("task-erred"), link.address, msg.key, failure_from_wire(msg.failure))
 
     def _on_replica_added(self, link: WorkerLink, msg: m.ReplicaAdded) -> SchedulerEvent:
+        link.reports_heard += 1
         self.recorder.transferred(msg.nbytes)
         return ReplicaAdded(self._stimulus("replica-added"), link.address, msg.key, msg.nbytes)
 
@@ -1103,7 +1111,8 @@ class Scheduler:
             for key, (_, holders) in placed.items():
                 for address in holders:
                     if address not in self.state.who_has([key])[key] and address in self.workers:
-                        self.workers[address].send(m.FreeKeys(keys=[key]))
+                        worker = self.workers[address]
+                        worker.send(m.FreeKeys(keys=[key], reports_heard=worker.reports_heard))
             return
         if placed:
             event = DataScattered(

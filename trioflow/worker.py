@@ -235,6 +235,13 @@ class Worker:
         self._run_times: dict[str, tuple[float, float]] = {}
         self._durations: dict[str, float] = {}
         self._scheduler: Connection | None = None
+        # The value reports (task_finished, replica_added) sent on the
+        # scheduler connection, numbered from 1 on each connection, and the
+        # number of the last report of each value still held. A free says
+        # how many the scheduler had heard (`FreeKeys.reports_heard`); only
+        # a value reported after that needs a data_dropped answer.
+        self._reports_sent = 0
+        self._reported: dict[str, int] = {}
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[Callable, tuple]](math.inf)
         self._stimulus_ids = itertools.count()
         self._nursery: trio.Nursery | None = None
@@ -480,6 +487,11 @@ class Worker:
                 if done:
                     break
             self._scheduler = conn
+            # The new connection's count starts from nothing: what we hold
+            # was just registered, which the scheduler hears before it can
+            # free anything on this connection.
+            self._reports_sent = 0
+            self._reported.clear()
             leaving = True
             try:
                 async with background_tasks() as nursery:
@@ -667,12 +679,13 @@ class Worker:
         elif isinstance(instruction, DropData):
             for key in instruction.keys:
                 self.data.pop(key, None)
+                self._reported.pop(key, None)
         elif isinstance(instruction, SendTaskStarted):
             self._send(m.TaskStarted(key=instruction.key))
         elif isinstance(instruction, SendTaskFinished):
             inline = self._inline.get(instruction.key)
             start, stop = self._run_times.get(instruction.key, (None, None))
-            self._send(
+            self._send_report(
                 m.TaskFinished(
                     key=instruction.key, nbytes=instruction.nbytes, value=inline, start=start, stop=stop,
                     duration=self._durations.get(instruction.key),
@@ -683,7 +696,7 @@ class Worker:
             failure = failure_to_wire(instruction.failure)
             self._send(m.TaskErred(key=instruction.key, failure=failure, start=start, stop=stop))
         elif isinstance(instruction, SendReplicaAdded):
-            self._send(m.ReplicaAdded(key=instruction.key, nbytes=instruction.nbytes))
+            self._send_report(m.ReplicaAdded(key=instruction.key, nbytes=instruction.nbytes))
         elif isinstance(instruction, SendStealAnswer):
             self._send(
                 m.StealResponse(key=instruction.key, steal_id=instruction.steal_id, given_up=instruction.given_up)
@@ -708,6 +721,14 @@ class Worker:
             self._scheduler.send(message)
         except CommClosedError:
             return  # the reader notices and ends the link
+
+    def _send_report(self, message: m.TaskFinished | m.ReplicaAdded) -> None:
+        """Send a report that makes the scheduler count our copy of a value, numbered."""
+        if self._scheduler is None:
+            return
+        self._reports_sent += 1
+        self._reported[message.key] = self._reports_sent
+        self._send(message)
 
     def _spawn(self, async_fn: Callable, *args: Any) -> None:
         assert self._nursery is not None
@@ -744,7 +765,15 @@ class Worker:
         self._apply(StealRequested(self._stimulus("steal"), msg.key, msg.steal_id))
 
     def _on_free_keys(self, conn: Connection, msg: m.FreeKeys) -> None:
-        self._apply(FreeRequested(self._stimulus("free"), tuple(msg.keys)))
+        # Which of these values the scheduler had stopped counting here for
+        # good: their last report on this connection (if any: a value held
+        # at registration has none) was heard before the free was decided,
+        # so none can be crossing it. A free that comes from an older
+        # connection than the current one is answered in full.
+        heard: frozenset[str] = frozenset()
+        if conn is self._scheduler:
+            heard = frozenset(key for key in msg.keys if self._reported.get(key, 0) <= msg.reports_heard)
+        self._apply(FreeRequested(self._stimulus("free"), tuple(msg.keys), heard))
 
     def _on_free_functions(self, conn: Connection, msg: m.FreeFunctions) -> None:
         for function_id in msg.function_ids:

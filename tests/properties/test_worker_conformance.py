@@ -70,8 +70,8 @@ def to_core(event: wm.WEvent, world: wm.WWorld) -> WorkerEvent:
             return ComputeRequested(
                 sid, key, f"run-{key}", (next(_ids),), dict(who_has), {d: NBYTES for d, _ in who_has}
             )
-        case wm.Free(key):
-            return FreeRequested(sid, (key,))
+        case wm.Free(key, heard):
+            return FreeRequested(sid, (key,), frozenset({key}) if heard else frozenset())
         case wm.Replicas(key, holders):
             return ReplicasRequested(sid, {key: holders}, {key: NBYTES})
         case wm.Put(key):
@@ -246,7 +246,7 @@ class WorkerConformance(RuleBasedStateMachine):
     @precondition(lambda self: self.world.tasks)
     @rule(data=st.data())
     def free(self, data):
-        self.step(wm.Free(data.draw(st.sampled_from([k for k, _ in self.world.tasks]))))
+        self.step(wm.Free(data.draw(st.sampled_from([k for k, _ in self.world.tasks])), data.draw(st.booleans())))
 
     @rule(key=st.sampled_from([*SCOPE.inputs, *SCOPE.tasks]), holders=HOLDERS)
     def replicas(self, key, holders):

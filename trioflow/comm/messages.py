@@ -941,9 +941,15 @@ class StealRequest(Message, op="steal_request", channels=(SCHEDULER_TO_WORKER,))
 
 
 class FreeKeys(Message, op="free_keys", channels=(SCHEDULER_TO_WORKER,)):
-    """Drop these values or pending runs."""
+    """Drop these values or pending runs.
+
+    `reports_heard`: how many `task_finished` and `replica_added` the
+    scheduler had handled from this worker, on this connection, when it
+    decided these frees. A value whose last report is among them cannot be
+    crossing the free, so its drop needs no `data_dropped` answer."""
 
     keys = KEYS
+    reports_heard = Optional(SEQ, 0)
 
 
 class FreeFunctions(Message, op="free_functions", channels=(SCHEDULER_TO_WORKER,)):

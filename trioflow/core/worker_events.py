@@ -61,9 +61,17 @@ class ComputeRequested(WorkerEvent):
 
 @frozen
 class FreeRequested(WorkerEvent):
-    """The scheduler no longer needs these keys here (value or pending run)."""
+    """The scheduler no longer needs these keys here (value or pending run).
+
+    `heard`: those of the keys whose every report from here the scheduler
+    had handled when it sent the free (the shell knows, from
+    `FreeKeys.reports_heard`). No report of them can be crossing the free,
+    so dropping them needs no answer; the others are answered with
+    `SendDataDropped`. Empty (the default): answer for every value dropped.
+    """
 
     keys: tuple[str, ...]
+    heard: frozenset[str] = frozenset()
 
 
 @frozen

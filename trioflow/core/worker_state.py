@@ -428,13 +428,15 @@ class WorkerState:
                     ts.freed = True
             else:
                 self._forget(ts, FREE)
-            if held:
+            if held and key not in ev.heard:
                 dropped.append(key)
         if dropped:
             # Say so: the free may have crossed a report of these values
             # (TaskFinished, ReplicaAdded) on the wire, and then the
             # scheduler counts copies that are going away. Found by seeds 5
             # and 56 of the chaos lab (tests/sim/test_regressions.py).
+            # Values whose reports the scheduler had all heard (`ev.heard`)
+            # cannot be in that case; most frees are of those.
             self._emit(SendDataDropped(self._stimulus_id, tuple(dropped)))
 
     def _on_replicas(self, ev: ReplicasRequested) -> None:
