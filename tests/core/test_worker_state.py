@@ -174,6 +174,17 @@ def test_values_stay_until_the_scheduler_frees_them(worker):
     assert out == [DropData(s, ("a",)), SendDataDropped(s, ("a",))]
 
 
+def test_values_whose_reports_the_scheduler_had_heard_are_dropped_without_an_answer(worker):
+    """The shell says which freed keys' reports the scheduler had all handled
+    (`heard`): no report of those can be crossing the free."""
+    for key in ("a", "b"):
+        worker.handle(DataPut(sid(), {key: 10}))
+    s = sid()
+    out = worker.handle(FreeRequested(s, ("a", "b"), heard=frozenset({"a"})))
+    assert out == [DropData(s, ("a",)), DropData(s, ("b",)), SendDataDropped(s, ("b",))]
+    assert worker.memory() == {}
+
+
 def test_a_free_crossing_an_assignment_keeps_the_input_until_done(worker):
     """A value freed while a task here still needs it is kept until that task ends."""
     s = sid()
