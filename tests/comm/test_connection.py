@@ -536,6 +536,8 @@ async def _trickle(stream: trio.abc.SendStream, data: bytes, bytes_per_second: i
     [
         pytest.param("header", "a batch header did not arrive within 10 s", id="header"),
         pytest.param("body", "(the peer sends slower than min_transfer_rate=100 B/s)", id="body"),
+        # The body's time runs from the header's arrival, 8 s into the wait.
+        pytest.param("late body", "(the peer sends slower than min_transfer_rate=100 B/s)", id="late-body"),
     ],
 )
 async def test_trickling_batch_raises_protocol_error(autojump_clock, trickled, reason):
@@ -551,9 +553,15 @@ async def test_trickling_batch_raises_protocol_error(autojump_clock, trickled, r
             nursery.start_soon(_trickle, left, header + rest, 1)
             expected_s = 4 + 10  # the deadline runs from the frame count's arrival
         else:
-            await left.send_all(header)
-            nursery.start_soon(_trickle, left, rest, 1)
-            expected_s = 10 + len(rest) / 100
+            idle_s = 8 if trickled == "late body" else 0
+
+            async def header_then_trickle():
+                await trio.sleep(idle_s)  # the receive waits meanwhile
+                await left.send_all(header)
+                await _trickle(left, rest, 1)
+
+            nursery.start_soon(header_then_trickle)
+            expected_s = idle_s + 10 + len(rest) / 100
         with trio.fail_after(100), pytest.raises(ProtocolError, match=re.escape(reason)):
             await conn.receive()
         nursery.cancel_scope.cancel()
