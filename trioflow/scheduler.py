@@ -587,7 +587,7 @@ class Scheduler:
             old = self.workers.get(link.address)
             if old is not None:
                 old.close("replaced by a new connection from the same address")
-                self._departed[link.address] = (old.serial, set(self.state.worker_keys(link.address)))
+                self._departed[link.address] = (old.serial, self.state.claimable_keys(link.address))
             held, running = self._checked_claims(link, held, running)
             self.workers[link.address] = link
             self._apply(
@@ -622,7 +622,9 @@ class Scheduler:
         expires), while the core's recovery window is open (a new
         scheduler has no record to check a claim against: the workers that
         come back are the record), when this address held or ran the key
-        when it left, or when the key is scattered data a client
+        when it left or had been told to fetch it (a copy asked of it, an
+        input of a task it ran: the fetch may have landed after the link
+        broke; `SchedulerState.claimable_keys`), or when the key is scattered data a client
         resubmitted and no worker has held since (`awaits_holder`: again
         nothing here contradicts the claim, and only a worker can bring
         that data back). Any other claim would let a worker that never had
@@ -656,7 +658,7 @@ class Scheduler:
             if self.workers.get(link.address) is not link:
                 return
             del self.workers[link.address]
-            self._departed[link.address] = (link.serial, set(self.state.worker_keys(link.address)))
+            self._departed[link.address] = (link.serial, self.state.claimable_keys(link.address))
             self._spawn(self._forget_departed, link.address, link.serial)
             if link.retiring:
                 logger.info("worker %s left on purpose", link.address)

@@ -3,7 +3,7 @@
 The shell answers `who_has`, `has_what`, `nthreads` and `scheduler_info`
 with these, places scattered data with `scatter_targets`, checks a
 client's requests against `wants` and a worker's claims against `knows`,
-`worker_keys` and `awaits_holder`.
+`claimable_keys` and `awaits_holder`.
 """
 
 from tests.core.conftest import sid
@@ -55,6 +55,22 @@ def test_what_a_client_holds_and_a_worker_may_claim():
     assert (state.assigned_to("y"), state.assigned_to("x"), state.assigned_to("ghost")) == (A, None, None)
     assert state.worker_keys(A) == ["x", "y"] and state.worker_keys(B) == ["s"] and state.worker_keys(C) == []
     assert not state.awaits_holder("s")
+
+
+def test_a_worker_may_claim_what_it_was_told_to_fetch():
+    """claimable_keys: what it holds or runs, the copies asked of it, and its tasks' inputs.
+
+    Its fetch can land after its connection broke (seed 137 of the partition
+    mix: the scattered data was refused from the worker that had fetched it,
+    and lost when its other holder left next)."""
+    state = cluster()
+    state.handle(WorkerConnected(sid(), C, 1))
+    state.handle(TasksSubmitted(sid(), "c1", (TaskSpec("z", "run-z", ("s",), workers=(C,)),), ("z",)))
+    state.handle(ReplicationRequested(sid(), "c1", ("x",), 3))
+    assert state.tasks["z"].processing_on == C and C in state.tasks["x"].replicas_pending
+    assert state.claimable_keys(C) == {"z", "s", "x"}  # its task, that task's input, the copy asked of it
+    assert state.claimable_keys(A) == {"x", "y"}  # y's input x is held there already
+    assert state.claimable_keys("tcp://ghost") == set()
 
 
 def test_scattered_data_goes_to_every_worker_or_round_robin_from_the_least_loaded():

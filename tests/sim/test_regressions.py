@@ -123,6 +123,9 @@ PLANS = {
     78: "crash@1.465:worker-1,reset@2.347:worker-3,restart@3.05:worker-3,crash@3.544:worker-1,crash@6.602:worker-0",
     # --mix crash=1
     829: "crash@0.578:worker-0,crash@3.107:worker-2,crash@4.824:worker-2,crash@6.599:worker-0,crash@6.73:worker-3",
+    # --mix partition=1, found by the sweep of stop 25
+    137: "partition@0.809:worker-0+worker-1+worker-3/4.509,partition@2.402:worker-2+worker-3/2.462,"
+    "partition@4.477:worker-3/5.503,partition@5.856:worker-0/1.867,partition@5.876:worker-3/3.716",
 }
 
 
@@ -615,6 +618,16 @@ def test_seed_271_a_dependents_worker_with_no_fetch_answers_at_once():
 def test_seed_271_run_passes():
     """Seed 271 of `--mix partition=1` (five partitions)."""
     assert_clean(run_pinned(271))
+
+
+def test_seed_137_of_the_partition_mix_run_passes():
+    """Seed 137 of `--mix partition=1`: a worker asked for a copy of scattered
+    data (its last holder was cut off) finished the fetch after its own link
+    broke. Registering again, its claim was refused (it had neither held nor
+    run the key when it left), and the data was declared lost when its other
+    holder was cut off next. A worker may now claim what it was told to fetch
+    (`SchedulerState.claimable_keys`, tests/core/test_scheduler_queries.py)."""
+    assert_clean(run_pinned(137))
 
 
 def test_seed_789_of_the_reset_mix_run_passes():

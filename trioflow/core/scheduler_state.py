@@ -344,6 +344,20 @@ class SchedulerState:
         ws = self.workers.get(address)
         return [] if ws is None else [*ws.has_what, *ws.processing]
 
+    def claimable_keys(self, address: str) -> set[str]:
+        """What a worker may credibly claim to hold when it registers again:
+        what it holds or is assigned, and the values it was told to fetch
+        (copies asked of it, inputs of its tasks). A fetch can land after
+        the worker's connection broke; refusing that copy lost scattered
+        data whose other holder left next (seed 137 of the partition mix)."""
+        ws = self.workers.get(address)
+        if ws is None:
+            return set()
+        keys = {*ws.has_what, *ws.processing, *ws.replicating}
+        for key in ws.processing:
+            keys.update(self.tasks[key].dependencies)
+        return keys
+
     def copies(self, keys: Iterable[str]) -> dict[str, int | None]:
         """How many workers hold each key's value (None: not in memory)."""
         out: dict[str, int | None] = {}
