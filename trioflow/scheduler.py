@@ -624,12 +624,12 @@ class Scheduler:
         come back are the record), when this address held or ran the key
         when it left or had been told to fetch it (a copy asked of it, an
         input of a task it ran: the fetch may have landed after the link
-        broke; `SchedulerState.claimable_keys`), or when the key is scattered data a client
-        resubmitted and no worker has held since (`awaits_holder`: again
-        nothing here contradicts the claim, and only a worker can bring
-        that data back). Any other claim would let a worker that never had
-        a value stand in for it before the clients waiting on that key: it
-        is dropped, and the worker told to free it.
+        broke; `SchedulerState.claimable_keys`), or when the key is
+        scattered data a client resubmitted and no worker has held since
+        (`awaits_holder`: again nothing here contradicts the claim, and only
+        a worker can bring that data back). Any other claim would let a
+        worker that never had a value stand in for it before the clients
+        waiting on that key: it is dropped, and the worker told to free it.
         """
         _, allowed = self._departed.pop(link.address, (0, set()))
 
