@@ -187,6 +187,12 @@ class WorkerLink(_Link):
         # crossing the free on the wire (`Worker._on_free_keys`).
         self.reports_heard = 0
 
+    def free(self, keys: list[str]) -> None:
+        """Tell the worker to drop `keys`, in messages of at most MAX_KEYS,
+        each saying how many of its value reports were heard before it."""
+        for start in range(0, len(keys), m.MAX_KEYS):
+            self.send(m.FreeKeys(keys=keys[start : start + m.MAX_KEYS], reports_heard=self.reports_heard))
+
     def task_done(self, key: str) -> str | None:
         """`key` left this worker; the function id it no longer needs, if any."""
         function_id = self.task_functions.pop(key, None)
@@ -649,8 +655,7 @@ class Scheduler:
                 "worker %s claimed %d values and %d runs it never had here (e.g. %s); ignored",
                 link.address, len(dropped), len(running) - len(kept_running), clip((dropped or list(running))[:3]),
             )
-            for start in range(0, len(dropped), m.MAX_KEYS):
-                link.send(m.FreeKeys(keys=dropped[start : start + m.MAX_KEYS], reports_heard=link.reports_heard))
+            link.free(dropped)
         return kept_held, kept_running
 
     def _left(self, link: _Link, reason: str) -> None:
@@ -746,8 +751,7 @@ class Scheduler:
             keys = self._frees.pop(address, None)
             worker = self.workers.get(address)
             if keys and worker is not None:
-                for start in range(0, len(keys), m.MAX_KEYS):
-                    worker.send(m.FreeKeys(keys=keys[start : start + m.MAX_KEYS], reports_heard=worker.reports_heard))
+                worker.free(keys)
                 for key in keys:
                     self._task_left(worker, key)
         for address in list(self._function_frees) if address is None else [address]:
@@ -1113,8 +1117,7 @@ class Scheduler:
             for key, (_, holders) in placed.items():
                 for address in holders:
                     if address not in self.state.who_has([key])[key] and address in self.workers:
-                        worker = self.workers[address]
-                        worker.send(m.FreeKeys(keys=[key], reports_heard=worker.reports_heard))
+                        self.workers[address].free([key])
             return
         if placed:
             event = DataScattered(
