@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
+from trioflow.batch_threads import make_this_thread_batch
 from trioflow.config import Config, ConfigError
 from trioflow.errors import AuthenticationError
 
@@ -270,6 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Config) -> int:
     from trioflow.comm.auth import credentials_for, scheduler_credentials
+
+    # This process is a server of ours: its main thread runs our loop.
+    make_this_thread_batch(config.batch_threads)
 
     if args.command == "scheduler":
         from trioflow.scheduler import Scheduler

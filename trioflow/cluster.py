@@ -332,7 +332,7 @@ class LocalCluster:
             dashboard_port=dashboard_port,
             resources=resources,
         )
-        self._loop = LoopThread("trioflow-cluster")
+        self._loop = LoopThread("trioflow-cluster", batch=self._cluster.config.batch_threads)
         try:
             self.scheduler_address: str = self._loop.start(self._cluster.serve)
         except BaseException:

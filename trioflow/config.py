@@ -130,6 +130,14 @@ class Config:
     worker dies or tasks differ in length. ``inf`` sends everything at once.
     This is the only default: the scheduler's core takes the value from the
     shell that builds it, and core tests choose their own (usually 1)."""
+    batch_threads: bool = True
+    """Run the threads trioflow starts (event loops, task threads, a
+    ``trioflow`` command's main thread) under Linux's ``SCHED_BATCH``: the
+    same share of CPU, but a thread that wakes does not preempt the one
+    running. With more busy threads than cores that saves a context switch
+    and a GIL hand-off on most messages (trioflow/batch_threads.py;
+    docs/performance.md, W1 and W3). Task functions inherit it. No effect
+    off Linux; the caller's own threads are never changed."""
     work_stealing: bool = True
     """Let a worker with an idle thread take a task that waits on another
     worker (after asking that worker whether it has started it; see

@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 import trio
 
+from trioflow.batch_threads import make_this_thread_batch
+
 
 class Executor(Protocol):
     async def run(self, fn: Callable[[], Any]) -> Any:
@@ -51,8 +53,9 @@ class ThreadExecutor:
 
     IDLE_S = 10.0
 
-    def __init__(self, nthreads: int):
+    def __init__(self, nthreads: int, *, batch: bool = False):
         self.nthreads = nthreads
+        self.batch = batch  # SCHED_BATCH threads (trioflow/batch_threads.py)
         self._jobs: queue.SimpleQueue[Callable[[], Callable[[], None]]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0  # threads waiting for a job that no submitter has claimed
@@ -95,6 +98,7 @@ class ThreadExecutor:
             threading.Thread(target=self._work, name=name, daemon=True).start()
 
     def _work(self) -> None:
+        make_this_thread_batch(self.batch)
         while True:
             try:
                 job = self._jobs.get(timeout=self.IDLE_S)

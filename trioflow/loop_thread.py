@@ -15,14 +15,21 @@ from typing import Any, TypeVar
 
 import trio
 
+from trioflow.batch_threads import make_this_thread_batch
+
 T = TypeVar("T")
 
 
 class LoopThread:
-    """One Trio loop in a daemon thread; `run`/`run_sync`/`start` call into it."""
+    """One Trio loop in a daemon thread; `run`/`run_sync`/`start` call into it.
 
-    def __init__(self, name: str):
+    `batch`: run the thread under Linux's ``SCHED_BATCH`` (trioflow/batch_threads.py
+    says why; `Config.batch_threads`).
+    """
+
+    def __init__(self, name: str, *, batch: bool = False):
         self.name = name
+        self.batch = batch
         self._ready = threading.Event()
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
@@ -35,6 +42,7 @@ class LoopThread:
             raise RuntimeError(f"{name}: the event loop failed to start") from self._crash
 
     def _main(self) -> None:
+        make_this_thread_batch(self.batch)
         try:
             trio.run(self._serve)
         except BaseException as exc:  # reported to the next caller

@@ -108,8 +108,13 @@ class Client:
         # many futures) must not delay the scheduler's answers to its
         # workers (design.md §6 rule 6). It costs a thread hop between
         # client and scheduler on every message (W2: benchmarks/README.md).
-        self._loop = LoopThread("trioflow-client")
-        self._client = AsyncClient(address, config=config, credentials=credentials)
+        try:
+            self._client = AsyncClient(address, config=config, credentials=credentials)
+        except BaseException:
+            if self.cluster is not None:
+                self.cluster.close()
+            raise
+        self._loop = LoopThread("trioflow-client", batch=self._client.config.batch_threads)
         self._client._portal = BlockingPortal(self._loop)
         try:
             self._loop.start(self._client._run)

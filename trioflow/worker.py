@@ -201,7 +201,7 @@ class Worker:
             credentials if credentials is not None
             else credentials_for(self.config, "a worker", cluster=True)
         )
-        self.executor = executor or ThreadExecutor(nthreads)
+        self.executor = executor or ThreadExecutor(nthreads, batch=self.config.batch_threads)
         self.nanny_address = nanny_address
         self.parent_pid = parent_pid
         self.pid = pid
