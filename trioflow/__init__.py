@@ -9,9 +9,23 @@ it). Start with `Client`::
         assert future.result() == 1024
 """
 
-import importlib as _importlib
-import logging as _logging
-from typing import TYPE_CHECKING
+from trioflow.gc_pause import collector_paused as _collector_paused
+
+# Importing this package loads trio, the bulk of what every worker process
+# imports before it can serve, so the garbage collector is paused meanwhile
+# (`trioflow.gc_pause` says why).
+with _collector_paused():
+    import importlib as _importlib
+    import logging as _logging
+    from typing import TYPE_CHECKING
+
+    # Imported now, not on first use: the function `worker_client` and the
+    # module `trioflow.worker_client` share a name, and importing the module
+    # (which the first use of any of these would do) would make
+    # `trioflow.worker_client` the module. Bound here, after the module is
+    # imported, the name is the function. (The module is light: it imports
+    # the client only when a task asks for one.)
+    from trioflow.worker_client import get_client, get_worker, rejoin, secede, worker_client
 
 if TYPE_CHECKING:  # what a type checker or an editor reads; nothing at run time
     from trioflow.client import AsyncClient, fire_and_forget
@@ -76,14 +90,6 @@ _HOMES = {
     "wait": "trioflow.waiting",
     "Worker": "trioflow.worker",
 }
-
-
-# Imported now, not on first use: the function `worker_client` and the module
-# `trioflow.worker_client` share a name, and importing the module (which the
-# first use of any of these would do) would make `trioflow.worker_client` the
-# module. Bound here, after the module is imported, the name is the function.
-# (The module is light: it imports the client only when a task asks for one.)
-from trioflow.worker_client import get_client, get_worker, rejoin, secede, worker_client  # noqa: E402
 
 
 def __getattr__(name: str):

@@ -2,6 +2,9 @@
 
 import sys
 
-from trioflow.cli import main
+from trioflow.gc_pause import collector_paused
+
+with collector_paused():  # the command's own imports (`trioflow.gc_pause` says why)
+    from trioflow.cli import main
 
 sys.exit(main())

@@ -21,6 +21,7 @@ import trio
 from trioflow.batch_threads import make_this_thread_batch
 from trioflow.config import Config, ConfigError
 from trioflow.errors import AuthenticationError
+from trioflow.gc_pause import collector_paused
 
 logger = logging.getLogger("trioflow.cli")
 
@@ -276,7 +277,8 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Co
     make_this_thread_batch(config.batch_threads)
 
     if args.command == "scheduler":
-        from trioflow.scheduler import Scheduler
+        with collector_paused():
+            from trioflow.scheduler import Scheduler
 
         server = Scheduler(
             host=args.host, port=args.port, config=config, credentials=scheduler_credentials(config)
@@ -284,7 +286,8 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Co
         return trio.run(run_until_signalled, server.serve, "scheduler")
     credentials = credentials_for(config, f"a {args.command}", cluster=True)
     if args.command == "worker" and args.no_nanny:
-        from trioflow.worker import Worker
+        with collector_paused():
+            from trioflow.worker import Worker
 
         # (Without a nanny, nobody kills a worker past its terminate fraction:
         # it still spills and pauses by its limit.)
@@ -304,8 +307,9 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Co
         )
         return trio.run(run_until_signalled, server.serve, "worker", server.say_goodbye)
     if args.command in ("worker", "nanny"):
-        from trioflow.nanny import Nanny, ProcessLauncher
-        from trioflow.task_options import resources_flag
+        with collector_paused():
+            from trioflow.nanny import Nanny, ProcessLauncher
+            from trioflow.task_options import resources_flag
 
         worker_args = [
             "--nthreads", str(args.nthreads),

@@ -26,7 +26,7 @@ from trioflow.comm.auth import TOKEN_VARIABLE, Credentials, child_environment
 from trioflow.config import Config
 from trioflow.loop_thread import LoopThread
 from trioflow.nanny import Nanny, ProcessLauncher
-from trioflow.nurseries import background_tasks
+from trioflow.nurseries import background_tasks, side_by_side
 from trioflow.scheduler import Scheduler
 from trioflow.task_options import check_resources, resources_flag
 from trioflow.worker import Worker
@@ -170,8 +170,11 @@ class AsyncLocalCluster:
             self._nursery = nursery
             self.scheduler_address = await nursery.start(run_scheduler)
             try:
-                for _ in range(self.n_workers):
-                    await self.add_worker()
+                # Side by side: each start forks a process, a few ms apiece,
+                # and the cluster is up only when its last worker is (W9).
+                async with side_by_side() as starting:
+                    for _ in range(self.n_workers):
+                        starting.start_soon(self.add_worker)
                 try:
                     with trio.fail_after(STARTUP_TIMEOUT_S):
                         await self.scheduler.wait_for_workers(self.n_workers)
@@ -200,7 +203,7 @@ class AsyncLocalCluster:
     async def add_worker(self) -> Any:
         """Start one more worker (it registers with the scheduler on its own)."""
         assert self._nursery is not None and self.scheduler_address is not None
-        name = len(self.workers)
+        name = len(self.workers)  # taken before any await: starts side by side get distinct names
         if self.nanny:
             launcher = ProcessLauncher(
                 self.scheduler_address,
