@@ -6,12 +6,14 @@ about 8 ms of each start.
 """
 
 import gc
+import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
+import trioflow
 from trioflow.gc_pause import collector_paused
 
 
@@ -135,11 +137,20 @@ IMPORT_AND_COUNT = textwrap.dedent(
     ],
     ids=["package", "command"],
 )
-def test_importing_trioflow_in_a_fresh_process_runs_no_collection(imports):
+def test_importing_trioflow_in_a_fresh_process_runs_no_collection(imports, tmp_path):
     """No collection runs while trioflow's modules are imported, and the
-    collector is on, with nothing frozen, once they are."""
+    collector is on, with nothing frozen, once they are.
+
+    With bytecode, as an installed package has it: compiling a module makes
+    garbage before its first line runs, so a checkout without `__pycache__`
+    (and PYTHONDONTWRITEBYTECODE set) would count that instead. The bytecode
+    goes to a cache of the test's own, never into the source tree.
+    """
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(tmp_path)}
+    package = os.path.dirname(trioflow.__file__)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", package], env=env, check=True, timeout=120)
     code = IMPORT_AND_COUNT.format(imports=imports)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     last = done.stdout.strip().splitlines()[-1]
     expected = "0 True 0 True" if "__main__" in imports else "0 True 0 False"
     assert last == expected, (done.stdout, done.stderr)
