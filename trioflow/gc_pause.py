@@ -8,12 +8,14 @@ too. In a worker process those ~20 collections cost about 8 ms of a start of
 about 150 ms (docs/performance.md, W9), and a cluster's start waits for its
 slowest worker.
 
-So the collector is paused while importing, and what the imports made is
-then handed straight to the oldest generation (`gc.freeze` then
+So the collector is paused while importing, and then every tracked object
+is handed straight to the oldest generation (`gc.freeze` then
 `gc.unfreeze`), where objects that live long end up anyway. Simply pausing
 would not do: the first collection after the pause would walk everything the
 imports made at once. Nothing is leaked: the oldest generation is still
-collected, only less often.
+collected, only less often. In a program that imports trioflow, its own
+young objects move too; a cycle among them is freed by the next full
+collection instead of the next young one.
 
 This module imports nothing but `gc`, so that it can be the first thing the
 package imports.
@@ -24,7 +26,7 @@ import gc
 
 class collector_paused:
     """Context manager: no cyclic garbage collection inside the block, and
-    what the block made moves to the oldest generation when it ends.
+    every tracked object moves to the oldest generation when it ends.
 
     Restores the state it found, so a program that had turned the collector
     off keeps it off, and a nested use changes nothing until the outermost
