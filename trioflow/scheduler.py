@@ -102,6 +102,7 @@ from trioflow.core.scheduler_events import (
 )
 from trioflow.drivers import run_driver
 from trioflow.errors import CommClosedError, DriverStopped, ProtocolError, SerializationError
+from trioflow.nurseries import side_by_side
 from trioflow.comm import dumps, loads
 from trioflow.protocol import RunSpec, failure_from_wire, failure_to_wire, user_error_from_exception, wants_keyword
 from trioflow.recorder import ClusterRecorder, error_text, event_record, run_record
@@ -395,7 +396,9 @@ class Scheduler:
             peer_timeout=self.config.restart_timeout,
             idle_timeout=self.config.idle_timeout,
             budget=self.budget,
-        ) as self._pool, trio.open_nursery() as nursery:
+        ) as self._pool, side_by_side() as nursery:
+            # (side_by_side: a port that is taken reaches the caller as the
+            # OSError naming it, not wrapped in a group of one.)
             self._nursery = nursery
             # The core's recovery window opens now; it asks to be woken when
             # it closes (`WakeAfter`). Applied here, before the driver runs:

@@ -1,7 +1,9 @@
 """The trioflow command: real scheduler and worker processes, signals, bad flags."""
 
+import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -117,6 +119,44 @@ def test_bad_flags_and_config_are_refused_clearly(args, env, message):
     result = run_cli(*args, env=env)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+@pytest.fixture
+def taken_port():
+    """A loopback port this test holds open, so that a server cannot bind it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "command, flags",
+    [
+        ("scheduler", ["--port"]),
+        ("worker", ["SCHEDULER", "--no-nanny", "--scheduler-timeout", "5", "--port"]),
+        ("nanny", ["SCHEDULER", "--scheduler-timeout", "5", "--nanny-port"]),
+    ],
+)
+def test_a_taken_port_stops_a_server_with_a_message_naming_it(command, flags, taken_port):
+    """Exit status 1 and the address in one line, not a bare "[Errno 98]"
+    or "Exceptions from Trio nursery". (No scheduler listens at SCHEDULER:
+    each server binds its own port before it looks for one.)"""
+    scheduler = f"tcp://127.0.0.1:{free_port()}"
+    args = [scheduler if flag == "SCHEDULER" else flag for flag in flags]
+    result = run_cli(command, *args, taken_port)
+    assert result.returncode == 1, result.stderr
+    named = f"cannot listen on 127.0.0.1:{taken_port}: address already in use"
+    assert f"{command} failed: [Errno {errno.EADDRINUSE}] {named}" in result.stderr
+
+
+def test_a_local_cluster_on_a_taken_port_raises_the_os_error_itself(taken_port):
+    """A library user catches `OSError` (errno EADDRINUSE) plainly, with the address in its text."""
+    with pytest.raises(OSError) as caught:
+        trioflow.LocalCluster(n_workers=1, scheduler_port=taken_port)
+    assert caught.type is OSError  # not an ExceptionGroup around it
+    assert caught.value.errno == errno.EADDRINUSE
+    assert f"cannot listen on 127.0.0.1:{taken_port}" in str(caught.value)
 
 
 def test_worker_gives_up_after_scheduler_timeout():

@@ -218,7 +218,16 @@ class TCPNetwork(Network):
         *,
         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            # The bare "[Errno 98] Address already in use" names neither
+            # the address nor the way out; a person starting a server
+            # needs both.
+            reason = (exc.strerror or str(exc)).lower()
+            raise OSError(
+                exc.errno, f"cannot listen on {host}:{port}: {reason} (choose another host or port, or port 0 for any free one)"
+            ) from None
         bound_port = listeners[0].socket.getsockname()[1]
         task_status.started(format_address(self.scheme, host, bound_port))
         if self._server_context is not None:
