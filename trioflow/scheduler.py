@@ -124,6 +124,14 @@ MAX_UNHANDLED = 50_000
 MAX_REGISTERED_KEYS = 10_000_000
 # Bytes of uploaded files a scheduler keeps for workers that join later.
 MAX_UPLOADS_BYTES = 256 << 20
+# Least seconds between two writes to a client (`Connection.write_interval`).
+# A busy cluster finishes tasks every few hundred microseconds, and each
+# write of their results wakes the client's loop thread, which in a
+# `LocalCluster` then competes for the GIL with this one; spacing the writes
+# puts three or four results in each instead of one or two (W1: the
+# client's thread ~25 % less CPU a task, docs/performance.md, seventh round).
+# An idle link writes at once, so a lone result (W2) is never held back.
+CLIENT_WRITE_INTERVAL_S = 0.0005
 
 
 class _Link:
@@ -211,6 +219,7 @@ class ClientLink(_Link):
     def __init__(self, conn: Connection, client_id: str, recovering: bool = False):
         super().__init__(conn, client_id, m.CLIENT_TO_SCHEDULER)
         self.client_id = client_id
+        conn.write_interval = CLIENT_WRITE_INTERVAL_S
         # It reconnected after a scheduler restart (it resubmits lineage).
         self.recovering = recovering
         # Whether its messages wait in `held_back` until the core's recovery

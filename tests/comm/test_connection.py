@@ -581,6 +581,58 @@ async def test_batch_at_the_required_rate_arrives(autojump_clock):
     assert trio.current_time() - start > 10
 
 
+async def _record_arrivals(conn: Connection, n: int, batches: list[tuple[float, list]]) -> None:
+    """Append each batch arriving on `conn` with its arrival time, until `n` messages came."""
+    while sum(len(batch) for _, batch in batches) < n:
+        batch = await conn.receive()
+        batches.append((trio.current_time(), [message["i"] for message in batch]))
+
+
+async def test_write_interval_gathers_what_is_queued_soon_after_a_write(autojump_clock):
+    """With write_interval, messages queued within it of the last write wait for
+    it and share one write; the wait is never longer than the interval."""
+    batches: list[tuple[float, list]] = []
+    with trio.fail_after(1):
+        async with connection_pair() as (a, b), trio.open_nursery() as nursery:
+            nursery.start_soon(_record_arrivals, b, 4, batches)
+            a.write_interval = 0.001
+            start = trio.current_time()
+            a.send({"op": "n", "i": 0})
+            for i in (1, 2, 3):
+                await trio.sleep(0.0002)  # virtual time: results finishing one by one
+                a.send({"op": "n", "i": i})
+    assert [batch for _, batch in batches] == [[0], [1, 2, 3]]
+    assert batches[0][0] == start  # the first, on an idle link: at once
+    assert batches[1][0] - batches[0][0] == pytest.approx(0.001)
+
+
+async def test_write_interval_holds_nothing_back_on_an_idle_link(autojump_clock):
+    """A message queued longer than write_interval after the last write goes at once."""
+    async with connection_pair() as (a, b):
+        a.write_interval = 0.001
+        for i in range(3):
+            a.send({"op": "n", "i": i})
+            sent = trio.current_time()
+            arrived: list[tuple[float, list]] = []
+            with trio.fail_after(1):
+                await _record_arrivals(b, 1, arrived)
+            assert arrived == [(sent, [i])]
+            await trio.sleep(0.002)  # virtual time: the next result comes later
+
+
+async def test_without_write_interval_each_message_sent_after_a_write_goes_alone(autojump_clock):
+    """The default (0): the sender writes as soon as anything is queued."""
+    async with connection_pair() as (a, b):
+        batches: list[tuple[float, list]] = []
+        with trio.fail_after(1):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_record_arrivals, b, 3, batches)
+                for i in range(3):
+                    a.send({"op": "n", "i": i})
+                    await trio.sleep(0.0002)
+    assert [batch for _, batch in batches] == [[0], [1], [2]]
+
+
 # ------------------------------------------------------- byte budget --
 
 

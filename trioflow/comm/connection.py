@@ -8,7 +8,9 @@ simulator). It has two halves with different owners:
   value that cannot travel raises *in the caller*) and appends it to an
   outbox. One sender task (`run_sender`) drains the whole outbox into one
   batch per write. When the link is idle a message goes out alone, at once;
-  under load thousands share a write. No caller ever awaits the network to
+  under load thousands share a write. A link may also be given a
+  `write_interval`: then, under load, the writes are spaced by it, and
+  the messages queued in between share one. No caller ever awaits the network to
   enqueue, and no lock is needed: Trio runs one task at a time.
 * Receiving belongs to one task that calls `receive()` in a loop; each call
   returns the messages of one batch, decoded and checked against their
@@ -218,6 +220,14 @@ class Connection:
         send_limits: what the peer accepts from us (default: `limits`;
             a server reading a hello under tiny limits still answers under
             the normal ones).
+
+    ``write_interval`` (an attribute, 0 unless set; seconds): the least
+    time from the end of one write to the start of the next. A message
+    queued on a link that has not written for that long goes out at once;
+    one queued sooner waits at most that long, and goes out with the
+    others queued meanwhile. Each write wakes the peer, so this trades a
+    bounded delay for fewer wake-ups on a busy link (the scheduler sets it
+    on its client links: `scheduler.CLIENT_WRITE_INTERVAL_S`).
     """
 
     def __init__(
@@ -257,6 +267,8 @@ class Connection:
         # True while the sender is inside a write; False once `drain` takes over.
         self._writing = False
         self._sender_retired = False
+        self.write_interval = 0.0
+        self._last_write_end = -math.inf
         self._batches_received = 0
         # trio.current_time() when bytes last arrived (for hung-peer checks).
         self.last_received = trio.current_time()
@@ -342,9 +354,14 @@ class Connection:
                     await self._outbox_nonempty.wait()
                     self._outbox_nonempty = trio.Event()
                     continue
+                if self.write_interval:
+                    due = self._last_write_end + self.write_interval
+                    if trio.current_time() < due:
+                        await trio.sleep_until(due)  # what is queued meanwhile rides along
                 mid_write = True
                 await self._write_batch()
                 mid_write = False
+                self._last_write_end = trio.current_time()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._mark_closed(f"write failed: {exc!r}")
         finally:
