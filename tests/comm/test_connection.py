@@ -620,6 +620,37 @@ async def test_write_interval_holds_nothing_back_on_an_idle_link(autojump_clock)
             await trio.sleep(0.002)  # virtual time: the next result comes later
 
 
+async def test_drain_while_the_sender_waits_out_the_interval_writes_once(autojump_clock):
+    """`drain` (a goodbye) takes over while the sender sleeps out write_interval:
+    the sender, waking mid-drain, must not write too (two writers on one
+    stream) but stop, as it does when retired between batches."""
+    left, right = trio.testing.lockstep_stream_pair()  # a write ends when the peer reads
+    reader = Connection(right, SMALL_LIMITS)
+    writer = Connection(left, SMALL_LIMITS)
+    writer.write_interval = 0.001
+    received: list = []
+
+    async def read_slowly() -> None:
+        received.append(await reader.receive())
+        await trio.sleep(0.002)  # virtual time: past the sender's wake-up
+        received.append(await reader.receive())
+
+    with trio.fail_after(1):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_slowly)
+            nursery.start_soon(writer.run_sender)
+            writer.send({"op": "n", "i": 0})
+            await writer.flush()
+            writer.send({"op": "n", "i": 1})
+            await trio.sleep(0.0001)  # the sender now sleeps until 1 ms after its write
+            await writer.drain()  # (unshielded here: a failing sender must end the test, not hang it)
+            assert not writer.closed, writer.close_reason
+            await trio.sleep(0.01)
+            assert not writer.closed, writer.close_reason
+            nursery.cancel_scope.cancel()
+    assert received == [[{"op": "n", "i": 0}], [{"op": "n", "i": 1}]]
+
+
 async def test_without_write_interval_each_message_sent_after_a_write_goes_alone(autojump_clock):
     """The default (0): the sender writes as soon as anything is queued."""
     async with connection_pair() as (a, b):

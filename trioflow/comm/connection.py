@@ -10,8 +10,8 @@ simulator). It has two halves with different owners:
   batch per write. When the link is idle a message goes out alone, at once;
   under load thousands share a write. A link may also be given a
   `write_interval`: then, under load, the writes are spaced by it, and
-  the messages queued in between share one. No caller ever awaits the network to
-  enqueue, and no lock is needed: Trio runs one task at a time.
+  the messages queued in between share one. No caller ever awaits the
+  network to enqueue, and no lock is needed: Trio runs one task at a time.
 * Receiving belongs to one task that calls `receive()` in a loop; each call
   returns the messages of one batch, decoded and checked against their
   declarations for the connection's inbound channel (`messages.decode`):
@@ -358,6 +358,9 @@ class Connection:
                     due = self._last_write_end + self.write_interval
                     if trio.current_time() < due:
                         await trio.sleep_until(due)  # what is queued meanwhile rides along
+                        # Look again: `drain` may have retired us (and taken
+                        # the outbox) meanwhile, or the connection closed.
+                        continue
                 mid_write = True
                 await self._write_batch()
                 mid_write = False
