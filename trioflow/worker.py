@@ -878,9 +878,11 @@ class Worker:
         inputs = {dep: self.data[dep] for dep in instruction.dependencies}
         if self._scheduler is not None:
             try:
-                # The task_started message must be on the wire before the
-                # function runs: if it kills this process, the scheduler
-                # still learns that this task was running (KilledWorker).
+                # The task_started message must be written (the kernel's)
+                # before the function runs: if it kills this process, the
+                # scheduler still learns that this task was running
+                # (KilledWorker). It is held (`TaskStarted`): the kernel
+                # sends it with our next message, or as the socket closes.
                 await self._scheduler.flush()
             except CommClosedError:
                 pass

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+import socket
 import struct
 import tracemalloc
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import numpy as np
 import pytest
@@ -23,6 +26,7 @@ from trioflow.comm import (
     open_connection,
 )
 from trioflow.comm import messages as m
+from trioflow.comm.buffers import set_cork
 from trioflow.comm.frames import CONTINUED, batch_frames, encode_message
 from trioflow.errors import CommClosedError, ProtocolError
 
@@ -257,6 +261,93 @@ async def test_many_messages_in_one_batch_are_all_checked():
             while len(received) < 2000:
                 received.extend(await scheduler.receive())
     assert received == [m.TaskStarted(key=f"k-{i}") for i in range(2000)]
+
+
+# ---------------------------------------------------- held messages --
+
+needs_cork = pytest.mark.skipif(not hasattr(socket, "TCP_CORK"), reason="TCP_CORK is Linux's")
+
+
+@asynccontextmanager
+async def tcp_connection_pair(inbound: str | None = None) -> AsyncIterator[tuple[Connection, Connection]]:
+    """Two running `Connection`s over real loopback TCP: (connecting side, serving side)."""
+    accepted: list[Connection] = []
+    ready = trio.Event()
+
+    async def handler(stream):
+        async with open_connection(stream, SMALL_LIMITS, peer="client", inbound=inbound) as conn:
+            accepted.append(conn)
+            ready.set()
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        network = TCPNetwork()
+        address = await nursery.start(network.serve, handler, "127.0.0.1", 0)
+        async with open_connection(await network.connect(address), SMALL_LIMITS, peer="server") as conn:
+            with trio.fail_after(10):
+                await ready.wait()
+            yield conn, accepted[0]
+        nursery.cancel_scope.cancel()
+
+
+def corked(conn: Connection) -> bool:
+    return bool(conn.stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK))
+
+
+@needs_cork
+async def test_a_batch_of_held_messages_waits_in_a_corked_socket_for_the_next_write():
+    """task_started alone is written to a corked socket; the next message
+    uncorks it, and both arrive, in order."""
+    async with tcp_connection_pair(inbound=m.WORKER_TO_SCHEDULER) as (worker, scheduler):
+        assert m.TaskStarted.HELD and not m.TaskErred.HELD
+        worker.send(m.TaskStarted(key="a"))
+        await worker.flush()
+        assert corked(worker)  # written, the kernel's, but not sent on its own
+        worker.send(m.Heartbeat())
+        await worker.flush()
+        assert not corked(worker)
+        got: list[m.Message] = []
+        with trio.fail_after(10):
+            while len(got) < 2:
+                got.extend(await scheduler.receive())
+        assert [type(message) for message in got] == [m.TaskStarted, m.Heartbeat]
+        assert got[0].key == "a"
+
+
+@needs_cork
+async def test_a_batch_with_any_message_that_is_not_held_goes_out_at_once():
+    """task_started queued together with another message is not held back."""
+    async with tcp_connection_pair(inbound=m.WORKER_TO_SCHEDULER) as (worker, scheduler):
+        worker.send(m.TaskStarted(key="a"))
+        worker.send(m.Heartbeat())  # the same batch: the sender has not run
+        await worker.flush()
+        assert not corked(worker)
+        with trio.fail_after(10):
+            got = await scheduler.receive()
+        assert [type(message) for message in got] == [m.TaskStarted, m.Heartbeat]
+
+
+@needs_cork
+async def test_a_held_message_with_nothing_after_it_still_arrives():
+    """The kernel sends what a corked socket holds within 200 ms: a
+    task_started followed by silence is not lost."""
+    async with tcp_connection_pair(inbound=m.WORKER_TO_SCHEDULER) as (worker, scheduler):
+        worker.send(m.TaskStarted(key="alone"))
+        await worker.flush()
+        with trio.fail_after(10):
+            [message] = await scheduler.receive()
+        assert isinstance(message, m.TaskStarted) and message.key == "alone"
+
+
+async def test_held_messages_go_out_at_once_on_a_stream_that_cannot_cork():
+    """An in-memory stream (the simulator's) has no socket: nothing is held."""
+    async with connection_pair(inbound=(None, m.WORKER_TO_SCHEDULER)) as (worker, scheduler):
+        worker.send(m.TaskStarted(key="a"))
+        await worker.flush()
+        assert not set_cork(worker.stream, True)
+        with trio.fail_after(10):
+            [message] = await scheduler.receive()
+        assert message.key == "a"
 
 
 # ------------------------------------------------------------- closing --

@@ -57,6 +57,7 @@ receive); that is beyond a teaching codebase.
 from __future__ import annotations
 
 import mmap
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -82,6 +83,31 @@ _POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if sys.platform.starts
 _can_populate = _POPULATE_WRITE is not None
 # At most this many buffers in one sendmsg call (Linux's IOV_MAX is 1024).
 IOV_MAX = 1024
+
+
+# Linux's TCP_CORK (absent elsewhere: no message is held there).
+_TCP_CORK = getattr(socket, "TCP_CORK", None)
+
+
+def set_cork(stream: trio.abc.Stream, on: bool) -> bool:
+    """Cork (`on`) or uncork the TCP socket under `stream`; return whether
+    it is corked now.
+
+    A corked socket takes bytes into the kernel but sends no partial
+    packet until it is uncorked (which sends everything at once) or 200 ms
+    have passed (Linux's ceiling, tcp(7)). The bytes are the kernel's
+    either way: if the process dies, they are sent as its socket closes.
+    A stream that is not plain TCP (TLS, the simulator's), a platform
+    without TCP_CORK, or a refusal leaves the socket as it is: False.
+    """
+    sock = raw_socket(stream)
+    if _TCP_CORK is None or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 1 if on else 0)
+    except OSError:  # closed meanwhile: whatever it held goes out as it closes
+        return False
+    return on
 
 
 def raw_socket(stream: trio.abc.Stream) -> Any | None:

@@ -12,6 +12,16 @@ simulator). It has two halves with different owners:
   `write_interval`: then, under load, the writes are spaced by it, and
   the messages queued in between share one. No caller ever awaits the
   network to enqueue, and no lock is needed: Trio runs one task at a time.
+* Held messages. A message whose op is declared ``held`` (`task_started`)
+  matters at once only if its sender dies; otherwise it can ride with the
+  next message. A batch made only of held messages is written to a corked
+  socket (TCP_CORK, `buffers.set_cork`): the kernel has the bytes, and
+  sends them as the socket closes if the process dies (a SIGKILL
+  included), but otherwise holds them until the next write, which uncorks
+  the socket and sends both in one packet, or for 200 ms at most. So a
+  short task's `task_started` and `task_finished` wake the scheduler once,
+  not twice. Only plain TCP on Linux corks; elsewhere a held message goes
+  out at once like any other.
 * Receiving belongs to one task that calls `receive()` in a loop; each call
   returns the messages of one batch, decoded and checked against their
   declarations for the connection's inbound channel (`messages.decode`):
@@ -55,7 +65,7 @@ from typing import Any
 import trio
 
 import trioflow.comm.messages as messages
-from trioflow.comm.buffers import MAPPED_FRAME_BYTES, WARM, FrameBuffer, send_frames
+from trioflow.comm.buffers import MAPPED_FRAME_BYTES, WARM, FrameBuffer, send_frames, set_cork
 from trioflow.comm.frames import (
     EncodedMessage,
     FrameLimits,
@@ -269,6 +279,7 @@ class Connection:
         self._sender_retired = False
         self.write_interval = 0.0
         self._last_write_end = -math.inf
+        self._corked = False  # the last write was of held messages only
         self._batches_received = 0
         # trio.current_time() when bytes last arrived (for hung-peer checks).
         self.last_received = trio.current_time()
@@ -293,8 +304,13 @@ class Connection:
         """
         if self.close_reason is not None:
             raise CommClosedError(f"connection to {self.peer} is closed: {self.close_reason}")
-        wire = message.to_wire() if isinstance(message, messages.Message) else message
-        encoded = encode_message(wire)
+        if isinstance(message, messages.Message):
+            wire = message.to_wire()
+            encoded = encode_message(wire)
+            encoded.held = message.HELD
+        else:
+            wire = message
+            encoded = encode_message(wire)
         # Check against what the peer will accept, so a message that cannot
         # travel fails here rather than closing the connection at the peer.
         # A message sent alone is wrapped in a one-byte msgpack array header
@@ -330,7 +346,9 @@ class Connection:
 
         Once written, the bytes are the kernel's: they reach the peer even if
         this process dies right after (the worker relies on this to report a
-        task as started before running a function that may kill it).
+        task as started before running a function that may kill it). Held
+        messages may stay in the kernel until the next write, 200 ms at
+        most (module docstring, "Held messages").
 
         Raises:
             CommClosedError: the connection closed first.
@@ -377,9 +395,10 @@ class Connection:
 
     async def _write_batch(self) -> None:
         batch = self._take_batch()
+        held = all(message.held for message in batch)
         self._writing = True
         try:
-            await self._write(batch_frames(batch, self.send_limits.max_frame_bytes))
+            await self._write(batch_frames(batch, self.send_limits.max_frame_bytes), held)
         finally:
             self._writing = False
         self._written += len(batch)
@@ -423,10 +442,17 @@ class Connection:
         del self._outbox[:count]
         return batch
 
-    async def _write(self, frames: list[Any]) -> None:
+    async def _write(self, frames: list[Any], held: bool = False) -> None:
+        # A batch of held messages only goes to a corked socket; any other
+        # uncorks it once written, which sends both in one packet (module
+        # docstring, "Held messages").
+        if held and not self._corked:
+            self._corked = set_cork(self.stream, True)
         # Large frames from their own memory, in one sendmsg with the rest
         # on a plain socket (`buffers.send_frames`).
         await send_frames(self.stream, frames, LARGE_FRAME_BYTES)
+        if self._corked and not held:
+            self._corked = set_cork(self.stream, False)
 
     # ---------------------------------------------------------- receiving --
 

@@ -133,14 +133,19 @@ def too_big(what: str, nbytes: int, limits: FrameLimits, verb: str = "is") -> st
 
 
 class EncodedMessage:
-    """One message, packed: its msgpack bytes and the frames it refers to."""
+    """One message, packed: its msgpack bytes and the frames it refers to.
 
-    __slots__ = ("body", "frames", "nbytes")
+    `held`: the message may wait in the kernel for the sender's next write
+    (`Message.HELD`; `Connection`, "Held messages").
+    """
+
+    __slots__ = ("body", "frames", "nbytes", "held")
 
     def __init__(self, body: bytes, frames: list[Any]):
         self.body = body
         self.frames = frames
         self.nbytes = len(body) + sum(memoryview(f).nbytes for f in frames)
+        self.held = False
 
 
 def encode_message(message: dict) -> EncodedMessage:

@@ -215,23 +215,35 @@ class Message(Record):
     Requests (ops with a ``reply``) carry a ``request_id`` chosen by the
     sender (`trioflow.comm.rpc.Requests`); the receiver answers with a
     `Reply` holding the same id.
+
+    A ``held`` op is one whose news can wait for the sender's next message,
+    as long as it is not lost if the sender dies: a batch made only of held
+    messages is written with the socket corked (`Connection`, "Held
+    messages"), so the kernel has its bytes but sends them with the next
+    write, or after 200 ms.
     """
 
     OP: ClassVar[str] = ""
     CHANNELS: ClassVar[tuple[str, ...]] = ()
     REPLY: ClassVar[type[Record] | None] = None
+    HELD: ClassVar[bool] = False
     _TRANSPORT_FIELDS = frozenset({"op", "request_id"})
 
     request_id: int | None = None
 
     def __init_subclass__(
-        cls, op: str = "", channels: tuple[str, ...] = (), reply: type[Record] | None = None, **kwargs: Any
+        cls,
+        op: str = "",
+        channels: tuple[str, ...] = (),
+        reply: type[Record] | None = None,
+        held: bool = False,
+        **kwargs: Any,
     ) -> None:
         super().__init_subclass__(**kwargs)
         if op:
             if op in OPS:
                 raise TypeError(f"op {op!r} is declared twice")
-            cls.OP, cls.CHANNELS, cls.REPLY = op, channels, reply
+            cls.OP, cls.CHANNELS, cls.REPLY, cls.HELD = op, channels, reply, held
             OPS[op] = cls
 
     def to_wire(self) -> dict[str, Any]:
@@ -827,8 +839,15 @@ class Heartbeat(Message, op="heartbeat", channels=(WORKER_TO_SCHEDULER,)):
     metrics = Optional(METRICS, {})
 
 
-class TaskStarted(Message, op="task_started", channels=(WORKER_TO_SCHEDULER,)):
-    """The function is about to run (on the wire before it does)."""
+class TaskStarted(Message, op="task_started", channels=(WORKER_TO_SCHEDULER,), held=True):
+    """The function is about to run (written before it does).
+
+    Held: the scheduler needs it at once only if the function kills the
+    worker (KilledWorker), and then the kernel delivers it as the process's
+    socket closes. Otherwise it goes with the worker's next message (most
+    often the task's `task_finished`), or after 200 ms: the scheduler is
+    not woken for it alone while a short task runs.
+    """
 
     key = KEY
 
