@@ -301,10 +301,12 @@ async def test_a_batch_of_held_messages_waits_in_a_corked_socket_for_the_next_wr
     async with tcp_connection_pair(inbound=m.WORKER_TO_SCHEDULER) as (worker, scheduler):
         assert m.TaskStarted.HELD and not m.TaskErred.HELD
         worker.send(m.TaskStarted(key="a"))
-        await worker.flush()
-        assert corked(worker)  # written, the kernel's, but not sent on its own
+        with trio.fail_after(10):  # written at once: the kernel holds it, not we
+            await worker.flush()
+        assert corked(worker)  # the kernel's, but not sent on its own
         worker.send(m.Heartbeat())
-        await worker.flush()
+        with trio.fail_after(10):
+            await worker.flush()
         assert not corked(worker)
         got: list[m.Message] = []
         with trio.fail_after(10):
@@ -320,7 +322,8 @@ async def test_a_batch_with_any_message_that_is_not_held_goes_out_at_once():
     async with tcp_connection_pair(inbound=m.WORKER_TO_SCHEDULER) as (worker, scheduler):
         worker.send(m.TaskStarted(key="a"))
         worker.send(m.Heartbeat())  # the same batch: the sender has not run
-        await worker.flush()
+        with trio.fail_after(10):
+            await worker.flush()
         assert not corked(worker)
         with trio.fail_after(10):
             got = await scheduler.receive()
@@ -333,8 +336,8 @@ async def test_a_held_message_with_nothing_after_it_still_arrives():
     task_started followed by silence is not lost."""
     async with tcp_connection_pair(inbound=m.WORKER_TO_SCHEDULER) as (worker, scheduler):
         worker.send(m.TaskStarted(key="alone"))
-        await worker.flush()
         with trio.fail_after(10):
+            await worker.flush()
             [message] = await scheduler.receive()
         assert isinstance(message, m.TaskStarted) and message.key == "alone"
 
@@ -343,10 +346,10 @@ async def test_held_messages_go_out_at_once_on_a_stream_that_cannot_cork():
     """An in-memory stream (the simulator's) has no socket: nothing is held."""
     async with connection_pair(inbound=(None, m.WORKER_TO_SCHEDULER)) as (worker, scheduler):
         worker.send(m.TaskStarted(key="a"))
-        await worker.flush()
-        assert not set_cork(worker.stream, True)
         with trio.fail_after(10):
+            await worker.flush()
             [message] = await scheduler.receive()
+        assert not set_cork(worker.stream, True)
         assert message.key == "a"
 
 
