@@ -86,7 +86,11 @@ async def raw_echo(stream: trio.SocketStream) -> None:
 
 
 async def connection_echo(stream: trio.SocketStream) -> None:
-    """Answer every `task_started` with a `heartbeat_ack`, as checked messages."""
+    """Answer every `heartbeat` with a `heartbeat_ack`, as checked messages.
+
+    (Not `task_started`: it is held, docs/protocol.md, and would wait for a
+    next message that a ping-pong never sends.)
+    """
     async with open_connection(stream, LIMITS, peer="pinger", inbound=m.WORKER_TO_SCHEDULER) as conn:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, CommClosedError):
             while True:
@@ -138,11 +142,11 @@ async def ping_connection(port: int, calls: int) -> float:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     async with open_connection(stream, LIMITS, peer="echo", inbound=m.SCHEDULER_TO_WORKER) as conn:
         for _ in range(100):
-            conn.send(m.TaskStarted(key="inc-warm"))
+            conn.send(m.Heartbeat())
             await conn.receive()
         start = now()
-        for i in range(calls):
-            conn.send(m.TaskStarted(key=f"inc-{i}"))
+        for _ in range(calls):
+            conn.send(m.Heartbeat())
             got = await conn.receive()
             if [type(msg) for msg in got] != [m.HeartbeatAck]:
                 raise AssertionError(f"connection echo answered {got!r}")
