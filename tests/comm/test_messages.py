@@ -189,6 +189,17 @@ def test_the_table_holds_every_op_and_every_reply():
     assert {type(r) for r in REPLIES} == declared
 
 
+def test_a_request_cannot_be_declared_held():
+    """A held request's reply would wait for the asker's next message."""
+    with pytest.raises(TypeError, match="'held_ask' is a request: it cannot be held"):
+
+        class HeldAsk(m.Message, op="held_ask", channels=(m.WORKER_TO_SCHEDULER,), reply=m.KeysReply, held=True):
+            pass
+
+    assert "held_ask" not in m.OPS
+    assert [op for op, cls in m.OPS.items() if cls.HELD] == ["task_started"]
+
+
 @pytest.mark.parametrize("message, channel", on_each_channel(ONE_OF_EACH))
 async def test_every_op_round_trips_through_a_connection(message, channel):
     """Each op, sent on each of its channels, arrives as an equal typed message."""

@@ -304,13 +304,10 @@ class Connection:
         """
         if self.close_reason is not None:
             raise CommClosedError(f"connection to {self.peer} is closed: {self.close_reason}")
-        if isinstance(message, messages.Message):
-            wire = message.to_wire()
-            encoded = encode_message(wire)
-            encoded.held = message.HELD
-        else:
-            wire = message
-            encoded = encode_message(wire)
+        is_message = isinstance(message, messages.Message)
+        wire = message.to_wire() if is_message else message
+        encoded = encode_message(wire)
+        encoded.held = is_message and message.HELD
         # Check against what the peer will accept, so a message that cannot
         # travel fails here rather than closing the connection at the peer.
         # A message sent alone is wrapped in a one-byte msgpack array header

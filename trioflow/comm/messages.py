@@ -243,6 +243,10 @@ class Message(Record):
         if op:
             if op in OPS:
                 raise TypeError(f"op {op!r} is declared twice")
+            if held and reply is not None:
+                # Its answer would wait for the asker's next message (up to
+                # 200 ms), which may be the one waiting for the answer.
+                raise TypeError(f"op {op!r} is a request: it cannot be held")
             cls.OP, cls.CHANNELS, cls.REPLY, cls.HELD = op, channels, reply, held
             OPS[op] = cls
 
