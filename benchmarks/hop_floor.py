@@ -55,7 +55,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _harness import median, now  # noqa: E402
+from _harness import median, now, trioflow_client  # noqa: E402
 
 import psutil  # noqa: E402
 import trio  # noqa: E402
@@ -276,8 +276,7 @@ def measure(args: argparse.Namespace) -> dict:
             for kind in ("raw", "connection")
         }
         pinger = stack.enter_context(loop_thread("pinger"))
-        cluster = stack.enter_context(trioflow.LocalCluster(1, 1))
-        client = stack.enter_context(trioflow.Client(cluster))
+        client = stack.enter_context(trioflow_client(n_workers=1, threads_per_worker=1))  # W2's own layout
         w2(client, 100)  # warm: the function reaches the worker once
 
         def on_loop(fn: Callable[..., Awaitable[float]], *fn_args) -> float:
