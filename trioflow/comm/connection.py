@@ -12,9 +12,9 @@ simulator). It has two halves with different owners:
   `write_interval`: then, under load, the writes are spaced by it, and
   the messages queued in between share one. No caller ever awaits the
   network to enqueue, and no lock is needed: Trio runs one task at a time.
-* Held messages. A message whose op is declared ``held`` (`task_started`,
-  `free_functions`) matters at once only if its sender dies, or not at
-  all; otherwise it can ride with the next message. A batch made only of held messages is written to a corked
+* Held messages. A message whose op is declared ``held`` (`task_started`)
+  matters at once only if its sender dies; otherwise it can ride with the
+  next message. A batch made only of held messages is written to a corked
   socket (TCP_CORK, `buffers.set_cork`): the kernel has the bytes, and
   sends them as the socket closes if the process dies (a SIGKILL
   included), but otherwise holds them until the next write, which uncorks

@@ -975,16 +975,8 @@ class FreeKeys(Message, op="free_keys", channels=(SCHEDULER_TO_WORKER,)):
     reports_heard = Optional(SEQ, 0)
 
 
-class FreeFunctions(Message, op="free_functions", channels=(SCHEDULER_TO_WORKER,), held=True):
-    """No task on this worker calls these any more: drop them.
-
-    Held: dropping a function only gives memory back, and nothing the
-    worker does waits for it. It is decided as the last task calling the
-    function finishes, the moment the scheduler tells a client the result;
-    sent at once, it would wake the worker for nothing. It goes with the
-    next message to that worker (messages stay in order, so the two sides
-    still agree on what the worker has), or after 200 ms.
-    """
+class FreeFunctions(Message, op="free_functions", channels=(SCHEDULER_TO_WORKER,)):
+    """No task on this worker calls these any more: drop them."""
 
     function_ids = List(FUNCTION_ID, MAX_KEYS)
 
