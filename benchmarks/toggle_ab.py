@@ -1,0 +1,238 @@
+"""Compare two settings inside ONE running cluster, switching every block.
+
+Not a workload of shared/benchmarks.md (run_all.py skips it): a way to
+tell a change of a few per cent from the machine's drift. This VM's speed
+moves by 20-40 % within minutes, sometimes within seconds, so two runs of
+a workload, one per version, disagree by more than most changes are worth
+(docs/performance.md, "The ninth round"). Here one cluster serves both
+settings: the script switches the setting, runs a block of the workload,
+switches back, runs another, and so on, A then B, then B then A, so that
+whatever the machine does in those seconds hits both alike. Each block
+gives one figure; the per-block ratios A/B are what to read.
+
+Only what can be switched in running processes can be compared this way:
+
+- ``batch-threads``: every thread of this process and of the worker
+  processes under Linux's ``SCHED_BATCH`` (A) or the default policy (B)
+  (trioflow/batch_threads.py);
+- ``client-write-interval:A,B``: the scheduler's least seconds between
+  two writes to a client (`Connection.write_interval`), through
+  `Client.run_on_scheduler`;
+- ``held:OP``: op OP declared held (A) or not (B) (docs/protocol.md,
+  "Held messages"), in this process (client and scheduler) and in every
+  worker (`Client.run`).
+
+Workloads, as blocks: ``w2`` (``--per`` sequential ``submit(inc, i).result()``
+on one worker; figure: median ms), ``w1`` (``map(inc, range(per))`` and
+``gather`` on two; tasks/s), ``w3`` (a binary tree sum over ``per`` leaves on
+two; tasks/s). Prints one JSON line.
+
+    python benchmarks/toggle_ab.py SWITCH [--workload w2] [--blocks 30] [--per 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _harness import median, now, trioflow_client  # noqa: E402
+
+import psutil  # noqa: E402
+
+# Workload -> (workers, unit of a block's figure, whether higher is better).
+WORKLOADS = {"w2": (1, "ms", False), "w1": (2, "tasks/s", True), "w3": (2, "tasks/s", True)}
+
+
+def inc(x):
+    return x + 1
+
+
+def add(a, b):
+    return a + b
+
+
+# ------------------------------------------------------------ workloads --
+
+
+def block_w2(client, per: int) -> float:
+    """Median milliseconds of `per` sequential round trips."""
+    times = []
+    for i in range(per):
+        start = now()
+        client.submit(inc, i, pure=False).result()
+        times.append(now() - start)
+    return median(times) * 1e3
+
+
+def block_w1(client, per: int) -> float:
+    start = now()
+    client.gather(client.map(inc, range(per), pure=False))
+    return per / (now() - start)
+
+
+def block_w3(client, per: int) -> float:
+    start = now()
+    level = client.map(inc, range(per), pure=False)
+    while len(level) > 1:
+        level = [client.submit(add, a, b, pure=False) for a, b in zip(level[0::2], level[1::2], strict=False)]
+    level[0].result()
+    return (2 * per - 1) / (now() - start)
+
+
+BLOCKS = {"w2": block_w2, "w1": block_w1, "w3": block_w3}
+
+
+# ------------------------------------------------------------- switches --
+
+
+def _set_write_interval(seconds: float, dask_scheduler=None) -> int:
+    """(On the scheduler.) Set the write interval of every client link.
+
+    This runs in a thread beside the scheduler's loop, which
+    `run_on_scheduler` says not to change things from; a benchmark may, for
+    this one: the attribute is a float the sender reads before each write,
+    and one assignment of it is atomic under the GIL.
+    """
+    for link in dask_scheduler.clients.values():
+        link.conn.write_interval = seconds
+    return len(dask_scheduler.clients)
+
+
+def _set_held(op: str, held: bool) -> bool:
+    """(In a worker, or here.) Declare `op` held or not, in this process."""
+    from trioflow.comm import messages as m
+
+    m.OPS[op].HELD = held
+    return m.OPS[op].HELD
+
+
+def _threads(pids: list[int]) -> list[int]:
+    return [int(tid) for pid in pids for tid in os.listdir(f"/proc/{pid}/task")]
+
+
+def switch_for(spec: str, client) -> tuple[Callable[[bool], None], Callable[[], None]]:
+    """``(apply(a), restore())`` for a SWITCH argument: `apply(True)` puts
+    setting A in force, `apply(False)` setting B; `restore` puts back what
+    was in force before."""
+    kind, _, arg = spec.partition(":")
+    if kind == "batch-threads":
+        me = psutil.Process()
+        pids = [me.pid] + [p.pid for p in me.children(recursive=True)]
+        before = {tid: os.sched_getscheduler(tid) for tid in _threads(pids)}
+
+        def apply(a: bool) -> None:
+            for tid in _threads(pids):
+                try:
+                    os.sched_setscheduler(tid, os.SCHED_BATCH if a else os.SCHED_OTHER, os.sched_param(0))
+                except (ProcessLookupError, PermissionError):
+                    pass  # a thread that ended meanwhile, or one we may not touch
+
+        def restore() -> None:
+            for tid, policy in before.items():
+                try:
+                    os.sched_setscheduler(tid, policy, os.sched_param(0))
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+        return apply, restore
+    if kind == "client-write-interval":
+        try:
+            a_s, b_s = (float(x) for x in arg.split(","))
+        except ValueError:
+            raise SystemExit(f"client-write-interval wants two numbers of seconds, A,B; got {arg!r}") from None
+        if min(a_s, b_s) < 0:
+            raise SystemExit(f"client-write-interval: seconds cannot be negative, got {arg!r}")
+
+        def apply(a: bool) -> None:
+            client.run_on_scheduler(_set_write_interval, a_s if a else b_s)
+
+        from trioflow.scheduler import CLIENT_WRITE_INTERVAL_S
+
+        return apply, lambda: client.run_on_scheduler(_set_write_interval, CLIENT_WRITE_INTERVAL_S)
+    if kind == "held":
+        from trioflow.comm import messages as m
+
+        if arg not in m.OPS:
+            raise SystemExit(f"held: no op {arg!r} (ops: {', '.join(sorted(m.OPS))})")
+        if m.OPS[arg].REPLY is not None:
+            raise SystemExit(f"held: {arg!r} is a request; a request cannot be held")
+        before = m.OPS[arg].HELD
+
+        def apply(a: bool) -> None:
+            _set_held(arg, a)  # this process: the client and the scheduler
+            answers = client.run(_set_held, arg, a)
+            if set(answers.values()) != {a}:
+                raise RuntimeError(f"the workers did not all switch {arg!r} to held={a}: {answers}")
+
+        def restore() -> None:
+            _set_held(arg, before)
+            client.run(_set_held, arg, before)
+
+        return apply, restore
+    raise SystemExit(f"unknown switch {spec!r}: batch-threads, client-write-interval:A,B or held:OP")
+
+
+# ----------------------------------------------------------------- main --
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    n_workers, unit, higher_is_better = WORKLOADS[args.workload]
+    block = BLOCKS[args.workload]
+    figures: dict[str, list[float]] = {"A": [], "B": []}
+    with trioflow_client(n_workers) as client:
+        for i in range(100):  # warm: imports, caches, the first connections
+            client.submit(inc, i, pure=False).result()
+        apply, restore = switch_for(args.switch, client)
+        try:
+            for b in range(args.blocks):
+                for side in ("A", "B") if b % 2 == 0 else ("B", "A"):
+                    apply(side == "A")
+                    client.submit(inc, -1, pure=False).result()  # one round trip under the new setting first
+                    figures[side].append(block(client, args.per))
+        finally:
+            restore()
+    ratios = [a / b for a, b in zip(figures["A"], figures["B"], strict=True)]
+    better = sum((r > 1) if higher_is_better else (r < 1) for r in ratios)
+    return {
+        "benchmark": "toggle_ab",
+        "switch": args.switch,
+        "workload": args.workload,
+        "unit": unit,
+        "higher_is_better": higher_is_better,
+        "blocks": args.blocks,
+        "per_block": args.per,
+        "median_A": median(figures["A"]),
+        "median_B": median(figures["B"]),
+        "ratio_A_over_B_median": median(ratios),
+        "ratio_A_over_B_mean": sum(ratios) / len(ratios),
+        "blocks_A_better": better,
+        "figures": figures,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("switch", help="batch-threads | client-write-interval:A,B | held:OP")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="w2")
+    parser.add_argument("--blocks", type=int, default=30, help="blocks per setting (default 30)")
+    parser.add_argument("--per", type=int, default=None, help="round trips (w2), tasks (w1) or leaves (w3) per block")
+    args = parser.parse_args(argv)
+    if args.blocks < 1:
+        parser.error(f"--blocks must be at least 1, got {args.blocks}")
+    if args.per is None:
+        args.per = {"w2": 100, "w1": 3000, "w3": 2048}[args.workload]
+    if args.per < 2:
+        parser.error(f"--per must be at least 2, got {args.per}")
+    result = measure(args)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
