@@ -17,7 +17,8 @@ Only what can be switched in running processes can be compared this way:
   (trioflow/batch_threads.py);
 - ``client-write-interval:A,B``: the scheduler's least seconds between
   two writes to a client (`Connection.write_interval`), through
-  `Client.run_on_scheduler`;
+  `Client.run_on_scheduler`; ``worker-write-interval:A,B`` the same for
+  its writes to workers;
 - ``held:OP``: op OP declared held (A) or not (B) (docs/protocol.md,
   "Held messages"), in this process (client and scheduler) and in every
   worker (`Client.run`).
@@ -91,17 +92,18 @@ BLOCKS = {"w2": block_w2, "w1": block_w1, "w3": block_w3}
 # ------------------------------------------------------------- switches --
 
 
-def _set_write_interval(seconds: float, dask_scheduler=None) -> int:
-    """(On the scheduler.) Set the write interval of every client link.
+def _set_write_interval(seconds: float, links: str = "clients", dask_scheduler=None) -> int:
+    """(On the scheduler.) Set the write interval of every client (or worker) link.
 
     This runs in a thread beside the scheduler's loop, which
     `run_on_scheduler` says not to change things from; a benchmark may, for
     this one: the attribute is a float the sender reads before each write,
     and one assignment of it is atomic under the GIL.
     """
-    for link in dask_scheduler.clients.values():
+    chosen = dask_scheduler.clients if links == "clients" else dask_scheduler.workers
+    for link in chosen.values():
         link.conn.write_interval = seconds
-    return len(dask_scheduler.clients)
+    return len(chosen)
 
 
 def _set_held(op: str, held: bool) -> bool:
@@ -141,20 +143,22 @@ def switch_for(spec: str, client) -> tuple[Callable[[bool], None], Callable[[], 
                     pass
 
         return apply, restore
-    if kind == "client-write-interval":
+    if kind in ("client-write-interval", "worker-write-interval"):
+        links = "clients" if kind == "client-write-interval" else "workers"
         try:
             a_s, b_s = (float(x) for x in arg.split(","))
         except ValueError:
-            raise SystemExit(f"client-write-interval wants two numbers of seconds, A,B; got {arg!r}") from None
+            raise SystemExit(f"{kind} wants two numbers of seconds, A,B; got {arg!r}") from None
         if min(a_s, b_s) < 0:
-            raise SystemExit(f"client-write-interval: seconds cannot be negative, got {arg!r}")
+            raise SystemExit(f"{kind}: seconds cannot be negative, got {arg!r}")
 
         def apply(a: bool) -> None:
-            client.run_on_scheduler(_set_write_interval, a_s if a else b_s)
+            client.run_on_scheduler(_set_write_interval, a_s if a else b_s, links)
 
         from trioflow.scheduler import CLIENT_WRITE_INTERVAL_S
 
-        return apply, lambda: client.run_on_scheduler(_set_write_interval, CLIENT_WRITE_INTERVAL_S)
+        before = CLIENT_WRITE_INTERVAL_S if links == "clients" else 0.0
+        return apply, lambda: client.run_on_scheduler(_set_write_interval, before, links)
     if kind == "held":
         from trioflow.comm import messages as m
 
@@ -175,7 +179,9 @@ def switch_for(spec: str, client) -> tuple[Callable[[bool], None], Callable[[], 
             client.run(_set_held, arg, before)
 
         return apply, restore
-    raise SystemExit(f"unknown switch {spec!r}: batch-threads, client-write-interval:A,B or held:OP")
+    raise SystemExit(
+        f"unknown switch {spec!r}: batch-threads, client-write-interval:A,B, worker-write-interval:A,B or held:OP"
+    )
 
 
 # ----------------------------------------------------------------- main --
@@ -218,7 +224,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("switch", help="batch-threads | client-write-interval:A,B | held:OP")
+    parser.add_argument("switch", help="batch-threads | client-write-interval:A,B | worker-write-interval:A,B | held:OP")
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="w2")
     parser.add_argument("--blocks", type=int, default=30, help="blocks per setting (default 30)")
     parser.add_argument("--per", type=int, default=None, help="round trips (w2), tasks (w1) or leaves (w3) per block")
