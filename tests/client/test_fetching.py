@@ -87,3 +87,24 @@ async def test_a_holder_that_did_not_answer_is_asked_again_only_after_a_pause(au
     assert all(later - earlier >= PAUSE_S for earlier, later in zip(times, times[1:]))
     assert not any(isinstance(o, cs.SendMissingData) for o in client.sent)
 
+
+
+async def test_a_value_that_came_with_its_report_is_not_fetched_and_gather_still_yields():
+    """A small value arrives with its `key_finished`: `gather` asks no worker
+    for it, and is still a schedule point (another task runs before it
+    returns), though it opens no nursery for fetches it does not make."""
+    client = FakeClient(holders={})
+    client.core.handle(cs.HandlesMade("h", ("a",)))
+    client.core.handle(cs.CallsSubmitted("s", ("a",), (Kept(),), {}))
+    client.core.handle(cs.FinishReported("f", "a", (GOOD,), dumps(5)))
+    ran: list[str] = []
+
+    async def other() -> None:
+        ran.append("other")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        values = await Fetcher(client, PAUSE_S).gather([client.core.futures["a"]])
+        assert ran == ["other"], "gather returned without letting another task run"
+    assert values == {"a": 5}
+    assert client.calls == []
