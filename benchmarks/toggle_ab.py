@@ -118,11 +118,40 @@ def _threads(pids: list[int]) -> list[int]:
     return [int(tid) for pid in pids for tid in os.listdir(f"/proc/{pid}/task")]
 
 
-def switch_for(spec: str, client) -> tuple[Callable[[bool], None], Callable[[], None]]:
-    """``(apply(a), restore())`` for a SWITCH argument: `apply(True)` puts
+def parse_switch(spec: str) -> tuple[str, Any]:
+    """``(kind, value)`` of a SWITCH argument, checked before any cluster starts.
+
+    Raises:
+        SystemExit: the switch is unknown or its value malformed (named).
+    """
+    kind, _, arg = spec.partition(":")
+    if kind == "batch-threads":
+        return kind, None
+    if kind in ("client-write-interval", "worker-write-interval"):
+        try:
+            a_s, b_s = (float(x) for x in arg.split(","))
+        except ValueError:
+            raise SystemExit(f"{kind} wants two numbers of seconds, A,B; got {arg!r}") from None
+        if min(a_s, b_s) < 0:
+            raise SystemExit(f"{kind}: seconds cannot be negative, got {arg!r}")
+        return kind, (a_s, b_s)
+    if kind == "held":
+        from trioflow.comm import messages as m
+
+        if arg not in m.OPS:
+            raise SystemExit(f"held: no op {arg!r} (ops: {', '.join(sorted(m.OPS))})")
+        if m.OPS[arg].REPLY is not None:
+            raise SystemExit(f"held: {arg!r} is a request; a request cannot be held")
+        return kind, arg
+    raise SystemExit(
+        f"unknown switch {spec!r}: batch-threads, client-write-interval:A,B, worker-write-interval:A,B or held:OP"
+    )
+
+
+def switch_for(kind: str, value: Any, client) -> tuple[Callable[[bool], None], Callable[[], None]]:
+    """``(apply(a), restore())`` for a parsed switch: `apply(True)` puts
     setting A in force, `apply(False)` setting B; `restore` puts back what
     was in force before."""
-    kind, _, arg = spec.partition(":")
     if kind == "batch-threads":
         me = psutil.Process()
         pids = [me.pid] + [p.pid for p in me.children(recursive=True)]
@@ -145,12 +174,7 @@ def switch_for(spec: str, client) -> tuple[Callable[[bool], None], Callable[[], 
         return apply, restore
     if kind in ("client-write-interval", "worker-write-interval"):
         links = "clients" if kind == "client-write-interval" else "workers"
-        try:
-            a_s, b_s = (float(x) for x in arg.split(","))
-        except ValueError:
-            raise SystemExit(f"{kind} wants two numbers of seconds, A,B; got {arg!r}") from None
-        if min(a_s, b_s) < 0:
-            raise SystemExit(f"{kind}: seconds cannot be negative, got {arg!r}")
+        a_s, b_s = value
 
         def apply(a: bool) -> None:
             client.run_on_scheduler(_set_write_interval, a_s if a else b_s, links)
@@ -162,10 +186,7 @@ def switch_for(spec: str, client) -> tuple[Callable[[bool], None], Callable[[], 
     if kind == "held":
         from trioflow.comm import messages as m
 
-        if arg not in m.OPS:
-            raise SystemExit(f"held: no op {arg!r} (ops: {', '.join(sorted(m.OPS))})")
-        if m.OPS[arg].REPLY is not None:
-            raise SystemExit(f"held: {arg!r} is a request; a request cannot be held")
+        arg = value
         before = m.OPS[arg].HELD
 
         def apply(a: bool) -> None:
@@ -179,9 +200,7 @@ def switch_for(spec: str, client) -> tuple[Callable[[bool], None], Callable[[], 
             client.run(_set_held, arg, before)
 
         return apply, restore
-    raise SystemExit(
-        f"unknown switch {spec!r}: batch-threads, client-write-interval:A,B, worker-write-interval:A,B or held:OP"
-    )
+    raise AssertionError(f"parse_switch let through {kind!r}")
 
 
 # ----------------------------------------------------------------- main --
@@ -194,7 +213,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     with trioflow_client(n_workers) as client:
         for i in range(100):  # warm: imports, caches, the first connections
             client.submit(inc, i, pure=False).result()
-        apply, restore = switch_for(args.switch, client)
+        apply, restore = switch_for(*args.parsed_switch, client)
         try:
             for b in range(args.blocks):
                 for side in ("A", "B") if b % 2 == 0 else ("B", "A"):
@@ -235,6 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.per = {"w2": 100, "w1": 3000, "w3": 2048}[args.workload]
     if args.per < 2:
         parser.error(f"--per must be at least 2, got {args.per}")
+    args.parsed_switch = parse_switch(args.switch)
     result = measure(args)
     print(json.dumps(result))
     return result
