@@ -89,22 +89,19 @@ async def test_a_holder_that_did_not_answer_is_asked_again_only_after_a_pause(au
 
 
 
-async def test_a_value_that_came_with_its_report_is_not_fetched_and_gather_still_yields():
+async def test_a_value_that_came_with_its_report_is_not_fetched_and_gather_is_still_a_checkpoint():
     """A small value arrives with its `key_finished`: `gather` asks no worker
-    for it, and is still a schedule point (another task runs before it
-    returns), though it opens no nursery for fetches it does not make."""
+    for it, opens no nursery for fetches it does not make, and is still a
+    checkpoint (seen deterministically as a cancel point: under a cancelled
+    scope it raises `Cancelled` rather than return)."""
     client = FakeClient(holders={})
     client.core.handle(cs.HandlesMade("h", ("a",)))
     client.core.handle(cs.CallsSubmitted("s", ("a",), (Kept(),), {}))
     client.core.handle(cs.FinishReported("f", "a", (GOOD,), dumps(5)))
-    ran: list[str] = []
-
-    async def other() -> None:
-        ran.append("other")
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(other)
-        values = await Fetcher(client, PAUSE_S).gather([client.core.futures["a"]])
-        assert ran == ["other"], "gather returned without letting another task run"
-    assert values == {"a": 5}
+    record = client.core.futures["a"]
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await Fetcher(client, PAUSE_S).gather([record])
+    assert scope.cancelled_caught, "gather returned without a checkpoint"
+    assert await Fetcher(client, PAUSE_S).gather([record]) == {"a": 5}
     assert client.calls == []
