@@ -88,7 +88,6 @@ async def test_a_holder_that_did_not_answer_is_asked_again_only_after_a_pause(au
     assert not any(isinstance(o, cs.SendMissingData) for o in client.sent)
 
 
-
 async def test_a_value_that_came_with_its_report_is_not_fetched_and_gather_is_still_a_checkpoint():
     """A small value arrives with its `key_finished`: `gather` asks no worker
     for it, opens no nursery for fetches it does not make, and is still a
