@@ -34,6 +34,7 @@ two; tasks/s). Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -45,10 +46,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _harness import median, now, trioflow_client  # noqa: E402
 
 import psutil  # noqa: E402
-
-# Workload -> (workers, unit of a block's figure, whether higher is better).
-WORKLOADS = {"w2": (1, "ms", False), "w1": (2, "tasks/s", True), "w3": (2, "tasks/s", True)}
-
 
 def inc(x):
     return x + 1
@@ -81,12 +78,30 @@ def block_w3(client, per: int) -> float:
     start = now()
     level = client.map(inc, range(per), pure=False)
     while len(level) > 1:
-        level = [client.submit(add, a, b, pure=False) for a, b in zip(level[0::2], level[1::2], strict=False)]
-    level[0].result()
-    return (2 * per - 1) / (now() - start)
+        above = [client.submit(add, a, b, pure=False) for a, b in zip(level[0::2], level[1::2], strict=False)]
+        if len(level) % 2:  # the odd one out goes up as it is (w3_tree_sum.py does the same)
+            above.append(level[-1])
+        level = above
+    total = level[0].result()
+    if total != per * (per + 1) // 2:
+        raise AssertionError(f"the tree summed to {total!r}, expected {per * (per + 1) // 2}")
+    return (2 * per - 1) / (now() - start)  # per leaves and per - 1 sums
 
 
-BLOCKS = {"w2": block_w2, "w1": block_w1, "w3": block_w3}
+@dataclasses.dataclass(frozen=True)
+class BlockKind:
+    n_workers: int
+    block: Callable[[Any, int], float]
+    unit: str  # of the figure `block` returns
+    higher_is_better: bool
+    default_per: int
+
+
+WORKLOADS = {
+    "w2": BlockKind(1, block_w2, "ms", False, 100),
+    "w1": BlockKind(2, block_w1, "tasks/s", True, 3000),
+    "w3": BlockKind(2, block_w3, "tasks/s", True, 2048),
+}
 
 
 # ------------------------------------------------------------- switches --
@@ -207,8 +222,8 @@ def switch_for(kind: str, value: Any, client) -> tuple[Callable[[bool], None], C
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    n_workers, unit, higher_is_better = WORKLOADS[args.workload]
-    block = BLOCKS[args.workload]
+    kind = WORKLOADS[args.workload]
+    n_workers, block, unit, higher_is_better = kind.n_workers, kind.block, kind.unit, kind.higher_is_better
     figures: dict[str, list[float]] = {"A": [], "B": []}
     with trioflow_client(n_workers) as client:
         for i in range(100):  # warm: imports, caches, the first connections
@@ -251,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.blocks < 1:
         parser.error(f"--blocks must be at least 1, got {args.blocks}")
     if args.per is None:
-        args.per = {"w2": 100, "w1": 3000, "w3": 2048}[args.workload]
+        args.per = WORKLOADS[args.workload].default_per
     if args.per < 2:
         parser.error(f"--per must be at least 2, got {args.per}")
     args.parsed_switch = parse_switch(args.switch)
