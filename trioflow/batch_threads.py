@@ -16,8 +16,8 @@ Under ``SCHED_BATCH`` a thread gets the same share of the CPU as under the
 default policy, but its wake-up never preempts: it runs when a core falls
 idle or at the running thread's next tick. The thread that woke it goes on
 to its next wait (where it lets go of the GIL) instead. Measured on two
-cores, alternating runs of the same minutes (docs/performance.md, "The
-fifth round"): W1 3,124-3,552 -> 3,786-4,143 tasks/s, W3 3,269-3,287 ->
+cores, alternating runs of the same minutes (docs/performance-history.md,
+"The fifth round"): W1 3,124-3,552 -> 3,786-4,143 tasks/s, W3 3,269-3,287 ->
 3,687-3,957, with less CPU a task in every process.
 
 What it changes for users: nothing on a machine with idle cores, where a

@@ -699,7 +699,7 @@ class AsyncClient:
         Waiting cost each `submit` two thread hand-offs, and with a
         `LocalCluster` each waits for the interpreter lock the scheduler's
         thread holds: 0.9 ms a call in a loop of submits (W3, docs/
-        performance.md). Instead the tasks queue here and the loop takes
+        performance-history.md, the second round). Instead the tasks queue here and the loop takes
         them in, in order, in its next step (`_take_submissions`); every
         later call from any thread reaches the loop behind them, since Trio
         runs `run_sync_soon` callbacks in the order they came. Only a

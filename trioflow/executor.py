@@ -39,11 +39,11 @@ class ThreadExecutor:
     Why not ``trio.to_thread.run_sync``: every task crosses to a thread and
     back, and Trio's general-purpose crossing (a capacity limiter, a
     context copy, support for calls back into Trio) cost ~40 us of CPU of
-    the ~140 us a round trip costs here (W1, docs/performance.md). A
-    thread waiting on a queue and a result handed back with
-    `TrioToken.run_sync_soon` is the whole of what a task needs; a task
-    calling back into its worker (`secede`, `rejoin`) passes the worker's
-    token explicitly (`TaskContext.trio_token`).
+    the ~140 us a round trip costs here (docs/performance-history.md,
+    the second round). A thread waiting on a queue and a result handed
+    back with `TrioToken.run_sync_soon` is the whole of what a task needs;
+    a task calling back into its worker (`secede`, `rejoin`) passes the
+    worker's token explicitly (`TaskContext.trio_token`).
 
     Cancellation: the thread cannot be interrupted. A cancelled `run`
     returns at once and the thread finishes in the background (its result

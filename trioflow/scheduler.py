@@ -130,7 +130,7 @@ MAX_UPLOADS_BYTES = 256 << 20
 # `LocalCluster` then competes for the GIL with this one; spacing the writes
 # puts about five results in each instead of one or two (W1: 3,773 writes
 # for 20,000 results instead of 15,287; the client's thread ~25 % less CPU
-# a task; docs/performance.md, the seventh round).
+# a task; docs/performance-history.md, the seventh round).
 # An idle link writes at once, so a lone result (W2) is never held back.
 CLIENT_WRITE_INTERVAL_S = 0.0005
 
