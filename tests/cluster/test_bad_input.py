@@ -15,6 +15,8 @@ from trioflow.comm import (
 from trioflow.comm.auth import CLUSTER, Credentials, authenticate_connector
 from trioflow.errors import CommClosedError
 
+from tests.conftest import wait_until
+
 
 def inc(x):
     return x + 1
@@ -78,14 +80,6 @@ async def test_bytes_before_authentication_close_that_connection_only(client, cl
     assert await pending == 2
 
 
-async def until(scheduler, condition, timeout=5.0):
-    """`condition` comes to hold. Not checked at once: the peer sees its
-    connection closed before the scheduler's driver has handled the
-    departure (posted to its inbox after the reader ends)."""
-    with trio.fail_after(timeout):
-        await scheduler.wait_for(condition)
-
-
 async def hello_then(scheduler, role, messages, protocol=1, **hello):
     """Say hello as `role` (raw maps: no checks on our side), then send `messages`."""
     stream = await raw_connection(scheduler)
@@ -121,7 +115,9 @@ async def test_bad_client_messages_close_that_client_only(client, cluster, messa
     with caplog.at_level(logging.WARNING, logger="trioflow"):
         await hello_then(cluster.scheduler_address, "client", messages, client_id="rogue")
     assert any(reason in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
-    await until(cluster.scheduler, lambda: "rogue" not in cluster.scheduler.clients)
+    # Not at once: the peer sees its connection closed before the
+    # scheduler's driver handles the departure (posted after the reader ends).
+    await wait_until(lambda: "rogue" not in cluster.scheduler.clients, timeout=5, message="the rogue client to go")
     assert await pending == 11
 
 
@@ -147,7 +143,7 @@ async def test_a_worker_sending_nonsense_is_dropped_and_its_work_rerouted(client
             address=rogue, nthreads=1,
         )
     assert any("'task_finished': field key must be a key" in r.getMessage() for r in caplog.records)
-    await until(cluster.scheduler, lambda: rogue not in cluster.scheduler.state.workers)
+    await wait_until(lambda: rogue not in cluster.scheduler.state.workers, timeout=5, message="the rogue worker to go")
     assert await client.submit(inc, 5) == 6
 
 
