@@ -4,8 +4,8 @@ Not a workload of shared/benchmarks.md (run_all.py skips it): a way to
 tell a change of a few per cent from the machine's drift. This VM's speed
 moves by 20-40 % within minutes, sometimes within seconds, so two runs of
 a workload, one per version, disagree by more than most changes are worth
-(docs/performance-history.md, "The ninth round"). Here one cluster serves both
-settings: the script switches the setting, runs a block of the workload,
+(docs/performance-history.md, "The ninth round"). Here one cluster serves
+both settings: the script switches the setting, runs a block of the workload,
 switches back, runs another, and so on, A then B, then B then A, so that
 whatever the machine does in those seconds hits both alike. Each block
 gives one figure; the per-block ratios A/B are what to read.

@@ -698,15 +698,15 @@ class AsyncClient:
 
         Waiting cost each `submit` two thread hand-offs, and with a
         `LocalCluster` each waits for the interpreter lock the scheduler's
-        thread holds: 0.9 ms a call in a loop of submits (W3, docs/
-        performance-history.md, the second round). Instead the tasks queue here and the loop takes
-        them in, in order, in its next step (`_take_submissions`); every
-        later call from any thread reaches the loop behind them, since Trio
-        runs `run_sync_soon` callbacks in the order they came. Only a
-        running client takes this path (a look at the core's status from
-        the caller's thread, which changes nothing; the loop decides
-        again): one reconnecting or closing is asked and refuses at once,
-        as before. If it stops running in between, the handles fail with
+        thread holds: 0.9 ms a call in a loop of submits (W3,
+        docs/performance-history.md, the second round). Instead the tasks
+        queue here and the loop takes them in, in order, in its next step
+        (`_take_submissions`); every later call from any thread reaches the
+        loop behind them, since Trio runs `run_sync_soon` callbacks in the
+        order they came. Only a running client takes this path (a look at
+        the core's status from the caller's thread, which changes nothing;
+        the loop decides again): one reconnecting or closing is asked and
+        refuses at once, as before. If it stops running in between, the handles fail with
         the refusal instead (`CallsRefused`).
         """
         token = self._token
