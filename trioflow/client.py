@@ -706,8 +706,8 @@ class AsyncClient:
         order they came. Only a running client takes this path (a look at
         the core's status from the caller's thread, which changes nothing;
         the loop decides again): one reconnecting or closing is asked and
-        refuses at once, as before. If it stops running in between, the handles fail with
-        the refusal instead (`CallsRefused`).
+        refuses at once, as before. If it stops running in between, the
+        handles fail with the refusal instead (`CallsRefused`).
         """
         token = self._token
         if token is None or self.core.status is not ClientStatus.RUNNING:
