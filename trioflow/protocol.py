@@ -26,7 +26,7 @@ from trioflow.comm.messages import (
     UserFailure,
 )
 from trioflow.comm.schema import Record
-from trioflow.comm.serialize import Serialized, SerializedFunction, dumps, loads
+from trioflow.comm.serialize import Serialized, SerializedFunction, dumps, loads, pickles_plainly
 from trioflow.core.failures import (
     Cancelled,
     DataLost,
@@ -43,7 +43,7 @@ from trioflow.errors import (
 )
 
 
-
+@pickles_plainly  # the standard pickler takes the arguments of dependent tasks
 class TaskRef:
     """Stands for "the value of `key`" inside a task's pickled arguments."""
 

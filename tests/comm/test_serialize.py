@@ -10,10 +10,13 @@ import hashlib
 import re
 import threading
 
+import cloudpickle
 import numpy as np
 import pytest
 
+import trioflow.comm.serialize as serialize
 from trioflow.comm.serialize import (
+    PROTOCOL,
     Serialized,
     dumps,
     dumps_function,
@@ -23,6 +26,7 @@ from trioflow.comm.serialize import (
     verify_function,
 )
 from trioflow.errors import KilledWorker, SerializationError
+from trioflow.protocol import TaskRef
 
 BIG_ARRAY_ELEMENTS = 1_000_000  # 8 MB of float64
 
@@ -408,3 +412,25 @@ def test_a_function_defined_here_among_builtins_still_travels_by_value():
     assert b"local" in bytes(serialized.header)
     (fn, arg), _ = loads(serialized)
     assert fn(arg) == 3
+
+
+def test_the_arguments_of_a_dependent_task_skip_cloudpickle(monkeypatch):
+    """References to other tasks' values are plain: such a call takes the standard pickler, and comes back whole."""
+    call = ((TaskRef("add-1"), TaskRef("add-2"), 3), {"scale": TaskRef("inc-0")})
+    used: list[object] = []
+    original = serialize.cloudpickle.dumps
+
+    def recording_dumps(obj, *args, **kwargs):
+        used.append(obj)
+        return original(obj, *args, **kwargs)
+
+    monkeypatch.setattr(serialize.cloudpickle, "dumps", recording_dumps)
+    (a, b, n), kwargs = loads(dumps(call))
+    assert used == []
+    assert (type(a), a.key, b.key, n, kwargs["scale"].key) == (TaskRef, "add-1", "add-2", 3, "inc-0")
+
+
+def test_a_task_reference_pickles_to_the_same_bytes_either_way():
+    """What makes TaskRef plain: both picklers give the same bytes, so a pure task's key does not depend on the path."""
+    call = ((TaskRef("add-1"), TaskRef("add-2")), {})
+    assert dumps(call).header == cloudpickle.dumps(call, protocol=PROTOCOL)
