@@ -11,9 +11,9 @@ apart, in fresh interpreters of this venv, ``--runs`` times:
   ``import trioflow.cli, trioflow.worker`` (what ``python -m trioflow
   worker`` imports before it connects), summed, and split by top-level
   package (``by_package_ms``, the largest ones);
-- ``dataclasses_ms``: of trioflow's own import, the time spent making
-  its dataclasses (``dataclasses`` compiles each generated method at
-  import), and how many there are.
+- ``dataclasses``: of trioflow's own import, the time spent making its
+  dataclasses (``dataclasses`` compiles each generated method at
+  import), how many there are, and the modules that make the most.
 
 Medians over the runs. Prints one JSON line.
 

@@ -41,6 +41,7 @@ from w8_pending_memory import Server, _address, _free_port  # noqa: E402
 import trioflow  # noqa: E402
 from trioflow.comm.auth import TOKEN_VARIABLE, Credentials  # noqa: E402
 
+
 def inc(x):
     return x + 1
 
