@@ -19,6 +19,9 @@ Only what can be switched in running processes can be compared this way:
   two writes to a client (`Connection.write_interval`), through
   `Client.run_on_scheduler`; ``worker-write-interval:A,B`` the same for
   its writes to workers;
+- ``direct-io``: connections call the kernel themselves on plain sockets
+  (A) or go through Trio's `SocketStream` methods (B)
+  (`trioflow.comm.buffers.DIRECT_IO`), in this process and every worker;
 - ``held:OP``: op OP declared held (A) or not (B) (docs/protocol.md,
   "Held messages"), in this process (client and scheduler) and in every
   worker (`Client.run`).
@@ -129,6 +132,14 @@ def _set_held(op: str, held: bool) -> bool:
     return m.OPS[op].HELD
 
 
+def _set_direct_io(on: bool) -> bool:
+    """(In a worker, or here.) Switch `buffers.DIRECT_IO` in this process."""
+    from trioflow.comm import buffers
+
+    buffers.DIRECT_IO = on
+    return buffers.DIRECT_IO
+
+
 def _threads(pids: list[int]) -> list[int]:
     return [int(tid) for pid in pids for tid in os.listdir(f"/proc/{pid}/task")]
 
@@ -140,7 +151,7 @@ def parse_switch(spec: str) -> tuple[str, Any]:
         SystemExit: the switch is unknown or its value malformed (named).
     """
     kind, _, arg = spec.partition(":")
-    if kind == "batch-threads":
+    if kind in ("batch-threads", "direct-io"):
         return kind, None
     if kind in ("client-write-interval", "worker-write-interval"):
         try:
@@ -159,7 +170,8 @@ def parse_switch(spec: str) -> tuple[str, Any]:
             raise SystemExit(f"held: {arg!r} is a request; a request cannot be held")
         return kind, arg
     raise SystemExit(
-        f"unknown switch {spec!r}: batch-threads, client-write-interval:A,B, worker-write-interval:A,B or held:OP"
+        f"unknown switch {spec!r}: batch-threads, direct-io, client-write-interval:A,B, "
+        "worker-write-interval:A,B or held:OP"
     )
 
 
@@ -198,6 +210,22 @@ def switch_for(kind: str, value: Any, client) -> tuple[Callable[[bool], None], C
 
         before = CLIENT_WRITE_INTERVAL_S if links == "clients" else 0.0
         return apply, lambda: client.run_on_scheduler(_set_write_interval, before, links)
+    if kind == "direct-io":
+        from trioflow.comm import buffers
+
+        before = buffers.DIRECT_IO
+
+        def apply(a: bool) -> None:
+            _set_direct_io(a)  # this process: the client and the scheduler
+            answers = client.run(_set_direct_io, a)
+            if set(answers.values()) != {a}:
+                raise RuntimeError(f"the workers did not all switch direct-io to {a}: {answers}")
+
+        def restore() -> None:
+            _set_direct_io(before)
+            client.run(_set_direct_io, before)
+
+        return apply, restore
     if kind == "held":
         from trioflow.comm import messages as m
 
@@ -258,7 +286,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("switch", help="batch-threads | client-write-interval:A,B | worker-write-interval:A,B | held:OP")
+    parser.add_argument(
+        "switch", help="batch-threads | direct-io | client-write-interval:A,B | worker-write-interval:A,B | held:OP"
+    )
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="w2")
     parser.add_argument("--blocks", type=int, default=30, help="blocks per setting (default 30)")
     parser.add_argument("--per", type=int, default=None, help="round trips (w2), tasks (w1) or leaves (w3) per block")

@@ -7,7 +7,8 @@ import pytest
 import trio
 import trio.testing
 
-from trioflow.comm.buffers import FIRST_STEP_BYTES, MAX_STEP_BYTES, FrameBuffer, raw_socket, send_frames
+from trioflow.comm import buffers
+from trioflow.comm.buffers import FIRST_STEP_BYTES, MAX_STEP_BYTES, FrameBuffer, raw_socket, receive_some, send_frames
 
 GIB = 1 << 30
 
@@ -94,3 +95,96 @@ async def test_frames_written_to_a_stream_without_a_socket_arrive_in_order():
         nursery.start_soon(send_frames, left, FRAMES, 64 * 1024)
         with trio.fail_after(30):
             assert await _read_all(right, len(expected)) == expected
+
+
+@pytest.fixture
+async def tcp_pair():
+    """Two ends of a loopback TCP connection, closed at the end."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    client = await trio.testing.open_stream_to_socket_listener(listeners[0])
+    server = await listeners[0].accept()
+    try:
+        yield client, server
+    finally:
+        await client.aclose()
+        await server.aclose()
+        await listeners[0].aclose()
+
+
+@pytest.fixture(params=[True, False], ids=["direct-io", "trio-streams"])
+def direct_io(request, monkeypatch):
+    monkeypatch.setattr(buffers, "DIRECT_IO", request.param)
+    return request.param
+
+
+async def _receive_all(stream: trio.abc.Stream, n: int) -> bytes:
+    got = bytearray()
+    while len(got) < n:
+        chunk = await receive_some(stream, 1 << 16)
+        assert chunk, "the stream ended early"
+        got += chunk
+    return bytes(got)
+
+
+async def test_a_batch_of_small_frames_bigger_than_the_socket_buffer_arrives_whole(tcp_pair, direct_io):
+    """Small frames joined into one write of 24 MiB (many partial writes, waits for room) arrive in order."""
+    client, server = tcp_pair
+    frames = [bytes([i % 251]) * 12_000 for i in range(2_000)]
+    expected = b"".join(frames)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_frames, client, frames, 64 * 1024)
+        with trio.fail_after(30):
+            assert await _receive_all(server, len(expected)) == expected
+
+
+async def test_receive_some_returns_empty_bytes_once_the_peer_closed(tcp_pair, direct_io):
+    client, server = tcp_pair
+    await send_frames(client, [b"last words"], 64 * 1024)
+    await client.aclose()
+    with trio.fail_after(10):
+        assert await _receive_all(server, 10) == b"last words"
+        assert await receive_some(server, 100) == b""
+
+
+async def test_receive_some_on_a_stream_closed_here_says_closed(tcp_pair, direct_io):
+    """Closed before the call, or while waiting in it: trio.ClosedResourceError, never a read of a stale descriptor."""
+    client, server = tcp_pair
+    async with trio.open_nursery() as nursery:
+
+        async def close_soon():
+            await trio.testing.wait_all_tasks_blocked()
+            await server.aclose()
+
+        nursery.start_soon(close_soon)
+        with trio.fail_after(10), pytest.raises(trio.ClosedResourceError):
+            await receive_some(server, 100)
+    with pytest.raises(trio.ClosedResourceError):
+        await receive_some(server, 100)
+
+
+async def test_writing_to_a_peer_that_closed_fails_instead_of_hanging(tcp_pair, direct_io):
+    client, server = tcp_pair
+    await server.aclose()
+    with trio.fail_after(10), pytest.raises((OSError, trio.BrokenResourceError)):
+        for _ in range(1_000):  # the first writes may still be taken by the kernel
+            await send_frames(client, [b"x" * 60_000], 64 * 1024)
+
+
+async def test_receive_some_is_a_checkpoint_even_when_bytes_are_waiting(tcp_pair, direct_io):
+    """A peer that keeps the socket full cannot keep its reader from letting other tasks run."""
+    client, server = tcp_pair
+    await send_frames(client, [b"y" * 1000], 64 * 1024)
+    with trio.fail_after(10):  # until the bytes are in this end's kernel buffer
+        await trio.lowlevel.wait_readable(server.socket)
+    with trio.testing.assert_checkpoints():
+        assert await receive_some(server, 1000) == b"y" * 1000
+
+
+async def test_a_cancelled_receive_takes_no_bytes(tcp_pair, direct_io):
+    client, server = tcp_pair
+    with trio.move_on_after(0.05) as scope:
+        await receive_some(server, 100)
+    assert scope.cancelled_caught
+    await send_frames(client, [b"after"], 64 * 1024)
+    with trio.fail_after(10):
+        assert await _receive_all(server, 5) == b"after"

@@ -290,6 +290,48 @@ async def tcp_connection_pair(inbound: str | None = None) -> AsyncIterator[tuple
         nursery.cancel_scope.cancel()
 
 
+async def test_more_messages_queued_than_the_peer_reads_in_one_batch_arrive_in_several():
+    """A batch is one msgpack array, and the peer reads at most max_items
+    entries in one: 500 queued messages (SMALL_LIMITS: 64) go as several
+    batches, not as one the peer must refuse."""
+    async with connection_pair() as (left, right):
+        for i in range(500):
+            left.send({"op": "n", "i": i})
+        got: list[int] = []
+        with trio.fail_after(10):
+            while len(got) < 500:
+                batch = await right.receive()
+                assert len(batch) <= SMALL_LIMITS.max_items
+                got.extend(message["i"] for message in batch)
+        assert got == list(range(500))
+
+
+async def test_a_sender_with_many_batches_queued_lets_other_tasks_run_between_them():
+    """Writes the kernel takes at once are no checkpoints (`buffers.send_frames`),
+    so the sender yields between batches itself: another task runs while a
+    long outbox is being written, and every message still arrives in order."""
+    async with tcp_connection_pair() as (sender, receiver):
+        total = 2_000  # SMALL_LIMITS: a 4 KiB body a batch, some 20 batches in all
+        seen_mid_write: list[int] = []
+        got: list[int] = []
+
+        async def watch():
+            while sender._written < total:
+                if 0 < sender._written:
+                    seen_mid_write.append(sender._written)
+                await trio.lowlevel.checkpoint()
+
+        for i in range(total):
+            sender.send({"op": "n", "i": i})
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch)
+                while len(got) < total:
+                    got.extend(message["i"] for message in await receiver.receive())
+        assert got == list(range(total))
+        assert seen_mid_write, "no other task ran while the sender wrote its batches"
+
+
 def corked(conn: Connection) -> bool:
     return bool(conn.stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK))
 

@@ -57,6 +57,7 @@ receive); that is beyond a teaching codebase.
 from __future__ import annotations
 
 import mmap
+import os
 import socket
 import sys
 import threading
@@ -84,6 +85,11 @@ _can_populate = _POPULATE_WRITE is not None
 # At most this many buffers in one sendmsg call (Linux's IOV_MAX is 1024).
 IOV_MAX = 1024
 
+
+# Whether `send_frames` and `receive_some` call the kernel themselves on a
+# plain TCP socket (see `receive_some`); off only to measure what that
+# saves (benchmarks/toggle_ab.py, ``direct-io``).
+DIRECT_IO = True
 
 # Linux's TCP_CORK (absent elsewhere: no message is held there).
 _TCP_CORK = getattr(socket, "TCP_CORK", None)
@@ -350,9 +356,11 @@ async def send_frames(stream: trio.abc.Stream, frames: Sequence[Any], large: int
     bytes) from their own memory.
 
     On a raw socket, one ``sendmsg`` takes the lot (scatter/gather I/O), and
-    a partial send resumes from where the kernel stopped. Elsewhere each
-    large frame is its own ``send_all`` and the small ones between are
-    joined.
+    a partial send resumes from where the kernel stopped; a batch of small
+    frames only, joined, is one ``write`` that returns without a checkpoint
+    when the kernel takes it at once (`receive_some` says why that is safe
+    and what it saves). Elsewhere each large frame is its own ``send_all``
+    and the small ones between are joined.
 
     Cancellation: a write cut short leaves the stream unusable (the caller,
     `Connection.run_sender`, closes the connection).
@@ -370,6 +378,10 @@ async def send_frames(stream: trio.abc.Stream, frames: Sequence[Any], large: int
     if pending:
         pieces.append(b"".join(pending) if len(pending) > 1 else pending[0])
     sock = raw_socket(stream)
+    if sock is not None and DIRECT_IO and len(pieces) == 1:
+        with _bytes_view(pieces[0]) as view:
+            await _write_all(sock, view)
+        return
     if sock is None or len(pieces) == 1:
         for piece in pieces:
             with _bytes_view(piece) as view:
@@ -391,6 +403,63 @@ async def send_frames(stream: trio.abc.Stream, frames: Sequence[Any], large: int
     finally:
         for view in views:
             view.release()
+
+
+async def _write_all(sock: Any, view: memoryview) -> None:
+    """All of `view` to the socket, waiting only while the kernel's buffer is full."""
+    written = 0
+    while written < len(view):
+        try:
+            written += os.write(_open_fileno(sock), view[written:])
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+
+
+async def receive_some(stream: trio.abc.Stream, max_bytes: int) -> bytes:
+    """Up to `max_bytes` from `stream`, at least one; ``b""`` at its end.
+
+    On a plain TCP socket this calls the kernel itself (``read`` on the
+    socket's descriptor, which Trio keeps non-blocking) and waits with
+    ``wait_readable`` only when nothing is there: the same system calls
+    and the same checkpoints as ``SocketStream.receive_some``, without
+    the layers around them (a conflict detector, an error translation,
+    a generic try-then-wait helper), which cost several microseconds a
+    call, and a short task makes a dozen such calls in all its processes
+    (docs/performance.md, W2). `send_frames` does the same for writes and
+    drops the checkpoint Trio takes after a write the kernel accepted at
+    once: its caller, `Connection.run_sender`, checkpoints when it waits
+    for the next message, and after the write when more are queued.
+
+    Errors stay ``OSError`` (where Trio would say
+    ``BrokenResourceError``); a socket closed under us is
+    ``trio.ClosedResourceError`` either way.
+    """
+    sock = raw_socket(stream)
+    if sock is None or not DIRECT_IO:
+        return await stream.receive_some(max_bytes)
+    await trio.lowlevel.checkpoint_if_cancelled()
+    try:
+        data = os.read(_open_fileno(sock), max_bytes)
+    except BlockingIOError:
+        pass
+    else:
+        # Bytes were waiting: yield once anyway, so a peer that keeps this
+        # socket full cannot keep the reader from letting others run.
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        try:
+            return os.read(_open_fileno(sock), max_bytes)
+        except BlockingIOError:  # woken, but another reader (none here) or a spurious wake-up
+            pass
+
+
+def _open_fileno(sock: Any) -> int:
+    fd = sock.fileno()
+    if fd == -1:
+        raise trio.ClosedResourceError("the socket was closed")
+    return fd
 
 
 def _bytes_view(data: Any) -> memoryview:

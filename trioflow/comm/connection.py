@@ -65,7 +65,7 @@ from typing import Any
 import trio
 
 import trioflow.comm.messages as messages
-from trioflow.comm.buffers import MAPPED_FRAME_BYTES, WARM, FrameBuffer, send_frames, set_cork
+from trioflow.comm.buffers import MAPPED_FRAME_BYTES, WARM, FrameBuffer, receive_some, send_frames, set_cork
 from trioflow.comm.frames import (
     EncodedMessage,
     FrameLimits,
@@ -380,6 +380,11 @@ class Connection:
                 await self._write_batch()
                 mid_write = False
                 self._last_write_end = trio.current_time()
+                if self._outbox:
+                    # A write the kernel took at once was no checkpoint
+                    # (`buffers.send_frames`): let the tasks that queue
+                    # messages run before the next one.
+                    await trio.lowlevel.checkpoint()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._mark_closed(f"write failed: {exc!r}")
         finally:
@@ -428,7 +433,8 @@ class Connection:
         frame_budget = limits.max_frames - 1
         byte_budget = limits.max_batch_bytes - ARRAY_HEADER_MAX_BYTES
         count = 0
-        for message in self._outbox[:MAX_MESSAGES_PER_WRITE]:
+        # A batch is one msgpack array: the peer reads at most max_items.
+        for message in self._outbox[: min(MAX_MESSAGES_PER_WRITE, limits.max_items)]:
             body_budget -= len(message.body)
             frame_budget -= frame_count(message, limits.max_frame_bytes)
             byte_budget -= message.nbytes
@@ -600,7 +606,7 @@ class Connection:
         """Read until the receive buffer holds at least `n` bytes."""
         buffer = self._receive_buffer
         while len(buffer) < n:
-            chunk = await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
+            chunk = await receive_some(self.stream, RECEIVE_CHUNK_BYTES)
             if not chunk:
                 self._mark_closed("closed by the peer")
                 raise CommClosedError(f"{self.peer} closed the connection")
@@ -649,7 +655,7 @@ class Connection:
             progress.partial = None
             return out.frame()
         while len(out) < n:
-            chunk = await self.stream.receive_some(min(n - len(out), 4 * RECEIVE_CHUNK_BYTES))
+            chunk = await receive_some(self.stream, min(n - len(out), 4 * RECEIVE_CHUNK_BYTES))
             if not chunk:
                 self._mark_closed("closed by the peer")
                 raise CommClosedError(f"{self.peer} closed the connection mid-frame")
