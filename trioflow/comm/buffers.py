@@ -87,9 +87,10 @@ IOV_MAX = 1024
 
 
 # Whether `send_frames` and `receive_some` call the kernel themselves on a
-# plain TCP socket (see `receive_some`); off only to measure what that
-# saves (benchmarks/toggle_ab.py, ``direct-io``).
-DIRECT_IO = True
+# plain TCP socket (see `receive_some`). POSIX only: on Windows a socket
+# is not a file descriptor `os.read` accepts. Switched off only to measure
+# what it saves (benchmarks/toggle_ab.py, ``direct-io``).
+DIRECT_IO = os.name == "posix"
 
 # Linux's TCP_CORK (absent elsewhere: no message is held there).
 _TCP_CORK = getattr(socket, "TCP_CORK", None)
