@@ -452,7 +452,7 @@ async def receive_some(stream: trio.abc.Stream, max_bytes: int) -> bytes:
         await trio.lowlevel.wait_readable(sock)
         try:
             return os.read(_open_fileno(sock), max_bytes)
-        except BlockingIOError:  # woken, but another reader (none here) or a spurious wake-up
+        except BlockingIOError:  # a spurious wake-up: wait again
             pass
 
 
