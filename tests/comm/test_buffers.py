@@ -64,7 +64,7 @@ def _expected() -> bytes:
 async def _read_all(stream: trio.abc.Stream, n: int) -> bytes:
     got = bytearray()
     while len(got) < n:
-        chunk = await stream.receive_some(1 << 20)
+        chunk = await receive_some(stream, 1 << 20)
         assert chunk, "the stream ended early"
         got += chunk
     return bytes(got)
@@ -117,15 +117,6 @@ def direct_io(request, monkeypatch):
     return request.param
 
 
-async def _receive_all(stream: trio.abc.Stream, n: int) -> bytes:
-    got = bytearray()
-    while len(got) < n:
-        chunk = await receive_some(stream, 1 << 16)
-        assert chunk, "the stream ended early"
-        got += chunk
-    return bytes(got)
-
-
 async def test_a_batch_of_small_frames_bigger_than_the_socket_buffer_arrives_whole(tcp_pair, direct_io):
     """Small frames joined into one write of 24 MiB (many partial writes, waits for room) arrive in order."""
     client, server = tcp_pair
@@ -134,7 +125,7 @@ async def test_a_batch_of_small_frames_bigger_than_the_socket_buffer_arrives_who
     async with trio.open_nursery() as nursery:
         nursery.start_soon(send_frames, client, frames, 64 * 1024)
         with trio.fail_after(30):
-            assert await _receive_all(server, len(expected)) == expected
+            assert await _read_all(server, len(expected)) == expected
 
 
 async def test_receive_some_returns_empty_bytes_once_the_peer_closed(tcp_pair, direct_io):
@@ -142,7 +133,7 @@ async def test_receive_some_returns_empty_bytes_once_the_peer_closed(tcp_pair, d
     await send_frames(client, [b"last words"], 64 * 1024)
     await client.aclose()
     with trio.fail_after(10):
-        assert await _receive_all(server, 10) == b"last words"
+        assert await _read_all(server, 10) == b"last words"
         assert await receive_some(server, 100) == b""
 
 
@@ -187,4 +178,4 @@ async def test_a_cancelled_receive_takes_no_bytes(tcp_pair, direct_io):
     assert scope.cancelled_caught
     await send_frames(client, [b"after"], 64 * 1024)
     with trio.fail_after(10):
-        assert await _receive_all(server, 5) == b"after"
+        assert await _read_all(server, 5) == b"after"
