@@ -20,6 +20,8 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from trioflow.core.frozen import frozen
+
 __all__ = ["Config", "ConfigError", "parse_bytes"]
 
 ENV_PREFIX = "TRIOFLOW_"
@@ -29,7 +31,7 @@ class ConfigError(ValueError):
     """A configuration value is missing, malformed or out of range."""
 
 
-@dataclasses.dataclass(frozen=True)
+@frozen
 class Config:
     """Every tunable of one trioflow process, checked when it is made.
 

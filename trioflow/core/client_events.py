@@ -9,13 +9,11 @@ future. Each carries the `stimulus_id` of the event that caused it.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from trioflow.core.failures import TaskFailure
-
-frozen = dataclasses.dataclass(frozen=True, slots=True)
+from trioflow.core.frozen import frozen
 
 
 class LineageTask(Protocol):

@@ -19,11 +19,12 @@ raises exactly what `x.result()` raises.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
+from trioflow.core.frozen import frozen
 
-@dataclasses.dataclass(frozen=True, slots=True)
+
+@frozen
 class UserError:
     """The task's function raised (or its data could not be serialized).
 
@@ -42,7 +43,7 @@ class UserError:
     traceback: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@frozen
 class WorkerDeaths:
     """The task was running on `deaths` workers when they died; it is bad."""
 
@@ -51,14 +52,14 @@ class WorkerDeaths:
     last_worker: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@frozen
 class DataLost:
     """Data with no lineage (scattered) lost its last replica."""
 
     key: str
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@frozen
 class Cancelled:
     """The task was cancelled by a client or flushed by a restart."""
 

@@ -30,8 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from trioflow.core.failures import TaskFailure, UserError
-
-frozen = dataclasses.dataclass(frozen=True, slots=True)
+from trioflow.core.frozen import frozen
 
 
 # ---------------------------------------------------------------- events --

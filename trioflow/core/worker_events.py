@@ -34,8 +34,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from trioflow.core.failures import UserError
-
-frozen = dataclasses.dataclass(frozen=True, slots=True)
+from trioflow.core.frozen import frozen
 
 
 # ---------------------------------------------------------------- events --
