@@ -12,7 +12,6 @@ Each field's docstring-comment gives its unit. Times are seconds of
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import re
@@ -352,6 +351,10 @@ def _format(value: Any) -> str:
 
 
 def _warn_if_misspelt(variable: str, field_name: str, fields: Mapping[str, Any]) -> None:
+    # Imported here: only a misspelt variable needs it, and every worker
+    # process imports this module before it can connect (W9).
+    import difflib
+
     close = difflib.get_close_matches(field_name, list(fields), n=1, cutoff=0.8)
     if close:
         warnings.warn(
