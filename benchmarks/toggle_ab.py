@@ -24,7 +24,11 @@ Only what can be switched in running processes can be compared this way:
   (`trioflow.comm.buffers.DIRECT_IO`), in this process and every worker;
 - ``held:OP``: op OP declared held (A) or not (B) (docs/protocol.md,
   "Held messages"), in this process (client and scheduler) and in every
-  worker (`Client.run`).
+  worker (`Client.run`);
+- ``driver-burst:A,B``: how many waiting handlers a driver runs after one
+  before it lets other tasks run (`trioflow.drivers.BURST_HANDLERS`; 0: a
+  checkpoint after every handler), in this process (the scheduler) and in
+  every worker.
 
 Workloads, as blocks: ``w2`` (``--per`` sequential ``submit(inc, i).result()``
 on one worker; figure: median ms), ``w1`` (``map(inc, range(per))`` and
@@ -140,6 +144,14 @@ def _set_direct_io(on: bool) -> bool:
     return buffers.DIRECT_IO
 
 
+def _set_driver_burst(handlers: int) -> int:
+    """(In a worker, or here.) Set `drivers.BURST_HANDLERS` in this process."""
+    from trioflow import drivers
+
+    drivers.BURST_HANDLERS = handlers
+    return drivers.BURST_HANDLERS
+
+
 def _threads(pids: list[int]) -> list[int]:
     return [int(tid) for pid in pids for tid in os.listdir(f"/proc/{pid}/task")]
 
@@ -161,6 +173,14 @@ def parse_switch(spec: str) -> tuple[str, Any]:
         if min(a_s, b_s) < 0:
             raise SystemExit(f"{kind}: seconds cannot be negative, got {arg!r}")
         return kind, (a_s, b_s)
+    if kind == "driver-burst":
+        try:
+            a_n, b_n = (int(x) for x in arg.split(","))
+        except ValueError:
+            raise SystemExit(f"driver-burst wants two whole numbers of handlers, A,B; got {arg!r}") from None
+        if min(a_n, b_n) < 0:
+            raise SystemExit(f"driver-burst: a number of handlers cannot be negative, got {arg!r}")
+        return kind, (a_n, b_n)
     if kind == "held":
         from trioflow.comm import messages as m
 
@@ -171,7 +191,7 @@ def parse_switch(spec: str) -> tuple[str, Any]:
         return kind, arg
     raise SystemExit(
         f"unknown switch {spec!r}: batch-threads, direct-io, client-write-interval:A,B, "
-        "worker-write-interval:A,B or held:OP"
+        "worker-write-interval:A,B, driver-burst:A,B or held:OP"
     )
 
 
@@ -226,6 +246,19 @@ def switch_for(kind: str, value: Any, client) -> tuple[Callable[[bool], None], C
             client.run(_set_direct_io, before)
 
         return apply, restore
+    if kind == "driver-burst":
+        from trioflow import drivers
+
+        before = drivers.BURST_HANDLERS
+        a_n, b_n = value
+
+        def set_everywhere(n: int) -> None:
+            _set_driver_burst(n)  # this process: the scheduler
+            answers = client.run(_set_driver_burst, n)
+            if set(answers.values()) != {n}:
+                raise RuntimeError(f"the workers did not all switch driver-burst to {n}: {answers}")
+
+        return (lambda a: set_everywhere(a_n if a else b_n)), (lambda: set_everywhere(before))
     if kind == "held":
         from trioflow.comm import messages as m
 
@@ -287,7 +320,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "switch", help="batch-threads | direct-io | client-write-interval:A,B | worker-write-interval:A,B | held:OP"
+        "switch", help="batch-threads | direct-io | client-write-interval:A,B | worker-write-interval:A,B | driver-burst:A,B | held:OP"
     )
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="w2")
     parser.add_argument("--blocks", type=int, default=30, help="blocks per setting (default 30)")
