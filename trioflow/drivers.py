@@ -48,13 +48,13 @@ __all__ = ["run_driver"]
 # connection's sender write what the last handler queued, so a busy driver
 # wrote once (and woke a peer, in a LocalCluster often a thread of its own
 # process that then takes the GIL) per handler. Run together, the handlers'
-# messages go out together: in W1 the scheduler's loop went round 41,282
-# times and wrote 15,342 times for 40,000 tasks, and with bursts 1,799 and
-# 2,211 times (docs/performance.md, W1). A handler is bounded work (the
-# scheduler's readers post slices of a few milliseconds at most), so the
-# bound on a burst is the time: a burst starts no handler once 2 ms have
-# passed. Under the chaos lab's virtual clock no time passes while
-# handlers run, and the count bounds it.
+# messages go out together: for 40,000 tasks of W1 (under cProfile) the
+# scheduler's loop went round 41,282 times and wrote 15,342 times, and with
+# bursts 2,492 and 2,904 times (docs/performance.md, W1). A handler is
+# bounded work (the scheduler's readers post slices of a few milliseconds
+# at most), so the bound on a burst is the time: a burst starts no handler
+# once 2 ms have passed. Under the chaos lab's virtual clock no time passes
+# while handlers run, and the count bounds it.
 BURST_HANDLERS = 32
 BURST_SECONDS = 0.002
 
