@@ -166,21 +166,9 @@ def parse_switch(spec: str) -> tuple[str, Any]:
     if kind in ("batch-threads", "direct-io"):
         return kind, None
     if kind in ("client-write-interval", "worker-write-interval"):
-        try:
-            a_s, b_s = (float(x) for x in arg.split(","))
-        except ValueError:
-            raise SystemExit(f"{kind} wants two numbers of seconds, A,B; got {arg!r}") from None
-        if min(a_s, b_s) < 0:
-            raise SystemExit(f"{kind}: seconds cannot be negative, got {arg!r}")
-        return kind, (a_s, b_s)
+        return kind, _two_settings(kind, arg, float, "numbers of seconds")
     if kind == "driver-burst":
-        try:
-            a_n, b_n = (int(x) for x in arg.split(","))
-        except ValueError:
-            raise SystemExit(f"driver-burst wants two whole numbers of handlers, A,B; got {arg!r}") from None
-        if min(a_n, b_n) < 0:
-            raise SystemExit(f"driver-burst: a number of handlers cannot be negative, got {arg!r}")
-        return kind, (a_n, b_n)
+        return kind, _two_settings(kind, arg, int, "whole numbers of handlers")
     if kind == "held":
         from trioflow.comm import messages as m
 
@@ -193,6 +181,21 @@ def parse_switch(spec: str) -> tuple[str, Any]:
         f"unknown switch {spec!r}: batch-threads, direct-io, client-write-interval:A,B, "
         "worker-write-interval:A,B, driver-burst:A,B or held:OP"
     )
+
+
+def _two_settings(kind: str, arg: str, convert: Callable[[str], Any], what: str) -> tuple[Any, Any]:
+    """The ``A,B`` of a switch: two non-negative values.
+
+    Raises:
+        SystemExit: not two values of the kind, or one is negative (named).
+    """
+    try:
+        a, b = (convert(x) for x in arg.split(","))
+    except ValueError:
+        raise SystemExit(f"{kind} wants two {what}, A,B; got {arg!r}") from None
+    if min(a, b) < 0:
+        raise SystemExit(f"{kind}: {what} cannot be negative, got {arg!r}")
+    return a, b
 
 
 def switch_for(kind: str, value: Any, client) -> tuple[Callable[[bool], None], Callable[[], None]]:
