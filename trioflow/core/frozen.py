@@ -7,10 +7,10 @@ difference is where three of its methods come from. On Python 3.11 a
 dataclass compiles every method it generates from source text when the
 class is created, some 50 us apiece, six methods a class. A worker process
 creates some thirty such classes while it starts, before it can connect
-(docs/performance.md, W9).
-`__eq__`, `__hash__` and `__repr__` do not need code of their own per
-class: here they are three shared functions that read the fields through
-one `operator.attrgetter` made per class. They answer as the generated
+(docs/performance.md, W9). `__eq__`, `__hash__` and `__repr__` do not need
+code of their own per class: here they are three shared functions that
+read the fields' values as one tuple through a getter made once per class
+(an `operator.attrgetter`). They answer as the generated
 ones do (same tuples compared and hashed, same text), which
 tests/core/test_frozen.py checks against real dataclasses. `__init__` and
 the frozen `__setattr__` / `__delattr__` are still the dataclass's own.
