@@ -28,7 +28,11 @@ Only what can be switched in running processes can be compared this way:
 - ``driver-burst:A,B``: how many waiting handlers a driver runs after one
   before it lets other tasks run (`trioflow.drivers.BURST_HANDLERS`; 0: a
   checkpoint after every handler), in this process (the scheduler) and in
-  every worker.
+  every worker;
+- ``driver-at-once``: a reader or an execution that finds the driver idle
+  runs its handler at once (A) or every handler waits for the driver's
+  task (B) (`trioflow.drivers.RUN_WHEN_IDLE`), in this process (the
+  scheduler) and in every worker.
 
 Workloads, as blocks: ``w2`` (``--per`` sequential ``submit(inc, i).result()``
 on one worker; figure: median ms), ``w1`` (``map(inc, range(per))`` and
@@ -144,6 +148,14 @@ def _set_direct_io(on: bool) -> bool:
     return buffers.DIRECT_IO
 
 
+def _set_driver_at_once(on: bool) -> bool:
+    """(In a worker, or here.) Set `drivers.RUN_WHEN_IDLE` in this process."""
+    from trioflow import drivers
+
+    drivers.RUN_WHEN_IDLE = on
+    return drivers.RUN_WHEN_IDLE
+
+
 def _set_driver_burst(handlers: int) -> int:
     """(In a worker, or here.) Set `drivers.BURST_HANDLERS` in this process."""
     from trioflow import drivers
@@ -163,7 +175,7 @@ def parse_switch(spec: str) -> tuple[str, Any]:
         SystemExit: the switch is unknown or its value malformed (named).
     """
     kind, _, arg = spec.partition(":")
-    if kind in ("batch-threads", "direct-io"):
+    if kind in ("batch-threads", "direct-io", "driver-at-once"):
         return kind, None
     if kind in ("client-write-interval", "worker-write-interval"):
         return kind, _two_settings(kind, arg, float, "numbers of seconds")
@@ -179,7 +191,7 @@ def parse_switch(spec: str) -> tuple[str, Any]:
         return kind, arg
     raise SystemExit(
         f"unknown switch {spec!r}: batch-threads, direct-io, client-write-interval:A,B, "
-        "worker-write-interval:A,B, driver-burst:A,B or held:OP"
+        "worker-write-interval:A,B, driver-burst:A,B, driver-at-once or held:OP"
     )
 
 
@@ -233,20 +245,24 @@ def switch_for(kind: str, value: Any, client) -> tuple[Callable[[bool], None], C
 
         before = CLIENT_WRITE_INTERVAL_S if links == "clients" else 0.0
         return apply, lambda: client.run_on_scheduler(_set_write_interval, before, links)
-    if kind == "direct-io":
+    if kind in ("direct-io", "driver-at-once"):
+        from trioflow import drivers
         from trioflow.comm import buffers
 
-        before = buffers.DIRECT_IO
+        if kind == "direct-io":
+            setter, before = _set_direct_io, buffers.DIRECT_IO
+        else:
+            setter, before = _set_driver_at_once, drivers.RUN_WHEN_IDLE
 
         def apply(a: bool) -> None:
-            _set_direct_io(a)  # this process: the client and the scheduler
-            answers = client.run(_set_direct_io, a)
+            setter(a)  # this process: the client and the scheduler
+            answers = client.run(setter, a)
             if set(answers.values()) != {a}:
-                raise RuntimeError(f"the workers did not all switch direct-io to {a}: {answers}")
+                raise RuntimeError(f"the workers did not all switch {kind} to {a}: {answers}")
 
         def restore() -> None:
-            _set_direct_io(before)
-            client.run(_set_direct_io, before)
+            setter(before)
+            client.run(setter, before)
 
         return apply, restore
     if kind == "driver-burst":
@@ -323,7 +339,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "switch", help="batch-threads | direct-io | client-write-interval:A,B | worker-write-interval:A,B | driver-burst:A,B | held:OP"
+        "switch", help="batch-threads | direct-io | client-write-interval:A,B | worker-write-interval:A,B | driver-burst:A,B | "
+        "driver-at-once | held:OP"
     )
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="w2")
     parser.add_argument("--blocks", type=int, default=30, help="blocks per setting (default 30)")

@@ -1,17 +1,20 @@
-"""The driver's bursts: handlers already waiting run back to back, within
-a bound of handlers and of the loop's clock (trioflow/drivers.py)."""
+"""The driver (trioflow/drivers.py): handlers run one at a time in the order
+handed over; those already waiting run back to back, within a bound of
+handlers and of the loop's clock; one handed over while the driver is idle
+runs at once; a handler that raises stops the driver either way."""
 
 from __future__ import annotations
 
+import gc
 import logging
-import math
+import weakref
 
 import pytest
 import trio
 import trio.testing
 
 from trioflow import drivers
-from trioflow.drivers import run_driver
+from trioflow.drivers import Driver
 from trioflow.errors import DriverStopped
 
 logger = logging.getLogger("tests.drivers")
@@ -28,24 +31,29 @@ class _Steps(trio.abc.Instrument):
 
 
 async def drive(n_handlers: int, *, handler_extra=None) -> list[int]:
-    """Post `n_handlers` handlers, run the driver until its inbox is empty
-    and closed; how many handlers each of the driver's steps ran, in order
+    """Post `n_handlers` handlers, run the driver until it has run them all;
+    how many handlers each of the driver's steps ran, in order
     (a step with none is left out)."""
     log: list = []
-    send, inbox = trio.open_memory_channel(math.inf)
+    driver = Driver(lambda: "the test's server", logger)
+    all_ran = trio.Event()
     for i in range(n_handlers):
 
         def handler(i=i):
             log.append((f"h{i}", trio.lowlevel.current_task()))
             if handler_extra is not None:
                 handler_extra(i)
+            if i == n_handlers - 1:
+                all_ran.set()
 
-        send.send_nowait((handler, ()))
-    send.close()
+        driver.post(handler)
     instrument = _Steps(log)
     trio.lowlevel.add_instrument(instrument)
     try:
-        await run_driver(inbox, lambda: "the test's server", logger)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(driver.run)
+            await all_ran.wait()
+            nursery.cancel_scope.cancel()
     finally:
         trio.lowlevel.remove_instrument(instrument)
     handled = [entry for entry, task in log if entry != "step"]
@@ -97,10 +105,106 @@ async def test_a_handler_that_raises_in_a_burst_stops_the_driver_there():
             raise ValueError("planted")
         ran.append(i)
 
-    send, inbox = trio.open_memory_channel(math.inf)
+    driver = Driver(lambda: "the test's server", logger)
     for i in range(8):
-        send.send_nowait((handler, (i,)))
+        driver.post(handler, i)
     with pytest.raises(DriverStopped, match="running 'handler' raised ValueError: planted") as caught:
-        await run_driver(inbox, lambda: "the test's server", logger)
+        await driver.run()
     assert ran == [0, 1, 2]
     assert isinstance(caught.value.__cause__, ValueError)
+    driver.post(handler, 9)
+    driver.run_or_post(handler, 10)
+    assert ran == [0, 1, 2]  # stopped: nothing more runs
+
+
+async def test_a_handler_handed_over_while_the_driver_is_idle_runs_at_once():
+    driver = Driver(lambda: "the test's server", logger)
+    ran: list[tuple[str, trio.lowlevel.Task]] = []
+    driver.run_or_post(lambda: ran.append(("h0", trio.lowlevel.current_task())))
+    assert ran == [("h0", trio.lowlevel.current_task())]  # here, before it returned
+
+
+async def test_a_handler_handed_over_behind_queued_ones_waits_its_turn():
+    """Run at once, it would overtake the one posted before it."""
+    driver = Driver(lambda: "the test's server", logger)
+    ran: list[str] = []
+    driver.post(ran.append, "h0")
+    driver.run_or_post(ran.append, "h1")
+    assert ran == []
+    await _run_until(driver, lambda: len(ran) == 2)
+    assert ran == ["h0", "h1"]
+    driver.run_or_post(ran.append, "h2")  # idle again: at once
+    assert ran == ["h0", "h1", "h2"]
+
+
+async def test_a_handler_that_hands_over_another_never_nests_it():
+    """The second runs after the first has finished, in the driver's task."""
+    driver = Driver(lambda: "the test's server", logger)
+    log: list[tuple[str, str]] = []
+
+    def first() -> None:
+        log.append(("first", "begins"))
+        driver.run_or_post(lambda: log.append(("second", trio.lowlevel.current_task().name)))
+        log.append(("first", "ends"))
+
+    driver.run_or_post(first)
+    assert log == [("first", "begins"), ("first", "ends")]
+    await _run_until(driver, lambda: len(log) == 3)
+    assert log[2][0] == "second" and log[2][1].endswith("Driver.run")
+
+
+async def test_a_handler_run_at_once_that_raises_stops_the_driver():
+    """The caller carries on; the driver's task raises, as it would have had
+    it run the handler, and nothing handed over since runs."""
+    driver = Driver(lambda: "the test's server", logger)
+    ran: list[int] = []
+
+    def handler(i: int) -> None:
+        if i == 1:
+            raise ValueError("planted")
+        ran.append(i)
+
+    driver.run_or_post(handler, 0)
+    driver.run_or_post(handler, 1)  # does not raise here
+    driver.run_or_post(handler, 2)
+    driver.post(handler, 3)
+    with pytest.raises(DriverStopped, match="running 'handler' raised ValueError: planted") as caught:
+        with trio.fail_after(5):
+            await driver.run()
+    assert isinstance(caught.value.__cause__, ValueError)
+    assert ran == [0]
+
+
+async def _run_until(driver: Driver, done) -> None:
+    """Run the driver's task until `done()` (checked after each step)."""
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(driver.run)
+            while not done():
+                await trio.lowlevel.checkpoint()
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_driver_holds_no_reference_to_the_last_handlers_arguments():
+    """A handler's arguments can be a value the core drops later; an idle
+    driver (whose next handlers may all run at once, elsewhere) must not
+    keep its memory taken."""
+
+    class Value:
+        pass
+
+    driver = Driver(lambda: "the test's server", logger)
+    value = Value()
+    dropped = weakref.ref(value)
+    ran: list[str] = []
+    driver.post(lambda v: ran.append("h0"), value)
+    del value
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(driver.run)
+        with trio.fail_after(5):
+            while not ran:
+                await trio.lowlevel.checkpoint()
+            await trio.testing.wait_all_tasks_blocked()  # the driver waits for more
+        gc.collect()
+        assert dropped() is None, "the idle driver still holds the last handler's argument"
+        nursery.cancel_scope.cancel()

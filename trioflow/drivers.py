@@ -1,10 +1,13 @@
-"""The driver loop of a server: the one task that owns its core, crash-only.
+"""The driver of a server: the one place its core is touched, crash-only.
 
 The scheduler and the worker each keep their core (`SchedulerState`,
-`WorkerState`) behind a single task, the *driver*: every other task (a
-connection's reader, a finished execution, a timer) posts a handler to the
-driver's inbox, and the driver runs them one at a time, so the core needs
-no lock. `run_driver` is that loop, shared by both shells.
+`WorkerState`) behind a *driver*: every other task (a connection's reader,
+a finished execution, a timer) hands it a handler, and it runs them one at
+a time, in the order handed, so the core needs no lock. Most handlers wait
+in the driver's inbox for its task; one handed over while the driver is
+idle runs at once, in the task that handed it (`Driver.run_or_post` says
+why that keeps the order and the bound on a stall). `Driver` is shared by
+both shells.
 
 Why crash-only
 --------------
@@ -31,6 +34,7 @@ a silently wrong cluster.
 from __future__ import annotations
 
 import logging
+import math
 import types
 from collections.abc import Callable
 from typing import Any
@@ -39,7 +43,7 @@ import trio
 
 from trioflow.errors import DriverStopped
 
-__all__ = ["run_driver"]
+__all__ = ["Driver"]
 
 # After a handler, the driver runs the handlers already waiting in its inbox
 # one after another, without a checkpoint between them, up to this many more
@@ -57,39 +61,121 @@ __all__ = ["run_driver"]
 # while handlers run, and the count bounds it.
 BURST_HANDLERS = 32
 BURST_SECONDS = 0.002
+# False: every handler waits for the driver's task, as before `run_or_post`
+# ran one at once (a switch for measuring the difference:
+# benchmarks/toggle_ab.py driver-at-once).
+RUN_WHEN_IDLE = True
 
 
-async def run_driver(
-    inbox: trio.MemoryReceiveChannel[tuple[Callable, tuple]], server: Callable[[], str], logger: logging.Logger
-) -> None:
-    """Run each posted handler in turn; stop the server if one raises.
+class Driver:
+    """A server's driver: its inbox, and the loop that runs what is posted.
 
-    Args:
-        inbox: where other tasks post ``(handler, args)``.
-        server: who this is, for the message ("the scheduler at tcp://..."),
-            asked only then (the address is known once the server listens).
-        logger: the server's logger; the failure is logged there (CRITICAL,
-            with the traceback) before the server stops.
+    Handlers come in two ways. `post` queues one for the driver's task
+    (`run`), which runs them in the order posted. `run_or_post` runs one at
+    once, in the calling task, when the driver is idle: nothing queued and
+    no handler running. That is the same guarantee, one handler at a time
+    in the order posted, one hop shorter: the driver's task would otherwise
+    wake one pass of the loop later to run it, and a message the handler
+    decides would go out one pass later still. In a round trip of W2 that
+    hop came up on every read of the scheduler and of the worker
+    (docs/performance.md, W2). A handler that posts (the core's timers,
+    say) always queues, so handlers never nest.
 
-    Raises:
-        DriverStopped: a handler raised; the message names the event being
-            handled (or the handler, if it raised outside the core) and the
-            exception, which is its ``__cause__``. Leaving the driver's
-            nursery, it cancels the rest of the server.
+    `run_or_post` is for a task that has just checkpointed (a reader after
+    `Connection.receive`, an execution after its thread): it then runs one
+    handler per step, as the driver would without a burst, so the stall
+    bound stays one handler's work. A task that posts several handlers in
+    a row runs at most the first at once (the rest find the driver busy).
     """
-    async for handler, args in inbox:
-        _run(handler, args, server, logger)
-        # The burst: what else is waiting, with no checkpoint between
-        # (BURST_HANDLERS says why and how far).
-        deadline = trio.current_time() + BURST_SECONDS
-        for _ in range(BURST_HANDLERS):
-            if trio.current_time() >= deadline:
-                break
-            try:
-                handler, args = inbox.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
-            _run(handler, args, server, logger)
+
+    def __init__(self, server: Callable[[], str], logger: logging.Logger):
+        """
+        Args:
+            server: who this is, for the message if a handler raises ("the
+                scheduler at tcp://..."); asked only then (the address is
+                known once the server listens).
+            logger: the server's logger; a handler's failure is logged
+                there (CRITICAL, with the traceback) before the server stops.
+        """
+        self._send, self._inbox = trio.open_memory_channel[tuple[Callable | None, tuple]](math.inf)
+        self._server = server
+        self._logger = logger
+        # Posted and not yet run: while any are, a new handler must queue
+        # behind them, or it would overtake them.
+        self._queued = 0
+        self._running = False
+        # Set when a handler run by `run_or_post` raised: the driver's task
+        # raises it (so the server stops the same way whichever task ran
+        # the handler), and nothing else runs meanwhile.
+        self._stopped: DriverStopped | None = None
+
+    def post(self, handler: Callable, *args: Any) -> None:
+        """Queue ``handler(*args)``; the driver's task runs it in turn."""
+        if self._stopped is not None:
+            return  # the server is stopping: nothing more runs
+        self._queued += 1
+        self._send.send_nowait((handler, args))
+
+    def run_or_post(self, handler: Callable, *args: Any) -> None:
+        """Run ``handler(*args)`` now if the driver is idle, else `post` it.
+
+        A handler that raises stops the server all the same: the driver's
+        task raises its `DriverStopped`, which ends `serve`; the caller
+        carries on until then, and what it posts meanwhile never runs.
+        """
+        if self._queued or self._running or self._stopped is not None or not RUN_WHEN_IDLE:
+            self.post(handler, *args)
+            return
+        self._running = True
+        try:
+            _run(handler, args, self._server, self._logger)
+        except DriverStopped as exc:
+            self._stopped = exc
+            self._send.send_nowait((None, ()))  # wakes the driver's task to raise it
+        finally:
+            self._running = False
+
+    async def run(self) -> None:
+        """Run each posted handler in turn; stop the server if one raises.
+
+        Raises:
+            DriverStopped: a handler raised; the message names the event
+                being handled (or the handler, if it raised outside the
+                core) and the exception, which is its ``__cause__``. Leaving
+                the driver's nursery, it cancels the rest of the server.
+        """
+        async for handler, args in self._inbox:
+            self._run_queued(handler, args)
+            # The burst: what else is waiting, with no checkpoint between
+            # (BURST_HANDLERS says why and how far).
+            deadline = trio.current_time() + BURST_SECONDS
+            for _ in range(BURST_HANDLERS):
+                if trio.current_time() >= deadline:
+                    break
+                try:
+                    handler, args = self._inbox.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                self._run_queued(handler, args)
+            # Hold nothing while waiting: the next handler may come much
+            # later (those handed over meanwhile can all run at once), and
+            # the arguments of the last one can be a value the core has
+            # since dropped, whose memory would stay taken.
+            del handler, args
+
+    def _run_queued(self, handler: Callable | None, args: tuple) -> None:
+        if handler is None:  # a handler run at once raised (`run_or_post`)
+            assert self._stopped is not None
+            raise self._stopped
+        self._queued -= 1
+        self._running = True
+        try:
+            _run(handler, args, self._server, self._logger)
+        except DriverStopped as exc:
+            self._stopped = exc
+            raise
+        finally:
+            self._running = False
 
 
 def _run(handler: Callable, args: tuple, server: Callable[[], str], logger: logging.Logger) -> None:

@@ -13,12 +13,13 @@ What this file does, and nothing more:
   messages (`trioflow.comm.messages` declares them all), through one
   dispatch table per role.
 
-One driver task (`_drive`) owns the core. Readers hand it what they receive
-through a memory channel, so the core is never touched from two places and
-needs no lock; exchanges that must wait on other peers (`scatter` puts data
-on workers, `run` calls every worker) run as their own tasks
-(`scheduler_exchanges`) and come back to the driver through the same
-channel.
+One driver (`trioflow/drivers.py`) owns the core. Readers hand it what
+they receive, so the core is never touched from two places and needs no
+lock: the driver's task runs it, or the reader itself when the driver is
+idle (`Driver.run_or_post`); exchanges that must wait on other peers
+(`scatter` puts data on workers, `run` calls every worker) run as their
+own tasks (`scheduler_exchanges`) and come back through the driver's
+inbox.
 
 A peer can hurt only its own connection (design.md §6 rule 5): whatever it
 sends is checked at the edge (`Connection.receive`), a message that breaks
@@ -100,7 +101,7 @@ from trioflow.core.scheduler_events import (
     WorkerPaused,
     WorkerResumed,
 )
-from trioflow.drivers import run_driver
+from trioflow.drivers import Driver
 from trioflow.errors import CommClosedError, DriverStopped, ProtocolError, SerializationError
 from trioflow.nurseries import side_by_side
 from trioflow.comm import dumps, loads
@@ -309,7 +310,7 @@ class Scheduler:
         # function_id -> the function, while any task refers to it (tasks
         # hold it through their RunSpec; this only finds it by id).
         self.functions: weakref.WeakValueDictionary[str, SerializedFunction] = weakref.WeakValueDictionary()
-        self._inbox_send, self._inbox = trio.open_memory_channel[tuple[Callable, tuple]](math.inf)
+        self._driver = Driver(lambda: f"the scheduler at {self.address}", logger)
         self._stimulus_ids = itertools.count()
         self._serials = itertools.count(1)
         self._membership_changed = trio.Event()
@@ -517,12 +518,16 @@ class Scheduler:
                 while True:
                     batch = await link.conn.receive()
                     rest = [msg for msg in batch if not self._answered_by_reader(link, msg)]
+                    link.unhandled += len(rest)
                     # In slices of bounded work, so the driver yields between
                     # them and one huge batch cannot hold the loop (whose
-                    # heartbeat answers would then be late).
-                    for part in _slices(rest):
-                        self._post(self._received, link, part)
-                    link.unhandled += len(rest)
+                    # heartbeat answers would then be late). The first runs
+                    # here if the driver is idle (`Driver.run_or_post`).
+                    for i, part in enumerate(_slices(rest)):
+                        if i == 0:
+                            self._driver.run_or_post(self._received, link, part)
+                        else:
+                            self._driver.post(self._received, link, part)
                     if link.unhandled > MAX_UNHANDLED:
                         # We are the slow one: stop reading until the driver
                         # catches up. The peer is not silent: no deadline
@@ -560,12 +565,13 @@ class Scheduler:
         return kind is m.ClientHeartbeat
 
     def _post(self, handler: Callable, *args: Any) -> None:
-        self._inbox_send.send_nowait((handler, args))
+        self._driver.post(handler, *args)
 
     # ------------------------------------------------------------- driver --
 
     async def _drive(self) -> None:
-        """The one task that touches `self.state`.
+        """The driver's task: it and the readers that find the driver idle
+        are the only code that touches `self.state` (`Driver.run_or_post`).
 
         Crash-only (trioflow/drivers.py says why): a handler that raises is
         a bug (bad input raises ProtocolError, which closes one connection
@@ -574,7 +580,7 @@ class Scheduler:
         with `DriverStopped` naming the event and the exception; restarted,
         it is rebuilt by the workers and clients that reconnect.
         """
-        await run_driver(self._inbox, lambda: f"the scheduler at {self.address}", logger)
+        await self._driver.run()
 
     def _stimulus(self, what: str) -> str:
         return f"{what}-{next(self._stimulus_ids)}"

@@ -23,7 +23,6 @@ import functools
 import importlib
 import itertools
 import logging
-import math
 import os
 import random
 import shutil
@@ -99,7 +98,7 @@ from trioflow.core.worker_events import (
     WorkerEvent,
     WorkerInstruction,
 )
-from trioflow.drivers import run_driver
+from trioflow.drivers import Driver
 from trioflow.errors import CommClosedError, ProtocolError, SerializationError
 from trioflow.executor import Executor, ThreadExecutor
 from trioflow.memory import MemoryManager, too_big_message
@@ -242,7 +241,7 @@ class Worker:
         # a value reported after that needs a data_dropped answer.
         self._reports_sent = 0
         self._reported: dict[str, int] = {}
-        self._inbox_send, self._inbox = trio.open_memory_channel[tuple[Callable, tuple]](math.inf)
+        self._driver = Driver(lambda: f"worker {self.address}", logger)
         self._stimulus_ids = itertools.count()
         self._nursery: trio.Nursery | None = None
         self._pool = None
@@ -534,7 +533,7 @@ class Worker:
             conn.idle_timeout = ttl
             conn.idle_name = "scheduler_ttl"
             while True:
-                self._post(self._from_scheduler, conn, await conn.receive())
+                self._driver.run_or_post(self._from_scheduler, conn, await conn.receive())
         except PeerSilent as exc:
             return exc.reason
         except CommClosedError as exc:
@@ -643,10 +642,12 @@ class Worker:
     # ------------------------------------------------------------- driver --
 
     def _post(self, handler: Callable, *args: Any) -> None:
-        self._inbox_send.send_nowait((handler, args))
+        self._driver.post(handler, *args)
 
     async def _drive(self) -> None:
-        """The one task that touches `self.state` and writes `self.data`.
+        """The driver's task: it, and the reader or execution that finds the
+        driver idle (`Driver.run_or_post`), are the only code that touches
+        `self.state` and writes `self.data`.
 
         Crash-only (trioflow/drivers.py says why): a handler that raises is
         a bug, and the core may have applied part of the event and lost its
@@ -654,7 +655,7 @@ class Worker:
         event and the exception; its nanny starts a new one, and the
         scheduler reroutes what this one held and ran.
         """
-        await run_driver(self._inbox, lambda: f"worker {self.address}", logger)
+        await self._driver.run()
 
     def _stimulus(self, what: str) -> str:
         return f"{what}-{next(self._stimulus_ids)}"
@@ -920,10 +921,12 @@ class Worker:
         began = trio.current_time()
         ok, outcome, times = await self.executor.run(timed)
         duration = trio.current_time() - began
+        # Run at once if the driver is idle: the result goes out one pass
+        # of the loop sooner (`Driver.run_or_post`).
         if ok:
-            self._post(self._executed, key, outcome, None, times, duration)
+            self._driver.run_or_post(self._executed, key, outcome, None, times, duration)
         else:
-            self._post(self._executed, key, None, outcome, times, duration)
+            self._driver.run_or_post(self._executed, key, None, outcome, times, duration)
 
     def _executed(
         self,

@@ -332,6 +332,25 @@ async def test_a_sender_with_many_batches_queued_lets_other_tasks_run_between_th
         assert seen_mid_write, "no other task ran while the sender wrote its batches"
 
 
+async def test_a_receive_whose_batch_was_already_here_is_still_a_checkpoint():
+    """Two batches read from the stream at once: the second receive reads
+    nothing, and yields all the same, so a reader going through a backlog
+    lets other tasks run between batches (`drivers.Driver.run_or_post`
+    runs what a reader received at once, and counts on it)."""
+    async with connection_pair() as (left, right):
+        left.send({"op": "n", "i": 0})
+        await left.flush()
+        left.send({"op": "n", "i": 1})
+        await left.flush()
+        with trio.fail_after(10):
+            first = await right.receive()
+            reads = right._reads
+            with trio.testing.assert_checkpoints():
+                second = await right.receive()
+        assert right._reads == reads, "the second batch was not already buffered: the test proves nothing"
+        assert [first[0]["i"], second[0]["i"]] == [0, 1]
+
+
 def corked(conn: Connection) -> bool:
     return bool(conn.stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK))
 

@@ -281,6 +281,9 @@ class Connection:
         self._last_write_end = -math.inf
         self._corked = False  # the last write was of held messages only
         self._batches_received = 0
+        # Reads from the stream, each a checkpoint: a receive that made none
+        # (its batch was already buffered) takes one before it returns.
+        self._reads = 0
         # trio.current_time() when bytes last arrived (for hung-peer checks).
         self.last_received = trio.current_time()
         # trio.current_time() when we last queued a message (for heartbeats).
@@ -469,7 +472,10 @@ class Connection:
             ProtocolError: the peer sent bytes that break the protocol; the
                 caller should close the connection and log the reason.
         """
+        # A cancelled receive raises before it takes anything from the buffer.
+        await trio.lowlevel.checkpoint_if_cancelled()
         progress = _BatchProgress(trio.current_time(), self.idle_timeout)
+        reads = self._reads
         try:
             # One cancel scope for the whole batch, its deadline moved as the
             # batch arrives (a scope per phase cost a noticeable share of a
@@ -490,6 +496,13 @@ class Connection:
                     progress.deadline = deadline
                     continue
                 self._late(progress)
+            if self._reads == reads:
+                # Every batch was already here (a peer's writes can arrive
+                # together): yield anyway, so that a reader going through
+                # them lets other tasks run between two. A reader may run
+                # what it received at once (`drivers.Driver.run_or_post`),
+                # which counts on this.
+                await trio.lowlevel.cancel_shielded_checkpoint()
             self._batches_received += 1
             raw = decode_batch(progress.frames, self.limits)
             progress.frames = []
@@ -611,6 +624,7 @@ class Connection:
                 self._mark_closed("closed by the peer")
                 raise CommClosedError(f"{self.peer} closed the connection")
             self.last_received = trio.current_time()
+            self._reads += 1
             buffer += chunk
 
     async def _read_frame(self, n: int, progress: _BatchProgress, mapped: bool = True) -> Any:
@@ -652,6 +666,7 @@ class Connection:
                     self._mark_closed("closed by the peer")
                     raise CommClosedError(f"{self.peer} closed the connection mid-frame")
                 self.last_received = trio.current_time()
+                self._reads += 1
             progress.partial = None
             return out.frame()
         while len(out) < n:
@@ -661,6 +676,7 @@ class Connection:
                 raise CommClosedError(f"{self.peer} closed the connection mid-frame")
             out += chunk
             self.last_received = trio.current_time()
+            self._reads += 1
         progress.partial = None
         return out
 
