@@ -73,19 +73,21 @@ class Driver:
     Handlers come in two ways. `post` queues one for the driver's task
     (`run`), which runs them in the order posted. `run_or_post` runs one at
     once, in the calling task, when the driver is idle: nothing queued and
-    no handler running. That is the same guarantee, one handler at a time
-    in the order posted, one hop shorter: the driver's task would otherwise
-    wake one pass of the loop later to run it, and a message the handler
-    decides would go out one pass later still. In a round trip of W2 that
-    hop came up on every read of the scheduler and of the worker
-    (docs/performance.md, W2). A handler that posts (the core's timers,
-    say) always queues, so handlers never nest.
+    no handler running. That keeps the guarantee (one handler at a time,
+    in the order handed over) and saves a pass of the loop: the driver's
+    task would have woken a pass later to run the handler, and what the
+    handler queues for the senders would have been written a pass after
+    that. In a round trip of W2 such a pass came on every read of the
+    scheduler and of the worker (docs/performance.md, W2). A handler that
+    hands over another (the core's timers, say) always queues it, so
+    handlers never nest.
 
     `run_or_post` is for a task that has just checkpointed (a reader after
-    `Connection.receive`, an execution after its thread): it then runs one
-    handler per step, as the driver would without a burst, so the stall
-    bound stays one handler's work. A task that posts several handlers in
-    a row runs at most the first at once (the rest find the driver busy).
+    `Connection.receive`, which always is one; an execution after its
+    thread): it then runs one handler per step, as the driver would
+    without a burst, so the stall bound stays one handler's work. A task
+    that hands over several handlers in one step posts all but the first
+    (the scheduler's reader does, for the slices of a big batch).
     """
 
     def __init__(self, server: Callable[[], str], logger: logging.Logger):
