@@ -128,14 +128,10 @@ class Driver:
         if self._queued or self._running or self._stopped is not None or not RUN_WHEN_IDLE:
             self.post(handler, *args)
             return
-        self._running = True
         try:
-            _run(handler, args, self._server, self._logger)
-        except DriverStopped as exc:
-            self._stopped = exc
+            self._run_one(handler, args)
+        except DriverStopped:
             self._send.send_nowait((None, ()))  # wakes the driver's task to raise it
-        finally:
-            self._running = False
 
     async def run(self) -> None:
         """Run each posted handler in turn; stop the server if one raises.
@@ -170,6 +166,10 @@ class Driver:
             assert self._stopped is not None
             raise self._stopped
         self._queued -= 1
+        self._run_one(handler, args)
+
+    def _run_one(self, handler: Callable, args: tuple) -> None:
+        """Run one handler, marked as running; a failure stops the driver."""
         self._running = True
         try:
             _run(handler, args, self._server, self._logger)
