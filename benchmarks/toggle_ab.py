@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -140,28 +141,20 @@ def _set_held(op: str, held: bool) -> bool:
     return m.OPS[op].HELD
 
 
-def _set_direct_io(on: bool) -> bool:
-    """(In a worker, or here.) Switch `buffers.DIRECT_IO` in this process."""
-    from trioflow.comm import buffers
-
-    buffers.DIRECT_IO = on
-    return buffers.DIRECT_IO
-
-
-def _set_driver_at_once(on: bool) -> bool:
-    """(In a worker, or here.) Set `drivers.RUN_WHEN_IDLE` in this process."""
-    from trioflow import drivers
-
-    drivers.RUN_WHEN_IDLE = on
-    return drivers.RUN_WHEN_IDLE
+# Switches that are one module variable, set the same way here and in every
+# worker: switch -> (module, variable).
+MODULE_SWITCHES = {
+    "direct-io": ("trioflow.comm.buffers", "DIRECT_IO"),
+    "driver-at-once": ("trioflow.drivers", "RUN_WHEN_IDLE"),
+    "driver-burst": ("trioflow.drivers", "BURST_HANDLERS"),
+}
 
 
-def _set_driver_burst(handlers: int) -> int:
-    """(In a worker, or here.) Set `drivers.BURST_HANDLERS` in this process."""
-    from trioflow import drivers
-
-    drivers.BURST_HANDLERS = handlers
-    return drivers.BURST_HANDLERS
+def _set_module_variable(module: str, name: str, value: Any) -> Any:
+    """(In a worker, or here.) Set `module`.`name` in this process; its value now."""
+    target = importlib.import_module(module)
+    setattr(target, name, value)
+    return getattr(target, name)
 
 
 def _threads(pids: list[int]) -> list[int]:
@@ -245,39 +238,18 @@ def switch_for(kind: str, value: Any, client) -> tuple[Callable[[bool], None], C
 
         before = CLIENT_WRITE_INTERVAL_S if links == "clients" else 0.0
         return apply, lambda: client.run_on_scheduler(_set_write_interval, before, links)
-    if kind in ("direct-io", "driver-at-once"):
-        from trioflow import drivers
-        from trioflow.comm import buffers
+    if kind in MODULE_SWITCHES:
+        module, name = MODULE_SWITCHES[kind]
+        before = getattr(importlib.import_module(module), name)
+        a_value, b_value = value if value is not None else (True, False)
 
-        if kind == "direct-io":
-            setter, before = _set_direct_io, buffers.DIRECT_IO
-        else:
-            setter, before = _set_driver_at_once, drivers.RUN_WHEN_IDLE
+        def set_everywhere(setting: Any) -> None:
+            _set_module_variable(module, name, setting)  # this process: the client and the scheduler
+            answers = client.run(_set_module_variable, module, name, setting)
+            if set(answers.values()) != {setting}:
+                raise RuntimeError(f"the workers did not all switch {kind} to {setting}: {answers}")
 
-        def apply(a: bool) -> None:
-            setter(a)  # this process: the client and the scheduler
-            answers = client.run(setter, a)
-            if set(answers.values()) != {a}:
-                raise RuntimeError(f"the workers did not all switch {kind} to {a}: {answers}")
-
-        def restore() -> None:
-            setter(before)
-            client.run(setter, before)
-
-        return apply, restore
-    if kind == "driver-burst":
-        from trioflow import drivers
-
-        before = drivers.BURST_HANDLERS
-        a_n, b_n = value
-
-        def set_everywhere(n: int) -> None:
-            _set_driver_burst(n)  # this process: the scheduler
-            answers = client.run(_set_driver_burst, n)
-            if set(answers.values()) != {n}:
-                raise RuntimeError(f"the workers did not all switch driver-burst to {n}: {answers}")
-
-        return (lambda a: set_everywhere(a_n if a else b_n)), (lambda: set_everywhere(before))
+        return (lambda a: set_everywhere(a_value if a else b_value)), (lambda: set_everywhere(before))
     if kind == "held":
         from trioflow.comm import messages as m
 
