@@ -169,34 +169,27 @@ class Driver:
         self._run_one(handler, args)
 
     def _run_one(self, handler: Callable, args: tuple) -> None:
-        """Run one handler, marked as running; a failure stops the driver."""
+        """Run one handler, marked as running; one that raises stops the
+        driver (`DriverStopped`, logged CRITICAL with the traceback)."""
         self._running = True
         try:
-            _run(handler, args, self._server, self._logger)
-        except DriverStopped as exc:
-            self._stopped = exc
-            raise
+            handler(*args)
+        except Exception as exc:
+            event = _event_in_hand(exc.__traceback__) or _event_in(args)
+            what = (
+                f"handling {type(event).__name__} (stimulus {event.stimulus_id!r})"
+                if event is not None
+                else f"running {getattr(handler, '__name__', handler)!r}"
+            )
+            message = (
+                f"{self._server()} stops: {what} raised {type(exc).__name__}: {str(exc)[:300]} "
+                "(crash-only: restart it; its peers resend what it needs)"
+            )
+            self._logger.critical("%s", message, exc_info=exc)
+            self._stopped = DriverStopped(message)
+            raise self._stopped from exc
         finally:
             self._running = False
-
-
-def _run(handler: Callable, args: tuple, server: Callable[[], str], logger: logging.Logger) -> None:
-    """Run one handler; a handler that raises stops the server (`DriverStopped`)."""
-    try:
-        handler(*args)
-    except Exception as exc:
-        event = _event_in_hand(exc.__traceback__) or _event_in(args)
-        what = (
-            f"handling {type(event).__name__} (stimulus {event.stimulus_id!r})"
-            if event is not None
-            else f"running {getattr(handler, '__name__', handler)!r}"
-        )
-        message = (
-            f"{server()} stops: {what} raised {type(exc).__name__}: {str(exc)[:300]} "
-            "(crash-only: restart it; its peers resend what it needs)"
-        )
-        logger.critical("%s", message, exc_info=exc)
-        raise DriverStopped(message) from exc
 
 
 def _event_in_hand(tb: types.TracebackType | None) -> Any:
