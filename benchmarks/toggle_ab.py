@@ -32,7 +32,11 @@ Only what can be switched in running processes can be compared this way:
 - ``driver-at-once``: a reader or an execution that finds the driver idle
   runs its handler at once (A) or every handler waits for the driver's
   task (B) (`trioflow.drivers.RUN_WHEN_IDLE`), in this process (the
-  scheduler) and in every worker.
+  scheduler) and in every worker;
+- ``merge-batches``: a receive returns, with the batch it read, the
+  batches already buffered whole (A), or one batch a receive (B)
+  (`trioflow.comm.connection.MERGE_BUFFERED_BATCHES`), in this process (the
+  client and the scheduler) and in every worker.
 
 Workloads, as blocks: ``w2`` (``--per`` sequential ``submit(inc, i).result()``
 on one worker; figure: median ms), ``w1`` (``map(inc, range(per))`` and
@@ -147,6 +151,7 @@ MODULE_SWITCHES = {
     "direct-io": ("trioflow.comm.buffers", "DIRECT_IO"),
     "driver-at-once": ("trioflow.drivers", "RUN_WHEN_IDLE"),
     "driver-burst": ("trioflow.drivers", "BURST_HANDLERS"),
+    "merge-batches": ("trioflow.comm.connection", "MERGE_BUFFERED_BATCHES"),
 }
 
 
@@ -168,7 +173,7 @@ def parse_switch(spec: str) -> tuple[str, Any]:
         SystemExit: the switch is unknown or its value malformed (named).
     """
     kind, _, arg = spec.partition(":")
-    if kind in ("batch-threads", "direct-io", "driver-at-once"):
+    if kind in ("batch-threads", "direct-io", "driver-at-once", "merge-batches"):
         return kind, None
     if kind in ("client-write-interval", "worker-write-interval"):
         return kind, _two_settings(kind, arg, float, "numbers of seconds")
@@ -184,7 +189,7 @@ def parse_switch(spec: str) -> tuple[str, Any]:
         return kind, arg
     raise SystemExit(
         f"unknown switch {spec!r}: batch-threads, direct-io, client-write-interval:A,B, "
-        "worker-write-interval:A,B, driver-burst:A,B, driver-at-once or held:OP"
+        "worker-write-interval:A,B, driver-burst:A,B, driver-at-once, merge-batches or held:OP"
     )
 
 
@@ -312,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "switch", help="batch-threads | direct-io | client-write-interval:A,B | worker-write-interval:A,B | driver-burst:A,B | "
-        "driver-at-once | held:OP"
+        "driver-at-once | merge-batches | held:OP"
     )
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="w2")
     parser.add_argument("--blocks", type=int, default=30, help="blocks per setting (default 30)")

@@ -27,6 +27,7 @@ from trioflow.comm import (
 )
 from trioflow.comm import messages as m
 from trioflow.comm.buffers import set_cork
+from trioflow.comm.connection import DECODE_SLICE
 from trioflow.comm.frames import CONTINUED, batch_frames, encode_message
 from trioflow.errors import CommClosedError, ProtocolError
 
@@ -332,23 +333,74 @@ async def test_a_sender_with_many_batches_queued_lets_other_tasks_run_between_th
         assert seen_mid_write, "no other task ran while the sender wrote its batches"
 
 
-async def test_a_receive_whose_batch_was_already_here_is_still_a_checkpoint():
-    """Two batches read from the stream at once: the second receive reads
-    nothing, and yields all the same, so a reader going through a backlog
-    lets other tasks run between batches (`drivers.Driver.run_or_post`
-    runs what a reader received at once, and counts on it)."""
+async def test_batches_already_here_whole_come_back_from_one_receive():
+    """Two batches read from the stream at once (a worker's held `task_started`
+    and its `task_finished` arrive so) are returned by one receive, in order:
+    the reader and its handler run once for both."""
     async with connection_pair() as (left, right):
         left.send({"op": "n", "i": 0})
         await left.flush()
         left.send({"op": "n", "i": 1})
         await left.flush()
         with trio.fail_after(10):
+            got = await right.receive()
+        assert [message["i"] for message in got] == [0, 1]
+        assert right._reads == 1, "the two batches were not read at once: the test proves nothing"
+        assert right._batches_received == 2
+
+
+async def test_a_receive_whose_batch_was_already_here_is_still_a_checkpoint():
+    """A receive takes the buffered batches only up to `DECODE_SLICE`
+    messages; the next one then reads nothing from the stream, and yields
+    all the same, so a reader going through a backlog lets other tasks run
+    between two receives (`drivers.Driver.run_or_post` runs what a reader
+    received at once, and counts on it)."""
+    total = DECODE_SLICE + 1  # batches of SMALL_LIMITS.max_items (64)
+    async with connection_pair() as (left, right):
+        for i in range(total):
+            left.send({"op": "n", "i": i})
+        await left.flush()
+        with trio.fail_after(10):
             first = await right.receive()
             reads = right._reads
             with trio.testing.assert_checkpoints():
                 second = await right.receive()
-        assert right._reads == reads, "the second batch was not already buffered: the test proves nothing"
-        assert [first[0]["i"], second[0]["i"]] == [0, 1]
+        assert right._reads == reads, "the last batch was not already buffered: the test proves nothing"
+        assert len(first) == DECODE_SLICE
+        assert [message["i"] for message in first + second] == list(range(total))
+
+
+async def test_a_good_batch_before_a_bad_one_is_received_before_the_error():
+    """A batch that breaks the protocol, arriving with a good one, is left
+    for the next receive: the good batch's messages are returned first."""
+    left, right = trio.testing.memory_stream_pair()
+    conn = Connection(right, SMALL_LIMITS)
+    good = b"".join(bytes(frame) for frame in batch_frames([encode_message({"op": "n", "i": 0})]))
+    await left.send_all(good + struct.pack("<IQ", 1, 3) + b"\xc1\xc1\xc1")
+    with trio.fail_after(1):
+        got = await conn.receive()
+    assert got == [{"op": "n", "i": 0}]
+    with trio.fail_after(1), pytest.raises(ProtocolError, match="undecodable"):
+        await conn.receive()
+
+
+async def test_a_buffered_batch_the_budget_cannot_take_at_once_waits_for_the_next_receive():
+    """Taking a buffered batch along never skips the process's budget: one
+    that does not fit while the first is held is left for the next receive,
+    which takes its share the usual way."""
+    message = encode_message({"op": "n", "i": 0})
+    one_batch = b"".join(bytes(frame) for frame in batch_frames([message]))
+    budget = ByteBudget(1000)
+    await budget.acquire(1000 - len(message.body) - 2)  # room for one batch body only
+    left, right = trio.testing.memory_stream_pair()
+    conn = Connection(right, SMALL_LIMITS, budget=budget)
+    await left.send_all(one_batch + one_batch)
+    with trio.fail_after(1):
+        got = await conn.receive()
+    assert got == [{"op": "n", "i": 0}]
+    assert budget.in_use == 1000 - len(message.body) - 2
+    with trio.fail_after(1):
+        assert await conn.receive() == [{"op": "n", "i": 0}]
 
 
 def corked(conn: Connection) -> bool:

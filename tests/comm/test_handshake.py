@@ -60,13 +60,18 @@ class OneHelloServer:
 
 
 async def test_hello_is_accepted_and_sets_the_roles_channel_and_limits():
-    """expect_hello returns the hello; the connection then reads the role's channel under the normal limits."""
+    """expect_hello returns the hello; the connection then reads the role's channel under the normal limits.
+
+    The next batch is already buffered as the hello is read, and stays for
+    the next receive: a hello is never read together with what follows it
+    (`Connection._take_buffered_batches`)."""
     left, right = trio.testing.memory_stream_pair()
     server = hello_conn(right)
     async with open_connection(left, SMALL_LIMITS, inbound=m.SCHEDULER_TO_WORKER) as worker:
         await say_hello(worker, WORKER_HELLO)
         worker.send(m.TaskStarted(key="x"))  # after the hello: a batch of its own
         with trio.fail_after(5):
+            await worker.flush()
             hello = await expect_hello(server, 5, SCHEDULER_ROLES, "a test scheduler", SMALL_LIMITS, authenticated=CLUSTER)
             assert hello == WORKER_HELLO
             assert (server.inbound, server.limits) == (m.WORKER_TO_SCHEDULER, SMALL_LIMITS)

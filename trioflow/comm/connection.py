@@ -100,6 +100,9 @@ BATCH_GRACE_S = 30.0
 FINAL_FLUSH_S = 1.0
 # Messages checked between two yields to other tasks while decoding a batch.
 DECODE_SLICE = 512
+# `receive` returns, with the batch it read, the batches already buffered
+# whole (`Connection._take_buffered_batches`); off, one batch a receive.
+MERGE_BUFFERED_BATCHES = True
 
 
 class ByteBudget:
@@ -506,6 +509,10 @@ class Connection:
             self._batches_received += 1
             raw = decode_batch(progress.frames, self.limits)
             progress.frames = []
+            if MERGE_BUFFERED_BATCHES and self.inbound != messages.HELLO:
+                # (A hello comes alone, read under the limits before the
+                # hello; what follows it is read under the ones after.)
+                self._take_buffered_batches(raw)
             if self.inbound is None:
                 return raw
             return await self._decode(raw)
@@ -520,6 +527,48 @@ class Connection:
         finally:
             if progress.budgeted and self.budget is not None:
                 self.budget.release(progress.total)
+
+    def _take_buffered_batches(self, raw: list[Any]) -> None:
+        """Append to `raw` the messages of the batches already here whole.
+
+        A peer's writes can arrive together: a worker's `task_started`
+        (held in its kernel) and its `task_finished` come in one packet as
+        two batches. Returning them from one receive saves the reader a
+        pass of the loop and its handler a run per batch. Only what needs
+        no waiting is taken, and only while `raw` is under `DECODE_SLICE`
+        messages, so a receive still does a bounded amount of work. A
+        batch that breaks the protocol, or that the process's budget
+        cannot take at once, is left in the buffer, for the next receive
+        to take the usual way (and to fail there, after the good ones
+        before it have been handled).
+        """
+        buffer = self._receive_buffer
+        limits = self.limits
+        while len(raw) < DECODE_SLICE and len(buffer) >= 4:
+            (n_frames,) = struct.unpack_from("<I", buffer)
+            header_bytes = 4 + 8 * n_frames
+            if not 0 < n_frames <= limits.max_frames or len(buffer) < header_bytes:
+                return
+            lengths = struct.unpack_from(f"<{n_frames}Q", buffer, 4)
+            try:
+                groups, total = frame_groups(lengths, limits)
+            except ProtocolError:
+                return
+            if len(buffer) < header_bytes + total or (self.budget is not None and not self.budget.fits(total)):
+                return
+            frames = []
+            start = header_bytes
+            with memoryview(buffer) as view:
+                for length in groups:
+                    frames.append(view[start : start + length].tobytes())
+                    start += length
+            try:
+                more = decode_batch(frames, limits)
+            except ProtocolError:
+                return
+            del buffer[:start]
+            self._batches_received += 1
+            raw += more
 
     async def _read_batch(self, progress: _BatchProgress, scope: trio.CancelScope) -> None:
         """Read the rest of a batch, phase by phase, from where `progress` is.
