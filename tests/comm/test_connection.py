@@ -370,17 +370,25 @@ async def test_a_receive_whose_batch_was_already_here_is_still_a_checkpoint():
         assert [message["i"] for message in first + second] == list(range(total))
 
 
-async def test_a_good_batch_before_a_bad_one_is_received_before_the_error():
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        pytest.param(struct.pack("<IQ", 1, 3) + b"\xc1\xc1\xc1", "undecodable", id="body"),
+        pytest.param(struct.pack("<IQ", 1, 2**40), "exceeds max_body_bytes", id="header"),
+        pytest.param(struct.pack("<I", 0), "announces 0 frames", id="no-frames"),
+    ],
+)
+async def test_a_good_batch_before_a_bad_one_is_received_before_the_error(bad, reason):
     """A batch that breaks the protocol, arriving with a good one, is left
     for the next receive: the good batch's messages are returned first."""
     left, right = trio.testing.memory_stream_pair()
     conn = Connection(right, SMALL_LIMITS)
     good = b"".join(bytes(frame) for frame in batch_frames([encode_message({"op": "n", "i": 0})]))
-    await left.send_all(good + struct.pack("<IQ", 1, 3) + b"\xc1\xc1\xc1")
+    await left.send_all(good + bad)
     with trio.fail_after(1):
         got = await conn.receive()
     assert got == [{"op": "n", "i": 0}]
-    with trio.fail_after(1), pytest.raises(ProtocolError, match="undecodable"):
+    with trio.fail_after(1), pytest.raises(ProtocolError, match=reason):
         await conn.receive()
 
 
