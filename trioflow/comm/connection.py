@@ -23,10 +23,11 @@ simulator). It has two halves with different owners:
   not twice. Only plain TCP on Linux corks; elsewhere a held message goes
   out at once like any other.
 * Receiving belongs to one task that calls `receive()` in a loop; each call
-  returns the messages of one batch, decoded and checked against their
-  declarations for the connection's inbound channel (`messages.decode`):
-  the edge of the connection is the one place where bytes become typed
-  messages.
+  returns the messages of one batch (with those of the batches that
+  arrived whole with it, up to `DECODE_SLICE` messages), decoded and
+  checked against their declarations for the connection's inbound channel
+  (`messages.decode`): the edge of the connection is the one place where
+  bytes become typed messages.
 
 What a peer can make the receiver spend is bounded (design.md §6 rule 3):
 
