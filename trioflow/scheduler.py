@@ -457,7 +457,7 @@ class Scheduler:
                 return
             conn, hello = admitted
             try:
-                link, held, running = await self._admit(conn, hello)
+                link, held, running, early = await self._admit(conn, hello)
             except (ProtocolError, CommClosedError) as exc:
                 logger.warning("closing a worker's connection before it registered: %s", clip(str(exc), 300))
                 return
@@ -465,7 +465,7 @@ class Scheduler:
             async with trio.open_nursery() as exchanges:
                 link.exchanges = exchanges
                 self._post(self._joined, link, held, running)
-                reason = await self._read(link)
+                reason = await self._read(link, early)
                 # From here the nursery takes no new exchange: the driver
                 # may still handle a request this link sent just before
                 # it ended, and finds nobody to answer (`_spawn`).
@@ -473,16 +473,26 @@ class Scheduler:
                 exchanges.cancel_scope.cancel(reason="its connection closed")
             self._post(self._left, link, reason)
 
-    async def _admit(self, conn: Connection, hello: m.Hello) -> tuple[_Link, dict[str, int], tuple[str, ...]]:
-        """The link for a hello (and a worker's registration)."""
+    async def _admit(
+        self, conn: Connection, hello: m.Hello
+    ) -> tuple[_Link, dict[str, int], tuple[str, ...], list[m.Message]]:
+        """The link for a hello (and a worker's registration), and the
+        messages that came with the registration's last chunk."""
         if hello.role == "client":
             conn.idle_timeout = self.config.idle_timeout
-            return ClientLink(conn, hello.client_id, recovering=hello.recovering), {}, ()
-        held, running = await self._registration(conn)
-        return WorkerLink(conn, hello, next(self._serials)), held, tuple(running)
+            return ClientLink(conn, hello.client_id, recovering=hello.recovering), {}, (), []
+        held, running, early = await self._registration(conn)
+        return WorkerLink(conn, hello, next(self._serials)), held, tuple(running), early
 
-    async def _registration(self, conn: Connection) -> tuple[dict[str, int], list[str]]:
-        """What a worker holds and runs, in `register` chunks up to `done`."""
+    async def _registration(self, conn: Connection) -> tuple[dict[str, int], list[str], list[m.Message]]:
+        """What a worker holds and runs, in `register` chunks up to `done`;
+        and what came after `done` in the same receive.
+
+        A worker may send before its welcome (a heartbeat while the welcome
+        is slow, the report of a task it ran through a reconnection), and
+        a receive returns the batches that arrived together: what follows
+        `done` is handled after the welcome, as if it had come later.
+        """
         held: dict[str, int] = {}
         running: list[str] = []
         with trio.move_on_after(self.config.connect_timeout):
@@ -496,13 +506,15 @@ class Scheduler:
                     if len(held) + len(running) > MAX_REGISTERED_KEYS:
                         raise ProtocolError(f"a worker may register at most {MAX_REGISTERED_KEYS} keys")
                     if message.done:
-                        if i != len(batch) - 1:
-                            raise ProtocolError("a worker sent messages before its welcome")
-                        return held, running
+                        return held, running, batch[i + 1 :]
         raise ProtocolError(f"a worker did not finish registering within {self.config.connect_timeout:g} s")
 
-    async def _read(self, link: _Link) -> str:
-        """Feed the driver until the connection ends; return why it ended."""
+    async def _read(self, link: _Link, early: list[m.Message] | None = None) -> str:
+        """Feed the driver until the connection ends; return why it ended.
+
+        `early`: messages already received (with a worker's registration),
+        handed over first.
+        """
         is_worker = isinstance(link, WorkerLink)
         if is_worker:
             # spec: the liveness deadline. Any message from a worker is a
@@ -515,19 +527,10 @@ class Scheduler:
             link.conn.idle_name = "worker_ttl"
         try:
             with link.scope:
+                if early:
+                    self._hand_over(link, early)
                 while True:
-                    batch = await link.conn.receive()
-                    rest = [msg for msg in batch if not self._answered_by_reader(link, msg)]
-                    link.unhandled += len(rest)
-                    # In slices of bounded work, so the driver yields between
-                    # them and one huge batch cannot hold the loop (whose
-                    # heartbeat answers would then be late). The first runs
-                    # here if the driver is idle (`Driver.run_or_post`).
-                    for i, part in enumerate(_slices(rest)):
-                        if i == 0:
-                            self._driver.run_or_post(self._received, link, part)
-                        else:
-                            self._driver.post(self._received, link, part)
+                    self._hand_over(link, await link.conn.receive())
                     if link.unhandled > MAX_UNHANDLED:
                         # We are the slow one: stop reading until the driver
                         # catches up. The peer is not silent: no deadline
@@ -545,6 +548,20 @@ class Scheduler:
             return f"protocol error: {clip(str(exc), 300)}"
         finally:
             link.requests.fail_all(f"{link.name} disconnected")
+
+    def _hand_over(self, link: _Link, batch: list[m.Message]) -> None:
+        """Give the driver what `link` sent, but what the reader answers itself."""
+        rest = [msg for msg in batch if not self._answered_by_reader(link, msg)]
+        link.unhandled += len(rest)
+        # In slices of bounded work, so the driver yields between them and
+        # one huge batch cannot hold the loop (whose heartbeat answers would
+        # then be late). The first runs here if the driver is idle
+        # (`Driver.run_or_post`).
+        for i, part in enumerate(_slices(rest)):
+            if i == 0:
+                self._driver.run_or_post(self._received, link, part)
+            else:
+                self._driver.post(self._received, link, part)
 
     def _answered_by_reader(self, link: _Link, message: m.Message) -> bool:
         """Handle replies and heartbeats right here, not in the driver.
