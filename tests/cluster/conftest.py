@@ -2,6 +2,7 @@
 
 import os
 import queue
+import random
 import signal
 import socket
 import subprocess
@@ -12,10 +13,57 @@ import time
 import pytest
 
 
+def _ephemeral_ports() -> range:
+    """The ports the kernel gives to outgoing connections (Linux's default
+    when it does not say)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(part) for part in f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+def _server_ports() -> range:
+    """Ports for servers: 10000 and up, below the ephemeral range (or above
+    it, on a machine where it starts low)."""
+    ephemeral = _ephemeral_ports()
+    if ephemeral.start - 10_000 >= 1_000:
+        return range(10_000, ephemeral.start)
+    if 65_536 - ephemeral.stop >= 1_000:
+        return range(ephemeral.stop, 65_536)
+    return range(1_024, 65_536)  # no room outside it: any port (and the race is back)
+
+
+_handed_out: set[int] = set()
+_port_choice = random.Random()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port nothing listens on, for a server a test starts later.
+
+    Chosen outside the kernel's range for outgoing connections: a port from
+    that range (what binding port 0 gives) can become the source port of
+    some connection between this call and the server's bind, and the
+    server then fails with "address already in use". Each port is handed
+    out once per test session, so two servers of one test never share it.
+
+    Raises:
+        RuntimeError: no free port found in 200 tries.
+    """
+    candidates = _server_ports()
+    for _ in range(200):
+        port = _port_choice.choice(candidates)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {candidates} after 200 tries")
 
 
 class Proc:

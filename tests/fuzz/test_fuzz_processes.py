@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 import trioflow
 from trioflow.config import Config
 
+from tests.cluster.conftest import free_port
 from tests.fuzz.attacks import Attack, attacks, examples
 
 pytestmark = pytest.mark.processes
@@ -45,12 +46,6 @@ CLIENT_CONFIG = Config(handshake_timeout=0.5, idle_timeout=2.0, connect_timeout=
 
 def inc(x):
     return x + 1
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Proc:
