@@ -921,12 +921,10 @@ class Worker:
         began = trio.current_time()
         ok, outcome, times = await self.executor.run(timed)
         duration = trio.current_time() - began
+        value, error = (outcome, None) if ok else (None, outcome)
         # Run at once if the driver is idle: the result goes out one pass
         # of the loop sooner (`Driver.run_or_post`).
-        if ok:
-            self._driver.run_or_post(self._executed, key, outcome, None, times, duration)
-        else:
-            self._driver.run_or_post(self._executed, key, None, outcome, times, duration)
+        self._driver.run_or_post(self._executed, key, value, error, times, duration)
 
     def _executed(
         self,
