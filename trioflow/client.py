@@ -77,7 +77,7 @@ from trioflow.core import client_state as cs
 from trioflow.core.client_state import FINISHED, ClientState, ClientStatus, FutureRecord
 from trioflow.errors import AuthenticationError, CommClosedError, ProtocolError
 from trioflow.fetching import Fetcher
-from trioflow.future import Future, exception_of, wait_done, wake
+from trioflow.future import Future, ValueReport, call_when_done, exception_of, forget_when_done, wait_done, wake
 from trioflow.graph import (
     compute_plan,
     flatten_keys,
@@ -143,6 +143,9 @@ class InLoopPortal:
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         fn(*args)
+
+    def result(self, client: AsyncClient, future: Future, timeout: float | None) -> Any:
+        return client._result(future, timeout)
 
 
 class AsyncClient:
@@ -459,6 +462,30 @@ class AsyncClient:
     def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run `fn` in our Trio thread (now, if we are in it)."""
         self._portal.call_soon(fn, *args)
+
+    def _call_result(self, future: Future, timeout: float | None) -> Any:
+        """`Future.result`: blocking or awaitable, as the portal says."""
+        return self._portal.result(self, future, timeout)
+
+    def _report_when_done(self, report: ValueReport) -> None:
+        """(In our loop.) Call `report` once its future is done: now if it is."""
+        future = report.future
+        if future._state is None:
+            # Its task was queued by the caller's `submit`, whose call to
+            # take it in reached this loop before this one did.
+            self._take_submissions()
+        record = future._state
+        if record is None or record.done():
+            report()
+        else:
+            report.pending()
+            call_when_done(record, report)
+
+    def _forget_report(self, report: ValueReport) -> None:
+        """(In our loop.) Its caller stopped waiting (timed out)."""
+        record = report.future._state
+        if record is not None:
+            forget_when_done(record, report)
 
     # ---------------------------------------------------------------- core --
 

@@ -79,6 +79,55 @@ def call_when_done(record: FutureRecord, callback: Callable[[], None]) -> None:
     waiters.callbacks.append(callback)
 
 
+def forget_when_done(record: FutureRecord, callback: Callable[[], None]) -> None:
+    """Take back a `call_when_done` (the same callback object) not yet called."""
+    waiters = record.waiters
+    if waiters is not None and waiters.callbacks:
+        waiters.callbacks = [other for other in waiters.callbacks if other is not callback]
+
+
+class ValueReport:
+    """Tells a thread outside the client's loop that a future is done.
+
+    A blocking `Future.result` waits in the caller's thread for this
+    report instead of for a task in the client's loop: the handler of the
+    task's report of completion calls it (`wake`), and the caller has its
+    answer as soon as the loop has it, without the loop running anything
+    more for it (docs/performance.md, W2). It puts in `queue` what the
+    caller may take without asking the loop again: ``(True, value)`` when
+    the value came with the report (a small result), else ``(False, None)``
+    (the task failed or was cancelled, its value is to be fetched from a
+    worker, or the future was never taken in): the caller then asks the
+    loop for the result the usual way (`AsyncClient._result`).
+
+    A caller with a timeout also hears `PENDING` when the future is not
+    done yet, so that its timeout counts from then: the wait for a
+    future already done never times out, however short the timeout.
+
+    Called in the client's loop only, like every reader of a record.
+    """
+
+    PENDING = "pending"
+
+    __slots__ = ("future", "queue", "tell_pending")
+
+    def __init__(self, future: Future, queue: Any, tell_pending: bool):
+        self.future = future
+        self.queue = queue  # anything with a thread-safe put()
+        self.tell_pending = tell_pending
+
+    def pending(self) -> None:
+        if self.tell_pending:
+            self.queue.put(self.PENDING)
+
+    def __call__(self) -> None:
+        record = self.future._state
+        if record is not None and record.status is FutureStatus.FINISHED and record.value is not None:
+            self.queue.put((True, record.value))
+        else:
+            self.queue.put((False, None))
+
+
 def wake(record: FutureRecord) -> None:
     """`record` became done: wake its waiters and run its callbacks (once)."""
     waiters = record.waiters
@@ -109,6 +158,7 @@ class FutureOwner(Protocol):
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any: ...
     def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None: ...
+    def _call_result(self, future: Future, timeout: float | None) -> Any: ...
     async def _result(self, future: Future, timeout: float | None) -> Any: ...
     async def _exception(self, future: Future, timeout: float | None) -> BaseException | None: ...
     async def cancel(self, futures: Any, reason: str = ...) -> None: ...
@@ -179,7 +229,7 @@ class Future:
             Exception: the user's exception (with a `RemoteTraceback` cause),
                 `KilledWorker`, `LostData` or `CancelledError`.
         """
-        return self._client._call(self._client._result, self, timeout)
+        return self._client._call_result(self, timeout)
 
     def exception(self, timeout: float | None = None) -> Any:
         """The task's exception once done, or None if it finished."""

@@ -76,6 +76,17 @@ class LoopThread:
         """Run ``fn(*args)`` in the loop thread; block until it returns."""
         return trio.from_thread.run_sync(fn, *args, trio_token=self._check())
 
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Have the loop run ``fn(*args)`` in its thread soon; return at once.
+
+        Calls from one thread run in the order they were made (Trio's
+        ``run_sync_soon``), behind the `run` and `run_sync` calls made before.
+        """
+        try:
+            self._check().run_sync_soon(fn, *args)
+        except trio.RunFinishedError:
+            raise RuntimeError(f"{self.name}: the event loop is not running") from None
+
     def start(self, async_fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """Start a service (``async_fn(*args, task_status=...)``) in the loop's
         nursery; return the value it reports through ``task_status.started``."""

@@ -17,6 +17,7 @@ caller's thread and takes it in at its next step (`_submit_from_thread`).
 from __future__ import annotations
 
 import functools
+import queue
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -24,12 +25,15 @@ from typing import Any
 from trioflow.client import AsyncClient
 from trioflow.comm.auth import Credentials
 from trioflow.cluster import LocalCluster
+from trioflow.comm import loads
+from trioflow.comm.serialize import Serialized
 from trioflow.config import Config
-from trioflow.future import Future
+from trioflow.future import Future, ValueReport
 from trioflow.graph import compute_plan, flatten_keys, graph_plan, persist_plan, shape_like
 from trioflow.loop_thread import LoopThread
 from trioflow.packing import graph_options, is_future, map_calls
 from trioflow.task_options import task_options
+from trioflow.wall_clock import wall_seconds
 
 # The client opened last and not yet closed: what `trioflow.performance_report`
 # reports on when it is not given one (dask calls it the default client).
@@ -68,6 +72,43 @@ class BlockingPortal:
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         self._loop.run_sync(fn, *args)
+
+    def result(self, client: AsyncClient, future: Future, timeout: float | None) -> Any:
+        """`Future.result`: wait here for the loop's report that the future
+        is done, and take a value that came with it.
+
+        The general `call` would run `client._result` as a task of the
+        loop, which the report of completion wakes; the loop hands the
+        value back a few steps later, when that task has run and ended.
+        Here the report's handler itself hands it over (`ValueReport`), and
+        the value is unpickled in this thread. A failure, or a value held
+        by a worker, takes the general path once the future is done, with
+        what is left of `timeout`.
+        """
+        answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        report = ValueReport(future, answers, tell_pending=timeout is not None)
+        try:
+            self._loop.call_soon(client._report_when_done, report)
+        except RuntimeError:
+            return self.call(client._result, future, timeout)  # the loop ended: it says why
+        left = timeout
+        answer = answers.get()  # the loop's first answer comes at once
+        if answer is ValueReport.PENDING:
+            assert timeout is not None
+            started = wall_seconds()
+            try:
+                answer = answers.get(timeout=max(timeout, 0.0))
+            except queue.Empty:
+                try:
+                    self._loop.call_soon(client._forget_report, report)
+                except RuntimeError:
+                    pass  # the loop ended, and the report with it
+                raise TimeoutError(f"not done within {timeout:g} s") from None
+            left = max(timeout - (wall_seconds() - started), 0.0)
+        taken, value = answer
+        if not taken:
+            return self.call(client._result, future, left)
+        return loads(value) if isinstance(value, Serialized) else value
 
 
 # Calls `Client.map` pickles in the caller's thread before handing them to
