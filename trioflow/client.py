@@ -471,8 +471,9 @@ class AsyncClient:
         """(In our loop.) Call `report` once its future is done: now if it is."""
         future = report.future
         if future._state is None:
-            # Its task was queued by the caller's `submit`, whose call to
-            # take it in reached this loop before this one did.
+            # Its task still queued (`_submit_from_thread`): take it in, as
+            # `Future._record` has it taken in. (The call that takes it in
+            # was queued before this one: a safeguard.)
             self._take_submissions()
         record = future._state
         if record is None or record.done():
