@@ -76,6 +76,11 @@ class LoopThread:
         """Run ``fn(*args)`` in the loop thread; block until it returns."""
         return trio.from_thread.run_sync(fn, *args, trio_token=self._check())
 
+    def in_loop_thread(self) -> bool:
+        """Whether the caller is this loop's own thread (which must never
+        block waiting for the loop)."""
+        return threading.get_ident() == self._thread.ident
+
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Have the loop run ``fn(*args)`` in its thread soon; return at once.
 

@@ -85,6 +85,10 @@ class BlockingPortal:
         by a worker, takes the general path once the future is done, with
         what is left of `timeout`.
         """
+        if self._loop.in_loop_thread():
+            # (A done callback, say.) Waiting here would wait for this very
+            # thread forever: the general path refuses, with Trio's error.
+            return self.call(client._result, future, timeout)
         answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
         report = ValueReport(future, answers, tell_pending=timeout is not None)
         try:

@@ -146,3 +146,23 @@ def test_a_closed_clients_future_says_so(client):
     client.close()
     with pytest.raises(RuntimeError, match="not running"):
         future.result()
+
+
+def test_waiting_in_the_clients_own_thread_is_refused_not_a_deadlock(client):
+    """A done callback runs in the client's loop thread: a blocking wait
+    there would wait for itself."""
+    future = client.submit(inc, 1)
+    assert future.result() == 2
+    outcome: list[BaseException | int] = []
+    called = threading.Event()
+
+    def callback(done):
+        try:
+            outcome.append(done.result(timeout=1))
+        except BaseException as exc:
+            outcome.append(exc)
+        called.set()
+
+    future.add_done_callback(callback)
+    assert called.wait(BOUND_S)
+    assert isinstance(outcome[0], RuntimeError) and "blocking function" in str(outcome[0])
