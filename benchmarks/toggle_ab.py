@@ -37,6 +37,9 @@ Only what can be switched in running processes can be compared this way:
   batches already buffered whole (A), or one batch a receive (B)
   (`trioflow.comm.connection.MERGE_BUFFERED_BATCHES`), in this process (the
   client and the scheduler) and in every worker.
+- ``result-report``: a blocking `Future.result` takes its value from the
+  report that the future is done (A, `BlockingPortal.result`) or runs the
+  general path, a task in the client's loop (B), in this process.
 
 Workloads, as blocks: ``w2`` (``--per`` sequential ``submit(inc, i).result()``
 on one worker; figure: median ms), ``w1`` (``map(inc, range(per))`` and
@@ -173,7 +176,7 @@ def parse_switch(spec: str) -> tuple[str, Any]:
         SystemExit: the switch is unknown or its value malformed (named).
     """
     kind, _, arg = spec.partition(":")
-    if kind in ("batch-threads", "direct-io", "driver-at-once", "merge-batches"):
+    if kind in ("batch-threads", "direct-io", "driver-at-once", "merge-batches", "result-report"):
         return kind, None
     if kind in ("client-write-interval", "worker-write-interval"):
         return kind, _two_settings(kind, arg, float, "numbers of seconds")
@@ -189,7 +192,7 @@ def parse_switch(spec: str) -> tuple[str, Any]:
         return kind, arg
     raise SystemExit(
         f"unknown switch {spec!r}: batch-threads, direct-io, client-write-interval:A,B, "
-        "worker-write-interval:A,B, driver-burst:A,B, driver-at-once, merge-batches or held:OP"
+        "worker-write-interval:A,B, driver-burst:A,B, driver-at-once, merge-batches, result-report or held:OP"
     )
 
 
@@ -232,6 +235,18 @@ def switch_for(kind: str, value: Any, client) -> tuple[Callable[[bool], None], C
                     pass
 
         return apply, restore
+    if kind == "result-report":
+        from trioflow.sync_client import BlockingPortal
+
+        reporting = BlockingPortal.__dict__["result"]
+
+        def general_path(self, client, future, timeout):
+            return self.call(client._result, future, timeout)
+
+        def apply(a: bool) -> None:
+            BlockingPortal.result = reporting if a else general_path
+
+        return apply, lambda: apply(True)
     if kind in ("client-write-interval", "worker-write-interval"):
         links = "clients" if kind == "client-write-interval" else "workers"
         a_s, b_s = value
