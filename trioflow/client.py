@@ -469,6 +469,7 @@ class AsyncClient:
 
     def _report_when_done(self, report: ValueReport) -> None:
         """(In our loop.) Call `report` once its future is done: now if it is."""
+        report.start()
         future = report.future
         if future._state is None:
             # Its task still queued (`_submit_from_thread`): take it in, as
@@ -481,6 +482,11 @@ class AsyncClient:
         else:
             report.pending()
             call_when_done(record, report)
+
+    async def _result_by(self, future: Future, deadline: float) -> Any:
+        """`_result`, given a deadline on our clock instead of a timeout."""
+        timeout = None if deadline == math.inf else max(deadline - trio.current_time(), 0.0)
+        return await self._result(future, timeout)
 
     def _forget_report(self, report: ValueReport) -> None:
         """(In our loop.) Its caller stopped waiting (timed out)."""

@@ -16,6 +16,7 @@ they block the calling thread while the client's Trio thread does the work.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -103,21 +104,29 @@ class ValueReport:
     A caller with a timeout also hears `PENDING` when the future is not
     done yet, so that its timeout counts from then: the wait for a
     future already done never times out, however short the timeout.
+    The loop notes then, on its own clock, the `deadline` by which the
+    caller wants its answer; the general path, if taken, has until then.
 
     Called in the client's loop only, like every reader of a record.
     """
 
     PENDING = "pending"
 
-    __slots__ = ("future", "queue", "tell_pending")
+    __slots__ = ("future", "queue", "timeout", "deadline")
 
-    def __init__(self, future: Future, queue: Any, tell_pending: bool):
+    def __init__(self, future: Future, queue: Any, timeout: float | None):
         self.future = future
         self.queue = queue  # anything with a thread-safe put()
-        self.tell_pending = tell_pending
+        self.timeout = timeout
+        self.deadline = math.inf  # set in the loop (`start`)
+
+    def start(self) -> None:
+        """The loop has the report: the caller's timeout starts now."""
+        if self.timeout is not None:
+            self.deadline = trio.current_time() + max(self.timeout, 0.0)
 
     def pending(self) -> None:
-        if self.tell_pending:
+        if self.timeout is not None:
             self.queue.put(self.PENDING)
 
     def __call__(self) -> None:

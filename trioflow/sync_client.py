@@ -33,7 +33,6 @@ from trioflow.graph import compute_plan, flatten_keys, graph_plan, persist_plan,
 from trioflow.loop_thread import LoopThread
 from trioflow.packing import graph_options, is_future, map_calls
 from trioflow.task_options import task_options
-from trioflow.wall_clock import wall_seconds
 
 # The client opened last and not yet closed: what `trioflow.performance_report`
 # reports on when it is not given one (dask calls it the default client).
@@ -90,16 +89,16 @@ class BlockingPortal:
             # thread forever: the general path refuses, with Trio's error.
             return self.call(client._result, future, timeout)
         answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        report = ValueReport(future, answers, tell_pending=timeout is not None)
+        report = ValueReport(future, answers, timeout)
         try:
             self._loop.call_soon(client._report_when_done, report)
         except RuntimeError:
             return self.call(client._result, future, timeout)  # the loop ended: it says why
-        left = timeout
-        answer = answers.get()  # the loop's first answer comes at once
+        # Without a timeout, the one answer comes when the future is done;
+        # with one, the loop answers at once: done, or PENDING.
+        answer = answers.get()
         if answer is ValueReport.PENDING:
             assert timeout is not None
-            started = wall_seconds()
             try:
                 answer = answers.get(timeout=max(timeout, 0.0))
             except queue.Empty:
@@ -108,10 +107,9 @@ class BlockingPortal:
                 except RuntimeError:
                     pass  # the loop ended, and the report with it
                 raise TimeoutError(f"not done within {timeout:g} s") from None
-            left = max(timeout - (wall_seconds() - started), 0.0)
         taken, value = answer
         if not taken:
-            return self.call(client._result, future, left)
+            return self.call(client._result_by, future, report.deadline)
         return loads(value) if isinstance(value, Serialized) else value
 
 

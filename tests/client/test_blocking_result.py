@@ -89,6 +89,23 @@ def test_a_value_a_worker_holds_is_fetched_once_the_future_is_done(client, gener
     assert general_path_calls == [future.key]
 
 
+def big_at_gate(name, n):
+    return wait_at_gate(name, b"x" * n)
+
+
+def test_a_value_a_worker_holds_is_fetched_within_the_callers_timeout(client, gate, general_path_calls):
+    name, event = gate
+    n = 4 * INLINE_VALUE_BYTES
+    future = client.submit(big_at_gate, name, n)
+    with pytest.raises(TimeoutError):
+        future.result(timeout=0.05)
+    event.set()
+    # Pending when asked, then done: the fetch gets what is left of the
+    # timeout (the deadline the loop noted), which is plenty here.
+    assert future.result(timeout=BOUND_S) == b"x" * n
+    assert general_path_calls == [future.key]
+
+
 def test_a_failure_raises_the_tasks_own_error(client):
     future = client.submit(fail, "boom")
     with pytest.raises(ValueError, match="boom"):
