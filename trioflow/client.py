@@ -77,7 +77,16 @@ from trioflow.core import client_state as cs
 from trioflow.core.client_state import FINISHED, ClientState, ClientStatus, FutureRecord
 from trioflow.errors import AuthenticationError, CommClosedError, ProtocolError
 from trioflow.fetching import Fetcher
-from trioflow.future import Future, ValueReport, call_when_done, exception_of, forget_when_done, wait_done, wake
+from trioflow.future import (
+    Future,
+    ValueReport,
+    call_when_done,
+    exception_of,
+    forget_when_done,
+    not_done_within,
+    wait_done,
+    wake,
+)
 from trioflow.graph import (
     compute_plan,
     flatten_keys,
@@ -1189,7 +1198,7 @@ class _timeout:
     def __exit__(self, *exc_info: Any) -> bool:
         handled = self.scope.__exit__(*exc_info)
         if self.scope.cancelled_caught:
-            raise TimeoutError(f"not done within {self.seconds:g} s")
+            raise not_done_within(self.seconds)
         return handled
 
 

@@ -49,6 +49,12 @@ KEYS_SLICE = m.MAX_KEYS
 GATHER_SLICE = 10_000
 
 
+def unpickled(value: Any) -> Any:
+    """A fetched value, or one that came with its report, as the user's
+    object (a scattered value may be held as it is, not pickled)."""
+    return loads(value) if isinstance(value, Serialized) else value
+
+
 class FetchingClient(Protocol):
     """What the fetcher needs of its client (`AsyncClient`)."""
 
@@ -145,8 +151,7 @@ class Fetcher:
         if unsendable:
             raise SerializationError(unsendable[0])
         for i, (key, value) in enumerate(values.items()):
-            if isinstance(value, Serialized):
-                values[key] = loads(value)
+            values[key] = unpickled(value)
             if i % GATHER_SLICE == GATHER_SLICE - 1:
                 await trio.lowlevel.checkpoint()
         if retry:

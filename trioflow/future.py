@@ -80,6 +80,12 @@ def call_when_done(record: FutureRecord, callback: Callable[[], None]) -> None:
     waiters.callbacks.append(callback)
 
 
+def not_done_within(seconds: float) -> TimeoutError:
+    """What a wait for a result raises when its timeout passes (the future
+    stays valid and may complete later)."""
+    return TimeoutError(f"not done within {seconds:g} s")
+
+
 def forget_when_done(record: FutureRecord, callback: Callable[[], None]) -> None:
     """Take back a `call_when_done` (the same callback object) not yet called."""
     waiters = record.waiters

@@ -25,10 +25,9 @@ from typing import Any
 from trioflow.client import AsyncClient
 from trioflow.comm.auth import Credentials
 from trioflow.cluster import LocalCluster
-from trioflow.comm import loads
-from trioflow.comm.serialize import Serialized
 from trioflow.config import Config
-from trioflow.future import Future, ValueReport
+from trioflow.fetching import unpickled
+from trioflow.future import Future, ValueReport, not_done_within
 from trioflow.graph import compute_plan, flatten_keys, graph_plan, persist_plan, shape_like
 from trioflow.loop_thread import LoopThread
 from trioflow.packing import graph_options, is_future, map_calls
@@ -106,11 +105,11 @@ class BlockingPortal:
                     self._loop.call_soon(client._forget_report, report)
                 except RuntimeError:
                     pass  # the loop ended, and the report with it
-                raise TimeoutError(f"not done within {timeout:g} s") from None
+                raise not_done_within(timeout) from None
         taken, value = answer
         if not taken:
             return self.call(client._result_by, future, report.deadline)
-        return loads(value) if isinstance(value, Serialized) else value
+        return unpickled(value)
 
 
 # Calls `Client.map` pickles in the caller's thread before handing them to
