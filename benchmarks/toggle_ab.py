@@ -40,6 +40,9 @@ Only what can be switched in running processes can be compared this way:
 - ``result-report``: a blocking `Future.result` takes its value from the
   report that the future is done (A, `BlockingPortal.result`) or runs the
   general path, a task in the client's loop (B), in this process.
+- ``function-grace:A,B``: seconds a worker keeps a function no task there
+  calls any more (`trioflow.scheduler.FUNCTION_GRACE_S`; 0: freed at once),
+  in this process (the scheduler).
 
 Workloads, as blocks: ``w2`` (``--per`` sequential ``submit(inc, i).result()``
 on one worker; figure: median ms), ``w1`` (``map(inc, range(per))`` and
@@ -155,6 +158,7 @@ MODULE_SWITCHES = {
     "driver-at-once": ("trioflow.drivers", "RUN_WHEN_IDLE"),
     "driver-burst": ("trioflow.drivers", "BURST_HANDLERS"),
     "merge-batches": ("trioflow.comm.connection", "MERGE_BUFFERED_BATCHES"),
+    "function-grace": ("trioflow.scheduler", "FUNCTION_GRACE_S"),
 }
 
 
@@ -182,6 +186,8 @@ def parse_switch(spec: str) -> tuple[str, Any]:
         return kind, _two_settings(kind, arg, float, "numbers of seconds")
     if kind == "driver-burst":
         return kind, _two_settings(kind, arg, int, "whole numbers of handlers")
+    if kind == "function-grace":
+        return kind, _two_settings(kind, arg, float, "numbers of seconds")
     if kind == "held":
         from trioflow.comm import messages as m
 
@@ -192,7 +198,7 @@ def parse_switch(spec: str) -> tuple[str, Any]:
         return kind, arg
     raise SystemExit(
         f"unknown switch {spec!r}: batch-threads, direct-io, client-write-interval:A,B, "
-        "worker-write-interval:A,B, driver-burst:A,B, driver-at-once, merge-batches, result-report or held:OP"
+        "worker-write-interval:A,B, driver-burst:A,B, driver-at-once, merge-batches, result-report, function-grace:A,B or held:OP"
     )
 
 
@@ -332,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "switch", help="batch-threads | direct-io | client-write-interval:A,B | worker-write-interval:A,B | driver-burst:A,B | "
-        "driver-at-once | merge-batches | held:OP"
+        "driver-at-once | merge-batches | result-report | function-grace:A,B | held:OP"
     )
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="w2")
     parser.add_argument("--blocks", type=int, default=30, help="blocks per setting (default 30)")

@@ -134,6 +134,14 @@ MAX_UPLOADS_BYTES = 256 << 20
 # a task; docs/performance-history.md, the seventh round).
 # An idle link writes at once, so a lone result (W2) is never held back.
 CLIENT_WRITE_INTERVAL_S = 0.0005
+# Seconds a worker keeps a function after the last task there that calls it
+# has left (`WorkerLink.idle_functions`); freed between one and two of these
+# later. A program that submits one task at a time and waits for it (a loop
+# of `submit(f, x).result()`) would otherwise have the function freed at
+# every result and sent (and unpickled) again with the next task: one
+# message more to the worker a round trip, written while the result goes
+# to the client. 0: freed at once.
+FUNCTION_GRACE_S = 0.5
 
 
 class _Link:
@@ -191,6 +199,10 @@ class WorkerLink(_Link):
         # connection are ordered, so both sides always agree.
         self.task_functions: dict[str, str] = {}
         self.function_users: dict[str, int] = {}
+        # Functions the worker still has that no task there calls, and
+        # since when (Trio's clock): kept for FUNCTION_GRACE_S, so that the
+        # next task that calls one finds it there.
+        self.idle_functions: dict[str, float] = {}
         # How many value reports (task_finished, replica_added) the driver
         # has handled from this connection. Every free_keys carries it: the
         # worker answers a free with data_dropped only for values whose
@@ -322,6 +334,8 @@ class Scheduler:
         # free_keys and free_functions held back per worker until `_apply` ends.
         self._frees: dict[str, list[str]] = {}
         self._function_frees: dict[str, list[str]] = {}
+        # Set when a function goes idle on a worker (`_free_idle_functions_in_time`).
+        self._functions_went_idle = trio.Event()
         # Files clients uploaded (`Client.upload_file`), in upload order: each
         # worker that joins gets them all before anything else.
         self.uploads: dict[str, Serialized] = {}
@@ -420,6 +434,7 @@ class Scheduler:
             self.loop_lag = loop_lag()
             self.loop_lag.watch(self.recorder.note_loop_lag)
             nursery.start_soon(self._drive)
+            nursery.start_soon(self._free_idle_functions_in_time)
             self.address = await nursery.start(
                 self.network.serve, self._serve_stream, self.host, self.port
             )
@@ -799,8 +814,36 @@ class Scheduler:
 
     def _task_left(self, worker: WorkerLink, key: str) -> None:
         function_id = worker.task_done(key)
-        if function_id is not None:
+        if function_id is None:
+            return
+        if FUNCTION_GRACE_S > 0:
+            worker.idle_functions[function_id] = trio.current_time()
+            self._functions_went_idle.set()
+        else:
             self._function_frees.setdefault(worker.address, []).append(function_id)
+
+    async def _free_idle_functions_in_time(self) -> None:
+        """Have functions that stayed idle FUNCTION_GRACE_S freed on their workers."""
+        while True:
+            await self._functions_went_idle.wait()
+            self._functions_went_idle = trio.Event()
+            await trio.sleep(FUNCTION_GRACE_S)
+            self._post(self._free_idle_functions)
+
+    def _free_idle_functions(self) -> None:
+        """(Driver.) Free the functions idle for FUNCTION_GRACE_S or more; the
+        younger ones get another look after the next sleep."""
+        freed_before = trio.current_time() - FUNCTION_GRACE_S
+        for worker in self.workers.values():
+            idle = worker.idle_functions
+            expired = [function_id for function_id, since in idle.items() if since <= freed_before]
+            for function_id in expired:
+                del idle[function_id]
+            if expired:
+                self._function_frees.setdefault(worker.address, []).extend(expired)
+                self._flush_frees(worker.address)
+            if idle:
+                self._functions_went_idle.set()
 
     def _dispatch(self, message: SchedulerMessage) -> None:
         if isinstance(message, FreeKeys):
@@ -825,7 +868,12 @@ class Scheduler:
             if message.key in worker.task_functions:
                 self._task_left(worker, message.key)  # sent again: count it once
                 self._flush_frees(worker.address)
-            first = function_id not in worker.function_users
+            # Sent with the first task there that calls it, unless the
+            # worker still has it from an earlier one (idle_functions).
+            first = (
+                function_id not in worker.function_users
+                and worker.idle_functions.pop(function_id, None) is None
+            )
             worker.task_functions[message.key] = function_id
             worker.function_users[function_id] = worker.function_users.get(function_id, 0) + 1
             worker.send(
@@ -1254,6 +1302,7 @@ class Scheduler:
             worker.retiring = True
             worker.task_functions.clear()
             worker.function_users.clear()
+            worker.idle_functions.clear()
         self.recorder.restarted(link.client_id)
         self._apply(ClusterRestarted(self._stimulus("restart"), "the cluster was restarted"))
         for client in self.clients.values():

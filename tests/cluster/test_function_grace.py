@@ -1,0 +1,64 @@
+"""A worker keeps a function for a while after its last task there left.
+
+The scheduler mirrors each worker's function cache (`WorkerLink`): a
+function travels with the first task that calls it there, and is freed
+once no task there calls it. Freed at once, a program that submits one
+task at a time and waits for it would have the function freed with every
+result and sent again with the next task. So an idle function stays for
+`FUNCTION_GRACE_S`, and is freed only if no task has called it meanwhile.
+"""
+
+import pytest
+import trio
+
+import trioflow
+from trioflow import scheduler as scheduler_module
+from trioflow.comm.serialize import dumps_function
+from tests.conftest import wait_until
+
+
+def inc(x):
+    return x + 1
+
+
+INC_ID = dumps_function(inc).function_id
+
+
+async def _task_forgotten(cluster) -> None:
+    await wait_until(lambda: not cluster.scheduler.state.tasks, timeout=10, message="the task forgotten")
+
+
+async def test_the_next_task_finds_the_function_still_on_its_worker(monkeypatch):
+    monkeypatch.setattr(scheduler_module, "FUNCTION_GRACE_S", 60.0)
+    async with trioflow.AsyncLocalCluster(1, processes=False) as cluster:
+        async with trioflow.AsyncClient(cluster) as client:
+            (worker,) = cluster.workers.values()
+            assert await client.submit(inc, 1) == 2
+            kept = worker.functions[INC_ID]
+            await _task_forgotten(cluster)
+            # No task there calls it now; the worker has it all the same.
+            assert INC_ID in cluster.scheduler.workers[worker.address].idle_functions
+            assert worker.functions.get(INC_ID) is kept
+            assert await client.submit(inc, 2) == 3
+            # The second task did not carry it again (a copy sent would
+            # have replaced the one the worker had).
+            assert worker.functions[INC_ID] is kept
+
+
+@pytest.mark.parametrize("grace_s", [0.0, 0.3])
+async def test_an_idle_function_is_freed_after_the_grace_and_sent_again_when_needed(monkeypatch, grace_s):
+    monkeypatch.setattr(scheduler_module, "FUNCTION_GRACE_S", grace_s)
+    async with trioflow.AsyncLocalCluster(1, processes=False) as cluster:
+        async with trioflow.AsyncClient(cluster) as client:
+            (worker,) = cluster.workers.values()
+            link = cluster.scheduler.workers[worker.address]
+            submitted_at = trio.current_time()
+            assert await client.submit(inc, 1) == 2
+            await _task_forgotten(cluster)
+            await wait_until(lambda: INC_ID not in worker.functions, timeout=10, message="inc freed on the worker")
+            # Not before the grace: it went idle after the task was submitted.
+            assert trio.current_time() - submitted_at >= grace_s
+            assert not link.idle_functions and not link.function_users
+            # The mirror agrees with the worker: the next task carries it
+            # (a worker without it could not run the task).
+            assert await client.submit(inc, 2) == 3
