@@ -8,6 +8,8 @@ result and sent again with the next task. So an idle function stays for
 `FUNCTION_GRACE_S`, and is freed only if no task has called it meanwhile.
 """
 
+import threading
+
 import pytest
 import trio
 
@@ -62,3 +64,44 @@ async def test_an_idle_function_is_freed_after_the_grace_and_sent_again_when_nee
             # The mirror agrees with the worker: the next task carries it
             # (a worker without it could not run the task).
             assert await client.submit(inc, 2) == 3
+
+
+# Task functions from tests travel by value: `held` finds the gate by module
+# name at run time instead of carrying a copy (workers here are threads).
+gate = threading.Event()
+
+
+def held(x):
+    """Returns `x` once the test opens the gate."""
+    import sys
+
+    if not sys.modules[__name__].gate.wait(30):
+        raise TimeoutError("the test never opened the gate")
+    return x
+
+
+async def test_a_function_taken_back_from_idle_is_not_freed_while_tasks_call_it(monkeypatch):
+    grace_s = 0.2
+    monkeypatch.setattr(scheduler_module, "FUNCTION_GRACE_S", grace_s)
+    held_id = dumps_function(held).function_id
+    gate.set()
+    try:
+        async with trioflow.AsyncLocalCluster(1, processes=False) as cluster:
+            async with trioflow.AsyncClient(cluster) as client:
+                (worker,) = cluster.workers.values()
+                link = cluster.scheduler.workers[worker.address]
+                assert await client.submit(held, 0) == 0
+                await _task_forgotten(cluster)
+                assert held_id in link.idle_functions
+                gate.clear()
+                running = client.submit(held, 1)
+                await wait_until(lambda: held_id in link.function_users, message="held(1) sent to the worker")
+                # Long enough for any sweep to free what it still took for idle
+                # (this waits out the timer under test; nothing to poll for).
+                await trio.sleep(3 * grace_s)
+                queued = client.submit(held, 2)
+                gate.set()
+                with trio.fail_after(30):
+                    assert await client.gather([running, queued]) == [1, 2]
+    finally:
+        gate.set()
