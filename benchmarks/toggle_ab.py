@@ -159,6 +159,7 @@ MODULE_SWITCHES = {
     "driver-burst": ("trioflow.drivers", "BURST_HANDLERS"),
     "merge-batches": ("trioflow.comm.connection", "MERGE_BUFFERED_BATCHES"),
     "function-grace": ("trioflow.scheduler", "FUNCTION_GRACE_S"),
+    "wait-after-short-read": ("trioflow.comm.connection", "WAIT_AFTER_SHORT_READ"),
 }
 
 
@@ -180,7 +181,7 @@ def parse_switch(spec: str) -> tuple[str, Any]:
         SystemExit: the switch is unknown or its value malformed (named).
     """
     kind, _, arg = spec.partition(":")
-    if kind in ("batch-threads", "direct-io", "driver-at-once", "merge-batches", "result-report"):
+    if kind in ("batch-threads", "direct-io", "driver-at-once", "merge-batches", "result-report", "wait-after-short-read"):
         return kind, None
     if kind in ("client-write-interval", "worker-write-interval"):
         return kind, _two_settings(kind, arg, float, "numbers of seconds")

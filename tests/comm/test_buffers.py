@@ -171,6 +171,26 @@ async def test_receive_some_is_a_checkpoint_even_when_bytes_are_waiting(tcp_pair
         assert await receive_some(server, 1000) == b"y" * 1000
 
 
+async def test_a_receive_that_waits_first_still_gets_bytes_already_there_and_later_ones(tcp_pair, direct_io):
+    """try_first=False (`Connection` after a short read) changes when the
+    kernel is asked, never what comes back."""
+    client, server = tcp_pair
+    await send_frames(client, [b"there"], 64 * 1024)
+    with trio.fail_after(10):
+        await trio.lowlevel.wait_readable(server.socket)
+        with trio.testing.assert_checkpoints():
+            assert await receive_some(server, 100, try_first=False) == b"there"
+    async with trio.open_nursery() as nursery:
+
+        async def send_once_blocked():
+            await trio.testing.wait_all_tasks_blocked()
+            await send_frames(client, [b"later"], 64 * 1024)
+
+        nursery.start_soon(send_once_blocked)
+        with trio.fail_after(10):
+            assert await receive_some(server, 100, try_first=False) == b"later"
+
+
 async def test_a_cancelled_receive_takes_no_bytes(tcp_pair, direct_io):
     client, server = tcp_pair
     with trio.move_on_after(0.05) as scope:

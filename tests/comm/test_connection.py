@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import struct
@@ -25,6 +26,8 @@ from trioflow.comm import (
     loads,
     open_connection,
 )
+from trioflow.comm import buffers
+from trioflow.comm import connection as connection_module
 from trioflow.comm import messages as m
 from trioflow.comm.buffers import set_cork
 from trioflow.comm.connection import DECODE_SLICE
@@ -413,6 +416,49 @@ async def test_a_buffered_batch_the_budget_cannot_take_at_once_waits_for_the_nex
 
 def corked(conn: Connection) -> bool:
     return bool(conn.stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK))
+
+
+class _CountingOs:
+    """`os` for trioflow.comm.buffers, counting the reads that found nothing."""
+
+    def __init__(self):
+        self.failed_reads = 0
+
+    def read(self, fd, n):
+        try:
+            return os.read(fd, n)
+        except BlockingIOError:
+            self.failed_reads += 1
+            raise
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+
+@pytest.mark.parametrize("wait_after_short_read", [True, False])
+async def test_after_a_short_read_the_next_receive_waits_instead_of_reading_nothing(monkeypatch, wait_after_short_read):
+    """A round trip's messages each come alone: after one is read, the
+    kernel has nothing more, and a read tried first would fail."""
+    counting = _CountingOs()
+    monkeypatch.setattr(buffers, "os", counting)
+    monkeypatch.setattr(connection_module, "WAIT_AFTER_SHORT_READ", wait_after_short_read)
+    async with tcp_connection_pair() as (left, right):
+        for i in range(5):
+            counting.failed_reads = 0
+            async with trio.open_nursery() as nursery:
+
+                async def send_once_blocked(i=i):
+                    await trio.testing.wait_all_tasks_blocked()
+                    left.send({"op": "ping", "i": i})
+
+                nursery.start_soon(send_once_blocked)
+                with trio.fail_after(10):
+                    assert await right.receive() == [{"op": "ping", "i": i}]
+            # The first receive has no read before it to go by.
+            if wait_after_short_read and i:
+                assert counting.failed_reads == 0
+            else:
+                assert counting.failed_reads >= 1
 
 
 @needs_cork

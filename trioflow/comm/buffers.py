@@ -416,7 +416,7 @@ async def _write_all(sock: Any, view: memoryview) -> None:
             await trio.lowlevel.wait_writable(sock)
 
 
-async def receive_some(stream: trio.abc.Stream, max_bytes: int) -> bytes:
+async def receive_some(stream: trio.abc.Stream, max_bytes: int, try_first: bool = True) -> bytes:
     """Up to `max_bytes` from `stream`, at least one; ``b""`` at its end.
 
     On a plain TCP socket this calls the kernel itself (``read`` on the
@@ -431,6 +431,10 @@ async def receive_some(stream: trio.abc.Stream, max_bytes: int) -> bytes:
     once: its caller, `Connection.run_sender`, checkpoints when it waits
     for the next message, and after the write when more are queued.
 
+    With `try_first` false it waits before it reads, as Trio does not:
+    for a caller that knows the socket was just drained (`Connection`'s
+    reads, `WAIT_AFTER_SHORT_READ`), a read tried first would fail.
+
     Errors stay ``OSError`` (where Trio would say
     ``BrokenResourceError``); a socket closed under us is
     ``trio.ClosedResourceError`` either way.
@@ -438,16 +442,17 @@ async def receive_some(stream: trio.abc.Stream, max_bytes: int) -> bytes:
     sock = raw_socket(stream)
     if sock is None or not DIRECT_IO:
         return await stream.receive_some(max_bytes)
-    await trio.lowlevel.checkpoint_if_cancelled()
-    try:
-        data = os.read(_open_fileno(sock), max_bytes)
-    except BlockingIOError:
-        pass
-    else:
-        # Bytes were waiting: yield once anyway, so a peer that keeps this
-        # socket full cannot keep the reader from letting others run.
-        await trio.lowlevel.cancel_shielded_checkpoint()
-        return data
+    if try_first:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            data = os.read(_open_fileno(sock), max_bytes)
+        except BlockingIOError:
+            pass
+        else:
+            # Bytes were waiting: yield once anyway, so a peer that keeps this
+            # socket full cannot keep the reader from letting others run.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
     while True:
         await trio.lowlevel.wait_readable(sock)
         try:

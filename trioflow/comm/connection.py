@@ -104,6 +104,12 @@ DECODE_SLICE = 512
 # `receive` returns, with the batch it read, the batches already buffered
 # whole (`Connection._take_buffered_batches`); off, one batch a receive.
 MERGE_BUFFERED_BATCHES = True
+# After a read that got less than it asked for, the next one waits for the
+# socket to be readable instead of trying first: the kernel had nothing
+# more then, and a try would almost always fail (a system call and an
+# exception for nothing, on every message of a round trip). Bytes that came
+# meanwhile cost a pass of the loop instead. Off: always try first.
+WAIT_AFTER_SHORT_READ = True
 
 
 class ByteBudget:
@@ -288,6 +294,8 @@ class Connection:
         # Reads from the stream, each a checkpoint: a receive that made none
         # (its batch was already buffered) takes one before it returns.
         self._reads = 0
+        # Whether the last read got less than it asked for (`_fill`).
+        self._drained = False
         # trio.current_time() when bytes last arrived (for hung-peer checks).
         self.last_received = trio.current_time()
         # trio.current_time() when we last queued a message (for heartbeats).
@@ -669,10 +677,12 @@ class Connection:
         """Read until the receive buffer holds at least `n` bytes."""
         buffer = self._receive_buffer
         while len(buffer) < n:
-            chunk = await receive_some(self.stream, RECEIVE_CHUNK_BYTES)
+            try_first = not (WAIT_AFTER_SHORT_READ and self._drained)
+            chunk = await receive_some(self.stream, RECEIVE_CHUNK_BYTES, try_first)
             if not chunk:
                 self._mark_closed("closed by the peer")
                 raise CommClosedError(f"{self.peer} closed the connection")
+            self._drained = len(chunk) < RECEIVE_CHUNK_BYTES
             self.last_received = trio.current_time()
             self._reads += 1
             buffer += chunk
