@@ -36,13 +36,18 @@ Only what can be switched in running processes can be compared this way:
 - ``merge-batches``: a receive returns, with the batch it read, the
   batches already buffered whole (A), or one batch a receive (B)
   (`trioflow.comm.connection.MERGE_BUFFERED_BATCHES`), in this process (the
-  client and the scheduler) and in every worker.
+  client and the scheduler) and in every worker;
 - ``result-report``: a blocking `Future.result` takes its value from the
   report that the future is done (A, `BlockingPortal.result`) or runs the
-  general path, a task in the client's loop (B), in this process.
+  general path, a task in the client's loop (B), in this process;
 - ``function-grace:A,B``: seconds a worker keeps a function no task there
   calls any more (`trioflow.scheduler.FUNCTION_GRACE_S`; 0: freed at once),
-  in this process (the scheduler).
+  read by the scheduler, in this process (set in the workers too, where
+  nothing reads it);
+- ``wait-after-short-read``: after a read that got less than it asked
+  for, a connection's next read waits for the socket (A) or tries first
+  (B) (`trioflow.comm.connection.WAIT_AFTER_SHORT_READ`), in this process
+  (the client and the scheduler) and in every worker.
 
 Workloads, as blocks: ``w2`` (``--per`` sequential ``submit(inc, i).result()``
 on one worker; figure: median ms), ``w1`` (``map(inc, range(per))`` and
@@ -199,7 +204,8 @@ def parse_switch(spec: str) -> tuple[str, Any]:
         return kind, arg
     raise SystemExit(
         f"unknown switch {spec!r}: batch-threads, direct-io, client-write-interval:A,B, "
-        "worker-write-interval:A,B, driver-burst:A,B, driver-at-once, merge-batches, result-report, function-grace:A,B or held:OP"
+        "worker-write-interval:A,B, driver-burst:A,B, driver-at-once, merge-batches, result-report, function-grace:A,B, "
+        "wait-after-short-read or held:OP"
     )
 
 
@@ -339,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "switch", help="batch-threads | direct-io | client-write-interval:A,B | worker-write-interval:A,B | driver-burst:A,B | "
-        "driver-at-once | merge-batches | result-report | function-grace:A,B | held:OP"
+        "driver-at-once | merge-batches | result-report | function-grace:A,B | wait-after-short-read | held:OP"
     )
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="w2")
     parser.add_argument("--blocks", type=int, default=30, help="blocks per setting (default 30)")
