@@ -49,6 +49,10 @@ Only what can be switched in running processes can be compared this way:
   (B) (`trioflow.comm.connection.WAIT_AFTER_SHORT_READ`), in this process
   (the client and the scheduler) and in every worker.
 
+``--pin`` runs this process's threads on the first CPU and the workers on
+the others, so that where the kernel puts the threads (which moves W2 by a
+quarter between blocks) is the same for every block.
+
 Workloads, as blocks: ``w2`` (``--per`` sequential ``submit(inc, i).result()``
 on one worker; figure: median ms), ``w1`` (``map(inc, range(per))`` and
 ``gather`` on two; tasks/s), ``w3`` (a binary tree sum over ``per`` leaves on
@@ -303,6 +307,31 @@ def switch_for(kind: str, value: Any, client) -> tuple[Callable[[bool], None], C
     raise AssertionError(f"parse_switch let through {kind!r}")
 
 
+def pin_apart() -> None:
+    """This process's threads (caller, client, scheduler) on CPU 0; the
+    worker processes' threads on the other CPUs.
+
+    For ``--pin`` only: a measurement's choice, never trioflow's. Left
+    free, the kernel sometimes runs this process's three threads on one
+    CPU and sometimes spreads them, and W2 then differs by a quarter
+    between blocks of one cluster (docs/performance.md, W2), which can
+    swamp a change of a few per cent; pinned, each block runs with the
+    same placement. Threads started later inherit their creator's CPUs.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit(f"--pin needs two CPUs or more; this process may use {cpus}")
+    me = psutil.Process()
+    for thread in me.threads():
+        os.sched_setaffinity(thread.id, {cpus[0]})
+    for child in me.children(recursive=True):
+        try:
+            for thread in child.threads():
+                os.sched_setaffinity(thread.id, set(cpus[1:]))
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass  # a process that ended meanwhile
+
+
 # ----------------------------------------------------------------- main --
 
 
@@ -313,6 +342,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     with trioflow_client(n_workers) as client:
         for i in range(100):  # warm: imports, caches, the first connections
             client.submit(inc, i, pure=False).result()
+        if args.pin:
+            pin_apart()
         apply, restore = switch_for(*args.parsed_switch, client)
         try:
             for b in range(args.blocks):
@@ -331,6 +362,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "unit": unit,
         "higher_is_better": higher_is_better,
         "blocks": args.blocks,
+        "pinned": args.pin,
         "per_block": args.per,
         "median_A": median(figures["A"]),
         "median_B": median(figures["B"]),
@@ -350,6 +382,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="w2")
     parser.add_argument("--blocks", type=int, default=30, help="blocks per setting (default 30)")
     parser.add_argument("--per", type=int, default=None, help="round trips (w2), tasks (w1) or leaves (w3) per block")
+    parser.add_argument(
+        "--pin", action="store_true",
+        help="this process on the first CPU, the workers on the others (placement fixed; for W2)",
+    )
     args = parser.parse_args(argv)
     if args.blocks < 1:
         parser.error(f"--blocks must be at least 1, got {args.blocks}")
