@@ -369,7 +369,7 @@ class Worker:
             if self._link_registered:
                 backoff.reset()
                 unreachable_since = trio.current_time()
-                self._post(self._apply, SchedulerLost(self._stimulus("scheduler-lost")))
+                self._post(self._scheduler_lost)
             if reason != last_reason:
                 logger.warning(
                     "worker %s cannot reach its scheduler %s (%s); retrying",
@@ -775,6 +775,17 @@ class Worker:
         if conn is self._scheduler:
             heard = frozenset(key for key in msg.keys if self._reported.get(key, 0) <= msg.reports_heard)
         self._apply(FreeRequested(self._stimulus("free"), tuple(msg.keys), heard))
+
+    def _scheduler_lost(self) -> None:
+        """The link is gone: tasks not started are dropped (the core's
+        `SchedulerLost`), and with them the functions they would have
+        called. The scheduler's record of this cache dies with the link,
+        and the next link's starts empty (each function comes again with
+        the first task that calls it), so nothing would ever free what is
+        cached now. Runs already started hold their function.
+        """
+        self._apply(SchedulerLost(self._stimulus("scheduler-lost")))
+        self.functions.clear()
 
     def _on_free_functions(self, conn: Connection, msg: m.FreeFunctions) -> None:
         for function_id in msg.function_ids:

@@ -105,3 +105,24 @@ async def test_a_function_taken_back_from_idle_is_not_freed_while_tasks_call_it(
                     assert await client.gather([running, queued]) == [1, 2]
     finally:
         gate.set()
+
+
+async def test_a_worker_that_loses_its_scheduler_drops_the_functions_it_cached(monkeypatch):
+    """The scheduler's record of a worker's cache dies with the link; the
+    next link's starts empty. What the worker kept would never be freed."""
+    monkeypatch.setattr(scheduler_module, "FUNCTION_GRACE_S", 60.0)
+    async with trioflow.AsyncLocalCluster(1, processes=False) as cluster:
+        async with trioflow.AsyncClient(cluster) as client:
+            (worker,) = cluster.workers.values()
+            assert await client.submit(inc, 1) == 2
+            await _task_forgotten(cluster)
+            assert INC_ID in worker.functions  # idle, within its grace
+            old_link = cluster.scheduler.workers[worker.address]
+            old_link.close("the test breaks the link")
+            await wait_until(
+                lambda: cluster.scheduler.workers.get(worker.address) not in (None, old_link),
+                message="the worker registered again",
+            )
+            await wait_until(lambda: INC_ID not in worker.functions, message="the worker's cache emptied")
+            assert await client.submit(inc, 2) == 3
+            assert INC_ID in cluster.scheduler.workers[worker.address].idle_functions
