@@ -47,7 +47,10 @@ Only what can be switched in running processes can be compared this way:
 - ``wait-after-short-read``: after a read that got less than it asked
   for, a connection's next read waits for the socket (A) or tries first
   (B) (`trioflow.comm.connection.WAIT_AFTER_SHORT_READ`), in this process
-  (the client and the scheduler) and in every worker.
+  (the client and the scheduler) and in every worker;
+- ``write-through``: what a handler queues is written as it returns (A) or
+  by each connection's sender task a pass later (B)
+  (`trioflow.comm.connection.WRITE_THROUGH`), here and in every worker.
 
 ``--pin`` runs this process's threads on the first CPU and the workers on
 the others, so that where the kernel puts the threads (which moves W2 by a
@@ -169,6 +172,7 @@ MODULE_SWITCHES = {
     "merge-batches": ("trioflow.comm.connection", "MERGE_BUFFERED_BATCHES"),
     "function-grace": ("trioflow.scheduler", "FUNCTION_GRACE_S"),
     "wait-after-short-read": ("trioflow.comm.connection", "WAIT_AFTER_SHORT_READ"),
+    "write-through": ("trioflow.comm.connection", "WRITE_THROUGH"),
 }
 
 
@@ -190,7 +194,8 @@ def parse_switch(spec: str) -> tuple[str, Any]:
         SystemExit: the switch is unknown or its value malformed (named).
     """
     kind, _, arg = spec.partition(":")
-    if kind in ("batch-threads", "direct-io", "driver-at-once", "merge-batches", "result-report", "wait-after-short-read"):
+    if kind in ("batch-threads", "direct-io", "driver-at-once", "merge-batches", "result-report", "wait-after-short-read",
+                "write-through"):
         return kind, None
     if kind in ("client-write-interval", "worker-write-interval"):
         return kind, _two_settings(kind, arg, float, "numbers of seconds")
@@ -209,7 +214,7 @@ def parse_switch(spec: str) -> tuple[str, Any]:
     raise SystemExit(
         f"unknown switch {spec!r}: batch-threads, direct-io, client-write-interval:A,B, "
         "worker-write-interval:A,B, driver-burst:A,B, driver-at-once, merge-batches, result-report, function-grace:A,B, "
-        "wait-after-short-read or held:OP"
+        "wait-after-short-read, write-through or held:OP"
     )
 
 
@@ -377,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "switch", help="batch-threads | direct-io | client-write-interval:A,B | worker-write-interval:A,B | driver-burst:A,B | "
-        "driver-at-once | merge-batches | result-report | function-grace:A,B | wait-after-short-read | held:OP"
+        "driver-at-once | merge-batches | result-report | function-grace:A,B | wait-after-short-read | write-through | held:OP"
     )
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="w2")
     parser.add_argument("--blocks", type=int, default=30, help="blocks per setting (default 30)")

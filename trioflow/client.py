@@ -68,6 +68,7 @@ from trioflow.comm import (
 )
 from trioflow.comm import messages as m
 from trioflow.comm.auth import CLIENT, Credentials, connect_authenticated, credentials_for
+from trioflow.comm.connection import writing_through
 from trioflow.comm.frames import max_value_bytes, too_big
 from trioflow.comm.security import Security
 from trioflow.comm.serialize import Serialized, SerializedFunction, content_digest
@@ -780,11 +781,13 @@ class AsyncClient:
         queued = [self._submissions.popleft() for _ in range(len(self._submissions))]
         if not queued:
             return
-        if self.core.refusal(sum(len(packed) for packed, _ in queued)) is None:
-            self._take_in([task for packed, _ in queued for task in packed], [f for _, fs in queued for f in fs])
-        else:
-            for packed, futures in queued:
-                self._take_in(packed, futures)
+        # The submit goes out before this returns (`writing_through`).
+        with writing_through():
+            if self.core.refusal(sum(len(packed) for packed, _ in queued)) is None:
+                self._take_in([task for packed, _ in queued for task in packed], [f for _, fs in queued for f in fs])
+            else:
+                for packed, futures in queued:
+                    self._take_in(packed, futures)
 
     def _take_in(self, packed: list[Packed], futures: list[Future]) -> None:
         """Make the records of handles given out already; submit their

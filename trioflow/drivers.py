@@ -41,6 +41,7 @@ from typing import Any
 
 import trio
 
+from trioflow.comm.connection import writing_through
 from trioflow.errors import DriverStopped
 
 __all__ = ["Driver"]
@@ -129,7 +130,8 @@ class Driver:
             self.post(handler, *args)
             return
         try:
-            self._run_one(handler, args)
+            with writing_through():
+                self._run_one(handler, args)
         except DriverStopped:
             self._send.send_nowait((None, ()))  # wakes the driver's task to raise it
 
@@ -143,18 +145,20 @@ class Driver:
                 the driver's nursery, it cancels the rest of the server.
         """
         async for handler, args in self._inbox:
-            self._run_queued(handler, args)
-            # The burst: what else is waiting, with no checkpoint between
-            # (BURST_HANDLERS says why and how far).
-            deadline = trio.current_time() + BURST_SECONDS
-            for _ in range(BURST_HANDLERS):
-                if trio.current_time() >= deadline:
-                    break
-                try:
-                    handler, args = self._inbox.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
+            # The burst's messages are written as it ends (`writing_through`).
+            with writing_through():
                 self._run_queued(handler, args)
+                # The burst: what else is waiting, with no checkpoint between
+                # (BURST_HANDLERS says why and how far).
+                deadline = trio.current_time() + BURST_SECONDS
+                for _ in range(BURST_HANDLERS):
+                    if trio.current_time() >= deadline:
+                        break
+                    try:
+                        handler, args = self._inbox.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    self._run_queued(handler, args)
             # Hold nothing while waiting: the next handler may come much
             # later (those handed over meanwhile can all run at once), and
             # the arguments of the last one can be a value the core has

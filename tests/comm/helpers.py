@@ -9,7 +9,7 @@ from typing import NoReturn
 import trio
 import trio.testing
 
-from trioflow.comm import Connection, FrameLimits, Network, open_connection
+from trioflow.comm import Connection, FrameLimits, Network, TCPNetwork, open_connection
 
 # Small enough that tests can exceed every limit cheaply: a body (frame 0)
 # and a buffer frame of 4 KiB each, 8 frames and 64 items per batch.
@@ -35,6 +35,30 @@ async def connection_pair(
         right, limits, peer="right", inbound=inbound[1]
     ) as b:
         yield a, b
+
+
+@asynccontextmanager
+async def tcp_connection_pair(
+    inbound: str | None = None, limits: FrameLimits = SMALL_LIMITS
+) -> AsyncIterator[tuple[Connection, Connection]]:
+    """Two running `Connection`s over real loopback TCP: (connecting side, serving side)."""
+    accepted: list[Connection] = []
+    ready = trio.Event()
+
+    async def handler(stream):
+        async with open_connection(stream, limits, peer="client", inbound=inbound) as conn:
+            accepted.append(conn)
+            ready.set()
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        network = TCPNetwork()
+        address = await nursery.start(network.serve, handler, "127.0.0.1", 0)
+        async with open_connection(await network.connect(address), limits, peer="server") as conn:
+            with trio.fail_after(10):
+                await ready.wait()
+            yield conn, accepted[0]
+        nursery.cancel_scope.cancel()
 
 
 class MemoryNetwork(Network):

@@ -7,15 +7,13 @@ import re
 import socket
 import struct
 import tracemalloc
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import numpy as np
 import pytest
 import trio
 import trio.testing
 
-from tests.comm.helpers import BIG_LIMITS, SMALL_LIMITS, connection_pair
+from tests.comm.helpers import BIG_LIMITS, SMALL_LIMITS, connection_pair, tcp_connection_pair
 from trioflow.comm import (
     ByteBudget,
     Connection,
@@ -270,28 +268,6 @@ async def test_many_messages_in_one_batch_are_all_checked():
 # ---------------------------------------------------- held messages --
 
 needs_cork = pytest.mark.skipif(not hasattr(socket, "TCP_CORK"), reason="TCP_CORK is Linux's")
-
-
-@asynccontextmanager
-async def tcp_connection_pair(inbound: str | None = None) -> AsyncIterator[tuple[Connection, Connection]]:
-    """Two running `Connection`s over real loopback TCP: (connecting side, serving side)."""
-    accepted: list[Connection] = []
-    ready = trio.Event()
-
-    async def handler(stream):
-        async with open_connection(stream, SMALL_LIMITS, peer="client", inbound=inbound) as conn:
-            accepted.append(conn)
-            ready.set()
-            await trio.sleep_forever()
-
-    async with trio.open_nursery() as nursery:
-        network = TCPNetwork()
-        address = await nursery.start(network.serve, handler, "127.0.0.1", 0)
-        async with open_connection(await network.connect(address), SMALL_LIMITS, peer="server") as conn:
-            with trio.fail_after(10):
-                await ready.wait()
-            yield conn, accepted[0]
-        nursery.cancel_scope.cancel()
 
 
 async def test_more_messages_queued_than_the_peer_reads_in_one_batch_arrive_in_several():

@@ -461,6 +461,28 @@ async def receive_some(stream: trio.abc.Stream, max_bytes: int, try_first: bool 
             pass
 
 
+def write_now(stream: trio.abc.Stream, data: memoryview) -> int | None:
+    """Write what the kernel takes of `data` at once, without waiting.
+
+    Returns how many bytes it took (0 if its buffer is full), or None when
+    `stream` is not a plain socket written directly (TLS, the simulator's
+    streams): those are written only by their sender task. No checkpoint
+    and no await, so a handler that queued messages can write them before
+    it returns (`Connection`'s write-through says why).
+
+    Raises:
+        OSError: the write failed (the peer reset the connection, say).
+        trio.ClosedResourceError: the socket was closed under us.
+    """
+    sock = raw_socket(stream)
+    if sock is None or not DIRECT_IO:
+        return None
+    try:
+        return os.write(_open_fileno(sock), data)
+    except BlockingIOError:
+        return 0
+
+
 def _open_fileno(sock: Any) -> int:
     fd = sock.fileno()
     if fd == -1:

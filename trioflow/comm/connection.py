@@ -12,6 +12,12 @@ simulator). It has two halves with different owners:
   `write_interval`: then, under load, the writes are spaced by it, and
   the messages queued in between share one. No caller ever awaits the
   network to enqueue, and no lock is needed: Trio runs one task at a time.
+* Write-through. A server's handler (and a client taking in submissions)
+  runs inside `writing_through()`: what it queues is written as it
+  returns, as one batch per connection, when the kernel takes it at once,
+  saving the sender's pass of the loop on every hop of a round trip.
+  Whatever the kernel does not take at once, and anything a sender is
+  already writing or pacing, stays the sender's.
 * Held messages. A message whose op is declared ``held`` (`task_started`)
   matters at once only if its sender dies; otherwise it can ride with the
   next message. A batch made only of held messages is written to a corked
@@ -59,14 +65,24 @@ import collections
 import logging
 import math
 import struct
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import trio
 
 import trioflow.comm.messages as messages
-from trioflow.comm.buffers import MAPPED_FRAME_BYTES, WARM, FrameBuffer, receive_some, send_frames, set_cork
+from trioflow.comm.buffers import (
+    MAPPED_FRAME_BYTES,
+    WARM,
+    FrameBuffer,
+    raw_socket,
+    receive_some,
+    send_frames,
+    set_cork,
+    write_now,
+)
 from trioflow.comm.frames import (
     EncodedMessage,
     FrameLimits,
@@ -110,6 +126,70 @@ MERGE_BUFFERED_BATCHES = True
 # exception for nothing, on every message of a round trip). Bytes that came
 # meanwhile cost a pass of the loop instead. Off: always try first.
 WAIT_AFTER_SHORT_READ = True
+# Messages queued inside a `writing_through()` block are written as the
+# block ends, by the code that ends it, when the kernel takes them at once;
+# off, always by the connection's sender task, a pass of the loop later.
+WRITE_THROUGH = True
+
+
+
+class _Through(threading.local):
+    """The connections written to inside this thread's `writing_through()`
+    block (None outside one).
+
+    Per thread, because a process can run several Trio loops in threads (a
+    client's and a LocalCluster's), and the block is synchronous: whatever
+    this thread queues between its start and its end is inside it. Not a
+    context variable: a task spawned inside the block would inherit it, and
+    queue into a block that ended long before.
+    """
+
+    written_to: list[Connection] | None = None
+
+
+_through = _Through()
+
+
+@contextmanager
+def writing_through() -> Iterator[None]:
+    """Write what is queued inside the block as it ends, not a pass later.
+
+    For a synchronous stretch of code that decides messages (a server's
+    handler, a client taking in submissions). Without it each message wakes
+    its connection's sender task, which writes it on the loop's next pass:
+    in a round trip of W2 that pass came after every handler on the chain,
+    in the client, the scheduler (twice) and the worker
+    (docs/performance.md, W2). Inside it, the messages wait in their
+    outboxes, and when the block ends each connection written to writes
+    its outbox as one batch if the kernel takes it whole at once
+    (`Connection._write_through`); anything else (a sender already mid-write,
+    a full socket buffer, a write interval not yet over, large frames, a
+    stream that is not a plain socket) is left to the sender as before.
+    The messages of one block still share a write. Blocks nest: the
+    outermost writes.
+    """
+    if not WRITE_THROUGH or _through.written_to is not None:
+        yield
+        return
+    written_to: list[Connection] = []
+    _through.written_to = written_to
+    try:
+        yield
+    finally:
+        _through.written_to = None
+        for conn in written_to:
+            conn._write_through()
+
+
+def _smaller_than(outbox: list[EncodedMessage], limit: int) -> bool:
+    """Whether the messages in `outbox` come to fewer than `limit` bytes
+    (looking no further than it takes to tell)."""
+    total = 0
+    for message in outbox:
+        total += message.nbytes
+        if total >= limit:
+            return False
+    return True
 
 
 class ByteBudget:
@@ -287,6 +367,14 @@ class Connection:
         # True while the sender is inside a write; False once `drain` takes over.
         self._writing = False
         self._sender_retired = False
+        # Queued inside a `writing_through()` block that has not ended yet.
+        self._through_pending = False
+        # Whether the stream is a socket `write_now` can write.
+        self._direct = raw_socket(stream) is not None
+        # The tail of a batch the kernel took only part of in
+        # `_write_through`: (bytes, messages in the batch, held), for the
+        # sender to write before anything else.
+        self._unsent: tuple[memoryview, int, bool] | None = None
         self.write_interval = 0.0
         self._last_write_end = -math.inf
         self._corked = False  # the last write was of held messages only
@@ -351,7 +439,12 @@ class Connection:
         self._outbox.append(encoded)
         self._queued += 1
         self.last_sent = trio.current_time()
-        self._outbox_nonempty.set()
+        written_to = _through.written_to
+        if written_to is None:
+            self._outbox_nonempty.set()
+        elif not self._through_pending:
+            self._through_pending = True
+            written_to.append(self)
 
     async def flush(self) -> None:
         """Wait until everything queued so far has been written to the stream.
@@ -380,6 +473,11 @@ class Connection:
         mid_write = False
         try:
             while self.close_reason is None and not self._sender_retired:
+                if self._unsent is not None:
+                    mid_write = True
+                    await self._write_unsent()
+                    mid_write = False
+                    continue
                 if not self._outbox:
                     await self._outbox_nonempty.wait()
                     self._outbox_nonempty = trio.Event()
@@ -418,9 +516,68 @@ class Connection:
             await self._write(batch_frames(batch, self.send_limits.max_frame_bytes), held)
         finally:
             self._writing = False
-        self._written += len(batch)
+        self._batch_written(len(batch))
+
+    def _batch_written(self, n_messages: int) -> None:
+        self._written += n_messages
         self._write_done.set()
         self._write_done = trio.Event()
+
+    def _write_through(self) -> None:
+        """At the end of a `writing_through()` block: write the outbox now
+        if the kernel takes it at once, else wake the sender to write it."""
+        self._through_pending = False
+        if not self._outbox or self.close_reason is not None:
+            return
+        if (
+            not self._direct
+            or self._writing
+            or self._unsent is not None
+            or self._sender_retired
+            or (self.write_interval and trio.current_time() < self._last_write_end + self.write_interval)
+            or not _smaller_than(self._outbox, LARGE_FRAME_BYTES)
+        ):
+            # Large frames go from their own memory (`send_frames`), not
+            # joined into a copy here, and a long outbox may not fit the
+            # kernel's buffer anyway: the sender writes those.
+            self._outbox_nonempty.set()
+            return
+        batch = self._take_batch()
+        data = b"".join(batch_frames(batch, self.send_limits.max_frame_bytes))
+        held = all(message.held for message in batch)
+        if held and not self._corked:
+            self._corked = set_cork(self.stream, True)
+        try:
+            n = write_now(self.stream, memoryview(data))
+        except (OSError, trio.ClosedResourceError) as exc:
+            self._mark_closed(f"write failed: {exc!r}")
+            return
+        assert n is not None  # `_direct` said it is a plain socket
+        self._last_write_end = trio.current_time()
+        if n < len(data):
+            self._unsent = (memoryview(data)[n:], len(batch), held)
+            self._outbox_nonempty.set()
+            return
+        if self._corked and not held:
+            self._corked = set_cork(self.stream, False)
+        self._batch_written(len(batch))
+        if self._outbox:  # more than one batch's worth was queued
+            self._outbox_nonempty.set()
+
+    async def _write_unsent(self) -> None:
+        """The rest of a batch `_write_through` began."""
+        assert self._unsent is not None
+        rest, n_messages, held = self._unsent
+        self._writing = True
+        try:
+            await send_frames(self.stream, [rest], LARGE_FRAME_BYTES)
+        finally:
+            self._writing = False
+        self._unsent = None
+        if self._corked and not held:
+            self._corked = set_cork(self.stream, False)
+        self._last_write_end = trio.current_time()
+        self._batch_written(n_messages)
 
     async def drain(self) -> None:
         """Write whatever is still queued from *this* task, then stop the sender.
@@ -436,6 +593,8 @@ class Connection:
             # it stops after it, and the rest is ours to write).
             while self._writing and not self.closed:
                 await self._write_done.wait()
+            if self._unsent is not None and not self.closed:
+                await self._write_unsent()
             while self._outbox and not self.closed:
                 await self._write_batch()
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError, CommClosedError) as exc:
