@@ -227,7 +227,9 @@ async def test_large_frames_are_left_to_the_sender_uncopied():
     async with tcp_connection_pair(limits=BIG_LIMITS) as (sender, receiver):
         with writing_through():
             sender.send({"op": "value", "value": value})
-        assert sender._written == 0 and sender._outbox_nonempty.is_set()
+        # Not a byte of it written yet (a write tried would have left a tail).
+        assert sender._unsent is None and sender._written == 0
+        assert sender._outbox_nonempty.is_set()
         with trio.fail_after(10):
             [message] = await receiver.receive()
         assert message["value"].nbytes == value.nbytes
