@@ -694,3 +694,30 @@ def run_workload(workload: Workload, args: argparse.Namespace) -> dict[str, Any]
     if errors and args.strict:
         sys.exit(1)
     return line
+
+
+def pin_apart() -> None:
+    """This process's threads (caller, client, scheduler) on CPU 0; the
+    worker processes' threads on the other CPUs.
+
+    For ``--pin`` only: a measurement's choice, never trioflow's. Left
+    free, the kernel sometimes runs this process's three threads on one
+    CPU and sometimes spreads them, and W2 then differs by a quarter
+    between blocks of one cluster (docs/performance.md, W2), which can
+    swamp a change of a few per cent; pinned, each block runs with the
+    same placement. Threads started later inherit their creator's CPUs.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit(f"--pin needs two CPUs or more; this process may use {cpus}")
+    import psutil  # a benchmark dependency, needed only here
+
+    me = psutil.Process()
+    for thread in me.threads():
+        os.sched_setaffinity(thread.id, {cpus[0]})
+    for child in me.children(recursive=True):
+        try:
+            for thread in child.threads():
+                os.sched_setaffinity(thread.id, set(cpus[1:]))
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass  # a process that ended meanwhile

@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _harness import now, quiesce, trioflow_client  # noqa: E402
+from _harness import now, pin_apart, quiesce, trioflow_client  # noqa: E402
 
 MIB = 2**20
 
@@ -125,6 +125,11 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=256, help="W4 array size")
     parser.add_argument("--transfers", type=int, default=4, help="W4 arrays moved")
     parser.add_argument("--repeat", type=int, default=2, help="timed runs (W1..W3), clusters started (W9)")
+    parser.add_argument(
+        "--pin", action="store_true",
+        help="after the warm-up, this process on the first CPU and the workers on the others "
+        "(as toggle_ab.py --pin; py-spy itself may use every CPU)",
+    )
     args = parser.parse_args()
 
     if args.workload == "w9":
@@ -147,7 +152,11 @@ def main() -> None:
         else:
             run(client, args)  # warm-up
             quiesce(client, "trioflow")
+        every_cpu = os.sched_getaffinity(0)
+        if args.pin:
+            pin_apart()
         spy = start_pyspy(args.out, args.rate, args.idle)
+        os.sched_setaffinity(spy.pid, every_cpu)
         start = now()
         for _ in range(repeat):
             run(client, args)

@@ -42,7 +42,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _harness import now, quiesce, trioflow_client, worker_pids  # noqa: E402
+from _harness import now, pin_apart, quiesce, trioflow_client, worker_pids  # noqa: E402
 
 
 def inc(x):
@@ -235,6 +235,10 @@ def main(argv=None) -> int:
         "--switch-interval", type=float, help="sys.setswitchinterval for this process (GIL experiment)"
     )
     parser.add_argument("--no-profile", action="store_true", help="CPU/schedstat accounting only, no profiler")
+    parser.add_argument(
+        "--pin", action="store_true",
+        help="this process on the first CPU, the workers on the others, after the warm-up (as toggle_ab.py --pin)",
+    )
     args = parser.parse_args(argv)
     if args.tasks is None:
         args.tasks = 20_000 if args.workload == "w1" else 500
@@ -253,6 +257,7 @@ def main(argv=None) -> int:
         "tasks": args.tasks,
         "runs": args.runs,
         "switch_interval": sys.getswitchinterval(),
+        "pinned": args.pin,
         "trioflow_env": {k: v for k, v in os.environ.items() if k.startswith("TRIOFLOW_")},
     }
     spies: list[tuple[str, PySpy]] = []
@@ -262,6 +267,8 @@ def main(argv=None) -> int:
         loops = {"trioflow-client": client._loop, "trioflow-cluster": cluster._loop}
         run(client, args.tasks)  # warm-up
         quiesce(client, "trioflow")
+        if args.pin:
+            pin_apart()
         pids = worker_pids(client, "trioflow")
         report["worker_pids"] = pids
         try:

@@ -77,7 +77,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _harness import median, now, trioflow_client  # noqa: E402
+from _harness import median, now, pin_apart, trioflow_client  # noqa: E402
 
 import psutil  # noqa: E402
 
@@ -310,31 +310,6 @@ def switch_for(kind: str, value: Any, client) -> tuple[Callable[[bool], None], C
 
         return apply, restore
     raise AssertionError(f"parse_switch let through {kind!r}")
-
-
-def pin_apart() -> None:
-    """This process's threads (caller, client, scheduler) on CPU 0; the
-    worker processes' threads on the other CPUs.
-
-    For ``--pin`` only: a measurement's choice, never trioflow's. Left
-    free, the kernel sometimes runs this process's three threads on one
-    CPU and sometimes spreads them, and W2 then differs by a quarter
-    between blocks of one cluster (docs/performance.md, W2), which can
-    swamp a change of a few per cent; pinned, each block runs with the
-    same placement. Threads started later inherit their creator's CPUs.
-    """
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        raise SystemExit(f"--pin needs two CPUs or more; this process may use {cpus}")
-    me = psutil.Process()
-    for thread in me.threads():
-        os.sched_setaffinity(thread.id, {cpus[0]})
-    for child in me.children(recursive=True):
-        try:
-            for thread in child.threads():
-                os.sched_setaffinity(thread.id, set(cpus[1:]))
-        except (psutil.NoSuchProcess, ProcessLookupError):
-            pass  # a process that ended meanwhile
 
 
 # ----------------------------------------------------------------- main --
