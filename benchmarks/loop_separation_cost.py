@@ -15,7 +15,11 @@ round, the layouts alternating round by round (``--rounds``) so that a
 drift in the machine's load hits both alike. Prints one JSON line: median
 and p99 per layout (ms), and separate / shared.
 
-    python benchmarks/loop_separation_cost.py [--rounds 10] [--calls 200]
+With ``--pin`` (after the warm-up) this process's threads run on the first
+CPU and the worker on the others, as ``toggle_ab.py --pin``: the layouts
+then compare at one placement; free, the kernel places each as it likes.
+
+    python benchmarks/loop_separation_cost.py [--rounds 10] [--calls 200] [--pin]
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _harness import median, now, percentile  # noqa: E402
+from _harness import median, now, percentile, pin_apart  # noqa: E402
 
 import trioflow  # noqa: E402
 from trioflow.client import AsyncClient  # noqa: E402
@@ -74,6 +78,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--warmup-calls", type=int, default=50)
+    parser.add_argument("--pin", action="store_true", help="this process on the first CPU, the worker on the others")
     args = parser.parse_args()
     samples: dict[str, list[float]] = {"shared": [], "separate": []}
     with trioflow.LocalCluster(1, threads_per_worker=1) as cluster:
@@ -81,6 +86,8 @@ def main() -> None:
         try:
             for client in clients.values():
                 round_trips(client, args.warmup_calls)
+            if args.pin:
+                pin_apart()
             for r in range(args.rounds):
                 order = ["shared", "separate"] if r % 2 == 0 else ["separate", "shared"]
                 for name in order:
