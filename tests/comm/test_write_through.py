@@ -247,3 +247,38 @@ async def test_more_messages_than_one_batch_holds_go_in_several():
             while len(got) < 200:
                 got.extend(message["i"] for message in await receiver.receive())
         assert got == list(range(200))
+
+
+async def test_direct_socket_calls_switched_off_leave_the_write_to_the_sender(monkeypatch):
+    """`buffers.DIRECT_IO` off (benchmarks/toggle_ab.py direct-io): the
+    sender writes through Trio's stream, and a block leaves it to it."""
+    from trioflow.comm import buffers
+
+    async with tcp_connection_pair() as (sender, receiver):
+        monkeypatch.setattr(buffers, "DIRECT_IO", False)
+        with writing_through():
+            sender.send({"op": "n", "i": 0})
+        assert sender._written == 0 and sender._outbox_nonempty.is_set()
+        assert await receive_numbers(receiver, 1) == [0]
+
+
+async def test_a_block_whose_write_raises_still_hands_the_others_to_their_senders(monkeypatch):
+    """A bug in one connection's write at the end of a block raises, but
+    the other connections of the block are not left waiting for nothing."""
+    async with tcp_connection_pair() as (first, first_peer), tcp_connection_pair() as (second, second_peer):
+
+        def broken() -> None:
+            raise RuntimeError("planted")
+
+        monkeypatch.setattr(first, "_write_through", broken)
+        with pytest.raises(RuntimeError, match="planted"):
+            with writing_through():
+                first.send({"op": "n", "i": 0})
+                second.send({"op": "n", "i": 1})
+        assert not second._through_pending
+        assert await receive_numbers(second_peer, 1) == [1]
+        # The next block writes the second connection through again.
+        with writing_through():
+            second.send({"op": "n", "i": 2})
+        assert second._written == 2
+        assert await receive_numbers(second_peer, 1) == [2]

@@ -461,6 +461,12 @@ async def receive_some(stream: trio.abc.Stream, max_bytes: int, try_first: bool 
             pass
 
 
+def writes_directly(stream: trio.abc.Stream) -> bool:
+    """Whether `send_frames` and `write_now` write `stream`'s socket
+    descriptor themselves (a plain socket, with `DIRECT_IO` on)."""
+    return DIRECT_IO and raw_socket(stream) is not None
+
+
 def write_now(stream: trio.abc.Stream, data: memoryview) -> int | None:
     """Write what the kernel takes of `data` at once, without waiting.
 

@@ -77,11 +77,11 @@ from trioflow.comm.buffers import (
     MAPPED_FRAME_BYTES,
     WARM,
     FrameBuffer,
-    raw_socket,
     receive_some,
     send_frames,
     set_cork,
     write_now,
+    writes_directly,
 )
 from trioflow.comm.frames import (
     EncodedMessage,
@@ -132,7 +132,6 @@ WAIT_AFTER_SHORT_READ = True
 WRITE_THROUGH = True
 
 
-
 class _Through(threading.local):
     """The connections written to inside this thread's `writing_through()`
     block (None outside one).
@@ -177,8 +176,16 @@ def writing_through() -> Iterator[None]:
         yield
     finally:
         _through.written_to = None
-        for conn in written_to:
-            conn._write_through()
+        try:
+            for conn in written_to:
+                conn._write_through()
+        finally:
+            # Only if one of them raised (a bug): the rest go to their
+            # senders, rather than wait for a block that never comes.
+            for conn in written_to:
+                if conn._through_pending:
+                    conn._through_pending = False
+                    conn._outbox_nonempty.set()
 
 
 def _smaller_than(outbox: list[EncodedMessage], limit: int) -> bool:
@@ -369,8 +376,6 @@ class Connection:
         self._sender_retired = False
         # Queued inside a `writing_through()` block that has not ended yet.
         self._through_pending = False
-        # Whether the stream is a socket `write_now` can write.
-        self._direct = raw_socket(stream) is not None
         # The tail of a batch the kernel took only part of in
         # `_write_through`: (bytes, messages in the batch, held), for the
         # sender to write before anything else.
@@ -530,7 +535,7 @@ class Connection:
         if not self._outbox or self.close_reason is not None:
             return
         if (
-            not self._direct
+            not writes_directly(self.stream)
             or self._writing
             or self._unsent is not None
             or self._sender_retired
@@ -552,7 +557,7 @@ class Connection:
         except (OSError, trio.ClosedResourceError) as exc:
             self._mark_closed(f"write failed: {exc!r}")
             return
-        assert n is not None  # `_direct` said it is a plain socket
+        assert n is not None  # `writes_directly` said it is a plain socket
         self._last_write_end = trio.current_time()
         if n < len(data):
             self._unsent = (memoryview(data)[n:], len(batch), held)
